@@ -1,0 +1,39 @@
+"""`aion-train SUBCOMMAND ...`: each subcommand lives in aion_train/commands/<name>.py
+with `add_arguments(parser)` and `run(args) -> int`; modules are imported lazily so that
+`aion-train check-config` does not pay for importing DeepSpeed or MLflow."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "pretrain": ("pretrain", "train the MoE transformer (default: configs/tiny_cpu.yaml)"),
+    "check-config": ("check_config", "print the resolved config or its errors"),
+    "verify-parallel": ("verify_parallel", "compare TP/EP ranks with the single-process model"),
+    "bench": ("bench", "benchmarks that print one JSON line (moe, train, ...)"),
+    "ui": ("ui", "start the MLflow UI on 127.0.0.1"),
+    "make-shards": ("make_shards", "build WebDataset shards from data that ships with packages"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aion-train", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        mod = importlib.import_module(f"aion_train.commands.{module}")
+        mod.add_arguments(p)
+        p.set_defaults(_module=mod)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args._module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

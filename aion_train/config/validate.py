@@ -1,0 +1,100 @@
+"""Cross-field rules, checked before any process starts. Every message names its keys."""
+from __future__ import annotations
+
+from .load import ConfigError
+from .schema import Config
+
+CHOICES = {
+    "model.activation": ("swiglu", "gelu", "relu"),
+    "model.norm": ("rmsnorm", "layernorm"),
+    "model.attention_backend": ("auto", "sdpa", "flash"),
+    "parallel.backend": ("auto", "gloo", "nccl"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+}
+
+
+def _get(cfg, dotted):
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def has_moe(cfg: Config) -> bool:
+    return cfg.model.moe.every > 0 and cfg.model.moe.n_experts > 1
+
+
+def data_parallel_size(cfg: Config) -> int | None:
+    p = cfg.parallel
+    if p.dp is not None:
+        return p.dp
+    if p.world_size is not None and p.world_size % p.tp == 0:
+        return p.world_size // p.tp
+    return None
+
+
+def validate_config(cfg: Config) -> Config:
+    errors: list[str] = []
+    m, moe, p, t = cfg.model, cfg.model.moe, cfg.parallel, cfg.train
+
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            errors.append(f"{key}={_get(cfg, key)!r}: must be one of {', '.join(allowed)}")
+
+    positive = ["model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.d_ff",
+                "model.max_seq_len", "parallel.tp", "parallel.ep", "data.seq_len",
+                "data.micro_batch_size", "train.steps", "train.grad_accum"]
+    for key in positive:
+        if _get(cfg, key) < 1:
+            errors.append(f"{key}={_get(cfg, key)}: must be >= 1")
+    if errors:
+        raise ConfigError(errors)
+
+    kv = m.n_kv_heads or m.n_heads
+    if m.d_model % m.n_heads:
+        errors.append(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    elif (m.d_model // m.n_heads) % 2:
+        errors.append(f"model.d_model/model.n_heads={m.d_model // m.n_heads}: RoPE needs an even head dim")
+    if m.n_heads % kv:
+        errors.append(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={kv}")
+    for key, val in (("model.n_heads", m.n_heads), ("model.n_kv_heads", kv), ("model.d_ff", m.d_ff),
+                     ("model.vocab_size", m.vocab_size)):
+        if val % p.tp:
+            errors.append(f"{key}={val} is not divisible by parallel.tp={p.tp}")
+    if cfg.data.seq_len > m.max_seq_len:
+        errors.append(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+
+    if has_moe(cfg):
+        if not 1 <= moe.top_k <= moe.n_experts:
+            errors.append(f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.n_experts={moe.n_experts}")
+        if moe.n_experts % p.ep:
+            errors.append(f"model.moe.n_experts={moe.n_experts} is not divisible by parallel.ep={p.ep}")
+        if moe.d_ff_expert % p.tp:
+            errors.append(f"model.moe.d_ff_expert={moe.d_ff_expert} is not divisible by parallel.tp={p.tp}")
+        if moe.shared_expert_d_ff % p.tp:
+            errors.append(f"model.moe.shared_expert_d_ff={moe.shared_expert_d_ff} is not divisible by parallel.tp={p.tp}")
+        if moe.capacity_factor is not None and moe.capacity_factor <= 0:
+            errors.append(f"model.moe.capacity_factor={moe.capacity_factor} must be > 0 (or null for dropless)")
+        if t.zero_stage == 3:
+            errors.append("train.zero_stage=3 with MoE layers (model.moe.every>0): DeepSpeed refuses MoE "
+                          "under ZeRO-3; use train.zero_stage 0, 1 or 2")
+    elif p.ep > 1:
+        errors.append(f"parallel.ep={p.ep} needs MoE layers (model.moe.every>0, model.moe.n_experts>1)")
+
+    if p.world_size is not None:
+        if p.dp is not None and p.tp * p.dp != p.world_size:
+            errors.append(f"parallel.world_size={p.world_size} is not parallel.tp x parallel.dp = "
+                          f"{p.tp} x {p.dp} = {p.tp * p.dp}")
+        elif p.world_size % p.tp:
+            errors.append(f"parallel.world_size={p.world_size} is not divisible by parallel.tp={p.tp}")
+    dp = data_parallel_size(cfg)
+    if dp is not None and dp % p.ep:
+        errors.append(f"parallel.ep={p.ep} does not divide the data-parallel size {dp} "
+                      f"(parallel.world_size / parallel.tp)")
+    if t.zero_stage not in (0, 1, 2, 3):
+        errors.append(f"train.zero_stage={t.zero_stage}: must be 0, 1, 2 or 3")
+    if not 0 <= t.min_lr_ratio <= 1:
+        errors.append(f"train.min_lr_ratio={t.min_lr_ratio}: must be in [0, 1]")
+    if errors:
+        raise ConfigError(errors)
+    return cfg

@@ -1,0 +1,51 @@
+"""One interface for the attention kernel: flash-attn on CUDA when installed, else torch SDPA
+(which itself runs a FlashAttention-2 kernel on CUDA). Inputs are [B, T, H, D]."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func  # optional GPU extra
+        return flash_attn_func
+    except Exception:
+        return None
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    if name == "sdpa":
+        return "sdpa"
+    flash_ok = (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+                and _flash_attn_func() is not None)
+    if name == "flash" and not flash_ok:
+        return "sdpa"  # automatic fallback: flash-attn needs CUDA, fp16/bf16 and the package
+    return "flash" if flash_ok else "sdpa"
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+              backend: str = "auto") -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v with grouped KV heads. Returns [B, T, Hq, D].
+
+    `causal` with Tq < Tk (decoding with a KV cache) aligns the mask to the end of the keys."""
+    which = resolve_backend(backend, q.device, q.dtype)
+    if which == "flash":
+        return _flash_attn_func()(q, k, v, causal=causal)
+    hq, hk = q.shape[2], k.shape[2]
+    if hq != hk:
+        k = k.repeat_interleave(hq // hk, dim=2)
+        v = v.repeat_interleave(hq // hk, dim=2)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    tq, tk = q.shape[2], k.shape[2]
+    if causal and tq == tk:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    elif causal and tq > 1:
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2)

@@ -1,0 +1,34 @@
+"""KV-cached autoregressive generation (greedy or sampled)."""
+from __future__ import annotations
+
+import torch
+
+from .kv_cache import KVCache
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+             eos_id: int | None = None, generator: torch.Generator | None = None,
+             gather_logits=None) -> torch.Tensor:
+    """Returns [B, T + new]. `gather_logits` turns a vocab shard into full logits under TP."""
+    cache = KVCache(len(model.blocks))
+    tokens = input_ids
+    step_input = input_ids
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        logits = model(step_input, kv_cache=cache).logits[:, -1]
+        if gather_logits is not None:
+            logits = gather_logits(logits)
+        if temperature > 0:
+            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)
+        else:
+            nxt = logits.argmax(-1, keepdim=True)
+        if eos_id is not None:
+            nxt = torch.where(done.unsqueeze(1), torch.full_like(nxt, eos_id), nxt)
+            done |= nxt.squeeze(1) == eos_id
+        tokens = torch.cat([tokens, nxt], dim=1)
+        step_input = nxt
+        if eos_id is not None and bool(done.all()):
+            break
+    return tokens

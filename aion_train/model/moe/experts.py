@@ -1,0 +1,62 @@
+"""The experts' weights as stacked tensors and one grouped matmul per projection."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_mm_works(device_type: str) -> bool:
+    """torch's grouped GEMM (forward and backward) on this device and dtype float32."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    try:
+        a = torch.randn(5, 4, device=device_type, requires_grad=True)
+        b = torch.randn(2, 4, 3, device=device_type, requires_grad=True)
+        offs = torch.tensor([2, 5], dtype=torch.int32, device=device_type)
+        y = F.grouped_mm(a, b, offs=offs)
+        y.backward(torch.ones_like(y).contiguous() * 1.0)
+        ref = torch.cat([a[:2] @ b[0], a[2:] @ b[1]])
+        return bool(torch.allclose(y, ref, atol=1e-5))
+    except Exception:
+        return False
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
+                   counts_list: list[int] | None = None) -> torch.Tensor:
+    """x: [M, in] rows grouped by expert (counts[E] rows each); weight: [E, in, out]."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32 and _grouped_mm_works(x.device.type):
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        return F.grouped_mm(x, weight, offs=offs)
+    counts_list = counts.tolist() if counts_list is None else counts_list
+    chunks = torch.split(x, counts_list)
+    return torch.cat([c @ weight[e] for e, c in enumerate(chunks)], dim=0)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU (or GeLU/ReLU) experts: w1/w3 [E, d, ff], w2 [E, ff, d]."""
+
+    def __init__(self, n_experts: int, d_model: int, d_ff: int, activation: str = "swiglu",
+                 init_std: float = 0.02):
+        super().__init__()
+        self.activation = activation
+        self.w1 = nn.Parameter(torch.randn(n_experts, d_model, d_ff) * init_std)
+        self.w2 = nn.Parameter(torch.randn(n_experts, d_ff, d_model) * init_std)
+        self.w3 = (nn.Parameter(torch.randn(n_experts, d_model, d_ff) * init_std)
+                   if activation == "swiglu" else None)
+
+    @property
+    def n_local_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        counts_list = counts.tolist()
+        h = grouped_linear(x, self.w1, counts, counts_list)
+        if self.w3 is not None:
+            h = F.silu(h) * grouped_linear(x, self.w3, counts, counts_list)
+        else:
+            h = F.gelu(h) if self.activation == "gelu" else F.relu(h)
+        return grouped_linear(h, self.w2, counts, counts_list)

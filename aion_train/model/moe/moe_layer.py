@@ -1,0 +1,42 @@
+"""MoE FFN = router -> token dispatcher -> experts -> dispatcher.combine (+ shared expert)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ffn import DenseFFN
+from .experts import GroupedExperts
+from .router import TopKRouter
+from .token_dispatcher import LocalDispatcher
+
+
+class MoELayer(nn.Module):
+    def __init__(self, d_model: int, n_experts: int, top_k: int, d_ff_expert: int,
+                 activation: str = "swiglu", capacity_factor: float | None = None,
+                 balance_coef: float = 0.01, z_loss_coef: float = 0.0, shared_expert_d_ff: int = 0,
+                 normalize_gates: bool = True, init_std: float = 0.02):
+        super().__init__()
+        self.n_experts, self.top_k = n_experts, top_k
+        self.router = TopKRouter(d_model, n_experts, top_k, balance_coef, z_loss_coef, normalize_gates)
+        self.experts = GroupedExperts(n_experts, d_model, d_ff_expert, activation, init_std)
+        self.dispatcher = LocalDispatcher(n_experts, capacity_factor)
+        self.shared_expert = DenseFFN(d_model, shared_expert_d_ff, activation) if shared_expert_d_ff else None
+        self.last_stats: dict[str, torch.Tensor | int] = {}
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor | None = None):
+        """x: [B, T, d] -> (y [B, T, d], aux loss scalar)."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        routing = self.router(flat, None if modality is None else modality.reshape(-1))
+        tokens, counts, state = self.dispatcher.dispatch(flat, routing.indices, routing.gates)
+        out = self.dispatcher.combine(self.experts(tokens, counts), state)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(flat)
+        self.last_stats = {
+            "tokens_per_expert": torch.bincount(routing.indices.reshape(-1), minlength=self.n_experts).detach(),
+            "dropped": state.dropped,
+            "assignments": routing.indices.numel(),
+            "balance_loss": routing.balance_loss.detach(),
+            "z_loss": routing.z_loss.detach(),
+        }
+        return out.reshape(shape).to(x.dtype), routing.aux_loss

@@ -1,0 +1,72 @@
+"""Sort-based token dispatch: permute token copies so each expert's tokens are contiguous,
+drop past capacity, and scatter the weighted expert outputs back. No Python loop over
+experts, no dense one-hot einsum.
+
+`LocalDispatcher` keeps all experts on this rank; the expert-parallel dispatcher in
+`aion_train.parallel.expert_parallel` has the same interface and adds the all-to-all."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DispatchState:
+    token_index: torch.Tensor    # [M] source token of each kept copy, in expert order
+    gates: torch.Tensor          # [M] gate weight of each kept copy
+    n_tokens: int
+    dropped: int
+    extra: object = None         # what an expert-parallel dispatcher needs to undo its exchange
+
+
+def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float | None) -> int | None:
+    """Switch capacity: ceil(factor * tokens * k / experts); None = dropless."""
+    if capacity_factor is None:
+        return None
+    return max(1, math.ceil(capacity_factor * n_tokens * top_k / n_experts))
+
+
+def sort_by_expert(indices: torch.Tensor, gates: torch.Tensor, n_experts: int, capacity: int | None):
+    """Order the N*k (token, expert) pairs by expert (stable: earlier tokens first) and drop
+    the pairs past each expert's capacity. Returns token_index, gates, counts[E], dropped."""
+    top_k = indices.shape[1]
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_experts)
+    dropped = 0
+    if capacity is not None:
+        starts = torch.cumsum(counts, 0) - counts
+        rank_in_expert = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+        keep = rank_in_expert < capacity
+        dropped = int((~keep).sum())
+        order = order[keep]
+        counts = counts.clamp(max=capacity)
+    return order // top_k, gates.reshape(-1)[order], counts, dropped
+
+
+def combine(expert_out: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor,
+            n_tokens: int) -> torch.Tensor:
+    """sum_k gate_k * expert_k(x) per token (tokens with every copy dropped get zeros)."""
+    weighted = expert_out * gates.unsqueeze(-1).to(expert_out.dtype)
+    out = expert_out.new_zeros(n_tokens, expert_out.shape[-1])
+    return out.index_add(0, token_index, weighted)
+
+
+class LocalDispatcher:
+    """All experts live on this rank."""
+
+    def __init__(self, n_experts: int, capacity_factor: float | None):
+        self.n_experts = n_experts
+        self.capacity_factor = capacity_factor
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor):
+        """x: [N, d] -> (tokens grouped by expert [M, d], counts per local expert [E], state)."""
+        cap = expert_capacity(x.shape[0], indices.shape[1], self.n_experts, self.capacity_factor)
+        token_index, kept_gates, counts, dropped = sort_by_expert(indices, gates, self.n_experts, cap)
+        state = DispatchState(token_index, kept_gates, x.shape[0], dropped)
+        return x.index_select(0, token_index), counts, state
+
+    def combine(self, expert_out: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        return combine(expert_out, state.token_index, state.gates, state.n_tokens)

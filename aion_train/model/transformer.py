@@ -1,0 +1,125 @@
+"""Decoder-only MoE transformer (pre-norm, RoPE, GQA, SwiGLU/MoE FFN).
+
+The model knows nothing of parallelism: `aion_train.parallel.parallelize` swaps its
+projections, embedding, experts' dispatcher and loss for tensor/expert-parallel ones."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from aion_train.config import ModelConfig
+
+from .attention import Attention
+from .ffn import DenseFFN
+from .moe import MoELayer
+from .norms import make_norm
+from .rope import RotaryEmbedding
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor                 # [B, T, V] (or the local vocab shard under TP)
+    loss: torch.Tensor | None = None     # lm_loss + aux_loss
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None   # final normed hidden states [B, T, d]
+
+
+def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy in fp32; label -100 is ignored."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
+    m = cfg.moe
+    return m.every > 0 and m.n_experts > 1 and (layer + 1) % m.every == 0
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rope: RotaryEmbedding):
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, rope,
+                              cfg.attention_backend)
+        self.ffn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        if is_moe_layer(cfg, layer):
+            m = cfg.moe
+            self.ffn = MoELayer(cfg.d_model, m.n_experts, m.top_k, m.d_ff_expert, cfg.activation,
+                                m.capacity_factor, m.balance_coef, m.z_loss_coef, m.shared_expert_d_ff,
+                                m.normalize_gates, cfg.init_std)
+        else:
+            self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation)
+
+    def forward(self, x, positions, kv_cache=None, modality=None):
+        x = x + self.attn(self.attn_norm(x), positions, kv_cache, self.layer)
+        h = self.ffn_norm(x)
+        if isinstance(self.ffn, MoELayer):
+            y, aux = self.ffn(h, modality)
+        else:
+            y, aux = self.ffn(h), h.new_zeros((), dtype=torch.float32)
+        return x + y, aux
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        rope = RotaryEmbedding(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.blocks = nn.ModuleList(Block(cfg, i, rope) for i in range(cfg.n_layers))
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.loss_fn = cross_entropy_loss     # swapped for the vocab-parallel one under TP
+        self.activation_checkpointing = False
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def reset_parameters(self):
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                # scaled init for the projections that write into the residual stream
+                scale = (2 * self.cfg.n_layers) ** -0.5 if name.endswith(("o_proj.weight", "w_down.weight", "w2")) else 1.0
+                nn.init.normal_(p, std=std * scale)
+
+    def moe_layers(self):
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                kv_cache=None, inputs_embeds: torch.Tensor | None = None,
+                modality: torch.Tensor | None = None, return_hidden: bool = False) -> ModelOutput:
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        start = 0 if kv_cache is None else kv_cache.length
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        aux = x.new_zeros((), dtype=torch.float32)
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training and kv_cache is None:
+                x, a = checkpoint(block, x, positions, None, modality, use_reentrant=False)
+            else:
+                x, a = block(x, positions, kv_cache, modality)
+            aux = aux + a
+        h = self.norm(x)
+        logits = self.lm_head(h)
+        out = ModelOutput(logits=logits, aux_loss=aux, hidden=h if return_hidden else None)
+        if labels is not None:
+            out.lm_loss = self.loss_fn(logits, labels)
+            out.loss = out.lm_loss + aux
+        return out
+
+
+def build_model(cfg: ModelConfig, seed: int | None = None) -> Transformer:
+    """Build the full (unsharded) model; with `seed`, every rank builds identical weights."""
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return Transformer(cfg)
+    return Transformer(cfg)

