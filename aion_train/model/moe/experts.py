@@ -14,11 +14,11 @@ def _grouped_mm_works(device_type: str) -> bool:
     if not hasattr(F, "grouped_mm"):
         return False
     try:
-        a = torch.randn(5, 4, device=device_type, requires_grad=True)
-        b = torch.randn(2, 4, 3, device=device_type, requires_grad=True)
+        a = torch.randn(5, 8, device=device_type, requires_grad=True)
+        b = torch.randn(2, 8, 4, device=device_type, requires_grad=True)
         offs = torch.tensor([2, 5], dtype=torch.int32, device=device_type)
         y = F.grouped_mm(a, b, offs=offs)
-        y.backward(torch.ones_like(y).contiguous() * 1.0)
+        y.backward(torch.ones_like(y))
         ref = torch.cat([a[:2] @ b[0], a[2:] @ b[1]])
         return bool(torch.allclose(y, ref, atol=1e-5))
     except Exception:
@@ -28,9 +28,14 @@ def _grouped_mm_works(device_type: str) -> bool:
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
                    counts_list: list[int] | None = None) -> torch.Tensor:
     """x: [M, in] rows grouped by expert (counts[E] rows each); weight: [E, in, out]."""
-    if x.dtype == torch.float32 and weight.dtype == torch.float32 and _grouped_mm_works(x.device.type):
+    if (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.shape[-1] % 4 == 0
+            and weight.shape[-1] % 4 == 0 and _grouped_mm_works(x.device.type)):
+        # grouped GEMM needs 16-byte aligned strides (checked above) and a dense incoming grad
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        return F.grouped_mm(x, weight, offs=offs)
+        out = F.grouped_mm(x.contiguous(), weight, offs=offs)
+        if out.requires_grad:
+            out.register_hook(lambda g: g.contiguous())
+        return out
     counts_list = counts.tolist() if counts_list is None else counts_list
     chunks = torch.split(x, counts_list)
     return torch.cat([c @ weight[e] for e, c in enumerate(chunks)], dim=0)

@@ -1,0 +1,34 @@
+"""aion-train bench NAME [--json]: benchmarks that print one JSON line."""
+from __future__ import annotations
+
+import importlib
+import json
+
+BENCHES = {
+    "moe": "aion_train.bench.moe",
+}
+
+
+def add_arguments(p):
+    p.add_argument("name", choices=sorted(BENCHES))
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.add_argument("--tokens", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="smaller sizes (smoke test)")
+    p.add_argument("--config", default=None)
+
+
+def run(args) -> int:
+    mod = importlib.import_module(BENCHES[args.name])
+    kwargs = {k: v for k, v in (("tokens", args.tokens), ("rounds", args.rounds)) if v is not None}
+    if args.quick:
+        kwargs.update(getattr(mod, "QUICK", {}))
+    if args.config:
+        kwargs["config"] = args.config
+    result = mod.run_bench(**kwargs)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>20}: {v}")
+    return 0

@@ -1,0 +1,142 @@
+"""The demo data set: train/validation shards and a tokenizer built from text that ships
+with the machine (:func:`aion_train.data.text_sources.demo_documents`), in about a second.
+
+Layout of ``data_dir``::
+
+    train-00000.tar ...   validation-free training documents, shuffled once (seeded)
+    val-00000.tar ...     ~5% of the documents, held out
+    tokenizer.model       SentencePiece BPE trained on the training documents only
+    manifest.json         shards, counts, sha256, and a "demo" entry written last
+
+The directory is built under a temporary name next to it and renamed into place, under a
+file lock, so concurrent callers (several ranks on one node) build it once and a crash
+leaves either nothing or a complete directory; a directory without a valid "demo" entry
+(half-built by something else, or edited) is rebuilt.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+
+import numpy as np
+
+from .shards import manifest_shards, read_manifest, verify_manifest, write_manifest, write_shards
+from .text_sources import demo_documents
+from .tokenizer import train_tokenizer
+
+log = logging.getLogger(__name__)
+
+DEMO_VERSION = 1
+VAL_FRACTION = 0.05
+TRAIN_SAMPLES_PER_SHARD = 48
+VAL_SAMPLES_PER_SHARD = 48
+TOKENIZER = "tokenizer.model"
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the temp-dir + rename still keeps the dir consistent
+        yield
+        return
+    with open(path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def _paths(data_dir: str) -> dict:
+    return {"train": manifest_shards(data_dir, "train"),
+            "val": manifest_shards(data_dir, "val"),
+            "tokenizer": os.path.join(data_dir, TOKENIZER)}
+
+
+def _is_complete(data_dir: str, vocab_size: int, seed: int) -> bool:
+    try:
+        demo = read_manifest(data_dir).get("demo") or {}
+    except (OSError, ValueError):
+        return False
+    if demo != {"version": DEMO_VERSION, "vocab_size": vocab_size, "seed": seed, "complete": True}:
+        return False
+    if not os.path.isfile(os.path.join(data_dir, TOKENIZER)):
+        return False
+    return not verify_manifest(data_dir, checksums=False)
+
+
+def split_documents(docs: list[str], seed: int, val_fraction: float = VAL_FRACTION):
+    """(train, val): a seeded permutation; the first ceil(val_fraction * n) are held out
+    (kept in corpus order), the rest form the training set in permuted order."""
+    perm = np.random.default_rng(seed).permutation(len(docs))
+    n_val = max(1, math.ceil(val_fraction * len(docs)))
+    val_idx = sorted(int(i) for i in perm[:n_val])
+    train = [docs[int(i)] for i in perm[n_val:]]
+    val = [docs[i] for i in val_idx]
+    return train, val
+
+
+def build_demo_data(out_dir: str, vocab_size: int, seed: int = 1234) -> dict:
+    """Build the demo set into ``out_dir`` (created; should be empty)."""
+    t0 = time.perf_counter()
+    docs = demo_documents()
+    train, val = split_documents(docs, seed)
+    os.makedirs(out_dir, exist_ok=True)
+    write_shards(({"__key__": f"doc{i:06d}", "txt": t} for i, t in enumerate(train)),
+                 out_dir, "train", TRAIN_SAMPLES_PER_SHARD)
+    write_shards(({"__key__": f"val{i:06d}", "txt": t} for i, t in enumerate(val)),
+                 out_dir, "val", VAL_SAMPLES_PER_SHARD)
+    train_tokenizer(train, os.path.join(out_dir, TOKENIZER), vocab_size)
+    manifest = read_manifest(out_dir)
+    manifest["sources"] = {"documents": len(docs), "train": len(train), "val": len(val)}
+    manifest["demo"] = {"version": DEMO_VERSION, "vocab_size": vocab_size, "seed": seed,
+                        "complete": True}
+    write_manifest(out_dir, manifest)
+    log.info("demo data: %d train + %d val documents, vocab %d, built in %.1fs",
+             len(train), len(val), vocab_size, time.perf_counter() - t0)
+    return _paths(out_dir)
+
+
+def ensure_demo_data(data_dir: str, vocab_size: int, seed: int = 1234) -> dict:
+    """Paths ``{"train": [...], "val": [...], "tokenizer": path}`` of the demo set in
+    ``data_dir``, building it first when absent, incomplete, or built with another
+    vocab_size/seed. Idempotent, crash-safe and safe for concurrent callers."""
+    data_dir = os.path.normpath(os.fspath(data_dir))
+    if _is_complete(data_dir, vocab_size, seed):
+        return _paths(data_dir)
+    parent = os.path.dirname(os.path.abspath(data_dir))
+    name = os.path.basename(data_dir)
+    os.makedirs(parent, exist_ok=True)
+    with _file_lock(os.path.join(parent, f".{name}.lock")):
+        if _is_complete(data_dir, vocab_size, seed):  # built by a caller we waited for
+            return _paths(data_dir)
+        for stale in os.listdir(parent):  # leftovers of builds that crashed (we hold the lock)
+            if stale.startswith(f".{name}.tmp-") or stale.startswith(f".{name}.old-"):
+                _remove(os.path.join(parent, stale))
+        tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            build_demo_data(tmp, vocab_size, seed)
+            if os.path.lexists(data_dir):
+                old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
+                log.warning("demo data: replacing incomplete or different %s", data_dir)
+                os.replace(data_dir, old)
+                os.replace(tmp, data_dir)
+                _remove(old)
+            else:
+                os.replace(tmp, data_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _paths(data_dir)
