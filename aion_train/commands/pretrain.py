@@ -1,9 +1,73 @@
-"""placeholder until implemented"""
+"""aion-train pretrain [--config F] [overrides] [--nproc N]
+
+With no arguments: the embedded default configs/tiny_cpu.yaml (demo data and tokenizer are
+built if absent). Under torchrun / deepspeed / srun (WORLD_SIZE set) it runs as one rank;
+with --nproc N it starts N local ranks through torchrun."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from aion_train.config import ConfigError, load_config
+
+from .check_config import add_config_arguments
+
+DEFAULT_CONFIG = "configs/tiny_cpu.yaml"
+
 
 def add_arguments(p):
-    pass
+    add_config_arguments(p)
+    p.add_argument("--nproc", type=int, default=1, help="local ranks (started through torchrun)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse_hidden())
 
 
-def run(args):
-    print("not available yet")
-    return 1
+def argparse_hidden():
+    import argparse
+    return argparse.SUPPRESS
+
+
+def default_config_path() -> str:
+    here = Path(DEFAULT_CONFIG)
+    if here.is_file():
+        return str(here)
+    return str(Path(__file__).resolve().parents[2] / DEFAULT_CONFIG)
+
+
+def _launch_local(args) -> int:
+    from aion_train.parallel.spawn import free_port
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "aion_train.cli", "pretrain", "--config", args.config] + list(args.overrides)
+    if args.json:
+        cmd.append("--json")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // args.nproc))))
+    return subprocess.call(cmd, env=env)
+
+
+def run(args) -> int:
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args.config = args.config or default_config_path()
+    try:
+        world = int(os.environ.get("WORLD_SIZE", args.nproc))
+        cfg = load_config(args.config, args.overrides, world_size=world)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_local(args)
+    from aion_train.train.trainer import pretrain
+    summary = pretrain(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        if args.json:
+            print(json.dumps({k: v for k, v in summary.items() if k != "losses"}))
+        else:
+            print(f"\ncheckpoint: {summary['checkpoint']}")
+            print(f"held-out perplexity: {summary['initial_val_ppl']:.1f} -> {summary['final_val_ppl']:.1f}")
+            print(f"MLflow run: {summary['mlflow_run_id']} at {summary['tracking_uri']}")
+            print(f"view it:    aion-train ui --run-dir {summary['run_dir']}")
+    return 0

@@ -86,6 +86,8 @@ class TrainConfig:
     keep_last: int = 2
     max_bad_steps: int = 3             # non-finite losses in a row before stopping
     log_every: int = 1
+    stop_at_step: Optional[int] = None  # end this run early (with a checkpoint), e.g. to fit a Slurm
+                                        # time slot; the schedule still follows `steps`
 
 
 @dataclass

@@ -90,6 +90,13 @@ def parallelize(model, groups: ParallelGroups):
         model.lm_head = head
         spec["lm_head.weight"] = [(0, *t)]
         model.loss_fn = VocabParallelCrossEntropy(tp, model.embed.vocab_start)
+    named = dict(model.named_parameters())
+    for name in spec:
+        if name in named and groups.tp > 1:
+            # with tp > 1 every entry of `spec` is TP-sharded (experts too: their hidden width).
+            # Megatron's tag: DeepSpeed then counts the param on every TP rank in the grad norm
+            named[name].tensor_model_parallel = True
+            named[name].model_parallel = True
     model.shard_spec = spec
     model.parallel_groups = groups
     return model

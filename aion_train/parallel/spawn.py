@@ -34,6 +34,19 @@ def init_distributed(backend: str = "auto", timeout_s: float = 120.0):
     return rank, world, device
 
 
+def _plain(obj):
+    """Tensors -> Python numbers/lists (a tensor sent through the queue would point into the
+    dead child's shared memory)."""
+    import torch
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
 def _entry(rank, fn, world, port, timeout_s, queue, args):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
@@ -43,7 +56,7 @@ def _entry(rank, fn, world, port, timeout_s, queue, args):
         init_distributed("auto", timeout_s)
         result = fn(*args)
         if rank == 0:
-            queue.put(("ok", result))
+            queue.put(("ok", _plain(result)))
     except BaseException:
         queue.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
         raise

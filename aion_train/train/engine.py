@@ -1,0 +1,113 @@
+"""DeepSpeed as the data-parallel engine, handed our TP/DP/EP groups.
+
+Megatron-DeepSpeed style: an `mpu` object tells DeepSpeed the model-parallel (TP) and
+data-parallel groups; our expert parameters carry DeepSpeed's MoE tags (`allreduce=False`,
+`group_name`) and DeepSpeed's expert group registry is filled with *our* EP / EDP groups, so
+expert gradients are reduced over the expert-data-parallel group only."""
+from __future__ import annotations
+
+import contextlib
+
+from aion_train.config import Config
+from aion_train.parallel.groups import ParallelGroups, layout
+
+from .optim import param_groups
+
+
+class MPU:
+    """The model-parallel-unit interface DeepSpeed expects (Megatron's names)."""
+
+    def __init__(self, groups: ParallelGroups):
+        self.g = groups
+
+    def get_model_parallel_rank(self):
+        return self.g.tp_rank
+
+    def get_model_parallel_world_size(self):
+        return self.g.tp
+
+    def get_model_parallel_group(self):
+        return self.g.tp_group
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_data_parallel_rank(self):
+        return self.g.dp_rank
+
+    def get_data_parallel_world_size(self):
+        return self.g.dp
+
+    def get_data_parallel_group(self):
+        return self.g.dp_group
+
+
+def register_expert_groups(groups: ParallelGroups) -> None:
+    """Put our EP / EDP groups into DeepSpeed's registry under the name our params carry."""
+    from deepspeed.utils import groups as ds_groups
+    name = f"ep_size_{groups.ep}"
+    lay = layout(groups.world, groups.tp, groups.ep)
+    ds_groups._EXPERT_PARALLEL_GROUP[name] = groups.ep_group
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP[name] = groups.edp_group
+    ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name] = next(r for r in lay["ep"] if groups.rank in r)
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = next(r for r in lay["edp"] if groups.rank in r)
+
+
+def deepspeed_config(cfg: Config, dp: int) -> dict:
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": cfg.data.micro_batch_size * t.grad_accum * dp,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage, "overlap_comm": False},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class _MoEShimMeta(type):
+    def __instancecheck__(cls, obj):
+        return isinstance(obj, cls.classes)
+
+
+@contextlib.contextmanager
+def deepspeed_sees_our_moe(model):
+    """DeepSpeed turns its MoE handling on only for its own `MoE` class; for the length of
+    `initialize`, make its engine recognise our MoE layers too (the model stays DeepSpeed-free)."""
+    import deepspeed.runtime.engine as ds_engine
+    from deepspeed.moe.layer import MoE as DSMoE
+    from aion_train.model.moe import MoELayer
+    for m in model.modules():
+        if isinstance(m, MoELayer):
+            m.num_experts = m.n_experts
+    original = ds_engine.MoE
+    ds_engine.MoE = _MoEShimMeta("MoE", (), {"classes": (DSMoE, MoELayer)})
+    try:
+        yield
+    finally:
+        ds_engine.MoE = original
+
+
+def build_engine(model, cfg: Config, groups: ParallelGroups):
+    """deepspeed.initialize with a torch AdamW (decoupled decay; fused where torch has it)."""
+    import torch
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    from .ds_comm import init_deepspeed_comm
+    ds = init_deepspeed_comm("nccl" if torch.cuda.is_available() else "gloo", cfg.parallel.timeout_s)
+    register_expert_groups(groups)
+    t = cfg.train
+    pg = param_groups(model, t.weight_decay)
+    pg = split_params_into_different_moe_groups_for_optimizer(pg)
+    optimizer = torch.optim.AdamW(pg, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
+                                  foreach=True)
+    with deepspeed_sees_our_moe(model):
+        engine, optimizer, _, _ = ds.initialize(model=model, optimizer=optimizer,
+                                                mpu=MPU(groups) if groups.world > 1 else None,
+                                                config=deepspeed_config(cfg, groups.dp))
+    return engine, optimizer

@@ -1,0 +1,246 @@
+"""The pretraining loop: DeepSpeed engine over our TP/EP model, packed WebDataset text,
+held-out perplexity, MLflow, crash-safe exact-resume checkpoints, non-finite step guard."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from aion_train.config import Config, config_to_dict, dump_yaml, validate_config
+from aion_train.model import build_model
+from aion_train.parallel import build_groups, get_device, parallelize
+from aion_train.parallel.grad_sync import global_grad_norm
+
+from .checkpointing import CheckpointManager, load_job, save_job
+from .ds_comm import init_deepspeed_comm
+from .engine import build_engine
+from .metrics import expert_load, flops_per_token, peak_flops
+from .optim import lr_at
+
+log = logging.getLogger("aion_train.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _all_reduce(t: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def prepare_data(cfg: Config, rank: int):
+    """Shards + tokenizer: the user's, or the demo set built (once, by rank 0) if absent."""
+    from aion_train.data import Tokenizer, ensure_demo_data, expand_shards
+    if cfg.data.train_shards:
+        train, val = expand_shards(cfg.data.train_shards), expand_shards(cfg.data.val_shards or [])
+        tok = cfg.data.tokenizer
+    else:
+        if rank == 0:
+            ensure_demo_data(cfg.data.dir, cfg.model.vocab_size, cfg.seed)
+        if dist.is_initialized():
+            dist.barrier()
+        paths = ensure_demo_data(cfg.data.dir, cfg.model.vocab_size, cfg.seed)
+        train, val, tok = paths["train"], paths["val"], cfg.data.tokenizer or paths["tokenizer"]
+    tokenizer = Tokenizer(tok)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"data.tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
+                         f"{cfg.model.vocab_size}")
+    return train, val, tokenizer
+
+
+@torch.no_grad()
+def evaluate(engine, cfg: Config, groups, val_shards, tokenizer) -> float:
+    """Held-out perplexity: exp(total cross-entropy / total tokens) over the DP ranks."""
+    from aion_train.data import TokenLoader
+    loader = TokenLoader(val_shards, tokenizer, cfg.data.seq_len, cfg.data.micro_batch_size,
+                         dp_rank=groups.dp_rank, dp_size=groups.dp, seed=cfg.seed, loop=False)
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for i, batch in enumerate(loader):
+        if i >= cfg.train.eval_batches:
+            break
+        out = engine(batch["input_ids"], labels=batch["labels"])
+        n = batch["labels"].numel()
+        total += torch.tensor([out.lm_loss.float().item() * n, n], dtype=torch.float64)
+    engine.train()
+    _all_reduce(total, groups.dp_group if groups.dp > 1 else None)
+    return math.exp(total[0].item() / max(total[1].item(), 1.0))
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else (
+            "nccl" if torch.cuda.is_available() else "gloo")
+        init_deepspeed_comm(backend, cfg.parallel.timeout_s)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        cfg.parallel.world_size = self.world
+        validate_config(cfg)
+        if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+            raise ValueError("train.precision=fp16 needs a GPU (dynamic loss scaling); use bf16 or fp32 on CPU")
+        self.device = get_device()
+        self.groups = build_groups(cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.timeout_s)
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.train_shards, self.val_shards, self.tokenizer = prepare_data(cfg, self.rank)
+
+        model = build_model(cfg.model, seed=cfg.seed)
+        model.activation_checkpointing = cfg.train.activation_checkpointing
+        model = parallelize(model, self.groups).to(self.device.torch_device)
+        self.engine, self.optimizer = build_engine(model, cfg, self.groups)
+        self.model = self.engine.module
+
+        from aion_train.data import TokenLoader
+        self.loader = TokenLoader(self.train_shards, self.tokenizer, cfg.data.seq_len, cfg.data.micro_batch_size,
+                                  dp_rank=self.groups.dp_rank, dp_size=self.groups.dp, seed=cfg.seed,
+                                  shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.num_workers)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.train.keep_last)
+        self.state = {"step": 0, "skipped_steps": 0, "history": {"loss": [], "val_ppl": []},
+                      "mlflow_run_id": None, "tokens_seen": 0}
+        from aion_train.tracking import Tracker
+        self.tracker = Tracker(cfg.tracking, str(self.run_dir), active=self.rank == 0)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        self.peak = peak_flops(self.device.type, dtype) * self.world
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def resume(self) -> bool:
+        saved = load_job(self.ckpt, self.cfg, self.groups, self.engine, self.loader)
+        if saved is None:
+            return False
+        saved.pop("checkpoint", None)
+        self.state.update(saved)
+        return True
+
+    def save(self) -> None:
+        save_job(self.ckpt, self.state["step"], self.cfg, self.groups, self.engine, self.loader, self.state)
+
+    # -- one optimizer step ---------------------------------------------------------------
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train_step(self, it) -> dict:
+        """Micro-batches until DeepSpeed has taken one optimizer step. A micro-batch whose loss
+        is non-finite on any rank is skipped on every rank (no backward, no update)."""
+        cfg = self.cfg
+        start = self.engine.global_steps
+        losses, lm, aux, bad = [], [], [], 0
+        while self.engine.global_steps == start:
+            batch = next(it)
+            out = self.engine(batch["input_ids"].to(self.device.torch_device),
+                              labels=batch["labels"].to(self.device.torch_device))
+            finite = torch.tensor([float(torch.isfinite(out.loss.detach()).all())])
+            if _all_reduce(finite, op=dist.ReduceOp.MIN).item() < 1:
+                bad += 1
+                self.state["skipped_steps"] += 1
+                self.state["consecutive_bad"] = self.state.get("consecutive_bad", 0) + 1
+                log.warning("non-finite loss at step %d: micro-batch skipped (%d in a row)",
+                            self.state["step"], self.state["consecutive_bad"])
+                if self.state["consecutive_bad"] >= cfg.train.max_bad_steps:
+                    raise NonFiniteLossError(
+                        f"{self.state['consecutive_bad']} non-finite losses in a row at step {self.state['step']} "
+                        f"(train.max_bad_steps={cfg.train.max_bad_steps}); stopping. The last good checkpoint "
+                        f"is {self.ckpt.latest()}")
+                continue
+            self.state["consecutive_bad"] = 0
+            self.engine.backward(out.loss)
+            self.engine.step()
+            losses.append(out.loss.detach().float().item())
+            lm.append(out.lm_loss.detach().float().item())
+            aux.append(out.aux_loss.detach().float().item())
+        return {"loss": sum(lm) / len(lm), "total_loss": sum(losses) / len(losses),
+                "aux_loss": sum(aux) / len(aux), "skipped": bad}
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:  # ZeRO-0 keeps full grads on the params until zero_grad
+            norm = global_grad_norm(self.model, self.groups)
+        return float(norm)
+
+    # -- the loop -------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        resumed = self.resume()
+        params = config_to_dict(cfg)
+        run_id = self.tracker.start(params, run_id=self.state.get("mlflow_run_id"))
+        self.state["mlflow_run_id"] = run_id
+        if self.rank == 0:
+            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        if not resumed:
+            ppl0 = evaluate(self.engine, cfg, self.groups, self.val_shards, self.tokenizer)
+            self.state["history"]["val_ppl"].append([0, ppl0])
+            self.tracker.log_metrics({"val/perplexity": ppl0}, step=0)
+        tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * t.grad_accum * self.groups.dp
+        it = iter(self.loader)
+        bar = None
+        if self.rank == 0 and os.environ.get("AION_PROGRESS", "1") == "1":
+            from tqdm import tqdm
+            bar = tqdm(total=t.steps, initial=self.state["step"], desc="pretrain", unit="step", dynamic_ncols=True)
+        try:
+            end = t.steps if t.stop_at_step is None else min(t.steps, t.stop_at_step)
+            while self.state["step"] < end:
+                step = self.state["step"]
+                lr = lr_at(step, t)
+                self._set_lr(lr)
+                t0 = time.perf_counter()
+                result = self.train_step(it)
+                self.device.synchronize()
+                dt = time.perf_counter() - t0
+                self.state["step"] = step = step + 1
+                self.state["tokens_seen"] += tokens_per_step
+                tok_s = tokens_per_step / dt
+                metrics = {"train/loss": result["loss"], "train/perplexity": math.exp(min(result["loss"], 50)),
+                           "train/aux_loss": result["aux_loss"], "train/lr": lr, "train/grad_norm": self.grad_norm(),
+                           "perf/tokens_per_s": tok_s, "perf/mfu": self.flops_per_token * tok_s / self.peak,
+                           "perf/memory_bytes": float(self.device.memory_allocated()),
+                           "train/skipped_steps": float(self.state["skipped_steps"]),
+                           "data/skipped_samples": float(self.loader.skipped)}
+                metrics.update(expert_load(self.model))
+                self.state["history"]["loss"].append([step, result["loss"]])
+                if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+                    ppl = evaluate(self.engine, cfg, self.groups, self.val_shards, self.tokenizer)
+                    metrics["val/perplexity"] = ppl
+                    self.state["history"]["val_ppl"].append([step, ppl])
+                if step % t.log_every == 0 or "val/perplexity" in metrics:
+                    self.tracker.log_metrics(metrics, step=step)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{result['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+                if (t.save_every and step % t.save_every == 0) or step == end:
+                    self.save()
+        except BaseException as e:
+            self.tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.finish()
+
+    def finish(self) -> dict:
+        hist = self.state["history"]
+        latest = self.ckpt.latest()
+        if self.rank == 0:
+            self.tracker.log_artifact(str(self.run_dir / "config.yaml"))
+            if latest is not None:
+                self.tracker.log_artifact(str(latest / "manifest.json"), subdir="checkpoint")
+            self.tracker.log_loss_curve({"train/loss": [tuple(x) for x in hist["loss"]],
+                                         "val/perplexity": [tuple(x) for x in hist["val_ppl"]]})
+        self.tracker.end("FINISHED")
+        return {"final_step": self.state["step"], "checkpoint": str(latest) if latest else None,
+                "initial_val_ppl": hist["val_ppl"][0][1] if hist["val_ppl"] else None,
+                "final_val_ppl": hist["val_ppl"][-1][1] if hist["val_ppl"] else None,
+                "skipped_steps": self.state["skipped_steps"], "mlflow_run_id": self.state["mlflow_run_id"],
+                "tracking_uri": self.tracker.tracking_uri, "losses": [x[1] for x in hist["loss"]],
+                "run_dir": str(self.run_dir)}
+
+
+def pretrain(cfg: Config) -> dict:
+    return Trainer(cfg).fit()
