@@ -81,3 +81,8 @@ def test_check_config_cli():
                          capture_output=True, text=True)
     assert bad.returncode == 2
     assert "model.moe.n_experts" in bad.stderr and "parallel.ep" in bad.stderr
+
+
+def test_sequence_parallel_needs_seq_len_divisible_by_tp():
+    msg = errors_of(["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=127"], world_size=2)
+    assert "data.seq_len=127" in msg and "parallel.tp=2" in msg

@@ -37,6 +37,8 @@ def test_layout_matches_megatron_order():
     (2, 2, 4, ()),                                          # TP=2 x DP=2, EP=2
     (2, 2, 4, ("model.moe.capacity_factor=1.0", "model.moe.shared_expert_d_ff=64",
                "model.tie_embeddings=true", "model.moe.top_k=1")),
+    (2, 1, 2, ("parallel.sequence_parallel=true", "model.moe.every=2")),   # SP: dense + MoE layers
+    (2, 2, 4, ("parallel.sequence_parallel=true",)),
 ])
 def test_parallel_matches_single_process(tp, ep, world, extra):
     r = run_ranks(verify_worker, world, cfg_for(tp, ep, world, *extra), tp, ep, timeout_s=60)

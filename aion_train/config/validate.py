@@ -61,6 +61,9 @@ def validate_config(cfg: Config) -> Config:
                      ("model.vocab_size", m.vocab_size)):
         if val % p.tp:
             errors.append(f"{key}={val} is not divisible by parallel.tp={p.tp}")
+    if p.sequence_parallel and cfg.data.seq_len % p.tp:
+        errors.append(f"data.seq_len={cfg.data.seq_len} is not divisible by parallel.tp={p.tp} "
+                      "(parallel.sequence_parallel splits the sequence over TP)")
     if cfg.data.seq_len > m.max_seq_len:
         errors.append(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
 

@@ -24,10 +24,13 @@ class Attention(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache=None, layer_idx: int = 0):
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, -1, self.head_dim)
-        k = self.k_proj(x).view(b, t, -1, self.head_dim)
-        v = self.v_proj(x).view(b, t, -1, self.head_dim)
+        # shapes come from the projections' outputs: a parallel projection may change the head
+        # count (tensor parallel) or the sequence length (sequence parallel gathers it)
+        q, k, v = (proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        b, t = q.shape[0], q.shape[1]
+        q = q.view(b, t, -1, self.head_dim)
+        k = k.view(b, t, -1, self.head_dim)
+        v = v.view(b, t, -1, self.head_dim)
         q, k = self.rope(q, positions), self.rope(k, positions)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)

@@ -97,9 +97,10 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 kv_cache=None, inputs_embeds: torch.Tensor | None = None,
                 modality: torch.Tensor | None = None, return_hidden: bool = False) -> ModelOutput:
+        seq_len = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         start = 0 if kv_cache is None else kv_cache.length
-        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        positions = torch.arange(start, start + seq_len, device=x.device)
         aux = x.new_zeros((), dtype=torch.float32)
         for block in self.blocks:
             if self.activation_checkpointing and self.training and kv_cache is None:

@@ -3,7 +3,7 @@
 copy_to      fwd identity      bwd all-reduce   (input of a column-parallel layer)
 reduce_from  fwd all-reduce    bwd identity     (output of a row-parallel layer)
 gather_last  fwd all-gather    bwd split        (gather a column-parallel output)
-scatter_seq / gather_seq / reduce_scatter_seq  (sequence parallelism, along dim 1)
+scatter_seq / gather_seq / gather_seq_replicated / reduce_scatter_seq  (sequence parallelism, dim 1)
 all_to_all   variable splits, bwd = the reverse exchange (expert parallelism)
 Every function is the identity when the group has one rank."""
 from __future__ import annotations
@@ -96,6 +96,20 @@ class _GatherSeq(torch.autograd.Function):
         return _reduce_scatter(g, ctx.group, 1), None
 
 
+class _GatherSeqReplicated(torch.autograd.Function):
+    """fwd all-gather along the sequence; bwd keep this rank's slice (the consumer computes the
+    same thing on every TP rank, so every rank already holds the full gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather(x, group, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _split(g, ctx.group, 1), None
+
+
 class _ReduceScatterSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
@@ -140,6 +154,10 @@ def scatter_seq(x, group):
 
 def gather_seq(x, group):
     return x if group_size(group) == 1 else _GatherSeq.apply(x, group)
+
+
+def gather_seq_replicated(x, group):
+    return x if group_size(group) == 1 else _GatherSeqReplicated.apply(x, group)
 
 
 def reduce_scatter_seq(x, group):

@@ -3,23 +3,43 @@ the model is built unsharded with the same seed on every rank, then this one fun
 swaps its layers for sharded ones and records how each parameter was split."""
 from __future__ import annotations
 
+import torch.distributed as dist
 from torch import nn
 
 from aion_train.model.ffn import DenseFFN
 from aion_train.model.moe import MoELayer
 
-from .collectives import group_size
+from .collectives import gather_seq_replicated, group_size, scatter_seq
 from .cross_entropy import VocabParallelCrossEntropy
 from .expert_parallel import AllToAllDispatcher, TensorParallelExperts
 from .groups import ParallelGroups
 from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
 
-def _tp_dense_ffn(ffn: DenseFFN, tp) -> None:
+def _tp_dense_ffn(ffn: DenseFFN, tp, sp: bool) -> None:
     for name in ("w_gate", "w_up"):
         if getattr(ffn, name) is not None:
-            setattr(ffn, name, ColumnParallelLinear.from_dense(getattr(ffn, name), tp))
-    ffn.w_down = RowParallelLinear.from_dense(ffn.w_down, tp)
+            setattr(ffn, name, ColumnParallelLinear.from_dense(getattr(ffn, name), tp, sequence_parallel=sp))
+    ffn.w_down = RowParallelLinear.from_dense(ffn.w_down, tp, sequence_parallel=sp)
+
+
+def _sequence_parallel_moe(moe: MoELayer, tp) -> None:
+    """Under sequence parallelism the residual stream is split along the sequence; an MoE layer
+    routes the whole sequence (identically on every TP rank, experts split by width), so its
+    input is gathered and its output split back: torchtitan-style module hooks."""
+    moe.register_forward_pre_hook(lambda mod, args: (gather_seq_replicated(args[0], tp),) + tuple(args[1:]))
+    moe.register_forward_hook(lambda mod, args, out: (scatter_seq(out[0], tp),) + tuple(out[1:]))
+
+
+def _sum_grad_over_tp(p, tp) -> None:
+    """A parameter applied to this rank's sequence slice only (norm weights under SP) gets a
+    partial gradient: sum it over the TP group as soon as it is computed."""
+    def hook(grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=tp)
+        return grad
+    p.register_hook(hook)
+    p.sequence_parallel = True
 
 
 def mark_expert_params(module: nn.Module, ep: int) -> None:
@@ -30,13 +50,14 @@ def mark_expert_params(module: nn.Module, ep: int) -> None:
         p.group_name = f"ep_size_{ep}"
 
 
-def parallelize(model, groups: ParallelGroups):
+def parallelize(model, groups: ParallelGroups, sequence_parallel: bool = False):
     """Shard `model` in place for `groups` (TP inside, EP over the data-parallel ranks).
 
     Sets `model.shard_spec`: {parameter name: [(dim, rank, n_parts), ...]} for every
     parameter that is a slice of the full model's parameter of the same name."""
     tp = groups.tp_group if groups.tp > 1 else None
     ep = groups.ep_group if groups.ep > 1 else None
+    sp = sequence_parallel and tp is not None
     spec: dict[str, list[tuple[int, int, int]]] = {}
     t = (groups.tp_rank, groups.tp)
 
@@ -51,9 +72,9 @@ def parallelize(model, groups: ParallelGroups):
         if tp is not None:
             a = block.attn
             for name in ("q_proj", "k_proj", "v_proj"):
-                setattr(a, name, ColumnParallelLinear.from_dense(getattr(a, name), tp))
+                setattr(a, name, ColumnParallelLinear.from_dense(getattr(a, name), tp, sequence_parallel=sp))
                 col(f"{pre}.attn.{name}")
-            a.o_proj = RowParallelLinear.from_dense(a.o_proj, tp)
+            a.o_proj = RowParallelLinear.from_dense(a.o_proj, tp, sequence_parallel=sp)
             row(f"{pre}.attn.o_proj")
         ffns = []
         if isinstance(block.ffn, MoELayer):
@@ -68,13 +89,15 @@ def parallelize(model, groups: ParallelGroups):
             if ep is not None:
                 moe.dispatcher = AllToAllDispatcher(moe.n_experts, moe.dispatcher.capacity_factor, ep)
             mark_expert_params(moe.experts, groups.ep)
+            if sp:
+                _sequence_parallel_moe(moe, tp)
             if moe.shared_expert is not None:
                 ffns.append((moe.shared_expert, f"{pre}.ffn.shared_expert"))
         else:
             ffns.append((block.ffn, f"{pre}.ffn"))
         if tp is not None:
             for ffn, fpre in ffns:
-                _tp_dense_ffn(ffn, tp)
+                _tp_dense_ffn(ffn, tp, sp)
                 for name in ("w_gate", "w_up"):
                     if getattr(ffn, name) is not None:
                         col(f"{fpre}.{name}")
@@ -82,14 +105,18 @@ def parallelize(model, groups: ParallelGroups):
 
     if tp is not None:
         tied = model.lm_head.weight is model.embed.weight
-        model.embed = VocabParallelEmbedding.from_dense(model.embed, tp)
+        model.embed = VocabParallelEmbedding.from_dense(model.embed, tp, sequence_parallel=sp)
         spec["embed.weight"] = [(0, *t)]
-        head = ColumnParallelLinear.from_dense(model.lm_head, tp)
+        head = ColumnParallelLinear.from_dense(model.lm_head, tp, sequence_parallel=sp)
         if tied:
             head.weight = model.embed.weight
         model.lm_head = head
         spec["lm_head.weight"] = [(0, *t)]
         model.loss_fn = VocabParallelCrossEntropy(tp, model.embed.vocab_start)
+    if sp:
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                _sum_grad_over_tp(p, tp)
     named = dict(model.named_parameters())
     for name in spec:
         if name in named and groups.tp > 1:

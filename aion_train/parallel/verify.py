@@ -36,13 +36,14 @@ def reference(model, inputs, labels, n_shards):
 
 
 def verify_worker(cfg: Config, tp: int, ep: int) -> dict:
+    sp = cfg.parallel.sequence_parallel
     torch.use_deterministic_algorithms(True, warn_only=True)
     groups = build_groups(tp, ep, cfg.parallel.timeout_s)
     full = build_model(cfg.model, seed=cfg.seed).float()
     inputs, labels = fixed_batch(cfg, groups.dp)
     ref_logits, ref_loss, ref_grads = reference(copy.deepcopy(full), inputs, labels, groups.dp)
 
-    model = parallelize(full, groups)
+    model = parallelize(full, groups, sequence_parallel=sp)
     x = inputs.chunk(groups.dp)[groups.dp_rank]
     y = labels.chunk(groups.dp)[groups.dp_rank]
     out = model(x, labels=y)
@@ -68,4 +69,4 @@ def verify_worker(cfg: Config, tp: int, ep: int) -> dict:
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
     return {"max_logit_diff": stats[0].item(), "max_grad_diff": stats[1].item(),
             "loss_diff": stats[2].item(), "max_grad_rel_diff": stats[3].item(),
-            "tp": tp, "ep": ep, "world": groups.world, "n_params_checked": len(list(model.parameters()))}
+            "tp": tp, "ep": ep, "world": groups.world, "sequence_parallel": sp, "n_params_checked": len(list(model.parameters()))}
