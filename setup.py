@@ -20,6 +20,7 @@ setup(
         "rich",
         "jsonschema",
         "matplotlib",
+        "google-re2>=1.1",      # linear-time matching for policy patterns
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "transformers", "datasets", "triton; platform_system == 'Linux'"],

@@ -14,6 +14,12 @@ COMMANDS = {
     "bench": ("bench", "benchmarks that print one JSON line (moe, train, ...)"),
     "ui": ("ui", "start the MLflow UI on 127.0.0.1"),
     "make-shards": ("make_shards", "build WebDataset shards from data that ships with packages"),
+    "export-hf": ("export_hf", "export the text backbone as a Hugging Face Mixtral checkpoint"),
+    "import-hf": ("import_hf", "load a Hugging Face Mixtral checkpoint into our layout"),
+    "plan": ("plan", "compute-optimal size and per-GPU memory plan"),
+    "build-index": ("build_index", "chunk, embed and index a corpus (FAISS + BM25)"),
+    "query": ("query", "hybrid search an index"),
+    "build-policy": ("build_policy", "validate, resolve and bundle per-jurisdiction policy JSON"),
 }
 
 

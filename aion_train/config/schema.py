@@ -39,6 +39,7 @@ class ModelConfig:
     max_seq_len: int = 256
     tie_embeddings: bool = False
     attention_backend: str = "auto"    # auto | sdpa | flash
+    kernels: str = "auto"              # auto | torch | triton: fused kernels (aion_train/kernels)
     init_std: float = 0.02
     moe: MoEConfig = field(default_factory=MoEConfig)
 

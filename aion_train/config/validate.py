@@ -8,6 +8,7 @@ CHOICES = {
     "model.activation": ("swiglu", "gelu", "relu"),
     "model.norm": ("rmsnorm", "layernorm"),
     "model.attention_backend": ("auto", "sdpa", "flash"),
+    "model.kernels": ("auto", "torch", "triton"),
     "parallel.backend": ("auto", "gloo", "nccl"),
     "train.precision": ("fp32", "bf16", "fp16"),
 }

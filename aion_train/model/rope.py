@@ -5,10 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from aion_train.kernels import select
+
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0, kernels: str = "auto"):
         super().__init__()
+        self._rope = select("rope", kernels)   # interleaved-pair rotation (kernels/reference.py)
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
         self.register_buffer("cos", angles.cos().float(), persistent=False)
@@ -16,14 +19,4 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [B, T, H, D]; positions: [T] (absolute positions, e.g. offset by the KV cache)."""
-        return apply_rotary(x, self.cos[positions], self.sin[positions])
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Interleaved-pair rotation. cos/sin: [T, D/2]."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    x1, x2 = xf[..., 0], xf[..., 1]
-    c = cos[None, :, None, :]
-    s = sin[None, :, None, :]
-    out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+        return self._rope(x, self.cos[positions], self.sin[positions])

@@ -43,17 +43,17 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, rope: RotaryEmbedding):
         super().__init__()
         self.layer = layer
-        self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.kernels)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, rope,
                               cfg.attention_backend)
-        self.ffn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.ffn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.kernels)
         if is_moe_layer(cfg, layer):
             m = cfg.moe
             self.ffn = MoELayer(cfg.d_model, m.n_experts, m.top_k, m.d_ff_expert, cfg.activation,
                                 m.capacity_factor, m.balance_coef, m.z_loss_coef, m.shared_expert_d_ff,
-                                m.normalize_gates, cfg.init_std)
+                                m.normalize_gates, cfg.init_std, cfg.kernels)
         else:
-            self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation)
+            self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, cfg.kernels)
 
     def forward(self, x, positions, kv_cache=None, modality=None):
         x = x + self.attn(self.attn_norm(x), positions, kv_cache, self.layer)
@@ -70,9 +70,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        rope = RotaryEmbedding(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        rope = RotaryEmbedding(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta, cfg.kernels)
         self.blocks = nn.ModuleList(Block(cfg, i, rope) for i in range(cfg.n_layers))
-        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.kernels)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.loss_fn = cross_entropy_loss     # swapped for the vocab-parallel one under TP
         self.activation_checkpointing = False

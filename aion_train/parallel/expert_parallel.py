@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from aion_train.kernels import select
 from aion_train.model.moe.experts import GroupedExperts
 from aion_train.model.moe.token_dispatcher import DispatchState, combine, expert_capacity, sort_by_expert
 
@@ -26,15 +27,17 @@ def chunk_permutation(recv: torch.Tensor) -> torch.Tensor:
 class AllToAllDispatcher:
     """Same interface as `LocalDispatcher`, experts spread over `ep_group`."""
 
-    def __init__(self, n_experts: int, capacity_factor: float | None, ep_group):
+    def __init__(self, n_experts: int, capacity_factor: float | None, ep_group, kernels: str = "auto"):
         self.n_experts, self.capacity_factor, self.group = n_experts, capacity_factor, ep_group
+        self.kernels = kernels
+        self._permute = select("moe_permute", kernels)
         self.ep = group_size(ep_group)
         self.n_local = n_experts // self.ep
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor):
         cap = expert_capacity(x.shape[0], indices.shape[1], self.n_experts, self.capacity_factor)
         token_index, kept_gates, counts, dropped = sort_by_expert(indices, gates, self.n_experts, cap)
-        send = x.index_select(0, token_index)
+        send = self._permute(x, token_index)
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts.contiguous(), group=self.group)
         recv = recv_counts.view(self.ep, self.n_local)
@@ -49,7 +52,7 @@ class AllToAllDispatcher:
     def combine(self, expert_out: torch.Tensor, state: DispatchState) -> torch.Tensor:
         inverse, in_splits, out_splits = state.extra
         back = all_to_all(expert_out.index_select(0, inverse), in_splits, out_splits, self.group)
-        return combine(back, state.token_index, state.gates, state.n_tokens)
+        return combine(back, state.token_index, state.gates, state.n_tokens, self.kernels)
 
 
 class TensorParallelExperts(GroupedExperts):
@@ -59,6 +62,7 @@ class TensorParallelExperts(GroupedExperts):
     def __init__(self, full: GroupedExperts, ep_group, tp_group):
         torch.nn.Module.__init__(self)
         self.activation = full.activation
+        self._swiglu = full._swiglu
         self.tp_group = tp_group
         ep, tp = group_size(ep_group), group_size(tp_group)
         e_rank = dist.get_rank(ep_group) if ep > 1 else 0

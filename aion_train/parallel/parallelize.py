@@ -87,7 +87,8 @@ def parallelize(model, groups: ParallelGroups, sequence_parallel: bool = False):
                 if moe.experts.w3 is not None:
                     spec[f"{pre}.ffn.experts.w3"] = [(0, *e), (2, *t)]
             if ep is not None:
-                moe.dispatcher = AllToAllDispatcher(moe.n_experts, moe.dispatcher.capacity_factor, ep)
+                moe.dispatcher = AllToAllDispatcher(moe.n_experts, moe.dispatcher.capacity_factor, ep,
+                                                    moe.dispatcher.kernels)
             mark_expert_params(moe.experts, groups.ep)
             if sp:
                 _sequence_parallel_moe(moe, tp)

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aion_train.kernels import select
+
 
 @functools.lru_cache(maxsize=None)
 def _grouped_mm_works(device_type: str) -> bool:
@@ -45,9 +47,10 @@ class GroupedExperts(nn.Module):
     """E SwiGLU (or GeLU/ReLU) experts: w1/w3 [E, d, ff], w2 [E, ff, d]."""
 
     def __init__(self, n_experts: int, d_model: int, d_ff: int, activation: str = "swiglu",
-                 init_std: float = 0.02):
+                 init_std: float = 0.02, kernels: str = "auto"):
         super().__init__()
         self.activation = activation
+        self._swiglu = select("swiglu", kernels)
         self.w1 = nn.Parameter(torch.randn(n_experts, d_model, d_ff) * init_std)
         self.w2 = nn.Parameter(torch.randn(n_experts, d_ff, d_model) * init_std)
         self.w3 = (nn.Parameter(torch.randn(n_experts, d_model, d_ff) * init_std)
@@ -61,7 +64,7 @@ class GroupedExperts(nn.Module):
         counts_list = counts.tolist()
         h = grouped_linear(x, self.w1, counts, counts_list)
         if self.w3 is not None:
-            h = F.silu(h) * grouped_linear(x, self.w3, counts, counts_list)
+            h = self._swiglu(h, grouped_linear(x, self.w3, counts, counts_list))
         else:
             h = F.gelu(h) if self.activation == "gelu" else F.relu(h)
         return grouped_linear(h, self.w2, counts, counts_list)

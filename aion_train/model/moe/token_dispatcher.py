@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from aion_train.kernels import select
+
 
 @dataclass
 class DispatchState:
@@ -47,26 +49,26 @@ def sort_by_expert(indices: torch.Tensor, gates: torch.Tensor, n_experts: int, c
 
 
 def combine(expert_out: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor,
-            n_tokens: int) -> torch.Tensor:
+            n_tokens: int, kernels: str = "auto") -> torch.Tensor:
     """sum_k gate_k * expert_k(x) per token (tokens with every copy dropped get zeros)."""
-    weighted = expert_out * gates.unsqueeze(-1).to(expert_out.dtype)
-    out = expert_out.new_zeros(n_tokens, expert_out.shape[-1])
-    return out.index_add(0, token_index, weighted)
+    return select("moe_unpermute", kernels)(expert_out, token_index, gates, n_tokens)
 
 
 class LocalDispatcher:
     """All experts live on this rank."""
 
-    def __init__(self, n_experts: int, capacity_factor: float | None):
+    def __init__(self, n_experts: int, capacity_factor: float | None, kernels: str = "auto"):
         self.n_experts = n_experts
         self.capacity_factor = capacity_factor
+        self.kernels = kernels
+        self._permute = select("moe_permute", kernels)
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor):
         """x: [N, d] -> (tokens grouped by expert [M, d], counts per local expert [E], state)."""
         cap = expert_capacity(x.shape[0], indices.shape[1], self.n_experts, self.capacity_factor)
         token_index, kept_gates, counts, dropped = sort_by_expert(indices, gates, self.n_experts, cap)
         state = DispatchState(token_index, kept_gates, x.shape[0], dropped)
-        return x.index_select(0, token_index), counts, state
+        return self._permute(x, token_index), counts, state
 
     def combine(self, expert_out: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        return combine(expert_out, state.token_index, state.gates, state.n_tokens)
+        return combine(expert_out, state.token_index, state.gates, state.n_tokens, self.kernels)
