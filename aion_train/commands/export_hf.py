@@ -1,0 +1,44 @@
+"""aion-train export-hf --checkpoint C --out DIR [--dtype D] [--expert-layout per-expert|fused]
+
+C is a step folder, a checkpoints folder or a run folder (its latest checkpoint), written with
+any TP/EP layout. DIR gets config.json + safetensors that `MixtralForCausalLM.from_pretrained(DIR)`
+loads. Only models Mixtral can express are exported (every layer MoE, SwiGLU, RMSNorm, no
+shared expert, top_k >= 2 with renormalised gates); others are refused with the keys named.
+A model trained with a capacity factor exports too, but Mixtral is dropless: its outputs
+differ wherever our model dropped token copies."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_arguments(p):
+    p.add_argument("--checkpoint", required=True, help="step folder, checkpoints folder or run folder")
+    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"],
+                   help="tensor dtype in the export (default: as saved)")
+    p.add_argument("--expert-layout", default="per-expert", choices=["per-expert", "fused"],
+                   help="per-expert: experts.J.w1/w2/w3 (every published Mixtral; default); "
+                        "fused: transformers 5's mlp.experts.gate_up_proj/down_proj")
+    p.add_argument("--max-shard-size", default="5GB", help="split the safetensors above this size")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+
+
+def run(args) -> int:
+    from aion_train.config import ConfigError
+    from aion_train.interop.hf_mixtral import DTYPES, NotExpressibleError, export_hf
+    from aion_train.train.checkpoint import CheckpointError
+    try:
+        summary = export_hf(args.checkpoint, args.out, dtype=None if args.dtype == "keep" else DTYPES[args.dtype],
+                            expert_layout=args.expert_layout, max_shard_size=args.max_shard_size)
+    except (NotExpressibleError, CheckpointError, ConfigError) as e:
+        print(f"export-hf: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    for note in summary["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {summary['out']}: {', '.join(summary['files'])} ({summary['parameters']:,} parameters, "
+          f"{summary['dtype']})")
+    return 0

@@ -1,0 +1,60 @@
+"""aion-train import-hf --hf DIR --out RUN_DIR [--tp T --ep E] [--config F [overrides]]
+
+Writes a Hugging Face Mixtral folder (config.json + safetensors, read locally) as
+RUN_DIR/checkpoints/step_00000000 in our layout: a manifest with model_config and layout
+{tp, ep, world, zero_stage} and the model payloads of the ranks that save the model for
+that TP/EP layout. There is no optimizer or trainer state (manifest field
+`optimizer_state: false`): training from it must start with a fresh optimizer at step 0.
+
+With --config, the model keys that do not change the forward pass (init_std, balance/z-loss
+coefficients, attention backend) and --tp/--ep/world/zero_stage defaults come from that
+training config, so the manifest matches the config it will be trained with."""
+from __future__ import annotations
+
+import json
+import sys
+
+from .check_config import add_config_arguments
+
+
+def add_arguments(p):
+    p.add_argument("--hf", required=True, help="folder with config.json and model*.safetensors")
+    p.add_argument("--out", required=True, help="run folder to create (its checkpoints/ must be empty)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size of the written shards (default 1)")
+    p.add_argument("--ep", type=int, default=None, help="expert-parallel size of the written shards (default 1)")
+    p.add_argument("--world", type=int, default=None, help="world size recorded in the layout (default tp*ep)")
+    p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"])
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="model.max_seq_len (default: max_position_embeddings, or the sliding window)")
+    p.add_argument("--json", action="store_true")
+    add_config_arguments(p)
+
+
+def run(args) -> int:
+    from aion_train.config import ConfigError, load_config
+    from aion_train.interop.hf_mixtral import DTYPES, NotExpressibleError, import_hf
+    from aion_train.train.checkpoint import CheckpointError
+    base, tp, ep, world, zero = None, args.tp or 1, args.ep or 1, args.world, 1
+    if args.config or args.overrides:
+        try:
+            cfg = load_config(args.config, args.overrides, validate=False)
+        except ConfigError as e:
+            print(str(e), file=sys.stderr)
+            return 2
+        base, zero = cfg.model, cfg.train.zero_stage
+        tp, ep = args.tp or cfg.parallel.tp, args.ep or cfg.parallel.ep
+        world = world or cfg.parallel.world_size
+    try:
+        summary = import_hf(args.hf, args.out, tp, ep, base=base, world=world, zero_stage=zero,
+                            dtype=None if args.dtype == "keep" else DTYPES[args.dtype], max_seq_len=args.max_seq_len)
+    except (NotExpressibleError, CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
+        print(f"import-hf: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    for note in summary["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {summary['checkpoint']} (tp={tp}, ep={ep}, {summary['parameters']:,} parameters, "
+          f"{summary['dtype']}); no optimizer state: training from it starts a fresh optimizer")
+    return 0
