@@ -167,11 +167,13 @@ def config_from_dict(data: dict) -> Config:
     return cfg
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d, prefix: str = "") -> dict:
+    """Nested mappings -> {"a.b.c": leaf} (non-empty mappings are walked)."""
+    from collections.abc import Mapping
     out = {}
     for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, dict) and v:
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping) and v:
             out.update(flatten(v, key))
         else:
             out[key] = v

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from aion_train.config.load import flatten
+
 # Offline platform: never phone home. Set before mlflow is imported anywhere below.
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
@@ -93,14 +95,7 @@ def param_value(value: Any, limit: int = MAX_PARAM_VAL_LENGTH) -> str:
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dict -> dotted keys (non-empty dicts are walked, everything else is a leaf)."""
-    out: dict[str, Any] = {}
-    for k, v in params.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, Mapping) and v:
-            out.update(flatten_params(v, key))
-        else:
-            out[key] = v
-    return out
+    return flatten(params, prefix)
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:

@@ -58,6 +58,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from aion_train.config.load import flatten
+
 from .tree_io import (
     CheckpointError,
     TreeFormatError,
@@ -228,14 +230,7 @@ def restore_rng_state(state: Mapping[str, Any], *, strict_cuda: bool = False) ->
 
 def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
     """Flatten nested mappings into ``{"a.b.c": value}`` (tuples become lists)."""
-    out: Dict[str, Any] = {}
-    for k, v in cfg.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, Mapping) and v:
-            out.update(flatten_config(v, key))
-        else:
-            out[key] = _normalise(v)
-    return out
+    return {k: _normalise(v) for k, v in flatten(cfg, prefix).items()}
 
 
 def _normalise(v: Any) -> Any:
