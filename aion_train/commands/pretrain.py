@@ -60,8 +60,11 @@ def run(args) -> int:
         return 2
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_local(args)
-    from aion_train.train.trainer import pretrain
-    summary = pretrain(cfg)
+    from aion_train.train.trainer import TrainingError, pretrain
+    try:
+        summary = pretrain(cfg)
+    except TrainingError:
+        return 1  # the trainer has logged the one-line reason (rank 0)
     if int(os.environ.get("RANK", 0)) == 0:
         if args.json:
             print(json.dumps({k: v for k, v in summary.items() if k != "losses"}))

@@ -16,7 +16,7 @@ from aion_train.model import build_model
 from aion_train.parallel import build_groups, get_device, parallelize
 from aion_train.parallel.grad_sync import global_grad_norm
 
-from .checkpointing import CheckpointManager, load_job, save_job
+from .checkpointing import CheckpointError, CheckpointManager, load_job, save_job
 from .ds_comm import init_deepspeed_comm
 from .engine import build_engine
 from .metrics import expert_load, flops_per_token, peak_flops
@@ -25,8 +25,26 @@ from .optim import lr_at
 log = logging.getLogger("aion_train.train")
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class TrainingError(RuntimeError):
+    """The run cannot go on; the message (one line) says why and what was kept.
+    `aion-train pretrain` reports it as an error line and exits non-zero."""
+
+
+class NonFiniteLossError(TrainingError):
+    """train.max_bad_steps non-finite losses / gradients in a row."""
+
+
+class ResumeError(TrainingError, CheckpointError):
+    """The run folder's checkpoint cannot be resumed (another model config or layout,
+    missing or corrupt files). Nothing was loaded and the checkpoint was not modified."""
+
+
+def _one_line(text) -> str:
+    """A multi-line message ('header:' + one line per item) as one line."""
+    lines = [part.strip() for part in str(text).splitlines() if part.strip()]
+    if len(lines) > 1:
+        return lines[0].rstrip(":") + ": " + "; ".join(lines[1:])
+    return lines[0] if lines else ""
 
 
 def _all_reduce(t: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -93,7 +111,7 @@ class Trainer:
 
         model = build_model(cfg.model, seed=cfg.seed)
         model.activation_checkpointing = cfg.train.activation_checkpointing
-        model = parallelize(model, self.groups).to(self.device.torch_device)
+        model = parallelize(model, self.groups, cfg.parallel.sequence_parallel).to(self.device.torch_device)
         self.engine, self.optimizer = build_engine(model, cfg, self.groups)
         self.model = self.engine.module
 
@@ -112,7 +130,12 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------
     def resume(self) -> bool:
-        saved = load_job(self.ckpt, self.cfg, self.groups, self.engine, self.loader)
+        try:
+            saved = load_job(self.ckpt, self.cfg, self.groups, self.engine, self.loader)
+        except CheckpointError as e:
+            raise ResumeError(
+                f"cannot resume from {self.ckpt.latest()}: {_one_line(e)}. The checkpoint was not modified; "
+                f"run with its config, or choose another run_dir for a new run") from e
         if saved is None:
             return False
         saved.pop("checkpoint", None)
@@ -127,10 +150,25 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    def _bad_step(self, what: str) -> None:
+        """Count one skipped micro-batch / optimizer step; stop after train.max_bad_steps in a row."""
+        cfg = self.cfg
+        self.state["skipped_steps"] += 1
+        self.state["consecutive_bad"] = self.state.get("consecutive_bad", 0) + 1
+        n, step = self.state["consecutive_bad"], self.state["step"] + 1
+        log.warning("step %d: %s skipped (%d in a row, %d skipped in all)", step, what, n,
+                    self.state["skipped_steps"])
+        if n >= cfg.train.max_bad_steps:
+            self.tracker.log_metrics({"train/skipped_steps": float(self.state["skipped_steps"])}, step=step)
+            raise NonFiniteLossError(
+                f"stopping at step {step}: {n} non-finite losses/gradients in a row "
+                f"(train.max_bad_steps={cfg.train.max_bad_steps}); last checkpoint: {self.ckpt.latest()}")
+
     def train_step(self, it) -> dict:
         """Micro-batches until DeepSpeed has taken one optimizer step. A micro-batch whose loss
-        is non-finite on any rank is skipped on every rank (no backward, no update)."""
-        cfg = self.cfg
+        is non-finite on any rank is skipped on every rank (no backward, no update); an optimizer
+        step that DeepSpeed skips for non-finite gradients counts as skipped too. Either stops
+        the run after train.max_bad_steps in a row."""
         start = self.engine.global_steps
         losses, lm, aux, bad = [], [], [], 0
         while self.engine.global_steps == start:
@@ -140,22 +178,20 @@ class Trainer:
             finite = torch.tensor([float(torch.isfinite(out.loss.detach()).all())])
             if _all_reduce(finite, op=dist.ReduceOp.MIN).item() < 1:
                 bad += 1
-                self.state["skipped_steps"] += 1
-                self.state["consecutive_bad"] = self.state.get("consecutive_bad", 0) + 1
-                log.warning("non-finite loss at step %d: micro-batch skipped (%d in a row)",
-                            self.state["step"], self.state["consecutive_bad"])
-                if self.state["consecutive_bad"] >= cfg.train.max_bad_steps:
-                    raise NonFiniteLossError(
-                        f"{self.state['consecutive_bad']} non-finite losses in a row at step {self.state['step']} "
-                        f"(train.max_bad_steps={cfg.train.max_bad_steps}); stopping. The last good checkpoint "
-                        f"is {self.ckpt.latest()}")
+                self._bad_step("non-finite loss: micro-batch")
                 continue
-            self.state["consecutive_bad"] = 0
             self.engine.backward(out.loss)
+            skipped_before = self.engine.skipped_steps
             self.engine.step()
             losses.append(out.loss.detach().float().item())
             lm.append(out.lm_loss.detach().float().item())
             aux.append(out.aux_loss.detach().float().item())
+            if self.engine.global_steps != start:  # an optimizer step boundary
+                if self.engine.skipped_steps != skipped_before:  # overflow: DeepSpeed did not update
+                    bad += 1
+                    self._bad_step("non-finite gradients: optimizer step")
+                else:
+                    self.state["consecutive_bad"] = 0
         return {"loss": sum(lm) / len(lm), "total_loss": sum(losses) / len(losses),
                 "aux_loss": sum(aux) / len(aux), "skipped": bad}
 
@@ -167,6 +203,14 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self) -> dict:
+        try:
+            return self._fit()
+        except TrainingError as e:
+            if self.rank == 0:
+                log.error("%s", e)
+            raise
+
+    def _fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         resumed = self.resume()
         params = config_to_dict(cfg)
