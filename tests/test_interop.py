@@ -325,3 +325,32 @@ def test_lora_hf_names_are_not_permuted(tmp_path):
     permuted = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))[key]
     assert torch.equal(as_given, b) and torch.equal(halves_to_interleaved(permuted, cfg.n_heads), b)
     assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["r"] == 2
+
+
+def test_pretrain_starts_from_imported_weights(tmp_path):
+    """Train, export to Mixtral, import into a new run folder (another TP layout), then
+    `pretrain` from it: the new run's first held-out perplexity is the trained model's last one
+    (far below a fresh model's), with a fresh optimizer at step 0."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, AION_PROGRESS="0")
+    common = ["--config", "configs/tiny_cpu.yaml", "train.eval_every=12", "train.save_every=12",
+              "train.warmup_steps=2"]
+
+    def cli(*args):
+        p = subprocess.run([sys.executable, "-m", "aion_train.cli", *args], capture_output=True, text=True,
+                           env=env, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p.stdout
+
+    a = json.loads(cli("pretrain", *common, "train.steps=12", f"run_dir={tmp_path / 'a'}", "--json")
+                   .strip().splitlines()[-1])
+    cli("export-hf", "--checkpoint", str(tmp_path / "a"), "--out", str(tmp_path / "hf"))
+    cli("import-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "b"), "--config", "configs/tiny_cpu.yaml")
+    b = json.loads(cli("pretrain", *common, "train.steps=2", f"run_dir={tmp_path / 'b'}", "--json")
+                   .strip().splitlines()[-1])
+    assert a["final_val_ppl"] < 0.5 * a["initial_val_ppl"]
+    assert b["initial_val_ppl"] == pytest.approx(a["final_val_ppl"], rel=1e-3)
+    assert b["final_step"] == 2

@@ -60,3 +60,18 @@ def load_job(mgr: CheckpointManager, cfg, groups, engine, loader):
 
 
 __all__ = ["CheckpointError", "CheckpointManager", "load_job", "save_job"]
+
+
+def load_weights_only(mgr: CheckpointManager, cfg, model, groups):
+    """A weights-only checkpoint (written by `import-hf`, any TP/EP layout) as the starting point:
+    cut this rank's shard from the full weights into `model` (before the engine is built, so
+    DeepSpeed's fp32 master copy starts from them). Returns its path, or None when the latest
+    checkpoint is a full training checkpoint (or there is none)."""
+    path = mgr.latest()
+    if path is None or mgr.read_manifest(path).get("optimizer_state", True):
+        return None
+    from aion_train.interop.reshard import load_full_state_dict, shard_state_dict
+    saved_model, full = load_full_state_dict(path)
+    check_compatible({"model": saved_model}, {"model": config_to_dict(cfg)["model"]})
+    model.load_state_dict(shard_state_dict(full, model, groups))
+    return path

@@ -16,7 +16,7 @@ from aion_train.model import build_model
 from aion_train.parallel import build_groups, get_device, parallelize
 from aion_train.parallel.grad_sync import global_grad_norm
 
-from .checkpointing import CheckpointError, CheckpointManager, load_job, save_job
+from .checkpointing import CheckpointError, CheckpointManager, load_job, load_weights_only, save_job
 from .ds_comm import init_deepspeed_comm
 from .engine import build_engine
 from .metrics import expert_load, flops_per_token, peak_flops
@@ -112,6 +112,11 @@ class Trainer:
         model = build_model(cfg.model, seed=cfg.seed)
         model.activation_checkpointing = cfg.train.activation_checkpointing
         model = parallelize(model, self.groups, cfg.parallel.sequence_parallel).to(self.device.torch_device)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.train.keep_last)
+        try:
+            self.initialised_from = load_weights_only(self.ckpt, cfg, model, self.groups)
+        except CheckpointError as e:
+            raise ResumeError(f"cannot start from {self.ckpt.latest()}: {_one_line(e)}") from e
         self.engine, self.optimizer = build_engine(model, cfg, self.groups)
         self.model = self.engine.module
 
@@ -119,7 +124,6 @@ class Trainer:
         self.loader = TokenLoader(self.train_shards, self.tokenizer, cfg.data.seq_len, cfg.data.micro_batch_size,
                                   dp_rank=self.groups.dp_rank, dp_size=self.groups.dp, seed=cfg.seed,
                                   shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.num_workers)
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.train.keep_last)
         self.state = {"step": 0, "skipped_steps": 0, "history": {"loss": [], "val_ppl": []},
                       "mlflow_run_id": None, "tokens_seen": 0}
         from aion_train.tracking import Tracker
@@ -130,6 +134,9 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------
     def resume(self) -> bool:
+        if self.initialised_from is not None:  # imported weights: fresh optimizer, step 0
+            log.info("starting from the weights of %s with a fresh optimizer", self.initialised_from)
+            return False
         try:
             saved = load_job(self.ckpt, self.cfg, self.groups, self.engine, self.loader)
         except CheckpointError as e:
