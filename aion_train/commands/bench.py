@@ -6,6 +6,8 @@ import json
 
 BENCHES = {
     "moe": "aion_train.bench.moe",
+    "train": "aion_train.bench.train",
+    "retrieval": "aion_train.bench.retrieval",
 }
 
 
