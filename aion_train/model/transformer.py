@@ -34,6 +34,18 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
 
+class FusedCrossEntropy:
+    """The same loss through the blockwise cross-entropy kernel (no full fp32 softmax)."""
+
+    def __init__(self, kernels: str):
+        from aion_train.kernels import reference, select
+        self.per_row = select("cross_entropy", kernels)
+        self.mean = reference.mean_loss
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.mean(self.per_row(logits, labels), labels)
+
+
 def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
     m = cfg.moe
     return m.every > 0 and m.n_experts > 1 and (layer + 1) % m.every == 0
@@ -74,7 +86,8 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i, rope) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.kernels)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.loss_fn = cross_entropy_loss     # swapped for the vocab-parallel one under TP
+        # swapped for the vocab-parallel one under TP
+        self.loss_fn = cross_entropy_loss if cfg.kernels == "torch" else FusedCrossEntropy(cfg.kernels)
         self.activation_checkpointing = False
         self.reset_parameters()
         if cfg.tie_embeddings:
