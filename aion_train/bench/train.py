@@ -1,0 +1,430 @@
+"""bench train: one full training step (forward + backward + AdamW) of our MoE transformer
+against transformers' MixtralForCausalLM with identical dimensions, and ZeRO 0/1/2/3 per-rank
+memory on 2 real gloo ranks next to the theory of Rajbhandari et al. (ZeRO, SC'20).
+
+Throughput: the model `configs/tiny_cpu.yaml` builds (fp32; CPU bf16 matmuls are slower than
+fp32 on these machines) and a `MixtralConfig` with the same vocab, width, layers, heads, KV heads,
+expert width, experts, top-k, positions, RoPE theta, RMSNorm eps, untied head and the balance
+loss on (`output_router_logits=True`, `router_aux_loss_coef = balance_coef`). Same batch, same
+threads, same process, both with `torch.optim.AdamW(foreach=True)`, timed interleaved (wall clock,
+`time_interleaved`). The machines are shared, so the same two steps are also timed in thread-CPU
+time with one intra-op thread (`cpu_ms_1thread`, `speedup_vs_hf_1thread_cpu`), which time spent
+preempted by other processes does not inflate.
+With `engine=True` the same step through our DeepSpeed engine (`build_engine`, one rank) is
+timed alongside; that run happens in one spawned process so this one keeps no process group.
+
+ZeRO: a dense variant of the model (`model.moe.every=0`; DeepSpeed refuses MoE under ZeRO-3),
+one DeepSpeed engine per stage on the same 2 ranks, one step each, and the bytes each rank
+really holds, read from DeepSpeed's own buffers (on CPU sharding shows in tensor sizes, not RSS):
+
+- param_bytes: stage 3 the partition `param.ds_tensor`, else numel * itemsize of every param.
+- grad_bytes: stage 0 the full `param.grad` after backward; stage 1 the full gradients held
+  until DeepSpeed's end-of-backward reduce (measured on entry to `reduce_ipg_grads`); stages 2/3
+  the storage behind the ZeRO optimizer's `averaged_gradients` partition after backward.
+- optim_bytes: the Adam moments (exp_avg, exp_avg_sq) in the wrapped optimizer's state.
+- master_bytes: DeepSpeed's fp32 master partition when it is a separate copy of the parameter
+  partition (stages 1-3 keep one even in fp32 training; stage 3 means to reuse the partition but
+  its check `tensor.device == "cpu"` compares a torch.device with a str). Not part of the
+  theory's 8N for fp32 training, so reported on its own; optim_bytes_with_master adds it.
+- grad_peak_bytes: the most full-size gradient bytes seen in flight at DeepSpeed's reduce calls
+  (with the default reduce_bucket_size of 5e8 elements a small model's whole gradient waits in
+  the bucket), and ipg_bucket_bytes the reduce bucket DeepSpeed allocated.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .timing import time_interleaved
+
+DEFAULT_CONFIG = "configs/tiny_cpu.yaml"
+
+
+# ------------------------------------------------------------------------------------------
+# config and models
+# ------------------------------------------------------------------------------------------
+
+def _config_path(config: str | None) -> str:
+    if config:
+        return config
+    here = Path(DEFAULT_CONFIG)
+    return str(here if here.is_file() else Path(__file__).resolve().parents[2] / DEFAULT_CONFIG)
+
+
+def load_bench_config(config: str | None = None, micro_batch_size: int | None = None,
+                      seq_len: int | None = None, tokens: int | None = None):
+    from aion_train.config import load_config
+    overrides = ["train.precision=fp32"]
+    if seq_len:
+        overrides.append(f"data.seq_len={seq_len}")
+    if micro_batch_size:
+        overrides.append(f"data.micro_batch_size={micro_batch_size}")
+    cfg = load_config(_config_path(config), overrides)
+    if tokens:
+        cfg.data.micro_batch_size = max(1, tokens // cfg.data.seq_len)
+    return cfg
+
+
+def mixtral_config(model_cfg):
+    """A MixtralConfig with our model's dimensions."""
+    from transformers import MixtralConfig
+    m = model_cfg
+    if m.activation != "swiglu" or m.norm != "rmsnorm" or m.moe.every != 1 or m.moe.shared_expert_d_ff:
+        raise ValueError("the Mixtral reference needs swiglu, rmsnorm and an MoE FFN in every layer")
+    return MixtralConfig(
+        vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.moe.d_ff_expert,
+        num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
+        num_key_value_heads=m.n_kv_heads or m.n_heads, head_dim=m.d_model // m.n_heads,
+        max_position_embeddings=m.max_seq_len,
+        rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+        rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
+        num_local_experts=m.moe.n_experts, num_experts_per_tok=m.moe.top_k,
+        output_router_logits=True, router_aux_loss_coef=m.moe.balance_coef,
+        initializer_range=m.init_std, use_cache=False)
+
+
+def build_hf_model(model_cfg, seed: int = 0):
+    from transformers import MixtralForCausalLM
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MixtralForCausalLM._from_config(mixtral_config(model_cfg), attn_implementation="sdpa",
+                                               dtype=torch.float32)
+
+
+def param_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _adamw(params, t):
+    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+                             weight_decay=t.weight_decay, foreach=True)
+
+
+# ------------------------------------------------------------------------------------------
+# throughput
+# ------------------------------------------------------------------------------------------
+
+def _phase_ms(models: dict, rounds: int) -> dict:
+    """Median forward / backward / optimizer milliseconds per model, interleaved."""
+    samples = {k: {"forward": [], "backward": [], "optimizer": []} for k in models}
+    for _ in range(rounds):
+        for name, (fwd, opt) in models.items():
+            t0 = time.perf_counter()
+            loss = fwd()
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            t3 = time.perf_counter()
+            for key, dt in (("forward", t1 - t0), ("backward", t2 - t1), ("optimizer", t3 - t2)):
+                samples[name][key].append(dt * 1e3)
+    return {k: {p: round(statistics.median(v), 2) for p, v in d.items()} for k, d in samples.items()}
+
+
+def _thread_cpu_ms(fns: dict, rounds: int) -> dict:
+    """Median thread-CPU milliseconds per call with ONE intra-op thread: all work runs on this
+    thread, so time spent preempted by other processes is not counted (robust on a shared box)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for fn in fns.values():
+            fn()
+        samples: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                t0 = time.thread_time_ns()
+                fn()
+                samples[name].append((time.thread_time_ns() - t0) / 1e6)
+    finally:
+        torch.set_num_threads(prev)
+    return {k: round(statistics.median(v), 2) for k, v in samples.items()}
+
+
+def _top_ops(fn, steps: int = 3, limit: int = 15) -> list:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:limit]
+    return [{"op": e.key, "self_ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 3),
+             "calls_per_step": e.count // steps} for e in rows]
+
+
+def measure_throughput(cfg, rounds: int = 10, warmup: int = 3, threads: int | None = None,
+                       engine: bool = False, profile: bool = False) -> dict:
+    """Our training step vs Mixtral's on the same tokens; returns milliseconds and counts."""
+    if threads:
+        torch.set_num_threads(threads)
+    from aion_train.model import build_model
+    b, t, v = cfg.data.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(0, v, (b, t), generator=gen)
+    # HF shifts labels inside; ours takes them shifted: the same T-1 predicted tokens per row
+    shifted = torch.full_like(ids, -100)
+    shifted[:, :-1] = ids[:, 1:]
+
+    ours = build_model(cfg.model, seed=cfg.seed).train()
+    hf = build_hf_model(cfg.model, seed=cfg.seed).train()
+    opt_ours, opt_hf = _adamw(ours.parameters(), cfg.train), _adamw(hf.parameters(), cfg.train)
+
+    def ours_loss():
+        return ours(ids, labels=shifted).loss
+
+    def hf_loss():
+        return hf(input_ids=ids, labels=ids).loss
+
+    def step(loss_fn, opt):
+        def run():
+            loss_fn().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+
+    fns = {"ours": step(ours_loss, opt_ours), "hf": step(hf_loss, opt_hf)}
+    if engine:
+        from aion_train.parallel import build_groups, parallelize
+        from aion_train.train.ds_comm import init_deepspeed_comm
+        from aion_train.train.engine import build_engine
+        ecfg = copy.deepcopy(cfg)
+        ecfg.train.precision = "fp32"
+        init_deepspeed_comm("gloo", ecfg.parallel.timeout_s)   # a 1-rank group (a spawned process)
+        groups = build_groups(1, 1, ecfg.parallel.timeout_s)
+        # as the Trainer does: parallelize (tags the expert params for DeepSpeed), then the engine
+        eng, _ = build_engine(parallelize(build_model(ecfg.model, seed=cfg.seed), groups), ecfg, groups)
+
+        def engine_step():
+            eng.backward(eng(ids, labels=shifted).loss)
+            eng.step()
+        fns["ours_engine"] = engine_step
+    with torch.no_grad():
+        first = {"ours": float(ours_loss()), "hf": float(hf_loss())}
+    ms = time_interleaved(fns, rounds=rounds, warmup=warmup)
+    out = {"ms": ms, "tokens_per_step": b * t, "threads": torch.get_num_threads(),
+           "params": param_count(ours), "hf_params": param_count(hf), "initial_loss": first,
+           "hf_experts_implementation": hf.config._experts_implementation,
+           "hf_attn_implementation": hf.config._attn_implementation,
+           "phases_ms": _phase_ms({"ours": (ours_loss, opt_ours), "hf": (hf_loss, opt_hf)},
+                                  max(3, rounds // 2)),
+           "cpu_ms_1thread": _thread_cpu_ms({k: fns[k] for k in ("ours", "hf")}, max(3, rounds))}
+    if profile:
+        out["top_ops"] = {"ours": _top_ops(fns["ours"]), "hf": _top_ops(fns["hf"])}
+    return out
+
+
+def _throughput_rank(cfg, rounds, warmup, threads, engine, profile):
+    """Entry for the one spawned rank that also times the DeepSpeed engine."""
+    return measure_throughput(cfg, rounds, warmup, threads, engine, profile)
+
+
+# ------------------------------------------------------------------------------------------
+# ZeRO memory
+# ------------------------------------------------------------------------------------------
+
+def _nbytes(t) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one buffer count once)."""
+    seen = {}
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor) or t.numel() == 0:
+            continue
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+_REDUCE_METHODS = ("reduce_ipg_grads", "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads")
+
+
+def _bucket_bytes(zero_opt) -> int:
+    """The reduce ("ipg") bucket buffers DeepSpeed holds right now."""
+    total = 0
+    for b in getattr(zero_opt, "ipg_buckets", {}).values():
+        buf = getattr(b, "buffer", None)
+        total += _storage_bytes(buf if isinstance(buf, (list, tuple)) else [buf])
+    return total
+
+
+def _watch_reduces(zero_opt, params) -> dict:
+    """On each entry to DeepSpeed's bucket reduce, record the full-size gradient bytes alive
+    (gradients waiting in the bucket are views of it) and the bucket buffers allocated."""
+    seen: dict[str, list[int]] = {"grads": [], "bucket": []}
+    for name in _REDUCE_METHODS:
+        fn = getattr(zero_opt, name, None)
+        if fn is None:
+            continue
+
+        def wrapped(*args, _fn=fn, **kwargs):
+            seen["grads"].append(sum(_nbytes(p.grad) for p in params if p.grad is not None))
+            seen["bucket"].append(_bucket_bytes(zero_opt))
+            return _fn(*args, **kwargs)
+        setattr(zero_opt, name, wrapped)
+    return seen
+
+
+def _zero_stage_bytes(cfg, stage: int, groups) -> dict:
+    from aion_train.model import build_model
+    from aion_train.parallel import parallelize
+    from aion_train.train.engine import build_engine
+    scfg = copy.deepcopy(cfg)
+    scfg.train.zero_stage = stage
+    model = parallelize(build_model(scfg.model, seed=scfg.seed), groups)
+    n = param_count(model)
+    params = list(model.parameters())
+    eng, _ = build_engine(model, scfg, groups)
+    zopt = eng.optimizer
+    inner = getattr(zopt, "optimizer", zopt) if stage > 0 else zopt
+    seen = _watch_reduces(zopt, params) if stage > 0 else {"grads": [], "bucket": []}
+    bucket = _bucket_bytes(zopt)
+
+    gen = torch.Generator().manual_seed(scfg.seed + groups.rank)
+    ids = torch.randint(0, scfg.model.vocab_size, (scfg.data.micro_batch_size, scfg.data.seq_len), generator=gen)
+    loss = eng(ids, labels=ids).loss
+    eng.backward(loss)
+    bucket = max([bucket, _bucket_bytes(zopt)] + seen["bucket"])   # stages 1/2: per backward
+    reduces = seen["grads"]
+
+    if stage == 3:
+        param_bytes = sum(_nbytes(p.ds_tensor) for p in params)
+    else:
+        param_bytes = sum(p.numel() * p.element_size() for p in params)
+    full_grads = sum(_nbytes(p.grad) for p in params)
+    partition = [t for v in getattr(zopt, "averaged_gradients", {}).values() for t in (v or [])]
+    if stage == 0:
+        grad_bytes = full_grads
+    elif stage == 1:
+        grad_bytes = max(reduces + [full_grads])
+    else:
+        grad_bytes = _storage_bytes(partition)
+    grad_partition_bytes = _storage_bytes(partition) if stage > 0 else full_grads
+    grad_peak = max(reduces + [full_grads, grad_bytes])
+
+    eng.step()
+    optim_bytes = 0
+    for state in inner.state.values():
+        for key, val in state.items():
+            if isinstance(val, torch.Tensor) and key != "step":
+                optim_bytes += _nbytes(val)
+    if stage in (1, 2):
+        master = sum(_nbytes(t) for t in zopt.single_partition_of_fp32_groups)
+    elif stage == 3:
+        lp = {t.data_ptr() for t in zopt.fp16_partitioned_groups_flat}
+        master = sum(_nbytes(t) for t in zopt.fp32_partitioned_groups_flat if t.data_ptr() not in lp)
+    else:
+        master = 0
+    world = groups.dp
+    theory = {"param_bytes": 4 * n // (world if stage >= 3 else 1),
+              "grad_bytes": 4 * n // (world if stage >= 2 else 1),
+              "optim_bytes": 8 * n // (world if stage >= 1 else 1)}
+    result = {"param_bytes": param_bytes, "grad_bytes": grad_bytes, "optim_bytes": optim_bytes,
+              "master_bytes": master, "optim_bytes_with_master": optim_bytes + master,
+              "grad_partition_bytes": grad_partition_bytes, "grad_peak_bytes": grad_peak,
+              "ipg_bucket_bytes": bucket, "optimizer": type(zopt).__name__, "params": n,
+              "loss": float(loss.detach()), "theory": theory}
+    if hasattr(eng, "destroy"):
+        eng.destroy()
+    return result
+
+
+def _zero_rank(cfg, stages):
+    """Runs on each of the spawned ranks: every stage on the same process group."""
+    import torch.distributed as dist
+
+    from aion_train.parallel import build_groups
+    from aion_train.train.ds_comm import init_deepspeed_comm
+    init_deepspeed_comm("gloo", cfg.parallel.timeout_s)
+    groups = build_groups(1, 1, cfg.parallel.timeout_s)
+    out = {}
+    for stage in stages:
+        mine = _zero_stage_bytes(cfg, stage, groups)
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, {k: mine[k] for k in ("param_bytes", "grad_bytes", "optim_bytes")})
+        mine["per_rank"] = everyone
+        out[str(stage)] = mine
+    return out
+
+
+def measure_zero(cfg, stages=(0, 1, 2, 3), nproc: int = 2, timeout_s: float = 300.0) -> dict:
+    zcfg = copy.deepcopy(cfg)
+    zcfg.model.moe.every = 0
+    zcfg.train.precision = "fp32"
+    zcfg.parallel.world_size = nproc
+    zcfg.parallel.timeout_s = min(zcfg.parallel.timeout_s, 60.0)
+    from aion_train.parallel.spawn import run_ranks
+    res = run_ranks(_zero_rank, nproc, zcfg, tuple(stages), timeout_s=timeout_s)
+    if "0" in res and "1" in res and res["0"]["optim_bytes"]:
+        res["zero1_optim_ratio"] = round(res["1"]["optim_bytes"] / res["0"]["optim_bytes"], 4)
+    if "0" in res and "2" in res and res["0"]["grad_bytes"]:
+        res["zero2_grad_ratio"] = round(res["2"]["grad_bytes"] / res["0"]["grad_bytes"], 4)
+    if "0" in res and "3" in res and res["0"]["param_bytes"]:
+        res["zero3_param_ratio"] = round(res["3"]["param_bytes"] / res["0"]["param_bytes"], 4)
+    res["ranks"] = nproc
+    return res
+
+
+# ------------------------------------------------------------------------------------------
+# the bench
+# ------------------------------------------------------------------------------------------
+
+def run_bench(config: str | None = None, rounds: int = 10, warmup: int = 3, tokens: int | None = None,
+              micro_batch_size: int | None = None, seq_len: int | None = None, threads: int | None = None,
+              engine: bool = True, profile: bool = False, zero: bool = True,
+              zero_stages=(0, 1, 2, 3), zero_micro_batch_size: int = 2) -> dict:
+    from aion_train.train.metrics import flops_per_token, peak_flops
+    cfg = load_bench_config(config, micro_batch_size, seq_len, tokens)
+    threads = threads or torch.get_num_threads()
+    if engine:
+        from aion_train.parallel.spawn import run_ranks
+        tp = run_ranks(_throughput_rank, 1, cfg, rounds, warmup, threads, True, profile, timeout_s=600.0)
+    else:
+        prev = torch.get_num_threads()
+        try:
+            tp = measure_throughput(cfg, rounds, warmup, threads, False, profile)
+        finally:
+            torch.set_num_threads(prev)
+    ms = tp["ms"]
+    tok = tp["tokens_per_step"]
+    ours_tps, hf_tps = tok / ms["ours"] * 1e3, tok / ms["hf"] * 1e3
+    prev = torch.get_num_threads()
+    torch.set_num_threads(tp["threads"])
+    try:
+        peak = peak_flops("cpu", torch.float32)
+    finally:
+        torch.set_num_threads(prev)
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    result = {
+        "tokens_per_s": round(ours_tps, 1),
+        "mfu": round(fpt * ours_tps / peak, 4),
+        "hf_tokens_per_s": round(hf_tps, 1),
+        "speedup_vs_hf": round(ours_tps / hf_tps, 3),
+        "engine_tokens_per_s": round(tok / ms["ours_engine"] * 1e3, 1) if "ours_engine" in ms else None,
+        "step_ms": {k: round(v, 2) for k, v in ms.items()},
+        "phases_ms": tp["phases_ms"],
+        "cpu_ms_1thread": tp["cpu_ms_1thread"],
+        "speedup_vs_hf_1thread_cpu": round(tp["cpu_ms_1thread"]["hf"] / tp["cpu_ms_1thread"]["ours"], 3),
+        "hf_mfu": round(fpt * hf_tps / peak, 4),
+        "flops_per_token": fpt, "peak_flops": peak, "dtype": "float32",
+        "params": tp["params"], "hf_params": tp["hf_params"], "initial_loss": tp["initial_loss"],
+        "micro_batch_size": cfg.data.micro_batch_size, "seq_len": cfg.data.seq_len,
+        "tokens_per_step": tok, "threads": tp["threads"], "rounds": rounds,
+        "hf_experts_implementation": tp["hf_experts_implementation"],
+        "hf_attn_implementation": tp["hf_attn_implementation"],
+    }
+    if profile:
+        result["top_ops"] = tp["top_ops"]
+    if zero:
+        zcfg = copy.deepcopy(cfg)
+        zcfg.data.micro_batch_size = zero_micro_batch_size
+        result["zero"] = measure_zero(zcfg, zero_stages)
+    return result
+
+
+QUICK = {"rounds": 3, "warmup": 1, "micro_batch_size": 2, "seq_len": 64, "engine": False,
+         "zero_micro_batch_size": 1}
