@@ -35,17 +35,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     which = resolve_backend(backend, q.device, q.dtype)
     if which == "flash":
         return _flash_attn_func()(q, k, v, causal=causal)
-    hq, hk = q.shape[2], k.shape[2]
-    if hq != hk:
-        k = k.repeat_interleave(hq // hk, dim=2)
-        v = v.repeat_interleave(hq // hk, dim=2)
+    gqa = q.shape[2] != k.shape[2]     # grouped KV heads: SDPA maps q head i to kv head i // group
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     tq, tk = q.shape[2], k.shape[2]
     if causal and tq == tk:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     elif causal and tq > 1:
         mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     else:
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     return out.transpose(1, 2)
