@@ -477,3 +477,25 @@ def test_cli_build_index_and_query(tmp_path, capsys, corpus_emb):
     assert res["hits"][0]["source"] in ("pydoc:with", "pydoc:context-managers")
     assert res["context"].startswith("<CTX> ") and res["context"].endswith(
         "</CTX> what does the with statement do")
+
+
+def test_model_embedder_loads_trained_checkpoint_weights(tmp_path):
+    """`--embedder model:RUN_DIR` embeds with the checkpoint's weights (saved here in a TP=2
+    layout): equal to mean-pooling the same weights loaded by hand, and different from a fresh
+    model's embeddings."""
+    from aion_train.config import load_config
+    from aion_train.data import Tokenizer, ensure_demo_data
+    from aion_train.interop.reshard import save_sharded_checkpoint
+    from aion_train.model import build_model
+    from aion_train.retrieval.embedders import ModelEmbedder, make_embedder
+    cfg = load_config("configs/tiny_cpu.yaml")
+    tok = ensure_demo_data(str(tmp_path / "demo"), cfg.model.vocab_size)["tokenizer"]
+    trained = build_model(cfg.model, seed=123)          # stands for trained weights
+    save_sharded_checkpoint(tmp_path / "run", cfg.model, trained.state_dict(), tp=2, ep=1)
+    texts = ["the quick brown fox", "list comprehensions in python", "exceptions"]
+    got = make_embedder(f"model:{tmp_path / 'run'}@{tok}").encode(texts)
+    want = ModelEmbedder(trained.eval(), Tokenizer(tok)).encode(texts)
+    fresh = ModelEmbedder(build_model(cfg.model, seed=0).eval(), Tokenizer(tok)).encode(texts)
+    assert np.allclose(got, want, atol=1e-6)
+    assert not np.allclose(got, fresh, atol=1e-3)
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)

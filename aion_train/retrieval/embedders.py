@@ -6,8 +6,8 @@
   (``model(ids, return_hidden=True).hidden``) over the real (non-pad) tokens.
 
 ``make_embedder("minilm" | "model:SPEC")`` builds one from a CLI string; ``model:`` specs
-go through :func:`register_model_loader` (a ``.yaml`` config builds a fresh model with
-seed 0, which is what tests use; checkpoints need a loader registered by the inference code).
+go through :func:`register_model_loader`: a ``.yaml`` config builds a fresh model with seed 0,
+a run folder or checkpoint folder loads its trained weights (any TP/EP layout).
 """
 from __future__ import annotations
 
@@ -174,7 +174,30 @@ def _config_loader(spec: str):
     return ModelEmbedder(model, Tokenizer(tok), name=f"model:{path}:seed0")
 
 
-_MODEL_LOADERS.append(_config_loader)
+def _checkpoint_loader(spec: str):
+    """``model:RUN_DIR|CHECKPOINT[@tokenizer.model]``: the trained weights of a checkpoint of any
+    TP/EP layout, reassembled into one process (tokenizer default: the run's data.dir)."""
+    path, _, tok = spec.partition("@")
+    if path.endswith((".yaml", ".yml")) or not os.path.isdir(path):
+        return None
+    from aion_train.data import Tokenizer
+    from aion_train.interop.reshard import load_full_state_dict, model_config_from_dict
+    from aion_train.model import build_model
+    cfg_dict, full = load_full_state_dict(path)
+    model = build_model(model_config_from_dict(cfg_dict), seed=0)
+    model.load_state_dict(full)
+    model = model.float().eval()
+    if not tok:
+        import yaml
+        run_cfg = os.path.join(path, "config.yaml")
+        data_dir = "data/demo"
+        if os.path.isfile(run_cfg):
+            data_dir = (yaml.safe_load(open(run_cfg)) or {}).get("data", {}).get("dir", data_dir)
+        tok = os.path.join(data_dir, "tokenizer.model")
+    return ModelEmbedder(model, Tokenizer(tok), name=f"model:{os.path.abspath(path)}")
+
+
+_MODEL_LOADERS.extend([_config_loader, _checkpoint_loader])
 _MINILM: dict = {}
 
 
