@@ -40,7 +40,9 @@ import numpy as np
 from .reservoir import ReservoirBuffer
 from .rwlock import RWLock
 from .store import sha256_file
-from .wal import WriteAheadLog, fsync_dir
+from aion_train.fsutil import fsync_dir
+
+from .wal import WriteAheadLog
 
 
 def _enc_vec(v: np.ndarray) -> str:

@@ -10,6 +10,8 @@ import os
 import zlib
 from typing import Iterator
 
+from aion_train.fsutil import fsync_dir
+
 
 def _encode(record: dict) -> bytes:
     payload = json.dumps(record, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
@@ -27,13 +29,6 @@ def _decode(line: bytes) -> dict | None:
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         return None
 
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class WriteAheadLog:

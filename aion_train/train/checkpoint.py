@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from aion_train.config.load import flatten
+from aion_train.fsutil import atomic_write_text
 
 from .tree_io import (
     CheckpointError,
@@ -310,17 +311,7 @@ def _sha256(path: Path, fsync: bool = False) -> Tuple[int, str]:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
+    atomic_write_text(path, text)
 
 
 class CheckpointManager:

@@ -46,6 +46,8 @@ from typing import Any, Dict, List, Tuple, Union
 
 import numpy as np
 import torch
+
+from aion_train.fsutil import fsync_dir, fsync_path  # noqa: F401  (re-exported)
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -115,33 +117,6 @@ def tree_paths(prefix: PathLike) -> Tuple[Path, Path]:
     prefix = os.fspath(prefix)
     return Path(prefix + ".json"), Path(prefix + ".safetensors")
 
-
-# --------------------------------------------------------------------------- fsync helpers
-
-def fsync_path(path: PathLike) -> None:
-    """fsync a regular file."""
-    fd = os.open(os.fspath(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: PathLike) -> None:
-    """fsync a directory so that renames/creations inside it are durable.
-
-    Silently ignored where the platform/filesystem does not support it.
-    """
-    try:
-        fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- encoding
