@@ -9,6 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .multimodal_schema import MultimodalConfig
+from .pipeline_schema import PipelineConfig
+from .posttrain_schema import LoRAConfig, RewardConfig, SFTConfig
+from .ppo_schema import PPOConfig
+
 
 @dataclass
 class MoEConfig:
@@ -42,6 +47,7 @@ class ModelConfig:
     kernels: str = "auto"              # auto | torch | triton: fused kernels (aion_train/kernels)
     init_std: float = 0.02
     moe: MoEConfig = field(default_factory=MoEConfig)
+    multimodal: MultimodalConfig = field(default_factory=MultimodalConfig)
 
 
 @dataclass
@@ -108,3 +114,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)

@@ -1,6 +1,7 @@
 """Cross-field rules, checked before any process starts. Every message names its keys."""
 from __future__ import annotations
 
+from . import multimodal_schema, pipeline_schema, posttrain_schema, ppo_schema
 from .load import ConfigError
 from .schema import Config
 
@@ -99,6 +100,8 @@ def validate_config(cfg: Config) -> Config:
         errors.append(f"train.zero_stage={t.zero_stage}: must be 0, 1, 2 or 3")
     if not 0 <= t.min_lr_ratio <= 1:
         errors.append(f"train.min_lr_ratio={t.min_lr_ratio}: must be in [0, 1]")
+    for section in (multimodal_schema, posttrain_schema, ppo_schema, pipeline_schema):
+        section.check(cfg, errors)
     if errors:
         raise ConfigError(errors)
     return cfg

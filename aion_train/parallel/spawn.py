@@ -57,12 +57,22 @@ def _entry(rank, fn, world, port, timeout_s, queue, args):
         result = fn(*args)
         if rank == 0:
             queue.put(("ok", _plain(result)))
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears its groups down while a peer still talks to it
     except BaseException:
         queue.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
         raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # Done and reported: leave without interpreter finalisation. Gloo worker threads may still
+    # hold finished async work (e.g. ZeRO-3 prefetches) whose tensors need the GIL when freed;
+    # at finalisation that aborts the process ("terminate called without an active exception",
+    # pytorch/pytorch#190489, #179291) although everything succeeded.
+    import sys
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(fn, nproc: int, *args, timeout_s: float = 60.0):
