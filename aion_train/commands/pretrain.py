@@ -70,7 +70,11 @@ def run(args) -> int:
             print(json.dumps({k: v for k, v in summary.items() if k != "losses"}))
         else:
             print(f"\ncheckpoint: {summary['checkpoint']}")
-            print(f"held-out perplexity: {summary['initial_val_ppl']:.1f} -> {summary['final_val_ppl']:.1f}")
+            if summary.get("initial_val_ppl") is not None:
+                print(f"held-out perplexity: {summary['initial_val_ppl']:.1f} -> {summary['final_val_ppl']:.1f}")
+            for key, val in sorted(summary.get("final_val", {}).items()):
+                if key != "val/perplexity":
+                    print(f"{key}: {val:.4g}")
             print(f"MLflow run: {summary['mlflow_run_id']} at {summary['tracking_uri']}")
             print(f"view it:    aion-train ui --run-dir {summary['run_dir']}")
     return 0

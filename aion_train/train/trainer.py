@@ -12,14 +12,14 @@ import torch
 import torch.distributed as dist
 
 from aion_train.config import Config, config_to_dict, dump_yaml, validate_config
-from aion_train.model import build_model
-from aion_train.parallel import build_groups, get_device, parallelize
+from aion_train.parallel import build_groups, get_device
 from aion_train.parallel.grad_sync import global_grad_norm
 
 from .checkpointing import CheckpointError, CheckpointManager, load_job, load_weights_only, save_job
 from .ds_comm import init_deepspeed_comm
 from .engine import build_engine
 from .metrics import expert_load, flops_per_token, peak_flops
+from .tasks import make_task
 from .optim import lr_at
 
 log = logging.getLogger("aion_train.train")
@@ -53,45 +53,6 @@ def _all_reduce(t: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tens
     return t
 
 
-def prepare_data(cfg: Config, rank: int):
-    """Shards + tokenizer: the user's, or the demo set built (once, by rank 0) if absent."""
-    from aion_train.data import Tokenizer, ensure_demo_data, expand_shards
-    if cfg.data.train_shards:
-        train, val = expand_shards(cfg.data.train_shards), expand_shards(cfg.data.val_shards or [])
-        tok = cfg.data.tokenizer
-    else:
-        if rank == 0:
-            ensure_demo_data(cfg.data.dir, cfg.model.vocab_size, cfg.seed)
-        if dist.is_initialized():
-            dist.barrier()
-        paths = ensure_demo_data(cfg.data.dir, cfg.model.vocab_size, cfg.seed)
-        train, val, tok = paths["train"], paths["val"], cfg.data.tokenizer or paths["tokenizer"]
-    tokenizer = Tokenizer(tok)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"data.tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
-                         f"{cfg.model.vocab_size}")
-    return train, val, tokenizer
-
-
-@torch.no_grad()
-def evaluate(engine, cfg: Config, groups, val_shards, tokenizer) -> float:
-    """Held-out perplexity: exp(total cross-entropy / total tokens) over the DP ranks."""
-    from aion_train.data import TokenLoader
-    loader = TokenLoader(val_shards, tokenizer, cfg.data.seq_len, cfg.data.micro_batch_size,
-                         dp_rank=groups.dp_rank, dp_size=groups.dp, seed=cfg.seed, loop=False)
-    engine.eval()
-    total = torch.zeros(2, dtype=torch.float64)
-    for i, batch in enumerate(loader):
-        if i >= cfg.train.eval_batches:
-            break
-        out = engine(batch["input_ids"], labels=batch["labels"])
-        n = batch["labels"].numel()
-        total += torch.tensor([out.lm_loss.float().item() * n, n], dtype=torch.float64)
-    engine.train()
-    _all_reduce(total, groups.dp_group if groups.dp > 1 else None)
-    return math.exp(total[0].item() / max(total[1].item(), 1.0))
-
-
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -107,11 +68,8 @@ class Trainer:
         self.groups = build_groups(cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.timeout_s)
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.train_shards, self.val_shards, self.tokenizer = prepare_data(cfg, self.rank)
-
-        model = build_model(cfg.model, seed=cfg.seed)
-        model.activation_checkpointing = cfg.train.activation_checkpointing
-        model = parallelize(model, self.groups, cfg.parallel.sequence_parallel).to(self.device.torch_device)
+        self.task = make_task(cfg, self.rank, self.groups)
+        model = self.task.build_model().to(self.device.torch_device)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.train.keep_last)
         try:
             self.initialised_from = load_weights_only(self.ckpt, cfg, model, self.groups)
@@ -119,12 +77,8 @@ class Trainer:
             raise ResumeError(f"cannot start from {self.ckpt.latest()}: {_one_line(e)}") from e
         self.engine, self.optimizer = build_engine(model, cfg, self.groups)
         self.model = self.engine.module
-
-        from aion_train.data import TokenLoader
-        self.loader = TokenLoader(self.train_shards, self.tokenizer, cfg.data.seq_len, cfg.data.micro_batch_size,
-                                  dp_rank=self.groups.dp_rank, dp_size=self.groups.dp, seed=cfg.seed,
-                                  shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.num_workers)
-        self.state = {"step": 0, "skipped_steps": 0, "history": {"loss": [], "val_ppl": []},
+        self.loader = self.task.train_loader()
+        self.state = {"step": 0, "skipped_steps": 0, "history": {"loss": [], "val": []},
                       "mlflow_run_id": None, "tokens_seen": 0}
         from aion_train.tracking import Tracker
         self.tracker = Tracker(cfg.tracking, str(self.run_dir), active=self.rank == 0)
@@ -147,6 +101,7 @@ class Trainer:
             return False
         saved.pop("checkpoint", None)
         self.state.update(saved)
+        self.state["history"].setdefault("val", [])
         return True
 
     def save(self) -> None:
@@ -177,11 +132,10 @@ class Trainer:
         step that DeepSpeed skips for non-finite gradients counts as skipped too. Either stops
         the run after train.max_bad_steps in a row."""
         start = self.engine.global_steps
-        losses, lm, aux, bad = [], [], [], 0
+        sums, n, bad, tokens = {}, 0, 0, 0
         while self.engine.global_steps == start:
             batch = next(it)
-            out = self.engine(batch["input_ids"].to(self.device.torch_device),
-                              labels=batch["labels"].to(self.device.torch_device))
+            out = self.task.forward(self.engine, batch, self.device.torch_device)
             finite = torch.tensor([float(torch.isfinite(out.loss.detach()).all())])
             if _all_reduce(finite, op=dist.ReduceOp.MIN).item() < 1:
                 bad += 1
@@ -190,17 +144,19 @@ class Trainer:
             self.engine.backward(out.loss)
             skipped_before = self.engine.skipped_steps
             self.engine.step()
-            losses.append(out.loss.detach().float().item())
-            lm.append(out.lm_loss.detach().float().item())
-            aux.append(out.aux_loss.detach().float().item())
+            for k, v in self.task.metrics(out).items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+            tokens += self.task.tokens(batch)
             if self.engine.global_steps != start:  # an optimizer step boundary
                 if self.engine.skipped_steps != skipped_before:  # overflow: DeepSpeed did not update
                     bad += 1
                     self._bad_step("non-finite gradients: optimizer step")
                 else:
                     self.state["consecutive_bad"] = 0
-        return {"loss": sum(lm) / len(lm), "total_loss": sum(losses) / len(losses),
-                "aux_loss": sum(aux) / len(aux), "skipped": bad}
+        result = {k: v / max(n, 1) for k, v in sums.items()}
+        result.update(skipped=bad, tokens=tokens)
+        return result
 
     def grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()
@@ -226,10 +182,7 @@ class Trainer:
         if self.rank == 0:
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
         if not resumed:
-            ppl0 = evaluate(self.engine, cfg, self.groups, self.val_shards, self.tokenizer)
-            self.state["history"]["val_ppl"].append([0, ppl0])
-            self.tracker.log_metrics({"val/perplexity": ppl0}, step=0)
-        tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * t.grad_accum * self.groups.dp
+            self._evaluate(0)
         it = iter(self.loader)
         bar = None
         if self.rank == 0 and os.environ.get("AION_PROGRESS", "1") == "1":
@@ -246,21 +199,25 @@ class Trainer:
                 self.device.synchronize()
                 dt = time.perf_counter() - t0
                 self.state["step"] = step = step + 1
-                self.state["tokens_seen"] += tokens_per_step
-                tok_s = tokens_per_step / dt
-                metrics = {"train/loss": result["loss"], "train/perplexity": math.exp(min(result["loss"], 50)),
-                           "train/aux_loss": result["aux_loss"], "train/lr": lr, "train/grad_norm": self.grad_norm(),
+                tokens = int(_all_reduce(torch.tensor([result.pop("tokens")], dtype=torch.float64),
+                                         self.groups.dp_group if self.groups.dp > 1 else None).item())
+                self.state["tokens_seen"] += tokens
+                tok_s = tokens / dt
+                result.pop("skipped")
+                metrics = {f"train/{k}": v for k, v in result.items()}
+                metrics.update({"train/perplexity": math.exp(min(result["loss"], 50)),
+                           "train/lr": lr, "train/grad_norm": self.grad_norm(),
                            "perf/tokens_per_s": tok_s, "perf/mfu": self.flops_per_token * tok_s / self.peak,
                            "perf/memory_bytes": float(self.device.memory_allocated()),
                            "train/skipped_steps": float(self.state["skipped_steps"]),
-                           "data/skipped_samples": float(self.loader.skipped)}
+                           "data/skipped_samples": float(self.loader.skipped)})
                 metrics.update(expert_load(self.model))
                 self.state["history"]["loss"].append([step, result["loss"]])
+                self.state["history"].setdefault("train", []).append(
+                    [step, {k: v for k, v in result.items() if "loss" in k}])
                 if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-                    ppl = evaluate(self.engine, cfg, self.groups, self.val_shards, self.tokenizer)
-                    metrics["val/perplexity"] = ppl
-                    self.state["history"]["val_ppl"].append([step, ppl])
-                if step % t.log_every == 0 or "val/perplexity" in metrics:
+                    metrics.update(self._evaluate(step, log=False))
+                if step % t.log_every == 0 or self.task.headline in metrics:
                     self.tracker.log_metrics(metrics, step=step)
                 if bar is not None:
                     bar.update(1)
@@ -275,6 +232,13 @@ class Trainer:
                 bar.close()
         return self.finish()
 
+    def _evaluate(self, step: int, log: bool = True) -> dict:
+        metrics = self.task.evaluate(self.engine)
+        self.state["history"]["val"].append([step, metrics])
+        if log:
+            self.tracker.log_metrics(metrics, step=step)
+        return metrics
+
     def finish(self) -> dict:
         hist = self.state["history"]
         latest = self.ckpt.latest()
@@ -282,15 +246,22 @@ class Trainer:
             self.tracker.log_artifact(str(self.run_dir / "config.yaml"))
             if latest is not None:
                 self.tracker.log_artifact(str(latest / "manifest.json"), subdir="checkpoint")
-            self.tracker.log_loss_curve({"train/loss": [tuple(x) for x in hist["loss"]],
-                                         "val/perplexity": [tuple(x) for x in hist["val_ppl"]]})
+            curves = {"train/loss": [tuple(x) for x in hist["loss"]]}
+            for key in hist["val"][0][1] if hist["val"] else ():
+                curves[key] = [(st, m[key]) for st, m in hist["val"] if key in m]
+            self.tracker.log_loss_curve(curves)
         self.tracker.end("FINISHED")
-        return {"final_step": self.state["step"], "checkpoint": str(latest) if latest else None,
-                "initial_val_ppl": hist["val_ppl"][0][1] if hist["val_ppl"] else None,
-                "final_val_ppl": hist["val_ppl"][-1][1] if hist["val_ppl"] else None,
-                "skipped_steps": self.state["skipped_steps"], "mlflow_run_id": self.state["mlflow_run_id"],
-                "tracking_uri": self.tracker.tracking_uri, "losses": [x[1] for x in hist["loss"]],
-                "run_dir": str(self.run_dir)}
+        head = self.task.headline
+        vals = [m[head] for _, m in hist["val"] if head in m]
+        out = {"final_step": self.state["step"], "checkpoint": str(latest) if latest else None,
+               "skipped_steps": self.state["skipped_steps"], "mlflow_run_id": self.state["mlflow_run_id"],
+               "tracking_uri": self.tracker.tracking_uri, "losses": [x[1] for x in hist["loss"]],
+               "run_dir": str(self.run_dir), "skipped_samples": int(self.loader.skipped),
+               "final_val": hist["val"][-1][1] if hist["val"] else {}}
+        if head == "val/perplexity":
+            out["initial_val_ppl"] = vals[0] if vals else None
+            out["final_val_ppl"] = vals[-1] if vals else None
+        return out
 
 
 def pretrain(cfg: Config) -> dict:

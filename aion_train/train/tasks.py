@@ -1,0 +1,106 @@
+"""What the training loop trains on: a *task* owns the data (shards, tokenizer, loader), the
+model it builds, how a batch is fed to the engine, which losses are logged, and the held-out
+evaluation. The loop in trainer.py (engine, checkpoints, fault handling, MLflow) is shared.
+
+- :class:`TextTask`: packed text shards, the MoE transformer, held-out perplexity.
+- ``MultimodalTask`` (tasks_multimodal.py): multimodal shards, the fusion model, its joint losses.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from aion_train.config import Config
+
+
+def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def prepare_text_data(cfg: Config, rank: int):
+    """Shards + tokenizer: the user's, or the demo set built (once, by rank 0) if absent."""
+    from aion_train.data import Tokenizer, ensure_demo_data, expand_shards
+    if cfg.data.train_shards:
+        train, val = expand_shards(cfg.data.train_shards), expand_shards(cfg.data.val_shards or [])
+        tok = cfg.data.tokenizer
+    else:
+        if rank == 0:
+            ensure_demo_data(cfg.data.dir, cfg.model.vocab_size, cfg.seed)
+        if dist.is_initialized():
+            dist.barrier()
+        paths = ensure_demo_data(cfg.data.dir, cfg.model.vocab_size, cfg.seed)
+        train, val, tok = paths["train"], paths["val"], cfg.data.tokenizer or paths["tokenizer"]
+    tokenizer = Tokenizer(tok)
+    check_vocab(cfg, tokenizer)
+    return train, val, tokenizer
+
+
+def check_vocab(cfg: Config, tokenizer) -> None:
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"data.tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
+                         f"{cfg.model.vocab_size}")
+
+
+class TextTask:
+    """Causal language modelling on packed WebDataset text."""
+
+    headline = "val/perplexity"
+
+    def __init__(self, cfg: Config, rank: int, groups):
+        self.cfg, self.groups = cfg, groups
+        self.train_shards, self.val_shards, self.tokenizer = prepare_text_data(cfg, rank)
+
+    def build_model(self):
+        from aion_train.model import build_model
+        from aion_train.parallel import parallelize
+        model = build_model(self.cfg.model, seed=self.cfg.seed)
+        model.activation_checkpointing = self.cfg.train.activation_checkpointing
+        return parallelize(model, self.groups, self.cfg.parallel.sequence_parallel)
+
+    def _loader(self, shards, **kw):
+        from aion_train.data import TokenLoader
+        c = self.cfg
+        return TokenLoader(shards, self.tokenizer, c.data.seq_len, c.data.micro_batch_size,
+                           dp_rank=self.groups.dp_rank, dp_size=self.groups.dp, seed=c.seed, **kw)
+
+    def train_loader(self):
+        c = self.cfg.data
+        return self._loader(self.train_shards, shuffle_buffer=c.shuffle_buffer, num_workers=c.num_workers)
+
+    def forward(self, engine, batch, device):
+        return engine(batch["input_ids"].to(device), labels=batch["labels"].to(device))
+
+    def metrics(self, out) -> dict:
+        """Floats to average over the micro-batches of a step; "loss" is the headline."""
+        return {"loss": out.lm_loss.detach().float().item(), "total_loss": out.loss.detach().float().item(),
+                "aux_loss": out.aux_loss.detach().float().item()}
+
+    def tokens(self, batch) -> int:
+        return batch["input_ids"].numel()
+
+    @torch.no_grad()
+    def evaluate(self, engine) -> dict:
+        """Held-out perplexity: exp(total cross-entropy / total tokens) over the DP ranks."""
+        cfg, groups = self.cfg, self.groups
+        engine.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for i, batch in enumerate(self._loader(self.val_shards, loop=False)):
+            if i >= cfg.train.eval_batches:
+                break
+            out = engine(batch["input_ids"], labels=batch["labels"])
+            n = batch["labels"].numel()
+            total += torch.tensor([out.lm_loss.float().item() * n, n], dtype=torch.float64)
+        engine.train()
+        all_reduce_sum(total, groups.dp_group if groups.dp > 1 else None)
+        return {"val/perplexity": math.exp(total[0].item() / max(total[1].item(), 1.0))}
+
+
+def make_task(cfg: Config, rank: int, groups):
+    if cfg.model.multimodal.enabled:
+        from .tasks_multimodal import MultimodalTask
+        return MultimodalTask(cfg, rank, groups)
+    return TextTask(cfg, rank, groups)
