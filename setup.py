@@ -21,6 +21,10 @@ setup(
         "jsonschema",
         "matplotlib",
         "google-re2>=1.1",      # linear-time matching for policy patterns
+        "easy-vqa",             # multimodal demo: 64x64 shape images with questions/answers
+        "chatterbot-corpus",    # multimodal demo and SFT: English dialogs (text, speech lines)
+        "scikit-learn",         # multimodal demo: load_digits images
+        "torchao",              # QLoRA: NF4 base weights on CPU and GPU
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "transformers", "datasets", "peft", "triton; platform_system == 'Linux'"],

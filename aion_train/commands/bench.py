@@ -8,6 +8,7 @@ BENCHES = {
     "moe": "aion_train.bench.moe",
     "train": "aion_train.bench.train",
     "retrieval": "aion_train.bench.retrieval",
+    "data": "aion_train.bench.data",
 }
 
 

@@ -1,5 +1,11 @@
-"""aion-train make-shards --out DIR [--vocab-size N]: build the demo WebDataset shards and
-tokenizer from text that ships with the machine, and print the manifest summary."""
+"""aion-train make-shards --out DIR [--modality text|multimodal|all] [--vocab-size N]: build
+the demo WebDataset shards and tokenizers from data that ships with the machine, and print
+the manifest summaries.
+
+* text: ``DIR`` (train/val text shards + tokenizer, :mod:`aion_train.data.demo`);
+* multimodal: ``DIR/multimodal`` (easy-vqa, digits, sample photos, espeak-ng speech, moving
+  shape videos, dialogs + their own tokenizer, :mod:`aion_train.data.multimodal.build`).
+"""
 from __future__ import annotations
 
 import os
@@ -8,32 +14,49 @@ import sys
 
 def add_arguments(p):
     p.add_argument("--out", default="data/demo", help="output directory (default: data/demo)")
+    p.add_argument("--modality", choices=("text", "multimodal", "all"), default="all",
+                   help="which demo set to build (multimodal goes to OUT/multimodal)")
     p.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary size")
     p.add_argument("--seed", type=int, default=1234, help="seed of the train/validation split")
     p.add_argument("--verify", action="store_true", help="also check every shard's sha256")
 
 
-def run(args) -> int:
-    from aion_train.data.demo import ensure_demo_data
+def _report(out: str, tokenizer: str, vocab_size: int, verify: bool) -> int:
     from aion_train.data.shards import read_manifest, summarize_manifest, verify_manifest
 
-    try:
-        paths = ensure_demo_data(args.out, args.vocab_size, seed=args.seed)
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"make-shards: {e}", file=sys.stderr)
-        return 1
-    out = os.path.dirname(paths["tokenizer"])
     manifest = read_manifest(out)
     print(f"{out}:")
     print(summarize_manifest(manifest))
     src = manifest.get("sources", {})
     if src:
         print(f"documents: {src.get('documents')} ({src.get('train')} train, {src.get('val')} val)")
-    print(f"tokenizer: {paths['tokenizer']} (vocab {args.vocab_size})")
-    if args.verify:
-        problems = verify_manifest(out, checksums=True)
-        for p in problems:
-            print(f"  {p}", file=sys.stderr)
-        print("sha256: " + ("ok" if not problems else f"{len(problems)} problem(s)"))
-        return 1 if problems else 0
-    return 0
+    for split, counts in manifest.get("multimodal", {}).get("counts", {}).items():
+        mods = ", ".join(f"{k}={v}" for k, v in counts["modalities"].items())
+        kinds = ", ".join(f"{k}={v}" for k, v in counts["kinds"].items())
+        print(f"{split}: {mods} ({kinds})")
+    print(f"tokenizer: {tokenizer} (vocab {vocab_size})")
+    if not verify:
+        return 0
+    problems = verify_manifest(out, checksums=True)
+    for p in problems:
+        print(f"  {p}", file=sys.stderr)
+    print("sha256: " + ("ok" if not problems else f"{len(problems)} problem(s)"))
+    return 1 if problems else 0
+
+
+def run(args) -> int:
+    from aion_train.data.demo import ensure_demo_data
+    from aion_train.data.multimodal.build import ensure_multimodal_demo
+
+    rc = 0
+    try:
+        if args.modality in ("text", "all"):
+            paths = ensure_demo_data(args.out, args.vocab_size, seed=args.seed)
+            rc |= _report(os.path.dirname(paths["tokenizer"]), paths["tokenizer"], args.vocab_size, args.verify)
+        if args.modality in ("multimodal", "all"):
+            paths = ensure_multimodal_demo(os.path.join(args.out, "multimodal"), args.vocab_size, seed=args.seed)
+            rc |= _report(os.path.dirname(paths["tokenizer"]), paths["tokenizer"], args.vocab_size, args.verify)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"make-shards: {e}", file=sys.stderr)
+        return 1
+    return rc

@@ -15,16 +15,14 @@ leaves either nothing or a complete directory; a directory without a valid "demo
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import shutil
 import time
-import uuid
 
 import numpy as np
 
+from .build_once import ensure_built
 from .shards import manifest_shards, read_manifest, verify_manifest, write_manifest, write_shards
 from .text_sources import demo_documents
 from .tokenizer import train_tokenizer
@@ -36,28 +34,6 @@ VAL_FRACTION = 0.05
 TRAIN_SAMPLES_PER_SHARD = 48
 VAL_SAMPLES_PER_SHARD = 48
 TOKENIZER = "tokenizer.model"
-
-
-@contextlib.contextmanager
-def _file_lock(path: str):
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: the temp-dir + rename still keeps the dir consistent
-        yield
-        return
-    with open(path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.remove(path)
 
 
 def _paths(data_dir: str) -> dict:
@@ -115,28 +91,6 @@ def ensure_demo_data(data_dir: str, vocab_size: int, seed: int = 1234) -> dict:
     ``data_dir``, building it first when absent, incomplete, or built with another
     vocab_size/seed. Idempotent, crash-safe and safe for concurrent callers."""
     data_dir = os.path.normpath(os.fspath(data_dir))
-    if _is_complete(data_dir, vocab_size, seed):
-        return _paths(data_dir)
-    parent = os.path.dirname(os.path.abspath(data_dir))
-    name = os.path.basename(data_dir)
-    os.makedirs(parent, exist_ok=True)
-    with _file_lock(os.path.join(parent, f".{name}.lock")):
-        if _is_complete(data_dir, vocab_size, seed):  # built by a caller we waited for
-            return _paths(data_dir)
-        for stale in os.listdir(parent):  # leftovers of builds that crashed (we hold the lock)
-            if stale.startswith(f".{name}.tmp-") or stale.startswith(f".{name}.old-"):
-                _remove(os.path.join(parent, stale))
-        tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
-            build_demo_data(tmp, vocab_size, seed)
-            if os.path.lexists(data_dir):
-                old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
-                log.warning("demo data: replacing incomplete or different %s", data_dir)
-                os.replace(data_dir, old)
-                os.replace(tmp, data_dir)
-                _remove(old)
-            else:
-                os.replace(tmp, data_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    ensure_built(data_dir, lambda d: _is_complete(d, vocab_size, seed),
+                 lambda tmp: build_demo_data(tmp, vocab_size, seed), "demo data")
     return _paths(data_dir)

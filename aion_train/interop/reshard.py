@@ -34,7 +34,8 @@ def model_config_to_dict(cfg: ModelConfig) -> dict:
 def shard_spec_for(cfg: ModelConfig, tp: int, ep: int, tp_rank: int, ep_rank: int) -> Spec:
     """What `parallelize(model, groups).shard_spec` is on the rank (tp_rank, ep_rank) of a
     (tp, ep) layout: {parameter name: [(dim, rank, n_parts), ...]} (sequence parallelism
-    does not change any parameter's shape)."""
+    does not change any parameter's shape). For a multimodal model the names carry the
+    trunk's "lm." prefix."""
     spec: Spec = {}
     t = (tp_rank, tp)
     e = (ep_rank, ep)
@@ -65,6 +66,8 @@ def shard_spec_for(cfg: ModelConfig, tp: int, ep: int, tp_rank: int, ep_rank: in
     if tp > 1:
         spec["embed.weight"] = [(0, *t)]
         spec["lm_head.weight"] = [(0, *t)]
+    if getattr(cfg, "multimodal", None) is not None and cfg.multimodal.enabled:
+        spec = {f"lm.{k}": v for k, v in spec.items()}  # the trunk of MultimodalModel; encoders replicated
     return spec
 
 

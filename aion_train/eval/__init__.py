@@ -1,0 +1,1 @@
+"""Held-out evaluations of trained checkpoints (`aion-train eval --task ...`)."""

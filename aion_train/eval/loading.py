@@ -1,0 +1,51 @@
+"""A trained checkpoint (any TP/EP layout) -> one single-process model in eval mode, with the
+run's config and tokenizer."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def run_config_for(checkpoint: str, config: str | None = None):
+    """The run's Config: `config` if given, else the config.yaml the trainer wrote in the run folder."""
+    from aion_train.config import load_config
+    from aion_train.interop.reshard import find_checkpoint
+    if config:
+        return load_config(config)
+    folder = find_checkpoint(checkpoint)
+    for parent in (folder.parent.parent, folder.parent, Path(checkpoint)):
+        if (parent / "config.yaml").is_file():
+            return load_config(str(parent / "config.yaml"))
+    raise FileNotFoundError(f"{checkpoint}: no config.yaml in its run folder; pass --config")
+
+
+def load_trained_model(checkpoint: str, config: str | None = None):
+    """(model, cfg) with the checkpoint's weights gathered into one unsharded model."""
+    from aion_train.config import config_to_dict
+    from aion_train.interop.reshard import load_full_state_dict
+    from aion_train.train.checkpoint import check_compatible
+    cfg = run_config_for(checkpoint, config)
+    saved_model, full = load_full_state_dict(checkpoint)
+    check_compatible({"model": saved_model}, {"model": config_to_dict(cfg)["model"]})
+    if cfg.model.multimodal.enabled:
+        from aion_train.model.multimodal import build_multimodal_model
+        model = build_multimodal_model(cfg, seed=cfg.seed)
+    else:
+        from aion_train.model import build_model
+        model = build_model(cfg.model, seed=cfg.seed)
+    missing, unexpected = model.load_state_dict(full, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ValueError(f"{checkpoint}: weights do not match the model (missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]})")
+    return model.eval().to(torch.float32), cfg
+
+
+def multimodal_data(cfg):
+    """(data dir, tokenizer) of a multimodal run."""
+    from aion_train.data import Tokenizer
+    from aion_train.data.multimodal import multimodal_demo_paths
+    if cfg.data.tokenizer:
+        return cfg.data.dir, Tokenizer(cfg.data.tokenizer)
+    return cfg.data.dir, Tokenizer(multimodal_demo_paths(cfg.data.dir)["tokenizer"])
