@@ -25,6 +25,7 @@ setup(
         "chatterbot-corpus",    # multimodal demo and SFT: English dialogs (text, speech lines)
         "scikit-learn",         # multimodal demo: load_digits images
         "torchao",              # QLoRA: NF4 base weights on CPU and GPU
+        "psutil",               # process trees of the Ray pipeline
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "transformers", "datasets", "peft", "triton; platform_system == 'Linux'"],

@@ -13,6 +13,7 @@ COMMANDS = {
     "verify-parallel": ("verify_parallel", "compare TP/EP ranks with the single-process model"),
     "bench": ("bench", "benchmarks that print one JSON line (moe, train, ...)"),
     "ui": ("ui", "start the MLflow UI on 127.0.0.1"),
+    "eval": ("eval", "held-out evaluation of a checkpoint (easy-vqa accuracy, image-caption retrieval)"),
     "make-shards": ("make_shards", "build WebDataset shards from data that ships with packages"),
     "export-hf": ("export_hf", "export the text backbone as a Hugging Face Mixtral checkpoint"),
     "import-hf": ("import_hf", "load a Hugging Face Mixtral checkpoint into our layout"),
@@ -20,6 +21,10 @@ COMMANDS = {
     "build-index": ("build_index", "chunk, embed and index a corpus (FAISS + BM25)"),
     "query": ("query", "hybrid search an index"),
     "build-policy": ("build_policy", "validate, resolve and bundle per-jurisdiction policy JSON"),
+    "sft": ("sft", "supervised fine-tuning (LoRA / QLoRA) on the chat task; prints sft_accuracy"),
+    "rm": ("rm", "train the reward model on preference pairs; prints rm_pair_accuracy"),
+    "ppo": ("ppo", "PPO RLHF against the reward model (or on a POMDP: ppo.env=tiger); prints ppo_accuracy"),
+    "pipeline": ("pipeline", "SFT -> RM -> PPO -> artifacts as a Ray job (private loopback cluster or --address)"),
 }
 
 

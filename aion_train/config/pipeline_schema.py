@@ -1,13 +1,114 @@
-"""Config of the Ray job pipeline (SFT -> RM -> PPO -> artifacts)."""
+"""Config of the Ray job pipeline (SFT -> RM -> PPO -> artifacts), `cfg.pipeline`.
+
+The phase list, each phase's resource request (CPUs per rank, number of ranks), the private
+cluster's size, and the inputs of the two artifact phases. See aion_train/pipeline/ and
+docs/pipeline.md."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+DEFAULT_PHASES = ["sft", "rm", "ppo", "build-index", "build-policy"]
+RESOURCE_KEYS = ("num_cpus", "world_size")
+EXTRA_KEYS = ("fn", "num_cpus", "world_size", "out")
 
 
 @dataclass
 class PipelineConfig:
-    pass
+    phases: list = field(default_factory=lambda: list(DEFAULT_PHASES))  # run in this order
+    # per-phase overrides of the built-in requests: {phase: {num_cpus: C, world_size: N}};
+    # a phase with world_size N > 1 runs as N Ray actors (C CPUs each) forming one gloo group
+    resources: dict = field(default_factory=dict)
+    # phases of your own: {name: {fn: "pkg.module:function", num_cpus, world_size, out}};
+    # fn(cfg) -> dict is SPMD like the built-in run_* functions and writes {run_dir}/{out}/done.json
+    extra: dict = field(default_factory=dict)
+    num_cpus: int = 0                  # CPUs of the private local cluster (0 = all of this machine)
+    object_store_mb: int = 256         # its object store (Ray's default takes ~30% of RAM in /dev/shm)
+    startup_timeout_s: float = 180.0   # for the private head node to come up
+    phase_timeout_s: float = 3600.0    # a phase running longer is stopped and reported as failed
+    log_tail_lines: int = 40           # lines of a failed phase's log shown in the report
+    # build-index phase (the library behind `aion-train build-index`)
+    index_corpus: list = field(default_factory=lambda: ["pydoc"])
+    index_embedder: str = "minilm"     # minilm | hash-DIM | model:...
+    index_factory: str = "HNSW32"
+    index_max_chunks_per_doc: int = 0  # 0 = no limit
+    # build-policy phase (the library behind `aion-train build-policy`)
+    policy_files: list = field(default_factory=lambda: ["configs/policies"])
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _check_request(key: str, spec, errors: list[str], allowed: tuple) -> None:
+    if not isinstance(spec, dict):
+        errors.append(f"{key}: expected a mapping with {', '.join(allowed)}, got {spec!r}")
+        return
+    for k in spec:
+        if k not in allowed:
+            errors.append(f"{key}.{k}: unknown key (allowed: {', '.join(allowed)})")
+    if "num_cpus" in spec and not _positive_number(spec["num_cpus"]):
+        errors.append(f"{key}.num_cpus={spec['num_cpus']!r}: must be a number > 0")
+    ws = spec.get("world_size", 1)
+    if not isinstance(ws, int) or isinstance(ws, bool) or ws < 1:
+        errors.append(f"{key}.world_size={ws!r}: must be an integer >= 1")
 
 
 def check(cfg, errors: list[str]) -> None:
     """Cross-field rules of this section; append one message per problem, naming its key."""
+    before = len(errors)
+    _check_fields(cfg, errors)
+    p = cfg.pipeline
+    if len(errors) == before and p.num_cpus > 0:
+        from aion_train.pipeline.phases import pipeline_phases
+        for ph in pipeline_phases(cfg):
+            if ph.total_cpus > p.num_cpus:
+                errors.append(f"pipeline.resources.{ph.name}: {ph.world_size} rank(s) x {ph.num_cpus:g} CPUs "
+                              f"exceed the cluster's pipeline.num_cpus={p.num_cpus}")
+
+
+def _check_fields(cfg, errors: list[str]) -> None:
+    p = cfg.pipeline
+    extra = p.extra if isinstance(p.extra, dict) else {}
+    if not isinstance(p.extra, dict):
+        errors.append(f"pipeline.extra={p.extra!r}: must be a mapping name -> {{fn, num_cpus, world_size, out}}")
+    known = set(DEFAULT_PHASES) | set(extra)
+    if not isinstance(p.phases, list) or not p.phases or not all(isinstance(x, str) for x in p.phases):
+        errors.append(f"pipeline.phases={p.phases!r}: must be a non-empty list of phase names")
+    else:
+        for name in p.phases:
+            if name not in known:
+                errors.append(f"pipeline.phases: unknown phase {name!r} (known: {', '.join(sorted(known))}; "
+                              "add your own under pipeline.extra)")
+        dup = sorted({x for x in p.phases if p.phases.count(x) > 1})
+        if dup:
+            errors.append(f"pipeline.phases: {', '.join(dup)} listed more than once")
+    if not isinstance(p.resources, dict):
+        errors.append(f"pipeline.resources={p.resources!r}: must be a mapping phase -> {{num_cpus, world_size}}")
+    else:
+        for name, spec in p.resources.items():
+            if name not in known:
+                errors.append(f"pipeline.resources.{name}: unknown phase (known: {', '.join(sorted(known))})")
+            _check_request(f"pipeline.resources.{name}", spec, errors, RESOURCE_KEYS)
+    for name, spec in extra.items():
+        key = f"pipeline.extra.{name}"
+        if name in DEFAULT_PHASES:
+            errors.append(f"{key}: {name!r} is a built-in phase; override its resources in pipeline.resources")
+        _check_request(key, spec, errors, EXTRA_KEYS)
+        fn = spec.get("fn") if isinstance(spec, dict) else None
+        if not isinstance(fn, str) or ":" not in fn or not all(fn.split(":", 1)):
+            errors.append(f"{key}.fn={fn!r}: must be 'package.module:function'")
+    if p.num_cpus < 0:
+        errors.append(f"pipeline.num_cpus={p.num_cpus}: must be >= 0 (0 = all CPUs)")
+    if p.object_store_mb < 80:
+        errors.append(f"pipeline.object_store_mb={p.object_store_mb}: must be >= 80 (Ray needs at least 75 MiB)")
+    for key in ("startup_timeout_s", "phase_timeout_s"):
+        if getattr(p, key) <= 0:
+            errors.append(f"pipeline.{key}={getattr(p, key)}: must be > 0")
+    if p.log_tail_lines < 1:
+        errors.append(f"pipeline.log_tail_lines={p.log_tail_lines}: must be >= 1")
+    for key in ("index_corpus", "policy_files"):
+        val = getattr(p, key)
+        if not isinstance(val, list) or not val or not all(isinstance(x, str) and x for x in val):
+            errors.append(f"pipeline.{key}={val!r}: must be a non-empty list of paths/globs")
+    if p.index_max_chunks_per_doc < 0:
+        errors.append(f"pipeline.index_max_chunks_per_doc={p.index_max_chunks_per_doc}: must be >= 0")

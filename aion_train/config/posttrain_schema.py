@@ -1,23 +1,93 @@
-"""Config of LoRA / QLoRA adapters, supervised fine-tuning and the reward model."""
+"""Config of LoRA / QLoRA adapters (`lora`), supervised fine-tuning (`sft`) and the reward
+model (`rm`). See aion_train/posttrain/ for what each key drives."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+# every linear of attention and of the dense FFNs (incl. an MoE layer's shared expert);
+# the routed experts are fused [E, in, out] tensors and get no adapters
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "w_gate", "w_up", "w_down"]
+QUANTIZE = ("none", "nf4")
+RM_INIT = ("sft", "base")
 
 
 @dataclass
 class LoRAConfig:
-    enabled: bool = False
+    enabled: bool = False          # false: the phases train full weights
+    r: int = 8                     # rank
+    alpha: float = 16.0            # W' = W0 + (alpha / r) B A
+    dropout: float = 0.05          # on the adapter's input only
+    targets: list = field(default_factory=lambda: list(DEFAULT_TARGETS))  # module-name suffixes
+    quantize: str = "none"         # none | nf4 (QLoRA: frozen base weights in 4-bit NF4, torchao)
+    nf4_block_size: int = 64       # values per NF4 absmax block
 
 
 @dataclass
 class SFTConfig:
-    pass
+    init_from: str = ""            # checkpoint / run folder of a pretrained base LM; "" = train one here
+    tokenizer: str = ""            # SentencePiece model of that base LM; "" = train the task tokenizer
+    base_steps: int = 300          # full-weight LM steps on the task text when init_from is ""
+    base_lr: float = 3e-3
+    steps: int = 150               # SFT optimizer steps (adapters, or full weights without lora)
+    lr: float = 2e-3
+    batch_size: int = 32
+    max_examples: int = 2000       # easy-vqa training examples used by SFT (0 = all); keeps SFT imperfect
+    chat_examples: int = 400       # chatterbot dialogs mixed in (0 = none)
+    data_files: list = field(default_factory=list)  # extra JSON/JSONL chat records (datasets "json")
+    eval_examples: int = 300       # held-out easy-vqa test prompts scored by generation
+    max_new_tokens: int = 4
 
 
 @dataclass
 class RewardConfig:
-    pass
+    init: str = "sft"              # sft: backbone from the SFT model (adapters merged) | base
+    steps: int = 200
+    lr: float = 1e-3
+    batch_size: int = 32           # preference pairs per step
+    train_pairs: int = 4000        # pairs from the easy-vqa train split (0 = one per example)
+    eval_pairs: int = 400          # held-out pairs from the easy-vqa test split
+    use_lora: bool = False         # true: adapters (cfg.lora) + head; false: full backbone + head
+    malformed_fraction: float = 0.25  # training pairs whose rejected side is a malformed response
+                                      # (empty, two answers, cut off, random pieces): no reward hacking
 
 
 def check(cfg, errors: list[str]) -> None:
     """Cross-field rules of this section; append one message per problem, naming its key."""
+    lo, s, rm = cfg.lora, cfg.sft, cfg.rm
+    if not 0.0 <= rm.malformed_fraction <= 1.0:
+        errors.append(f"rm.malformed_fraction={rm.malformed_fraction}: must be in [0, 1]")
+    if lo.r < 1:
+        errors.append(f"lora.r={lo.r}: must be >= 1")
+    if lo.alpha <= 0:
+        errors.append(f"lora.alpha={lo.alpha}: must be > 0")
+    if not 0 <= lo.dropout < 1:
+        errors.append(f"lora.dropout={lo.dropout}: must be in [0, 1)")
+    if not isinstance(lo.targets, list) or not lo.targets or not all(isinstance(t, str) and t for t in lo.targets):
+        errors.append(f"lora.targets={lo.targets!r}: must be a non-empty list of module-name suffixes")
+    if lo.quantize not in QUANTIZE:
+        errors.append(f"lora.quantize={lo.quantize!r}: must be one of {', '.join(QUANTIZE)}")
+    if lo.nf4_block_size < 2 or lo.nf4_block_size % 2:
+        errors.append(f"lora.nf4_block_size={lo.nf4_block_size}: must be an even number >= 2")
+    if lo.quantize != "none" and not lo.enabled:
+        errors.append(f"lora.quantize={lo.quantize!r} needs lora.enabled=true (QLoRA trains adapters "
+                      "on top of the frozen quantised base)")
+    for key, val in (("sft.steps", s.steps), ("sft.batch_size", s.batch_size), ("sft.max_new_tokens", s.max_new_tokens),
+                     ("sft.eval_examples", s.eval_examples), ("rm.steps", rm.steps), ("rm.batch_size", rm.batch_size),
+                     ("rm.eval_pairs", rm.eval_pairs)):
+        if val < 1:
+            errors.append(f"{key}={val}: must be >= 1")
+    for key, val in (("sft.base_steps", s.base_steps), ("sft.max_examples", s.max_examples),
+                     ("sft.chat_examples", s.chat_examples), ("rm.train_pairs", rm.train_pairs)):
+        if val < 0:
+            errors.append(f"{key}={val}: must be >= 0")
+    for key, val in (("sft.lr", s.lr), ("sft.base_lr", s.base_lr), ("rm.lr", rm.lr)):
+        if val <= 0:
+            errors.append(f"{key}={val}: must be > 0")
+    if not s.init_from and s.base_steps < 1:
+        errors.append("sft.base_steps=0 with sft.init_from empty: there is no base LM to fine-tune")
+    if s.init_from and not s.tokenizer:
+        errors.append(f"sft.init_from={s.init_from!r} needs sft.tokenizer (the base LM's SentencePiece model)")
+    if not isinstance(s.data_files, list) or not all(isinstance(f, str) for f in s.data_files):
+        errors.append(f"sft.data_files={s.data_files!r}: must be a list of JSON/JSONL paths or globs")
+    if rm.init not in RM_INIT:
+        errors.append(f"rm.init={rm.init!r}: must be one of {', '.join(RM_INIT)}")

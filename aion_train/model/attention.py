@@ -1,14 +1,41 @@
 """Multi-head causal self-attention with optional grouped KV heads and RoPE.
 
 Head counts are read from the projection shapes at run time, so the same module works
-unchanged when `parallelize` swaps its projections for tensor-parallel shards."""
+unchanged when `parallelize` swaps its projections for tensor-parallel shards.
+
+Packed rows (several samples in one row): `segment_causal_mask` gives the block-diagonal causal
+mask that SDPA takes as `attn_mask`, and positions may be per row ([B, T], restarting at 0 in
+every segment). Without them the plain causal path runs exactly as before."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention_backend import attention
 from .rope import RotaryEmbedding
+
+
+def segment_causal_mask(segment_ids: torch.Tensor, q_len: int | None = None) -> torch.Tensor:
+    """Boolean [B, 1, Tq, Tk] mask (True = may attend): key j is visible to query i when both
+    carry the same segment id and j <= i. segment_ids: [B, Tk] for all keys (cached + new); the
+    queries are the last `q_len` positions. Padding (id 0) forms its own segment, so no row is
+    fully masked (SDPA would return NaN for it)."""
+    tk = segment_ids.shape[1]
+    tq = tk if q_len is None else q_len
+    q_seg = segment_ids[:, tk - tq:]
+    same = q_seg.unsqueeze(2) == segment_ids.unsqueeze(1)
+    causal = torch.ones(tq, tk, dtype=torch.bool, device=segment_ids.device).tril(diagonal=tk - tq)
+    return (same & causal).unsqueeze(1)
+
+
+def apply_rope(rope: RotaryEmbedding, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """RoPE with positions [T] (shared by the batch) or [B, T] (per row, e.g. restarting per
+    packed segment): the per-row case runs as one row of B*T tokens."""
+    if positions.dim() == 1:
+        return rope(x, positions)
+    b, t = x.shape[:2]
+    return rope(x.reshape(1, b * t, *x.shape[2:]), positions.reshape(-1)).reshape(x.shape)
 
 
 class Attention(nn.Module):
@@ -23,7 +50,10 @@ class Attention(nn.Module):
         self.rope = rope
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache=None, layer_idx: int = 0):
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache=None, layer_idx: int = 0,
+                attn_mask: torch.Tensor | None = None):
+        """x: [B, T, d]; positions: [T] or [B, T]; attn_mask: None (causal) or a boolean
+        [B, 1, T, T_keys] mask from `segment_causal_mask` (run through SDPA)."""
         # shapes come from the projections' outputs: a parallel projection may change the head
         # count (tensor parallel) or the sequence length (sequence parallel gathers it)
         q, k, v = (proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj))
@@ -31,8 +61,13 @@ class Attention(nn.Module):
         q = q.view(b, t, -1, self.head_dim)
         k = k.view(b, t, -1, self.head_dim)
         v = v.view(b, t, -1, self.head_dim)
-        q, k = self.rope(q, positions), self.rope(k, positions)
+        q, k = apply_rope(self.rope, q, positions), apply_rope(self.rope, k, positions)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)
-        out = attention(q, k, v, causal=True, backend=self.backend)
+        if attn_mask is None:
+            out = attention(q, k, v, causal=True, backend=self.backend)
+        else:
+            q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                 enable_gqa=q.shape[1] != k.shape[1]).transpose(1, 2)
         return self.o_proj(out.reshape(b, t, -1))

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from aion_train.config import ModelConfig
 
-from .attention import Attention
+from .attention import Attention, segment_causal_mask
 from .ffn import DenseFFN
 from .moe import MoELayer
 from .norms import make_norm
@@ -67,8 +67,8 @@ class Block(nn.Module):
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, cfg.kernels)
 
-    def forward(self, x, positions, kv_cache=None, modality=None):
-        x = x + self.attn(self.attn_norm(x), positions, kv_cache, self.layer)
+    def forward(self, x, positions, kv_cache=None, modality=None, attn_mask=None):
+        x = x + self.attn(self.attn_norm(x), positions, kv_cache, self.layer, attn_mask)
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoELayer):
             y, aux = self.ffn(h, modality)
@@ -109,17 +109,31 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 kv_cache=None, inputs_embeds: torch.Tensor | None = None,
-                modality: torch.Tensor | None = None, return_hidden: bool = False) -> ModelOutput:
+                modality: torch.Tensor | None = None, return_hidden: bool = False,
+                segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> ModelOutput:
+        """Packed rows: `segment_ids` [B, T_keys] (1..k per sample, 0 pad; with a KV cache it covers
+        the cached keys too) gives a block-diagonal causal mask, `position_ids` [B, T] the RoPE
+        positions (restarting per sample). Without them: plain causal attention, positions
+        0..T-1 after the cached ones."""
         seq_len = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         start = 0 if kv_cache is None else kv_cache.length
-        positions = torch.arange(start, start + seq_len, device=x.device)
+        if position_ids is None:
+            positions = torch.arange(start, start + seq_len, device=x.device)
+        else:
+            positions = position_ids
+        mask = None
+        if segment_ids is not None:
+            if segment_ids.shape[1] != start + seq_len:
+                raise ValueError(f"segment_ids has {segment_ids.shape[1]} columns; expected the "
+                                 f"{start} cached + {seq_len} new positions")
+            mask = segment_causal_mask(segment_ids, seq_len)
         aux = x.new_zeros((), dtype=torch.float32)
         for block in self.blocks:
             if self.activation_checkpointing and self.training and kv_cache is None:
-                x, a = checkpoint(block, x, positions, None, modality, use_reentrant=False)
+                x, a = checkpoint(block, x, positions, None, modality, mask, use_reentrant=False)
             else:
-                x, a = block(x, positions, kv_cache, modality)
+                x, a = block(x, positions, kv_cache, modality, mask)
             aux = aux + a
         h = self.norm(x)
         logits = self.lm_head(h)

@@ -106,7 +106,11 @@ def build_engine(model, cfg: Config, groups: ParallelGroups):
     pg = split_params_into_different_moe_groups_for_optimizer(pg)
     optimizer = torch.optim.AdamW(pg, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
                                   foreach=True)
-    with deepspeed_sees_our_moe(model):
+    from aion_train.parallel.parallelize import is_expert_param
+    # ZeRO asserts an MoE param group whenever it sees MoE layers; with frozen experts
+    # (LoRA on attention/dense FFNs only) there is none, so DeepSpeed must not see them.
+    experts_train = any(p.requires_grad and is_expert_param(p) for p in model.parameters())
+    with deepspeed_sees_our_moe(model) if experts_train else contextlib.nullcontext():
         engine, optimizer, _, _ = ds.initialize(model=model, optimizer=optimizer,
                                                 mpu=MPU(groups) if groups.world > 1 else None,
                                                 config=deepspeed_config(cfg, groups.dp))

@@ -32,6 +32,18 @@ def z_loss(logits: torch.Tensor, coef: float) -> torch.Tensor:
     return coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
 
 
+def modality_expert_mask(reserved: dict[int, list[int]], n_experts: int, n_modalities: int = 4) -> torch.Tensor:
+    """[n_modalities, E] additive router mask: row m is 0 on the experts reserved for modality m
+    and -inf elsewhere; modalities without a reservation (text, id 0, always) are not masked."""
+    mask = torch.zeros(n_modalities, n_experts)
+    for modality, experts in reserved.items():
+        if modality == 0:
+            raise ValueError("text tokens (modality 0) are never restricted to reserved experts")
+        mask[modality] = float("-inf")
+        mask[modality, list(experts)] = 0.0
+    return mask
+
+
 class TopKRouter(nn.Module):
     def __init__(self, d_model: int, n_experts: int, top_k: int, balance_coef: float = 0.01,
                  z_loss_coef: float = 0.0, normalize_gates: bool = True):

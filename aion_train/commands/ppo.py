@@ -1,0 +1,72 @@
+"""aion-train ppo [--config F] [overrides] [--nproc N] [--json] [--run-missing-phases]
+
+PPO RLHF of the SFT policy against the reward model (default config: configs/rlhf_tiny.yaml;
+needs finished `sft` and `rm` phases in the same run_dir, or --run-missing-phases to run
+them first). With --json one JSON line {"ppo_accuracy", "ppo_kl", "sft_accuracy",
+"reward_mean", ...} (held-out accuracy of the PPO policy and, on the same prompts, of the SFT
+model). Under torchrun / deepspeed (WORLD_SIZE set) it runs as one rank; --nproc N starts N
+local ranks. With `ppo.env=tiger` (or crying_baby) it trains a belief policy with the same
+PPO maths on that POMDP instead and reports its return next to the solver's optimum."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .sft import add_phase_arguments, run_phase
+
+DEFAULT_CONFIG = "configs/rlhf_tiny.yaml"
+
+
+def add_arguments(p):
+    add_phase_arguments(p)
+    p.add_argument("--run-missing-phases", action="store_true",
+                   help="run the sft and rm phases first when their done.json is missing")
+
+
+def default_config() -> str:
+    here = Path(DEFAULT_CONFIG)
+    return str(here if here.is_file() else Path(__file__).resolve().parents[2] / DEFAULT_CONFIG)
+
+
+def rlhf(cfg) -> dict:
+    """SFT and RM when missing (SPMD like them), then PPO."""
+    from aion_train.posttrain.common import read_done
+    if read_done(cfg, "sft") is None:
+        from aion_train.posttrain.sft import run_sft
+        run_sft(cfg)
+    if read_done(cfg, "rm") is None:
+        from aion_train.posttrain.reward import run_rm
+        run_rm(cfg)
+    from aion_train.posttrain.ppo import run_ppo
+    return run_ppo(cfg)
+
+
+def _launch_ranks(args) -> int:
+    """--nproc N with --run-missing-phases: N local ranks through torchrun, flag passed on."""
+    from aion_train.parallel.spawn import free_port
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), "-m", "aion_train.cli", "ppo", "--config", args.config,
+           "--run-missing-phases", *args.overrides] + (["--json"] if args.json else [])
+    threads = str(max(1, (os.cpu_count() or 2) // args.nproc))
+    return subprocess.call(cmd, env=dict(os.environ, OMP_NUM_THREADS=threads))
+
+
+def run(args) -> int:
+    import logging
+    from aion_train.config import ConfigError, load_config
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")   # progress on stderr
+    args.config = args.config or default_config()
+    try:
+        env = load_config(args.config, args.overrides).ppo.env
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    if env:
+        return run_phase(args, "ppo", "aion_train.rl.env_rollout.run_env_ppo", "env_return")
+    if args.run_missing_phases:
+        if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            return _launch_ranks(args)
+        return run_phase(args, "ppo", "aion_train.commands.ppo.rlhf", "ppo_accuracy")
+    return run_phase(args, "ppo", "aion_train.posttrain.ppo.run_ppo", "ppo_accuracy")

@@ -1,0 +1,89 @@
+"""aion-train sft [--config F] [overrides] [--nproc N] [--json]
+
+Supervised fine-tuning on the chat task (default config: configs/sft_tiny.yaml). Prints the
+metrics; with --json one JSON line holding `sft_accuracy` (held-out exact-answer accuracy).
+Under torchrun / deepspeed (WORLD_SIZE set) it runs as one rank; --nproc N starts N local
+ranks through torchrun."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .check_config import add_config_arguments
+
+DEFAULT_CONFIG = "configs/sft_tiny.yaml"
+
+
+def add_phase_arguments(p):
+    add_config_arguments(p)
+    p.add_argument("--nproc", type=int, default=1, help="local ranks (started through torchrun)")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON line")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=__import__("argparse").SUPPRESS)
+
+
+add_arguments = add_phase_arguments
+
+
+def default_config() -> str:
+    here = Path(DEFAULT_CONFIG)
+    return str(here if here.is_file() else Path(__file__).resolve().parents[2] / DEFAULT_CONFIG)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr(active: bool = True):
+    """Send everything written to file descriptor 1 (DeepSpeed's and MLflow's log lines too)
+    to stderr while active, so that --json leaves exactly one line on stdout."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def run_phase(args, command: str, fn_path: str, headline: str) -> int:
+    """Load the config, launch N ranks or run this rank, print rank 0's metrics."""
+    from aion_train.config import ConfigError, load_config
+    args.config = args.config or default_config()
+    world = int(os.environ.get("WORLD_SIZE", args.nproc))
+    try:
+        cfg = load_config(args.config, args.overrides, world_size=world)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from aion_train.parallel.spawn import free_port
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "aion_train.cli",
+               command, "--config", args.config, *args.overrides] + (["--json"] if args.json else [])
+        return subprocess.call(cmd, env=dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.nproc))))
+    import importlib
+    module, name = fn_path.rsplit(".", 1)
+    try:
+        with stdout_to_stderr(args.json):
+            metrics = getattr(importlib.import_module(module), name)(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{command}: {e}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", 0)) == 0:
+        if args.json:
+            print(json.dumps(metrics, sort_keys=True))
+        else:
+            for k, v in sorted(metrics.items()):
+                print(f"{k}: {v}")
+            print(f"\n{headline}: {metrics[headline]:.3f}")
+    return 0
+
+
+def run(args) -> int:
+    return run_phase(args, "sft", "aion_train.posttrain.sft.run_sft", "sft_accuracy")

@@ -1,0 +1,197 @@
+"""PPO RLHF (`aion-train ppo`, `deepspeed launch/rlhf.py`): the SFT policy trained against the
+reward model, with a KL penalty to the SFT model.
+
+    actor      SFT model + its LoRA adapters (trainable; DeepSpeed engine)
+    reference  the same SFT model, adapters merged, frozen
+    critic     value head on a copy of the reward model's backbone (trainable; DeepSpeed engine)
+    reward     the reward model, frozen
+
+Each iteration samples one response per prompt (KV-cached, temperature ppo.temperature),
+scores it (reward model at the last token, -beta (log pi - log pi_ref) at every token),
+computes GAE advantages (whitened over all data-parallel ranks) and returns, then runs
+ppo.epochs passes of ppo.minibatches minibatches: clipped surrogate (eps ppo.clip_eps) for
+the actor, clipped value loss for the critic. Reward, KL, clip fraction, entropy and value
+loss go to MLflow every iteration; a checkpoint every ppo.save_every iterations lets a killed
+run resume (aion_train/posttrain/ppo_checkpoint.py). At the end: held-out exact-answer
+accuracy of the PPO policy and, on the same prompts, of the SFT reference (greedy), and the
+sequence-level KL(pi || pi_ref) on sampled held-out responses. Writes {run_dir}/ppo/done.json
+last. SPMD: one call per rank, same result on every rank."""
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+
+import torch
+import torch.distributed as dist
+
+from aion_train.config import config_to_dict
+
+from . import ppo_math
+from .common import (build_phase_engine, evaluate_accuracy, phase_config, phase_tracker, setup_distributed,
+                     write_done)
+from .critic import build_critic
+from .ppo_checkpoint import load_ppo, ppo_checkpoints, save_ppo
+from .reward import load_reward_model
+from .rollout import RolloutBatch, make_experience, response_logprobs, response_values, sample_responses
+from .sft import load_policy
+
+log = logging.getLogger("aion_train.ppo")
+
+
+def _dp(groups):
+    return groups.dp_group if groups.dp > 1 else None
+
+
+def mean_over_dp(values: dict, groups) -> dict:
+    """Average a dict of floats over the data-parallel ranks (one all-reduce)."""
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if groups.dp > 1:
+        dist.all_reduce(t, group=groups.dp_group)
+        t /= groups.dp
+    return dict(zip(keys, t.tolist()))
+
+
+def ppo_update(actor, critic, batch: RolloutBatch, pcfg, groups, generator: torch.Generator) -> dict:
+    """ppo.epochs x ppo.minibatches optimizer steps of both engines on one rollout batch;
+    returns the means of the losses and diagnostics over all of them."""
+    sums: dict = {}
+    n = 0
+    for _ in range(pcfg.epochs):
+        perm = torch.randperm(batch.input_ids.shape[0], generator=generator)
+        for idx in perm.chunk(pcfg.minibatches):
+            mb = batch.rows(idx)
+            logp, entropy = response_logprobs(actor, mb.input_ids, mb.resp_pos, mb.resp_tokens, groups,
+                                              with_entropy=True)
+            policy_loss, info = ppo_math.clipped_surrogate(logp, mb.logp_old, mb.advantages, mb.resp_mask,
+                                                           pcfg.clip_eps)
+            ent = ppo_math.masked_mean(entropy, mb.resp_mask)
+            actor.backward(policy_loss - pcfg.entropy_coef * ent)
+            actor.step()
+            values = response_values(critic, mb.input_ids, mb.resp_pos)
+            value_loss, vinfo = ppo_math.clipped_value_loss(values, mb.values, mb.returns, mb.resp_mask,
+                                                            pcfg.value_clip)
+            critic.backward(value_loss)
+            critic.step()
+            for k, v in (("policy_loss", policy_loss), ("value_loss", value_loss), ("entropy", ent),
+                         ("clipfrac", info["clipfrac"]), ("approx_kl", info["approx_kl"]),
+                         ("vclipfrac", vinfo["vclipfrac"])):
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            n += 1
+    return {k: v / n for k, v in sums.items()}
+
+
+@torch.no_grad()
+def heldout_kl(actor, reference, task, examples, pcfg, groups, seed: int) -> dict:
+    """Sequence-level KL(pi || pi_ref) on responses sampled from pi for held-out prompts:
+    the mean over prompts of sum_t (log pi - log pi_ref) (k1, unbiased) and of sum_t k3 (>= 0)."""
+    from .rollout import build_sequences
+    mine = examples[groups.dp_rank::groups.dp]
+    gen = torch.Generator().manual_seed(seed)
+    tok = task.tokenizer
+    prompts = [e.prompt_ids for e in mine]
+    responses = sample_responses(actor, prompts, pcfg.max_new_tokens, tok.end_id, pcfg.temperature, gen, groups)
+    ids, pos, toks, mask = build_sequences(prompts, responses, tok.pad_id)
+    actor.eval()
+    est = ppo_math.kl_estimators(response_logprobs(actor, ids, pos, toks, groups),
+                                 response_logprobs(reference, ids, pos, toks, groups))
+    t = torch.tensor([float((est["k1"] * mask).sum()), float((est["k3"] * mask).sum()), float(len(mine))],
+                     dtype=torch.float64)
+    if groups.dp > 1:
+        dist.all_reduce(t, group=groups.dp_group)
+    return {"ppo_kl": float(t[0] / t[2]), "ppo_kl_k3": float(t[1] / t[2])}
+
+
+def _engine(model, cfg, groups, lr: float, batch: int):
+    pcfg = phase_config(cfg, lr=lr, steps=cfg.ppo.steps, batch_size=batch)
+    pcfg.train.precision = cfg.ppo.precision
+    engine, optimizer = build_phase_engine(model, pcfg, groups)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    engine.eval()   # no dropout: the log-prob ratios compare like with like
+    return engine
+
+
+def build_models(cfg, groups):
+    """(actor engine, critic engine, reference, reward model, task data)."""
+    actor_model, task = load_policy(cfg, "sft", merge=False, groups=groups)
+    reference, _ = load_policy(cfg, "sft", merge=True, groups=groups)
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    reference.eval()
+    reward_model = load_reward_model(cfg, groups)
+    critic = build_critic(cfg, groups)
+    per_rank = cfg.ppo.rollout_prompts // groups.dp
+    mb = max(1, per_rank // cfg.ppo.minibatches)
+    actor = _engine(actor_model, cfg, groups, cfg.ppo.actor_lr, mb)
+    critic_engine = _engine(critic, cfg, groups, cfg.ppo.critic_lr, mb)
+    return actor, critic_engine, reference, reward_model, task
+
+
+def run_ppo(cfg) -> dict:
+    """SPMD: one call per rank; returns the same metrics on every rank (see module doc)."""
+    t0 = time.time()
+    cfg = copy.deepcopy(cfg)
+    groups = setup_distributed(cfg)
+    pc = cfg.ppo
+    actor, critic, reference, reward_model, task = build_models(cfg, groups)
+    mgr = ppo_checkpoints(cfg)
+    state = load_ppo(mgr, cfg, groups, actor, critic) or {"iteration": 0, "history": [], "mlflow_run_id": None}
+    if state.get("checkpoint"):
+        log.info("resuming PPO at iteration %d from %s", state["iteration"], state["checkpoint"])
+    tracker = phase_tracker(cfg, "ppo", groups)
+    state["mlflow_run_id"] = tracker.start(config_to_dict(cfg), run_id=state.get("mlflow_run_id"))
+    try:
+        train, test = task.prompts("train"), task.prompts("test")
+        per_rank = pc.rollout_prompts // groups.dp
+        while state["iteration"] < pc.steps:
+            it = state["iteration"]
+            t_it = time.time()
+            rng = random.Random((cfg.seed * 1_000_003 + it) * 64 + groups.dp_rank)
+            examples = [train[rng.randrange(len(train))] for _ in range(per_rank)]
+            # TP ranks of one DP rank must sample the same tokens: seed from the DP rank only
+            gen = torch.Generator().manual_seed((cfg.seed * 7919 + it) * 64 + groups.dp_rank)
+            batch = make_experience(examples, actor.module, reference, critic.module, reward_model, task, pc, gen,
+                                    groups, dp_group=_dp(groups))
+            stats = ppo_update(actor, critic, batch, pc, groups, gen)
+            seq_kl = (batch.kl * batch.resp_mask).sum(1)
+            stats.update(reward=float(batch.scores.mean()), kl=float(seq_kl.mean()),
+                         sample_accuracy=float(batch.correct.mean()),
+                         response_tokens=float(batch.resp_mask.sum(1).mean()))
+            stats = mean_over_dp(stats, groups)
+            stats["seconds"] = time.time() - t_it
+            tracker.log_metrics({f"ppo/{k}": v for k, v in stats.items()}, step=it + 1)
+            state["history"].append({"iteration": it + 1, **{k: round(v, 5) for k, v in stats.items()}})
+            state["iteration"] = it + 1
+            if groups.rank == 0:
+                log.info("ppo %d/%d reward %.3f kl %.4f acc %.3f clipfrac %.3f vloss %.4f (%.1fs)", it + 1, pc.steps,
+                         stats["reward"], stats["kl"], stats["sample_accuracy"], stats["clipfrac"],
+                         stats["value_loss"], stats["seconds"])
+            if state["iteration"] % pc.save_every == 0 or state["iteration"] == pc.steps:
+                save_ppo(mgr, state["iteration"], cfg, groups, actor, critic,
+                         {k: v for k, v in state.items() if k != "checkpoint"})
+        n_tok = cfg.sft.max_new_tokens
+        ppo_ev = evaluate_accuracy(actor.module, task, test, n_tok, groups)
+        sft_ev = evaluate_accuracy(reference, task, test, n_tok, groups)
+        metrics = {"ppo_accuracy": ppo_ev["accuracy"], "sft_accuracy": sft_ev["accuracy"],
+                   "ppo_accuracy_by_kind": ppo_ev["by_kind"], "sft_accuracy_by_kind": sft_ev["by_kind"],
+                   "eval_examples": ppo_ev["n"], "iterations": state["iteration"]}
+        metrics.update(heldout_kl(actor.module, reference, task, test, pc, groups, cfg.seed + 99))
+        hist = state["history"]
+        if hist:
+            metrics.update(reward_mean=hist[-1]["reward"], reward_first=hist[0]["reward"],
+                           sample_accuracy_first=hist[0]["sample_accuracy"],
+                           sample_accuracy_last=hist[-1]["sample_accuracy"])
+        metrics["seconds"] = round(time.time() - t0, 1)
+        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=pc.steps)
+        tracker.end("FINISHED")
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    write_done(cfg, "ppo", metrics)
+    return metrics
+
+
+__all__ = ["heldout_kl", "mean_over_dp", "ppo_update", "run_ppo"]
