@@ -223,11 +223,11 @@ def test_truncated_shard_and_bad_sample_are_skipped(corpus, tmp_path, caplog):
     msgs = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
     assert any("train-00002.tar" in m and "unreadable tar" in m for m in msgs)
     assert any("bad-00000.tar" in m and "undecodable" in m for m in msgs)
-    # in loop mode it is counted again each epoch, and resuming past it is still exact
+    # in loop mode it is counted once (not again each epoch), and resuming past it is still exact
     a = loader(corpus, paths=paths)
     total = 2 * len(batches) + 5  # into the third epoch
     ref = take(iter(a), total)
-    assert a.epoch == 2 and a.skipped >= 4
+    assert a.epoch == 2 and a.skipped == 2
     b = loader(corpus, paths=paths)
     head = take(iter(b), 11)
     c = loader(corpus, paths=paths)

@@ -389,26 +389,30 @@ def test_truncated_shard_and_undecodable_image_are_skipped_and_counted(demo, tmp
 
 
 def test_training_completes_over_corrupt_data(demo, tmp_path):
-    """The bar: training steps of the multimodal model run over the corrupt copies to the
-    end of a pass and the loader's skip count says 2."""
-    mm = pytest.importorskip("aion_train.model.multimodal")
-    from aion_train.config import load_config
-    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_multimodal_cpu.yaml"),
-                      ["train.precision=fp32", "model.n_layers=1"])
+    """The bar: `aion-train pretrain` of the multimodal config over the corrupt copies runs to
+    its last step, and the skip count says 2 in the run's log and in MLflow."""
+    pytest.importorskip("aion_train.model.multimodal")
+    import json
+    import sqlite3
+    import subprocess
+    import sys
     paths, _ = _corrupt_copies(demo, str(tmp_path / "bad"))
-    loader = MultimodalLoader.from_config(cfg, paths, demo["tokenizer"], loop=False,
-                                          micro_batch_size=16, shuffle_buffer=8)
-    model = mm.build_multimodal_model(cfg, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    steps = 0
-    for b in loader:
-        opt.zero_grad()
-        loss = model(b).loss
-        assert torch.isfinite(loss)
-        loss.backward()
-        opt.step()
-        steps += 1
-    assert steps >= 2 and loader.skipped == 2
+    repo = os.path.join(os.path.dirname(__file__), "..")
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "aion_train.cli", "pretrain", "--config", "configs/tiny_multimodal_cpu.yaml",
+           f"run_dir={run}", f"data.train_shards={os.path.dirname(paths[0])}/*.tar",
+           f"data.val_shards={demo['val'][0]}", f"data.tokenizer={demo['tokenizer']}", "model.n_layers=1",
+           "data.micro_batch_size=2", "train.steps=12", "train.eval_every=12", "train.eval_batches=1",
+           "train.save_every=12", "train.warmup_steps=2", "--json"]
+    env = dict(os.environ, AION_PROGRESS="0", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+    assert summary["final_step"] == 12 and summary["skipped_samples"] == 2
+    assert "unreadable tar" in proc.stderr and "undecodable image" in proc.stderr
+    db = sqlite3.connect(str(run / "mlflow.db"))
+    (last,) = db.execute("select value from metrics where key='data/skipped_samples' order by step desc limit 1").fetchone()
+    assert last == 2.0
 
 
 def test_bad_settings_are_refused(demo):

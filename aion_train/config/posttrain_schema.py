@@ -41,13 +41,13 @@ class SFTConfig:
 @dataclass
 class RewardConfig:
     init: str = "sft"              # sft: backbone from the SFT model (adapters merged) | base
-    steps: int = 200
+    steps: int = 500
     lr: float = 1e-3
     batch_size: int = 32           # preference pairs per step
     train_pairs: int = 4000        # pairs from the easy-vqa train split (0 = one per example)
     eval_pairs: int = 400          # held-out pairs from the easy-vqa test split
     use_lora: bool = False         # true: adapters (cfg.lora) + head; false: full backbone + head
-    malformed_fraction: float = 0.25  # training pairs whose rejected side is a malformed response
+    malformed_fraction: float = 0.4   # training pairs whose rejected side is a malformed response
                                       # (empty, two answers, cut off, random pieces): no reward hacking
 
 

@@ -18,7 +18,7 @@ class PPOConfig:
     rollout_prompts: int = 64      # prompts per iteration, over all data-parallel ranks
     epochs: int = 2                # passes over each rollout batch
     minibatches: int = 2           # optimizer steps per epoch (per rank)
-    actor_lr: float = 3e-4         # LoRA adapters (or full weights without lora.enabled); 2e-3 diverged (KL 7 in 3 iterations)
+    actor_lr: float = 1e-3         # LoRA adapters (or full weights without lora.enabled)
     critic_lr: float = 5e-4
     beta: float = 0.02             # KL penalty coefficient (0.01-0.05)
     gamma: float = 1.0             # discount over response tokens

@@ -139,7 +139,7 @@ class _Stream:
                 return item["__key__"], item[self.field].decode("utf-8")
             except UnicodeDecodeError as e:
                 why = f"undecodable {self.field!r}: {e}"
-        if not quiet:
+        if not quiet and self.epoch == 0:  # a bad sample is counted (and logged) once, not every epoch
             self.skipped += 1
             log.warning("data: skipping %s sample #%d: %s", self.shards[sid], idx, why)
         return None
@@ -385,7 +385,8 @@ class TokenLoader:
     # ---- state
     @property
     def skipped(self) -> int:
-        """Samples (or rests of shards) skipped as unreadable so far by this rank."""
+        """Distinct samples (or rests of shards) skipped as unreadable by this rank (counted
+        in the first epoch: a corrupt sample read again in a later epoch is not counted twice)."""
         if self.num_workers == 0 and self._stream is not None:
             return self._stream.skipped
         return sum(s["skipped"] for s in self._states if s is not None)

@@ -51,16 +51,21 @@ class RewardModel(nn.Module):
 
 
 def malformed_response(e, tokenizer, rng: random.Random, max_new_tokens: int = 4) -> list[int]:
-    """A response the policy can sample but no one should prefer: empty, two answers, the
-    answer without its end marker (cut off), or random vocabulary pieces. The reward model
-    sees these as rejected so that PPO cannot climb its score with them (reward hacking)."""
+    """A response the policy can sample but no one should prefer: an answer of another kind of
+    question ("circle" to a yes/no question), empty, two answers, the answer without its end
+    marker (cut off), or random vocabulary pieces. The reward model sees these as rejected so
+    that PPO cannot climb its score with them (reward hacking)."""
+    from .task import COLORS, SHAPES, YES_NO
     other = rng.choice([c for c in e.candidates if c != e.answer])
-    kind = rng.randrange(4)
-    if kind == 0:
-        return [tokenizer.end_id]
-    if kind == 1:
-        return (tokenizer.encode(e.answer) + tokenizer.encode(other))[:max_new_tokens - 1] + [tokenizer.end_id]
+    kind = rng.randrange(6)
+    if kind <= 1:
+        return tokenizer.encode(rng.choice([a for a in (*COLORS, *SHAPES, *YES_NO) if a not in e.candidates])) \
+            + [tokenizer.end_id]
     if kind == 2:
+        return [tokenizer.end_id]
+    if kind == 3:
+        return (tokenizer.encode(e.answer) + tokenizer.encode(other))[:max_new_tokens - 1] + [tokenizer.end_id]
+    if kind == 4:
         return tokenizer.encode(e.answer)[:max_new_tokens]
     n = rng.randint(1, max_new_tokens - 1)
     return [rng.randrange(3, tokenizer.sp.vocab_size) for _ in range(n)] + [tokenizer.end_id]

@@ -10,7 +10,7 @@ _EXPORTS = {
     "MultimodalLoader": "loader",
     "MediaSpec": "sample", "make_sample": "sample", "decode_sample": "sample",
     "collate_rows": "collate", "count_samples": "collate", "SegmentRenderer": "collate",
-    "build_multimodal_demo": "build", "ensure_multimodal_demo": "build",
+    "build_multimodal_demo": "build", "ensure_multimodal_demo": "build", "multimodal_demo_paths": "build",
     "load_vqa_eval": "eval_sets", "load_caption_eval": "eval_sets",
     "patchify": "decode", "tubeletize": "decode", "log_mel": "decode", "mel_filterbank": "decode",
 }

@@ -60,7 +60,7 @@ class _MultimodalStream(_Stream):
                 return key, decode_sample(item, self.spec, ref=(sid, idx))
             except (DecodeError, ValueError, KeyError, TypeError) as e:
                 why = str(e)
-        if not quiet:
+        if not quiet and self.epoch == 0:  # a bad sample is counted (and logged) once, not every epoch
             self.skipped += 1
             log.warning("data: skipping %s sample %s (#%d): %s", self.shards[sid], key, idx, why)
         return None
