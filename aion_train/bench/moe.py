@@ -9,13 +9,23 @@ from torch import nn
 
 from aion_train.model.ffn import DenseFFN
 from aion_train.model.moe import MoELayer
+from aion_train.parallel.device import tune_cpu_allocator
 
-from .timing import time_interleaved
+import statistics
+
+from .timing import interleaved_samples, paired_ratio
 
 
-def _fwd_bwd(module_fn, x, grad):
+def _fwd_bwd(module_fn, x, grad, params=()):
+    """One forward + backward as a training step runs it: the input's and the parameters'
+    gradients start empty (the optimizer's zero_grad(set_to_none=True)), so no call pays for
+    accumulating into the previous call's gradients."""
+    params = list(params)
+
     def run():
         x.grad = None
+        for p in params:
+            p.grad = None
         out = module_fn(x)
         out.backward(grad)
     return run
@@ -41,7 +51,7 @@ def _deepspeed_moe(d, ff, experts, top_k):
     layer = MoE(d, _DSExpert(d, ff), num_experts=experts, ep_size=1, k=top_k,
                 capacity_factor=1.0, drop_tokens=False)  # dropless, like ours
     layer.set_deepspeed_parallelism()
-    return lambda x: layer(x)[0]
+    return (lambda x: layer(x)[0]), layer.parameters()
 
 
 def measure(tokens: int, d: int, ff: int, experts: int, top_k: int, rounds: int,
@@ -64,32 +74,35 @@ def measure(tokens: int, d: int, ff: int, experts: int, top_k: int, rounds: int,
         return moe.dispatcher.combine(tokens, state).reshape(t.shape) + r.aux_loss
 
     fns = {
-        "moe": _fwd_bwd(lambda t: moe(t)[0], x, grad),
-        "dense": _fwd_bwd(dense, x, grad),
-        "experts": _fwd_bwd(lambda t: moe.experts(t, counts), perm, perm_grad),
-        "dispatch": _fwd_bwd(dispatch_only, x, grad),
+        "moe": _fwd_bwd(lambda t: moe(t)[0], x, grad, moe.parameters()),
+        "dense": _fwd_bwd(dense, x, grad, dense.parameters()),
+        "experts": _fwd_bwd(lambda t: moe.experts(t, counts), perm, perm_grad, moe.parameters()),
+        "dispatch": _fwd_bwd(dispatch_only, x, grad, moe.parameters()),
     }
     if with_deepspeed:
-        fns["deepspeed"] = _fwd_bwd(_deepspeed_moe(d, ff, experts, top_k), x, grad)
-    ms = time_interleaved(fns, rounds=rounds)
+        ds_layer, ds_params = _deepspeed_moe(d, ff, experts, top_k)
+        fns["deepspeed"] = _fwd_bwd(ds_layer, x, grad, ds_params)
+    samples = interleaved_samples(fns, rounds=rounds)
+    ms = {k: statistics.median(v) for k, v in samples.items()}
+    ms["ratio"] = paired_ratio(samples["moe"], samples["dense"])
     return ms
 
 
 def run_bench(tokens: int = 4096, d_model: int = 512, d_ff: int = 1024, experts: int = 8, top_k: int = 2,
               sweep=(1024, 4096, 16384), rounds: int = 7, deepspeed: bool = True) -> dict:
-    torch.set_num_threads(torch.get_num_threads())
+    tune_cpu_allocator()        # as the trainer runs (aion_train.parallel.device)
     main = measure(tokens, d_model, d_ff, experts, top_k, rounds, deepspeed)
     points = []
     for n in sweep:
-        # as many rounds as fit the main point's time budget (small sizes are the noisiest)
-        n_rounds = min(25, max(5, rounds * tokens // n))
+        # about twice the main point's time budget per point (small sizes are the noisiest)
+        n_rounds = min(60, max(5, 2 * rounds * tokens // n))
         ms = main if n == tokens else measure(n, d_model, d_ff, experts, top_k, n_rounds, False)
         points.append({"tokens": n, "moe_ms": round(ms["moe"], 2), "dense_equiv_ms": round(ms["dense"], 2),
-                       "ratio": round(ms["moe"] / ms["dense"], 3)})
+                       "ratio": round(ms["ratio"], 3)})
     return {
         "moe_ms": round(main["moe"], 2),
         "dense_equiv_ms": round(main["dense"], 2),
-        "ratio": round(main["moe"] / main["dense"], 3),
+        "ratio": round(main["ratio"], 3),   # median of the per-round moe/dense ratios
         "dispatch_ms": round(main["dispatch"], 2),
         "experts_ms": round(main["experts"], 2),
         "deepspeed_moe_ms": round(main["deepspeed"], 2) if "deepspeed" in main else None,

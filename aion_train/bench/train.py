@@ -6,7 +6,9 @@ Throughput: the model `configs/tiny_cpu.yaml` builds (fp32; CPU bf16 matmuls are
 fp32 on these machines) and a `MixtralConfig` with the same vocab, width, layers, heads, KV heads,
 expert width, experts, top-k, positions, RoPE theta, RMSNorm eps, untied head and the balance
 loss on (`output_router_logits=True`, `router_aux_loss_coef = balance_coef`). Same batch, same
-threads, same process, both with `torch.optim.AdamW(foreach=True)`, timed interleaved (wall clock,
+threads, same process, both with `torch.optim.AdamW(fused=True)` (the `transformers` Trainer's
+default and our engine's), our step as the trainer runs it (`return_logits=False`: head + loss
+fused, see kernels/linear_cross_entropy.py), timed interleaved (wall clock,
 `time_interleaved`). The machines are shared, so the same two steps are also timed in thread-CPU
 time with one intra-op thread (`cpu_ms_1thread`, `speedup_vs_hf_1thread_cpu`), which time spent
 preempted by other processes does not inflate.
@@ -100,8 +102,9 @@ def param_count(model) -> int:
 
 
 def _adamw(params, t):
+    # fused: the `transformers` Trainer's default (optim="adamw_torch_fused") and our engine's
     return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                             weight_decay=t.weight_decay, foreach=True)
+                             weight_decay=t.weight_decay, fused=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -161,6 +164,8 @@ def measure_throughput(cfg, rounds: int = 10, warmup: int = 3, threads: int | No
     if threads:
         torch.set_num_threads(threads)
     from aion_train.model import build_model
+    from aion_train.parallel.device import tune_cpu_allocator
+    tune_cpu_allocator()        # as the trainer does on CPU (both models run in this process)
     b, t, v = cfg.data.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size
     gen = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(0, v, (b, t), generator=gen)
@@ -172,8 +177,8 @@ def measure_throughput(cfg, rounds: int = 10, warmup: int = 3, threads: int | No
     hf = build_hf_model(cfg.model, seed=cfg.seed).train()
     opt_ours, opt_hf = _adamw(ours.parameters(), cfg.train), _adamw(hf.parameters(), cfg.train)
 
-    def ours_loss():
-        return ours(ids, labels=shifted).loss
+    def ours_loss():   # as the trainer's step calls it: head + loss fused, no logits kept
+        return ours(ids, labels=shifted, return_logits=False).loss
 
     def hf_loss():
         return hf(input_ids=ids, labels=ids).loss
@@ -198,7 +203,7 @@ def measure_throughput(cfg, rounds: int = 10, warmup: int = 3, threads: int | No
         eng, _ = build_engine(parallelize(build_model(ecfg.model, seed=cfg.seed), groups), ecfg, groups)
 
         def engine_step():
-            eng.backward(eng(ids, labels=shifted).loss)
+            eng.backward(eng(ids, labels=shifted, return_logits=False).loss)
             eng.step()
         fns["ours_engine"] = engine_step
     with torch.no_grad():

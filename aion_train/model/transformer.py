@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from aion_train.config import ModelConfig
+from aion_train.kernels import reference, select
 
 from .attention import Attention, segment_causal_mask
 from .ffn import DenseFFN
@@ -22,7 +23,7 @@ from .rope import RotaryEmbedding
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor                 # [B, T, V] (or the local vocab shard under TP)
+    logits: torch.Tensor | None          # [B, T, V] (or the local vocab shard under TP)
     loss: torch.Tensor | None = None     # lm_loss + aux_loss
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
@@ -38,7 +39,6 @@ class FusedCrossEntropy:
     """The same loss through the blockwise cross-entropy kernel (no full fp32 softmax)."""
 
     def __init__(self, kernels: str):
-        from aion_train.kernels import reference, select
         self.per_row = select("cross_entropy", kernels)
         self.mean = reference.mean_loss
 
@@ -88,6 +88,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # swapped for the vocab-parallel one under TP
         self.loss_fn = cross_entropy_loss if cfg.kernels == "torch" else FusedCrossEntropy(cfg.kernels)
+        # head + loss in one kernel when the caller needs no logits (None under TP)
+        self.head_loss = select("linear_cross_entropy", cfg.kernels)
         self.activation_checkpointing = False
         self.reset_parameters()
         if cfg.tie_embeddings:
@@ -110,8 +112,12 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 kv_cache=None, inputs_embeds: torch.Tensor | None = None,
                 modality: torch.Tensor | None = None, return_hidden: bool = False,
-                segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> ModelOutput:
-        """Packed rows: `segment_ids` [B, T_keys] (1..k per sample, 0 pad; with a KV cache it covers
+                segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                return_logits: bool = True) -> ModelOutput:
+        """`return_logits=False` with labels (training): the LM head and the loss run as one
+        kernel that never stores the [B, T, V] logits (`logits` is then None).
+
+        Packed rows: `segment_ids` [B, T_keys] (1..k per sample, 0 pad; with a KV cache it covers
         the cached keys too) gives a block-diagonal causal mask, `position_ids` [B, T] the RoPE
         positions (restarting per sample). Without them: plain causal attention, positions
         0..T-1 after the cached ones."""
@@ -136,12 +142,23 @@ class Transformer(nn.Module):
                 x, a = block(x, positions, kv_cache, modality, mask)
             aux = aux + a
         h = self.norm(x)
-        logits = self.lm_head(h)
-        out = ModelOutput(logits=logits, aux_loss=aux, hidden=h if return_hidden else None)
+        out = ModelOutput(logits=None, aux_loss=aux, hidden=h if return_hidden else None)
+        if labels is not None and not return_logits and self._plain_head():
+            out.lm_loss = reference.mean_loss(self.head_loss(h, self.lm_head.weight, labels), labels)
+        else:
+            out.logits = self.lm_head(h)
+            if labels is not None:
+                out.lm_loss = self.loss_fn(out.logits, labels)
         if labels is not None:
-            out.lm_loss = self.loss_fn(logits, labels)
             out.loss = out.lm_loss + aux
         return out
+
+    def _plain_head(self) -> bool:
+        """The head is a plain dense projection: not TP-sharded, LoRA-wrapped, quantised, or a
+        ZeRO-3 partition (gathered only around the head module's own forward)."""
+        head = self.lm_head
+        return (self.head_loss is not None and type(head) is nn.Linear
+                and type(head.weight) in (torch.Tensor, nn.Parameter) and not hasattr(head.weight, "ds_id"))
 
 
 def build_model(cfg: ModelConfig, seed: int | None = None) -> Transformer:

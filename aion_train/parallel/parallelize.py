@@ -114,6 +114,7 @@ def parallelize(model, groups: ParallelGroups, sequence_parallel: bool = False):
         model.lm_head = head
         spec["lm_head.weight"] = [(0, *t)]
         model.loss_fn = VocabParallelCrossEntropy(tp, model.embed.vocab_start)
+        model.head_loss = None      # the fused head + loss knows no vocab shards
     if sp:
         for name, p in model.named_parameters():
             if "norm" in name:

@@ -105,7 +105,7 @@ def build_engine(model, cfg: Config, groups: ParallelGroups):
     pg = param_groups(model, t.weight_decay)
     pg = split_params_into_different_moe_groups_for_optimizer(pg)
     optimizer = torch.optim.AdamW(pg, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
-                                  foreach=True)
+                                  fused=True)   # one kernel per dtype group, on CPU and CUDA alike
     from aion_train.parallel.parallelize import is_expert_param
     # ZeRO asserts an MoE param group whenever it sees MoE layers; with frozen experts
     # (LoRA on attention/dense FFNs only) there is none, so DeepSpeed must not see them.

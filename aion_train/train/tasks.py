@@ -72,7 +72,7 @@ class TextTask:
         return self._loader(self.train_shards, shuffle_buffer=c.shuffle_buffer, num_workers=c.num_workers)
 
     def forward(self, engine, batch, device):
-        return engine(batch["input_ids"].to(device), labels=batch["labels"].to(device))
+        return engine(batch["input_ids"].to(device), labels=batch["labels"].to(device), return_logits=False)
 
     def metrics(self, out) -> dict:
         """Floats to average over the micro-batches of a step; "loss" is the headline."""
@@ -91,7 +91,7 @@ class TextTask:
         for i, batch in enumerate(self._loader(self.val_shards, loop=False)):
             if i >= cfg.train.eval_batches:
                 break
-            out = engine(batch["input_ids"], labels=batch["labels"])
+            out = engine(batch["input_ids"], labels=batch["labels"], return_logits=False)
             n = batch["labels"].numel()
             total += torch.tensor([out.lm_loss.float().item() * n, n], dtype=torch.float64)
         engine.train()

@@ -1,0 +1,103 @@
+"""LM head + cross-entropy in torch without storing the logits (the CPU path of the
+`linear_cross_entropy` kernel; the Triton one chunks over the vocabulary on GPU).
+
+Rows are taken in chunks of about 2 MB of fp32 logits, so a chunk's logits stay in cache. When
+a gradient will be needed, the forward pass also forms d(loss_row)/d(logits) = softmax - onehot
+for the chunk and turns it at once into the hidden-state and weight gradients (the way
+Liger-Kernel's fused linear cross-entropy does): no [N, V] logits, no separate log-softmax
+backward, no [N, V] zero-filled gradient. Those gradients are exact for any upstream gradient
+that is the same on every counted row (a mean or a sum over tokens, what the trainer uses);
+any other upstream gradient takes a second chunked pass in backward that recomputes the
+logits, so the result is exact whatever the caller does with the per-row losses.
+"""
+from __future__ import annotations
+
+import torch
+
+CHUNK_LOGITS = 1 << 19      # fp32 logits per chunk (2 MB)
+MIN_CHUNK_ROWS = 64
+
+
+def _chunk_rows(n_rows: int, vocab: int) -> int:
+    return max(1, min(n_rows, max(MIN_CHUNK_ROWS, CHUNK_LOGITS // max(vocab, 1))))
+
+
+def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor):
+    """(per-row loss, fp32 log-probabilities, safe label column) of one chunk of rows."""
+    safe = labels.masked_fill(~valid, 0).unsqueeze(1)
+    logp = torch.log_softmax((h @ weight.t()).float(), dim=-1)
+    return -logp.gather(1, safe).squeeze(1) * valid, logp, safe
+
+
+def _chunk_grad(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor):
+    """(per-row loss, d loss_row / d logits = softmax - onehot) of one chunk; ignored rows: 0, 0."""
+    loss, logp, safe = _chunk_loss(h, weight, labels, valid)
+    p = logp.exp_()
+    p.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=p.dtype))
+    return loss, p.mul_(valid.unsqueeze(1))
+
+
+def _add_chunk_grads(p: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, dh_out: torch.Tensor,
+                     dw_acc: torch.Tensor) -> None:
+    """dh_out = p @ weight (in the hidden dtype); dw_acc += p^T @ h (fp32)."""
+    pw = p.to(weight.dtype)
+    if dh_out.dtype == weight.dtype:
+        torch.mm(pw, weight, out=dh_out)
+    else:
+        dh_out.copy_(pw @ weight)
+    dw_acc.addmm_(p.t(), h.float())
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index: int):
+        h = hidden.reshape(-1, hidden.shape[-1])
+        y = labels.reshape(-1)
+        n, vocab = h.shape[0], weight.shape[0]
+        rows = _chunk_rows(n, vocab)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        loss = h.new_empty(n, dtype=torch.float32)
+        dh = torch.empty_like(h) if need_grad else None
+        dw = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        for s in range(0, n, rows):
+            hc, yc = h[s:s + rows], y[s:s + rows]
+            valid = yc != ignore_index
+            if not need_grad:
+                loss[s:s + rows] = _chunk_loss(hc, weight, yc, valid)[0]
+                continue
+            loss[s:s + rows], p = _chunk_grad(hc, weight, yc, valid)
+            _add_chunk_grads(p, hc, weight, dh[s:s + rows], dw)
+        ctx.save_for_backward(hidden, weight, labels, dh, dw)
+        ctx.ignore_index = ignore_index
+        return loss.reshape(labels.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, labels, dh, dw = ctx.saved_tensors
+        g = grad.reshape(-1).float()
+        y = labels.reshape(-1)
+        valid = y != ctx.ignore_index
+        counted = g[valid]
+        if counted.numel() == 0 or bool((counted == counted[0]).all()):
+            scale = counted[0] if counted.numel() else g.new_zeros(())
+            grad_h = (dh * scale.to(dh.dtype)).reshape(hidden.shape)
+            grad_w = (dw * scale).to(weight.dtype)
+            return grad_h, grad_w, None, None
+        # a per-row weighting: recompute the chunks and scale each row
+        h = hidden.reshape(-1, hidden.shape[-1])
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        rows = _chunk_rows(h.shape[0], weight.shape[0])
+        for s in range(0, h.shape[0], rows):
+            hc = h[s:s + rows]
+            _, p = _chunk_grad(hc, weight, y[s:s + rows], valid[s:s + rows])
+            _add_chunk_grads(p.mul_(g[s:s + rows].unsqueeze(1)), hc, weight, grad_h[s:s + rows], grad_w)
+        return grad_h.reshape(hidden.shape), grad_w.to(weight.dtype), None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         ignore_index: int = -100, chunk_size: int | None = None) -> torch.Tensor:
+    """Per-row cross_entropy(hidden @ weight^T, labels) in fp32 ([...] like labels; 0 where the
+    label is ignore_index). hidden: [..., H]; weight: [V, H]. chunk_size (columns of V) is only
+    used by the Triton implementation."""
+    return LinearCrossEntropy.apply(hidden, weight, labels, int(ignore_index))
