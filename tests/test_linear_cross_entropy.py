@@ -27,7 +27,7 @@ def _grads(loss, hidden, weight):
     return torch.autograd.grad(loss, (hidden, weight))
 
 
-@pytest.mark.parametrize("chunk_logits", [1 << 19, 517 * 70])   # one chunk; 5 uneven chunks
+@pytest.mark.parametrize("chunk_logits", [1 << 21, 517 * 70])   # one chunk; 5 uneven chunks
 def test_mean_loss_and_grads_equal_materialised_logits(monkeypatch, chunk_logits):
     monkeypatch.setattr(lce, "CHUNK_LOGITS", chunk_logits)
     monkeypatch.setattr(lce, "MIN_CHUNK_ROWS", 1)

@@ -2,16 +2,18 @@
 against transformers' MixtralForCausalLM with identical dimensions, and ZeRO 0/1/2/3 per-rank
 memory on 2 real gloo ranks next to the theory of Rajbhandari et al. (ZeRO, SC'20).
 
-Throughput: the model `configs/tiny_cpu.yaml` builds (fp32; CPU bf16 matmuls are slower than
-fp32 on these machines) and a `MixtralConfig` with the same vocab, width, layers, heads, KV heads,
-expert width, experts, top-k, positions, RoPE theta, RMSNorm eps, untied head and the balance
-loss on (`output_router_logits=True`, `router_aux_loss_coef = balance_coef`). Same batch, same
-threads, same process, both with `torch.optim.AdamW(fused=True)` (the `transformers` Trainer's
-default and our engine's), our step as the trainer runs it (`return_logits=False`: head + loss
-fused, see kernels/linear_cross_entropy.py), timed interleaved (wall clock,
-`time_interleaved`). The machines are shared, so the same two steps are also timed in thread-CPU
-time with one intra-op thread (`cpu_ms_1thread`, `speedup_vs_hf_1thread_cpu`), which time spent
-preempted by other processes does not inflate.
+Throughput: the model `configs/tiny_cpu.yaml` builds, in fp32 (bf16 GEMMs are faster on
+AVX512-BF16 CPUs, but SDPA's bf16 backward is not, and a bf16 step was slower for both models),
+and a `MixtralConfig` with the same vocab, width, layers, heads, KV heads, expert width,
+experts, top-k, positions, RoPE theta, RMSNorm eps, untied head and the balance loss on
+(`output_router_logits=True`, `router_aux_loss_coef = balance_coef`). Same batch, same threads,
+same process, both with `torch.optim.AdamW(fused=True)` (the `transformers` Trainer's default
+and our engine's); our step as the trainer runs it (`return_logits=False`: head + loss without
+stored logits, kernels/linear_cross_entropy.py). Timed interleaved (wall clock,
+`interleaved_samples`); speedup_vs_hf is the median of the per-round ratios. The machines are
+shared, so the same two steps are also timed in thread-CPU time with one intra-op thread
+(`cpu_ms_1thread`, `speedup_vs_hf_1thread_cpu`), which time spent preempted by other processes
+does not inflate.
 With `engine=True` the same step through our DeepSpeed engine (`build_engine`, one rank) is
 timed alongside; that run happens in one spawned process so this one keeps no process group.
 
@@ -41,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from .timing import time_interleaved
+from .timing import interleaved_samples, paired_ratio
 
 DEFAULT_CONFIG = "configs/tiny_cpu.yaml"
 
@@ -208,8 +210,9 @@ def measure_throughput(cfg, rounds: int = 10, warmup: int = 3, threads: int | No
         fns["ours_engine"] = engine_step
     with torch.no_grad():
         first = {"ours": float(ours_loss()), "hf": float(hf_loss())}
-    ms = time_interleaved(fns, rounds=rounds, warmup=warmup)
-    out = {"ms": ms, "tokens_per_step": b * t, "threads": torch.get_num_threads(),
+    samples = interleaved_samples(fns, rounds=rounds, warmup=warmup)
+    ms = {k: statistics.median(v) for k, v in samples.items()}
+    out = {"ms": ms, "speedup_paired": paired_ratio(samples["hf"], samples["ours"]), "tokens_per_step": b * t, "threads": torch.get_num_threads(),
            "params": param_count(ours), "hf_params": param_count(hf), "initial_loss": first,
            "hf_experts_implementation": hf.config._experts_implementation,
            "hf_attn_implementation": hf.config._attn_implementation,
@@ -408,7 +411,9 @@ def run_bench(config: str | None = None, rounds: int = 10, warmup: int = 3, toke
         "tokens_per_s": round(ours_tps, 1),
         "mfu": round(fpt * ours_tps / peak, 4),
         "hf_tokens_per_s": round(hf_tps, 1),
-        "speedup_vs_hf": round(ours_tps / hf_tps, 3),
+        # median over rounds of hf_ms / ours_ms (the two steps of a round ran back to back)
+        "speedup_vs_hf": round(tp["speedup_paired"], 3),
+        "speedup_vs_hf_of_medians": round(ours_tps / hf_tps, 3),
         "engine_tokens_per_s": round(tok / ms["ours_engine"] * 1e3, 1) if "ours_engine" in ms else None,
         "step_ms": {k: round(v, 2) for k, v in ms.items()},
         "phases_ms": tp["phases_ms"],

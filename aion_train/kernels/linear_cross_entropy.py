@@ -1,7 +1,7 @@
 """LM head + cross-entropy in torch without storing the logits (the CPU path of the
 `linear_cross_entropy` kernel; the Triton one chunks over the vocabulary on GPU).
 
-Rows are taken in chunks of about 2 MB of fp32 logits, so a chunk's logits stay in cache. When
+Rows are taken in chunks of at most 8 MB of fp32 logits. When
 a gradient will be needed, the forward pass also forms d(loss_row)/d(logits) = softmax - onehot
 for the chunk and turns it at once into the hidden-state and weight gradients (the way
 Liger-Kernel's fused linear cross-entropy does): no [N, V] logits, no separate log-softmax
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_LOGITS = 1 << 19      # fp32 logits per chunk (2 MB)
+CHUNK_LOGITS = 1 << 21      # fp32 logits per chunk (8 MB)
 MIN_CHUNK_ROWS = 64
 
 
@@ -38,14 +38,17 @@ def _chunk_grad(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, val
 
 
 def _add_chunk_grads(p: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, dh_out: torch.Tensor,
-                     dw_acc: torch.Tensor) -> None:
-    """dh_out = p @ weight (in the hidden dtype); dw_acc += p^T @ h (fp32)."""
+                     dw_acc: torch.Tensor, first: bool) -> None:
+    """dh_out = p @ weight (in the hidden dtype); dw_acc (+)= p^T @ h (fp32; `first` writes it)."""
     pw = p.to(weight.dtype)
     if dh_out.dtype == weight.dtype:
         torch.mm(pw, weight, out=dh_out)
     else:
         dh_out.copy_(pw @ weight)
-    dw_acc.addmm_(p.t(), h.float())
+    if first:
+        torch.mm(p.t(), h.float(), out=dw_acc)
+    else:
+        dw_acc.addmm_(p.t(), h.float())
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -58,7 +61,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         loss = h.new_empty(n, dtype=torch.float32)
         dh = torch.empty_like(h) if need_grad else None
-        dw = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        dw = (torch.empty_like if n else torch.zeros_like)(weight, dtype=torch.float32) if need_grad else None
         for s in range(0, n, rows):
             hc, yc = h[s:s + rows], y[s:s + rows]
             valid = yc != ignore_index
@@ -66,7 +69,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 loss[s:s + rows] = _chunk_loss(hc, weight, yc, valid)[0]
                 continue
             loss[s:s + rows], p = _chunk_grad(hc, weight, yc, valid)
-            _add_chunk_grads(p, hc, weight, dh[s:s + rows], dw)
+            _add_chunk_grads(p, hc, weight, dh[s:s + rows], dw, first=s == 0)
         ctx.save_for_backward(hidden, weight, labels, dh, dw)
         ctx.ignore_index = ignore_index
         return loss.reshape(labels.shape)
@@ -86,12 +89,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         # a per-row weighting: recompute the chunks and scale each row
         h = hidden.reshape(-1, hidden.shape[-1])
         grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        grad_w = (torch.empty_like if h.shape[0] else torch.zeros_like)(weight, dtype=torch.float32)
         rows = _chunk_rows(h.shape[0], weight.shape[0])
         for s in range(0, h.shape[0], rows):
             hc = h[s:s + rows]
             _, p = _chunk_grad(hc, weight, y[s:s + rows], valid[s:s + rows])
-            _add_chunk_grads(p.mul_(g[s:s + rows].unsqueeze(1)), hc, weight, grad_h[s:s + rows], grad_w)
+            _add_chunk_grads(p.mul_(g[s:s + rows].unsqueeze(1)), hc, weight, grad_h[s:s + rows], grad_w,
+                             first=s == 0)
         return grad_h.reshape(hidden.shape), grad_w.to(weight.dtype), None, None
 
 
