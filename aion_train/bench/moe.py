@@ -8,6 +8,8 @@ Each call is a training step's forward + backward: input and parameter gradients
 (`paired_ratio`); the *_ms fields are medians."""
 from __future__ import annotations
 
+import statistics
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,8 +17,6 @@ from torch import nn
 from aion_train.model.ffn import DenseFFN
 from aion_train.model.moe import MoELayer
 from aion_train.parallel.device import tune_cpu_allocator
-
-import statistics
 
 from .timing import interleaved_samples, paired_ratio
 

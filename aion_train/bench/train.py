@@ -212,7 +212,8 @@ def measure_throughput(cfg, rounds: int = 10, warmup: int = 3, threads: int | No
         first = {"ours": float(ours_loss()), "hf": float(hf_loss())}
     samples = interleaved_samples(fns, rounds=rounds, warmup=warmup)
     ms = {k: statistics.median(v) for k, v in samples.items()}
-    out = {"ms": ms, "speedup_paired": paired_ratio(samples["hf"], samples["ours"]), "tokens_per_step": b * t, "threads": torch.get_num_threads(),
+    out = {"ms": ms, "speedup_paired": paired_ratio(samples["hf"], samples["ours"]),
+           "tokens_per_step": b * t, "threads": torch.get_num_threads(),
            "params": param_count(ours), "hf_params": param_count(hf), "initial_loss": first,
            "hf_experts_implementation": hf.config._experts_implementation,
            "hf_attn_implementation": hf.config._attn_implementation,

@@ -1,11 +1,10 @@
 """LM head + cross-entropy in torch without storing the logits (the CPU path of the
 `linear_cross_entropy` kernel; the Triton one chunks over the vocabulary on GPU).
 
-Rows are taken in chunks of at most 8 MB of fp32 logits. When
-a gradient will be needed, the forward pass also forms d(loss_row)/d(logits) = softmax - onehot
-for the chunk and turns it at once into the hidden-state and weight gradients (the way
-Liger-Kernel's fused linear cross-entropy does): no [N, V] logits, no separate log-softmax
-backward, no [N, V] zero-filled gradient. Those gradients are exact for any upstream gradient
+Rows are taken in chunks of at most 8 MB of fp32 logits. When a gradient will be needed, the
+forward pass also forms d(loss_row)/d(logits) = softmax - onehot for the chunk and turns it at
+once into the hidden-state and weight gradients (as Liger-Kernel's fused linear cross-entropy
+does): no [N, V] logits kept, no separate log-softmax backward, no [N, V] zero-filled gradient. Those gradients are exact for any upstream gradient
 that is the same on every counted row (a mean or a sum over tokens, what the trainer uses);
 any other upstream gradient takes a second chunked pass in backward that recomputes the
 logits, so the result is exact whatever the caller does with the per-row losses.
