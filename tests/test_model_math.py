@@ -162,6 +162,34 @@ def test_rope_preserves_norm_and_position_zero_is_identity():
     assert not torch.allclose(out[:, 1], x[:, 1])   # and it does rotate elsewhere
 
 
+def test_rope_tables_stay_fp32_when_the_model_is_cast_to_bf16():
+    """DeepSpeed's bf16 mode calls module.bfloat16(): the rotation tables must stay fp32, so a
+    bf16 input is rotated as exactly as its own rounding allows."""
+    d = 32
+    rope = RotaryEmbedding(d, max_seq_len=256)
+    ref_cos = rope.cos.clone()
+    rope = torch.nn.Sequential(rope).bfloat16()[0]
+    assert rope.cos.dtype == rope.sin.dtype == torch.float32 and torch.equal(rope.cos, ref_cos)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 256, 2, d, generator=g).bfloat16()
+    out = rope(x, torch.arange(256))
+    assert out.dtype == torch.bfloat16
+    exact = RotaryEmbedding(d, max_seq_len=256)(x.float(), torch.arange(256))
+    assert torch.equal(out, exact.bfloat16())      # one rounding, at the end
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_attention_matches_explicit_softmax(dtype):
+    """bf16/fp16 inputs (attended in fp32 on CPU) give the fp32 result rounded once."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 9, h, 16, generator=g).to(dtype) for h in (4, 2, 2))
+    out = attention(q, k, v, causal=True)
+    assert out.dtype == dtype
+    ref = reference_attention(q.float(), k.float(), v.float())
+    torch.testing.assert_close(out.double(), ref.to(dtype).double(), atol=1e-2, rtol=1e-2)
+    assert (out.double() - ref).abs().max() <= (ref.to(dtype).double() - ref).abs().max() * 1.01 + 1e-6
+
+
 # ----------------------------------------------------------------------------------------------
 # norms
 # ----------------------------------------------------------------------------------------------

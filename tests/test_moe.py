@@ -290,9 +290,9 @@ def test_grouped_linear_matches_per_expert_loop(path, counts_values, monkeypatch
     if path == "grouped_mm":
         if not grouped_path_available():
             pytest.skip("torch grouped_mm not usable here")
-        monkeypatch.setattr(experts_mod, "_grouped_mm_works", lambda device_type: True)
+        monkeypatch.setattr(experts_mod, "_grouped_mm_works", lambda device_type, dtype=None: True)
     else:
-        monkeypatch.setattr(experts_mod, "_grouped_mm_works", lambda device_type: False)
+        monkeypatch.setattr(experts_mod, "_grouped_mm_works", lambda device_type, dtype=None: False)
     g = torch.Generator().manual_seed(sum(counts_values) + len(path))
     e, d_in, d_out = 4, 8, 4            # multiples of 4 floats: grouped_mm needs 16-byte strides
     m = sum(counts_values)
@@ -478,3 +478,26 @@ def test_moe_layer_gradients_reach_experts_and_router():
         nonzero = bool(layer.experts.w1.grad[ei].abs().sum() > 0)
         assert nonzero == (c > 0)
     assert layer.router.weight.grad is not None and float(layer.router.weight.grad.abs().sum()) > 0
+
+
+def test_grouped_linear_bf16_uses_grouped_gemm_and_matches_fp32():
+    """bf16 expert weights (DeepSpeed's bf16 mode) take the grouped GEMM too; the result equals
+    the fp32 per-expert products to bf16 rounding."""
+    if not experts_mod._grouped_mm_works("cpu", torch.bfloat16):
+        pytest.skip("torch grouped_mm has no bf16 CPU kernel here")
+    g = torch.Generator().manual_seed(7)
+    counts = torch.tensor([5, 0, 11, 16])
+    x32 = torch.randn(int(counts.sum()), 64, generator=g)
+    w32 = torch.randn(4, 64, 32, generator=g) / 8
+    x, w = x32.bfloat16().requires_grad_(), w32.bfloat16().requires_grad_()
+    y = grouped_linear(x, w, counts)
+    assert y.grad_fn is not None and "GroupedMm" in type(y.grad_fn).__name__
+    up = torch.randn(y.shape, generator=g)
+    (y.float() * up).sum().backward()
+    xr, wr = x.detach().float(), w.detach().float()
+    ref = torch.cat([c @ wr[e] for e, c in enumerate(torch.split(xr, counts.tolist()))])
+    torch.testing.assert_close(y.float(), ref, atol=2e-2, rtol=2e-2)
+    gx = torch.cat([u @ wr[e].t() for e, u in enumerate(torch.split(up, counts.tolist()))])
+    torch.testing.assert_close(x.grad.float(), gx, atol=3e-2, rtol=2e-2)
+    gw = torch.stack([c.t() @ u for c, u in zip(torch.split(xr, counts.tolist()), torch.split(up, counts.tolist()))])
+    torch.testing.assert_close(w.grad.float(), gw, atol=6e-2, rtol=2e-2)

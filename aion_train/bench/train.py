@@ -2,18 +2,22 @@
 against transformers' MixtralForCausalLM with identical dimensions, and ZeRO 0/1/2/3 per-rank
 memory on 2 real gloo ranks next to the theory of Rajbhandari et al. (ZeRO, SC'20).
 
-Throughput: the model `configs/tiny_cpu.yaml` builds, in fp32 (bf16 GEMMs are faster on
-AVX512-BF16 CPUs, but SDPA's bf16 backward is not, and a bf16 step was slower for both models),
-and a `MixtralConfig` with the same vocab, width, layers, heads, KV heads, expert width,
-experts, top-k, positions, RoPE theta, RMSNorm eps, untied head and the balance loss on
-(`output_router_logits=True`, `router_aux_loss_coef = balance_coef`). Same batch, same threads,
-same process, both with `torch.optim.AdamW(fused=True)` (the `transformers` Trainer's default
-and our engine's); our step as the trainer runs it (`return_logits=False`: head + loss without
-stored logits, kernels/linear_cross_entropy.py). Timed interleaved (wall clock,
-`interleaved_samples`); speedup_vs_hf is the median of the per-round ratios. The machines are
-shared, so the same two steps are also timed in thread-CPU time with one intra-op thread
-(`cpu_ms_1thread`, `speedup_vs_hf_1thread_cpu`), which time spent preempted by other processes
-does not inflate.
+Throughput: the model `configs/tiny_cpu.yaml` builds, at the config's precision (the tiny
+config trains in bf16), and a `MixtralConfig` with the same vocab, width, layers, heads, KV
+heads, expert width, experts, top-k, positions, RoPE theta, RMSNorm eps, untied head and the
+balance loss on (`output_router_logits=True`, `router_aux_loss_coef = balance_coef`). Same
+batch, same threads, same process, both trained the same way: in bf16 both models hold bf16
+parameters (what DeepSpeed's bf16 mode does to any module, ours in the trainer or a
+`transformers` one) and one shared optimizer keeps fp32 master weights and steps them with
+`torch.optim.AdamW(fused=True)` (the `transformers` Trainer's default and our engine's); in fp32
+the same AdamW steps the parameters. (`transformers`' own CPU bf16 route, autocast over fp32
+weights, measured slower than its bf16-parameter step: 55 vs 43 ms, docs/notes.md.) Our step is
+the trainer's (`return_logits=False`: head + loss without stored logits,
+kernels/linear_cross_entropy.py). Timed interleaved (wall clock, `interleaved_samples`);
+speedup_vs_hf is the median of the per-round ratios; `fp32` repeats the comparison in fp32.
+The machines are shared, so the same two steps are also timed in thread-CPU time with one
+intra-op thread (`cpu_ms_1thread`, `speedup_vs_hf_1thread_cpu`), which time spent preempted by
+other processes does not inflate.
 With `engine=True` the same step through our DeepSpeed engine (`build_engine`, one rank) is
 timed alongside; that run happens in one spawned process so this one keeps no process group.
 
@@ -60,9 +64,9 @@ def _config_path(config: str | None) -> str:
 
 
 def load_bench_config(config: str | None = None, micro_batch_size: int | None = None,
-                      seq_len: int | None = None, tokens: int | None = None):
+                      seq_len: int | None = None, tokens: int | None = None, precision: str | None = None):
     from aion_train.config import load_config
-    overrides = ["train.precision=fp32"]
+    overrides = [f"train.precision={precision}"] if precision else []
     if seq_len:
         overrides.append(f"data.seq_len={seq_len}")
     if micro_batch_size:
@@ -91,12 +95,13 @@ def mixtral_config(model_cfg):
         initializer_range=m.init_std, use_cache=False)
 
 
-def build_hf_model(model_cfg, seed: int = 0):
+def build_hf_model(model_cfg, seed: int = 0, dtype: torch.dtype = torch.float32):
     from transformers import MixtralForCausalLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MixtralForCausalLM._from_config(mixtral_config(model_cfg), attn_implementation="sdpa",
-                                               dtype=torch.float32)
+        model = MixtralForCausalLM._from_config(mixtral_config(model_cfg), attn_implementation="sdpa",
+                                                dtype=torch.float32)
+    return model.to(dtype)
 
 
 def param_count(model) -> int:
@@ -107,6 +112,39 @@ def _adamw(params, t):
     # fused: the `transformers` Trainer's default (optim="adamw_torch_fused") and our engine's
     return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
                              weight_decay=t.weight_decay, fused=True)
+
+
+class MasterWeightAdamW:
+    """AdamW on fp32 master copies of low-precision parameters, as DeepSpeed's bf16 optimizer
+    runs it: gradients cast up, one fused AdamW step on the masters, parameters copied back."""
+
+    def __init__(self, params, t):
+        self.params = [p for p in params if p.requires_grad]
+        self.master = [p.detach().float().clone().requires_grad_() for p in self.params]
+        self.opt = _adamw(self.master, t)
+
+    def step(self):
+        live = [(p, m) for p, m in zip(self.params, self.master) if p.grad is not None]
+        for p, m in live:
+            m.grad = p.grad.float()
+        self.opt.step()
+        with torch.no_grad():
+            torch._foreach_copy_([p for p, _ in live], [m for _, m in live])
+
+    def zero_grad(self, set_to_none: bool = True):
+        for p, m in zip(self.params, self.master):
+            p.grad = m.grad = None
+
+
+def make_optimizer(model, t):
+    low = any(p.dtype != torch.float32 for p in model.parameters())
+    return MasterWeightAdamW(model.parameters(), t) if low else _adamw(model.parameters(), t)
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    if precision == "fp16":
+        raise ValueError("bench train runs fp32 or bf16 (fp16 needs a GPU and loss scaling)")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 # ------------------------------------------------------------------------------------------
@@ -161,8 +199,9 @@ def _top_ops(fn, steps: int = 3, limit: int = 15) -> list:
 
 
 def measure_throughput(cfg, rounds: int = 10, warmup: int = 3, threads: int | None = None,
-                       engine: bool = False, profile: bool = False) -> dict:
-    """Our training step vs Mixtral's on the same tokens; returns milliseconds and counts."""
+                       engine: bool = False, profile: bool = False, details: bool = True) -> dict:
+    """Our training step vs Mixtral's on the same tokens, at cfg.train.precision; returns
+    milliseconds and counts (`details`: also per-phase and one-thread CPU times)."""
     if threads:
         torch.set_num_threads(threads)
     from aion_train.model import build_model
@@ -175,9 +214,10 @@ def measure_throughput(cfg, rounds: int = 10, warmup: int = 3, threads: int | No
     shifted = torch.full_like(ids, -100)
     shifted[:, :-1] = ids[:, 1:]
 
-    ours = build_model(cfg.model, seed=cfg.seed).train()
-    hf = build_hf_model(cfg.model, seed=cfg.seed).train()
-    opt_ours, opt_hf = _adamw(ours.parameters(), cfg.train), _adamw(hf.parameters(), cfg.train)
+    dtype = precision_dtype(cfg.train.precision)
+    ours = build_model(cfg.model, seed=cfg.seed).train().to(dtype)
+    hf = build_hf_model(cfg.model, seed=cfg.seed, dtype=dtype).train()
+    opt_ours, opt_hf = make_optimizer(ours, cfg.train), make_optimizer(hf, cfg.train)
 
     def ours_loss():   # as the trainer's step calls it: head + loss fused, no logits kept
         return ours(ids, labels=shifted, return_logits=False).loss
@@ -198,7 +238,6 @@ def measure_throughput(cfg, rounds: int = 10, warmup: int = 3, threads: int | No
         from aion_train.train.ds_comm import init_deepspeed_comm
         from aion_train.train.engine import build_engine
         ecfg = copy.deepcopy(cfg)
-        ecfg.train.precision = "fp32"
         init_deepspeed_comm("gloo", ecfg.parallel.timeout_s)   # a 1-rank group (a spawned process)
         groups = build_groups(1, 1, ecfg.parallel.timeout_s)
         # as the Trainer does: parallelize (tags the expert params for DeepSpeed), then the engine
@@ -216,10 +255,10 @@ def measure_throughput(cfg, rounds: int = 10, warmup: int = 3, threads: int | No
            "tokens_per_step": b * t, "threads": torch.get_num_threads(),
            "params": param_count(ours), "hf_params": param_count(hf), "initial_loss": first,
            "hf_experts_implementation": hf.config._experts_implementation,
-           "hf_attn_implementation": hf.config._attn_implementation,
-           "phases_ms": _phase_ms({"ours": (ours_loss, opt_ours), "hf": (hf_loss, opt_hf)},
-                                  max(3, rounds // 2)),
-           "cpu_ms_1thread": _thread_cpu_ms({k: fns[k] for k in ("ours", "hf")}, max(3, rounds))}
+           "hf_attn_implementation": hf.config._attn_implementation, "dtype": str(dtype).split(".")[-1]}
+    if details:
+        out["phases_ms"] = _phase_ms({"ours": (ours_loss, opt_ours), "hf": (hf_loss, opt_hf)}, max(3, rounds // 2))
+        out["cpu_ms_1thread"] = _thread_cpu_ms({k: fns[k] for k in ("ours", "hf")}, max(3, rounds))
     if profile:
         out["top_ops"] = {"ours": _top_ops(fns["ours"]), "hf": _top_ops(fns["hf"])}
     return out
@@ -382,29 +421,39 @@ def measure_zero(cfg, stages=(0, 1, 2, 3), nproc: int = 2, timeout_s: float = 30
 # the bench
 # ------------------------------------------------------------------------------------------
 
+def _in_process(cfg, rounds, warmup, threads, profile=False, details=True) -> dict:
+    prev = torch.get_num_threads()
+    try:
+        return measure_throughput(cfg, rounds, warmup, threads, False, profile, details)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _tokens_per_s(tp: dict) -> tuple[float, float]:
+    tok, ms = tp["tokens_per_step"], tp["ms"]
+    return tok / ms["ours"] * 1e3, tok / ms["hf"] * 1e3
+
+
 def run_bench(config: str | None = None, rounds: int = 10, warmup: int = 3, tokens: int | None = None,
               micro_batch_size: int | None = None, seq_len: int | None = None, threads: int | None = None,
-              engine: bool = True, profile: bool = False, zero: bool = True,
-              zero_stages=(0, 1, 2, 3), zero_micro_batch_size: int = 2) -> dict:
+              precision: str | None = None, fp32: bool = True, engine: bool = True, profile: bool = False,
+              zero: bool = True, zero_stages=(0, 1, 2, 3), zero_micro_batch_size: int = 2) -> dict:
     from aion_train.train.metrics import flops_per_token, peak_flops
-    cfg = load_bench_config(config, micro_batch_size, seq_len, tokens)
+    cfg = load_bench_config(config, micro_batch_size, seq_len, tokens, precision)
+    dtype = precision_dtype(cfg.train.precision)
     threads = threads or torch.get_num_threads()
     if engine:
         from aion_train.parallel.spawn import run_ranks
         tp = run_ranks(_throughput_rank, 1, cfg, rounds, warmup, threads, True, profile, timeout_s=600.0)
     else:
-        prev = torch.get_num_threads()
-        try:
-            tp = measure_throughput(cfg, rounds, warmup, threads, False, profile)
-        finally:
-            torch.set_num_threads(prev)
+        tp = _in_process(cfg, rounds, warmup, threads, profile)
     ms = tp["ms"]
     tok = tp["tokens_per_step"]
-    ours_tps, hf_tps = tok / ms["ours"] * 1e3, tok / ms["hf"] * 1e3
+    ours_tps, hf_tps = _tokens_per_s(tp)
     prev = torch.get_num_threads()
     torch.set_num_threads(tp["threads"])
     try:
-        peak = peak_flops("cpu", torch.float32)
+        peak = peak_flops("cpu", dtype)     # the measured matmul rate in the step's dtype
     finally:
         torch.set_num_threads(prev)
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -415,19 +464,27 @@ def run_bench(config: str | None = None, rounds: int = 10, warmup: int = 3, toke
         # median over rounds of hf_ms / ours_ms (the two steps of a round ran back to back)
         "speedup_vs_hf": round(tp["speedup_paired"], 3),
         "speedup_vs_hf_of_medians": round(ours_tps / hf_tps, 3),
+        "dtype": tp["dtype"],
         "engine_tokens_per_s": round(tok / ms["ours_engine"] * 1e3, 1) if "ours_engine" in ms else None,
         "step_ms": {k: round(v, 2) for k, v in ms.items()},
         "phases_ms": tp["phases_ms"],
         "cpu_ms_1thread": tp["cpu_ms_1thread"],
         "speedup_vs_hf_1thread_cpu": round(tp["cpu_ms_1thread"]["hf"] / tp["cpu_ms_1thread"]["ours"], 3),
         "hf_mfu": round(fpt * hf_tps / peak, 4),
-        "flops_per_token": fpt, "peak_flops": peak, "dtype": "float32",
+        "flops_per_token": fpt, "peak_flops": peak,
         "params": tp["params"], "hf_params": tp["hf_params"], "initial_loss": tp["initial_loss"],
         "micro_batch_size": cfg.data.micro_batch_size, "seq_len": cfg.data.seq_len,
         "tokens_per_step": tok, "threads": tp["threads"], "rounds": rounds,
         "hf_experts_implementation": tp["hf_experts_implementation"],
         "hf_attn_implementation": tp["hf_attn_implementation"],
     }
+    if fp32 and dtype != torch.float32:    # the same comparison in fp32, side by side
+        fcfg = copy.deepcopy(cfg)
+        fcfg.train.precision = "fp32"
+        f = _in_process(fcfg, rounds, warmup, threads, details=False)
+        f_ours, f_hf = _tokens_per_s(f)
+        result["fp32"] = {"speedup_vs_hf": round(f["speedup_paired"], 3), "tokens_per_s": round(f_ours, 1),
+                          "hf_tokens_per_s": round(f_hf, 1), "step_ms": {k: round(v, 2) for k, v in f["ms"].items()}}
     if profile:
         result["top_ops"] = tp["top_ops"]
     if zero:

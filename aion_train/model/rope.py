@@ -17,6 +17,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """Keep the cos/sin tables fp32 when the module is cast (`.bfloat16()`, as DeepSpeed's
+        bf16 mode does): bf16 angles would be off by up to 2^-9 relative; only move device."""
+        tables = (self.cos, self.sin)
+        super()._apply(fn, recurse)
+        self.cos, self.sin = (t.to(self.cos.device) for t in tables)
+        return self
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [B, T, H, D]; positions: [T] (absolute positions, e.g. offset by the KV cache)."""
         return self._rope(x, self.cos[positions], self.sin[positions])

@@ -10,32 +10,44 @@ from torch import nn
 from aion_train.kernels import select
 
 
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 @functools.lru_cache(maxsize=None)
-def _grouped_mm_works(device_type: str) -> bool:
-    """torch's grouped GEMM (forward and backward) on this device and dtype float32."""
-    if not hasattr(F, "grouped_mm"):
+def _grouped_mm_works(device_type: str, dtype: torch.dtype = torch.float32) -> bool:
+    """torch's grouped GEMM (forward and backward) works on this device and dtype."""
+    if not hasattr(F, "grouped_mm") or dtype not in GROUPED_MM_DTYPES:
         return False
     try:
-        a = torch.randn(5, 8, device=device_type, requires_grad=True)
-        b = torch.randn(2, 8, 4, device=device_type, requires_grad=True)
-        offs = torch.tensor([2, 5], dtype=torch.int32, device=device_type)
-        y = F.grouped_mm(a, b, offs=offs)
-        y.backward(torch.ones_like(y))
-        ref = torch.cat([a[:2] @ b[0], a[2:] @ b[1]])
-        return bool(torch.allclose(y, ref, atol=1e-5))
+        with torch.inference_mode(False), torch.enable_grad():   # the first call may come from generate()
+            return _probe_grouped_mm(device_type, dtype)
     except Exception:
         return False
+
+
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
+    a = torch.randn(5, 8, device=device_type).to(dtype).requires_grad_()
+    b = torch.randn(2, 8, 8, device=device_type).to(dtype).requires_grad_()
+    offs = torch.tensor([2, 5], dtype=torch.int32, device=device_type)
+    y = F.grouped_mm(a, b, offs=offs)
+    y.backward(torch.ones_like(y))
+    ref = torch.cat([a[:2] @ b[0], a[2:] @ b[1]])
+    return bool(torch.allclose(y.float(), ref.float(), atol=1e-5, rtol=1e-2))
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """grouped GEMM needs 16-byte aligned row strides."""
+    return (t.shape[-1] * t.element_size()) % 16 == 0
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
                    counts_list: list[int] | None = None) -> torch.Tensor:
     """x: [M, in] rows grouped by expert (counts[E] rows each); weight: [E, in, out]."""
-    if (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.shape[-1] % 4 == 0
-            and weight.shape[-1] % 4 == 0 and _grouped_mm_works(x.device.type)):
-        # grouped GEMM needs 16-byte aligned strides (checked above) and a dense incoming grad
+    if (x.dtype == weight.dtype and _aligned(x) and _aligned(weight)
+            and _grouped_mm_works(x.device.type, x.dtype)):
         offs = torch.cumsum(counts, 0).to(torch.int32)
         out = F.grouped_mm(x.contiguous(), weight, offs=offs)
-        if out.requires_grad:
+        if out.requires_grad:   # its backward needs a dense incoming gradient
             out.register_hook(lambda g: g.contiguous())
         return out
     counts_list = counts.tolist() if counts_list is None else counts_list
