@@ -87,3 +87,21 @@ def test_model_training_path_equals_logits_path():
     for (name, _), a, b in zip(model.named_parameters(), torch.autograd.grad(out.loss, list(model.parameters())),
                                ref_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_rows_with_underflowing_label_probability_keep_the_exact_loss():
+    """A label whose softmax probability underflows fp32 (loss ~ 300 nats) gets
+    logsumexp - logit, not -log(0) = inf; its gradient stays softmax - onehot."""
+    hidden, weight, labels = _inputs(n=40, h=8, v=33, seed=5)
+    with torch.no_grad():
+        hidden[3] *= 60           # sharp rows: the label's probability is ~exp(-300)
+        hidden[11] *= 60
+    labels[3] = int((hidden[3] @ weight.t()).argmin())
+    labels[11] = int((hidden[11] @ weight.t()).argmin())
+    got = lce.linear_cross_entropy(hidden, weight, labels)
+    want = F.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100, reduction="none")
+    assert want[3] > 100 and want[11] > 100
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-6)
+    for a, b in zip(_grads(mean_loss(got, labels), hidden, weight),
+                    _grads(mean_loss(want, labels), hidden, weight)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

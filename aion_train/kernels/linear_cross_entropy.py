@@ -22,18 +22,37 @@ def _chunk_rows(n_rows: int, vocab: int) -> int:
 
 
 def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor):
-    """(per-row loss, fp32 log-probabilities, safe label column) of one chunk of rows."""
+    """Per-row loss logsumexp(logits) - logits[label] (fp32) of one chunk; ignored rows: 0."""
     safe = labels.masked_fill(~valid, 0).unsqueeze(1)
-    logp = torch.log_softmax((h @ weight.t()).float(), dim=-1)
-    return -logp.gather(1, safe).squeeze(1) * valid, logp, safe
+    logits = (h @ weight.t()).float()
+    return (torch.logsumexp(logits, dim=-1) - logits.gather(1, safe).squeeze(1)) * valid
+
+
+# below this probability -log(p) leaves fp32's normal range; such rows are recomputed exactly
+_TINY_P = 1e-30
 
 
 def _chunk_grad(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor):
-    """(per-row loss, d loss_row / d logits = softmax - onehot) of one chunk; ignored rows: 0, 0."""
-    loss, logp, safe = _chunk_loss(h, weight, labels, valid)
-    p = logp.exp_()
+    """(per-row loss, d loss_row / d logits = softmax - onehot) of one chunk; ignored rows: 0, 0.
+
+    One fp32 softmax pass gives both: loss = -log p[label] (rows whose p[label] is too small
+    for that take logsumexp - logit instead), and the gradient is p with 1 taken off at the
+    label. (log_softmax, exp, mask and cast took five passes over the chunk's logits.)"""
+    safe = labels.masked_fill(~valid, 0).unsqueeze(1)
+    logits = h @ weight.t()
+    p = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    p_label = p.gather(1, safe).squeeze(1)
+    loss = -torch.log(p_label)
+    tiny = (p_label < _TINY_P) & valid
+    if bool(tiny.any()):
+        rows = tiny.nonzero().squeeze(1)
+        exact = logits[rows].float()
+        loss[rows] = torch.logsumexp(exact, dim=-1) - exact.gather(1, safe[rows]).squeeze(1)
+    loss = loss * valid
     p.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=p.dtype))
-    return loss, p.mul_(valid.unsqueeze(1))
+    if not bool(valid.all()):
+        p.index_fill_(0, (~valid).nonzero().squeeze(1), 0.0)
+    return loss, p
 
 
 def _add_chunk_grads(p: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, dh_out: torch.Tensor,
