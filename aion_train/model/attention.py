@@ -9,7 +9,6 @@ every segment). Without them the plain causal path runs exactly as before."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention_backend import attention
@@ -64,10 +63,5 @@ class Attention(nn.Module):
         q, k = apply_rope(self.rope, q, positions), apply_rope(self.rope, k, positions)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)
-        if attn_mask is None:
-            out = attention(q, k, v, causal=True, backend=self.backend)
-        else:
-            q, k, v = (z.transpose(1, 2) for z in (q, k, v))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                                 enable_gqa=q.shape[1] != k.shape[1]).transpose(1, 2)
+        out = attention(q, k, v, causal=True, backend=self.backend, attn_mask=attn_mask)
         return self.o_proj(out.reshape(b, t, -1))

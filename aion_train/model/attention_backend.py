@@ -28,11 +28,13 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-              backend: str = "auto") -> torch.Tensor:
+              backend: str = "auto", attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v with grouped KV heads. Returns [B, T, Hq, D].
 
-    `causal` with Tq < Tk (decoding with a KV cache) aligns the mask to the end of the keys."""
-    which = resolve_backend(backend, q.device, q.dtype)
+    `causal` with Tq < Tk (decoding with a KV cache) aligns the mask to the end of the keys.
+    `attn_mask` (boolean, broadcastable to [B, Hq, Tq, Tk], True = may attend) replaces the
+    causal mask, e.g. the block-diagonal mask of packed rows; it runs through SDPA."""
+    which = "sdpa" if attn_mask is not None else resolve_backend(backend, q.device, q.dtype)
     if which == "flash":
         return _flash_attn_func()(q, k, v, causal=causal)
     out_dtype = q.dtype
@@ -43,7 +45,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     gqa = q.shape[2] != k.shape[2]     # grouped KV heads: SDPA maps q head i to kv head i // group
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     tq, tk = q.shape[2], k.shape[2]
-    if causal and tq == tk:
+    if attn_mask is not None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+    elif causal and tq == tk:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     elif causal and tq > 1:
         mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)

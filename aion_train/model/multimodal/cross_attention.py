@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from aion_train.model.attention_backend import attention
 
 
 @dataclass
@@ -77,12 +78,12 @@ class GatedCrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: MediaContext) -> torch.Tensor:
         b, t, d = x.shape
         h = self.heads
-        q = self.q(self.norm(x)).view(b, t, h, -1).transpose(1, 2)
-        k, v = self.kv(ctx.kv.to(x.dtype)).view(b, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)
-        mask = ctx.mask()
+        q = self.q(self.norm(x)).view(b, t, h, -1)
+        k, v = self.kv(ctx.kv.to(x.dtype)).view(b, -1, 2, h, d // h).unbind(2)
+        mask = ctx.mask()                                    # [B, 1, T, Tk]
         visible = mask.any(-1, keepdim=True)                # queries with no media: output 0, no NaN
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~visible)
-        out = (out * visible).transpose(1, 2).reshape(b, t, d)
+        out = attention(q, k, v, causal=False, attn_mask=mask | ~visible)
+        out = (out * visible.transpose(1, 2)).reshape(b, t, d)
         return x + torch.tanh(self.gate).to(x.dtype) * self.out(out)
 
     def pre_hook(self, block, args):
