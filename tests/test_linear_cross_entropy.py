@@ -105,3 +105,19 @@ def test_rows_with_underflowing_label_probability_keep_the_exact_loss():
     for a, b in zip(_grads(mean_loss(got, labels), hidden, weight),
                     _grads(mean_loss(want, labels), hidden, weight)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_logits", [1 << 21, 517 * 70])
+def test_loss_without_gradients_is_per_row_cross_entropy(monkeypatch, chunk_logits):
+    """Evaluation (no gradient wanted) takes the loss-only path: per-row losses, 0 on ignored rows."""
+    monkeypatch.setattr(lce, "CHUNK_LOGITS", chunk_logits)
+    monkeypatch.setattr(lce, "MIN_CHUNK_ROWS", 1)
+    hidden, weight, labels = _inputs(seed=4)
+    want = F.cross_entropy(hidden.detach() @ weight.detach().t(), labels, ignore_index=-100, reduction="none")
+    with torch.no_grad():       # an evaluation: parameters that require grad, grad mode off
+        got = lce.linear_cross_entropy(hidden, weight, labels)
+    assert got.grad_fn is None
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
+    got = lce.linear_cross_entropy(hidden.detach(), weight.detach(), labels)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
+    assert len(set(got[labels != -100].tolist())) > 10      # one loss per row, not one broadcast

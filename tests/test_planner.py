@@ -258,9 +258,10 @@ def test_moe_layer_counts_top_k_copies():
 
 def saved_activation_bytes(overrides):
     """Bytes autograd keeps for backward after one bf16 training forward of the real model
-    (unique storages, parameters excluded)."""
+    (unique storages, parameters excluded), as on a GPU: the CPU-only fp32 attention (which
+    keeps fp32 copies of q, k, v and the output) is turned off for the measurement."""
     import torch
-    from aion_train.model import build_model
+    from aion_train.model import attention_backend, build_model
     cfg = load_config(CFG, overrides)
     model = build_model(cfg.model, seed=0).to(torch.bfloat16).train()
     ids = torch.randint(0, cfg.model.vocab_size, (cfg.data.micro_batch_size, cfg.data.seq_len),
@@ -274,8 +275,13 @@ def saved_activation_bytes(overrides):
             seen[st.data_ptr()] = st.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids, labels=ids)
+    previous = attention_backend.CPU_ATTENTION_IN_FP32
+    attention_backend.CPU_ATTENTION_IN_FP32 = False
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids, labels=ids)
+    finally:
+        attention_backend.CPU_ATTENTION_IN_FP32 = previous
     return sum(seen.values()), cfg
 
 

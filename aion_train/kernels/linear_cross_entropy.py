@@ -76,6 +76,16 @@ def _add_chunk_grads(p: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, dh_
         dw_acc.addmm_(p.t(), h.float())
 
 
+def _loss_only(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+    h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    rows = _chunk_rows(h.shape[0], weight.shape[0])
+    loss = h.new_empty(h.shape[0], dtype=torch.float32)
+    for s in range(0, h.shape[0], rows):
+        yc = y[s:s + rows]
+        loss[s:s + rows] = _chunk_loss(h[s:s + rows], weight, yc, yc != ignore_index)
+    return loss.reshape(labels.shape)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index: int):
@@ -83,17 +93,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         y = labels.reshape(-1)
         n, vocab = h.shape[0], weight.shape[0]
         rows = _chunk_rows(n, vocab)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         loss = h.new_empty(n, dtype=torch.float32)
-        dh = torch.empty_like(h) if need_grad else None
-        dw = (torch.empty_like if n else torch.zeros_like)(weight, dtype=torch.float32) if need_grad else None
+        dh = torch.empty_like(h)
+        dw = (torch.empty_like if n else torch.zeros_like)(weight, dtype=torch.float32)
         for s in range(0, n, rows):
             hc, yc = h[s:s + rows], y[s:s + rows]
-            valid = yc != ignore_index
-            if not need_grad:
-                loss[s:s + rows] = _chunk_loss(hc, weight, yc, valid)[0]
-                continue
-            loss[s:s + rows], p = _chunk_grad(hc, weight, yc, valid)
+            loss[s:s + rows], p = _chunk_grad(hc, weight, yc, yc != ignore_index)
             _add_chunk_grads(p, hc, weight, dh[s:s + rows], dw, first=s == 0)
         ctx.save_for_backward(hidden, weight, labels, dh, dw)
         ctx.ignore_index = ignore_index
@@ -128,5 +133,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          ignore_index: int = -100, chunk_size: int | None = None) -> torch.Tensor:
     """Per-row cross_entropy(hidden @ weight^T, labels) in fp32 ([...] like labels; 0 where the
     label is ignore_index). hidden: [..., H]; weight: [V, H]. chunk_size (columns of V) is only
-    used by the Triton implementation."""
+    used by the Triton implementation. Without autograd (no_grad, or no input needing a
+    gradient: evaluation) only the losses are computed."""
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        return _loss_only(hidden, weight, labels, int(ignore_index))
     return LinearCrossEntropy.apply(hidden, weight, labels, int(ignore_index))

@@ -8,6 +8,12 @@ import torch
 import torch.nn.functional as F
 
 
+# torch's CPU flash kernel is ~2.7x slower in bf16 than in fp32 (forward + backward, measured
+# on AVX512-BF16; docs/notes.md), so on CPU bf16/fp16 inputs are attended in fp32, which is also
+# the more exact result. Autograd then keeps fp32 q, k, v and output (2x the bf16 bytes).
+CPU_ATTENTION_IN_FP32 = True
+
+
 @functools.lru_cache(maxsize=None)
 def _flash_attn_func():
     try:
@@ -38,9 +44,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     if which == "flash":
         return _flash_attn_func()(q, k, v, causal=causal)
     out_dtype = q.dtype
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-        # torch's CPU flash kernel is ~2.7x slower in bf16 than in fp32 (forward + backward,
-        # measured on AVX512-BF16; docs/notes.md): attend in fp32, which is also more exact
+    if CPU_ATTENTION_IN_FP32 and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         q, k, v = q.float(), k.float(), v.float()
     gqa = q.shape[2] != k.shape[2]     # grouped KV heads: SDPA maps q head i to kv head i // group
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
