@@ -69,7 +69,10 @@ def _add_chunk_grads(p: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, dh_
         dh_out.copy_(pw @ weight)
     if weight.dtype != torch.float32 and h.dtype == weight.dtype:
         chunk = pw.t() @ h
-        dw_acc.copy_(chunk) if first else dw_acc.add_(chunk)
+        if first:
+            dw_acc.copy_(chunk)
+        else:
+            dw_acc.add_(chunk)
     elif first:
         torch.mm(p.t(), h.float(), out=dw_acc)
     else:
