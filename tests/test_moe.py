@@ -9,6 +9,8 @@ from aion_train.model.ffn import DenseFFN
 from aion_train.model.moe import (LocalDispatcher, MoELayer, TopKRouter, balance_loss, combine,
                                   expert_capacity, grouped_linear, sort_by_expert, z_loss)
 from aion_train.model.moe import experts as experts_mod
+from aion_train.model.moe import token_dispatcher
+from aion_train.model.moe.token_dispatcher import pad_to_equal_groups
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +233,7 @@ def test_sort_by_expert_with_an_empty_expert():
 def test_dispatch_combine_round_trip_identity_experts_dropless():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(6, 4, generator=g)
-    disp = LocalDispatcher(3, None)
+    disp = LocalDispatcher(3, None, pad_groups=False)
     tokens, counts, state = disp.dispatch(x, HAND_INDICES, HAND_GATES)
     assert counts.tolist() == [5, 4, 3] and state.dropped == 0 and state.n_tokens == 6
     # grouped by expert: the rows are copies of the routed tokens, in expert order
@@ -245,7 +247,7 @@ def test_dispatch_combine_round_trip_identity_experts_dropless():
 def test_dispatch_combine_with_drops_gives_zeros_for_fully_dropped_tokens():
     g = torch.Generator().manual_seed(6)
     x = torch.randn(6, 4, generator=g)
-    disp = LocalDispatcher(3, 0.5)             # capacity ceil(0.5 * 6 * 2 / 3) = 2
+    disp = LocalDispatcher(3, 0.5, pad_groups=False)   # capacity ceil(0.5 * 6 * 2 / 3) = 2
     tokens, counts, state = disp.dispatch(x, HAND_INDICES, HAND_GATES)
     assert counts.tolist() == [2, 2, 2]
     assert state.dropped == 6                  # e0: 3 over, e1: 2 over, e2: 1 over
@@ -260,6 +262,56 @@ def test_dispatch_combine_with_drops_gives_zeros_for_fully_dropped_tokens():
     ])
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
     assert torch.equal(out[3], torch.zeros(4)) and torch.equal(out[5], torch.zeros(4))
+
+
+def test_pad_to_equal_groups_by_hand():
+    tok, gates, counts, _ = sort_by_expert(HAND_INDICES, HAND_GATES, 3, None)   # counts 5, 4, 3
+    padded = pad_to_equal_groups(tok, gates, counts, max_waste=0.25, max_rows=5)
+    p_tok, p_gates, p_counts = padded
+    assert p_counts.tolist() == [5, 5, 5]
+    # expert 0's five rows, expert 1's four + one pad, expert 2's three + two pads (token 0, gate 0)
+    assert p_tok.tolist() == [0, 1, 2, 3, 4, 0, 2, 3, 5, 0, 1, 4, 5, 0, 0]
+    want_gates = [gate(0, 0), gate(1, 0), gate(2, 0), gate(3, 1), gate(4, 0),
+                  gate(0, 1), gate(2, 1), gate(3, 0), gate(5, 1), 0.0,
+                  gate(1, 1), gate(4, 1), gate(5, 0), 0.0, 0.0]
+    torch.testing.assert_close(p_gates, torch.tensor(want_gates))
+    # 3 padding rows on 12 real ones is 25%: refused above that, or past max_rows
+    assert pad_to_equal_groups(tok, gates, counts, max_waste=0.2, max_rows=5) is None
+    assert pad_to_equal_groups(tok, gates, counts, max_waste=0.25, max_rows=4) is None
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_padded_equal_groups_give_the_ragged_layers_outputs_and_gradients(activation, monkeypatch):
+    """The CPU layout (equal groups, one batched GEMM) against the ragged grouped GEMMs: same
+    output, same gradients for the input, the router and every expert."""
+    monkeypatch.setattr(token_dispatcher, "CPU_PAD_MAX_WASTE", 1.0)
+    x = torch.randn(2, 40, 8, generator=torch.Generator().manual_seed(13))
+    results = []
+    for pad in (True, False):
+        layer = scaled_layer(14, 8, 4, 2, 12, activation, None, 0.01, 0.0, 0, True)
+        layer.dispatcher.pad_groups = pad
+        routing = layer.router(x.reshape(-1, 8))
+        _, groups, _ = layer.dispatcher.dispatch(x.reshape(-1, 8), routing.indices, routing.gates)
+        assert (len(set(groups.tolist())) == 1) == pad
+        xi = x.clone().requires_grad_()
+        y, aux = layer(xi)
+        (y.pow(2).sum() + aux).backward()
+        results.append([y.detach(), xi.grad] + [p.grad for p in layer.parameters()])
+        counts = layer.last_stats["tokens_per_expert"].tolist()
+    assert len(set(counts)) > 1                       # ragged: padding was needed
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_equal_groups_run_as_one_batched_gemm():
+    torch.manual_seed(0)
+    experts = experts_mod.GroupedExperts(3, 8, 12)
+    x = torch.randn(15, 8, requires_grad=True)
+    y = experts(x, torch.tensor([5, 5, 5]))
+    assert "Bmm" in type(y.grad_fn.next_functions[0][0]).__name__ or "Bmm" in type(y.grad_fn).__name__
+    want = torch.cat([(F.silu(xe @ experts.w1[e]) * (xe @ experts.w3[e])) @ experts.w2[e]
+                      for e, xe in enumerate(x.split(5))])
+    torch.testing.assert_close(y, want, atol=1e-6, rtol=1e-6)
 
 
 def test_combine_scales_expert_outputs_by_gates():

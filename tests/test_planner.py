@@ -259,9 +259,11 @@ def test_moe_layer_counts_top_k_copies():
 def saved_activation_bytes(overrides):
     """Bytes autograd keeps for backward after one bf16 training forward of the real model
     (unique storages, parameters excluded), as on a GPU: the CPU-only fp32 attention (which
-    keeps fp32 copies of q, k, v and the output) is turned off for the measurement."""
+    keeps fp32 copies of q, k, v and the output) and the CPU padding of the expert groups are
+    turned off for the measurement."""
     import torch
     from aion_train.model import attention_backend, build_model
+    from aion_train.model.moe import token_dispatcher
     cfg = load_config(CFG, overrides)
     model = build_model(cfg.model, seed=0).to(torch.bfloat16).train()
     ids = torch.randint(0, cfg.model.vocab_size, (cfg.data.micro_batch_size, cfg.data.seq_len),
@@ -275,13 +277,13 @@ def saved_activation_bytes(overrides):
             seen[st.data_ptr()] = st.nbytes()
         return t
 
-    previous = attention_backend.CPU_ATTENTION_IN_FP32
-    attention_backend.CPU_ATTENTION_IN_FP32 = False
+    previous = attention_backend.CPU_ATTENTION_IN_FP32, token_dispatcher.CPU_PAD_MAX_WASTE
+    attention_backend.CPU_ATTENTION_IN_FP32, token_dispatcher.CPU_PAD_MAX_WASTE = False, 0.0
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(ids, labels=ids)
     finally:
-        attention_backend.CPU_ATTENTION_IN_FP32 = previous
+        attention_backend.CPU_ATTENTION_IN_FP32, token_dispatcher.CPU_PAD_MAX_WASTE = previous
     return sum(seen.values()), cfg
 
 

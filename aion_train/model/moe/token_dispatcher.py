@@ -48,25 +48,66 @@ def sort_by_expert(indices: torch.Tensor, gates: torch.Tensor, n_experts: int, c
     return order // top_k, gates.reshape(-1)[order], counts, dropped
 
 
+def pad_to_equal_groups(token_index: torch.Tensor, gates: torch.Tensor, counts: torch.Tensor,
+                        max_waste: float, max_rows: int):
+    """Lay the expert-ordered copies out as E equal groups of C = max(counts) rows, for one
+    batched expert GEMM. Padding rows repeat token 0 with gate 0: the combine scales their
+    outputs by 0, so they add nothing and get zero gradients. Returns (token_index, gates,
+    counts) of the padded layout, or None when the padding rows would exceed `max_waste` of the
+    real rows or C would exceed `max_rows`."""
+    n_experts, real = counts.numel(), token_index.numel()
+    group = int(counts.max()) if real else 0
+    if real == 0 or group > max_rows or n_experts * group > (1 + max_waste) * real:
+        return None
+    if n_experts * group == real:
+        return token_index, gates, counts
+    starts = torch.cumsum(counts, 0) - counts
+    expert = torch.repeat_interleave(torch.arange(n_experts, device=counts.device), counts)
+    slot = expert * group + torch.arange(real, device=counts.device) - starts[expert]
+    padded_index = token_index.new_zeros(n_experts * group).index_copy(0, slot, token_index)
+    padded_gates = gates.new_zeros(n_experts * group).index_copy(0, slot, gates)
+    return padded_index, padded_gates, torch.full_like(counts, group)
+
+
 def combine(expert_out: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor,
             n_tokens: int, kernels: str = "auto") -> torch.Tensor:
     """sum_k gate_k * expert_k(x) per token (tokens with every copy dropped get zeros)."""
     return select("moe_unpermute", kernels)(expert_out, token_index, gates, n_tokens)
 
 
-class LocalDispatcher:
-    """All experts live on this rank."""
+# On the CPU, equal expert groups run as one batched GEMM (`GroupedExperts`), which MKL splits
+# over the threads by whole experts; ragged groups take one threaded GEMM per expert. At a few
+# hundred rows per expert the per-expert GEMMs are 10-15% slower than the batched one, and
+# 20-40% slower while the VM's cores are contended; from ~500 rows per expert on, they win over
+# the padded batch (bench moe; docs/notes.md). So on the CPU small groups are padded to the
+# largest when that adds at most CPU_PAD_MAX_WASTE of the rows. CUDA's grouped GEMM takes
+# ragged groups as they are.
+CPU_PAD_MAX_WASTE = 0.15
+CPU_PAD_MAX_ROWS = 384
 
-    def __init__(self, n_experts: int, capacity_factor: float | None, kernels: str = "auto"):
+
+class LocalDispatcher:
+    """All experts live on this rank. `pad_groups`: pad the expert groups to equal size under
+    the rule above (None: on the CPU only)."""
+
+    def __init__(self, n_experts: int, capacity_factor: float | None, kernels: str = "auto",
+                 pad_groups: bool | None = None):
         self.n_experts = n_experts
         self.capacity_factor = capacity_factor
         self.kernels = kernels
+        self.pad_groups = pad_groups
         self._permute = select("moe_permute", kernels)
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor):
-        """x: [N, d] -> (tokens grouped by expert [M, d], counts per local expert [E], state)."""
+        """x: [N, d] -> (tokens grouped by expert [M, d], counts per local expert [E], state).
+        Padded groups count their padding rows (M = E * max count)."""
         cap = expert_capacity(x.shape[0], indices.shape[1], self.n_experts, self.capacity_factor)
         token_index, kept_gates, counts, dropped = sort_by_expert(indices, gates, self.n_experts, cap)
+        pad = self.pad_groups if self.pad_groups is not None else x.device.type == "cpu"
+        padded = pad_to_equal_groups(token_index, kept_gates, counts, CPU_PAD_MAX_WASTE,
+                                     CPU_PAD_MAX_ROWS) if pad else None
+        if padded is not None:
+            token_index, kept_gates, counts = padded
         state = DispatchState(token_index, kept_gates, x.shape[0], dropped)
         return self._permute(x, token_index), counts, state
 
