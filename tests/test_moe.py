@@ -291,8 +291,8 @@ def test_padded_equal_groups_give_the_ragged_layers_outputs_and_gradients(activa
         layer = scaled_layer(14, 8, 4, 2, 12, activation, None, 0.01, 0.0, 0, True)
         layer.dispatcher.pad_groups = pad
         routing = layer.router(x.reshape(-1, 8))
-        _, groups, _ = layer.dispatcher.dispatch(x.reshape(-1, 8), routing.indices, routing.gates)
-        assert (len(set(groups.tolist())) == 1) == pad
+        _, layout_counts, _ = layer.dispatcher.dispatch(x.reshape(-1, 8), routing.indices, routing.gates)
+        assert (len(set(layout_counts.tolist())) == 1) == pad
         xi = x.clone().requires_grad_()
         y, aux = layer(xi)
         (y.pow(2).sum() + aux).backward()
