@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import sys
 
+from .output_dirs import add_overwrite_argument
+
 
 def add_arguments(p):
     p.add_argument("--corpus", action="append", required=True, metavar="GLOB",
                    help="files to index (repeatable; '**' ok; .gz and man pages handled; "
                         "'pydoc' = the Python reference topics)")
-    p.add_argument("--out", required=True, help="index folder to write (replaced atomically)")
+    p.add_argument("--out", required=True, help="index folder to write (an index of ours is replaced; a foreign folder is refused)")
     p.add_argument("--embedder", default="minilm",
                    help="minilm | model:CONFIG.yaml[@tokenizer.model] | model:CHECKPOINT "
                         "(needs a registered loader) | hash-DIM")
@@ -24,9 +26,11 @@ def add_arguments(p):
     p.add_argument("--max-chunks-per-doc", type=int, default=None)
     p.add_argument("--no-cache", action="store_true", help="do not use the embedding cache")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    add_overwrite_argument(p)
 
 
 def run(args) -> int:
+    from aion_train.ownership import ForeignFolderError
     from aion_train.retrieval.build import build_index
     from aion_train.retrieval.cache import stderr_log
     from aion_train.retrieval.dense import default_params
@@ -40,7 +44,10 @@ def run(args) -> int:
         m = build_index(args.corpus, args.out, args.embedder, factory=args.factory, pca=args.pca,
                         chunk_chars=args.chunk_chars, overlap=args.overlap,
                         max_chunks_per_doc=args.max_chunks_per_doc, params=params,
-                        use_cache=not args.no_cache, log=stderr_log)
+                        use_cache=not args.no_cache, log=stderr_log, overwrite=args.overwrite)
+    except ForeignFolderError as e:
+        print(f"build-index: {e}", file=sys.stderr)
+        return 2
     except (ValueError, OSError, RuntimeError) as e:
         print(f"build-index: {e}", file=sys.stderr)
         return 1

@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from .output_dirs import add_overwrite_argument
+
 
 def add_arguments(p):
     p.add_argument("files", nargs="*", metavar="FILE",
@@ -27,6 +29,7 @@ def add_arguments(p):
                    help="log the bundle to this MLflow tracking URI")
     p.add_argument("--print-schema", action="store_true",
                    help="print the policy JSON Schema and exit")
+    add_overwrite_argument(p)
 
 
 def _expand(paths: list[str]) -> list[str]:
@@ -67,8 +70,12 @@ def run(args) -> int:
         print(f"build-policy: {len(e.issues)} error(s) in {bad} file(s); no bundle written",
               file=sys.stderr)
         return 2
+    from aion_train.ownership import ForeignFolderError
     try:
-        path = write_bundle(bundle, args.out)
+        path = write_bundle(bundle, args.out, overwrite=args.overwrite)
+    except ForeignFolderError as e:
+        print(f"build-policy: {e}; no bundle written", file=sys.stderr)
+        return 2
     except OSError as e:
         print(f"build-policy: cannot write the bundle to {args.out}: {e}", file=sys.stderr)
         return 1

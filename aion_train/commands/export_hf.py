@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import sys
 
+from .output_dirs import add_overwrite_argument
+
 
 def add_arguments(p):
     p.add_argument("--checkpoint", required=True, help="step folder, checkpoints folder or run folder")
@@ -22,16 +24,19 @@ def add_arguments(p):
                         "fused: transformers 5's mlp.experts.gate_up_proj/down_proj")
     p.add_argument("--max-shard-size", default="5GB", help="split the safetensors above this size")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    add_overwrite_argument(p)
 
 
 def run(args) -> int:
     from aion_train.config import ConfigError
     from aion_train.interop.hf_mixtral import DTYPES, NotExpressibleError, export_hf
+    from aion_train.ownership import ForeignFolderError
     from aion_train.train.checkpoint import CheckpointError
     try:
         summary = export_hf(args.checkpoint, args.out, dtype=None if args.dtype == "keep" else DTYPES[args.dtype],
-                            expert_layout=args.expert_layout, max_shard_size=args.max_shard_size)
-    except (NotExpressibleError, CheckpointError, ConfigError) as e:
+                            expert_layout=args.expert_layout, max_shard_size=args.max_shard_size,
+                            overwrite=args.overwrite)
+    except (NotExpressibleError, CheckpointError, ConfigError, ForeignFolderError) as e:
         print(f"export-hf: {e}", file=sys.stderr)
         return 2
     if args.json:

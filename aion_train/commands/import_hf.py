@@ -15,11 +15,12 @@ import json
 import sys
 
 from .check_config import add_config_arguments
+from .output_dirs import add_overwrite_argument
 
 
 def add_arguments(p):
     p.add_argument("--hf", required=True, help="folder with config.json and model*.safetensors")
-    p.add_argument("--out", required=True, help="run folder to create (its checkpoints/ must be empty)")
+    p.add_argument("--out", required=True, help="run folder to create (absent, empty, or a run of ours whose checkpoints/ is empty)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size of the written shards (default 1)")
     p.add_argument("--ep", type=int, default=None, help="expert-parallel size of the written shards (default 1)")
     p.add_argument("--world", type=int, default=None, help="world size recorded in the layout (default tp*ep)")
@@ -27,6 +28,7 @@ def add_arguments(p):
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="model.max_seq_len (default: max_position_embeddings, or the sliding window)")
     p.add_argument("--json", action="store_true")
+    add_overwrite_argument(p)
     add_config_arguments(p)
 
 
@@ -46,7 +48,8 @@ def run(args) -> int:
         world = world or cfg.parallel.world_size
     try:
         summary = import_hf(args.hf, args.out, tp, ep, base=base, world=world, zero_stage=zero,
-                            dtype=None if args.dtype == "keep" else DTYPES[args.dtype], max_seq_len=args.max_seq_len)
+                            dtype=None if args.dtype == "keep" else DTYPES[args.dtype], max_seq_len=args.max_seq_len,
+                            overwrite=args.overwrite)
     except (NotExpressibleError, CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"import-hf: {e}", file=sys.stderr)
         return 2

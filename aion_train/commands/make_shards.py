@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import sys
 
+from .output_dirs import add_overwrite_argument
+
 
 def add_arguments(p):
     p.add_argument("--out", default="data/demo", help="output directory (default: data/demo)")
@@ -19,6 +21,7 @@ def add_arguments(p):
     p.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary size")
     p.add_argument("--seed", type=int, default=1234, help="seed of the train/validation split")
     p.add_argument("--verify", action="store_true", help="also check every shard's sha256")
+    add_overwrite_argument(p)
 
 
 def _report(out: str, tokenizer: str, vocab_size: int, verify: bool) -> int:
@@ -48,14 +51,24 @@ def run(args) -> int:
     from aion_train.data.demo import ensure_demo_data
     from aion_train.data.multimodal.build import ensure_multimodal_demo
 
+    from aion_train.ownership import ForeignFolderError
+
     rc = 0
     try:
         if args.modality in ("text", "all"):
-            paths = ensure_demo_data(args.out, args.vocab_size, seed=args.seed)
+            paths = ensure_demo_data(args.out, args.vocab_size, seed=args.seed, overwrite=args.overwrite)
             rc |= _report(os.path.dirname(paths["tokenizer"]), paths["tokenizer"], args.vocab_size, args.verify)
         if args.modality in ("multimodal", "all"):
-            paths = ensure_multimodal_demo(os.path.join(args.out, "multimodal"), args.vocab_size, seed=args.seed)
+            if args.modality == "multimodal":   # OUT/multimodal: refuse a foreign OUT too
+                from aion_train.ownership import check_writable
+                if not os.path.isdir(os.path.join(args.out, "multimodal")):
+                    check_writable(args.out, "make-shards", args.overwrite)
+            paths = ensure_multimodal_demo(os.path.join(args.out, "multimodal"), args.vocab_size, seed=args.seed,
+                                           overwrite=args.overwrite)
             rc |= _report(os.path.dirname(paths["tokenizer"]), paths["tokenizer"], args.vocab_size, args.verify)
+    except ForeignFolderError as e:
+        print(f"make-shards: {e}", file=sys.stderr)
+        return 2
     except (OSError, ValueError, RuntimeError) as e:
         print(f"make-shards: {e}", file=sys.stderr)
         return 1

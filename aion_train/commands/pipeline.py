@@ -17,6 +17,7 @@ import sys
 from aion_train.config import ConfigError, load_config
 
 from .check_config import add_config_arguments
+from .output_dirs import add_overwrite_argument, claim_training_dirs, overwrite_args, report_refusal
 
 DEFAULT_CONFIG = "configs/pipeline_tiny.yaml"
 
@@ -33,6 +34,7 @@ def add_arguments(p):
                    help="with --address: upload DIR as the job's working directory (default: the job "
                         "cd's into this directory, which the cluster must see)")
     p.add_argument("--no-wait", action="store_true", help="with --address: print the job id and return")
+    add_overwrite_argument(p)
 
 
 def _human(rec: dict) -> None:
@@ -71,13 +73,18 @@ def run(args) -> int:
         return 2
     if args.address:
         from aion_train.pipeline.submit import submit_pipeline
-        return submit_pipeline(args.address, config, list(args.overrides), json_out=args.json,
+        return submit_pipeline(args.address, config, list(args.overrides) + overwrite_args(args), json_out=args.json,
                                working_dir=args.working_dir, wait=not args.no_wait)
     if args.working_dir or args.no_wait:
         print("pipeline: --working-dir and --no-wait need --address", file=sys.stderr)
         return 2
     from aion_train.pipeline.runner import run_pipeline
     cfg = load_config(config, args.overrides)
+    from aion_train.ownership import ForeignFolderError
+    try:
+        claim_training_dirs(cfg, "pipeline", args.overwrite)   # before any cluster starts
+    except ForeignFolderError as e:
+        return report_refusal("pipeline", e)
     # SIGTERM (ray job stop, kill, Slurm) unwinds like Ctrl-C so the private cluster is stopped
     signal.signal(signal.SIGTERM, _terminate)
     return run_pipeline(cfg, connect_address=args.connect, emit=_emit_json if args.json else _human)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .output_dirs import overwrite_args
 from .sft import add_phase_arguments, run_phase
 
 DEFAULT_CONFIG = "configs/rlhf_tiny.yaml"
@@ -48,7 +49,7 @@ def _launch_ranks(args) -> int:
     from aion_train.parallel.spawn import free_port
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), "-m", "aion_train.cli", "ppo", "--config", args.config,
-           "--run-missing-phases", *args.overrides] + (["--json"] if args.json else [])
+           "--run-missing-phases", *args.overrides] + (["--json"] if args.json else []) + overwrite_args(args)
     threads = str(max(1, (os.cpu_count() or 2) // args.nproc))
     return subprocess.call(cmd, env=dict(os.environ, OMP_NUM_THREADS=threads))
 

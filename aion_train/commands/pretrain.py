@@ -14,6 +14,7 @@ from pathlib import Path
 from aion_train.config import ConfigError, load_config
 
 from .check_config import add_config_arguments
+from .output_dirs import add_overwrite_argument, claim_training_dirs, overwrite_args, report_refusal
 
 DEFAULT_CONFIG = "configs/tiny_cpu.yaml"
 
@@ -22,6 +23,7 @@ def add_arguments(p):
     add_config_arguments(p)
     p.add_argument("--nproc", type=int, default=1, help="local ranks (started through torchrun)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    add_overwrite_argument(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse_hidden())
 
 
@@ -44,6 +46,7 @@ def _launch_local(args) -> int:
            "-m", "aion_train.cli", "pretrain", "--config", args.config] + list(args.overrides)
     if args.json:
         cmd.append("--json")
+    cmd += overwrite_args(args)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // args.nproc))))
     return subprocess.call(cmd, env=env)
 
@@ -58,6 +61,11 @@ def run(args) -> int:
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
+    from aion_train.ownership import ForeignFolderError
+    try:
+        claim_training_dirs(cfg, "pretrain", args.overwrite)
+    except ForeignFolderError as e:
+        return report_refusal("pretrain", e)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_local(args)
     from aion_train.train.trainer import TrainingError, pretrain

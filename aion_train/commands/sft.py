@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .check_config import add_config_arguments
+from .output_dirs import add_overwrite_argument, claim_training_dirs, overwrite_args, report_refusal
 
 DEFAULT_CONFIG = "configs/sft_tiny.yaml"
 
@@ -22,6 +23,7 @@ def add_phase_arguments(p):
     add_config_arguments(p)
     p.add_argument("--nproc", type=int, default=1, help="local ranks (started through torchrun)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON line")
+    add_overwrite_argument(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=__import__("argparse").SUPPRESS)
 
 
@@ -61,11 +63,16 @@ def run_phase(args, command: str, fn_path: str, headline: str) -> int:
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
+    from aion_train.ownership import ForeignFolderError
+    try:
+        claim_training_dirs(cfg, command, args.overwrite)
+    except ForeignFolderError as e:
+        return report_refusal(command, e)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from aion_train.parallel.spawn import free_port
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "aion_train.cli",
-               command, "--config", args.config, *args.overrides] + (["--json"] if args.json else [])
+               command, "--config", args.config, *args.overrides] + (["--json"] if args.json else []) + overwrite_args(args)
         return subprocess.call(cmd, env=dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.nproc))))
     import importlib
     module, name = fn_path.rsplit(".", 1)

@@ -1,9 +1,10 @@
 """Build a data folder once: idempotent, crash-safe, safe for concurrent callers.
 
-The set is built into a temporary sibling folder and renamed into place under a file lock;
-a folder that is incomplete or was built with other arguments is replaced. Entries of the
-old folder that the new build does not produce (e.g. the multimodal set that lives in
-``data/demo/multimodal`` next to the text demo) are moved into the new folder, not lost.
+The set is built into a temporary sibling folder and moved into place under a file lock.
+A folder of ours that is incomplete or was built with other arguments is rebuilt: the
+entries the build writes replace those it wrote before, and everything else in the folder
+(e.g. the multimodal set in ``data/demo/multimodal`` next to the text demo, a user's notes)
+stays. A non-empty folder that is not ours is refused (:mod:`aion_train.ownership`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import logging
 import os
 import shutil
 import uuid
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..ownership import check_writable, publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +44,17 @@ def remove(path: str) -> None:
 
 
 def ensure_built(data_dir: str, is_complete: Callable[[str], bool], build: Callable[[str], object],
-                 what: str) -> None:
-    """Make ``is_complete(data_dir)`` true, calling ``build(tmp_dir)`` when it is not."""
+                 what: str, overwrite: bool = False, recognise: Optional[Callable[[Path], bool]] = None,
+                 last: tuple = ()) -> None:
+    """Make ``is_complete(data_dir)`` true, calling ``build(tmp_dir)`` when it is not.
+
+    Only a folder that is absent, empty or ours (:mod:`aion_train.ownership`; `recognise`
+    accepts ours written before markers existed) is built or rebuilt; any other non-empty
+    folder is refused before anything is built, unless `overwrite`."""
     data_dir = os.path.normpath(os.fspath(data_dir))
     if is_complete(data_dir):
         return
+    check_writable(data_dir, what, overwrite, recognise)
     parent, name = os.path.dirname(os.path.abspath(data_dir)), os.path.basename(data_dir)
     os.makedirs(parent, exist_ok=True)
     with file_lock(os.path.join(parent, f".{name}.lock")):
@@ -57,16 +67,7 @@ def ensure_built(data_dir: str, is_complete: Callable[[str], bool], build: Calla
         try:
             build(tmp)
             if os.path.lexists(data_dir):
-                log.warning("%s: replacing incomplete or different %s", what, data_dir)
-                if os.path.isdir(data_dir):
-                    for entry in os.listdir(data_dir):
-                        if os.path.isdir(os.path.join(data_dir, entry)) and not os.path.lexists(os.path.join(tmp, entry)):
-                            os.replace(os.path.join(data_dir, entry), os.path.join(tmp, entry))
-                old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
-                os.replace(data_dir, old)
-                os.replace(tmp, data_dir)
-                remove(old)
-            else:
-                os.replace(tmp, data_dir)
+                log.warning("%s: rebuilding %s (incomplete, or built with other settings)", what, data_dir)
+            publish_dir(tmp, data_dir, what, overwrite=overwrite, recognise=recognise, last=last)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

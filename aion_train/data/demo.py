@@ -8,10 +8,11 @@ Layout of ``data_dir``::
     tokenizer.model       SentencePiece BPE trained on the training documents only
     manifest.json         shards, counts, sha256, and a "demo" entry written last
 
-The directory is built under a temporary name next to it and renamed into place, under a
+The directory is built under a temporary name next to it and moved into place, under a
 file lock, so concurrent callers (several ranks on one node) build it once and a crash
-leaves either nothing or a complete directory; a directory without a valid "demo" entry
-(half-built by something else, or edited) is rebuilt.
+leaves either nothing or a directory that reads as incomplete; a demo directory whose
+"demo" entry or checksums do not match is rebuilt, a folder that is not ours never
+(:mod:`aion_train.data.build_once`).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import time
 import numpy as np
 
 from .build_once import ensure_built
-from .shards import manifest_shards, read_manifest, verify_manifest, write_manifest, write_shards
+from .shards import MANIFEST, manifest_shards, read_manifest, verify_manifest, write_manifest, write_shards
 from .text_sources import demo_documents
 from .tokenizer import train_tokenizer
 
@@ -51,7 +52,15 @@ def _is_complete(data_dir: str, vocab_size: int, seed: int) -> bool:
         return False
     if not os.path.isfile(os.path.join(data_dir, TOKENIZER)):
         return False
-    return not verify_manifest(data_dir, checksums=False)
+    return not verify_manifest(data_dir, checksums=True)
+
+
+def holds_demo_manifest(path) -> bool:
+    """A demo folder written before ownership markers existed."""
+    try:
+        return "demo" in read_manifest(os.fspath(path))
+    except (OSError, ValueError):
+        return False
 
 
 def split_documents(docs: list[str], seed: int, val_fraction: float = VAL_FRACTION):
@@ -86,11 +95,14 @@ def build_demo_data(out_dir: str, vocab_size: int, seed: int = 1234) -> dict:
     return _paths(out_dir)
 
 
-def ensure_demo_data(data_dir: str, vocab_size: int, seed: int = 1234) -> dict:
+def ensure_demo_data(data_dir: str, vocab_size: int, seed: int = 1234, overwrite: bool = False) -> dict:
     """Paths ``{"train": [...], "val": [...], "tokenizer": path}`` of the demo set in
-    ``data_dir``, building it first when absent, incomplete, or built with another
-    vocab_size/seed. Idempotent, crash-safe and safe for concurrent callers."""
+    ``data_dir``, building it first when absent, incomplete (a checksum fails), or built with
+    another vocab_size/seed. A non-empty folder that is not a demo folder is refused unless
+    `overwrite` (:mod:`aion_train.ownership`). Idempotent, crash-safe and safe for concurrent
+    callers."""
     data_dir = os.path.normpath(os.fspath(data_dir))
     ensure_built(data_dir, lambda d: _is_complete(d, vocab_size, seed),
-                 lambda tmp: build_demo_data(tmp, vocab_size, seed), "demo data")
+                 lambda tmp: build_demo_data(tmp, vocab_size, seed), "demo data", overwrite=overwrite,
+                 recognise=holds_demo_manifest, last=(MANIFEST,))
     return _paths(data_dir)

@@ -126,8 +126,8 @@ def write_shards(samples: Iterable[Mapping[str, Any]], out_dir: str, prefix: str
     """Write ``samples`` (dicts of field -> bytes/str, optional ``__key__``) as
     ``{prefix}-{i:05d}.tar`` shards of at most ``samples_per_shard`` samples in
     ``out_dir`` and record them under ``prefix`` in ``out_dir/manifest.json``. Samples
-    without a key get ``{prefix}_{n:09d}``. Older ``{prefix}-*.tar`` shards beyond the
-    new count are removed. Returns the shard paths in order."""
+    without a key get ``{prefix}_{n:09d}``. Older shards of ``prefix`` that the previous
+    manifest lists and this run does not rewrite are removed; nothing else is. Returns the shard paths in order."""
     if samples_per_shard < 1:
         raise ValueError("samples_per_shard must be >= 1")
     if not re.match(r"^[A-Za-z0-9_]+$", prefix):
@@ -155,12 +155,13 @@ def write_shards(samples: Iterable[Mapping[str, Any]], out_dir: str, prefix: str
         if cur is not None:
             cur.abort()
         raise
-    # stale shards of an earlier, longer run under the same prefix
-    pat = re.compile(rf"^{re.escape(prefix)}-(\d{{5}})\.tar$")
-    for fname in os.listdir(out_dir):
-        m = pat.match(fname)
-        if m and int(m.group(1)) >= len(entries):
-            os.remove(os.path.join(out_dir, fname))
+    # stale shards of an earlier, longer run under the same prefix: only those its manifest
+    # lists (a file of the same name that the manifest does not list is not ours)
+    manifest = read_manifest(out_dir) if os.path.exists(os.path.join(out_dir, MANIFEST)) else {}
+    written = {e["name"] for e in entries}
+    for e in manifest.get("splits", {}).get(prefix, {}).get("shards", []):
+        if e["name"] not in written and os.path.isfile(os.path.join(out_dir, e["name"])):
+            os.remove(os.path.join(out_dir, e["name"]))
     fields: dict[str, int] = {}
     for e in entries:
         for k, v in e["fields"].items():
@@ -168,7 +169,6 @@ def write_shards(samples: Iterable[Mapping[str, Any]], out_dir: str, prefix: str
     split = {"num_shards": len(entries), "num_samples": sum(e["num_samples"] for e in entries),
              "fields": dict(sorted(fields.items())), "samples_per_shard": samples_per_shard,
              "shards": entries}
-    manifest = read_manifest(out_dir) if os.path.exists(os.path.join(out_dir, MANIFEST)) else {}
     manifest.setdefault("format", FORMAT)
     manifest.setdefault("splits", {})[prefix] = split
     write_manifest(out_dir, manifest)

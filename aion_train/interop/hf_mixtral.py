@@ -26,12 +26,15 @@ and k get the same permutation, and v/o are untouched."""
 from __future__ import annotations
 
 import json
+import shutil
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from aion_train.config import ModelConfig
+from aion_train.ownership import check_writable, claim_run_dir, looks_like_run_dir, publish_dir
 
 from .reshard import load_full_state_dict, model_config_from_dict, model_config_to_dict, save_sharded_checkpoint
 
@@ -330,35 +333,47 @@ def load_hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def export_hf(checkpoint, out_dir, *, dtype: torch.dtype | None = None, expert_layout: str = "per-expert",
-              max_shard_size: str | int = "5GB") -> dict:
+              max_shard_size: str | int = "5GB", overwrite: bool = False) -> dict:
     """Write a checkpoint of ours (any TP/EP layout) as a HF Mixtral folder; returns a summary
-    with the notes of `check_exportable`. Raises NotExpressibleError for other models."""
+    with the notes of `check_exportable`. Raises NotExpressibleError for other models, and
+    ForeignFolderError for a non-empty `out_dir` aion-train did not write (unless `overwrite`).
+    The folder is written beside `out_dir` and moved into place; an earlier export's files
+    that this one does not write (e.g. more shards) are removed, other files are kept."""
+    check_writable(out_dir, "export-hf", overwrite)
     cfg_dict, sd = load_full_state_dict(checkpoint)
     cfg = model_config_from_dict(cfg_dict)
     notes = check_exportable(cfg)
     if dtype is None:
         dtype = sd["embed.weight"].dtype
     hf = to_hf_state_dict(cfg, sd, expert_layout, dtype)
+    final = Path(out_dir).absolute()
+    out = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    out.mkdir(parents=True)
+    try:
+        files = save_safetensors_sharded(hf, out, parse_size(max_shard_size))
+        hc = to_hf_config(cfg, dtype)
+        hc.save_pretrained(str(out))
+        # transformers < 5 and other readers (vLLM, llama.cpp converters) look for a top-level rope_theta
+        cpath = out / "config.json"
+        doc = json.loads(cpath.read_text())
+        doc.setdefault("rope_theta", float(cfg.rope_theta))
+        doc["aion_train"] = {"expert_layout": expert_layout, "notes": notes}
+        cpath.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        publish_dir(out, final, "export-hf", overwrite=overwrite, last=("config.json",))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = save_safetensors_sharded(hf, out, parse_size(max_shard_size))
-    hc = to_hf_config(cfg, dtype)
-    hc.save_pretrained(str(out))
-    # transformers < 5 and other readers (vLLM, llama.cpp converters) look for a top-level rope_theta
-    cpath = out / "config.json"
-    doc = json.loads(cpath.read_text())
-    doc.setdefault("rope_theta", float(cfg.rope_theta))
-    doc["aion_train"] = {"expert_layout": expert_layout, "notes": notes}
-    cpath.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     return {"out": str(out), "files": files + ["config.json"], "dtype": _DTYPE_NAMES.get(dtype, str(dtype)),
             "parameters": sum(t.numel() for t in hf.values()), "notes": notes}
 
 
 def import_hf(hf_dir, run_dir, tp: int = 1, ep: int = 1, *, base: ModelConfig | None = None,
               world: int | None = None, zero_stage: int = 1, dtype: torch.dtype | None = None,
-              max_seq_len: int | None = None) -> dict:
+              max_seq_len: int | None = None, overwrite: bool = False) -> dict:
     """Write a HF Mixtral folder as `run_dir/checkpoints/step_00000000` in the (tp, ep) layout
-    (model payloads only: training from it starts a fresh optimizer)."""
+    (model payloads only: training from it starts a fresh optimizer). `run_dir` must be absent,
+    empty or a run of ours (ForeignFolderError otherwise, unless `overwrite`)."""
+    check_writable(run_dir, "import-hf", overwrite, recognise=looks_like_run_dir)
     hf_dir = Path(hf_dir)
     hc = json.loads((hf_dir / "config.json").read_text())
     cfg, notes = from_hf_config(hc, base)
@@ -369,6 +384,7 @@ def import_hf(hf_dir, run_dir, tp: int = 1, ep: int = 1, *, base: ModelConfig | 
         sd = {k: v.to(dtype) for k, v in sd.items()}
         if cfg.tie_embeddings:
             sd["lm_head.weight"] = sd["embed.weight"]
+    claim_run_dir(run_dir, "import-hf", overwrite)
     folder = save_sharded_checkpoint(run_dir, cfg, sd, tp, ep, step=0, world=world, zero_stage=zero_stage,
                                      extra_manifest={"source": {"format": "hf-mixtral", "path": str(hf_dir.resolve())},
                                                      "notes": notes})

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from aion_train.fsutil import atomic_write_text
+from aion_train.ownership import claim_dir
 
 from .errors import PolicyError, PolicyIssue
 from .loader import PolicyFile, canonical_json
@@ -238,14 +239,22 @@ def make_bundle(resolved: dict[str, ResolvedPolicy]) -> dict[str, Any]:
     }
 
 
-def write_bundle(bundle: dict[str, Any], out_dir: str | os.PathLike) -> Path:
-    """Write `out_dir/policy_bundle.json` atomically (temp file + fsync + rename)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def write_bundle(bundle: dict[str, Any], out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write `out_dir/policy_bundle.json` atomically (temp file + fsync + rename). A non-empty
+    `out_dir` that aion-train did not write is refused unless `overwrite`."""
+    out = claim_dir(out_dir, "build-policy", overwrite,
+                    recognise=lambda p: (p / BUNDLE_FILE).is_file() and _is_bundle_file(p / BUNDLE_FILE))
     final = out / BUNDLE_FILE
     text = json.dumps(bundle, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
     atomic_write_text(final, text)
     return final
+
+
+def _is_bundle_file(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == BUNDLE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def build_bundle(paths: Iterable[str | os.PathLike]) -> dict[str, Any]:

@@ -21,9 +21,13 @@ def iter_corpus(patterns):
 def build_index(patterns, out: str, embedder_spec: str = "minilm", embedder=None,
                 factory: str = "HNSW32", pca: int | None = None, chunk_chars: int = 400,
                 overlap: int = 50, max_chunks_per_doc: int | None = None,
-                params: dict | None = None, use_cache: bool = True, log=None) -> dict:
+                params: dict | None = None, use_cache: bool = True, log=None,
+                overwrite: bool = False) -> dict:
+    from ..ownership import check_writable
     from .cache import cached_embeddings
     from .embedders import make_embedder
+    from .store import holds_index_manifest
+    check_writable(out, "build-index", overwrite, recognise=holds_index_manifest)  # before any work
     t0 = time.time()
     docs = list(iter_corpus(patterns))
     if not docs:
@@ -43,5 +47,6 @@ def build_index(patterns, out: str, embedder_spec: str = "minilm", embedder=None
                                embedder_spec=embedder_spec,
                                chunking={"chunk_chars": chunk_chars, "overlap": overlap,
                                          "max_chunks_per_doc": max_chunks_per_doc},
-                               extra={"corpus": list(patterns), "build_s": round(time.time() - t0, 2)})
+                               extra={"corpus": list(patterns), "build_s": round(time.time() - t0, 2)},
+                               overwrite=overwrite)
     return manifest

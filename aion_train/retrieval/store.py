@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..ownership import check_writable, publish_dir
 from .bm25 import BM25Index
 from .chunking import Chunk
 from .dense import build_dense_index, default_params, full_factory, set_search_params, to_cpu, to_gpu_if_available
@@ -65,15 +66,18 @@ def _fsync_tree(root: str) -> None:
 def write_index_dir(out: str, chunks: list[Chunk], X: np.ndarray, embedder_name: str,
                     factory: str = "HNSW32", pca: int | None = None, params: dict | None = None,
                     embedder_spec: str | None = None, chunking: dict | None = None,
-                    extra: dict | None = None) -> dict:
-    """Build the ANN + BM25 indexes for ``chunks``/``X`` and write the folder atomically
-    (built beside ``out``, then renamed into place). Returns the manifest."""
+                    extra: dict | None = None, overwrite: bool = False) -> dict:
+    """Build the ANN + BM25 indexes for ``chunks``/``X`` and write the folder (built beside
+    ``out``, then moved into place, the manifest last). A non-empty ``out`` that is not an
+    index of ours is refused unless `overwrite` (:mod:`aion_train.ownership`); files in it
+    that the index does not write are kept. Returns the manifest."""
     import faiss
     X = np.ascontiguousarray(X, dtype=np.float32)
     if len(chunks) != len(X):
         raise ValueError(f"{len(chunks)} chunks but {len(X)} embeddings")
     out = os.path.abspath(out)
-    tmp = f"{out}.tmp-{os.getpid()}"
+    check_writable(out, "build-index", overwrite, recognise=holds_index_manifest)
+    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     params = params or default_params(factory)
@@ -104,12 +108,18 @@ def write_index_dir(out: str, chunks: list[Chunk], X: np.ndarray, embedder_name:
     with open(os.path.join(tmp, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
     _fsync_tree(tmp)
-    old = f"{out}.old-{os.getpid()}"
-    if os.path.exists(out):
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    publish_dir(tmp, out, "build-index", overwrite=overwrite, recognise=holds_index_manifest,
+                last=("manifest.json",))
     return manifest
+
+
+def holds_index_manifest(path) -> bool:
+    """An index folder written before ownership markers existed."""
+    try:
+        with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
+            return json.load(f).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def verify_index_dir(path: str) -> list[str]:

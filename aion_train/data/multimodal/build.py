@@ -26,7 +26,7 @@ from collections import Counter
 import numpy as np
 
 from ..build_once import ensure_built
-from ..shards import manifest_shards, read_manifest, verify_manifest, write_manifest, write_shards
+from ..shards import MANIFEST, manifest_shards, read_manifest, verify_manifest, write_manifest, write_shards
 from ..tokenizer import train_tokenizer
 from . import sources
 from .sample import MEDIA_ORDER
@@ -179,16 +179,26 @@ def _is_complete(data_dir: str, vocab_size: int, seed: int, sizes: dict) -> bool
         return False
     if not os.path.isfile(os.path.join(data_dir, TOKENIZER)):
         return False
-    return not verify_manifest(data_dir, checksums=False)
+    return not verify_manifest(data_dir, checksums=True)
+
+
+def holds_multimodal_manifest(path) -> bool:
+    """A multimodal demo folder written before ownership markers existed."""
+    try:
+        return "multimodal" in read_manifest(os.fspath(path))
+    except (OSError, ValueError):
+        return False
 
 
 def ensure_multimodal_demo(data_dir: str, vocab_size: int, seed: int = 1234,
-                           sizes: dict | None = None) -> dict:
+                           sizes: dict | None = None, overwrite: bool = False) -> dict:
     """Paths ``{"train": [...], "val": [...], "tokenizer": path}`` of the multimodal demo in
     ``data_dir``, building it first when absent, incomplete or built with other arguments.
-    Idempotent, crash-safe and safe for concurrent callers (file lock + temp dir + rename)."""
+    A non-empty folder that is not ours is refused unless `overwrite`. Idempotent, crash-safe
+    and safe for concurrent callers (file lock + temp dir + move)."""
     sizes = dict(sizes or {})
     data_dir = os.path.normpath(os.fspath(data_dir))
     ensure_built(data_dir, lambda d: _is_complete(d, vocab_size, seed, sizes),
-                 lambda tmp: build_multimodal_demo(tmp, vocab_size, seed, sizes), "multimodal demo")
+                 lambda tmp: build_multimodal_demo(tmp, vocab_size, seed, sizes), "multimodal demo",
+                 overwrite=overwrite, recognise=holds_multimodal_manifest, last=(MANIFEST,))
     return _paths(data_dir)

@@ -1,0 +1,46 @@
+"""The output-folder rule every writing command shares: the `--overwrite` flag, and the
+check of its folders before any work (:mod:`aion_train.ownership`)."""
+from __future__ import annotations
+
+import sys
+
+from aion_train.ownership import OVERWRITE_FLAG, ForeignFolderError
+
+
+def add_overwrite_argument(p) -> None:
+    p.add_argument(OVERWRITE_FLAG, action="store_true",
+                   help="write into a non-empty folder that aion-train did not create (files of the "
+                        "same names as the outputs are replaced; other files are kept)")
+
+
+def overwrite_args(args) -> list[str]:
+    """The flag again, for the ranks a command launches."""
+    return [OVERWRITE_FLAG] if getattr(args, "overwrite", False) else []
+
+
+def claim_training_dirs(cfg, kind: str, overwrite: bool) -> None:
+    """The run folder (claimed: created and marked) and, when the config trains on the demo
+    set, its data folder (checked; built now when --overwrite lets it replace a foreign one).
+    Raises ForeignFolderError before anything is written."""
+    from aion_train.ownership import check_writable, claim_run_dir
+    demo = hasattr(cfg, "data") and not cfg.data.train_shards and kind == "pretrain"
+    if demo:
+        multimodal = bool(getattr(getattr(cfg.model, "multimodal", None), "enabled", False))
+        if multimodal:
+            from aion_train.data.multimodal.build import holds_multimodal_manifest as recognise
+        else:
+            from aion_train.data.demo import holds_demo_manifest as recognise
+        check_writable(cfg.data.dir, f"aion-train {kind}: data.dir", overwrite, recognise)
+    claim_run_dir(cfg.run_dir, kind, overwrite)
+    if demo and overwrite:
+        if multimodal:
+            from aion_train.data.multimodal.build import ensure_multimodal_demo
+            ensure_multimodal_demo(cfg.data.dir, cfg.model.vocab_size, cfg.seed, overwrite=True)
+        else:
+            from aion_train.data.demo import ensure_demo_data
+            ensure_demo_data(cfg.data.dir, cfg.model.vocab_size, cfg.seed, overwrite=True)
+
+
+def report_refusal(command: str, e: ForeignFolderError) -> int:
+    print(f"{command}: {e}", file=sys.stderr)
+    return 2
