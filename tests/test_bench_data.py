@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 
 import pytest
 
@@ -11,7 +10,7 @@ from aion_train.bench import data as bench_data
 from aion_train.commands import bench as bench_cmd
 from aion_train.data.multimodal.build import build_multimodal_demo
 
-pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+pytestmark = pytest.mark.requires_binary("espeak-ng")   # the set's speech clips (tests/conftest.py)
 
 SIZES = {"vqa_train": 60, "vqa_val": 4, "digits_train": 20, "digits_val": 4, "photo_crops": 1,
          "speech_train": 6, "speech_val": 2, "video_train": 8, "video_val": 2, "text_train": 30,

@@ -281,10 +281,24 @@ def test_demo_loader_end_to_end(tmp_path):
     assert n > 0 and sum(x["input_ids"].shape[0] for x in val) == n
 
 
-def test_make_shards_command(tmp_path, capsys):
+def _make_shards(*argv: str) -> int:
     parser = argparse.ArgumentParser()
     make_shards.add_arguments(parser)
-    args = parser.parse_args(["--out", str(tmp_path / "d"), "--vocab-size", "1024", "--verify"])
-    assert make_shards.run(args) == 0
+    return make_shards.run(parser.parse_args(list(argv)))
+
+
+def test_make_shards_text_needs_no_system_package(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))   # no espeak-ng, sox, ... on PATH
+    assert _make_shards("--out", str(tmp_path / "d"), "--modality", "text", "--vocab-size", "1024",
+                        "--verify") == 0
     out = capsys.readouterr().out
     assert "train:" in out and "val:" in out and "sha256: ok" in out and "vocab 1024" in out
+    assert not os.path.exists(tmp_path / "d" / "multimodal")
+
+
+@pytest.mark.requires_binary("espeak-ng")   # --modality all: the multimodal set's speech clips
+def test_make_shards_command(tmp_path, capsys):
+    assert _make_shards("--out", str(tmp_path / "d"), "--vocab-size", "1024", "--verify") == 0
+    out = capsys.readouterr().out
+    assert "train:" in out and "val:" in out and "sha256: ok" in out and "vocab 1024" in out
+    assert "multimodal" in out

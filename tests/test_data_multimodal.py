@@ -20,8 +20,6 @@ from aion_train.data.multimodal.loader import MultimodalLoader
 from aion_train.data.shards import iter_shard_samples, read_manifest, verify_manifest, write_shards
 from aion_train.data.tokenizer import Tokenizer
 
-pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
-
 SIZES = {"vqa_train": 40, "vqa_val": 12, "digits_train": 20, "digits_val": 8, "photo_crops": 1,
          "speech_train": 6, "speech_val": 2, "video_train": 8, "video_val": 4, "text_train": 30,
          "text_val": 5}
@@ -34,7 +32,8 @@ def _build(out: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(tmp_path_factory, require_binary):
+    require_binary("espeak-ng")   # the speech clips; the decoder tests below need no system package
     out = str(tmp_path_factory.mktemp("mm") / "multimodal")
     return _build(out)
 

@@ -129,8 +129,7 @@ def test_training_run_read_back_through_rest_api(server, tmp_path):
     assert list((store / "artifacts").rglob("loss_curve.png"))
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed: "
-                    "apt-get install -y --no-install-recommends chromium")
+@pytest.mark.requires_binary("chromium")   # tests/conftest.py: skipped, naming the package, without it
 def test_run_page_renders_metrics_in_chromium(server, tmp_path):
     url, _ = server
     tracker, run_id, logged = _train_and_log(url, tmp_path / "run", "mlp-browser")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import sqlite3
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
@@ -28,6 +27,8 @@ SCRIPT = REPO / "slurm" / "pretrain.sh"
 STEPS = 30
 NPROC = 2
 SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "sinfo", "scontrol")
+# Debian's slurmctld slurmd slurm-client munge (`make install` as root installs them)
+pytestmark.append(pytest.mark.requires_binary(*SLURM_BINARIES))
 
 
 def _free_ports(n: int) -> list[int]:
@@ -58,9 +59,6 @@ def _clean_env() -> dict[str, str]:
 def slurm_cluster(tmp_path_factory):
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         pytest.skip("the local Slurm cluster runs its daemons as root (and may apt-get install them)")
-    have_slurm = all(shutil.which(b) for b in SLURM_BINARIES)
-    if not have_slurm and not shutil.which("apt-get"):
-        pytest.skip("slurm/munge are not installed and there is no apt-get to install them")
 
     d = tmp_path_factory.mktemp("slurm")   # 0700 parents: the script puts munged's socket in /tmp
     ctld_port, d_port = _free_ports(2)
@@ -72,9 +70,6 @@ def slurm_cluster(tmp_path_factory):
     if start.returncode != 0:
         stop = subprocess.run(["bash", str(CLUSTER), "stop"], env=env, cwd=REPO,
                               capture_output=True, text=True, timeout=120)
-        if not all(shutil.which(b) for b in SLURM_BINARIES):
-            pytest.skip("could not apt-get install slurmctld slurmd slurm-client munge:\n"
-                        + start.stderr[-2000:])
         pytest.fail(f"slurm/local_cluster.sh start failed (rc {start.returncode}):\n"
                     f"{start.stdout}\n{start.stderr[-4000:]}\n{stop.stderr}")
     env["SLURM_CONF"] = str(d / "slurm.conf")
