@@ -181,15 +181,14 @@ def test_context_block_and_rerank_hook():
     assert rerank("q", texts, scores, lambda q, t: 0.2 * len(t), weight=0.0) == [0, 1, 2]
 
 
-def test_model_embedder_and_lm_rerank(tiny_cfg):
+def test_model_embedder_and_lm_rerank(tiny_cfg, tmp_path_factory):
     torch = pytest.importorskip("torch")
     from aion_train.data import Tokenizer
     from aion_train.model import build_model
     from aion_train.retrieval.embedders import ModelEmbedder
     from aion_train.retrieval.hybrid import lm_loglik
-    tok_path = os.path.join(ROOT, "data", "demo", "tokenizer.model")
-    if not os.path.exists(tok_path):
-        pytest.skip("demo tokenizer not built (aion-train make-shards)")
+    from aion_train.data.demo import ensure_demo_data
+    tok_path = ensure_demo_data(str(tmp_path_factory.mktemp("demo")), tiny_cfg.model.vocab_size)["tokenizer"]
     model = build_model(tiny_cfg.model, seed=0).eval()
     tok = Tokenizer(tok_path)
     emb = ModelEmbedder(model, tok, max_len=64)

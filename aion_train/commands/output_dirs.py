@@ -20,8 +20,8 @@ def overwrite_args(args) -> list[str]:
 
 def claim_training_dirs(cfg, kind: str, overwrite: bool) -> None:
     """The run folder (claimed: created and marked) and, when the config trains on the demo
-    set, its data folder (checked; built now when --overwrite lets it replace a foreign one).
-    Raises ForeignFolderError before anything is written."""
+    set, its data folder (checked, then built if absent). Raises ForeignFolderError before
+    anything is written, RuntimeError when the demo cannot be built (a missing system package)."""
     from aion_train.ownership import check_writable, claim_run_dir
     demo = hasattr(cfg, "data") and not cfg.data.train_shards and kind == "pretrain"
     if demo:
@@ -32,13 +32,13 @@ def claim_training_dirs(cfg, kind: str, overwrite: bool) -> None:
             from aion_train.data.demo import holds_demo_manifest as recognise
         check_writable(cfg.data.dir, f"aion-train {kind}: data.dir", overwrite, recognise)
     claim_run_dir(cfg.run_dir, kind, overwrite)
-    if demo and overwrite:
+    if demo:   # built here (once; locked) so that a missing system package is one clear line
         if multimodal:
             from aion_train.data.multimodal.build import ensure_multimodal_demo
-            ensure_multimodal_demo(cfg.data.dir, cfg.model.vocab_size, cfg.seed, overwrite=True)
+            ensure_multimodal_demo(cfg.data.dir, cfg.model.vocab_size, cfg.seed, overwrite=overwrite)
         else:
             from aion_train.data.demo import ensure_demo_data
-            ensure_demo_data(cfg.data.dir, cfg.model.vocab_size, cfg.seed, overwrite=True)
+            ensure_demo_data(cfg.data.dir, cfg.model.vocab_size, cfg.seed, overwrite=overwrite)
 
 
 def report_refusal(command: str, e: ForeignFolderError) -> int:

@@ -66,6 +66,9 @@ def run(args) -> int:
         claim_training_dirs(cfg, "pretrain", args.overwrite)
     except ForeignFolderError as e:
         return report_refusal("pretrain", e)
+    except (RuntimeError, OSError) as e:   # the demo data could not be built
+        print(f"pretrain: {e}", file=sys.stderr)
+        return 1
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_local(args)
     from aion_train.train.trainer import TrainingError, pretrain

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 
@@ -137,6 +138,10 @@ def build_multimodal_demo(out_dir: str, vocab_size: int, seed: int = 1234, sizes
     """Build the demo set into ``out_dir`` (created; should be empty). ``sizes`` overrides
     entries of :data:`DEFAULT_SIZES` (tests build a small set). Returns the paths dict."""
     sizes = dict(sizes or {})
+    full = {**DEFAULT_SIZES, **sizes}
+    if (full["speech_train"] or full["speech_val"]) and shutil.which("espeak-ng") is None:
+        raise RuntimeError("the multimodal demo's speech clips need the system package espeak-ng, which is "
+                           "not installed (Debian: apt-get install espeak-ng sox; or `make install` as root)")
     t0 = time.perf_counter()
     splits = collect_samples(seed, sizes)
     os.makedirs(out_dir, exist_ok=True)
