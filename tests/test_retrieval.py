@@ -31,6 +31,7 @@ from aion_train.retrieval.reservoir import ReservoirBuffer  # noqa: E402
 from aion_train.retrieval.store import (IndexIntegrityError, Retriever, sha256_file,  # noqa: E402
                                         verify_index_dir, write_index_dir)
 from aion_train.retrieval.sources import iter_pydoc_topics  # noqa: E402
+from aion_train.ownership import MARKER  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,7 +89,7 @@ def test_index_round_trip_manifest_checksums_no_pickles(tmp_path, corpus, corpus
     assert m["counts"]["chunks"] == len(chunks)
     assert verify_index_dir(out) == []
     files = [os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs]
-    assert set(files) == set(m["files"]) | {"manifest.json"}
+    assert set(files) == set(m["files"]) | {"manifest.json", MARKER}
     for rel in files:
         full = os.path.join(out, rel)
         with open(full, "rb") as f:
@@ -100,7 +101,7 @@ def test_index_round_trip_manifest_checksums_no_pickles(tmp_path, corpus, corpus
         if rel.endswith(".json"):
             with open(full) as f:
                 json.load(f)
-        if rel != "manifest.json":
+        if rel not in ("manifest.json", MARKER):
             assert m["files"][rel]["sha256"] == sha256_file(full)
 
     r = Retriever(out, embedder=minilm)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..ownership import check_writable, publish_dir
+from ..ownership import MARKER, check_writable, publish_dir
 from .bm25 import BM25Index
 from .chunking import Chunk
 from .dense import build_dense_index, default_params, full_factory, set_search_params, to_cpu, to_gpu_if_available
@@ -128,7 +128,7 @@ def verify_index_dir(path: str) -> list[str]:
         manifest = json.load(f)
     problems = []
     listed = manifest.get("files", {})
-    present = [p for p in _all_files(path) if p != "manifest.json"]
+    present = [p for p in _all_files(path) if p not in ("manifest.json", MARKER)]
     for p in present:
         if p.endswith(PICKLE_SUFFIXES):
             problems.append(f"{p}: pickle file")
