@@ -71,6 +71,9 @@ class DataConfig:
     micro_batch_size: int = 8
     num_workers: int = 0
     shuffle_buffer: int = 256
+    document_mask: bool = True          # packed text rows: attend within each document only
+                                        # (segment_ids + per-document positions); false = one
+                                        # causal sequence per row, documents see each other
 
 
 @dataclass

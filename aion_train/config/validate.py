@@ -68,6 +68,9 @@ def validate_config(cfg: Config) -> Config:
                       "(parallel.sequence_parallel splits the sequence over TP)")
     if cfg.data.seq_len > m.max_seq_len:
         errors.append(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if m.attention_backend == "flash" and t.precision == "fp32":
+        errors.append("model.attention_backend=flash needs train.precision bf16 or fp16 (flash-attn has no fp32 "
+                      "kernels); use model.attention_backend=auto to run torch SDPA in fp32")
 
     if has_moe(cfg):
         if not 1 <= moe.top_k <= moe.n_experts:

@@ -10,6 +10,19 @@ Pipeline of one *split* (one data-parallel rank, or one DataLoader worker of one
       -> rows of exactly seq_len + 1 tokens (packing: no padding; a document that does not
          fit continues in the next row)
       -> batches {"input_ids": row[:, :-1], "labels": row[:, 1:]}
+         (+ "segment_ids", "position_ids" with ``document_mask``, see below)
+
+Document masking (``document_mask=True``; the trainer's ``data.document_mask``, on by
+default). Each batch also carries ``segment_ids`` [B, seq_len] (1, 2, ... per document piece
+in the row, from the left) and ``position_ids`` [B, seq_len] (0, 1, ... restarting in every
+piece), both over the input positions. A piece starts at the row's first token, at every
+<bos> and after every <eos>, so they are read off the tokens of the row: nothing is added to
+the loader's state, and the packed rows, labels and resume are exactly those without it. The
+model then attends only within a piece (a block-diagonal causal mask). A document cut by a row
+end continues in the next row as a piece of its own, positions from 0 (rows are independent
+samples either way). Labels stay the next token everywhere: the only target across a
+boundary is the <bos> after an <eos>, which that <eos> alone determines (the model learns
+"a document ends, another begins" and needs nothing of the other document for it).
 
 Work split. There are ``S = dp_size * max(1, num_workers)`` splits; split ``s`` of rank
 ``r`` and worker ``w`` is ``r * max(1, num_workers) + w``. With at least S shards, shard
@@ -83,12 +96,33 @@ def _rng(seed: int, epoch: int, split: int, purpose: int) -> np.random.Generator
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, split, purpose])))
 
 
+def document_segments(input_ids: torch.Tensor, bos_id: Optional[int], eos_id: Optional[int]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segment_ids, position_ids), both [B, T] long, of packed rows: a new segment starts at
+    column 0, at every `bos_id` and right after every `eos_id` (either may be None or < 0:
+    not used); segment ids count 1, 2, ... from the left, positions restart at 0 in each."""
+    b, t = input_ids.shape
+    start = torch.zeros((b, t), dtype=torch.bool)
+    start[:, 0] = True
+    if t > 1:
+        if bos_id is not None and bos_id >= 0:
+            start[:, 1:] |= input_ids[:, 1:] == bos_id
+        if eos_id is not None and eos_id >= 0:
+            start[:, 1:] |= input_ids[:, :-1] == eos_id
+    segment_ids = start.long().cumsum(1)
+    col = torch.arange(t).expand(b, t)
+    first = torch.where(start, col, torch.zeros_like(col)).cummax(1).values
+    return segment_ids, col - first
+
+
 class _Stream:
     """One split: reader -> shuffle buffer -> packing, with an explicit, savable state."""
 
     def __init__(self, shards: Sequence[str], tokenizer, seq_len: int, split: int,
-                 n_splits: int, seed: int, shuffle_buffer: int, loop: bool, field: str):
+                 n_splits: int, seed: int, shuffle_buffer: int, loop: bool, field: str,
+                 document_mask: bool = False):
         self.shards = list(shards)
+        self.document_mask = bool(document_mask)
         self.tok = tokenizer
         self.row_len = seq_len + 1
         self.split, self.n_splits = split, n_splits
@@ -215,7 +249,11 @@ class _Stream:
         if not rows:
             return None
         t = torch.tensor(rows, dtype=torch.long)
-        return {"input_ids": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous()}
+        batch = {"input_ids": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous()}
+        if self.document_mask:
+            batch["segment_ids"], batch["position_ids"] = document_segments(
+                batch["input_ids"], self.tok.bos_id, self.tok.eos_id)
+        return batch
 
     # ---- state
     def state_dict(self) -> dict:
@@ -300,12 +338,15 @@ class TokenLoader:
     ``state_dict()`` is valid between batches; ``load_state_dict()`` on a fresh loader with
     the same shards and settings continues with identical batches. Unreadable samples are
     skipped, logged and counted in ``skipped``.
+
+    ``document_mask=True`` adds ``segment_ids`` and ``position_ids`` to every batch (see the
+    module doc); the rows, labels and state are the same either way.
     """
 
     def __init__(self, shard_paths: Union[str, Sequence[str]], tokenizer, seq_len: int,
                  micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
                  shuffle_buffer: int = 256, num_workers: int = 0, loop: bool = True,
-                 field: str = "txt"):
+                 field: str = "txt", document_mask: bool = False):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
         if seq_len < 1 or micro_batch_size < 1 or num_workers < 0 or seed < 0:
@@ -316,6 +357,7 @@ class TokenLoader:
         self.dp_rank, self.dp_size = int(dp_rank), int(dp_size)
         self.seed, self.shuffle_buffer = int(seed), int(shuffle_buffer)
         self.num_workers, self.loop, self.field = int(num_workers), bool(loop), field
+        self.document_mask = bool(document_mask)   # batch keys only: not part of the state
         self._n_streams = max(1, self.num_workers)
         self._fingerprint = _fingerprint(self.shards)
         self._states: list[Optional[dict]] = [None] * self._n_streams
@@ -332,7 +374,8 @@ class TokenLoader:
         return _Stream(self.shards, self.tokenizer, self.seq_len,
                        split=self.dp_rank * self._n_streams + logical_worker,
                        n_splits=self.n_splits, seed=self.seed,
-                       shuffle_buffer=self.shuffle_buffer, loop=self.loop, field=self.field)
+                       shuffle_buffer=self.shuffle_buffer, loop=self.loop, field=self.field,
+                       document_mask=self.document_mask)
 
     def _fresh_pass(self) -> bool:
         """Finite mode: a new iter() starts over unless a loaded state awaits."""

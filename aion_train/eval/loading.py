@@ -20,14 +20,19 @@ def run_config_for(checkpoint: str, config: str | None = None):
     raise FileNotFoundError(f"{checkpoint}: no config.yaml in its run folder; pass --config")
 
 
-def load_trained_model(checkpoint: str, config: str | None = None):
-    """(model, cfg) with the checkpoint's weights gathered into one unsharded model."""
+def load_trained_model(checkpoint: str, config: str | None = None, device=None):
+    """(model, cfg) with the checkpoint's weights gathered into one unsharded fp32 model in eval
+    mode, on `device` (default: the GPU of LOCAL_RANK when CUDA is present, else the CPU). The
+    evaluations move their inputs to the model's device. fp32 attention runs through SDPA: a
+    run trained with model.attention_backend=flash (fp16/bf16 only) is evaluated with auto."""
     from aion_train.config import config_to_dict
     from aion_train.interop.reshard import load_full_state_dict
     from aion_train.train.checkpoint import check_compatible
     cfg = run_config_for(checkpoint, config)
     saved_model, full = load_full_state_dict(checkpoint)
     check_compatible({"model": saved_model}, {"model": config_to_dict(cfg)["model"]})
+    if cfg.model.attention_backend == "flash":
+        cfg.model.attention_backend = "auto"   # same math; flash-attn takes no fp32
     if cfg.model.multimodal.enabled:
         from aion_train.model.multimodal import build_multimodal_model
         model = build_multimodal_model(cfg, seed=cfg.seed)
@@ -39,7 +44,10 @@ def load_trained_model(checkpoint: str, config: str | None = None):
     if missing or unexpected:
         raise ValueError(f"{checkpoint}: weights do not match the model (missing {missing[:4]}, "
                          f"unexpected {unexpected[:4]})")
-    return model.eval().to(torch.float32), cfg
+    if device is None:
+        from aion_train.parallel.device import get_device
+        device = get_device().torch_device if torch.cuda.is_available() else torch.device("cpu")
+    return model.eval().to(device=device, dtype=torch.float32), cfg
 
 
 def multimodal_data(cfg):

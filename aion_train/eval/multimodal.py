@@ -13,6 +13,8 @@ from collections import Counter
 
 import torch
 
+from aion_train.parallel.device import module_device, to_device
+
 
 def _vqa_prompt(model, tok, items: list[dict]) -> dict:
     mm = model.mm
@@ -37,7 +39,7 @@ def vqa_accuracy(model, tok, items: list[dict], answers: list[str], batch_size: 
     correct = 0
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        prompt = _vqa_prompt(model, tok, chunk)
+        prompt = to_device(_vqa_prompt(model, tok, chunk), module_device(model))
         scores = model.answer_logprobs(prompt, cands)
         pred = scores.argmax(1).tolist()
         correct += sum(answers[p] == it["answer"] for p, it in zip(pred, chunk))
@@ -57,13 +59,15 @@ def caption_retrieval(model, tok, pairs: list[dict], batch_size: int = 128) -> d
     ids = torch.full((len(enc), width), pad, dtype=torch.long)
     for i, e in enumerate(enc):
         ids[i, :len(e)] = torch.tensor(e)
-    text = torch.nn.functional.normalize(model.encode_text(ids).float(), dim=-1)
+    device = module_device(model)
+    text = torch.nn.functional.normalize(model.encode_text(ids.to(device)).float(), dim=-1)
     ranks = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
-        img = torch.nn.functional.normalize(model.encode_image(torch.stack([p["image"] for p in chunk]).float()), dim=-1)
+        img = torch.stack([p["image"] for p in chunk]).float().to(device)
+        img = torch.nn.functional.normalize(model.encode_image(img), dim=-1)
         sims = img @ text.T
-        truth = torch.tensor([index[p["caption"]] for p in chunk])
+        truth = torch.tensor([index[p["caption"]] for p in chunk], device=device)
         true_sim = sims.gather(1, truth[:, None])
         ranks += (sims > true_sim).sum(1).tolist()   # 0 = the true caption scores highest
     ranks_t = torch.tensor(ranks)

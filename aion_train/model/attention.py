@@ -3,29 +3,18 @@
 Head counts are read from the projection shapes at run time, so the same module works
 unchanged when `parallelize` swaps its projections for tensor-parallel shards.
 
-Packed rows (several samples in one row): `segment_causal_mask` gives the block-diagonal causal
-mask that SDPA takes as `attn_mask`, and positions may be per row ([B, T], restarting at 0 in
-every segment). Without them the plain causal path runs exactly as before."""
+Packed rows (several samples in one row): the model hands every layer a `PackedSegments`
+(attention_backend.py) as `attn_mask`: SDPA gets its block-diagonal causal mask
+(`segment_causal_mask`), flash-attn its varlen kernel (`varlen_from_segments`); positions may be
+per row ([B, T], restarting at 0 in every segment). Without them the plain causal path runs
+exactly as before."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .attention_backend import attention
+from .attention_backend import PackedSegments, attention, segment_causal_mask, varlen_from_segments  # noqa: F401
 from .rope import RotaryEmbedding
-
-
-def segment_causal_mask(segment_ids: torch.Tensor, q_len: int | None = None) -> torch.Tensor:
-    """Boolean [B, 1, Tq, Tk] mask (True = may attend): key j is visible to query i when both
-    carry the same segment id and j <= i. segment_ids: [B, Tk] for all keys (cached + new); the
-    queries are the last `q_len` positions. Padding (id 0) forms its own segment, so no row is
-    fully masked (SDPA would return NaN for it)."""
-    tk = segment_ids.shape[1]
-    tq = tk if q_len is None else q_len
-    q_seg = segment_ids[:, tk - tq:]
-    same = q_seg.unsqueeze(2) == segment_ids.unsqueeze(1)
-    causal = torch.ones(tq, tk, dtype=torch.bool, device=segment_ids.device).tril(diagonal=tk - tq)
-    return (same & causal).unsqueeze(1)
 
 
 def apply_rope(rope: RotaryEmbedding, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -51,8 +40,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache=None, layer_idx: int = 0,
                 attn_mask: torch.Tensor | None = None):
-        """x: [B, T, d]; positions: [T] or [B, T]; attn_mask: None (causal) or a boolean
-        [B, 1, T, T_keys] mask from `segment_causal_mask` (run through SDPA)."""
+        """x: [B, T, d]; positions: [T] or [B, T]; attn_mask: None (causal), a `PackedSegments`
+        (packed rows) or a boolean [B, 1, T, T_keys] mask (run through SDPA)."""
         # shapes come from the projections' outputs: a parallel projection may change the head
         # count (tensor parallel) or the sequence length (sequence parallel gathers it)
         q, k, v = (proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj))

@@ -10,7 +10,8 @@ from .kv_cache import KVCache
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              eos_id: int | None = None, generator: torch.Generator | None = None,
              gather_logits=None) -> torch.Tensor:
-    """Returns [B, T + new]. `gather_logits` turns a vocab shard into full logits under TP."""
+    """Returns [B, T + new]. `gather_logits` turns a vocab shard into full logits under TP.
+    `generator` may be a CPU generator for a model on the GPU (sampling then draws on the CPU)."""
     cache = KVCache(len(model.blocks))
     tokens = input_ids
     step_input = input_ids
@@ -21,7 +22,12 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
             logits = gather_logits(logits)
         if temperature > 0:
             probs = torch.softmax(logits.float() / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator)
+            if generator is not None and generator.device != probs.device:
+                # a CPU generator (seeded alike on every TP rank) with logits on the GPU: draw
+                # on the CPU so that the draws are the generator's whatever the device
+                nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(probs.device)
+            else:
+                nxt = torch.multinomial(probs, 1, generator=generator)
         else:
             nxt = logits.argmax(-1, keepdim=True)
         if eos_id is not None:

@@ -14,7 +14,8 @@ from torch.utils.checkpoint import checkpoint
 from aion_train.config import ModelConfig
 from aion_train.kernels import reference, select
 
-from .attention import Attention, segment_causal_mask
+from .attention import Attention
+from .attention_backend import PackedSegments, check_backend_installed
 from .ffn import DenseFFN
 from .moe import MoELayer
 from .norms import make_norm
@@ -80,6 +81,7 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        check_backend_installed(cfg.attention_backend)   # flash without flash-attn: fail now, saying so
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         rope = RotaryEmbedding(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta, cfg.kernels)
@@ -117,10 +119,12 @@ class Transformer(nn.Module):
         """`return_logits=False` with labels (training): the LM head and the loss run as one
         kernel that never stores the [B, T, V] logits (`logits` is then None).
 
-        Packed rows: `segment_ids` [B, T_keys] (1..k per sample, 0 pad; with a KV cache it covers
-        the cached keys too) gives a block-diagonal causal mask, `position_ids` [B, T] the RoPE
-        positions (restarting per sample). Without them: plain causal attention, positions
-        0..T-1 after the cached ones."""
+        Packed rows: `segment_ids` [B, T_keys] (1..k per sample, 0 pad, each a contiguous run;
+        with a KV cache it covers the cached keys too) gives attention within each sample only
+        (SDPA's block-diagonal causal mask, or flash-attn's varlen kernel), `position_ids` [B, T]
+        the RoPE positions (restarting per sample). A packed row then gives every sample the
+        logits it gets alone. Without them: plain causal attention, positions 0..T-1 after the
+        cached ones."""
         seq_len = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         start = 0 if kv_cache is None else kv_cache.length
@@ -133,7 +137,7 @@ class Transformer(nn.Module):
             if segment_ids.shape[1] != start + seq_len:
                 raise ValueError(f"segment_ids has {segment_ids.shape[1]} columns; expected the "
                                  f"{start} cached + {seq_len} new positions")
-            mask = segment_causal_mask(segment_ids, seq_len)
+            mask = PackedSegments(segment_ids, seq_len)   # the mask / cu_seqlens, built once on first use
         aux = x.new_zeros((), dtype=torch.float32)
         for block in self.blocks:
             if self.activation_checkpointing and self.training and kv_cache is None:

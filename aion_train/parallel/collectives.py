@@ -5,11 +5,34 @@ reduce_from  fwd all-reduce    bwd identity     (output of a row-parallel layer)
 gather_last  fwd all-gather    bwd split        (gather a column-parallel output)
 scatter_seq / gather_seq / gather_seq_replicated / reduce_scatter_seq  (sequence parallelism, dim 1)
 all_to_all   variable splits, bwd = the reverse exchange (expert parallelism)
-Every function is the identity when the group has one rank."""
+Every function is the identity when the group has one rank.
+
+all_reduce_  the plain (non-autograd) in-place all-reduce of bookkeeping tensors (losses,
+             counts, metrics, norms) wherever they live: run on the group's communication
+             device (`device.comm_device`), so a CPU tensor works under NCCL too."""
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from . import device as _device
+
+
+def all_reduce_(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+    """All-reduce `t` in place over `group` (None = the default group) and return it; a no-op
+    without an initialised process group. When `t` is not on the group's communication device
+    (a CPU tensor under NCCL, which rejects it) the reduction runs on a copy there and the
+    result is copied back into `t`; a tensor already there (every tensor under gloo) is reduced
+    as it is, exactly as a direct `dist.all_reduce` would."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    dev = _device.comm_device(group)
+    if t.device == dev and t.is_contiguous():
+        dist.all_reduce(t, op=op, group=group)
+        return t
+    work = t.to(dev).contiguous()
+    dist.all_reduce(work, op=op, group=group)
+    return t.copy_(work)
 
 
 def group_size(group) -> int:

@@ -89,12 +89,94 @@ def tune_cpu_allocator() -> bool:
         return False
 
 
+LOCAL_RANK_VARS = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+
+
+def local_rank_from_env(env=None) -> int:
+    """This process's rank on its host: LOCAL_RANK (torchrun, deepspeed, our slurm script),
+    else SLURM_LOCALID (plain srun), else Open MPI's / MPICH's variable, else 0."""
+    env = os.environ if env is None else env
+    for name in LOCAL_RANK_VARS:
+        if env.get(name, "") != "":
+            return int(env[name])
+    return 0
+
+
+def cuda_index(local_rank: int, n_visible: int) -> int:
+    """The CUDA device index of the process with LOCAL_RANK `local_rank` on a host where it
+    sees `n_visible` GPUs: GPU `local_rank`; or GPU 0 when it sees exactly one (srun
+    --gpus-per-task / a per-rank CUDA_VISIBLE_DEVICES binds one GPU to each process). Never
+    wraps around: two NCCL ranks on one GPU fail ("Duplicate GPU detected"), so a local rank
+    without a GPU of its own is an error that says so."""
+    if n_visible < 1:
+        raise RuntimeError("no CUDA device is visible to this process")
+    if local_rank < 0:
+        raise ValueError(f"LOCAL_RANK={local_rank} must be >= 0")
+    if local_rank < n_visible:
+        return local_rank
+    if n_visible == 1:
+        return 0
+    raise RuntimeError(
+        f"LOCAL_RANK={local_rank} but this process sees only {n_visible} GPUs "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): more ranks per "
+        f"host than GPUs would put two ranks on one GPU, which NCCL refuses. Start at most "
+        f"{n_visible} ranks per host, or run on the CPU with gloo (parallel.backend=gloo)")
+
+
 def get_device(local_rank: int | None = None, prefer: str = "auto") -> Device:
-    """CUDA device `local_rank` when CUDA is present (unless prefer='cpu'), else the CPU."""
+    """CUDA device `cuda_index(LOCAL_RANK, visible GPUs)` when CUDA is present (unless
+    prefer='cpu'), made the current device; else the CPU. `local_rank` defaults to
+    :func:`local_rank_from_env`."""
     if local_rank is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        local_rank = local_rank_from_env()
     if prefer != "cpu" and torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return Device(torch.device("cuda", local_rank % torch.cuda.device_count()))
+        index = cuda_index(local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return Device(torch.device("cuda", index))
     tune_cpu_allocator()
     return Device(torch.device("cpu"))
+
+
+# -- where tensors must be for a collective / a module ---------------------------------------
+def backend_device(backend: str) -> torch.device:
+    """The device whose tensors a torch.distributed backend takes: NCCL (also inside a
+    "cpu:gloo,cuda:nccl" mix) the current CUDA device; gloo, mpi and anything else the CPU."""
+    if "nccl" in str(backend).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def comm_device(group=None) -> torch.device:
+    """The device of the tensors a collective on `group` (None = the default group) must be
+    given: the CUDA device under NCCL, which rejects CPU tensors; the CPU under gloo or without
+    an initialised process group. Reductions of CPU-side bookkeeping (losses, counts, metrics)
+    go through `aion_train.parallel.collectives.all_reduce_`, which moves them here and back."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return torch.device("cpu")
+    return backend_device(dist.get_backend(group))
+
+
+def module_device(module) -> torch.device:
+    """The device a module (or a DeepSpeed engine) computes on: the engine's `device`, else
+    that of its first parameter or buffer, else the CPU. Batches are moved there."""
+    dev = getattr(module, "device", None)
+    if isinstance(dev, (torch.device, str)):
+        return torch.device(dev)
+    for tensors in (module.parameters(), module.buffers()):
+        for t in tensors:
+            return t.device
+    return torch.device("cpu")
+
+
+def to_device(obj, device, non_blocking: bool = False):
+    """Tensors (alone, or in dicts, lists and tuples, nested) moved to `device`; every other
+    value as it is (e.g. the multimodal loader's `vqa` records). A tensor already there is
+    returned as is (no copy)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device, non_blocking) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(to_device(v, device, non_blocking) for v in obj)
+    return obj

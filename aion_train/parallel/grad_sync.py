@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .collectives import group_size
+from .collectives import all_reduce_, group_size
 from .groups import ParallelGroups
 from .parallelize import is_expert_param
 
@@ -27,21 +27,25 @@ def average_gradients(model, groups: ParallelGroups) -> None:
 
 def global_grad_norm(model, groups: ParallelGroups) -> torch.Tensor:
     """L2 norm of the full model's gradient: TP-sharded params summed over TP, replicated
-    ones counted once, expert params summed over TP and EP."""
+    ones counted once, expert params summed over TP and EP. The sums stay on the gradients'
+    device (no host sync per parameter) and are reduced on the groups' communication device;
+    the norm comes back on the CPU."""
     spec = getattr(model, "shard_spec", {})
-    dense = torch.zeros((), dtype=torch.float64)
-    expert = torch.zeros((), dtype=torch.float64)
+    dense = expert = None
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
-        sq = p.grad.detach().double().pow(2).sum().cpu()
+        sq = p.grad.detach().double().pow(2).sum()
         if is_expert_param(p):
-            expert += sq
+            expert = sq if expert is None else expert + sq
         elif name in spec or groups.tp_rank == 0:
-            dense += sq
+            dense = sq if dense is None else dense + sq
+    zero = torch.zeros((), dtype=torch.float64)
+    dense = zero.clone() if dense is None else dense.cpu()
+    expert = zero.clone() if expert is None else expert.cpu()
     if group_size(groups.tp_group) > 1:
-        dist.all_reduce(dense, group=groups.tp_group)
-        dist.all_reduce(expert, group=groups.tp_group)
+        all_reduce_(dense, group=groups.tp_group)
+        all_reduce_(expert, group=groups.tp_group)
     if group_size(groups.ep_group) > 1:
-        dist.all_reduce(expert, group=groups.ep_group)
+        all_reduce_(expert, group=groups.ep_group)
     return (dense + expert).sqrt()

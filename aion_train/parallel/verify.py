@@ -10,7 +10,8 @@ import torch.distributed as dist
 from aion_train.config import Config
 from aion_train.model import build_model
 
-from .collectives import gather_last, group_size
+from .collectives import all_reduce_, gather_last, group_size
+from .device import comm_device
 from .grad_sync import average_gradients
 from .groups import build_groups
 from .parallelize import full_slice, parallelize
@@ -39,8 +40,9 @@ def verify_worker(cfg: Config, tp: int, ep: int) -> dict:
     sp = cfg.parallel.sequence_parallel
     torch.use_deterministic_algorithms(True, warn_only=True)
     groups = build_groups(tp, ep, cfg.parallel.timeout_s)
-    full = build_model(cfg.model, seed=cfg.seed).float()
-    inputs, labels = fixed_batch(cfg, groups.dp)
+    device = comm_device()   # the ranks' device: a GPU each under NCCL, else the CPU
+    full = build_model(cfg.model, seed=cfg.seed).float().to(device)
+    inputs, labels = (t.to(device) for t in fixed_batch(cfg, groups.dp))
     ref_logits, ref_loss, ref_grads = reference(copy.deepcopy(full), inputs, labels, groups.dp)
 
     model = parallelize(full, groups, sequence_parallel=sp)
@@ -55,18 +57,17 @@ def verify_worker(cfg: Config, tp: int, ep: int) -> dict:
     logit_diff = (logits - my_ref).abs().max()
     loss = out.loss.detach().clone()
     if group_size(groups.dp_group) > 1:
-        dist.all_reduce(loss, group=groups.dp_group)
-    loss_diff = torch.tensor(abs(loss.item() / groups.dp - ref_loss))
-    grad_diff = torch.zeros(())
-    rel = torch.zeros(())
+        all_reduce_(loss, group=groups.dp_group)
+    loss_diff = torch.tensor(abs(loss.item() / groups.dp - ref_loss), device=device)
+    grad_diff = torch.zeros((), device=device)
+    rel = torch.zeros((), device=device)
     for name, p in model.named_parameters():
         want = full_slice(ref_grads[name], model.shard_spec.get(name, []))
         d = (p.grad - want).abs().max()
         grad_diff = torch.maximum(grad_diff, d)
         rel = torch.maximum(rel, d / want.abs().max().clamp(min=1e-12))
     stats = torch.stack([logit_diff, grad_diff, loss_diff, rel]).double()
-    if dist.is_initialized():
-        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+    all_reduce_(stats, op=dist.ReduceOp.MAX)
     return {"max_logit_diff": stats[0].item(), "max_grad_diff": stats[1].item(),
             "loss_diff": stats[2].item(), "max_grad_rel_diff": stats[3].item(),
             "tp": tp, "ep": ep, "world": groups.world, "sequence_parallel": sp, "n_params_checked": len(list(model.parameters()))}

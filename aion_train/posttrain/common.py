@@ -15,8 +15,9 @@ import torch.distributed as dist
 from aion_train.fsutil import atomic_write_text, fsync_dir
 from aion_train.model import build_model
 from aion_train.model.generate import generate
-from aion_train.parallel import build_groups, parallelize
-from aion_train.parallel.collectives import gather_last
+from aion_train.parallel import build_groups, get_device, parallelize
+from aion_train.parallel.collectives import all_reduce_, gather_last
+from aion_train.parallel.device import module_device, to_device
 from aion_train.train.optim import lr_at
 
 _GROUPS: dict = {}
@@ -31,6 +32,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def phase_device() -> torch.device:
+    """Where this rank's post-training models and batches live: the GPU of LOCAL_RANK (made the
+    current device, `parallel.device.get_device`) when CUDA is present, else the CPU."""
+    if torch.cuda.is_available():
+        return get_device().torch_device
+    return torch.device("cpu")
+
+
 def setup_distributed(cfg):
     """Initialise torch.distributed through DeepSpeed's comm (a one-rank group without a
     launcher: DeepSpeed's engine needs one), validate the config for this world size and
@@ -39,7 +48,10 @@ def setup_distributed(cfg):
     from aion_train.train.ds_comm import init_deepspeed_comm
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if not dist.is_initialized():
-        init_deepspeed_comm("nccl" if torch.cuda.is_available() else "gloo", cfg.parallel.timeout_s)
+        phase_device()   # NCCL binds to the current GPU: make it LOCAL_RANK's first
+        backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else (
+            "nccl" if torch.cuda.is_available() else "gloo")
+        init_deepspeed_comm(backend, cfg.parallel.timeout_s)
     cfg.parallel.world_size = world
     validate_config(cfg)
     key = (cfg.parallel.tp, cfg.parallel.ep, dist.is_initialized() and id(dist.group.WORLD))
@@ -49,8 +61,10 @@ def setup_distributed(cfg):
 
 
 def build_parallel_model(cfg, groups):
-    """The model of `cfg.model` built with the run's seed (same weights on every rank), sharded."""
-    return parallelize(build_model(cfg.model, seed=cfg.seed), groups, cfg.parallel.sequence_parallel)
+    """The model of `cfg.model` built with the run's seed (same weights on every rank), sharded,
+    on `phase_device()` (weights drawn on the CPU, so the same on every device)."""
+    model = parallelize(build_model(cfg.model, seed=cfg.seed), groups, cfg.parallel.sequence_parallel)
+    return model.to(phase_device())
 
 
 def phase_config(cfg, *, lr: float, steps: int, batch_size: int):
@@ -92,11 +106,17 @@ def mean_over_ranks(x: float) -> float:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return float(x)
     t = torch.tensor([float(x)], dtype=torch.float64)
-    dist.all_reduce(t)
+    all_reduce_(t)
     return float(t.item()) / dist.get_world_size()
 
 
 # -- batches -------------------------------------------------------------------------------------
+def to_model(batch, model):
+    """A batch (tensor, or tuple / dict of them; built on the CPU) on the device `model` (a
+    module or a DeepSpeed engine) computes on."""
+    return to_device(batch, module_device(model))
+
+
 def pad_right(seqs, pad_id: int, value_dtype=torch.long):
     """(ids [B, T], mask [B, T]) of variable-length sequences, right-padded."""
     t = max(len(s) for s in seqs)
@@ -116,6 +136,7 @@ def full_logits(logits: torch.Tensor, groups) -> torch.Tensor:
 
 def sequence_logprobs(model, input_ids: torch.Tensor, groups=None) -> torch.Tensor:
     """[B, T-1]: log p(input_ids[:, t+1] | input_ids[:, :t+1]) over the full vocabulary."""
+    input_ids = input_ids.to(module_device(model))
     logits = full_logits(model(input_ids).logits, groups).float()
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
     return logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
@@ -135,7 +156,7 @@ def generate_answers(model, prompts, max_new_tokens: int, eos_id: int, groups=No
     for i, p in enumerate(prompts):
         by_len.setdefault(len(p), []).append(i)
     out: list = [None] * len(prompts)
-    device = next(model.parameters()).device
+    device = module_device(model)
     for length in sorted(by_len):
         idx = by_len[length]
         for s in range(0, len(idx), batch_size):
@@ -164,7 +185,7 @@ def evaluate_accuracy(model, task_data, examples, max_new_tokens: int, groups=No
         counts[k, 0] += float(is_correct(e, tok.decode(ids)))
         counts[k, 1] += 1
     if groups is not None and dp > 1:
-        dist.all_reduce(counts, group=groups.dp_group)
+        all_reduce_(counts, group=groups.dp_group)
     total = counts.sum(0)
     return {"accuracy": float(total[0] / max(total[1], 1)), "n": int(total[1]),
             "by_kind": {k: float(counts[i, 0] / max(counts[i, 1], 1)) for i, k in enumerate(kinds)}}

@@ -19,6 +19,8 @@ class Critic(nn.Module):
         self.value_head = nn.Linear(d_model, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
+        from aion_train.parallel.device import module_device
+        self.value_head.to(module_device(backbone))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids, return_hidden=True).hidden

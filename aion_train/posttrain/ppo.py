@@ -24,9 +24,10 @@ import random
 import time
 
 import torch
-import torch.distributed as dist
 
 from aion_train.config import config_to_dict
+from aion_train.parallel.collectives import all_reduce_
+from aion_train.parallel.device import module_device
 
 from . import ppo_math
 from .common import (build_phase_engine, evaluate_accuracy, phase_config, phase_tracker, setup_distributed,
@@ -49,7 +50,7 @@ def mean_over_dp(values: dict, groups) -> dict:
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
     if groups.dp > 1:
-        dist.all_reduce(t, group=groups.dp_group)
+        all_reduce_(t, group=groups.dp_group)
         t /= groups.dp
     return dict(zip(keys, t.tolist()))
 
@@ -94,13 +95,14 @@ def heldout_kl(actor, reference, task, examples, pcfg, groups, seed: int) -> dic
     prompts = [e.prompt_ids for e in mine]
     responses = sample_responses(actor, prompts, pcfg.max_new_tokens, tok.end_id, pcfg.temperature, gen, groups)
     ids, pos, toks, mask = build_sequences(prompts, responses, tok.pad_id)
+    mask = mask.to(module_device(actor))   # the log-probs below come back on the actor's device
     actor.eval()
     est = ppo_math.kl_estimators(response_logprobs(actor, ids, pos, toks, groups),
                                  response_logprobs(reference, ids, pos, toks, groups))
     t = torch.tensor([float((est["k1"] * mask).sum()), float((est["k3"] * mask).sum()), float(len(mine))],
                      dtype=torch.float64)
     if groups.dp > 1:
-        dist.all_reduce(t, group=groups.dp_group)
+        all_reduce_(t, group=groups.dp_group)
     return {"ppo_kl": float(t[0] / t[2]), "ppo_kl_k3": float(t[1] / t[2])}
 
 

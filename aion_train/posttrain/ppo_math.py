@@ -17,10 +17,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from aion_train.parallel.collectives import all_reduce_
+
 
 def _all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
+    """Sum over `group` (none: this rank alone), on the group's communication device."""
     if group is not None and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        all_reduce_(t, op=dist.ReduceOp.SUM, group=group)
     return t
 
 

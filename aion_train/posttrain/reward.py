@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from aion_train.config import config_to_dict
+from aion_train.parallel.device import module_device
 
 from .common import (barrier, build_parallel_model, build_phase_engine, load_tensors, load_weights, mean_over_ranks,
                      pad_right, phase_config, phase_dir, phase_tracker, rank, read_done, save_tensors, save_weights,
-                     setup_distributed, train_steps, write_done)
+                     setup_distributed, to_model, train_steps, write_done)
 from .lora import _unwrap, apply_lora, merge_lora
 
 
@@ -37,6 +38,7 @@ class RewardModel(nn.Module):
             torch.manual_seed(0)
             self.head = nn.Linear(d_model, 1)
         nn.init.zeros_(self.head.bias)
+        self.head.to(module_device(backbone))   # drawn on the CPU (same everywhere), kept by the backbone
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if attention_mask is None:
@@ -97,7 +99,7 @@ def pair_batch(pairs, pad_id: int):
 
 
 def pair_loss(model, batch):
-    ids, mask = batch
+    ids, mask = to_model(batch, model)
     r = model(ids, mask)
     r_w, r_l = r.chunk(2)
     loss = -F.logsigmoid(r_w - r_l).mean()
@@ -112,7 +114,7 @@ def pair_accuracy(model, pairs, pad_id: int, batch_size: int = 64) -> dict:
     model.eval()
     wins, chosen, rejected = 0, [], []
     for s in range(0, len(pairs), batch_size):
-        r = model(*pair_batch(pairs[s:s + batch_size], pad_id))
+        r = model(*to_model(pair_batch(pairs[s:s + batch_size], pad_id), model))
         r_w, r_l = r.chunk(2)
         wins += int((r_w > r_l).sum())
         chosen += r_w.tolist()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from aion_train.model.generate import generate
+from aion_train.parallel.device import module_device, to_device
 
 from . import ppo_math
 from .common import full_logits
@@ -37,8 +38,16 @@ class RolloutBatch:
     correct: torch.Tensor        # [B] 1.0 where the task checker accepts the response
 
     def rows(self, idx: torch.Tensor) -> "RolloutBatch":
-        """The sub-batch of rows `idx` (a minibatch)."""
-        return RolloutBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        """The sub-batch of rows `idx` (a minibatch; the index may be on another device, e.g. a
+        CPU permutation of a batch on the GPU)."""
+        out = {}
+        for f in fields(self):
+            t = getattr(self, f.name)
+            out[f.name] = t[idx.to(t.device)]
+        return RolloutBatch(**out)
+
+    def to(self, device) -> "RolloutBatch":
+        return RolloutBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
 @torch.no_grad()
@@ -58,7 +67,7 @@ def sample_responses(model, prompts: list, max_new_tokens: int, end_id: int, tem
     for i, p in enumerate(prompts):
         by_len.setdefault(len(p), []).append(i)
     out: list = [None] * len(prompts)
-    device = next(model.parameters()).device
+    device = module_device(model)
     for length in sorted(by_len):
         idx = by_len[length]
         ids = torch.tensor([list(prompts[i]) for i in idx], dtype=torch.long, device=device)
@@ -98,13 +107,16 @@ def _at_positions(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 def response_logprobs(model, input_ids, resp_pos, resp_tokens, groups=None, with_entropy: bool = False):
-    """log pi(response token | prefix) [B, R] (and the entropy of pi at those positions)."""
+    """log pi(response token | prefix) [B, R] (and the entropy of pi at those positions), on
+    the model's device (the inputs are moved there)."""
+    input_ids, resp_pos, resp_tokens = to_device((input_ids, resp_pos, resp_tokens), module_device(model))
     logits = _at_positions(full_logits(model(input_ids).logits, groups), resp_pos)
     logp = ppo_math.token_logprobs(logits, resp_tokens)
     return (logp, ppo_math.entropy_from_logits(logits)) if with_entropy else logp
 
 
 def response_values(critic, input_ids, resp_pos) -> torch.Tensor:
+    input_ids, resp_pos = to_device((input_ids, resp_pos), module_device(critic))
     return _at_positions(critic(input_ids), resp_pos)
 
 
@@ -119,18 +131,22 @@ def make_experience(examples: list, actor, reference, critic, reward_model, task
     tok = task.tokenizer
     prompts = [e.prompt_ids for e in examples]
     responses = sample_responses(actor, prompts, pcfg.max_new_tokens, tok.end_id, pcfg.temperature, generator, groups)
-    input_ids, resp_pos, resp_tokens, resp_mask = build_sequences(prompts, responses, tok.pad_id)
+    # every tensor of the batch lives on the actor's device (the other models are put on the
+    # same one: aion_train/posttrain/common.build_parallel_model)
+    device = module_device(actor)
+    input_ids, resp_pos, resp_tokens, resp_mask = to_device(build_sequences(prompts, responses, tok.pad_id), device)
     for m in (actor, reference, critic):
         m.eval()   # and left so: PPO trains without dropout
     logp_old = response_logprobs(actor, input_ids, resp_pos, resp_tokens, groups)
     logp_ref = response_logprobs(reference, input_ids, resp_pos, resp_tokens, groups)
     values = response_values(critic, input_ids, resp_pos) * resp_mask
-    rm_ids, rm_mask = pad_right([list(p) + list(r) for p, r in zip(prompts, responses)], tok.pad_id)
-    scores = reward_model(rm_ids, rm_mask).float()
+    rm_ids, rm_mask = to_device(pad_right([list(p) + list(r) for p, r in zip(prompts, responses)], tok.pad_id),
+                                module_device(reward_model))
+    scores = reward_model(rm_ids, rm_mask).float().to(device)
     rewards, kl = ppo_math.kl_penalty_rewards(scores, logp_old, logp_ref, resp_mask, pcfg.beta)
     advantages, returns = ppo_math.gae(rewards, values, resp_mask, pcfg.gamma, pcfg.lam)
     if pcfg.whiten_advantages:
         advantages = ppo_math.whiten(advantages, resp_mask, group=dp_group)
-    correct = torch.tensor([float(is_correct(e, tok.decode(r))) for e, r in zip(examples, responses)])
+    correct = torch.tensor([float(is_correct(e, tok.decode(r))) for e, r in zip(examples, responses)], device=device)
     return RolloutBatch(input_ids, resp_pos, resp_tokens, resp_mask, logp_old * resp_mask, logp_ref * resp_mask,
                         values, scores, rewards, kl, advantages, returns, correct)

@@ -22,7 +22,7 @@ from aion_train.config import config_to_dict
 from .chat_template import render_example
 from .common import (build_parallel_model, build_phase_engine, evaluate_accuracy, load_tensors, load_weights,
                      mean_over_ranks, pad_right, phase_config, phase_dir, phase_tracker, read_done, rank,
-                     save_tensors, save_weights, setup_distributed, train_steps, write_done)
+                     save_tensors, save_weights, setup_distributed, to_model, train_steps, write_done)
 from .lora import _unwrap, apply_lora, gather_lora_state_dict, load_lora_state_dict
 from .qlora import quantize_base_nf4
 from .task import build_task_data
@@ -39,7 +39,9 @@ def lm_batch(seqs, masks, pad_id: int):
 
 
 def lm_loss(engine, batch):
-    out = engine(batch[0], labels=batch[1])
+    """(loss, metrics) of one (input_ids, labels) batch, moved to the engine's device."""
+    ids, labels = to_model(batch, engine)
+    out = engine(ids, labels=labels)
     return out.loss, {"loss": float(out.lm_loss.detach()), "aux_loss": float(out.aux_loss.detach())}
 
 

@@ -99,7 +99,9 @@ def build_engine(model, cfg: Config, groups: ParallelGroups):
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     from .ds_comm import init_deepspeed_comm
-    ds = init_deepspeed_comm("nccl" if torch.cuda.is_available() else "gloo", cfg.parallel.timeout_s)
+    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else (
+        "nccl" if torch.cuda.is_available() else "gloo")
+    ds = init_deepspeed_comm(backend, cfg.parallel.timeout_s)   # a no-op when already initialised
     register_expert_groups(groups)
     t = cfg.train
     pg = param_groups(model, t.weight_decay)

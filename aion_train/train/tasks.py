@@ -13,12 +13,13 @@ import torch
 import torch.distributed as dist
 
 from aion_train.config import Config
+from aion_train.parallel.collectives import all_reduce_
+from aion_train.parallel.device import module_device, to_device
 
 
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t, group=group)
-    return t
+    """Sum in place over `group`, on its communication device (a CPU tensor works under NCCL)."""
+    return all_reduce_(t, group=group)
 
 
 def prepare_text_data(cfg: Config, rank: int):
@@ -46,7 +47,14 @@ def check_vocab(cfg: Config, tokenizer) -> None:
 
 
 class TextTask:
-    """Causal language modelling on packed WebDataset text."""
+    """Causal language modelling on packed WebDataset text.
+
+    Rows pack whole documents ([bos] doc [eos], see aion_train/data/loader.py). With
+    `data.document_mask` (the default) the loader also gives `segment_ids` and `position_ids`
+    and the model attends only within each document (block-diagonal causal mask), RoPE
+    positions restarting at 0 per document, so a packed row computes what its documents would
+    alone. Labels are the next token everywhere, as without the mask: the one target that
+    crosses a boundary is the <bos> after a document's <eos>, which that <eos> alone determines."""
 
     headline = "val/perplexity"
 
@@ -65,14 +73,22 @@ class TextTask:
         from aion_train.data import TokenLoader
         c = self.cfg
         return TokenLoader(shards, self.tokenizer, c.data.seq_len, c.data.micro_batch_size,
-                           dp_rank=self.groups.dp_rank, dp_size=self.groups.dp, seed=c.seed, **kw)
+                           dp_rank=self.groups.dp_rank, dp_size=self.groups.dp, seed=c.seed,
+                           document_mask=c.data.document_mask, **kw)
 
     def train_loader(self):
         c = self.cfg.data
         return self._loader(self.train_shards, shuffle_buffer=c.shuffle_buffer, num_workers=c.num_workers)
 
+    @staticmethod
+    def model_inputs(batch: dict, device) -> dict:
+        """The model's keyword arguments for a loader batch, on `device`: input_ids, labels and,
+        when the loader gives them (data.document_mask), segment_ids and position_ids."""
+        keys = ("input_ids", "labels", "segment_ids", "position_ids")
+        return to_device({k: batch[k] for k in keys if k in batch}, device)
+
     def forward(self, engine, batch, device):
-        return engine(batch["input_ids"].to(device), labels=batch["labels"].to(device), return_logits=False)
+        return engine(**self.model_inputs(batch, device), return_logits=False)
 
     def metrics(self, out) -> dict:
         """Floats to average over the micro-batches of a step; "loss" is the headline."""
@@ -87,11 +103,12 @@ class TextTask:
         """Held-out perplexity: exp(total cross-entropy / total tokens) over the DP ranks."""
         cfg, groups = self.cfg, self.groups
         engine.eval()
+        device = module_device(engine)
         total = torch.zeros(2, dtype=torch.float64)
         for i, batch in enumerate(self._loader(self.val_shards, loop=False)):
             if i >= cfg.train.eval_batches:
                 break
-            out = engine(batch["input_ids"], labels=batch["labels"], return_logits=False)
+            out = engine(**self.model_inputs(batch, device), return_logits=False)
             n = batch["labels"].numel()
             total += torch.tensor([out.lm_loss.float().item() * n, n], dtype=torch.float64)
         engine.train()

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from aion_train.config import Config
+from aion_train.parallel.device import module_device, to_device
 
 from .tasks import all_reduce_sum, check_vocab
 
@@ -37,7 +38,7 @@ def prepare_multimodal_data(cfg: Config, rank: int):
 
 def batch_to(batch: dict, device) -> dict:
     """Tensors to the device; other entries (e.g. the loader's `vqa` records) as they are."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return to_device(batch, device, non_blocking=True)
 
 
 class MultimodalTask:
@@ -87,7 +88,7 @@ class MultimodalTask:
         for i, batch in enumerate(self._loader(self.val_shards, loop=False)):
             if i >= self.cfg.train.eval_batches:
                 break
-            out = engine(batch_to(batch, next(engine.module.parameters()).device))
+            out = engine(batch_to(batch, module_device(engine)))
             for j, name in enumerate(LOSSES):
                 v = out.losses.get(name)
                 if v is not None:

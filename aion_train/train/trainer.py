@@ -13,6 +13,8 @@ import torch.distributed as dist
 
 from aion_train.config import Config, config_to_dict, dump_yaml, validate_config
 from aion_train.parallel import build_groups, get_device
+from aion_train.parallel.collectives import all_reduce_
+from aion_train.parallel.device import module_device
 from aion_train.parallel.grad_sync import global_grad_norm
 
 from .checkpointing import CheckpointError, CheckpointManager, load_job, load_weights_only, save_job
@@ -48,9 +50,8 @@ def _one_line(text) -> str:
 
 
 def _all_reduce(t: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t, op=op, group=group)
-    return t
+    """In place over `group`, on the group's communication device (CPU tensors work under NCCL)."""
+    return all_reduce_(t, op=op, group=group)
 
 
 class Trainer:
@@ -58,13 +59,14 @@ class Trainer:
         self.cfg = cfg
         backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else (
             "nccl" if torch.cuda.is_available() else "gloo")
+        # the GPU of LOCAL_RANK is made current before NCCL starts (its communicator binds to it)
+        self.device = get_device()
         init_deepspeed_comm(backend, cfg.parallel.timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         cfg.parallel.world_size = self.world
         validate_config(cfg)
         if cfg.train.precision == "fp16" and not torch.cuda.is_available():
             raise ValueError("train.precision=fp16 needs a GPU (dynamic loss scaling); use bf16 or fp32 on CPU")
-        self.device = get_device()
         self.groups = build_groups(cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.timeout_s)
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -77,6 +79,7 @@ class Trainer:
             raise ResumeError(f"cannot start from {self.ckpt.latest()}: {_one_line(e)}") from e
         self.engine, self.optimizer = build_engine(model, cfg, self.groups)
         self.model = self.engine.module
+        self.batch_device = module_device(self.engine)   # where DeepSpeed put the model
         self.loader = self.task.train_loader()
         self.state = {"step": 0, "skipped_steps": 0, "history": {"loss": [], "val": []},
                       "mlflow_run_id": None, "tokens_seen": 0}
@@ -135,8 +138,8 @@ class Trainer:
         sums, n, bad, tokens = {}, 0, 0, 0
         while self.engine.global_steps == start:
             batch = next(it)
-            out = self.task.forward(self.engine, batch, self.device.torch_device)
-            finite = torch.tensor([float(torch.isfinite(out.loss.detach()).all())])
+            out = self.task.forward(self.engine, batch, self.batch_device)
+            finite = torch.isfinite(out.loss.detach()).all().reshape(1).to(torch.float32)
             if _all_reduce(finite, op=dist.ReduceOp.MIN).item() < 1:
                 bad += 1
                 self._bad_step("non-finite loss: micro-batch")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -12,17 +14,65 @@ from aion_train.kernels import select
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# Which expert matmul runs where groups are unequal: `auto` torch's grouped GEMM when a probe
+# (forward + backward against per-expert matmuls) passes on the device and dtype, else one
+# matmul per expert; `on` the grouped GEMM or an error saying why it cannot run; `off` one
+# matmul per expert. A process-level switch like AION_DS_SHM (not part of the model config:
+# the math is the same). Each choice is logged once per (device, dtype).
+GROUPED_MM_ENV = "AION_GROUPED_MM"
+GROUPED_MM_MODES = ("auto", "on", "off")
+
+log = logging.getLogger("aion_train.model")
+_logged: set = set()
+
+
+def _log_once(key, msg: str, *args) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        log.info(msg, *args)
+
+
+def grouped_mm_mode() -> str:
+    mode = os.environ.get(GROUPED_MM_ENV, "auto").strip().lower() or "auto"
+    if mode not in GROUPED_MM_MODES:
+        raise ValueError(f"{GROUPED_MM_ENV}={mode!r}: must be one of {', '.join(GROUPED_MM_MODES)}")
+    return mode
+
 
 @functools.lru_cache(maxsize=None)
-def _grouped_mm_works(device_type: str, dtype: torch.dtype = torch.float32) -> bool:
-    """torch's grouped GEMM (forward and backward) works on this device and dtype."""
-    if not hasattr(F, "grouped_mm") or dtype not in GROUPED_MM_DTYPES:
-        return False
+def grouped_mm_status(device_type: str, dtype: torch.dtype = torch.float32) -> tuple[bool, str]:
+    """(torch's grouped GEMM works on this device and dtype, forward and backward; why not)."""
+    if not hasattr(F, "grouped_mm"):
+        return False, f"torch {torch.__version__} has no torch.nn.functional.grouped_mm"
+    if dtype not in GROUPED_MM_DTYPES:
+        return False, f"dtype {dtype} is not one of {GROUPED_MM_DTYPES}"
     try:
         with torch.inference_mode(False), torch.enable_grad():   # the first call may come from generate()
-            return _probe_grouped_mm(device_type, dtype)
-    except Exception:
+            if _probe_grouped_mm(device_type, dtype):
+                return True, "probe passed"
+            return False, "the probe's result differs from per-expert matmuls"
+    except Exception as e:
+        return False, f"the probe raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _grouped_mm_works(device_type: str, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether grouped_linear takes torch's grouped GEMM on this device and dtype (see
+    GROUPED_MM_ENV); logs the choice and its reason once; `on` that cannot run raises."""
+    mode = grouped_mm_mode()
+    if mode == "off":
+        _log_once(("off", device_type, dtype), "MoE experts on %s %s: one matmul per expert (%s=off)",
+                  device_type, dtype, GROUPED_MM_ENV)
         return False
+    ok, why = grouped_mm_status(device_type, dtype)
+    if not ok and mode == "on":
+        raise RuntimeError(f"{GROUPED_MM_ENV}=on but torch's grouped GEMM cannot run on {device_type} {dtype}: {why}")
+    if ok:
+        _log_once((mode, device_type, dtype, True), "MoE experts on %s %s: torch grouped GEMM (%s)",
+                  device_type, dtype, why)
+    else:
+        _log_once((mode, device_type, dtype, False), "MoE experts on %s %s: one matmul per expert "
+                  "(grouped GEMM unavailable: %s)", device_type, dtype, why)
+    return ok
 
 
 def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
@@ -43,8 +93,12 @@ def _aligned(t: torch.Tensor) -> bool:
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
                    counts_list: list[int] | None = None) -> torch.Tensor:
     """x: [M, in] rows grouped by expert (counts[E] rows each); weight: [E, in, out]."""
-    if (x.dtype == weight.dtype and _aligned(x) and _aligned(weight)
-            and _grouped_mm_works(x.device.type, x.dtype)):
+    fits = x.dtype == weight.dtype and _aligned(x) and _aligned(weight)
+    if not fits and grouped_mm_mode() == "on":
+        raise RuntimeError(f"{GROUPED_MM_ENV}=on but these experts cannot take the grouped GEMM: x {x.dtype} "
+                           f"[{x.shape[-1]}] and weight {weight.dtype} [{weight.shape[-1]}] need one dtype and "
+                           "16-byte aligned rows")
+    if fits and _grouped_mm_works(x.device.type, x.dtype):
         offs = torch.cumsum(counts, 0).to(torch.int32)
         out = F.grouped_mm(x.contiguous(), weight, offs=offs)
         if out.requires_grad:   # its backward needs a dense incoming gradient
