@@ -1,7 +1,10 @@
 """Static checks of docker/Dockerfile against setup.py (no docker engine needed): the GPU image
 installs this package with the extras it needs, every GPU package gets in and can build, NVIDIA
-apex comes from its own git source and never the unrelated PyPI 'apex', and the base image is a
-CUDA image whose version matches torch's CUDA wheels."""
+apex comes from its own git source and never the unrelated PyPI 'apex', the base image is a
+CUDA image whose version matches torch's CUDA wheels, torch is a pinned release that has the
+grouped GEMM the MoE experts call (torch.nn.functional.grouped_mm, torch >= 2.10) from an index
+that publishes it and stays that release through the later installs, and the faiss left in the
+image is a GPU package published for the image's CUDA (both also asserted inside the build)."""
 from __future__ import annotations
 
 import ast
@@ -257,3 +260,86 @@ def test_cuda_extensions_target_current_gpus():
     assert m, "TORCH_CUDA_ARCH_LIST is not set for the CUDA extension builds"
     archs = {a.replace("+PTX", "").strip() for a in m.group(1).split(";")}
     assert {"8.0", "9.0"} <= archs, f"no A100 (8.0) / H100 (9.0) target in {sorted(archs)}"
+
+
+# --------------------------------------------------------------------------- grouped GEMM, faiss for GPUs
+
+# torch builds published per CUDA wheel index (the PyTorch release compatibility matrix); a
+# version missing here must be looked up before the image moves to it
+TORCH_CUDA_INDEXES = {"2.13": {"cu126", "cu130", "cu132"}, "2.14": {"cu126", "cu130", "cu132"}}
+# torch.nn.functional.grouped_mm, what aion_train/model/moe/experts.py calls, is public from 2.10
+GROUPED_MM_SINCE = (2, 10)
+# GPU faiss packages on PyPI: (first version built for CUDA 12, CUDA major, lowest CUDA runtime)
+FAISS_GPU_PACKAGES = {"faiss-gpu": ((1, 14, 3), 12, (12, 6)), "faiss-gpu-cu12": ((1, 8, 0), 12, (12, 1))}
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", v.split("+")[0])[:3])
+
+
+def _pinned(inst: dict, name: str) -> str | None:
+    for req in inst["reqs"]:
+        if norm_name(req) == name:
+            m = re.search(r"==\s*([0-9][0-9a-zA-Z.+]*)", req)
+            return m.group(1) if m else None
+    return None
+
+
+def _image_cuda() -> tuple[int, int]:
+    ref = instructions()[0][1].split()[0]
+    major, minor = re.search(r":(\d+)\.(\d+)", ref).groups()
+    return int(major), int(minor)
+
+
+def test_torch_is_a_pinned_build_with_the_grouped_gemm():
+    """The image's torch must have torch.nn.functional.grouped_mm (torch >= 2.10; bf16 on
+    compute capability >= 8.0, the CUTLASS kernel on sm90), from a CUDA index that publishes it."""
+    inst = explicit_names()["torch"][0]
+    version = _pinned(inst, "torch")
+    assert version, f"torch is installed unpinned ({inst['reqs']}): the index's newest may lack the op or the CUDA"
+    assert _version_tuple(version) >= GROUPED_MM_SINCE, f"torch {version} has no torch.nn.functional.grouped_mm"
+    index = inst["opts"][inst["opts"].index("--index-url") + 1].rstrip("/").rsplit("/", 1)[-1]
+    minor = ".".join(version.split(".")[:2])
+    assert minor in TORCH_CUDA_INDEXES, f"look up which CUDA indexes publish torch {minor} and add it here"
+    assert index in TORCH_CUDA_INDEXES[minor], f"torch {version} is not published on the {index} index"
+    # this machine's torch, when it is the same release, really has the op
+    import torch
+    import torch.nn.functional as F
+    if torch.__version__.split("+")[0] == version:
+        assert hasattr(F, "grouped_mm"), f"torch {version} lacks torch.nn.functional.grouped_mm"
+    # and the build checks it right after installing torch
+    checks = [i for i, _, argv in shell_commands() if argv[:2] == ["python3", "-c"] and "grouped_mm" in argv[2]]
+    assert checks and checks[0] > inst["run"], "the image never checks that torch has grouped_mm"
+
+
+def test_later_installs_keep_the_pinned_torch():
+    """The extras (and flash-attn's build) must not replace the CUDA 12.6 torch: a requirement
+    admitting a newer torch would pull PyPI's default build (CUDA 13)."""
+    version = _pinned(explicit_names()["torch"][0], "torch")
+    writes = {}
+    for kw, args in instructions():
+        if kw == "RUN":
+            for m in re.finditer(r"echo\s+\"?torch==([0-9][^\"\s]*)\"?\s*>\s*(\S+)", args):
+                writes[m.group(2)] = m.group(1)
+    for inst in [package_install()] + explicit_names().get("flash-attn", []):
+        opts = inst["opts"]
+        assert "-c" in opts or "--constraint" in opts, f"{' '.join(inst['argv'])}: no torch constraint"
+        path = opts[(opts.index("-c") if "-c" in opts else opts.index("--constraint")) + 1]
+        assert writes.get(path) == version, f"{path} does not pin torch=={version} ({writes})"
+
+
+def test_faiss_gpu_package_exists_for_the_image_cuda():
+    """The faiss left in the image is a GPU build published for the image's CUDA (faiss-gpu
+    1.7.2, what an unpinned name could resolve to on Python 3.10, is a CUDA 11 build)."""
+    cuda = _image_cuda()
+    gpu_installs = [(name, inst) for name in FAISS_GPU_PACKAGES for inst in explicit_names().get(name, [])
+                    if "--force-reinstall" in inst["opts"] or name != "faiss-gpu"]
+    assert gpu_installs, "no GPU faiss package is installed explicitly"
+    name, inst = gpu_installs[-1]
+    version = _pinned(inst, name)
+    first, major, runtime = FAISS_GPU_PACKAGES[name]
+    assert version, f"{name} is installed unpinned"
+    assert _version_tuple(version) >= first, f"{name} {version} predates its CUDA {major} builds ({first})"
+    assert cuda[0] == major and cuda >= runtime, f"{name} {version} needs CUDA {runtime}+, image has {cuda}"
+    checks = [i for i, _, argv in shell_commands() if argv[:2] == ["python3", "-c"] and "StandardGpuResources" in argv[2]]
+    assert checks and checks[-1] > inst["run"], "the image never checks that faiss is the GPU build"

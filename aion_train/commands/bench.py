@@ -9,6 +9,7 @@ BENCHES = {
     "train": "aion_train.bench.train",
     "retrieval": "aion_train.bench.retrieval",
     "data": "aion_train.bench.data",
+    "gpu": "aion_train.bench.gpu",      # CUDA only: exits 2 without a GPU
 }
 
 
@@ -19,10 +20,14 @@ def add_arguments(p):
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="smaller sizes (smoke test)")
     p.add_argument("--config", default=None)
+    p.add_argument("--write-docs", action="store_true",
+                   help="gpu: put the result into docs/benchmarks.md (a section per device)")
 
 
 def run(args) -> int:
     mod = importlib.import_module(BENCHES[args.name])
+    if hasattr(mod, "run_command"):     # bench gpu: its own exit code (2 without CUDA), --write-docs
+        return mod.run_command(args)
     kwargs = {k: v for k, v in (("tokens", args.tokens), ("rounds", args.rounds)) if v is not None}
     if args.quick:
         kwargs.update(getattr(mod, "QUICK", {}))
