@@ -16,7 +16,7 @@ PYTHON ?= python3
 VENV ?= .venv
 USE_VENV ?= auto
 TORCH ?= torch==2.13.0
-EXTRAS ?= test,retrieval,ray
+EXTRAS ?= test,retrieval,ray,serve
 PYTEST_ARGS ?= -q
 DEMO_ARGS ?=
 STAMP_DIR := .make

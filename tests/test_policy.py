@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from aion_train.ownership import MARKER
 
 from aion_train.policy import (
     BUNDLE_FILE,
@@ -323,16 +324,51 @@ def test_default_policy_returns_outputs_unchanged():
         r = enforce(s, DEFAULT_POLICY)
         assert r.text == s and type(r.text) is str
         assert not r.blocked and r.flags == [] and r.redactions == 0
-        assert ps["anything"] is ps.default
+        assert ps["default"] is ps.default and ps.get(None) is ps.default
         assert ps.enforce(s, None).text == s
     bundle = build_bundle(EXAMPLE_FILES)
     ps = PolicySet(bundle)
     for _ in range(200):
         s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 200)))
         assert ps.enforce(s, "default").text == s
-        assert ps.enforce(s, "us-ca").text == s                # unknown -> default
-    with pytest.raises(UnknownJurisdiction, match="unknown jurisdiction 'us-ca'"):
-        PolicySet(bundle, strict=True)["us-ca"]
+        assert ps.enforce(s, None).text == s                   # no jurisdiction -> default
+
+
+def test_unknown_jurisdiction_fails_closed_unless_a_fallback_is_declared(tmp_path):
+    bundle = build_bundle(EXAMPLE_FILES)
+    ps = PolicySet(bundle)
+    assert ps.fallback_jurisdiction is None
+    # misspelt, unknown, other case, empty: refused, naming the known ones; never the default
+    for j in ["us-ca", "eu_de", "EU-DE", "", "anything"]:
+        with pytest.raises(UnknownJurisdiction, match=r"unknown jurisdiction .*known: default, eu, eu-de"):
+            ps[j]
+        with pytest.raises(UnknownJurisdiction):
+            ps.enforce("some text", j)
+        with pytest.raises(UnknownJurisdiction):
+            generate_with_policy(lambda p: pytest.fail("generated for an unknown jurisdiction"),
+                                 "prompt", ps, j)
+        assert j not in ps
+    with pytest.raises(UnknownJurisdiction):
+        PolicySet.default_only()["anything"]
+
+    # an explicit fallback, covered by the bundle hash
+    fb = build_bundle(EXAMPLE_FILES, fallback="eu")
+    assert fb["fallback_jurisdiction"] == "eu" and fb["bundle_sha256"] != bundle["bundle_sha256"]
+    assert build_bundle(EXAMPLE_FILES)["bundle_sha256"] == bundle["bundle_sha256"]
+    path = write_bundle(fb, tmp_path / "fb")
+    ps = PolicySet.load(path)
+    assert ps.fallback_jurisdiction == "eu" and ps["us-ca"] is ps["eu"]
+    assert ps.get(None) is ps.default
+    with pytest.raises(PolicyError, match="fallback jurisdiction 'xx' is not defined"):
+        build_bundle(EXAMPLE_FILES, fallback="xx")
+    # switching a fallback on (or changing it) by editing the file breaks the bundle hash
+    for edit in ({"fallback_jurisdiction": "default"}, {"fallback_jurisdiction": "eu-de"}):
+        tampered = write(tmp_path / "t.json", json.dumps({**bundle, **edit}))
+        with pytest.raises(PolicyError, match="bundle hash mismatch"):
+            PolicySet.load(tampered)
+    tampered = write(tmp_path / "t2.json", json.dumps({**bundle, "fallback_jurisdiction": "zz"}))
+    with pytest.raises(PolicyError, match="fallback jurisdiction 'zz' is not one of"):
+        PolicySet.load(tampered)
 
 
 def test_example_policies_build_and_apply(tmp_path):
@@ -342,7 +378,7 @@ def test_example_policies_build_and_apply(tmp_path):
     assert again["bundle_sha256"] == bundle["bundle_sha256"]       # content-addressed
     path = write_bundle(bundle, tmp_path / "out")
     assert path == tmp_path / "out" / BUNDLE_FILE
-    assert sorted(os.listdir(tmp_path / "out")) == [BUNDLE_FILE]   # no temp file left
+    assert sorted(os.listdir(tmp_path / "out")) == [MARKER, BUNDLE_FILE]   # no temp file left; the ownership marker
     ps = PolicySet.load(path)
     assert ps.bundle_sha256 == bundle["bundle_sha256"]
     text = "Write to jo@example.org or +49 30 1234567. This is not legal advice."
@@ -450,9 +486,9 @@ def test_policies_never_touch_the_weights(tmp_path, one_torch_thread):
     write_bundle(bundle, tmp_path / "out")
     ps = PolicySet.load(tmp_path / "out")
 
-    for j in ["default", "eu-de", "zz", "unknown"]:
+    for j in ["default", None, "eu-de", "zz"]:
         results = [generate_with_policy(generate_fn, p, ps, j) for p in prompts]
-        if j in ("default", "unknown"):
+        if j in ("default", None):
             assert [r.text for r in results] == raw          # unchanged, exactly
         if j == "zz":
             assert sum(r.redactions for r in results) > 0     # the policy did change text

@@ -16,6 +16,8 @@ Bundle layout (`policy_bundle.json`):
     {"format": "aion-policy-bundle", "schema_version": 1, "policy_schema": <$id>,
      "bundle_sha256": sha256 of canonical {"schema_version", "policies": {j: sha256}},
      "default_jurisdiction": "default",
+     ["fallback_jurisdiction": j,]   only when declared (make_bundle(..., fallback=j)): the
+                                     policy applied to a jurisdiction the bundle does not have
      "jurisdictions": {j: {"sha256": sha256 of canonical(policy),
                            "policy": <resolved policy, valid against the policy schema>,
                            "lineage": [{"jurisdiction", "version", "sha256", "rules"}, ...],
@@ -23,6 +25,11 @@ Bundle layout (`policy_bundle.json`):
 
 Hashes cover content only (no timestamps, no file paths), so rebuilding the same policies
 gives the same hashes. The built-in default policy is added when no file defines "default".
+
+Unknown jurisdictions fail closed: `PolicySet[j]` raises `UnknownJurisdiction` for a j the
+bundle does not define, unless the bundle declares `fallback_jurisdiction` (which must name
+one of its jurisdictions). The fallback is covered by `bundle_sha256` (a bundle without one
+hashes exactly as before), so it cannot be switched on by editing the file.
 """
 from __future__ import annotations
 
@@ -222,21 +229,34 @@ def _rule_origin(parent: ResolvedPolicy, rule_id: str) -> str:
 
 
 # ----------------------------------------------------------------------------- bundle
-def bundle_hash(policy_hashes: dict[str, str], schema_version: int = SCHEMA_VERSION) -> str:
-    return content_hash({"schema_version": schema_version, "policies": policy_hashes})
+def bundle_hash(policy_hashes: dict[str, str], schema_version: int = SCHEMA_VERSION,
+                fallback: str | None = None) -> str:
+    doc: dict[str, Any] = {"schema_version": schema_version, "policies": policy_hashes}
+    if fallback is not None:
+        doc["fallback_jurisdiction"] = fallback
+    return content_hash(doc)
 
 
-def make_bundle(resolved: dict[str, ResolvedPolicy]) -> dict[str, Any]:
+def make_bundle(resolved: dict[str, ResolvedPolicy], fallback: str | None = None) -> dict[str, Any]:
+    """The bundle dict. `fallback`: the jurisdiction whose policy an unknown jurisdiction gets
+    (None, the default: unknown jurisdictions are refused)."""
     entries = {j: r.to_entry() for j, r in sorted(resolved.items())}
     hashes = {j: e["sha256"] for j, e in entries.items()}
-    return {
+    if fallback is not None and fallback not in entries:
+        raise PolicyError.one("<bundle>", "$.fallback_jurisdiction",
+                              f"fallback jurisdiction {fallback!r} is not defined "
+                              f"(have: {', '.join(entries)})")
+    bundle = {
         "format": BUNDLE_FORMAT,
         "schema_version": SCHEMA_VERSION,
         "policy_schema": POLICY_SCHEMA_ID,
-        "bundle_sha256": bundle_hash(hashes),
+        "bundle_sha256": bundle_hash(hashes, fallback=fallback),
         "default_jurisdiction": DEFAULT_JURISDICTION,
         "jurisdictions": entries,
     }
+    if fallback is not None:
+        bundle["fallback_jurisdiction"] = fallback
+    return bundle
 
 
 def write_bundle(bundle: dict[str, Any], out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -257,8 +277,9 @@ def _is_bundle_file(path: Path) -> bool:
         return False
 
 
-def build_bundle(paths: Iterable[str | os.PathLike]) -> dict[str, Any]:
-    """Validate every file (collecting all issues), resolve, and return the bundle dict."""
+def build_bundle(paths: Iterable[str | os.PathLike], fallback: str | None = None) -> dict[str, Any]:
+    """Validate every file (collecting all issues), resolve, and return the bundle dict
+    (`fallback`: see make_bundle)."""
     from .loader import load_policy_file
 
     files: list[PolicyFile] = []
@@ -272,7 +293,7 @@ def build_bundle(paths: Iterable[str | os.PathLike]) -> dict[str, Any]:
         raise PolicyError(issues)
     resolved = resolve_policies(files)
     check_resolved(resolved)
-    return make_bundle(resolved)
+    return make_bundle(resolved, fallback=fallback)
 
 
 def check_resolved(resolved: dict[str, ResolvedPolicy]) -> None:

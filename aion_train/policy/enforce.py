@@ -232,31 +232,45 @@ class _Snapshot:
     policies: Mapping[str, Policy]
     bundle_sha256: str
     default: Policy
+    fallback: Policy | None = None      # what an unknown jurisdiction gets; None: refused
+
+    def lookup(self, jurisdiction: str, where: str) -> Policy:
+        pol = self.policies.get(jurisdiction) if isinstance(jurisdiction, str) else None
+        if pol is not None:
+            return pol
+        if self.fallback is not None:
+            return self.fallback
+        raise UnknownJurisdiction([PolicyIssue(
+            where, json_path(["jurisdictions", str(jurisdiction)[:90]]),
+            f"unknown jurisdiction {str(jurisdiction)[:90]!r} (known: "
+            f"{', '.join(self.policies)})")])
 
 
 class PolicySet:
     """The compiled policies of one bundle, selected per request by jurisdiction.
 
-    `policy_set[j]` returns j's policy; an unknown j gets the default policy, or raises
-    `UnknownJurisdiction` when `strict=True`. `reload()` re-reads the bundle file and swaps
-    the whole set in one assignment under a lock; readers never lock and never see a mix of
-    old and new policies.
+    `policy_set[j]` returns j's policy. An unknown (or misspelt) j fails closed: it raises
+    `UnknownJurisdiction`, whose message names the known jurisdictions, unless the bundle
+    declares an explicit `fallback_jurisdiction` (then j gets that policy). It never silently
+    returns the unrestricted default. `get(None)` (no jurisdiction asked for) is the default
+    policy. `reload()` re-reads the bundle file and swaps the whole set in one assignment
+    under a lock; readers never lock and never see a mix of old and new policies.
+    `snapshot()` returns that immutable set, so that one request resolves every lookup in
+    the same version of the bundle.
     """
 
-    def __init__(self, bundle: Mapping[str, Any], path: str | os.PathLike | None = None,
-                 strict: bool = False):
+    def __init__(self, bundle: Mapping[str, Any], path: str | os.PathLike | None = None):
         self.path = Path(path) if path is not None else None
-        self.strict = strict
         self._lock = threading.Lock()
         self._snap = _compile_bundle(bundle, str(path) if path else "<bundle>")
 
     @classmethod
-    def load(cls, bundle_path: str | os.PathLike, strict: bool = False) -> "PolicySet":
+    def load(cls, bundle_path: str | os.PathLike) -> "PolicySet":
         path = Path(bundle_path)
         if path.is_dir():
             from .bundle import BUNDLE_FILE
             path = path / BUNDLE_FILE
-        return cls(_read_bundle(path), path=path, strict=strict)
+        return cls(_read_bundle(path), path=path)
 
     @classmethod
     def default_only(cls) -> "PolicySet":
@@ -279,18 +293,21 @@ class PolicySet:
             return True
 
     def __getitem__(self, jurisdiction: str) -> Policy:
-        snap = self._snap
-        pol = snap.policies.get(jurisdiction)
-        if pol is not None:
-            return pol
-        if self.strict:
-            raise UnknownJurisdiction([PolicyIssue(
-                str(self.path or "<bundle>"), json_path(["jurisdictions", str(jurisdiction)]),
-                f"unknown jurisdiction {jurisdiction!r} (have: {', '.join(snap.policies)})")])
-        return snap.default
+        return self._snap.lookup(jurisdiction, str(self.path or "<bundle>"))
 
     def get(self, jurisdiction: str | None) -> Policy:
-        return self._snap.default if jurisdiction is None else self[jurisdiction]
+        snap = self._snap
+        return snap.default if jurisdiction is None else snap.lookup(
+            jurisdiction, str(self.path or "<bundle>"))
+
+    def snapshot(self) -> "_Snapshot":
+        """The current immutable set (policies, default, fallback, bundle hash)."""
+        return self._snap
+
+    @property
+    def fallback_jurisdiction(self) -> str | None:
+        fb = self._snap.fallback
+        return None if fb is None else fb.jurisdiction
 
     def __contains__(self, jurisdiction: object) -> bool:
         return jurisdiction in self._snap.policies
@@ -375,7 +392,11 @@ def _compile_bundle(bundle: Any, name: str) -> _Snapshot:
         hashes[j] = pol.sha256
     if issues:
         raise PolicyError(issues)
-    expected = bundle_hash(hashes, SCHEMA_VERSION)
+    fallback_j = bundle.get("fallback_jurisdiction")
+    if fallback_j is not None and (not isinstance(fallback_j, str) or fallback_j not in policies):
+        raise fail(["fallback_jurisdiction"], f"fallback jurisdiction {fallback_j!r} is not one "
+                   f"of the bundle's jurisdictions ({', '.join(policies)})")
+    expected = bundle_hash(hashes, SCHEMA_VERSION, fallback=fallback_j)
     if bundle.get("bundle_sha256") != expected:
         raise fail(["bundle_sha256"], f"bundle hash mismatch: content hashes to {expected}")
     default_j = bundle.get("default_jurisdiction", DEFAULT_JURISDICTION)
@@ -383,4 +404,5 @@ def _compile_bundle(bundle: Any, name: str) -> _Snapshot:
     if not default.is_identity:
         raise fail(["jurisdictions", default_j], "the default policy must leave outputs "
                    "unchanged (no rules, notices, limit or moderation)")
-    return _Snapshot(policies=policies, bundle_sha256=expected, default=default)
+    return _Snapshot(policies=policies, bundle_sha256=expected, default=default,
+                     fallback=policies[fallback_j] if fallback_j is not None else None)

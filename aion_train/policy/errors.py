@@ -36,7 +36,8 @@ class PolicyError(Exception):
 
 
 class UnknownJurisdiction(PolicyError, KeyError):
-    """`PolicySet[j]` for a jurisdiction that the bundle does not have (strict mode only)."""
+    """`PolicySet[j]` for a jurisdiction that the bundle does not have and no declared
+    fallback covers (fails closed; the message names the known jurisdictions)."""
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return "\n".join(str(i) for i in self.issues)

@@ -1,0 +1,120 @@
+"""aion-train serve --checkpoint C [--policy BUNDLE] [--host 127.0.0.1] [--port 8000]
+    [--api-key-file F] [--audit-log FILE] [--max-batch N] [--json-logs]
+
+An OpenAI-compatible HTTP server (FastAPI + uvicorn) for one checkpoint: GET /v1/models,
+POST /v1/completions, POST /v1/chat/completions (streaming as server-sent events),
+GET /health, GET /metrics. See aion_train/serve/openai_api.py for the API.
+
+Binds 127.0.0.1 unless --host says otherwise. --api-key-file: one key per line (blank lines
+and lines starting with # skipped); every request but /health then needs
+`Authorization: Bearer KEY`. --policy: the bundle of `aion-train build-policy`; requests
+pick a jurisdiction with the `jurisdiction` field or the X-Jurisdiction header, none means
+the default policy, an unknown one is refused with 400. --audit-log: one hash-chained JSONL
+record per request (`aion-train audit verify FILE` checks it).
+
+Exit codes: 0 stopped cleanly; 1 the checkpoint, bundle, key file or audit log cannot be
+used; 2 bad arguments.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+from .generate import add_model_arguments, load_policies
+
+
+def add_arguments(p):
+    add_model_arguments(p)
+    p.add_argument("--policy", default=None, metavar="BUNDLE", help="policy_bundle.json (or its folder)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key-file", default=None, metavar="F", help="file of accepted API keys, one a line")
+    p.add_argument("--audit-log", default=None, metavar="FILE", help="append-only hash-chained JSONL log")
+    p.add_argument("--max-batch", type=int, default=8, metavar="N", help="rows per engine batch (default 8)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="B", help="request body limit")
+    p.add_argument("--json-logs", action="store_true", help="log one JSON object a line (access log too)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+               + f".{int(record.msecs):03d}Z", "level": record.levelname.lower(),
+               "logger": record.name, "message": record.getMessage()}
+        extra = getattr(record, "aion", None)
+        if isinstance(extra, dict):
+            out.update(extra)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup_logging(json_logs: bool, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_logs else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        lg = logging.getLogger(name)
+        lg.handlers[:] = []
+        lg.propagate = True
+    logging.getLogger("uvicorn.access").disabled = True   # our access log has the request id
+
+
+def read_api_keys(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        keys = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    if not keys:
+        raise ValueError(f"{path}: no API keys in the file")
+    return keys
+
+
+def build_server(args):
+    """(app, service, audit) from the parsed arguments (also used by tests)."""
+    from aion_train.serve.audit import AuditLog
+    from aion_train.serve.loading import load_for_serving
+    from aion_train.serve.openai_api import create_app
+    from aion_train.serve.service import Service
+    policies = load_policies(args.policy)
+    keys = read_api_keys(args.api_key_file) if args.api_key_file else None
+    loaded = load_for_serving(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype,
+                              model_id=args.model_name)
+    service = Service(loaded, policies, max_batch=args.max_batch)
+    audit = AuditLog(args.audit_log) if args.audit_log else None
+    app = create_app(service, api_keys=keys, audit=audit, max_body_bytes=args.max_body_bytes)
+    return app, service, audit
+
+
+def run(args) -> int:
+    if args.max_batch < 1 or not 0 < args.port < 65536:
+        print("serve: --max-batch must be >= 1 and --port in 1..65535", file=sys.stderr)
+        return 2
+    setup_logging(args.json_logs, args.log_level)
+    log = logging.getLogger("aion_train.serve")
+    from aion_train.policy import PolicyError
+    from aion_train.serve.audit import AuditError
+    from aion_train.serve.loading import LoadError
+    try:
+        app, service, audit = build_server(args)
+    except (PolicyError, LoadError, AuditError, OSError, ValueError) as e:
+        print(f"serve: {e}", file=sys.stderr)
+        return 1
+    import uvicorn
+    service.scheduler.start()
+    log.info("serving %s (%s, %s) on http://%s:%d; jurisdictions: %s", service.loaded.model_id,
+             service.loaded.kind, service.loaded.dtype, args.host, args.port,
+             ", ".join(service.policy.jurisdictions),
+             extra={"aion": {"model": service.loaded.model_id, "host": args.host, "port": args.port,
+                             "bundle_sha256": service.policies.bundle_sha256}})
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False,
+                    log_level=args.log_level)
+    finally:
+        service.scheduler.stop()
+        if audit is not None:
+            audit.close()
+    return 0

@@ -1,0 +1,21 @@
+"""Serving a trained checkpoint: `aion-train generate` and the OpenAI-compatible
+`aion-train serve`, with per-jurisdiction output policies applied outside the model.
+
+The model is served unrestricted under the default policy (outputs equal the raw model's,
+token for token, for the same seed); under jurisdiction j every output is
+`enforce(model(x), policy[j])`. Policies never touch the weights. An unknown jurisdiction is
+refused (fails closed) unless the bundle declares a fallback.
+
+    loading.py         checkpoint (pretrain / SFT / PPO, any TP/EP layout) -> model + tokenizer
+    sampling.py        greedy / temperature / top-k / top-p, one random stream per choice
+    engine.py          batched KV-cached generation (ragged prompts through segment ids)
+    scheduler.py       the worker thread that owns the model; static batching of queued jobs
+    text.py            incremental detokenizing and stop strings
+    policy_runtime.py  per-request policy snapshot, fail-closed lookup, streaming hold-back
+    choice.py          one choice: ids -> raw text -> enforced text (streamed or not)
+    service.py         requests -> rows -> results; the `aion` response object
+    protocol.py        request bodies (unknown fields refused) and OpenAI-shaped errors
+    openai_api.py      the FastAPI app
+    audit.py           hash-chained JSONL audit log + verify
+    metrics.py         Prometheus metrics
+"""

@@ -1,0 +1,53 @@
+"""Prometheus metrics of the server (its own registry; `GET /metrics` renders it).
+
+Label values are bounded: endpoints are the fixed routes, a jurisdiction label is one the
+bundle defines or "unknown" (so a client cannot grow the label set), rule ids come from the
+bundle.
+"""
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, jurisdictions=()):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.known = set(jurisdictions)
+        r = self.registry
+        self.requests = Counter("aion_requests", "HTTP requests by endpoint, status and jurisdiction",
+                                ["endpoint", "status", "jurisdiction"], registry=r)
+        self.prompt_tokens = Counter("aion_prompt_tokens", "prompt tokens processed", ["endpoint"], registry=r)
+        self.completion_tokens = Counter("aion_completion_tokens", "tokens generated", ["endpoint"], registry=r)
+        self.latency = Histogram("aion_request_latency_seconds", "request latency (to the last byte)",
+                                 ["endpoint", "stream"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("aion_time_to_first_token_seconds", "time to the first generated token",
+                              ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.policy_actions = Counter("aion_policy_actions", "policy actions (matches) by jurisdiction and rule",
+                                      ["jurisdiction", "rule", "action"], registry=r)
+        self.blocked = Counter("aion_policy_blocked_choices", "choices replaced by the refusal notice",
+                               ["jurisdiction"], registry=r)
+        self.in_flight = Gauge("aion_requests_in_flight", "requests being served", registry=r)
+        self.batch_rows = Histogram("aion_batch_rows", "rows per engine batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+
+    def jurisdiction_label(self, j: str | None) -> str:
+        if j is None:
+            return "none"
+        return j if j in self.known else "unknown"
+
+    def observe_request(self, endpoint: str, status: int, jurisdiction: str | None) -> None:
+        self.requests.labels(endpoint, str(status), self.jurisdiction_label(jurisdiction)).inc()
+
+    def observe_actions(self, jurisdiction: str, actions: dict) -> None:
+        j = self.jurisdiction_label(jurisdiction)
+        for rule, a in actions.items():
+            self.policy_actions.labels(j, rule, a["action"]).inc(a.get("matches", 1))
+            if a["action"] == "block":
+                self.blocked.labels(j).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

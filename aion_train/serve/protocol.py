@@ -1,0 +1,141 @@
+"""Request bodies of the OpenAI-compatible API (pydantic, unknown fields refused) and the
+errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`."""
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+
+MAX_STOP = 4
+MAX_N = 16
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: StrictBool = False
+
+
+class _Sampling(_Strict):
+    model: str
+    max_tokens: Optional[StrictInt] = Field(None, ge=0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: StrictInt = Field(0, ge=-1)                      # extension (as vLLM): 0/-1 = off
+    n: StrictInt = Field(1, ge=1, le=MAX_N)
+    stream: StrictBool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[StrictInt] = None
+    user: Optional[str] = Field(None, max_length=256)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    jurisdiction: Optional[str] = Field(None, max_length=90)   # extension (or X-Jurisdiction)
+
+    def stops(self) -> tuple[str, ...]:
+        s = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(s) > MAX_STOP:
+            raise APIError(400, f"at most {MAX_STOP} stop sequences, got {len(s)}", param="stop")
+        if any(not x for x in s):
+            raise APIError(400, "stop sequences must not be empty", param="stop")
+        return tuple(s)
+
+    def check_unsupported(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) != 0.0:
+                raise APIError(400, f"{name} is not supported by this server (only 0)", param=name)
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
+    echo: StrictBool = False
+    logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
+    best_of: Optional[StrictInt] = None
+    suffix: Optional[str] = None
+    logit_bias: Optional[dict] = None
+
+    def check_unsupported(self) -> None:
+        super().check_unsupported()
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError(400, "best_of is not supported by this server", param="best_of")
+        if self.suffix:
+            raise APIError(400, "suffix is not supported by this server", param="suffix")
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: Union[str, list[dict], None] = None
+    name: Optional[str] = Field(None, max_length=64)
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: Optional[StrictInt] = Field(None, ge=0)
+    logprobs: StrictBool = False
+    top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
+    logit_bias: Optional[dict] = None
+
+    def check_unsupported(self) -> None:
+        super().check_unsupported()
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+
+    def plain_messages(self) -> list[dict]:
+        """[{role, content: str}] for the chat template; content parts must be text."""
+        out = []
+        for i, m in enumerate(self.messages):
+            role = "system" if m.role == "developer" else m.role
+            if role not in ("system", "user", "assistant"):
+                raise APIError(400, f"messages[{i}].role {m.role!r} is not supported (system, "
+                               "developer, user, assistant)", param=f"messages.{i}.role")
+            if isinstance(m.content, list):
+                texts = []
+                for k, part in enumerate(m.content):
+                    try:
+                        texts.append(TextPart.model_validate(part).text)
+                    except ValidationError:
+                        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                        raise APIError(400, f"messages[{i}].content[{k}]: content parts of type "
+                                       f"{kind!r} are not supported (text only)",
+                                       param=f"messages.{i}.content.{k}") from None
+                content = "".join(texts)
+            else:
+                content = m.content or ""
+            out.append({"role": role, "content": content})
+        return out
+
+
+def validation_error(e: ValidationError) -> APIError:
+    """The first problem of a pydantic error, in OpenAI's words."""
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err.get("loc", ()))
+    if err.get("type") == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {loc}", param=loc,
+                        code="unknown_parameter")
+    if err.get("type") == "missing":
+        return APIError(400, f"Missing required parameter: {loc}", param=loc,
+                        code="missing_required_parameter")
+    return APIError(400, f"Invalid value for {loc}: {err.get('msg')}", param=loc,
+                    code="invalid_value")
