@@ -533,7 +533,18 @@ def test_cli_build_policy_good_and_bad_files(tmp_path):
     assert summary["bundle_sha256"] == bundle["bundle_sha256"]
     assert set(bundle["jurisdictions"]) == {"default", "eu"}
     assert PolicySet.load(tmp_path / "out")["eu"].sha256 == summary["jurisdictions"]["eu"]["sha256"]
+    assert summary["fallback_jurisdiction"] is None
+    with pytest.raises(UnknownJurisdiction):
+        PolicySet.load(tmp_path / "out")["us-ca"]
     assert good.exists()
+
+    proc = _cli("eu.json", "--fallback", "eu", "--out", "fb", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    ps = PolicySet.load(tmp_path / "fb")
+    assert json.loads(proc.stdout)["fallback_jurisdiction"] == "eu" and ps["us-ca"] is ps["eu"]
+    proc = _cli("eu.json", "--fallback", "eu-de", "--out", "fb2", cwd=tmp_path)
+    assert proc.returncode == 2 and "fallback jurisdiction 'eu-de' is not defined" in proc.stderr
+    assert not (tmp_path / "fb2").exists()
 
 
 @pytest.mark.slow

@@ -2,7 +2,8 @@
 
 Validates every policy file (all problems are reported, one `file: $.json.path: message`
 line each), resolves inheritance, compiles the patterns, and writes one bundle artifact
-`DIR/policy_bundle.json` atomically. With --run-dir or --tracking-uri the bundle is also
+`DIR/policy_bundle.json` atomically. `--fallback J` declares the policy that an unknown
+jurisdiction gets (covered by the bundle hash); without it, unknown jurisdictions are refused. With --run-dir or --tracking-uri the bundle is also
 logged to MLflow (params: bundle hash, schema version, each jurisdiction's version and hash;
 artifact: policy/policy_bundle.json). A directory among FILES means its *.json files.
 
@@ -27,6 +28,9 @@ def add_arguments(p):
                         "(store: --tracking-uri, $MLFLOW_TRACKING_URI or R/mlflow.db)")
     p.add_argument("--tracking-uri", default=None, metavar="URI",
                    help="log the bundle to this MLflow tracking URI")
+    p.add_argument("--fallback", default=None, metavar="J",
+                   help="the jurisdiction whose policy an unknown jurisdiction gets (default: "
+                        "none, unknown jurisdictions are refused)")
     p.add_argument("--print-schema", action="store_true",
                    help="print the policy JSON Schema and exit")
     add_overwrite_argument(p)
@@ -62,7 +66,7 @@ def run(args) -> int:
         print("build-policy: no policy files found in " + " ".join(args.files), file=sys.stderr)
         return 2
     try:
-        bundle = build_bundle(files)
+        bundle = build_bundle(files, fallback=args.fallback)
     except PolicyError as e:
         for issue in e.issues:
             print(str(issue), file=sys.stderr)
@@ -83,6 +87,7 @@ def run(args) -> int:
         "bundle": str(path),
         "bundle_sha256": bundle["bundle_sha256"],
         "schema_version": bundle["schema_version"],
+        "fallback_jurisdiction": bundle.get("fallback_jurisdiction"),
         "jurisdictions": {j: {"version": e["policy"]["version"], "sha256": e["sha256"],
                               "rules": len(e["policy"]["rules"])}
                           for j, e in bundle["jurisdictions"].items()},
