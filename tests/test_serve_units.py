@@ -424,3 +424,50 @@ def test_policy_runtime_resolves_from_one_snapshot_and_fails_closed(tmp_path):
     got = fb.resolve("eu-fr")
     assert got.jurisdiction == "eu" and got.describe()["fallback"] is True
     assert got.describe()["requested_jurisdiction"] == "eu-fr"
+
+
+def test_generate_with_an_index_puts_the_best_whole_chunks_first(tmp_path, tokenizer, capsys, one_thread):
+    pytest.importorskip("faiss")
+    pytest.importorskip("bm25s")
+    from aion_train.cli import main
+    from aion_train.retrieval.hybrid import build_context
+    from aion_train.retrieval.store import Retriever
+    from aion_train.serve.loading import load_for_serving
+    ref, run = _save_pretrain(tmp_path, tiny_model_cfg(), tokenizer, 1, 1)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    facts = {"rivers": "The Danube flows through Vienna and Budapest into the Black Sea.",
+             "loops": "A for loop iterates over the items of a sequence in order.",
+             "tea": "Green tea is steeped at a lower temperature than black tea.",
+             "moons": "Jupiter has many moons; Ganymede is the largest of them."}
+    for name, text in facts.items():
+        (docs / f"{name}.txt").write_text(text)
+    idx = tmp_path / "idx"
+    assert main(["build-index", "--corpus", str(docs / "*.txt"), "--out", str(idx),
+                 "--embedder", "hash-256", "--factory", "Flat", "--no-cache"]) == 0
+    capsys.readouterr()
+    prompt = "How does a for loop iterate over a sequence?"
+    assert main(["generate", "--checkpoint", str(run), prompt, "--index", str(idx), "--k", "2",
+                 "--temperature", "0", "--max-tokens", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    lm = load_for_serving(str(run))
+    hits = Retriever(str(idx)).search(prompt, k=2)
+    fits = [n for n in (1, 2) if len(lm.encode_prompt(build_context(
+        [h.text for h in hits[:n]], prompt))) <= lm.max_seq_len - 4]
+    assert fits, "the test's chunks must fit the tiny model's context"
+    hits = hits[:max(fits)]
+    got = out["aion"]["retrieval"]
+    assert [h["id"] for h in got["hits"]] == [h.id for h in hits]         # best first, whole chunks
+    assert got["hits"][0]["source"].endswith("loops.txt")
+    # the tokens are the model's greedy continuation of exactly that augmented prompt
+    ids = torch.tensor([lm.encode_prompt(build_context([h.text for h in hits], prompt))])
+    expect = generate(ref, ids, 4, temperature=0.0)[0, ids.shape[1]:].tolist()
+    assert out["token_ids"][:len(expect)] == expect[:len(out["token_ids"])] and out["token_ids"]
+    # no room left for any chunk: the prompt alone, and the answer says so
+    room = lm.max_seq_len - len(lm.encode_prompt(prompt))
+    assert main(["generate", "--checkpoint", str(run), prompt, "--index", str(idx),
+                 "--temperature", "0", "--max-tokens", str(room), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["aion"]["retrieval"]["hits"] == []
+    # a folder that is not an index is refused, naming it
+    assert main(["generate", "--checkpoint", str(run), prompt, "--index", str(docs)]) == 1
+    assert str(docs) in capsys.readouterr().err

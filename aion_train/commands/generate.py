@@ -1,11 +1,13 @@
 """aion-train generate --checkpoint C ("prompt" | --token-ids '[ids]') [--chat] [--max-tokens N]
     [--temperature T] [--top-p P] [--top-k K] [--seed S] [--stop S]... [-n N]
-    [--policy BUNDLE --jurisdiction J] [--json]
+    [--policy BUNDLE --jurisdiction J] [--index DIR --k K] [--json]
 
 Generates from a checkpoint in this process (no server), through the same engine, sampling
 and policy code as `aion-train serve`: the same request with the same seed gives the same
 tokens and text. Without --policy (or without --jurisdiction) the default policy applies and
-the output is the raw model's. --chat renders PROMPT as one user message in the post-training
+the output is the raw model's. --index puts the index's best --k chunks for the prompt (whole
+chunks, as many as leave room for --max-tokens) before it as `<CTX> ... </CTX>`; `aion.retrieval`
+names them. --chat renders PROMPT as one user message in the post-training
 chat template (SFT/PPO checkpoints). --json prints one object
 {"text", "token_ids" (the generated ids), "finish_reason", "aion": {...}}; without it the text.
 
@@ -43,12 +45,20 @@ def add_arguments(p):
     p.add_argument("-n", type=int, default=1, help="number of choices")
     p.add_argument("--policy", default=None, metavar="BUNDLE", help="policy_bundle.json (or its folder)")
     p.add_argument("--jurisdiction", default=None, metavar="J", help="jurisdiction of the bundle to enforce")
+    p.add_argument("--index", default=None, metavar="DIR",
+                   help="retrieval index (build-index): its top --k chunks go before the prompt as <CTX> ... </CTX>")
+    p.add_argument("--k", type=int, default=3, metavar="K", help="chunks to retrieve with --index (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _err(msg: str, code: int) -> int:
     print(f"generate: {msg}", file=sys.stderr)
     return code
+
+
+def _chat_messages(args, user_text: str) -> list[dict]:
+    return ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": user_text}]
 
 
 def load_policies(path: str | None):
@@ -67,10 +77,20 @@ def run(args) -> int:
         return _err("--max-tokens must be >= 0", 2)
     if not 0.0 <= args.temperature <= 2.0 or not 0.0 < args.top_p <= 1.0:
         return _err("--temperature must be in [0, 2] and --top-p in (0, 1]", 2)
-    from aion_train.policy import ModerationUnavailable, PolicyError, UnknownJurisdiction
+    from aion_train.policy import (
+        ModerationUnavailable,
+        PolicyError,
+        UnknownJurisdiction,
+    )
     from aion_train.serve.loading import LoadError, load_for_serving
     from aion_train.serve.sampling import SamplingParams
-    from aion_train.serve.service import ContextError, PromptSpec, Service, aion_object, plan_max_tokens
+    from aion_train.serve.service import (
+        ContextError,
+        PromptSpec,
+        Service,
+        aion_object,
+        plan_max_tokens,
+    )
     try:
         policies = load_policies(args.policy)
     except PolicyError as e:
@@ -80,6 +100,15 @@ def run(args) -> int:
                                   model_id=args.model_name)
     except (LoadError, OSError, ValueError) as e:
         return _err(str(e), 1)
+    retrieval = None
+    if args.index:
+        if args.token_ids is not None:
+            return _err("--index needs a text PROMPT (not --token-ids)", 2)
+        from aion_train.serve.retrieval_context import RetrievalContext, RetrievalError
+        try:
+            retrieval = RetrievalContext(args.index, args.k)
+        except RetrievalError as e:
+            return _err(str(e), 1 if args.k >= 1 else 2)
     service = Service(loaded, policies)
     try:
         policy = service.policy.resolve(args.jurisdiction)
@@ -94,13 +123,23 @@ def run(args) -> int:
             if not ids or any(not 0 <= i < loaded.vocab_size for i in ids):
                 return _err(f"--token-ids: a non-empty list of ids in [0, {loaded.vocab_size})", 2)
             prompt = PromptSpec(ids=ids, context=ids, text=loaded.tokenizer.decode(ids))
-        elif args.chat:
-            msgs = ([{"role": "system", "content": args.system}] if args.system else []) + \
-                [{"role": "user", "content": args.prompt}]
-            prompt = PromptSpec(ids=loaded.render_chat(msgs), context=[], text="")
         else:
-            ids = loaded.encode_prompt(args.prompt)
-            prompt = PromptSpec(ids=ids, context=ids, text=args.prompt)
+            text, hits = args.prompt, None
+            if retrieval is not None:
+                room = loaded.max_seq_len - (args.max_tokens if args.max_tokens is not None else 16)
+                if args.chat:
+                    def n_tokens(t):
+                        return len(loaded.render_chat(_chat_messages(args, t)))
+                else:
+                    def n_tokens(t):
+                        return len(loaded.encode_prompt(t))
+                aug = retrieval.augment(args.prompt, n_tokens, room)
+                text, hits = aug.text, aug.hits
+            if args.chat:
+                prompt = PromptSpec(ids=loaded.render_chat(_chat_messages(args, text)), context=[], text="")
+            else:
+                ids = loaded.encode_prompt(text)
+                prompt = PromptSpec(ids=ids, context=ids, text=text)
     except (ValueError, LoadError, TypeError) as e:
         return _err(str(e), 2)
     try:
@@ -113,6 +152,8 @@ def run(args) -> int:
     _, results, seed = service.generate([prompt], args.n, params, [max_new], policy)
     import uuid
     aion = aion_object("gen-" + uuid.uuid4().hex, policy, results, seed)
+    if retrieval is not None:
+        aion["retrieval"] = {**retrieval.describe(), "hits": hits}
     if args.json:
         if args.n == 1:
             r = results[0]
