@@ -94,12 +94,13 @@ def bundle(tmp_path_factory):
 
 
 @contextmanager
-def serving(checkpoint, policy=None, audit_log=None, api_key_file=None, max_batch=8, max_body_bytes=1 << 16):
+def serving(checkpoint, policy=None, audit_log=None, api_key_file=None, max_batch=8, max_body_bytes=1 << 16,
+            index=None, k=3):
     from aion_train.commands.serve import build_server
     args = argparse.Namespace(checkpoint=str(checkpoint), tokenizer=None, dtype="fp32", model_name=None,
                               policy=str(policy) if policy else None, api_key_file=api_key_file,
                               audit_log=str(audit_log) if audit_log else None, max_batch=max_batch,
-                              max_body_bytes=max_body_bytes)
+                              max_body_bytes=max_body_bytes, index=str(index) if index else None, k=k)
     app, service, audit = build_server(args)
     service.scheduler.start()
     port = free_port()
@@ -252,6 +253,47 @@ def test_pretrain_checkpoint_serves_completions_equal_to_generate(runs):
     ref = generate(lm.model, torch.tensor([ids]), 12, eos_id=lm.eos_ids[0])[0, len(ids):].tolist()
     ref = ref[:ref.index(lm.eos_ids[0])] if lm.eos_ids[0] in ref else ref
     assert g["token_ids"] == ref and g["text"] == Detokenizer(lm.tokenizer, ids).text(ref)
+
+
+def test_served_completions_with_an_index_equal_generate_with_it(runs, tmp_path):
+    pytest.importorskip("faiss")
+    pytest.importorskip("bm25s")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name, text in {"loops": "A for loop iterates over the items of a sequence in order.",
+                       "tea": "Green tea is steeped at a lower temperature than black tea.",
+                       "moons": "Jupiter has many moons; Ganymede is the largest of them."}.items():
+        (docs / f"{name}.txt").write_text(text)
+    idx = tmp_path / "idx"
+    out = cli("build-index", "--corpus", str(docs / "*.txt"), "--out", str(idx), "--embedder", "hash-256",
+              "--factory", "Flat", "--no-cache")
+    assert out.returncode == 0, out.stderr[-2000:]
+    prompt = "How does a for loop iterate?"
+    with serving(runs["pt"], index=idx, k=2) as s:
+        r = s.client.completions.create(model=s.model, prompt=prompt, max_tokens=8, temperature=0)
+        streamed = s.http.post("/v1/completions", json={"model": s.model, "prompt": prompt, "max_tokens": 8,
+                                                        "temperature": 0, "stream": True})
+    hits = r.model_extra["aion"]["retrieval"]["hits"]
+    assert len(hits) == 1 and hits[0] and hits[0][0]["source"].endswith("loops.txt")
+    events = sse_events(streamed)
+    assert events[-1]["aion"]["retrieval"]["hits"] == hits
+    assert "".join(c["text"] for e in events for c in e["choices"]) == r.choices[0].text
+    g = cli("generate", "--checkpoint", str(runs["pt"]), prompt, "--index", str(idx), "--k", "2",
+            "--max-tokens", "8", "--temperature", "0", "--json")
+    assert g.returncode == 0, g.stderr[-2000:]
+    g = json.loads(g.stdout.strip().splitlines()[-1])
+    assert g["text"] == r.choices[0].text and g["aion"]["retrieval"]["hits"] == hits[0]
+    # chat: the context goes into the last user message, as generate --chat puts it
+    with serving(runs["sft"], index=idx, k=1) as s:
+        c = s.client.chat.completions.create(model=s.model, messages=CHAT, max_tokens=6, temperature=0)
+    chat_hits = c.model_extra["aion"]["retrieval"]["hits"]
+    g = cli("generate", "--checkpoint", str(runs["sft"]), CHAT[1]["content"], "--chat", "--system",
+            CHAT[0]["content"], "--index", str(idx), "--k", "1", "--max-tokens", "6", "--temperature", "0",
+            "--json")
+    assert g.returncode == 0, g.stderr[-2000:]
+    g = json.loads(g.stdout.strip().splitlines()[-1])
+    assert len(chat_hits) == 1 and g["aion"]["retrieval"]["hits"] == chat_hits[0]
+    assert g["text"] == c.choices[0].message.content
 
 
 # ---------------------------------------------------------------------------- jurisdictions

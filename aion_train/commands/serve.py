@@ -32,6 +32,9 @@ def add_arguments(p):
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key-file", default=None, metavar="F", help="file of accepted API keys, one a line")
     p.add_argument("--audit-log", default=None, metavar="FILE", help="append-only hash-chained JSONL log")
+    p.add_argument("--index", default=None, metavar="DIR",
+                   help="retrieval index (build-index): each text prompt gets its best --k chunks as <CTX> ... </CTX>")
+    p.add_argument("--k", type=int, default=3, metavar="K", help="chunks to retrieve with --index (default 3)")
     p.add_argument("--max-batch", type=int, default=8, metavar="N", help="rows per engine batch (default 8)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="B", help="request body limit")
     p.add_argument("--json-logs", action="store_true", help="log one JSON object a line (access log too)")
@@ -85,7 +88,12 @@ def build_server(args):
                               model_id=args.model_name)
     service = Service(loaded, policies, max_batch=args.max_batch)
     audit = AuditLog(args.audit_log) if args.audit_log else None
-    app = create_app(service, api_keys=keys, audit=audit, max_body_bytes=args.max_body_bytes)
+    retrieval = None
+    if getattr(args, "index", None):
+        from aion_train.serve.retrieval_context import RetrievalContext
+        retrieval = RetrievalContext(args.index, args.k)
+    app = create_app(service, api_keys=keys, audit=audit, max_body_bytes=args.max_body_bytes,
+                     retrieval=retrieval)
     return app, service, audit
 
 

@@ -68,7 +68,11 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
 def create_app(service: Service, *, api_keys: list[str] | None = None, audit: AuditLog | None = None,
-               metrics: Metrics | None = None, max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
+               metrics: Metrics | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
+               retrieval=None) -> FastAPI:
+    """`retrieval`: a RetrievalContext whose best chunks for each text prompt (the last user
+    message in chat) go before it as <CTX> ... </CTX>, as many whole chunks as leave room for
+    the request's max_tokens; `aion.retrieval` in the response names them."""
     app = FastAPI(title="aion-train serve", version="1", docs_url=None, redoc_url=None)
     metrics = metrics or Metrics(service.policy.jurisdictions)
     app.state.service, app.state.metrics, app.state.audit = service, metrics, audit
@@ -205,8 +209,10 @@ def create_app(service: Service, *, api_keys: list[str] | None = None, audit: Au
 
     def _plan(req, endpoint: str, policy) -> dict:
         ctx_len = loaded.max_seq_len
+        retrieved: list[list[dict]] | None = [] if retrieval is not None else None
         if endpoint == "completions":
-            prompts = _completion_prompts(req.prompt)
+            room = ctx_len - (req.max_tokens if req.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS)
+            prompts = _completion_prompts(req.prompt, room, retrieved)
             want_lp = req.logprobs is not None
             default = COMPLETION_DEFAULT_MAX_TOKENS
             max_tokens, mparam, pparam = req.max_tokens, "max_tokens", "prompt"
@@ -216,7 +222,11 @@ def create_app(service: Service, *, api_keys: list[str] | None = None, audit: Au
                                "post-training chat template; use /v1/completions", param="messages",
                                code="chat_template_unavailable")
             try:
-                ids = loaded.render_chat(req.plain_messages())
+                msgs = req.plain_messages()
+                if retrieval is not None:
+                    msgs = _with_context(msgs, ctx_len - (req.max_completion_tokens or req.max_tokens or 1),
+                                         retrieved)
+                ids = loaded.render_chat(msgs)
             except (ValueError, LoadError) as e:
                 raise APIError(400, str(e), param="messages") from None
             prompts = [PromptSpec(ids=ids, context=[], text="")]
@@ -250,9 +260,28 @@ def create_app(service: Service, *, api_keys: list[str] | None = None, audit: Au
                                 top_k=req.top_k if req.top_k > 0 else 0,
                                 max_tokens=max(max_new), stop=req.stops(), seed=req.seed,
                                 logprobs=k, echo=echo)
-        return {"prompts": prompts, "max_new": max_new, "params": params, "policy": policy}
+        return {"prompts": prompts, "max_new": max_new, "params": params, "policy": policy,
+                "retrieved": retrieved}
 
-    def _completion_prompts(prompt) -> list[PromptSpec]:
+    def _with_context(msgs: list[dict], room: int, retrieved: list) -> list[dict]:
+        users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+        if not users:
+            return msgs
+        last = users[-1]
+
+        def n_tokens(text: str) -> int:
+            return len(loaded.render_chat(msgs[:last] + [{**msgs[last], "content": text}] + msgs[last + 1:]))
+        aug = retrieval.augment(msgs[last]["content"], n_tokens, room)
+        retrieved.append(aug.hits)
+        return msgs[:last] + [{**msgs[last], "content": aug.text}] + msgs[last + 1:]
+
+    def _aion(plan: dict, rid: str, results, seed) -> dict:
+        out = aion_object(rid, plan["policy"], results, seed)
+        if plan.get("retrieved") is not None:
+            out["retrieval"] = {**retrieval.describe(), "hits": plan["retrieved"]}
+        return out
+
+    def _completion_prompts(prompt, room: int = 0, retrieved: list | None = None) -> list[PromptSpec]:
         if isinstance(prompt, str):
             prompt = [prompt]
         if not prompt:
@@ -262,6 +291,10 @@ def create_app(service: Service, *, api_keys: list[str] | None = None, audit: Au
             for p in prompt:
                 if not isinstance(p, str):
                     raise APIError(400, "prompt: a list must be all strings or all token ids", param="prompt")
+                if retrieved is not None:
+                    aug = retrieval.augment(p, lambda t: len(loaded.encode_prompt(t)), room)
+                    retrieved.append(aug.hits)
+                    p = aug.text
                 ids = loaded.encode_prompt(p)
                 out.append(PromptSpec(ids=ids, context=ids, text=p))
             return out
@@ -273,6 +306,8 @@ def create_app(service: Service, *, api_keys: list[str] | None = None, audit: Au
             if bad:
                 raise APIError(400, f"prompt: token ids must be in [0, {loaded.vocab_size}), got {bad[0]}",
                                param="prompt")
+            if retrieved is not None:
+                retrieved.append([])           # token ids: no text to retrieve for
             out.append(PromptSpec(ids=list(b), context=list(b), text=loaded.tokenizer.decode(list(b))))
         return out
 
@@ -312,7 +347,7 @@ def create_app(service: Service, *, api_keys: list[str] | None = None, audit: Au
                                     "logprobs": lp, "finish_reason": r.finish_reason})
         return {"id": ctx["request_id"], "object": "text_completion" if endpoint == "completions" else "chat.completion",
                 "created": int(time.time()), "model": loaded.model_id, "choices": out_choices,
-                "usage": _usage(ctx, results), "aion": aion_object(ctx["request_id"], plan["policy"], results, ctx["seed"])}
+                "usage": _usage(ctx, results), "aion": _aion(plan, ctx["request_id"], results, ctx["seed"])}
 
     def _kept_tokens(row: Row, r: ChoiceResult, detok: Detokenizer) -> tuple[list[int], list[str]]:
         """The generated tokens that make up the text (a stop string's tokens are cut)."""
@@ -433,7 +468,7 @@ def create_app(service: Service, *, api_keys: list[str] | None = None, audit: Au
             results = [finished[k] for k in sorted(finished)]
             if status == 200:
                 _ttft(ctx, rows)
-                extra = {"aion": aion_object(rid, plan["policy"], results, seed)}
+                extra = {"aion": _aion(plan, rid, results, seed)}
                 if req.stream_options is not None and req.stream_options.include_usage:
                     extra["usage"] = _usage(ctx, results)
                 yield chunk([], **extra)
