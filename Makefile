@@ -49,7 +49,7 @@ STAMP := $(STAMP_DIR)/install-$(PY_KEY)-$(INSTALL_KEY)
 
 # what demo and test run under: the install's scripts first on PATH (aion-train, torchrun, ray, ...)
 RUN_ENV := PATH="$(BIN):$$PATH" $(if $(filter yes,$(USE_VENV)),VIRTUAL_ENV="$(abspath $(VENV))")
-TEST_ENV := AION_PROGRESS=0 MLFLOW_DISABLE_TELEMETRY=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+TEST_ENV := MLFLOW_DISABLE_TELEMETRY=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 .DEFAULT_GOAL := help
 .PHONY: help install install-now demo test

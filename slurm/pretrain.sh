@@ -88,7 +88,7 @@ MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
 export MASTER_ADDR MASTER_PORT
 export WORLD_SIZE=$(( NNODES * NPROC_PER_NODE ))
-export AION_PROGRESS=0 PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
 export CONFIG RUN_DIR PYTHON NPROC_PER_NODE NNODES
 
 # EXTRA is split on whitespace (one override per word, no globbing); script arguments follow

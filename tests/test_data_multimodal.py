@@ -403,7 +403,7 @@ def test_training_completes_over_corrupt_data(demo, tmp_path):
            f"data.val_shards={demo['val'][0]}", f"data.tokenizer={demo['tokenizer']}", "model.n_layers=1",
            "data.micro_batch_size=2", "train.steps=12", "train.eval_every=12", "train.eval_batches=1",
            "train.save_every=12", "train.warmup_steps=2", "--json"]
-    env = dict(os.environ, AION_PROGRESS="0", OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])

@@ -9,8 +9,13 @@ import pytest
 
 PROBE = """
 import resource, sys, torch
+from aion_train.runtime import apply_runtime
+from aion_train.config.schema import RuntimeConfig
 from aion_train.parallel.device import tune_cpu_allocator
-applied = tune_cpu_allocator() if sys.argv[1] == "tune" else False
+mode = sys.argv[1]                            # untouched | keep | system (runtime.cpu_allocator)
+if mode != "untouched":
+    apply_runtime(RuntimeConfig(cpu_allocator=mode))
+applied = tune_cpu_allocator() if mode != "untouched" else False
 def faults_of_one_step():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x = torch.empty(64 * 1024 * 1024 // 4)   # a 64 MB activation
@@ -30,9 +35,11 @@ def _probe(mode: str) -> tuple[bool, int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
 def test_tuned_allocator_reuses_freed_activations():
-    applied, tuned = _probe("tune")
-    _, default = _probe("keep")
-    assert applied
+    applied, tuned = _probe("keep")
+    _, default = _probe("untouched")
+    system_applied, system = _probe("system")
+    assert applied and not system_applied
     pages = 64 * 1024 * 1024 // 4096
     assert default > pages // 2, default      # glibc default: each 64 MB block is a fresh mmap
     assert tuned < pages // 20, tuned         # tuned: the freed block is reused
+    assert system > pages // 2, system        # runtime.cpu_allocator=system: glibc's defaults

@@ -226,7 +226,7 @@ ON_MODEL_TENSORS = {
 def _raw_collectives():
     dirs = ["aion_train/parallel", "aion_train/posttrain", "aion_train/eval", "aion_train/rl", "aion_train/model"]
     files = [p for d in dirs for p in (REPO / d).rglob("*.py")]
-    files += [REPO / f"aion_train/train/{n}.py" for n in ("trainer", "engine", "tasks", "tasks_multimodal", "metrics")]
+    files += [REPO / f"aion_train/train/{n}.py" for n in ("trainer", "engine", "tasks/base", "tasks/text", "tasks/multimodal", "metrics")]
     files.append(REPO / "aion_train/data/loader.py")
     found = set()
     for path in files:
@@ -279,15 +279,16 @@ def test_global_grad_norm_reduces_on_the_comm_device(fake_nccl):
     assert fake_nccl == [META]
 
 
-@pytest.mark.parametrize("which", ["masked_mean", "mean_over_ranks", "mean_over_dp", "all_reduce_sum", "trainer"])
+@pytest.mark.parametrize("which", ["masked_mean", "mean_over_ranks", "mean_over_dp", "all_reduce_", "trainer"])
 def test_metric_reductions_reach_the_comm_device(fake_nccl, which):
     from aion_train.posttrain import common, ppo, ppo_math
-    from aion_train.train import tasks, trainer
+    from aion_train.parallel import collectives
+    from aion_train.train import trainer
     groups = ParallelGroups(world=2, rank=0, tp=1, dp=2, dp_group=object())
     call = {"masked_mean": lambda: ppo_math.masked_mean(torch.ones(2, 3), torch.ones(2, 3), group=object()),
             "mean_over_ranks": lambda: common.mean_over_ranks(1.5),
             "mean_over_dp": lambda: ppo.mean_over_dp({"reward": 1.0, "kl": 0.1}, groups),
-            "all_reduce_sum": lambda: tasks.all_reduce_sum(torch.zeros(2, dtype=torch.float64), object()),
+            "all_reduce_": lambda: collectives.all_reduce_(torch.zeros(2, dtype=torch.float64), group=object()),
             "trainer": lambda: trainer._all_reduce(torch.zeros(1), op=dist.ReduceOp.MIN)}[which]
     with pytest.raises(Stop):
         call()
@@ -337,7 +338,7 @@ def test_step0_evaluation_moves_batches_and_reduces_on_the_comm_device(corpus, f
 
 
 def test_multimodal_batches_and_eval_device():
-    from aion_train.train.tasks_multimodal import MultimodalTask, batch_to
+    from aion_train.train.tasks.multimodal import MultimodalTask, batch_to
     got = batch_to({"input_ids": torch.ones(1, 4), "image": torch.ones(1, 3), "vqa": [{"row": 0}]}, META)
     assert got["input_ids"].device == got["image"].device == META and got["vqa"] == [{"row": 0}]
     engine = OnMeta()

@@ -268,7 +268,7 @@ def _loss_worker(jobs, ids, labels):
 @pytest.fixture(scope="module")
 def trained_tp2_ep2(tmp_path_factory):
     run = tmp_path_factory.mktemp("interop") / "run"
-    env = dict(os.environ, AION_PROGRESS="0", OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "aion_train.cli", "pretrain", "--nproc", "4", "parallel.tp=2", "parallel.ep=2",
            "train.steps=4", "train.save_every=4", "train.precision=fp32", "train.eval_every=0",
            "train.warmup_steps=1", "tracking.enabled=false", f"run_dir={run}"]
@@ -335,7 +335,7 @@ def test_pretrain_starts_from_imported_weights(tmp_path):
     import os
     import subprocess
     import sys
-    env = dict(os.environ, AION_PROGRESS="0")
+    env = dict(os.environ)
     common = ["--config", "configs/tiny_cpu.yaml", "train.eval_every=12", "train.save_every=12",
               "train.warmup_steps=2"]
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from aion_train.config import ConfigError, load_config
-from aion_train.model.multimodal import build_multimodal_model, parallelize_multimodal
+from aion_train.model.multimodal import build_multimodal_model
+from aion_train.parallel import parallelize_multimodal
 from aion_train.model.multimodal.cross_attention import GatedCrossAttention
 from aion_train.model.multimodal.encoders import AudioEncoder
 from aion_train.model.multimodal.fusion import modality_from_ids, scatter_media

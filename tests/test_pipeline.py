@@ -27,7 +27,7 @@ pytest.importorskip("ray")
 
 from aion_train.config import ConfigError, load_config  # noqa: E402
 from aion_train.pipeline.local_cluster import LocalCluster  # noqa: E402
-from aion_train.pipeline.phases import pipeline_phases  # noqa: E402
+from aion_train.config.pipeline_schema import pipeline_phases  # noqa: E402
 from aion_train.pipeline.runner import run_pipeline  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

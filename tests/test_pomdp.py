@@ -211,3 +211,12 @@ def test_ppo_command_trains_on_a_pomdp_and_prints_one_json_line(capfd):
     V, _ = exact_value_iteration(crying_baby(), horizon=10)
     assert result["solver_value"] == pytest.approx(V.value(crying_baby().b0), abs=1e-6)  # PBVI exact here
     assert np.isfinite(result["env_return"]) and result["env_return"] <= result["solver_value"] + 5.0
+
+
+def test_config_names_exactly_the_environments_of_the_table():
+    from aion_train.config import ConfigError, load_config
+    from aion_train.config.ppo_schema import POMDP_ENVS
+    from aion_train.rl.envs import ENVS
+    assert sorted(ENVS) == list(POMDP_ENVS)
+    with pytest.raises(ConfigError, match="ppo.env='tigre'"):
+        load_config(overrides=["ppo.env=tigre"])

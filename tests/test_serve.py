@@ -39,7 +39,7 @@ def free_port() -> int:
 
 
 def _env(**extra) -> dict:
-    env = dict(os.environ, AION_PROGRESS="0", MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1",
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), **extra)
     env.pop("MLFLOW_TRACKING_URI", None)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):

@@ -29,7 +29,7 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _env() -> dict:
-    env = dict(os.environ, AION_PROGRESS="0", MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 

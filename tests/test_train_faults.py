@@ -77,7 +77,7 @@ print(json.dumps({k: v for k, v in summary.items() if k != "losses"}), flush=Tru
 
 
 def _env() -> dict:
-    env = dict(os.environ, AION_PROGRESS="0", MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 

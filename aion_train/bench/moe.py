@@ -50,8 +50,8 @@ class _DSExpert(nn.Module):
 
 
 def _deepspeed_moe(d, ff, experts, top_k):
-    from aion_train.train.ds_comm import init_deepspeed_comm
-    init_deepspeed_comm("gloo")
+    from aion_train.parallel.deepspeed_adapter import init_comm
+    init_comm("gloo")
     from deepspeed.moe.layer import MoE
     layer = MoE(d, _DSExpert(d, ff), num_experts=experts, ep_size=1, k=top_k,
                 capacity_factor=1.0, drop_tokens=False)  # dropless, like ours

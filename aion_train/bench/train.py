@@ -235,10 +235,10 @@ def measure_throughput(cfg, rounds: int = 10, warmup: int = 3, threads: int | No
     fns = {"ours": step(ours_loss, opt_ours), "hf": step(hf_loss, opt_hf)}
     if engine:
         from aion_train.parallel import build_groups, parallelize
-        from aion_train.train.ds_comm import init_deepspeed_comm
+        from aion_train.parallel.deepspeed_adapter import init_comm
         from aion_train.train.engine import build_engine
         ecfg = copy.deepcopy(cfg)
-        init_deepspeed_comm("gloo", ecfg.parallel.timeout_s)   # a 1-rank group (a spawned process)
+        init_comm("gloo", ecfg.parallel.timeout_s)   # a 1-rank group (a spawned process)
         groups = build_groups(1, 1, ecfg.parallel.timeout_s)
         # as the Trainer does: parallelize (tags the expert params for DeepSpeed), then the engine
         eng, _ = build_engine(parallelize(build_model(ecfg.model, seed=cfg.seed), groups), ecfg, groups)
@@ -288,7 +288,6 @@ def _storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-_REDUCE_METHODS = ("reduce_ipg_grads", "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads")
 
 
 def _bucket_bytes(zero_opt) -> int:
@@ -304,7 +303,8 @@ def _watch_reduces(zero_opt, params) -> dict:
     """On each entry to DeepSpeed's bucket reduce, record the full-size gradient bytes alive
     (gradients waiting in the bucket are views of it) and the bucket buffers allocated."""
     seen: dict[str, list[int]] = {"grads": [], "bucket": []}
-    for name in _REDUCE_METHODS:
+    from aion_train.parallel.deepspeed_adapter import ZERO_REDUCE_METHODS
+    for name in ZERO_REDUCE_METHODS:
         fn = getattr(zero_opt, name, None)
         if fn is None:
             continue
@@ -386,8 +386,8 @@ def _zero_rank(cfg, stages):
     import torch.distributed as dist
 
     from aion_train.parallel import build_groups
-    from aion_train.train.ds_comm import init_deepspeed_comm
-    init_deepspeed_comm("gloo", cfg.parallel.timeout_s)
+    from aion_train.parallel.deepspeed_adapter import init_comm
+    init_comm("gloo", cfg.parallel.timeout_s)
     groups = build_groups(1, 1, cfg.parallel.timeout_s)
     out = {}
     for stage in stages:

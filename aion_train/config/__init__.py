@@ -1,4 +1,5 @@
-from .load import ConfigError, config_from_dict, config_to_dict, dump_yaml, flatten, load_config
+from .errors import ConfigError
+from .load import config_from_dict, config_to_dict, dump_yaml, flatten, load_config
 from .schema import Config, DataConfig, ModelConfig, MoEConfig, ParallelConfig, TrackingConfig, TrainConfig
 from .validate import data_parallel_size, has_moe, validate_config
 

@@ -9,15 +9,9 @@ from typing import Any, Iterable
 
 import yaml
 
+from .errors import ConfigError
 from .schema import Config
-
-
-class ConfigError(ValueError):
-    """A config problem; `errors` lists every message, each naming its key."""
-
-    def __init__(self, errors: list[str]):
-        self.errors = list(errors)
-        super().__init__("invalid config:\n  " + "\n  ".join(self.errors))
+from .validate import validate_config
 
 
 def _hints(cls) -> dict:
@@ -65,6 +59,9 @@ def _coerce(value: Any, hint, path: str, errors: list[str]):
             errors.append(f"{path}: expected a number, got {value!r}")
             return value
     if hint is str:
+        if isinstance(value, bool):   # YAML 1.1 reads on/off/yes/no as booleans
+            errors.append(f"{path}: expected a string, got the boolean {value!r} (YAML reads on/off/yes/no "
+                          "as booleans: quote the value)")
         return str(value)
     if hint is tuple or origin is tuple:
         if isinstance(value, (list, tuple)):
@@ -140,7 +137,6 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
     if world_size is not None:
         cfg.parallel.world_size = world_size
     if validate:
-        from .validate import validate_config
         validate_config(cfg)
     return cfg
 

@@ -5,11 +5,68 @@ cluster's size, and the inputs of the two artifact phases. See aion_train/pipeli
 docs/pipeline.md."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
-DEFAULT_PHASES = ["sft", "rm", "ppo", "build-index", "build-policy"]
 RESOURCE_KEYS = ("num_cpus", "world_size")
 EXTRA_KEYS = ("fn", "num_cpus", "world_size", "out")
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    fn: str                 # "package.module:function"
+    num_cpus: float = 1.0   # per rank
+    world_size: int = 1     # ranks; > 1 = actor group running torch.distributed
+    out: str = ""           # folder under run_dir holding done.json ("" = the phase's name)
+
+    def out_dir(self, run_dir: str | Path) -> Path:
+        return Path(run_dir) / (self.out or self.name)
+
+    def done_path(self, run_dir: str | Path) -> Path:
+        return self.out_dir(run_dir) / "done.json"
+
+    @property
+    def total_cpus(self) -> float:
+        return self.num_cpus * self.world_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# The built-in phases. SFT, RM and PPO are the post-training SPMD entry points; the artifact
+# phases wrap the libraries behind `aion-train build-index` / `build-policy`.
+BUILTIN = {
+    "sft": Phase("sft", "aion_train.posttrain.sft:run_sft", num_cpus=1, world_size=2, out="sft"),
+    "rm": Phase("rm", "aion_train.posttrain.reward:run_rm", num_cpus=1, world_size=2, out="rm"),
+    "ppo": Phase("ppo", "aion_train.posttrain.ppo:run_ppo", num_cpus=1, world_size=2, out="ppo"),
+    "build-index": Phase("build-index", "aion_train.pipeline.artifacts:run_build_index",
+                         num_cpus=1, world_size=1, out="artifacts/build-index"),
+    "build-policy": Phase("build-policy", "aion_train.pipeline.artifacts:run_build_policy",
+                          num_cpus=1, world_size=1, out="artifacts/build-policy"),
+}
+
+
+def pipeline_phases(cfg) -> list[Phase]:
+    """The phases of `cfg.pipeline.phases`, in order, with `pipeline.resources` applied."""
+    p = cfg.pipeline
+    known = dict(BUILTIN)
+    for name, spec in (p.extra or {}).items():
+        known[name] = Phase(name, spec["fn"], float(spec.get("num_cpus", 1)),
+                            int(spec.get("world_size", 1)), str(spec.get("out", "") or name))
+    out = []
+    for name in p.phases:
+        if name not in known:
+            raise ValueError(f"pipeline.phases: unknown phase {name!r} (known: {', '.join(sorted(known))})")
+        phase = known[name]
+        req = (p.resources or {}).get(name) or {}
+        if req:
+            phase = replace(phase, num_cpus=float(req.get("num_cpus", phase.num_cpus)),
+                            world_size=int(req.get("world_size", phase.world_size)))
+        out.append(phase)
+    return out
+
+DEFAULT_PHASES = list(BUILTIN)
 
 
 @dataclass
@@ -59,7 +116,6 @@ def check(cfg, errors: list[str]) -> None:
     _check_fields(cfg, errors)
     p = cfg.pipeline
     if len(errors) == before and p.num_cpus > 0:
-        from aion_train.pipeline.phases import pipeline_phases
         for ph in pipeline_phases(cfg):
             if ph.total_cpus > p.num_cpus:
                 errors.append(f"pipeline.resources.{ph.name}: {ph.world_size} rank(s) x {ph.num_cpus:g} CPUs "

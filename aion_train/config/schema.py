@@ -109,6 +109,17 @@ class TrackingConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """How this process runs, not what it computes (the results are the same either way);
+    resolved and logged once at start (aion_train.runtime)."""
+    progress_bar: str = "auto"         # auto (when stderr is a terminal) | always | never
+    cpu_allocator: str = "keep"        # keep: freed CPU blocks stay in the heap (glibc mallopt) | system
+    deepspeed_shm_op: bool = False     # build DeepSpeed's shared-memory all-reduce op on CPU (gcc, ~100 s)
+    grouped_mm: str = "auto"           # MoE expert matmul: auto (torch grouped GEMM when its probe passes,
+                                       # else one matmul per expert) | grouped (or an error) | per_expert
+
+
+@dataclass
 class Config:
     seed: int = 1234
     run_dir: str = "runs/default"
@@ -122,3 +133,4 @@ class Config:
     rm: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

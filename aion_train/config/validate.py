@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import multimodal_schema, pipeline_schema, posttrain_schema, ppo_schema
-from .load import ConfigError
+from .errors import ConfigError
 from .schema import Config
 
 CHOICES = {
@@ -12,6 +12,9 @@ CHOICES = {
     "model.kernels": ("auto", "torch", "triton"),
     "parallel.backend": ("auto", "gloo", "nccl"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "runtime.progress_bar": ("auto", "always", "never"),
+    "runtime.cpu_allocator": ("keep", "system"),
+    "runtime.grouped_mm": ("auto", "grouped", "per_expert"),
 }
 
 

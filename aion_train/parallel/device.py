@@ -70,6 +70,19 @@ class Device:
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
+CPU_ALLOCATORS = ("keep", "system")
+_cpu_allocator = "keep"
+
+
+def set_cpu_allocator(policy: str) -> None:
+    """Config `runtime.cpu_allocator`: `keep` (tune_cpu_allocator applies) or `system` (glibc's
+    defaults). Set before the first get_device() of the process: the tuning cannot be undone."""
+    global _cpu_allocator
+    if policy not in CPU_ALLOCATORS:
+        raise ValueError(f"runtime.cpu_allocator={policy!r}: must be one of {', '.join(CPU_ALLOCATORS)}")
+    _cpu_allocator = policy
+
+
 @functools.lru_cache(maxsize=None)
 def tune_cpu_allocator() -> bool:
     """Keep freed blocks in the process heap instead of handing them back to the kernel.
@@ -78,9 +91,10 @@ def tune_cpu_allocator() -> bool:
     (at most 32 MB) with a fresh mmap that it unmaps on free: each step's large activations
     then page-fault in again, zero-filled by the kernel. With mmap off and a high trim threshold,
     freed memory is reused (Intel's PyTorch CPU guides get the same by preloading jemalloc or
-    tcmalloc). Memory then stays at the process's peak. Linux/glibc only; returns whether it
-    applied. Called once per process by the trainer and the benchmarks on CPU."""
-    if not sys.platform.startswith("linux") or os.environ.get("AION_TRAIN_KEEP_MALLOC") == "1":
+    tcmalloc). Memory then stays at the process's peak. Linux/glibc only, and only under
+    `runtime.cpu_allocator=keep` (the default); returns whether it applied. Called once per
+    process by get_device() on CPU and by the benchmarks."""
+    if not sys.platform.startswith("linux") or _cpu_allocator != "keep":
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -121,6 +135,13 @@ def cuda_index(local_rank: int, n_visible: int) -> int:
         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): more ranks per "
         f"host than GPUs would put two ranks on one GPU, which NCCL refuses. Start at most "
         f"{n_visible} ranks per host, or run on the CPU with gloo (parallel.backend=gloo)")
+
+
+def resolve_backend(requested: str = "auto") -> str:
+    """`parallel.backend` resolved for this process: `auto` is NCCL when CUDA is present, else gloo."""
+    if requested != "auto":
+        return requested
+    return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 def get_device(local_rank: int | None = None, prefer: str = "auto") -> Device:

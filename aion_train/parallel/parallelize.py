@@ -146,3 +146,14 @@ def is_expert_param(p) -> bool:
 def tp_size(model) -> int:
     g = getattr(model, "parallel_groups", None)
     return 1 if g is None else group_size(g.tp_group)
+
+
+def parallelize_multimodal(model, groups, sequence_parallel: bool = False):
+    """Shard a MultimodalModel's trunk (`model.lm`) as `parallelize` does; the rest stays replicated.
+    Sets `model.shard_spec` (names prefixed "lm.") and `model.parallel_groups`."""
+    if sequence_parallel:
+        raise ValueError("parallel.sequence_parallel is not supported with model.multimodal.enabled")
+    parallelize(model.lm, groups, False)
+    model.shard_spec = {f"lm.{k}": v for k, v in model.lm.shard_spec.items()}
+    model.parallel_groups = groups
+    return model

@@ -11,6 +11,8 @@ from datetime import timedelta
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from aion_train.process_env import set_env, start_process
+
 from .device import get_device, local_rank_from_env
 
 log = logging.getLogger("aion_train.parallel")
@@ -52,10 +54,10 @@ def init_distributed(backend: str = "auto", timeout_s: float = 120.0):
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
     local = local_rank_from_env()
-    os.environ.setdefault("LOCAL_RANK", str(local))
+    set_env(defaults={"LOCAL_RANK": str(local)})
     device = get_device(local, prefer="cpu" if backend == "gloo" else "auto")
     if world > 1 and not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        set_env(defaults={"MASTER_ADDR": "127.0.0.1"})
         dist.init_process_group(device.dist_backend(backend), rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
     return rank, world, device
@@ -86,7 +88,7 @@ def rank_env(rank: int, world: int, port: int, backend: str, host_gpus: int) -> 
 
 
 def _entry(rank, fn, world, port, timeout_s, queue, args, backend="auto", host_gpus=0):
-    os.environ.update(rank_env(rank, world, port, backend, host_gpus))   # before anything touches CUDA
+    start_process(rank_env(rank, world, port, backend, host_gpus))   # before anything touches CUDA
     import torch
     torch.set_num_threads(1)
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aion_train.fsutil import atomic_write_text
 
-from .phases import BUILTIN
+from aion_train.config.pipeline_schema import BUILTIN
 
 
 def _single_process(name: str) -> None:

@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Callable
 
 from .local_cluster import LocalCluster
-from .phases import Phase, pipeline_phases
+from aion_train.config.pipeline_schema import Phase, pipeline_phases
+from aion_train.process_env import set_env
+
+from .phases import read_done
 from .worker import phase_log_path
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
@@ -54,7 +57,7 @@ def connect(address: str) -> None:
     routable address (the head listens on 127.0.0.1 only)."""
     host = address.rsplit(":", 1)[0]
     if host in LOOPBACK_HOSTS:
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        set_env({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
     import logging
 
     import ray
@@ -233,7 +236,7 @@ def run_pipeline(cfg, connect_address: str | None = None, emit: Callable[[dict],
     try:
         for ph in phases:
             base = {"phase": ph.name, "world_size": ph.world_size, "num_cpus": ph.num_cpus}
-            done = ph.read_done(cfg.run_dir)
+            done = read_done(ph, cfg.run_dir)
             if done is not None:
                 metrics[ph.name], statuses[ph.name] = done, "skipped"
                 emit({**base, "status": "skipped", "seconds": 0.0, "metrics": done})
@@ -245,7 +248,7 @@ def run_pipeline(cfg, connect_address: str | None = None, emit: Callable[[dict],
                 except (RuntimeError, TimeoutError, OSError, ConnectionError) as e:
                     raise PhaseFailed(ph, f"could not start or join the Ray cluster: {e}", None) from None
                 run_phase(ph, cfg_dict, cwd, cfg.pipeline.phase_timeout_s)
-                done = ph.read_done(cfg.run_dir)
+                done = read_done(ph, cfg.run_dir)
                 if done is None:
                     raise PhaseFailed(ph, f"returned without writing {ph.done_path(cfg.run_dir)}",
                                       phase_log_path(cfg.run_dir, ph.name))

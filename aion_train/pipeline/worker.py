@@ -58,27 +58,20 @@ def _json_safe(result) -> dict:
     return json.loads(json.dumps(result, default=str))
 
 
-def _set_dist_env(dist_env: dict | None) -> None:
-    for k in DIST_VARS:
-        os.environ.pop(k, None)
-    for k, v in (dist_env or {}).items():
-        os.environ[k] = str(v)
-
-
 def run_phase_rank(phase: dict, cfg_dict: dict, cwd: str, dist_env: dict | None = None) -> dict:
     """Run one rank of `phase` (a Phase.to_dict()) on the config `cfg_dict`; returns its metrics."""
     from aion_train.config import config_from_dict
     from aion_train.pipeline.phases import resolve_callable
+    from aion_train.process_env import start_process
 
     os.chdir(cwd)
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
-    _set_dist_env(dist_env)
-    os.environ["AION_PIPELINE_PHASE"] = phase["name"]
     rank = int((dist_env or {}).get("RANK", 0))
     world = int((dist_env or {}).get("WORLD_SIZE", 1))
     threads = max(1, int(phase["num_cpus"]))
-    os.environ["OMP_NUM_THREADS"] = str(threads)
+    start_process({**dict.fromkeys(DIST_VARS), **{k: str(v) for k, v in (dist_env or {}).items()},
+                   "AION_PIPELINE_PHASE": phase["name"], "OMP_NUM_THREADS": str(threads)})
     log = phase_log_path(cfg_dict["run_dir"], phase["name"], rank)
     with redirect_output(log):
         t0 = time.time()

@@ -21,7 +21,7 @@ task.py      build_task_data(cfg) -> TaskData(tokenizer: ChatTokenizer, splits)
              render_chat(messages, tokenizer, add_generation_prompt=True) -> list[int]   (chat_template.py)
              render_example(messages, tokenizer) -> (ids, response_mask)
              ChatTokenizer: .encode/.decode, .end_id (= eos, stops generation), .pad_id, .vocab_size
-common.py    setup_distributed(cfg) -> ParallelGroups         (init_deepspeed_comm when WORLD_SIZE > 1)
+common.py    setup_distributed(cfg) -> ParallelGroups         (deepspeed_adapter.init_comm)
              build_parallel_model(cfg, groups) -> Transformer (seeded, parallelized, not yet loaded)
              phase_config(cfg, lr=, steps=, batch_size=) -> Config copy for build_engine
              build_phase_engine(model, phase_cfg, groups) -> (engine, optimizer)  trainable params only
@@ -46,6 +46,6 @@ reward.py    RewardModel(backbone, d_model)  forward(input_ids, attention_mask) 
              load_reward_model(cfg, groups=None) -> RewardModel (frozen, eval mode)
 
 Every run_* is SPMD (one call per rank, torch.distributed initialised through
-`aion_train.train.ds_comm.init_deepspeed_comm` when WORLD_SIZE > 1); only rank 0 writes files
+`aion_train.parallel.deepspeed_adapter.init_comm` when WORLD_SIZE > 1); only rank 0 writes files
 and talks to MLflow; `done.json` is written atomically as a phase's very last act.
 """

@@ -45,13 +45,14 @@ def setup_distributed(cfg):
     launcher: DeepSpeed's engine needs one), validate the config for this world size and
     return the TP/DP/EP groups (cached: created once)."""
     from aion_train.config import validate_config
-    from aion_train.train.ds_comm import init_deepspeed_comm
+    from aion_train.parallel.deepspeed_adapter import init_comm
+    from aion_train.parallel.device import resolve_backend
+    from aion_train.runtime import apply_runtime
+    apply_runtime(cfg.runtime)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if not dist.is_initialized():
         phase_device()   # NCCL binds to the current GPU: make it LOCAL_RANK's first
-        backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else (
-            "nccl" if torch.cuda.is_available() else "gloo")
-        init_deepspeed_comm(backend, cfg.parallel.timeout_s)
+        init_comm(resolve_backend(cfg.parallel.backend), cfg.parallel.timeout_s, shm_op=cfg.runtime.deepspeed_shm_op)
     cfg.parallel.world_size = world
     validate_config(cfg)
     key = (cfg.parallel.tp, cfg.parallel.ep, dist.is_initialized() and id(dist.group.WORLD))

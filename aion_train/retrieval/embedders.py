@@ -51,14 +51,12 @@ class MiniLMEmbedder:
     dim = 384
 
     def __init__(self, device: str | None = None, max_seq_length: int = 128, batch_size: int = 32):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
         if device is None:
             import torch
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
-        self.model = SentenceTransformer(minilm_model_dir(), device=device)
+        self.model = SentenceTransformer(minilm_model_dir(), device=device, local_files_only=True)
         self.model.max_seq_length = max_seq_length
         self.batch_size = batch_size
         self.name = f"minilm-l6-v2/max{max_seq_length}"

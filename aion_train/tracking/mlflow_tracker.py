@@ -24,9 +24,6 @@ from typing import Any, Iterable, Mapping
 
 from aion_train.config.load import flatten
 
-# Offline platform: never phone home. Set before mlflow is imported anywhere below.
-os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
-
 log = logging.getLogger("aion_train.tracking")
 
 # MLflow server-side limits (mlflow.utils.validation), repeated here so that importing

@@ -9,7 +9,10 @@ from __future__ import annotations
 import contextlib
 
 from aion_train.config import Config
-from aion_train.parallel.groups import ParallelGroups, layout
+from aion_train.parallel.deepspeed_adapter import (deepspeed_sees_our_moe, init_comm, register_expert_groups,
+                                                   split_moe_param_groups)
+from aion_train.parallel.device import resolve_backend
+from aion_train.parallel.groups import ParallelGroups
 
 from .optim import param_groups
 
@@ -43,17 +46,6 @@ class MPU:
         return self.g.dp_group
 
 
-def register_expert_groups(groups: ParallelGroups) -> None:
-    """Put our EP / EDP groups into DeepSpeed's registry under the name our params carry."""
-    from deepspeed.utils import groups as ds_groups
-    name = f"ep_size_{groups.ep}"
-    lay = layout(groups.world, groups.tp, groups.ep)
-    ds_groups._EXPERT_PARALLEL_GROUP[name] = groups.ep_group
-    ds_groups._EXPERT_DATA_PARALLEL_GROUP[name] = groups.edp_group
-    ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name] = next(r for r in lay["ep"] if groups.rank in r)
-    ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = next(r for r in lay["edp"] if groups.rank in r)
-
-
 def deepspeed_config(cfg: Config, dp: int) -> dict:
     t = cfg.train
     return {
@@ -70,42 +62,15 @@ def deepspeed_config(cfg: Config, dp: int) -> dict:
     }
 
 
-class _MoEShimMeta(type):
-    def __instancecheck__(cls, obj):
-        return isinstance(obj, cls.classes)
-
-
-@contextlib.contextmanager
-def deepspeed_sees_our_moe(model):
-    """DeepSpeed turns its MoE handling on only for its own `MoE` class; for the length of
-    `initialize`, make its engine recognise our MoE layers too (the model stays DeepSpeed-free)."""
-    import deepspeed.runtime.engine as ds_engine
-    from deepspeed.moe.layer import MoE as DSMoE
-    from aion_train.model.moe import MoELayer
-    for m in model.modules():
-        if isinstance(m, MoELayer):
-            m.num_experts = m.n_experts
-    original = ds_engine.MoE
-    ds_engine.MoE = _MoEShimMeta("MoE", (), {"classes": (DSMoE, MoELayer)})
-    try:
-        yield
-    finally:
-        ds_engine.MoE = original
-
-
 def build_engine(model, cfg: Config, groups: ParallelGroups):
     """deepspeed.initialize with a torch AdamW (decoupled decay; fused where torch has it)."""
     import torch
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    from .ds_comm import init_deepspeed_comm
-    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else (
-        "nccl" if torch.cuda.is_available() else "gloo")
-    ds = init_deepspeed_comm(backend, cfg.parallel.timeout_s)   # a no-op when already initialised
+    ds = init_comm(resolve_backend(cfg.parallel.backend), cfg.parallel.timeout_s,
+                   shm_op=cfg.runtime.deepspeed_shm_op)   # a no-op when already started
     register_expert_groups(groups)
     t = cfg.train
-    pg = param_groups(model, t.weight_decay)
-    pg = split_params_into_different_moe_groups_for_optimizer(pg)
+    pg = split_moe_param_groups(param_groups(model, t.weight_decay))
     optimizer = torch.optim.AdamW(pg, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
                                   fused=True)   # one kernel per dtype group, on CPU and CUDA alike
     from aion_train.parallel.parallelize import is_expert_param

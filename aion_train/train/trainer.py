@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -14,11 +13,12 @@ import torch.distributed as dist
 from aion_train.config import Config, config_to_dict, dump_yaml, validate_config
 from aion_train.parallel import build_groups, get_device
 from aion_train.parallel.collectives import all_reduce_
-from aion_train.parallel.device import module_device
+from aion_train.parallel.deepspeed_adapter import init_comm
+from aion_train.parallel.device import module_device, resolve_backend
 from aion_train.parallel.grad_sync import global_grad_norm
+from aion_train.runtime import apply_runtime, show_progress_bar
 
 from .checkpointing import CheckpointError, CheckpointManager, load_job, load_weights_only, save_job
-from .ds_comm import init_deepspeed_comm
 from .engine import build_engine
 from .metrics import expert_load, flops_per_token, peak_flops
 from .tasks import make_task
@@ -57,11 +57,10 @@ def _all_reduce(t: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tens
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else (
-            "nccl" if torch.cuda.is_available() else "gloo")
+        apply_runtime(cfg.runtime)
         # the GPU of LOCAL_RANK is made current before NCCL starts (its communicator binds to it)
         self.device = get_device()
-        init_deepspeed_comm(backend, cfg.parallel.timeout_s)
+        init_comm(resolve_backend(cfg.parallel.backend), cfg.parallel.timeout_s, shm_op=cfg.runtime.deepspeed_shm_op)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         cfg.parallel.world_size = self.world
         validate_config(cfg)
@@ -188,7 +187,7 @@ class Trainer:
             self._evaluate(0)
         it = iter(self.loader)
         bar = None
-        if self.rank == 0 and os.environ.get("AION_PROGRESS", "1") == "1":
+        if self.rank == 0 and show_progress_bar(self.cfg.runtime):
             from tqdm import tqdm
             bar = tqdm(total=t.steps, initial=self.state["step"], desc="pretrain", unit="step", dynamic_ncols=True)
         try:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
@@ -14,13 +13,14 @@ from aion_train.kernels import select
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Which expert matmul runs where groups are unequal: `auto` torch's grouped GEMM when a probe
-# (forward + backward against per-expert matmuls) passes on the device and dtype, else one
-# matmul per expert; `on` the grouped GEMM or an error saying why it cannot run; `off` one
-# matmul per expert. A process-level switch like AION_DS_SHM (not part of the model config:
-# the math is the same). Each choice is logged once per (device, dtype).
-GROUPED_MM_ENV = "AION_GROUPED_MM"
-GROUPED_MM_MODES = ("auto", "on", "off")
+# Which expert matmul runs where groups are unequal (config `runtime.grouped_mm`, set once per
+# process by set_grouped_mm_mode; not part of the model config: the math is the same): `auto`
+# torch's grouped GEMM when a probe (forward + backward against per-expert matmuls) passes on
+# the device and dtype, else one matmul per expert; `grouped` the grouped GEMM or an error saying
+# why it cannot run; `per_expert` one matmul per expert. Each choice is logged once per (device, dtype).
+GROUPED_MM_KEY = "runtime.grouped_mm"
+GROUPED_MM_MODES = ("auto", "grouped", "per_expert")
+_grouped_mm_mode = "auto"
 
 log = logging.getLogger("aion_train.model")
 _logged: set = set()
@@ -32,11 +32,15 @@ def _log_once(key, msg: str, *args) -> None:
         log.info(msg, *args)
 
 
-def grouped_mm_mode() -> str:
-    mode = os.environ.get(GROUPED_MM_ENV, "auto").strip().lower() or "auto"
+def set_grouped_mm_mode(mode: str) -> None:
+    global _grouped_mm_mode
     if mode not in GROUPED_MM_MODES:
-        raise ValueError(f"{GROUPED_MM_ENV}={mode!r}: must be one of {', '.join(GROUPED_MM_MODES)}")
-    return mode
+        raise ValueError(f"{GROUPED_MM_KEY}={mode!r}: must be one of {', '.join(GROUPED_MM_MODES)}")
+    _grouped_mm_mode = mode
+
+
+def grouped_mm_mode() -> str:
+    return _grouped_mm_mode
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,15 +61,15 @@ def grouped_mm_status(device_type: str, dtype: torch.dtype = torch.float32) -> t
 
 def _grouped_mm_works(device_type: str, dtype: torch.dtype = torch.float32) -> bool:
     """Whether grouped_linear takes torch's grouped GEMM on this device and dtype (see
-    GROUPED_MM_ENV); logs the choice and its reason once; `on` that cannot run raises."""
+    GROUPED_MM_KEY); logs the choice and its reason once; `grouped` that cannot run raises."""
     mode = grouped_mm_mode()
-    if mode == "off":
-        _log_once(("off", device_type, dtype), "MoE experts on %s %s: one matmul per expert (%s=off)",
-                  device_type, dtype, GROUPED_MM_ENV)
+    if mode == "per_expert":
+        _log_once(("per_expert", device_type, dtype), "MoE experts on %s %s: one matmul per expert (%s=per_expert)",
+                  device_type, dtype, GROUPED_MM_KEY)
         return False
     ok, why = grouped_mm_status(device_type, dtype)
-    if not ok and mode == "on":
-        raise RuntimeError(f"{GROUPED_MM_ENV}=on but torch's grouped GEMM cannot run on {device_type} {dtype}: {why}")
+    if not ok and mode == "grouped":
+        raise RuntimeError(f"{GROUPED_MM_KEY}=grouped but torch's grouped GEMM cannot run on {device_type} {dtype}: {why}")
     if ok:
         _log_once((mode, device_type, dtype, True), "MoE experts on %s %s: torch grouped GEMM (%s)",
                   device_type, dtype, why)
@@ -94,8 +98,8 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
                    counts_list: list[int] | None = None) -> torch.Tensor:
     """x: [M, in] rows grouped by expert (counts[E] rows each); weight: [E, in, out]."""
     fits = x.dtype == weight.dtype and _aligned(x) and _aligned(weight)
-    if not fits and grouped_mm_mode() == "on":
-        raise RuntimeError(f"{GROUPED_MM_ENV}=on but these experts cannot take the grouped GEMM: x {x.dtype} "
+    if not fits and grouped_mm_mode() == "grouped":
+        raise RuntimeError(f"{GROUPED_MM_KEY}=grouped but these experts cannot take the grouped GEMM: x {x.dtype} "
                            f"[{x.shape[-1]}] and weight {weight.dtype} [{weight.shape[-1]}] need one dtype and "
                            "16-byte aligned rows")
     if fits and _grouped_mm_works(x.device.type, x.dtype):

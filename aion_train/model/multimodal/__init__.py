@@ -1,4 +1,4 @@
 """Multimodal fusion model: encoders, resampler, gated fusion into the MoE trunk, joint losses."""
-from .model import MultimodalModel, MultimodalOutput, build_multimodal_model, parallelize_multimodal
+from .model import MultimodalModel, MultimodalOutput, build_multimodal_model
 
-__all__ = ["MultimodalModel", "MultimodalOutput", "build_multimodal_model", "parallelize_multimodal"]
+__all__ = ["MultimodalModel", "MultimodalOutput", "build_multimodal_model"]

@@ -5,7 +5,7 @@ optional gated cross-attention, and the joint losses: causal LM on plain text, c
 loss on media-conditioned tokens, symmetric CLIP InfoNCE (media vs the trunk's pooled caption
 text), combined by uncertainty weighting, plus the MoE balance loss.
 
-Parallelism: `parallelize_multimodal` shards the trunk exactly as the text model (TP/EP, ZeRO
+Parallelism: `aion_train.parallel.parallelize_multimodal` shards the trunk exactly as the text model (TP/EP, ZeRO
 through the engine); encoders, resamplers, projections, contrastive heads and cross-attention
 stay replicated (every rank runs them on its own batch; their gradients are complete on every
 TP rank because the trunk's input and loss are replicated there).
@@ -244,15 +244,3 @@ def build_multimodal_model(cfg, seed: int | None = None) -> MultimodalModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return MultimodalModel(model_cfg)
-
-
-def parallelize_multimodal(model: MultimodalModel, groups, sequence_parallel: bool = False) -> MultimodalModel:
-    """Shard the trunk for TP/EP (`aion_train.parallel.parallelize`); the rest stays replicated.
-    Sets `model.shard_spec` (names prefixed "lm.") and `model.parallel_groups`."""
-    from aion_train.parallel import parallelize
-    if sequence_parallel:
-        raise ValueError("parallel.sequence_parallel is not supported with model.multimodal.enabled")
-    parallelize(model.lm, groups, False)
-    model.shard_spec = {f"lm.{k}": v for k, v in model.lm.shard_spec.items()}
-    model.parallel_groups = groups
-    return model

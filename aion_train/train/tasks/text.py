@@ -1,49 +1,16 @@
-"""What the training loop trains on: a *task* owns the data (shards, tokenizer, loader), the
-model it builds, how a batch is fed to the engine, which losses are logged, and the held-out
-evaluation. The loop in trainer.py (engine, checkpoints, fault handling, MLflow) is shared.
-
-- :class:`TextTask`: packed text shards, the MoE transformer, held-out perplexity.
-- ``MultimodalTask`` (tasks_multimodal.py): multimodal shards, the fusion model, its joint losses.
-"""
+"""Causal language modelling on packed text shards: the MoE transformer, held-out perplexity."""
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.distributed as dist
 
 from aion_train.config import Config
+from aion_train.data import ensure_demo_data
 from aion_train.parallel.collectives import all_reduce_
 from aion_train.parallel.device import module_device, to_device
 
-
-def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
-    """Sum in place over `group`, on its communication device (a CPU tensor works under NCCL)."""
-    return all_reduce_(t, group=group)
-
-
-def prepare_text_data(cfg: Config, rank: int):
-    """Shards + tokenizer: the user's, or the demo set built (once, by rank 0) if absent."""
-    from aion_train.data import Tokenizer, ensure_demo_data, expand_shards
-    if cfg.data.train_shards:
-        train, val = expand_shards(cfg.data.train_shards), expand_shards(cfg.data.val_shards or [])
-        tok = cfg.data.tokenizer
-    else:
-        if rank == 0:
-            ensure_demo_data(cfg.data.dir, cfg.model.vocab_size, cfg.seed)
-        if dist.is_initialized():
-            dist.barrier()
-        paths = ensure_demo_data(cfg.data.dir, cfg.model.vocab_size, cfg.seed)
-        train, val, tok = paths["train"], paths["val"], cfg.data.tokenizer or paths["tokenizer"]
-    tokenizer = Tokenizer(tok)
-    check_vocab(cfg, tokenizer)
-    return train, val, tokenizer
-
-
-def check_vocab(cfg: Config, tokenizer) -> None:
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"data.tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
-                         f"{cfg.model.vocab_size}")
+from .base import prepare_data
 
 
 class TextTask:
@@ -60,7 +27,7 @@ class TextTask:
 
     def __init__(self, cfg: Config, rank: int, groups):
         self.cfg, self.groups = cfg, groups
-        self.train_shards, self.val_shards, self.tokenizer = prepare_text_data(cfg, rank)
+        self.train_shards, self.val_shards, self.tokenizer = prepare_data(cfg, rank, ensure_demo_data)
 
     def build_model(self):
         from aion_train.model import build_model
@@ -112,12 +79,5 @@ class TextTask:
             n = batch["labels"].numel()
             total += torch.tensor([out.lm_loss.float().item() * n, n], dtype=torch.float64)
         engine.train()
-        all_reduce_sum(total, groups.dp_group if groups.dp > 1 else None)
+        all_reduce_(total, group=groups.dp_group if groups.dp > 1 else None)
         return {"val/perplexity": math.exp(total[0].item() / max(total[1].item(), 1.0))}
-
-
-def make_task(cfg: Config, rank: int, groups):
-    if cfg.model.multimodal.enabled:
-        from .tasks_multimodal import MultimodalTask
-        return MultimodalTask(cfg, rank, groups)
-    return TextTask(cfg, rank, groups)

@@ -3,33 +3,20 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from aion_train.config import Config
+from aion_train.parallel.collectives import all_reduce_
 from aion_train.parallel.device import module_device, to_device
 
-from .tasks import all_reduce_sum, check_vocab
+from .base import prepare_data
 
 LOSSES = ("lm", "caption", "clip", "aux")
 
 
 def prepare_multimodal_data(cfg: Config, rank: int):
-    """Shards + tokenizer: the user's (data.train_shards/val_shards/tokenizer), or the demo set
-    built in data.dir (once, by rank 0) if absent."""
-    from aion_train.data import Tokenizer, expand_shards
+    """`prepare_data` with the multimodal demo set; the tokenizer's pad id must be the model's."""
     from aion_train.data.multimodal import ensure_multimodal_demo
-    if cfg.data.train_shards:
-        train, val = expand_shards(cfg.data.train_shards), expand_shards(cfg.data.val_shards or [])
-        tok = cfg.data.tokenizer
-    else:
-        if rank == 0:
-            ensure_multimodal_demo(cfg.data.dir, cfg.model.vocab_size, cfg.seed)
-        if dist.is_initialized():
-            dist.barrier()
-        paths = ensure_multimodal_demo(cfg.data.dir, cfg.model.vocab_size, cfg.seed)
-        train, val, tok = paths["train"], paths["val"], cfg.data.tokenizer or paths["tokenizer"]
-    tokenizer = Tokenizer(tok)
-    check_vocab(cfg, tokenizer)
+    train, val, tokenizer = prepare_data(cfg, rank, ensure_multimodal_demo)
     if tokenizer.pad_id != cfg.model.multimodal.pad_id:
         raise ValueError(f"model.multimodal.pad_id={cfg.model.multimodal.pad_id} but the tokenizer's pad id is "
                          f"{tokenizer.pad_id}")
@@ -51,7 +38,8 @@ class MultimodalTask:
         self.train_shards, self.val_shards, self.tokenizer = prepare_multimodal_data(cfg, rank)
 
     def build_model(self):
-        from aion_train.model.multimodal import build_multimodal_model, parallelize_multimodal
+        from aion_train.model.multimodal import build_multimodal_model
+        from aion_train.parallel import parallelize_multimodal
         model = build_multimodal_model(self.cfg, seed=self.cfg.seed)
         model.activation_checkpointing = self.cfg.train.activation_checkpointing
         return parallelize_multimodal(model, self.groups, self.cfg.parallel.sequence_parallel)
@@ -95,6 +83,6 @@ class MultimodalTask:
                     sums[2 * j] += float(v)
                     sums[2 * j + 1] += 1
         engine.train()
-        all_reduce_sum(sums, self.groups.dp_group if self.groups.dp > 1 else None)
+        all_reduce_(sums, group=self.groups.dp_group if self.groups.dp > 1 else None)
         return {f"val/loss_{name}": sums[2 * j].item() / sums[2 * j + 1].item()
                 for j, name in enumerate(LOSSES) if sums[2 * j + 1] > 0}
