@@ -14,14 +14,19 @@ log = logging.getLogger("aion_train.runtime")
 
 
 def apply_runtime(rc: RuntimeConfig) -> None:
-    """Set this process's runtime choices from `rc` and log them once."""
-    from aion_train.model.moe.experts import set_grouped_mm_mode
+    """Set this process's runtime choices from `rc` and log them once (`grouped_mm` reaches
+    the model through its execution policy: `apply_model_execution`)."""
     from aion_train.parallel.device import set_cpu_allocator
     set_cpu_allocator(rc.cpu_allocator)
-    set_grouped_mm_mode(rc.grouped_mm)
     log.info("runtime: progress_bar=%s (%s) cpu_allocator=%s grouped_mm=%s deepspeed_shm_op=%s",
              rc.progress_bar, "shown" if show_progress_bar(rc) else "hidden", rc.cpu_allocator,
              rc.grouped_mm, rc.deepspeed_shm_op)
+
+
+def apply_model_execution(model, device, rc: RuntimeConfig):
+    """The model's execution policy for `device` (a torch.device) with `rc.grouped_mm`, applied."""
+    from aion_train.model.execution import ExecutionPolicy, apply_execution_policy
+    return apply_execution_policy(model, ExecutionPolicy.for_device(device.type, rc.grouped_mm))
 
 
 def show_progress_bar(rc: RuntimeConfig) -> bool:

@@ -1,16 +1,19 @@
 """MoE router / dispatcher / experts / layer checked against hand-computed references."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from aion_train.model.execution import ExecutionPolicy, apply_execution_policy
 from aion_train.model.ffn import DenseFFN
 from aion_train.model.moe import (LocalDispatcher, MoELayer, TopKRouter, balance_loss, combine,
                                   expert_capacity, grouped_linear, sort_by_expert, z_loss)
 from aion_train.model.moe import experts as experts_mod
-from aion_train.model.moe import token_dispatcher
 from aion_train.model.moe.token_dispatcher import pad_to_equal_groups
+
+NO_PADDING = replace(ExecutionPolicy.for_device("cpu"), pad_expert_groups=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,7 +236,8 @@ def test_sort_by_expert_with_an_empty_expert():
 def test_dispatch_combine_round_trip_identity_experts_dropless():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(6, 4, generator=g)
-    disp = LocalDispatcher(3, None, pad_groups=False)
+    disp = LocalDispatcher(3, None)
+    disp.execution = NO_PADDING
     tokens, counts, state = disp.dispatch(x, HAND_INDICES, HAND_GATES)
     assert counts.tolist() == [5, 4, 3] and state.dropped == 0 and state.n_tokens == 6
     # grouped by expert: the rows are copies of the routed tokens, in expert order
@@ -247,7 +251,8 @@ def test_dispatch_combine_round_trip_identity_experts_dropless():
 def test_dispatch_combine_with_drops_gives_zeros_for_fully_dropped_tokens():
     g = torch.Generator().manual_seed(6)
     x = torch.randn(6, 4, generator=g)
-    disp = LocalDispatcher(3, 0.5, pad_groups=False)   # capacity ceil(0.5 * 6 * 2 / 3) = 2
+    disp = LocalDispatcher(3, 0.5)   # capacity ceil(0.5 * 6 * 2 / 3) = 2
+    disp.execution = NO_PADDING
     tokens, counts, state = disp.dispatch(x, HAND_INDICES, HAND_GATES)
     assert counts.tolist() == [2, 2, 2]
     assert state.dropped == 6                  # e0: 3 over, e1: 2 over, e2: 1 over
@@ -284,12 +289,12 @@ def test_pad_to_equal_groups_by_hand():
 def test_padded_equal_groups_give_the_ragged_layers_outputs_and_gradients(activation, monkeypatch):
     """The CPU layout (equal groups, one batched GEMM) against the ragged grouped GEMMs: same
     output, same gradients for the input, the router and every expert."""
-    monkeypatch.setattr(token_dispatcher, "CPU_PAD_MAX_WASTE", 1.0)
     x = torch.randn(2, 40, 8, generator=torch.Generator().manual_seed(13))
     results = []
     for pad in (True, False):
         layer = scaled_layer(14, 8, 4, 2, 12, activation, None, 0.01, 0.0, 0, True)
-        layer.dispatcher.pad_groups = pad
+        apply_execution_policy(layer, replace(ExecutionPolicy.for_device("cpu"), pad_expert_groups=pad,
+                                              pad_max_waste=1.0))
         routing = layer.router(x.reshape(-1, 8))
         _, layout_counts, _ = layer.dispatcher.dispatch(x.reshape(-1, 8), routing.indices, routing.gates)
         assert (len(set(layout_counts.tolist())) == 1) == pad
@@ -342,9 +347,9 @@ def test_grouped_linear_matches_per_expert_loop(path, counts_values, monkeypatch
     if path == "grouped_mm":
         if not grouped_path_available():
             pytest.skip("torch grouped_mm not usable here")
-        monkeypatch.setattr(experts_mod, "_grouped_mm_works", lambda device_type, dtype=None: True)
+        monkeypatch.setattr(experts_mod, "_grouped_mm_works", lambda *args: True)
     else:
-        monkeypatch.setattr(experts_mod, "_grouped_mm_works", lambda device_type, dtype=None: False)
+        monkeypatch.setattr(experts_mod, "_grouped_mm_works", lambda *args: False)
     g = torch.Generator().manual_seed(sum(counts_values) + len(path))
     e, d_in, d_out = 4, 8, 4            # multiples of 4 floats: grouped_mm needs 16-byte strides
     m = sum(counts_values)

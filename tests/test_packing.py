@@ -355,7 +355,6 @@ def test_model_under_flash_takes_the_varlen_kernel_with_cu_seqlens(monkeypatch):
 def test_grouped_mm_choice_is_logged_once_and_forced_paths_fail_loudly(monkeypatch, caplog):
     from aion_train.model.moe import experts
     monkeypatch.setattr(experts, "_logged", set())
-    monkeypatch.setattr(experts, "_grouped_mm_mode", "auto")   # restored after the test
     x, w = torch.randn(6, 8), torch.randn(2, 8, 8)
     counts = torch.tensor([2, 4])
     want = torch.cat([x[:2] @ w[0], x[2:] @ w[1]])
@@ -366,15 +365,14 @@ def test_grouped_mm_choice_is_logged_once_and_forced_paths_fail_loudly(monkeypat
     ok, why = experts.grouped_mm_status("cpu", torch.float32)
     assert len(lines) == 1 and (("grouped GEMM" in lines[0]) if ok else ("per expert" in lines[0])), lines
 
-    experts.set_grouped_mm_mode("per_expert")
     monkeypatch.setattr(experts.F, "grouped_mm", lambda *a, **k: pytest.fail("grouped_mm ran under per_expert"))
-    torch.testing.assert_close(experts.grouped_linear(x, w, counts), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(experts.grouped_linear(x, w, counts, mode="per_expert"), want, atol=1e-5, rtol=1e-5)
 
-    experts.set_grouped_mm_mode("grouped")
     monkeypatch.setattr(experts, "grouped_mm_status", lambda d, t=None: (False, "the probe raised X"))
     with pytest.raises(RuntimeError, match="runtime.grouped_mm=grouped but .*the probe raised X"):
-        experts.grouped_linear(x, w, counts)
+        experts.grouped_linear(x, w, counts, mode="grouped")
     with pytest.raises(RuntimeError, match="16-byte aligned"):
-        experts.grouped_linear(torch.randn(6, 3), torch.randn(2, 3, 8), counts)
+        experts.grouped_linear(torch.randn(6, 3), torch.randn(2, 3, 8), counts, mode="grouped")
+    from aion_train.model.execution import ExecutionPolicy
     with pytest.raises(ValueError, match="runtime.grouped_mm='sometimes'"):
-        experts.set_grouped_mm_mode("sometimes")
+        ExecutionPolicy.for_device("cpu", grouped_mm="sometimes")

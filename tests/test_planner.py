@@ -262,8 +262,8 @@ def saved_activation_bytes(overrides):
     keeps fp32 copies of q, k, v and the output) and the CPU padding of the expert groups are
     turned off for the measurement."""
     import torch
-    from aion_train.model import attention_backend, build_model
-    from aion_train.model.moe import token_dispatcher
+    from aion_train.model import build_model
+    from aion_train.model.execution import ExecutionPolicy, apply_execution_policy
     cfg = load_config(CFG, overrides)
     model = build_model(cfg.model, seed=0).to(torch.bfloat16).train()
     ids = torch.randint(0, cfg.model.vocab_size, (cfg.data.micro_batch_size, cfg.data.seq_len),
@@ -277,13 +277,10 @@ def saved_activation_bytes(overrides):
             seen[st.data_ptr()] = st.nbytes()
         return t
 
-    previous = attention_backend.CPU_ATTENTION_IN_FP32, token_dispatcher.CPU_PAD_MAX_WASTE
-    attention_backend.CPU_ATTENTION_IN_FP32, token_dispatcher.CPU_PAD_MAX_WASTE = False, 0.0
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(ids, labels=ids)
-    finally:
-        attention_backend.CPU_ATTENTION_IN_FP32, token_dispatcher.CPU_PAD_MAX_WASTE = previous
+    # what a GPU keeps: bf16 attention, expert groups as routed
+    apply_execution_policy(model, ExecutionPolicy.for_device("cuda"))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, labels=ids)
     return sum(seen.values()), cfg
 
 

@@ -25,16 +25,31 @@ def test_a_yaml_boolean_where_a_word_is_expected_is_named():
         load_config(overrides=["runtime.progress_bar=on"])
 
 
-def test_apply_runtime_sets_the_expert_matmul_and_logs_once(monkeypatch, caplog):
-    from aion_train.model.moe import experts
+def test_apply_runtime_sets_the_allocator_and_logs_once(monkeypatch, caplog):
     from aion_train.parallel import device
-    monkeypatch.setattr(experts, "_grouped_mm_mode", "auto")
     monkeypatch.setattr(device, "_cpu_allocator", "keep")
     with caplog.at_level("INFO", logger="aion_train.runtime"):
         apply_runtime(load_config(overrides=["runtime.grouped_mm=per_expert", "runtime.cpu_allocator=system"]).runtime)
-    assert experts.grouped_mm_mode() == "per_expert" and device._cpu_allocator == "system"
+    assert device._cpu_allocator == "system"
     lines = [r.getMessage() for r in caplog.records if r.name == "aion_train.runtime"]
     assert len(lines) == 1 and "grouped_mm=per_expert" in lines[0] and "cpu_allocator=system" in lines[0]
+
+
+def test_the_models_modules_get_one_execution_policy():
+    import torch
+
+    from aion_train.model import build_model
+    from aion_train.runtime import apply_model_execution
+    cfg = load_config(overrides=["runtime.grouped_mm=per_expert", "model.moe.every=1"])
+    model = apply_model_execution(build_model(cfg.model, seed=0), torch.device("cpu"), cfg.runtime)
+    holders = [m for m in model.modules() if hasattr(m, "execution")]
+    holders += [m.dispatcher for m in model.modules() if hasattr(getattr(m, "dispatcher", None), "execution")]
+    kinds = {type(h).__name__ for h in holders}
+    assert {"Attention", "GroupedExperts", "LocalDispatcher"} <= kinds, kinds
+    policies = {h.execution for h in holders}
+    assert len(policies) == 1
+    (policy,) = policies
+    assert policy.grouped_mm == "per_expert" and policy.pad_expert_groups and policy.attention_fp32
 
 
 class _Stream:

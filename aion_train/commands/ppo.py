@@ -9,12 +9,10 @@ local ranks. With `ppo.env=tiger` (or crying_baby) it trains a belief policy wit
 PPO maths on that POMDP instead and reports its return next to the solver's optimum."""
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-from .output_dirs import overwrite_args
+from .local_ranks import launch_local_ranks, wants_local_ranks
 from .sft import add_phase_arguments, run_phase
 
 DEFAULT_CONFIG = "configs/rlhf_tiny.yaml"
@@ -44,16 +42,6 @@ def rlhf(cfg) -> dict:
     return run_ppo(cfg)
 
 
-def _launch_ranks(args) -> int:
-    """--nproc N with --run-missing-phases: N local ranks through torchrun, flag passed on."""
-    from aion_train.parallel.spawn import free_port
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), "-m", "aion_train.cli", "ppo", "--config", args.config,
-           "--run-missing-phases", *args.overrides] + (["--json"] if args.json else []) + overwrite_args(args)
-    threads = str(max(1, (os.cpu_count() or 2) // args.nproc))
-    return subprocess.call(cmd, env=dict(os.environ, OMP_NUM_THREADS=threads))
-
-
 def run(args) -> int:
     import logging
     from aion_train.config import ConfigError, load_config
@@ -65,9 +53,9 @@ def run(args) -> int:
         print(str(e), file=sys.stderr)
         return 2
     if env:
-        return run_phase(args, "ppo", "aion_train.rl.env_rollout.run_env_ppo", "env_return")
+        return run_phase(args, "ppo", "aion_train.rl.env_rollout:run_env_ppo", "env_return")
     if args.run_missing_phases:
-        if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-            return _launch_ranks(args)
-        return run_phase(args, "ppo", "aion_train.commands.ppo.rlhf", "ppo_accuracy")
-    return run_phase(args, "ppo", "aion_train.posttrain.ppo.run_ppo", "ppo_accuracy")
+        if wants_local_ranks(args):
+            return launch_local_ranks(args, "ppo", "--run-missing-phases")
+        return run_phase(args, "ppo", "aion_train.commands.ppo:rlhf", "ppo_accuracy")
+    return run_phase(args, "ppo", "aion_train.posttrain.ppo:run_ppo", "ppo_accuracy")

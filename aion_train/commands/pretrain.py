@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 from aion_train.config import ConfigError, load_config
 
 from .check_config import add_config_arguments
-from .output_dirs import add_overwrite_argument, claim_training_dirs, overwrite_args, report_refusal
+from .local_ranks import launch_local_ranks, wants_local_ranks
+from .output_dirs import add_overwrite_argument, claim_training_dirs, report_refusal
 
 DEFAULT_CONFIG = "configs/tiny_cpu.yaml"
 
@@ -39,18 +39,6 @@ def default_config_path() -> str:
     return str(Path(__file__).resolve().parents[2] / DEFAULT_CONFIG)
 
 
-def _launch_local(args) -> int:
-    from aion_train.parallel.spawn import free_port
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "aion_train.cli", "pretrain", "--config", args.config] + list(args.overrides)
-    if args.json:
-        cmd.append("--json")
-    cmd += overwrite_args(args)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // args.nproc))))
-    return subprocess.call(cmd, env=env)
-
-
 def run(args) -> int:
     import logging
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -69,8 +57,8 @@ def run(args) -> int:
     except (RuntimeError, OSError) as e:   # the demo data could not be built
         print(f"pretrain: {e}", file=sys.stderr)
         return 1
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch_local(args)
+    if wants_local_ranks(args):
+        return launch_local_ranks(args, "pretrain")
     from aion_train.train.trainer import TrainingError, pretrain
     try:
         summary = pretrain(cfg)

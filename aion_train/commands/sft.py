@@ -9,12 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 from .check_config import add_config_arguments
-from .output_dirs import add_overwrite_argument, claim_training_dirs, overwrite_args, report_refusal
+from .local_ranks import launch_local_ranks, wants_local_ranks
+from .output_dirs import add_overwrite_argument, claim_training_dirs, report_refusal
 
 DEFAULT_CONFIG = "configs/sft_tiny.yaml"
 
@@ -68,17 +68,12 @@ def run_phase(args, command: str, fn_path: str, headline: str) -> int:
         claim_training_dirs(cfg, command, args.overwrite)
     except ForeignFolderError as e:
         return report_refusal(command, e)
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from aion_train.parallel.spawn import free_port
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "aion_train.cli",
-               command, "--config", args.config, *args.overrides] + (["--json"] if args.json else []) + overwrite_args(args)
-        return subprocess.call(cmd, env=dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.nproc))))
-    import importlib
-    module, name = fn_path.rsplit(".", 1)
+    if wants_local_ranks(args):
+        return launch_local_ranks(args, command)
+    from aion_train.pipeline.phases import resolve_callable
     try:
         with stdout_to_stderr(args.json):
-            metrics = getattr(importlib.import_module(module), name)(cfg)
+            metrics = resolve_callable(fn_path)(cfg)
     except (ValueError, FileNotFoundError) as e:
         print(f"{command}: {e}", file=sys.stderr)
         return 1
@@ -93,4 +88,4 @@ def run_phase(args, command: str, fn_path: str, headline: str) -> int:
 
 
 def run(args) -> int:
-    return run_phase(args, "sft", "aion_train.posttrain.sft.run_sft", "sft_accuracy")
+    return run_phase(args, "sft", "aion_train.posttrain.sft:run_sft", "sft_accuracy")

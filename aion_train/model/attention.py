@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .execution import ExecutionPolicy
 from .attention_backend import PackedSegments, attention, segment_causal_mask, varlen_from_segments  # noqa: F401
 from .rope import RotaryEmbedding
 
@@ -37,6 +38,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         self.rope = rope
         self.backend = backend
+        self.execution: ExecutionPolicy | None = None   # apply_execution_policy; None: the device's
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache=None, layer_idx: int = 0,
                 attn_mask: torch.Tensor | None = None):
@@ -52,5 +54,5 @@ class Attention(nn.Module):
         q, k = apply_rope(self.rope, q, positions), apply_rope(self.rope, k, positions)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)
-        out = attention(q, k, v, causal=True, backend=self.backend, attn_mask=attn_mask)
+        out = attention(q, k, v, causal=True, backend=self.backend, attn_mask=attn_mask, execution=self.execution)
         return self.o_proj(out.reshape(b, t, -1))

@@ -19,12 +19,9 @@ import logging
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger("aion_train.model")
+from .execution import ExecutionPolicy, policy_for
 
-# torch's CPU flash kernel is ~2.7x slower in bf16 than in fp32 (forward + backward, measured
-# on AVX512-BF16; docs/notes.md), so on CPU bf16/fp16 inputs are attended in fp32, which is also
-# the more exact result. Autograd then keeps fp32 q, k, v and output (2x the bf16 bytes).
-CPU_ATTENTION_IN_FP32 = True
+log = logging.getLogger("aion_train.model")
 
 BACKENDS = ("auto", "sdpa", "flash")
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -173,7 +170,7 @@ def _flash_varlen(q, k, v, packed: PackedSegments) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-              backend: str = "auto", attn_mask=None) -> torch.Tensor:
+              backend: str = "auto", attn_mask=None, execution: ExecutionPolicy | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v with grouped KV heads. Returns [B, T, Hq, D].
 
     `causal` with Tq < Tk (decoding with a KV cache) aligns the mask to the end of the keys.
@@ -196,7 +193,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
         if which == "flash":
             return _flash_attn_func()(q, k, v, causal=causal)
     out_dtype = q.dtype
-    if CPU_ATTENTION_IN_FP32 and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+    # ExecutionPolicy.attention_fp32 (the CPU: torch's CPU kernel is slower in bf16 than in fp32,
+    # and fp32 is the more exact result; autograd then keeps fp32 q, k, v and output)
+    if policy_for(execution, q.device).attention_fp32 and q.dtype in (torch.bfloat16, torch.float16):
         q, k, v = q.float(), k.float(), v.float()
     gqa = q.shape[2] != k.shape[2]     # grouped KV heads: SDPA maps q head i to kv head i // group
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))

@@ -62,6 +62,7 @@ class TensorParallelExperts(GroupedExperts):
     def __init__(self, full: GroupedExperts, ep_group, tp_group):
         torch.nn.Module.__init__(self)
         self.activation = full.activation
+        self.execution = full.execution
         self._swiglu = full._swiglu
         self.tp_group = tp_group
         ep, tp = group_size(ep_group), group_size(tp_group)

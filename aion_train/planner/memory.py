@@ -105,7 +105,7 @@ def norm_saved_bytes(norm: str, e: int) -> int:
 def layer_activation_bytes(cfg: Config, layout: Layout, moe_layer: bool,
                            attention_scores: bool = False, dropout: bool = False) -> float:
     """Bytes one transformer layer keeps for backward on a GPU. (A bf16 run on CPU attends in
-    fp32, `model.attention_backend.CPU_ATTENTION_IN_FP32`, and keeps Q, K, V and the attention
+    fp32, `ExecutionPolicy.attention_fp32`, and keeps Q, K, V and the attention
     output in fp32 instead: 5 s b h e more, measured with as many KV heads as heads.)"""
     m, s, b = cfg.model, cfg.data.seq_len, cfg.data.micro_batch_size
     h, a, t = m.d_model, m.n_heads, layout.tp

@@ -64,8 +64,10 @@ def setup_distributed(cfg):
 def build_parallel_model(cfg, groups):
     """The model of `cfg.model` built with the run's seed (same weights on every rank), sharded,
     on `phase_device()` (weights drawn on the CPU, so the same on every device)."""
+    from aion_train.runtime import apply_model_execution
     model = parallelize(build_model(cfg.model, seed=cfg.seed), groups, cfg.parallel.sequence_parallel)
-    return model.to(phase_device())
+    device = phase_device()
+    return apply_model_execution(model.to(device), device, cfg.runtime)
 
 
 def phase_config(cfg, *, lr: float, steps: int, batch_size: int):

@@ -16,7 +16,7 @@ from aion_train.parallel.collectives import all_reduce_
 from aion_train.parallel.deepspeed_adapter import init_comm
 from aion_train.parallel.device import module_device, resolve_backend
 from aion_train.parallel.grad_sync import global_grad_norm
-from aion_train.runtime import apply_runtime, show_progress_bar
+from aion_train.runtime import apply_model_execution, apply_runtime, show_progress_bar
 
 from .checkpointing import CheckpointError, CheckpointManager, load_job, load_weights_only, save_job
 from .engine import build_engine
@@ -70,7 +70,8 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.task = make_task(cfg, self.rank, self.groups)
-        model = self.task.build_model().to(self.device.torch_device)
+        model = apply_model_execution(self.task.build_model().to(self.device.torch_device),
+                                      self.device.torch_device, cfg.runtime)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.train.keep_last)
         try:
             self.initialised_from = load_weights_only(self.ckpt, cfg, model, self.groups)

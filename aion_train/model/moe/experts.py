@@ -10,17 +10,18 @@ from torch import nn
 
 from aion_train.kernels import select
 
+from ..execution import ExecutionPolicy, policy_for
+
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Which expert matmul runs where groups are unequal (config `runtime.grouped_mm`, set once per
-# process by set_grouped_mm_mode; not part of the model config: the math is the same): `auto`
-# torch's grouped GEMM when a probe (forward + backward against per-expert matmuls) passes on
-# the device and dtype, else one matmul per expert; `grouped` the grouped GEMM or an error saying
-# why it cannot run; `per_expert` one matmul per expert. Each choice is logged once per (device, dtype).
+# Which expert matmul runs where groups are unequal (`ExecutionPolicy.grouped_mm`, from config
+# `runtime.grouped_mm`; not part of the model config: the math is the same): `auto` torch's
+# grouped GEMM when a probe (forward + backward against per-expert matmuls) passes on the
+# device and dtype, else one matmul per expert; `grouped` the grouped GEMM or an error saying
+# why it cannot run; `per_expert` one matmul per expert. Each choice is logged once per
+# (device, dtype).
 GROUPED_MM_KEY = "runtime.grouped_mm"
-GROUPED_MM_MODES = ("auto", "grouped", "per_expert")
-_grouped_mm_mode = "auto"
 
 log = logging.getLogger("aion_train.model")
 _logged: set = set()
@@ -30,17 +31,6 @@ def _log_once(key, msg: str, *args) -> None:
     if key not in _logged:
         _logged.add(key)
         log.info(msg, *args)
-
-
-def set_grouped_mm_mode(mode: str) -> None:
-    global _grouped_mm_mode
-    if mode not in GROUPED_MM_MODES:
-        raise ValueError(f"{GROUPED_MM_KEY}={mode!r}: must be one of {', '.join(GROUPED_MM_MODES)}")
-    _grouped_mm_mode = mode
-
-
-def grouped_mm_mode() -> str:
-    return _grouped_mm_mode
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,10 +49,9 @@ def grouped_mm_status(device_type: str, dtype: torch.dtype = torch.float32) -> t
         return False, f"the probe raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
-def _grouped_mm_works(device_type: str, dtype: torch.dtype = torch.float32) -> bool:
+def _grouped_mm_works(device_type: str, dtype: torch.dtype = torch.float32, mode: str = "auto") -> bool:
     """Whether grouped_linear takes torch's grouped GEMM on this device and dtype (see
     GROUPED_MM_KEY); logs the choice and its reason once; `grouped` that cannot run raises."""
-    mode = grouped_mm_mode()
     if mode == "per_expert":
         _log_once(("per_expert", device_type, dtype), "MoE experts on %s %s: one matmul per expert (%s=per_expert)",
                   device_type, dtype, GROUPED_MM_KEY)
@@ -95,14 +84,15 @@ def _aligned(t: torch.Tensor) -> bool:
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
-                   counts_list: list[int] | None = None) -> torch.Tensor:
-    """x: [M, in] rows grouped by expert (counts[E] rows each); weight: [E, in, out]."""
+                   counts_list: list[int] | None = None, mode: str = "auto") -> torch.Tensor:
+    """x: [M, in] rows grouped by expert (counts[E] rows each); weight: [E, in, out]; `mode`
+    the grouped GEMM choice (GROUPED_MM_KEY)."""
     fits = x.dtype == weight.dtype and _aligned(x) and _aligned(weight)
-    if not fits and grouped_mm_mode() == "grouped":
+    if not fits and mode == "grouped":
         raise RuntimeError(f"{GROUPED_MM_KEY}=grouped but these experts cannot take the grouped GEMM: x {x.dtype} "
                            f"[{x.shape[-1]}] and weight {weight.dtype} [{weight.shape[-1]}] need one dtype and "
                            "16-byte aligned rows")
-    if fits and _grouped_mm_works(x.device.type, x.dtype):
+    if fits and _grouped_mm_works(x.device.type, x.dtype, mode):
         offs = torch.cumsum(counts, 0).to(torch.int32)
         out = F.grouped_mm(x.contiguous(), weight, offs=offs)
         if out.requires_grad:   # its backward needs a dense incoming gradient
@@ -120,6 +110,7 @@ class GroupedExperts(nn.Module):
                  init_std: float = 0.02, kernels: str = "auto"):
         super().__init__()
         self.activation = activation
+        self.execution: ExecutionPolicy | None = None   # apply_execution_policy; None: the device's
         self._swiglu = select("swiglu", kernels)
         self.w1 = nn.Parameter(torch.randn(n_experts, d_model, d_ff) * init_std)
         self.w2 = nn.Parameter(torch.randn(n_experts, d_ff, d_model) * init_std)
@@ -133,12 +124,13 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: [M, d] rows grouped by expert, counts[e] rows each."""
         counts_list = counts.tolist()
-        if x.device.type == "cpu" and x.shape[0] and len(set(counts_list)) == 1:
-            # equal groups (padded by the dispatcher on CPU, or all at capacity): one batched
-            # GEMM per projection, which MKL splits over the threads by whole experts
+        policy = policy_for(self.execution, x.device)
+        if policy.batched_equal_groups and x.shape[0] and len(set(counts_list)) == 1:
+            # equal groups (padded by the dispatcher, or all at capacity): one batched GEMM per
+            # projection, which MKL splits over the threads by whole experts
             groups = x.reshape(len(counts_list), counts_list[0], x.shape[-1])
             return self._mlp(groups, torch.bmm).reshape(x.shape[0], -1)
-        return self._mlp(x, lambda a, w: grouped_linear(a, w, counts, counts_list))
+        return self._mlp(x, lambda a, w: grouped_linear(a, w, counts, counts_list, policy.grouped_mm))
 
     def _mlp(self, x: torch.Tensor, linear) -> torch.Tensor:
         h = linear(x, self.w1)

@@ -13,6 +13,8 @@ import torch
 
 from aion_train.kernels import select
 
+from ..execution import ExecutionPolicy, policy_for
+
 
 @dataclass
 class DispatchState:
@@ -75,27 +77,16 @@ def combine(expert_out: torch.Tensor, token_index: torch.Tensor, gates: torch.Te
     return select("moe_unpermute", kernels)(expert_out, token_index, gates, n_tokens)
 
 
-# On the CPU, equal expert groups run as one batched GEMM (`GroupedExperts`), which MKL splits
-# over the threads by whole experts; ragged groups take one threaded GEMM per expert. At a few
-# hundred rows per expert the per-expert GEMMs are 10-15% slower than the batched one, and
-# 20-40% slower while the VM's cores are contended; from ~500 rows per expert on, they win over
-# the padded batch (bench moe; docs/notes.md). So on the CPU small groups are padded to the
-# largest when that adds at most CPU_PAD_MAX_WASTE of the rows. CUDA's grouped GEMM takes
-# ragged groups as they are.
-CPU_PAD_MAX_WASTE = 0.15
-CPU_PAD_MAX_ROWS = 384
-
-
 class LocalDispatcher:
-    """All experts live on this rank. `pad_groups`: pad the expert groups to equal size under
-    the rule above (None: on the CPU only)."""
+    """All experts live on this rank. Expert groups are padded to equal size when the
+    execution policy says so (`ExecutionPolicy.pad_expert_groups`: on the CPU, where equal
+    groups run as one batched GEMM)."""
 
-    def __init__(self, n_experts: int, capacity_factor: float | None, kernels: str = "auto",
-                 pad_groups: bool | None = None):
+    def __init__(self, n_experts: int, capacity_factor: float | None, kernels: str = "auto"):
         self.n_experts = n_experts
         self.capacity_factor = capacity_factor
         self.kernels = kernels
-        self.pad_groups = pad_groups
+        self.execution: ExecutionPolicy | None = None   # apply_execution_policy; None: the device's
         self._permute = select("moe_permute", kernels)
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor):
@@ -103,9 +94,9 @@ class LocalDispatcher:
         Padded groups count their padding rows (M = E * max count)."""
         cap = expert_capacity(x.shape[0], indices.shape[1], self.n_experts, self.capacity_factor)
         token_index, kept_gates, counts, dropped = sort_by_expert(indices, gates, self.n_experts, cap)
-        pad = self.pad_groups if self.pad_groups is not None else x.device.type == "cpu"
-        padded = pad_to_equal_groups(token_index, kept_gates, counts, CPU_PAD_MAX_WASTE,
-                                     CPU_PAD_MAX_ROWS) if pad else None
+        policy = policy_for(self.execution, x.device)
+        padded = pad_to_equal_groups(token_index, kept_gates, counts, policy.pad_max_waste,
+                                     policy.pad_max_rows) if policy.pad_expert_groups else None
         if padded is not None:
             token_index, kept_gates, counts = padded
         state = DispatchState(token_index, kept_gates, x.shape[0], dropped)

@@ -74,6 +74,7 @@ class GatedCrossAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model, bias=False)
         self.gate = nn.Parameter(torch.zeros(1))           # tanh(0) = 0: no effect at init
         self.context: MediaContext | None = None
+        self.execution: ExecutionPolicy | None = None   # apply_execution_policy; None: the device's
 
     def forward(self, x: torch.Tensor, ctx: MediaContext) -> torch.Tensor:
         b, t, d = x.shape
@@ -82,7 +83,7 @@ class GatedCrossAttention(nn.Module):
         k, v = self.kv(ctx.kv.to(x.dtype)).view(b, -1, 2, h, d // h).unbind(2)
         mask = ctx.mask()                                    # [B, 1, T, Tk]
         visible = mask.any(-1, keepdim=True)                # queries with no media: output 0, no NaN
-        out = attention(q, k, v, causal=False, attn_mask=mask | ~visible)
+        out = attention(q, k, v, causal=False, attn_mask=mask | ~visible, execution=self.execution)
         out = (out * visible.transpose(1, 2)).reshape(b, t, d)
         return x + torch.tanh(self.gate).to(x.dtype) * self.out(out)
 

@@ -1,0 +1,66 @@
+"""How the model's modules compute on a device: one value, chosen once, injected.
+
+The choices change speed, never what is computed (up to float rounding in the order of
+sums): on the CPU, ragged expert groups are padded to equal ones and run as one batched
+GEMM, and bf16/fp16 attention runs in fp32; everywhere, the MoE expert matmul is torch's
+grouped GEMM or one matmul per expert (`runtime.grouped_mm`). `ExecutionPolicy.for_device`
+is the one place that decides them; `apply_execution_policy` hands a policy to every module
+of a model, and a module without one uses its tensors' device's policy. The measurements
+behind the CPU choices are in docs/notes.md (bench moe, bench train)."""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger("aion_train.model")
+
+GROUPED_MM_MODES = ("auto", "grouped", "per_expert")
+
+
+@dataclass(frozen=True)
+class ExecutionPolicy:
+    pad_expert_groups: bool     # pad ragged expert groups to the largest when that adds at most
+    pad_max_waste: float        #   this fraction of rows, and groups have at most
+    pad_max_rows: int           #   this many rows: equal groups then run as one batched GEMM
+    batched_equal_groups: bool  # equal expert groups as one torch.bmm per projection
+    attention_fp32: bool        # bf16/fp16 attention computed in fp32 (its output cast back)
+    grouped_mm: str = "auto"    # auto | grouped | per_expert (experts.grouped_linear)
+
+    def __post_init__(self):
+        if self.grouped_mm not in GROUPED_MM_MODES:
+            raise ValueError(f"runtime.grouped_mm={self.grouped_mm!r}: must be one of {', '.join(GROUPED_MM_MODES)}")
+
+    @classmethod
+    def for_device(cls, device_type: str, grouped_mm: str = "auto") -> ExecutionPolicy:
+        """On the CPU MKL splits a batched GEMM over the threads by whole experts, which beats
+        per-expert GEMMs up to a few hundred rows per expert; CUDA takes ragged groups as
+        they are and runs bf16 attention natively."""
+        cpu = device_type == "cpu"
+        return cls(pad_expert_groups=cpu, pad_max_waste=0.15, pad_max_rows=384, batched_equal_groups=cpu,
+                   attention_fp32=cpu, grouped_mm=grouped_mm)
+
+
+@functools.lru_cache(maxsize=None)
+def _default(device_type: str) -> ExecutionPolicy:
+    return ExecutionPolicy.for_device(device_type)
+
+
+def policy_for(execution: ExecutionPolicy | None, device: torch.device) -> ExecutionPolicy:
+    """A module's policy: the one it was given, else its tensors' device's default."""
+    return execution if execution is not None else _default(device.type)
+
+
+def apply_execution_policy(model: nn.Module, policy: ExecutionPolicy) -> nn.Module:
+    """Give `policy` to every module of `model` that takes one (and to MoE dispatchers); logged once."""
+    n = 0
+    for m in model.modules():
+        for obj in (m, getattr(m, "dispatcher", None)):
+            if obj is not None and hasattr(obj, "execution"):
+                obj.execution = policy
+                n += 1
+    log.info("execution policy for %d modules: %s", n, policy)
+    return model
