@@ -8,10 +8,9 @@ A model trained with a capacity factor exports too, but Mixtral is dropless: its
 differ wherever our model dropped token copies."""
 from __future__ import annotations
 
-import json
 import sys
 
-from .output_dirs import add_overwrite_argument
+from .output_dirs import add_overwrite_argument, print_summary
 
 
 def add_arguments(p):
@@ -39,11 +38,5 @@ def run(args) -> int:
     except (NotExpressibleError, CheckpointError, ConfigError, ForeignFolderError) as e:
         print(f"export-hf: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(summary))
-        return 0
-    for note in summary["notes"]:
-        print(f"note: {note}", file=sys.stderr)
-    print(f"wrote {summary['out']}: {', '.join(summary['files'])} ({summary['parameters']:,} parameters, "
-          f"{summary['dtype']})")
-    return 0
+    return print_summary(summary, args.json, f"wrote {summary['out']}: {', '.join(summary['files'])} "
+                                             f"({summary['parameters']:,} parameters, {summary['dtype']})")

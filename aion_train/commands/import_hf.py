@@ -11,11 +11,10 @@ coefficients, attention backend) and --tp/--ep/world/zero_stage defaults come fr
 training config, so the manifest matches the config it will be trained with."""
 from __future__ import annotations
 
-import json
 import sys
 
 from .check_config import add_config_arguments
-from .output_dirs import add_overwrite_argument
+from .output_dirs import add_overwrite_argument, print_summary
 
 
 def add_arguments(p):
@@ -53,11 +52,6 @@ def run(args) -> int:
     except (NotExpressibleError, CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"import-hf: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(summary))
-        return 0
-    for note in summary["notes"]:
-        print(f"note: {note}", file=sys.stderr)
-    print(f"wrote {summary['checkpoint']} (tp={tp}, ep={ep}, {summary['parameters']:,} parameters, "
-          f"{summary['dtype']}); no optimizer state: training from it starts a fresh optimizer")
-    return 0
+    return print_summary(summary, args.json, f"wrote {summary['checkpoint']} (tp={tp}, ep={ep}, "
+                                             f"{summary['parameters']:,} parameters, {summary['dtype']}); no optimizer "
+                                             "state: training from it starts a fresh optimizer")

@@ -9,7 +9,19 @@ import os
 import subprocess
 import sys
 
-from .output_dirs import overwrite_args
+from .check_config import add_config_arguments
+from .output_dirs import add_overwrite_argument, overwrite_args
+
+
+def add_training_arguments(p, json_help: str) -> None:
+    """--config and overrides, --nproc, --json, --overwrite, and the --local_rank that
+    `deepspeed` passes to each rank (accepted, unused: LOCAL_RANK is in the environment)."""
+    import argparse
+    add_config_arguments(p)
+    p.add_argument("--nproc", type=int, default=1, help="local ranks (started through torchrun)")
+    p.add_argument("--json", action="store_true", help=json_help)
+    add_overwrite_argument(p)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def wants_local_ranks(args) -> bool:

@@ -44,3 +44,16 @@ def claim_training_dirs(cfg, kind: str, overwrite: bool) -> None:
 def report_refusal(command: str, e: ForeignFolderError) -> int:
     print(f"{command}: {e}", file=sys.stderr)
     return 2
+
+
+def print_summary(summary: dict, as_json: bool, line: str) -> int:
+    """A writing command's result: with --json the summary as one JSON line; else its notes
+    on stderr and `line`. Returns 0."""
+    import json
+    if as_json:
+        print(json.dumps(summary))
+        return 0
+    for note in summary.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+    print(line)
+    return 0

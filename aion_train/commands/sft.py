@@ -12,19 +12,14 @@ import os
 import sys
 from pathlib import Path
 
-from .check_config import add_config_arguments
-from .local_ranks import launch_local_ranks, wants_local_ranks
-from .output_dirs import add_overwrite_argument, claim_training_dirs, report_refusal
+from .local_ranks import add_training_arguments, launch_local_ranks, wants_local_ranks
+from .output_dirs import claim_training_dirs, report_refusal
 
 DEFAULT_CONFIG = "configs/sft_tiny.yaml"
 
 
 def add_phase_arguments(p):
-    add_config_arguments(p)
-    p.add_argument("--nproc", type=int, default=1, help="local ranks (started through torchrun)")
-    p.add_argument("--json", action="store_true", help="print the metrics as one JSON line")
-    add_overwrite_argument(p)
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=__import__("argparse").SUPPRESS)
+    add_training_arguments(p, "print the metrics as one JSON line")
 
 
 add_arguments = add_phase_arguments

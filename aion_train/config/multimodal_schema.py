@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import require_divisible
+
 MODALITY_IDS = {"text": 0, "image": 1, "audio": 2, "video": 3}
 
 
@@ -65,17 +67,12 @@ def check(cfg, errors: list[str]) -> None:
             errors.append(f"{k}.{name}={getattr(mm, name)}: must be >= 1")
     if len(errors) > before:
         return
-    if mm.image_size % mm.patch_size:
-        errors.append(f"{k}.image_size={mm.image_size} is not divisible by {k}.patch_size={mm.patch_size}")
-    if mm.video_size % mm.patch_size:
-        errors.append(f"{k}.video_size={mm.video_size} is not divisible by {k}.patch_size={mm.patch_size}")
-    if mm.video_frames % mm.tubelet_frames:
-        errors.append(f"{k}.video_frames={mm.video_frames} is not divisible by {k}.tubelet_frames={mm.tubelet_frames}")
-    if mm.encoder_dim % mm.encoder_heads:
-        errors.append(f"{k}.encoder_dim={mm.encoder_dim} is not divisible by {k}.encoder_heads={mm.encoder_heads}")
-    if mm.cross_attention and cfg.model.d_model % mm.encoder_heads:
-        errors.append(f"model.d_model={cfg.model.d_model} is not divisible by {k}.encoder_heads="
-                      f"{mm.encoder_heads} (the cross-attention uses that many heads)")
+    for key, by in (("image_size", "patch_size"), ("video_size", "patch_size"), ("video_frames", "tubelet_frames"),
+                    ("encoder_dim", "encoder_heads")):
+        require_divisible(errors, f"{k}.{key}", getattr(mm, key), f"{k}.{by}", getattr(mm, by))
+    if mm.cross_attention:
+        require_divisible(errors, "model.d_model", cfg.model.d_model, f"{k}.encoder_heads", mm.encoder_heads,
+                          "the cross-attention uses that many heads")
     if not 0.0 < mm.gate_init < 1.0:
         errors.append(f"{k}.gate_init={mm.gate_init}: must be in (0, 1) (it is sigmoid(alpha) at init)")
     if not 0.0 < mm.clip_temperature <= 1.0:

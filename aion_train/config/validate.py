@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import multimodal_schema, pipeline_schema, posttrain_schema, ppo_schema
-from .errors import ConfigError
+from .errors import ConfigError, require_divisible
 from .schema import Config
 
 CHOICES = {
@@ -78,12 +78,9 @@ def validate_config(cfg: Config) -> Config:
     if has_moe(cfg):
         if not 1 <= moe.top_k <= moe.n_experts:
             errors.append(f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.n_experts={moe.n_experts}")
-        if moe.n_experts % p.ep:
-            errors.append(f"model.moe.n_experts={moe.n_experts} is not divisible by parallel.ep={p.ep}")
-        if moe.d_ff_expert % p.tp:
-            errors.append(f"model.moe.d_ff_expert={moe.d_ff_expert} is not divisible by parallel.tp={p.tp}")
-        if moe.shared_expert_d_ff % p.tp:
-            errors.append(f"model.moe.shared_expert_d_ff={moe.shared_expert_d_ff} is not divisible by parallel.tp={p.tp}")
+        require_divisible(errors, "model.moe.n_experts", moe.n_experts, "parallel.ep", p.ep)
+        for key in ("d_ff_expert", "shared_expert_d_ff"):
+            require_divisible(errors, f"model.moe.{key}", getattr(moe, key), "parallel.tp", p.tp)
         if moe.capacity_factor is not None and moe.capacity_factor <= 0:
             errors.append(f"model.moe.capacity_factor={moe.capacity_factor} must be > 0 (or null for dropless)")
         if t.zero_stage == 3:

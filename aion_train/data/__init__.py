@@ -4,7 +4,7 @@ resumable packed-token loader.
 Names are imported lazily, so that ``aion-train make-shards`` does not pay for torch."""
 from __future__ import annotations
 
-import importlib
+from aion_train.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "demo_documents": "text_sources",
@@ -17,13 +17,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -63,85 +63,50 @@ def _reduce_scatter(x, group, dim):
     return out
 
 
-class _CopyTo(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
+def _conjugate(name: str, forward, backward, doc: str):
+    """`f(x, group)`: the autograd function whose forward is `forward(x, group)` and whose
+    gradient is `backward(g, group)`, and the identity when the group has one rank."""
+    def fwd(ctx, x, group):
         ctx.group = group
-        return x
+        return forward(x, group)
 
-    @staticmethod
-    def backward(ctx, g):
-        return _all_reduce(g.clone(), ctx.group), None
+    def bwd(ctx, g):
+        return backward(g, ctx.group), None
 
+    fn = type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
-class _ReduceFrom(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x.clone(), group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
+    def apply(x, group):
+        return x if group_size(group) == 1 else fn.apply(x, group)
+    apply.__name__, apply.__doc__ = name.lstrip("_"), doc
+    return apply
 
 
-class _GatherLast(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, group, -1)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _split(g, ctx.group, -1), None
+def _identity(x, group):
+    return x
 
 
-class _ScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split(x, group, 1)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather(g, ctx.group, 1), None
+def _summed(x, group):
+    return _all_reduce(x.clone(), group)
 
 
-class _GatherSeq(torch.autograd.Function):
-    """fwd all-gather along the sequence; bwd reduce-scatter (the consumer is column-parallel)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, group, 1)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _reduce_scatter(g, ctx.group, 1), None
+def _on_dim(op, dim: int):
+    return lambda x, group: op(x, group, dim)
 
 
-class _GatherSeqReplicated(torch.autograd.Function):
-    """fwd all-gather along the sequence; bwd keep this rank's slice (the consumer computes the
-    same thing on every TP rank, so every rank already holds the full gradient)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, group, 1)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _split(g, ctx.group, 1), None
-
-
-class _ReduceScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter(x, group, 1)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather(g, ctx.group, 1), None
+copy_to = _conjugate("_copy_to", _identity, _summed, "fwd identity; bwd all-reduce (input of a column-parallel layer)")
+reduce_from = _conjugate("_reduce_from", _summed, _identity, "fwd all-reduce; bwd identity (output of a row-parallel layer)")
+gather_last = _conjugate("_gather_last", _on_dim(_all_gather, -1), _on_dim(_split, -1),
+                         "fwd all-gather of the last dim; bwd this rank's slice (a column-parallel output)")
+scatter_seq = _conjugate("_scatter_seq", _on_dim(_split, 1), _on_dim(_all_gather, 1),
+                         "fwd this rank's slice of the sequence; bwd all-gather")
+gather_seq = _conjugate("_gather_seq", _on_dim(_all_gather, 1), _on_dim(_reduce_scatter, 1),
+                        "fwd all-gather along the sequence; bwd reduce-scatter (the consumer is column-parallel)")
+gather_seq_replicated = _conjugate(
+    "_gather_seq_replicated", _on_dim(_all_gather, 1), _on_dim(_split, 1),
+    "fwd all-gather along the sequence; bwd keep this rank's slice (the consumer computes the same thing "
+    "on every TP rank, so every rank already holds the full gradient)")
+reduce_scatter_seq = _conjugate("_reduce_scatter_seq", _on_dim(_reduce_scatter, 1), _on_dim(_all_gather, 1),
+                                "fwd reduce-scatter along the sequence; bwd all-gather")
 
 
 class _AllToAll(torch.autograd.Function):
@@ -157,34 +122,6 @@ class _AllToAll(torch.autograd.Function):
         out = g.new_empty((sum(ctx.in_splits),) + tuple(g.shape[1:]))
         dist.all_to_all_single(out, g.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
         return out, None, None, None
-
-
-def copy_to(x, group):
-    return x if group_size(group) == 1 else _CopyTo.apply(x, group)
-
-
-def reduce_from(x, group):
-    return x if group_size(group) == 1 else _ReduceFrom.apply(x, group)
-
-
-def gather_last(x, group):
-    return x if group_size(group) == 1 else _GatherLast.apply(x, group)
-
-
-def scatter_seq(x, group):
-    return x if group_size(group) == 1 else _ScatterSeq.apply(x, group)
-
-
-def gather_seq(x, group):
-    return x if group_size(group) == 1 else _GatherSeq.apply(x, group)
-
-
-def gather_seq_replicated(x, group):
-    return x if group_size(group) == 1 else _GatherSeqReplicated.apply(x, group)
-
-
-def reduce_scatter_seq(x, group):
-    return x if group_size(group) == 1 else _ReduceScatterSeq.apply(x, group)
 
 
 def all_to_all(x, out_splits: list[int], in_splits: list[int], group):

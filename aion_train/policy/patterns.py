@@ -362,6 +362,13 @@ def _check_alternation(alts: list[list], ic: bool) -> None:
                     "exponentially")
 
 
+def _group_ignorecase(av, ic: bool) -> bool:
+    """Case-insensitivity inside a group `(?i:...)` / `(?-i:...)` (its add and remove flags)."""
+    if av[2] & _C.SRE_FLAG_IGNORECASE:
+        return False
+    return True if av[1] & _C.SRE_FLAG_IGNORECASE else ic
+
+
 _SINGLE = {_C.LITERAL, _C.NOT_LITERAL, _C.IN, _C.ANY, _C.CATEGORY, _C.RANGE}
 
 
@@ -376,13 +383,8 @@ def _flatten(items: list, ic: bool) -> list:
             if op in _SINGLE:
                 out.append(_first_item(op, av, cur_ic))
             elif op == _C.SUBPATTERN:
-                sub_ic = cur_ic
-                if av[1] & _C.SRE_FLAG_IGNORECASE:
-                    sub_ic = True
-                if av[2] & _C.SRE_FLAG_IGNORECASE:
-                    sub_ic = False
                 todo.insert(0, (seq[k + 1:], cur_ic))
-                todo.insert(0, (list(av[3]), sub_ic))
+                todo.insert(0, (list(av[3]), _group_ignorecase(av, cur_ic)))
                 break
             else:
                 out.append(("rest", seq[k:], cur_ic))
@@ -520,12 +522,7 @@ def _first_item(op, av, ic: bool) -> list[tuple[int, int]]:
     if op in _REPEATS:
         return _first(list(av[2]), ic)
     if op == _C.SUBPATTERN:
-        sub_ic = ic
-        if av[1] & _C.SRE_FLAG_IGNORECASE:
-            sub_ic = True
-        if av[2] & _C.SRE_FLAG_IGNORECASE:
-            sub_ic = False
-        return _first(list(av[3]), sub_ic)
+        return _first(list(av[3]), _group_ignorecase(av, ic))
     if op == _C.BRANCH:
         out: list[tuple[int, int]] = []
         for a in av[1]:

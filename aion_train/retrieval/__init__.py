@@ -5,7 +5,7 @@ memory (add/update/delete, replay buffer, write-ahead log).
 Names are imported lazily so that importing the package does not pull in torch or faiss."""
 from __future__ import annotations
 
-import importlib
+from aion_train.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "Chunk": "chunking", "chunk_text": "chunking", "chunk_documents": "chunking",
@@ -25,13 +25,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

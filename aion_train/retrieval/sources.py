@@ -275,13 +275,19 @@ def doc_paths(doc_dir: str = DOC_DIR, max_bytes: int = 2_000_000) -> list[str]:
     return out
 
 
+def _readable_text(path: str) -> str | None:
+    """The file's text; None when it cannot be read, is binary (a NUL byte early on) or blank."""
+    try:
+        text = read_text_file(path)
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return None
+    return None if "\x00" in text[:4096] or not text.strip() else text
+
+
 def iter_doc_files(doc_dir: str = DOC_DIR) -> Iterator[Document]:
     for p in doc_paths(doc_dir):
-        try:
-            text = read_text_file(p)
-        except (OSError, EOFError, gzip.BadGzipFile):
-            continue
-        if "\x00" in text[:4096] or not text.strip():
+        text = _readable_text(p)
+        if text is None:
             continue
         rel = os.path.relpath(p, doc_dir)
         yield Document(f"doc:{rel[:-3] if rel.endswith('.gz') else rel}", text, rel)
@@ -305,10 +311,6 @@ def iter_files(pattern: str) -> Iterator[Document]:
                 head = f"{page.names} - {page.description}\n\n" if page.names else ""
                 yield Document(page.source, head + page.body, page.names)
             continue
-        try:
-            text = read_text_file(p)
-        except (OSError, EOFError, gzip.BadGzipFile):
-            continue
-        if "\x00" in text[:4096] or not text.strip():
-            continue
-        yield Document(f"file:{p}", text, os.path.basename(p))
+        text = _readable_text(p)
+        if text is not None:
+            yield Document(f"file:{p}", text, os.path.basename(p))
