@@ -92,6 +92,7 @@ class Transformer(nn.Module):
         self.loss_fn = cross_entropy_loss if cfg.kernels == "torch" else FusedCrossEntropy(cfg.kernels)
         # head + loss in one kernel when the caller needs no logits (None under TP)
         self.head_loss = select("linear_cross_entropy", cfg.kernels)
+        self.fused_head_loss = True   # use_fused_head_loss(False): an engine that partitions weights
         self.activation_checkpointing = False
         self.reset_parameters()
         if cfg.tie_embeddings:
@@ -157,12 +158,18 @@ class Transformer(nn.Module):
             out.loss = out.lm_loss + aux
         return out
 
+    def use_fused_head_loss(self, enabled: bool) -> None:
+        """Whether training may run the head and the loss as one kernel on `lm_head.weight`;
+        an engine that gathers partitioned weights only around each module's own forward
+        (ZeRO-3) turns it off."""
+        self.fused_head_loss = enabled
+
     def _plain_head(self) -> bool:
-        """The head is a plain dense projection: not TP-sharded, LoRA-wrapped, quantised, or a
-        ZeRO-3 partition (gathered only around the head module's own forward)."""
+        """The fused head + loss may run: allowed, and the head is a plain dense projection
+        (not TP-sharded, LoRA-wrapped or quantised)."""
         head = self.lm_head
-        return (self.head_loss is not None and type(head) is nn.Linear
-                and type(head.weight) in (torch.Tensor, nn.Parameter) and not hasattr(head.weight, "ds_id"))
+        return (self.fused_head_loss and self.head_loss is not None and type(head) is nn.Linear
+                and type(head.weight) in (torch.Tensor, nn.Parameter))
 
 
 def build_model(cfg: ModelConfig, seed: int | None = None) -> Transformer:

@@ -1,12 +1,12 @@
 """Apply tensor and expert parallelism to a full model (torchtitan's `parallelize` idea):
 the model is built unsharded with the same seed on every rank, then this one function
-swaps its layers for sharded ones and records how each parameter was split."""
+applies its `ParallelPlan` (plan.py): swaps the layers the plan names for sharded ones and
+tags the parameters."""
 from __future__ import annotations
 
 import torch.distributed as dist
 from torch import nn
 
-from aion_train.model.ffn import DenseFFN
 from aion_train.model.moe import MoELayer
 
 from .collectives import gather_seq_replicated, group_size, scatter_seq
@@ -14,13 +14,7 @@ from .cross_entropy import VocabParallelCrossEntropy
 from .expert_parallel import AllToAllDispatcher, TensorParallelExperts
 from .groups import ParallelGroups
 from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-
-
-def _tp_dense_ffn(ffn: DenseFFN, tp, sp: bool) -> None:
-    for name in ("w_gate", "w_up"):
-        if getattr(ffn, name) is not None:
-            setattr(ffn, name, ColumnParallelLinear.from_dense(getattr(ffn, name), tp, sequence_parallel=sp))
-    ffn.w_down = RowParallelLinear.from_dense(ffn.w_down, tp, sequence_parallel=sp)
+from .plan import ALL_TO_ALL_DISPATCH, COLUMN, EXPERTS, LM_HEAD, ROW, VOCAB_EMBEDDING, ParallelPlan
 
 
 def _sequence_parallel_moe(moe: MoELayer, tp) -> None:
@@ -42,91 +36,68 @@ def _sum_grad_over_tp(p, tp) -> None:
     p.sequence_parallel = True
 
 
-def mark_expert_params(module: nn.Module, ep: int) -> None:
-    """Tag expert weights the way DeepSpeed's MoE does: not reduced over the whole DP group
+def mark_expert_param(p, ep: int) -> None:
+    """Tag an expert weight the way DeepSpeed's MoE does: not reduced over the whole DP group
     but over the expert-data-parallel group named `group_name`."""
-    for p in module.parameters():
-        p.allreduce = False
-        p.group_name = f"ep_size_{ep}"
+    p.allreduce = False
+    p.group_name = f"ep_size_{ep}"
+
+
+def _replace(model: nn.Module, path: str, style: str, groups: ParallelGroups, sp: bool) -> None:
+    """Swap the module at `path` for the parallel module the plan names."""
+    tp = groups.tp_group if groups.tp > 1 else None
+    ep = groups.ep_group if groups.ep > 1 else None
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    old = getattr(parent, name)
+    if style == COLUMN:
+        new = ColumnParallelLinear.from_dense(old, tp, sequence_parallel=sp)
+    elif style == ROW:
+        new = RowParallelLinear.from_dense(old, tp, sequence_parallel=sp)
+    elif style == VOCAB_EMBEDDING:
+        new = VocabParallelEmbedding.from_dense(old, tp, sequence_parallel=sp)
+    elif style == LM_HEAD:
+        tied = old.weight is model.embed.weight
+        new = ColumnParallelLinear.from_dense(old, tp, sequence_parallel=sp)
+        if tied:   # the embedding is replaced first (the plan's order)
+            new.weight = model.embed.weight
+        model.loss_fn = VocabParallelCrossEntropy(tp, model.embed.vocab_start)
+        model.head_loss = None      # the fused head + loss knows no vocab shards
+    elif style == EXPERTS:
+        new = TensorParallelExperts(old, ep, tp)
+    elif style == ALL_TO_ALL_DISPATCH:   # the MoE layer stays; its dispatcher exchanges tokens
+        old.dispatcher = AllToAllDispatcher(old.n_experts, old.dispatcher.capacity_factor, ep, old.dispatcher.kernels)
+        return
+    else:
+        raise ValueError(f"parallel plan: unknown module style {style!r} for {path}")
+    setattr(parent, name, new)
 
 
 def parallelize(model, groups: ParallelGroups, sequence_parallel: bool = False):
-    """Shard `model` in place for `groups` (TP inside, EP over the data-parallel ranks).
+    """Shard `model` in place for `groups` (TP inside, EP over the data-parallel ranks) by
+    its `ParallelPlan`: each module the plan names is replaced, each parameter tagged.
 
     Sets `model.shard_spec`: {parameter name: [(dim, rank, n_parts), ...]} for every
     parameter that is a slice of the full model's parameter of the same name."""
-    tp = groups.tp_group if groups.tp > 1 else None
-    ep = groups.ep_group if groups.ep > 1 else None
-    sp = sequence_parallel and tp is not None
-    spec: dict[str, list[tuple[int, int, int]]] = {}
-    t = (groups.tp_rank, groups.tp)
-
-    def col(prefix):
-        spec[prefix + ".weight"] = [(0, *t)]
-
-    def row(prefix):
-        spec[prefix + ".weight"] = [(1, *t)]
-
-    for i, block in enumerate(model.blocks):
-        pre = f"blocks.{i}"
-        if tp is not None:
-            a = block.attn
-            for name in ("q_proj", "k_proj", "v_proj"):
-                setattr(a, name, ColumnParallelLinear.from_dense(getattr(a, name), tp, sequence_parallel=sp))
-                col(f"{pre}.attn.{name}")
-            a.o_proj = RowParallelLinear.from_dense(a.o_proj, tp, sequence_parallel=sp)
-            row(f"{pre}.attn.o_proj")
-        ffns = []
-        if isinstance(block.ffn, MoELayer):
-            moe = block.ffn
-            if tp is not None or ep is not None:
-                moe.experts = TensorParallelExperts(moe.experts, ep, tp)
-                e = (groups.ep_rank, groups.ep)
-                spec[f"{pre}.ffn.experts.w1"] = [(0, *e), (2, *t)]
-                spec[f"{pre}.ffn.experts.w2"] = [(0, *e), (1, *t)]
-                if moe.experts.w3 is not None:
-                    spec[f"{pre}.ffn.experts.w3"] = [(0, *e), (2, *t)]
-            if ep is not None:
-                moe.dispatcher = AllToAllDispatcher(moe.n_experts, moe.dispatcher.capacity_factor, ep,
-                                                    moe.dispatcher.kernels)
-            mark_expert_params(moe.experts, groups.ep)
-            if sp:
-                _sequence_parallel_moe(moe, tp)
-            if moe.shared_expert is not None:
-                ffns.append((moe.shared_expert, f"{pre}.ffn.shared_expert"))
-        else:
-            ffns.append((block.ffn, f"{pre}.ffn"))
-        if tp is not None:
-            for ffn, fpre in ffns:
-                _tp_dense_ffn(ffn, tp, sp)
-                for name in ("w_gate", "w_up"):
-                    if getattr(ffn, name) is not None:
-                        col(f"{fpre}.{name}")
-                row(f"{fpre}.w_down")
-
-    if tp is not None:
-        tied = model.lm_head.weight is model.embed.weight
-        model.embed = VocabParallelEmbedding.from_dense(model.embed, tp, sequence_parallel=sp)
-        spec["embed.weight"] = [(0, *t)]
-        head = ColumnParallelLinear.from_dense(model.lm_head, tp, sequence_parallel=sp)
-        if tied:
-            head.weight = model.embed.weight
-        model.lm_head = head
-        spec["lm_head.weight"] = [(0, *t)]
-        model.loss_fn = VocabParallelCrossEntropy(tp, model.embed.vocab_start)
-        model.head_loss = None      # the fused head + loss knows no vocab shards
-    if sp:
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                _sum_grad_over_tp(p, tp)
+    plan = ParallelPlan.from_model(model, groups.tp, groups.ep, sequence_parallel)
+    for path, style in plan.modules.items():
+        _replace(model, path, style, groups, plan.sequence_parallel)
+    if plan.sequence_parallel:
+        for moe in (m for m in model.modules() if isinstance(m, MoELayer)):
+            _sequence_parallel_moe(moe, groups.tp_group)
     named = dict(model.named_parameters())
-    for name in spec:
-        if name in named and groups.tp > 1:
-            # with tp > 1 every entry of `spec` is TP-sharded (experts too: their hidden width).
+    for name, p in plan.params.items():
+        if name not in named:   # a tied name (lm_head.weight is embed.weight)
+            continue
+        if p.is_expert:
+            mark_expert_param(named[name], groups.ep)
+        if p.grad_sum_over_tp:
+            _sum_grad_over_tp(named[name], groups.tp_group)
+        if plan.tp_sharded(name):
             # Megatron's tag: DeepSpeed then counts the param on every TP rank in the grad norm
             named[name].tensor_model_parallel = True
             named[name].model_parallel = True
-    model.shard_spec = spec
+    model.shard_spec = plan.shard_spec(groups.tp_rank, groups.ep_rank)
     model.parallel_groups = groups
     return model
 

@@ -77,6 +77,10 @@ def build_engine(model, cfg: Config, groups: ParallelGroups):
     # ZeRO asserts an MoE param group whenever it sees MoE layers; with frozen experts
     # (LoRA on attention/dense FFNs only) there is none, so DeepSpeed must not see them.
     experts_train = any(p.requires_grad and is_expert_param(p) for p in model.parameters())
+    if t.zero_stage == 3:   # ZeRO-3 gathers a partitioned weight only around its module's own forward
+        for m in model.modules():
+            if hasattr(m, "use_fused_head_loss"):
+                m.use_fused_head_loss(False)
     with deepspeed_sees_our_moe(model) if experts_train else contextlib.nullcontext():
         engine, optimizer, _, _ = ds.initialize(model=model, optimizer=optimizer,
                                                 mpu=MPU(groups) if groups.world > 1 else None,

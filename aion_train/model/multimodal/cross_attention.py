@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from aion_train.model.attention_backend import attention
+from aion_train.model.execution import ExecutionPolicy
 
 
 @dataclass
