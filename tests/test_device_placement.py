@@ -272,10 +272,11 @@ def test_trainer_step_moves_the_batch_and_reduces_the_finite_flag_on_the_comm_de
 
 def test_global_grad_norm_reduces_on_the_comm_device(fake_nccl):
     from aion_train.parallel.grad_sync import global_grad_norm
+    from aion_train.parallel.plan import ParallelPlan
     model = nn.Linear(3, 2)
     model(torch.ones(1, 3)).sum().backward()
     with pytest.raises(Stop):
-        global_grad_norm(model, ParallelGroups(world=2, rank=0, tp=2, dp=1, tp_group=object()))
+        global_grad_norm(model, ParallelGroups(world=2, rank=0, tp=2, dp=1, tp_group=object()), ParallelPlan(tp=2))
     assert fake_nccl == [META]
 
 

@@ -7,7 +7,7 @@ import torch
 
 from aion_train.config import load_config
 from aion_train.model import build_model
-from aion_train.parallel import build_groups, parallelize, run_ranks
+from aion_train.parallel import ParallelPlan, build_groups, parallelize, run_ranks
 from aion_train.parallel.verify import fixed_batch, reference
 from aion_train.train.metrics import active_params, flops_per_token
 from aion_train.train.optim import lr_at, param_groups
@@ -56,7 +56,7 @@ def test_lr_schedule_is_warmup_then_cosine_to_tenth():
 def test_param_groups_no_decay_on_norms_and_experts_apart():
     cfg = load_config(CFG)
     model = parallelize(build_model(cfg.model, seed=0), build_groups())
-    groups = param_groups(model, 0.1)
+    groups = param_groups(model, 0.1, ParallelPlan.from_config(cfg.model))
     names = {id(p): n for n, p in model.named_parameters()}
     for g in groups:
         for p in g["params"]:

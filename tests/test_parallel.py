@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from aion_train.config import load_config
 from aion_train.parallel import build_groups, global_grad_norm, layout, parallelize, run_ranks
+from aion_train.parallel.plan import ParallelPlan
 from aion_train.parallel.verify import verify_worker
 
 CFG = "configs/tiny_cpu.yaml"
@@ -80,8 +81,9 @@ def _grad_norm_worker(cfg, tp, ep):
     ref_norm = torch.sqrt(sum(g.double().pow(2).sum() for g in ref_grads.values()))
     model = parallelize(full, groups)
     model(inputs.chunk(groups.dp)[groups.dp_rank], labels=labels.chunk(groups.dp)[groups.dp_rank]).loss.backward()
-    average_gradients(model, groups)
-    return global_grad_norm(model, groups).item(), ref_norm.item()
+    plan = ParallelPlan.from_config(cfg.model, tp, ep)
+    average_gradients(model, groups, plan)
+    return global_grad_norm(model, groups, plan).item(), ref_norm.item()
 
 
 def test_global_grad_norm_across_tp_and_ep_shards():

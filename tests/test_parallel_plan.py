@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from aion_train.config import load_config
-from aion_train.parallel.plan import (ALL_TO_ALL_DISPATCH, COLUMN, EXPERTS, LM_HEAD, ROW, VOCAB_EMBEDDING,
-                                      ParallelPlan)
+from aion_train.parallel.plan import (ALL_TO_ALL_DISPATCH, COLUMN, EXPERTS, LM_HEAD, ROW, TIED_LM_HEAD,
+                                      VOCAB_EMBEDDING, ParallelPlan)
 
 
 def _cfg(*overrides):
@@ -69,6 +69,7 @@ def test_tied_embeddings_keep_both_names_and_multimodal_names_carry_the_trunk_pr
     plan = ParallelPlan.from_config(_cfg("model.tie_embeddings=true"), tp=2, ep=1)
     spec = plan.shard_spec(0, 0)
     assert spec["embed.weight"] == spec["lm_head.weight"] == [(0, 0, 2)]
+    assert plan.modules["lm_head"] == TIED_LM_HEAD
     mm = load_config("configs/tiny_multimodal_cpu.yaml").model
     mplan = ParallelPlan.from_config(mm, tp=2, ep=1)
     assert mplan.params and all(n.startswith("lm.") for n in mplan.params)

@@ -85,7 +85,7 @@ def init_comm(backend: str, timeout_s: float = 120.0, shm_op: bool = False):
 def register_expert_groups(groups: ParallelGroups) -> None:
     """Put our EP / EDP groups into DeepSpeed's registry under the name our params carry."""
     from deepspeed.utils import groups as ds_groups
-    name = f"ep_size_{groups.ep}"
+    name = expert_group_name(groups.ep)
     lay = layout(groups.world, groups.tp, groups.ep)
     ds_groups._EXPERT_PARALLEL_GROUP[name] = groups.ep_group
     ds_groups._EXPERT_DATA_PARALLEL_GROUP[name] = groups.edp_group
@@ -115,6 +115,25 @@ def deepspeed_sees_our_moe(model):
         yield
     finally:
         ds_engine.MoE = original
+
+
+def expert_group_name(ep: int) -> str:
+    """The name DeepSpeed's MoE gives the expert group of EP size `ep` (its registry key)."""
+    return f"ep_size_{ep}"
+
+
+def tag_parameters(model, plan) -> None:
+    """DeepSpeed's parameter tags, from the plan: expert weights are reduced over the
+    expert-data-parallel group named `group_name`, not the whole DP group (`allreduce=False`,
+    as its MoE layer marks them); TP-sharded weights carry Megatron's `tensor_model_parallel`,
+    so its gradient norm counts them on every TP rank."""
+    for name, p in model.named_parameters():
+        if plan.is_expert(name):
+            p.allreduce = False
+            p.group_name = expert_group_name(plan.ep)
+        if plan.tp_sharded(name):
+            p.tensor_model_parallel = True
+            p.model_parallel = True
 
 
 def split_moe_param_groups(param_groups: list) -> list:

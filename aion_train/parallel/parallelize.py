@@ -14,7 +14,7 @@ from .cross_entropy import VocabParallelCrossEntropy
 from .expert_parallel import AllToAllDispatcher, TensorParallelExperts
 from .groups import ParallelGroups
 from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from .plan import ALL_TO_ALL_DISPATCH, COLUMN, EXPERTS, LM_HEAD, ROW, VOCAB_EMBEDDING, ParallelPlan
+from .plan import ALL_TO_ALL_DISPATCH, COLUMN, EXPERTS, LM_HEAD, ROW, TIED_LM_HEAD, VOCAB_EMBEDDING, ParallelPlan
 
 
 def _sequence_parallel_moe(moe: MoELayer, tp) -> None:
@@ -36,13 +36,6 @@ def _sum_grad_over_tp(p, tp) -> None:
     p.sequence_parallel = True
 
 
-def mark_expert_param(p, ep: int) -> None:
-    """Tag an expert weight the way DeepSpeed's MoE does: not reduced over the whole DP group
-    but over the expert-data-parallel group named `group_name`."""
-    p.allreduce = False
-    p.group_name = f"ep_size_{ep}"
-
-
 def _replace(model: nn.Module, path: str, style: str, groups: ParallelGroups, sp: bool) -> None:
     """Swap the module at `path` for the parallel module the plan names."""
     tp = groups.tp_group if groups.tp > 1 else None
@@ -56,10 +49,9 @@ def _replace(model: nn.Module, path: str, style: str, groups: ParallelGroups, sp
         new = RowParallelLinear.from_dense(old, tp, sequence_parallel=sp)
     elif style == VOCAB_EMBEDDING:
         new = VocabParallelEmbedding.from_dense(old, tp, sequence_parallel=sp)
-    elif style == LM_HEAD:
-        tied = old.weight is model.embed.weight
+    elif style in (LM_HEAD, TIED_LM_HEAD):
         new = ColumnParallelLinear.from_dense(old, tp, sequence_parallel=sp)
-        if tied:   # the embedding is replaced first (the plan's order)
+        if style == TIED_LM_HEAD:   # the embedding is replaced first (the plan's order)
             new.weight = model.embed.weight
         model.loss_fn = VocabParallelCrossEntropy(tp, model.embed.vocab_start)
         model.head_loss = None      # the fused head + loss knows no vocab shards
@@ -87,16 +79,8 @@ def parallelize(model, groups: ParallelGroups, sequence_parallel: bool = False):
             _sequence_parallel_moe(moe, groups.tp_group)
     named = dict(model.named_parameters())
     for name, p in plan.params.items():
-        if name not in named:   # a tied name (lm_head.weight is embed.weight)
-            continue
-        if p.is_expert:
-            mark_expert_param(named[name], groups.ep)
-        if p.grad_sum_over_tp:
+        if p.grad_sum_over_tp and name in named:
             _sum_grad_over_tp(named[name], groups.tp_group)
-        if plan.tp_sharded(name):
-            # Megatron's tag: DeepSpeed then counts the param on every TP rank in the grad norm
-            named[name].tensor_model_parallel = True
-            named[name].model_parallel = True
     model.shard_spec = plan.shard_spec(groups.tp_rank, groups.ep_rank)
     model.parallel_groups = groups
     return model
@@ -108,10 +92,6 @@ def full_slice(full_tensor, spec):
     for dim, rank, n in spec:
         out = out.chunk(n, dim=dim)[rank]
     return out
-
-
-def is_expert_param(p) -> bool:
-    return getattr(p, "allreduce", True) is False
 
 
 def tp_size(model) -> int:

@@ -20,8 +20,8 @@ from aion_train.model.moe import MoELayer
 from aion_train.model.norms import RMSNorm
 
 # what replaces a module
-COLUMN, ROW, VOCAB_EMBEDDING, LM_HEAD, EXPERTS, ALL_TO_ALL_DISPATCH = (
-    "column", "row", "vocab_embedding", "lm_head", "experts", "all_to_all_dispatch")
+COLUMN, ROW, VOCAB_EMBEDDING, LM_HEAD, TIED_LM_HEAD, EXPERTS, ALL_TO_ALL_DISPATCH = (
+    "column", "row", "vocab_embedding", "lm_head", "tied_lm_head", "experts", "all_to_all_dispatch")
 NORMS = (RMSNorm, nn.LayerNorm)
 
 Spec = dict[str, list[tuple[int, int, int]]]
@@ -96,7 +96,8 @@ class ParallelPlan:
             else:
                 dense_ffn(block.ffn, f"{pre}.ffn")
         if tp > 1:
-            modules["embed"], modules["lm_head"] = VOCAB_EMBEDDING, LM_HEAD
+            tied = model.lm_head.weight is model.embed.weight
+            modules["embed"], modules["lm_head"] = VOCAB_EMBEDDING, TIED_LM_HEAD if tied else LM_HEAD
             splits["embed.weight"] = splits["lm_head.weight"] = ((0, "tp"),)
         norm_params = {f"{path}.{n}" for path, m in model.named_modules() if isinstance(m, NORMS)
                        for n, _ in m.named_parameters(recurse=False)}

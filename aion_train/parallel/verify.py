@@ -13,6 +13,7 @@ from aion_train.model import build_model
 from .collectives import all_reduce_, gather_last, group_size
 from .device import comm_device
 from .grad_sync import average_gradients
+from .plan import ParallelPlan
 from .groups import build_groups
 from .parallelize import full_slice, parallelize
 
@@ -46,11 +47,13 @@ def verify_worker(cfg: Config, tp: int, ep: int) -> dict:
     ref_logits, ref_loss, ref_grads = reference(copy.deepcopy(full), inputs, labels, groups.dp)
 
     model = parallelize(full, groups, sequence_parallel=sp)
+    plan = ParallelPlan.from_config(cfg.model, tp, ep, sp)
+    spec = plan.shard_spec(groups.tp_rank, groups.ep_rank)
     x = inputs.chunk(groups.dp)[groups.dp_rank]
     y = labels.chunk(groups.dp)[groups.dp_rank]
     out = model(x, labels=y)
     out.loss.backward()
-    average_gradients(model, groups)
+    average_gradients(model, groups, plan)
 
     logits = gather_last(out.logits.detach(), groups.tp_group if groups.tp > 1 else None)
     my_ref = ref_logits.chunk(groups.dp)[groups.dp_rank]
@@ -62,7 +65,7 @@ def verify_worker(cfg: Config, tp: int, ep: int) -> dict:
     grad_diff = torch.zeros((), device=device)
     rel = torch.zeros((), device=device)
     for name, p in model.named_parameters():
-        want = full_slice(ref_grads[name], model.shard_spec.get(name, []))
+        want = full_slice(ref_grads[name], spec.get(name, []))
         d = (p.grad - want).abs().max()
         grad_diff = torch.maximum(grad_diff, d)
         rel = torch.maximum(rel, d / want.abs().max().clamp(min=1e-12))

@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 
 from aion_train.config import TrainConfig
-from aion_train.parallel.parallelize import is_expert_param
+from aion_train.parallel.deepspeed_adapter import expert_group_name
+from aion_train.parallel.plan import ParallelPlan
 
 
 def no_decay(name: str, p) -> bool:
@@ -12,21 +13,21 @@ def no_decay(name: str, p) -> bool:
     return p.dim() < 2 or name.endswith(".bias") or "norm" in name.split(".")[-2:][0]
 
 
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """Dense decay / dense no-decay / expert groups (experts are split out so that DeepSpeed
-    reduces them over the expert-data-parallel group)."""
+def param_groups(model, weight_decay: float, plan: ParallelPlan) -> list[dict]:
+    """Dense decay / dense no-decay / expert groups (experts, by `plan`, are split out so that
+    DeepSpeed reduces them over the expert-data-parallel group)."""
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decay = not no_decay(name, p)
-        expert = is_expert_param(p)
+        expert = plan.is_expert(name)
         key = (decay, expert)
         if key not in groups:
             g = {"params": [], "weight_decay": weight_decay if decay else 0.0,
                  "name": ("expert" if expert else "dense") + ("_decay" if decay else "_no_decay")}
             if expert:
-                g.update(moe=True, name=p.group_name)
+                g.update(moe=True, name=expert_group_name(plan.ep))
             groups[key] = g
         groups[key]["params"].append(p)
     return [groups[k] for k in sorted(groups)]

@@ -16,6 +16,7 @@ from aion_train.parallel.collectives import all_reduce_
 from aion_train.parallel.deepspeed_adapter import init_comm
 from aion_train.parallel.device import module_device, resolve_backend
 from aion_train.parallel.grad_sync import global_grad_norm
+from aion_train.parallel.plan import ParallelPlan
 from aion_train.runtime import apply_model_execution, apply_runtime, show_progress_bar
 
 from .checkpointing import CheckpointError, CheckpointManager, load_job, load_weights_only, save_job
@@ -67,6 +68,7 @@ class Trainer:
         if cfg.train.precision == "fp16" and not torch.cuda.is_available():
             raise ValueError("train.precision=fp16 needs a GPU (dynamic loss scaling); use bf16 or fp32 on CPU")
         self.groups = build_groups(cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.timeout_s)
+        self.plan = ParallelPlan.from_config(cfg.model, cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.sequence_parallel)
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.task = make_task(cfg, self.rank, self.groups)
@@ -164,7 +166,7 @@ class Trainer:
     def grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()
         if norm is None:  # ZeRO-0 keeps full grads on the params until zero_grad
-            norm = global_grad_norm(self.model, self.groups)
+            norm = global_grad_norm(self.model, self.groups, self.plan)
         return float(norm)
 
     # -- the loop -------------------------------------------------------------------------
