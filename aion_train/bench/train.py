@@ -11,7 +11,7 @@ parameters (what DeepSpeed's bf16 mode does to any module, ours in the trainer o
 `transformers` one) and one shared optimizer keeps fp32 master weights and steps them with
 `torch.optim.AdamW(fused=True)` (the `transformers` Trainer's default and our engine's); in fp32
 the same AdamW steps the parameters. (`transformers`' own CPU bf16 route, autocast over fp32
-weights, measured slower than its bf16-parameter step: 55 vs 43 ms, docs/notes.md.) Our step is
+weights, is slower than its bf16-parameter step: docs/notes.md.) Our step is
 the trainer's (`return_logits=False`: head + loss without stored logits,
 kernels/linear_cross_entropy.py). Timed interleaved (wall clock, `interleaved_samples`);
 speedup_vs_hf is the median of the per-round ratios; `fp32` repeats the comparison in fp32.

@@ -114,7 +114,7 @@ class RuntimeConfig:
     resolved and logged once at start (aion_train.runtime)."""
     progress_bar: str = "auto"         # auto (when stderr is a terminal) | always | never
     cpu_allocator: str = "keep"        # keep: freed CPU blocks stay in the heap (glibc mallopt) | system
-    deepspeed_shm_op: bool = False     # build DeepSpeed's shared-memory all-reduce op on CPU (gcc, ~100 s)
+    deepspeed_shm_op: bool = False     # build DeepSpeed's shared-memory all-reduce op on CPU (a gcc build per start)
     grouped_mm: str = "auto"           # MoE expert matmul: auto (torch grouped GEMM when its probe passes,
                                        # else one matmul per expert) | grouped (or an error) | per_expert
 

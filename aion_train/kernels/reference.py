@@ -26,8 +26,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Interleaved-pair rotary embedding. x: [B, T, H, D]; cos/sin: [T, D/2] (fp32).
     Pair (x_2i, x_2i+1) -> (x_2i cos - x_2i+1 sin, x_2i sin + x_2i+1 cos), i.e. the pair read as
-    the complex number x_2i + i x_2i+1 times e^{i angle}: one complex multiply (3x faster on CPU
-    than rotating the strided halves, and exactly the same numbers)."""
+    the complex number x_2i + i x_2i+1 times e^{i angle}: one complex multiply (faster on CPU
+    than rotating the strided halves, docs/notes.md; exactly the same numbers)."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
     rot = torch.complex(cos.float(), sin.float())[None, :, None, :]
     return torch.view_as_real(pairs * rot).flatten(-2).to(x.dtype)

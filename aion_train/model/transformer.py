@@ -88,7 +88,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i, rope) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.kernels)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        # swapped for the vocab-parallel one under TP
+        # use_sharded_vocab_loss swaps it for the vocab-parallel one under TP
         self.loss_fn = cross_entropy_loss if cfg.kernels == "torch" else FusedCrossEntropy(cfg.kernels)
         # head + loss in one kernel when the caller needs no logits (None under TP)
         self.head_loss = select("linear_cross_entropy", cfg.kernels)
@@ -157,6 +157,11 @@ class Transformer(nn.Module):
         if labels is not None:
             out.loss = out.lm_loss + aux
         return out
+
+    def use_sharded_vocab_loss(self, loss_fn) -> None:
+        """The head's output is a vocabulary shard: `loss_fn(logits, labels)` computes the loss
+        over the shards (the fused head + loss, which knows no shards, is off)."""
+        self.loss_fn, self.head_loss = loss_fn, None
 
     def use_fused_head_loss(self, enabled: bool) -> None:
         """Whether training may run the head and the loss as one kernel on `lm_head.weight`;

@@ -66,8 +66,8 @@ def init_comm(backend: str, timeout_s: float = 120.0, shm_op: bool = False):
 
     A one-process run gets the launcher variables DeepSpeed reads (rank 0 of 1 on loopback).
     On CPU DeepSpeed JIT-compiles a shared-memory all-reduce op with gcc at every start
-    (~100 s, 1.5 GB; results measured identical without it): skipped unless `shm_op`
-    (config `runtime.deepspeed_shm_op`)."""
+    (minutes and over a GB; the results are the same without it, docs/notes.md): skipped
+    unless `shm_op` (config `runtime.deepspeed_shm_op`)."""
     from aion_train.process_env import set_env
     one_process = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
     if "MASTER_PORT" not in os.environ:

@@ -25,7 +25,10 @@ def chunk_permutation(recv: torch.Tensor) -> torch.Tensor:
 
 
 class AllToAllDispatcher:
-    """Same interface as `LocalDispatcher`, experts spread over `ep_group`."""
+    """Same interface as `LocalDispatcher`, experts spread over `ep_group`: every rank must
+    call it the same number of times (`exchanges_tokens`)."""
+
+    exchanges_tokens = True
 
     def __init__(self, n_experts: int, capacity_factor: float | None, ep_group, kernels: str = "auto"):
         self.n_experts, self.capacity_factor, self.group = n_experts, capacity_factor, ep_group

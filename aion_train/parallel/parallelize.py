@@ -9,7 +9,7 @@ from torch import nn
 
 from aion_train.model.moe import MoELayer
 
-from .collectives import gather_seq_replicated, group_size, scatter_seq
+from .collectives import gather_seq_replicated, scatter_seq
 from .cross_entropy import VocabParallelCrossEntropy
 from .expert_parallel import AllToAllDispatcher, TensorParallelExperts
 from .groups import ParallelGroups
@@ -53,8 +53,7 @@ def _replace(model: nn.Module, path: str, style: str, groups: ParallelGroups, sp
         new = ColumnParallelLinear.from_dense(old, tp, sequence_parallel=sp)
         if style == TIED_LM_HEAD:   # the embedding is replaced first (the plan's order)
             new.weight = model.embed.weight
-        model.loss_fn = VocabParallelCrossEntropy(tp, model.embed.vocab_start)
-        model.head_loss = None      # the fused head + loss knows no vocab shards
+        model.use_sharded_vocab_loss(VocabParallelCrossEntropy(tp, model.embed.vocab_start))
     elif style == EXPERTS:
         new = TensorParallelExperts(old, ep, tp)
     elif style == ALL_TO_ALL_DISPATCH:   # the MoE layer stays; its dispatcher exchanges tokens
@@ -92,11 +91,6 @@ def full_slice(full_tensor, spec):
     for dim, rank, n in spec:
         out = out.chunk(n, dim=dim)[rank]
     return out
-
-
-def tp_size(model) -> int:
-    g = getattr(model, "parallel_groups", None)
-    return 1 if g is None else group_size(g.tp_group)
 
 
 def parallelize_multimodal(model, groups, sequence_parallel: bool = False):

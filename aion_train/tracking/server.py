@@ -1,7 +1,7 @@
 """Start and stop a lean local `mlflow server` (used by `aion-train ui` and the tests).
 
-Lean settings measured on the 2-core CI machines: one worker and no job runner
-(~440 MB instead of ~2.3 GB), bound to 127.0.0.1, telemetry off. The server runs in
+Lean settings: one worker and no job runner (a fraction of the default server's memory;
+docs/notes.md), bound to 127.0.0.1, telemetry off. The server runs in
 its own process group so that `stop_server` stops it and its worker together, by PID.
 """
 from __future__ import annotations

@@ -212,8 +212,8 @@ def _mel_tensor(sr: int):
 
 @contextlib.contextmanager
 def _one_intra_op_thread():
-    """Run a few small torch ops on one thread: on a 2-core machine shared with training,
-    intra-op threads made a 2 s clip's log-mel ~10x slower (oversubscription)."""
+    """Run a few small torch ops on one thread: on a small machine shared with training,
+    intra-op threads oversubscribe the cores and make a clip's log-mel much slower (docs/notes.md)."""
     import torch
 
     n = torch.get_num_threads()

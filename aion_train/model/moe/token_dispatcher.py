@@ -78,7 +78,7 @@ def combine(expert_out: torch.Tensor, token_index: torch.Tensor, gates: torch.Te
 
 
 class LocalDispatcher:
-    """All experts live on this rank. Expert groups are padded to equal size when the
+    """All experts live on this rank (no token leaves it: `exchanges_tokens` is False). Expert groups are padded to equal size when the
     execution policy says so (`ExecutionPolicy.pad_expert_groups`: on the CPU, where equal
     groups run as one batched GEMM)."""
 
@@ -88,6 +88,8 @@ class LocalDispatcher:
         self.kernels = kernels
         self.execution: ExecutionPolicy | None = None   # apply_execution_policy; None: the device's
         self._permute = select("moe_permute", kernels)
+
+    exchanges_tokens = False
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor):
         """x: [N, d] -> (tokens grouped by expert [M, d], counts per local expert [E], state).

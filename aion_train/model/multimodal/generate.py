@@ -9,7 +9,6 @@ token through `aion_train.model.generate` (text tokens only; the media live in t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..generate import generate
 from ..kv_cache import KVCache

@@ -125,6 +125,10 @@ class MultimodalModel(nn.Module):
                        segment_ids=seg, position_ids=pos)
 
     # -- contrastive embeddings -------------------------------------------------------------
+    def _experts_exchange_tokens(self) -> bool:
+        """Some MoE layer of the trunk exchanges tokens with other ranks (expert parallelism)."""
+        return any(getattr(getattr(m, "dispatcher", None), "exchanges_tokens", False) for m in self.lm.modules())
+
     def text_features(self, ids: torch.Tensor):
         """Trunk on caption tokens alone (pad = mask), mean-pooled over real tokens and projected:
         ([N, clip_dim] unnormalised, MoE aux of that pass)."""
@@ -162,9 +166,8 @@ class MultimodalModel(nn.Module):
             has = (caps != pad).any(1)
             if int(has.sum()) >= 2:
                 picked.append((kind, enc.pooled[has], caps[has]))
-        groups = getattr(self, "parallel_groups", None)
         if not picked:
-            if groups is not None and groups.ep > 1:   # expert all-to-all needs the same calls on every rank
+            if self._experts_exchange_tokens():   # expert all-to-all needs the same calls on every rank
                 feats, aux = self.text_features(torch.full((1, 1), pad + 1, dtype=torch.long,
                                                            device=self.clip_text.weight.device))
                 return None, {}, aux + 0.0 * feats.sum()
