@@ -19,7 +19,7 @@ def result():
     from aion_train.bench import moe
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-m", "aion_train.cli", "bench", "moe", "--quick", "--json"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     # the result is the last line (DeepSpeed logs its process-group notice to stdout before it)
     r = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -353,7 +353,7 @@ def test_references_and_model_code_match_the_textbook_formulas():
     from aion_train.model.norms import RMSNorm
     from aion_train.model.rope import RotaryEmbedding
     torch.manual_seed(0)
-    tol = dict(atol=1e-5, rtol=1e-5)
+    tol = {"atol": 1e-5, "rtol": 1e-5}
     norm = RMSNorm(37, eps=1e-5, kernels="torch")
     with torch.no_grad():
         norm.weight.normal_()
