@@ -1,4 +1,5 @@
-"""bench data: the JSON fields are real, positive rates measured on a small multimodal set."""
+"""bench data: the JSON fields are real, positive rates measured on a small multimodal set, and
+the headroom is the ratio of the two rates it reports."""
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,9 @@ def test_bench_data_fields_are_positive_and_consistent(small_set):
     r = bench_data.run_bench(batches=3, train_steps=1, data_dir=small_set)
     for k in ("loader_samples_per_s", "raw_read_samples_per_s", "train_samples_per_s", "headroom"):
         assert isinstance(r[k], float) and r[k] > 0, (k, r)
-    assert r["headroom"] == pytest.approx(r["loader_samples_per_s"] / r["train_samples_per_s"], rel=0.02)
+    assert r["headroom"] == round(r["loader_samples_per_s"] / r["train_samples_per_s"], 2)
     assert r["loader_workers"] == 2 and r["samples_per_batch"] >= r["batch"][0]
+    assert isinstance(r["samples_per_batch"], int) and all(isinstance(b, int) for b in r["batch"])
     # reading bytes without decoding is faster than decoding them
     assert r["raw_read_samples_per_s"] > r["loader_samples_per_s"]
     assert r["train_model"] in ("multimodal", "stand-in: text transformer")

@@ -70,19 +70,65 @@ def test_param_groups_no_decay_on_norms_and_experts_apart():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
-def test_adamw_step_matches_the_seed_formula():
-    """theta_t = theta - lr * (m_hat / (sqrt(v_hat) + eps) + lambda * theta), decoupled decay."""
-    torch.manual_seed(0)
-    w = torch.randn(5, requires_grad=True)
-    g = torch.randn(5)
-    w0 = w.detach().clone()
-    opt = torch.optim.AdamW([w], lr=0.1, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    w.grad = g.clone()
-    opt.step()
-    m_hat = (0.1 * g) / (1 - 0.9)
-    v_hat = (0.05 * g * g) / (1 - 0.95)
-    want = w0 - 0.1 * (m_hat / (v_hat.sqrt() + 1e-8) + 0.1 * w0)
-    assert torch.allclose(w.detach(), want, atol=1e-6)
+def _engine_adamw_worker(cfg, steps):
+    """`steps` DeepSpeed-engine steps on one fixed batch, next to the same steps with AdamW
+    written out here (float64 moments) on a single-process copy of the model."""
+    from aion_train.train.ds_comm import init_deepspeed_comm
+    from aion_train.train.engine import build_engine
+    t = cfg.train
+    (b1, b2), lr, eps, wd, clip = t.betas, t.lr, t.eps, t.weight_decay, t.grad_clip
+    init_deepspeed_comm("gloo")          # a 1-rank group, as the trainer has (bench train does the same)
+    groups = build_groups(1, 1)
+    full = build_model(cfg.model, seed=cfg.seed)
+    ref = copy.deepcopy(full)
+    x, y = fixed_batch(cfg, 1, per_shard=cfg.data.micro_batch_size, seq_len=cfg.data.seq_len)
+    engine, _ = build_engine(parallelize(full, groups), cfg, groups)
+    start = {n: p.detach().double().clone() for n, p in ref.named_parameters()}
+    m = {n: torch.zeros_like(p) for n, p in start.items()}
+    v = {n: torch.zeros_like(p) for n, p in start.items()}
+    clipped = []
+    for step in range(1, steps + 1):
+        engine.backward(engine(x, labels=y).loss)
+        engine.step()
+        ref.zero_grad(set_to_none=True)
+        ref(x, labels=y).loss.backward()
+        grads = {n: p.grad.double() for n, p in ref.named_parameters()}
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
+        coef = min(1.0, clip / (norm.item() + 1e-6))        # clip the global norm to `clip`
+        clipped.append(coef < 1.0)
+        with torch.no_grad():
+            for n, p in ref.named_parameters():
+                g = grads[n] * coef
+                decay = 0.0 if p.dim() < 2 or "norm" in n else wd     # norms are not decayed
+                w = p.double() * (1 - lr * decay)                      # decoupled weight decay
+                m[n] = b1 * m[n] + (1 - b1) * g
+                v[n] = b2 * v[n] + (1 - b2) * g * g
+                m_hat, v_hat = m[n] / (1 - b1 ** step), v[n] / (1 - b2 ** step)
+                p.copy_(w - lr * m_hat / (v_hat.sqrt() + eps))
+    # per parameter: the largest change by hand, and the largest |engine - hand| in units of
+    # (1e-6 + 1e-6 |hand|), fp32's tolerance (small numbers: a rank's result goes back through a pipe)
+    out = {}
+    for n, p in engine.module.named_parameters():
+        hand = ref.get_parameter(n).detach().double()
+        err = (p.detach().double() - hand).abs() / (1e-6 + 1e-6 * hand.abs())
+        out[n] = ((hand - start[n]).abs().max().item(), err.max().item())
+    return out, clipped
+
+
+def test_deepspeed_engine_steps_equal_adamw_by_hand():
+    """Five steps of the engine training uses (ZeRO-1, fp32, the global norm clipped) move
+    every parameter as AdamW written out: m, v, bias corrections 1 - b^t, eps, decoupled
+    decay on matrices only."""
+    cfg = load_config(CFG, ["train.precision=fp32", "train.zero_stage=1", "train.lr=0.01",
+                            "train.weight_decay=0.1", "train.grad_clip=2.0", "data.micro_batch_size=2",
+                            "data.seq_len=16", "model.vocab_size=128", "model.d_model=32",
+                            "model.d_ff=64", "model.moe.d_ff_expert=32", "model.max_seq_len=32"])
+    moved, clipped = run_ranks(_engine_adamw_worker, 1, cfg, 5, timeout_s=240)
+    assert any(clipped) and not all(clipped)     # the clip both acted and did not
+    assert len(moved) == len(list(build_model(cfg.model, seed=0).parameters()))
+    for n, (change, err) in moved.items():
+        assert change > 1e-4, n                  # every parameter really moved (>> the tolerance)
+        assert err <= 1.0, (n, err)              # |engine - hand| <= 1e-6 + 1e-6 |hand|
 
 
 def test_active_params_count_matches_the_module():

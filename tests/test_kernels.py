@@ -342,31 +342,79 @@ def test_select_rejects_unknown(fresh_log):
         K.select("rms_norm", "cuda")
 
 
-def test_references_match_model_code():
-    """The references are the model's own math (so 'matches the reference' = 'matches the model')."""
-    import torch.nn.functional as F
+def test_references_and_model_code_match_the_textbook_formulas():
+    """The references (and the model modules that call them) against the formulas written out
+    here in float64, element by element: RMSNorm, RoPE from theta, SiLU via exp, the MoE
+    combine as a loop, cross-entropy as log-sum-exp, and the fused head's gradients."""
+    import math
 
     from aion_train.kernels import reference as R
     from aion_train.model.moe.token_dispatcher import combine
     from aion_train.model.norms import RMSNorm
     from aion_train.model.rope import RotaryEmbedding
     torch.manual_seed(0)
-    norm = RMSNorm(37)
+    tol = {"atol": 1e-5, "rtol": 1e-5}
+    norm = RMSNorm(37, eps=1e-5, kernels="torch")
     with torch.no_grad():
         norm.weight.normal_()
     x = torch.randn(3, 5, 37)
-    torch.testing.assert_close(R.rms_norm(x, norm.weight, norm.eps), norm(x), atol=0, rtol=0)
-    rot = RotaryEmbedding(10, 16)
-    q, pos = torch.randn(2, 5, 3, 10), torch.arange(2, 7)
-    torch.testing.assert_close(R.rope(q, rot.cos[pos], rot.sin[pos]), rot(q, pos), atol=0, rtol=0)
+    x64, w64 = x.double(), norm.weight.detach().double()
+    want = torch.empty_like(x64)
+    for i in range(3):
+        for t in range(5):
+            rms = math.sqrt(sum(v * v for v in x64[i, t].tolist()) / 37 + 1e-5)
+            want[i, t] = x64[i, t] / rms * w64
+    torch.testing.assert_close(R.rms_norm(x, norm.weight, 1e-5).double(), want, **tol)
+    torch.testing.assert_close(norm(x).double(), want, **tol)
+
+    d, theta = 10, 10000.0
+    rot = RotaryEmbedding(d, 16, theta=theta, kernels="torch")
+    q, pos = torch.randn(2, 5, 3, d), torch.arange(2, 7)
+    want = torch.empty(2, 5, 3, d, dtype=torch.float64)
+    for t, m in enumerate(pos.tolist()):
+        for i in range(d // 2):
+            a = m * theta ** (-2 * i / d)
+            x0, x1 = q[:, t, :, 2 * i].double(), q[:, t, :, 2 * i + 1].double()
+            want[:, t, :, 2 * i] = x0 * math.cos(a) - x1 * math.sin(a)
+            want[:, t, :, 2 * i + 1] = x0 * math.sin(a) + x1 * math.cos(a)
+    torch.testing.assert_close(rot(q, pos).double(), want, **tol)
+    torch.testing.assert_close(R.rope(q, rot.cos[pos], rot.sin[pos]).double(), want, **tol)
+
     a, b = torch.randn(4, 9), torch.randn(4, 9)
-    torch.testing.assert_close(R.swiglu(a, b), F.silu(a) * b, atol=0, rtol=0)
+    want = a.double() / (1 + torch.exp(-a.double())) * b.double()
+    torch.testing.assert_close(R.swiglu(a, b).double(), want, **tol)
+
     idx, gates, e = torch.tensor([3, 0, 3, 1]), torch.rand(4), torch.randn(4, 6)
-    torch.testing.assert_close(R.moe_unpermute(e, idx, gates, 5), combine(e, idx, gates, 5), atol=0, rtol=0)
+    want = torch.zeros(5, 6, dtype=torch.float64)
+    for m, t in enumerate(idx.tolist()):
+        want[t] += gates[m].double() * e[m].double()
+    torch.testing.assert_close(R.moe_unpermute(e, idx, gates, 5).double(), want, **tol)
+    torch.testing.assert_close(combine(e, idx, gates, 5, kernels="torch").double(), want, **tol)
+
+    def textbook_ce(logits, labels):
+        rows = []
+        for z, y in zip(logits.double().tolist(), labels.tolist()):
+            top = max(z)
+            rows.append(0.0 if y == -100 else top + math.log(sum(math.exp(v - top) for v in z)) - z[y])
+        return torch.tensor(rows, dtype=torch.float64)
+
     logits, lab = torch.randn(6, 11), torch.tensor([1, -100, 3, 10, 0, -100])
-    torch.testing.assert_close(R.mean_loss(R.cross_entropy(logits, lab), lab), F.cross_entropy(logits, lab))
-    h, w = torch.randn(6, 4), torch.randn(11, 4)
-    torch.testing.assert_close(R.linear_cross_entropy(h, w, lab), R.cross_entropy(h @ w.t(), lab))
+    per_row = textbook_ce(logits, lab)
+    torch.testing.assert_close(R.cross_entropy(logits, lab).double(), per_row, **tol)
+    torch.testing.assert_close(R.mean_loss(R.cross_entropy(logits, lab), lab).double(), per_row.sum() / 4, **tol)
+
+    for up in (torch.randn(6), torch.full((6,), 0.25)):     # per-row weights; a mean's
+        h, w = torch.randn(6, 4, requires_grad=True), torch.randn(11, 4, requires_grad=True)
+        loss = R.linear_cross_entropy(h, w, lab)
+        z = h.detach().double() @ w.detach().double().t()
+        torch.testing.assert_close(loss.double(), textbook_ce(z, lab), **tol)
+        loss.backward(up)
+        # d loss_i / d z_i = softmax(z_i) - onehot(y_i) (0 for ignored rows), times the upstream grad
+        dz = torch.softmax(z, -1)
+        dz[torch.arange(6), lab.clamp(min=0)] -= 1
+        dz *= (up.double() * (lab != -100))[:, None]
+        torch.testing.assert_close(h.grad.double(), dz @ w.detach().double(), **tol)
+        torch.testing.assert_close(w.grad.double(), dz.t() @ h.detach().double(), **tol)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:

@@ -461,45 +461,91 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+def _trained_checkpoint(tmp_path: Path):
+    """(the trained model, its run folder): a tiny MoE trained 6 AdamW steps on pydoc text,
+    saved as a pretraining run with its tokenizer (what `aion-train generate` loads)."""
+    from pydoc_data.topics import topics
+
+    from aion_train.config import dump_yaml, load_config
+    from aion_train.data import Tokenizer
+    from aion_train.data.tokenizer import train_tokenizer
+    from aion_train.interop.reshard import save_sharded_checkpoint
+    from aion_train.model import build_model
+    texts = list(topics.values())[:80]
+    train_tokenizer(texts, str(tmp_path / "tok.model"), 400)
+    tok = Tokenizer(str(tmp_path / "tok.model"))
+    cfg = load_config(str(REPO / "configs" / "tiny_cpu.yaml"), [
+        "model.vocab_size=400", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
+        "model.n_kv_heads=2", "model.d_ff=128", "model.max_seq_len=96", "model.moe.n_experts=4",
+        "model.moe.d_ff_expert=64", "model.kernels=torch", "data.seq_len=64"])
+    model = build_model(cfg.model, seed=0).train()
+    ids = torch.tensor([tok.encode(" ".join(texts))[:4 * 65]]).view(4, 65)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(6):
+        opt.zero_grad(set_to_none=True)
+        loss = model(ids[:, :-1], labels=ids[:, 1:]).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]                       # it did train
+    run = tmp_path / "run"
+    save_sharded_checkpoint(run, cfg.model, model.state_dict(), tp=1, ep=1)
+    cfg.data.tokenizer = tok.path
+    (run / "config.yaml").write_text(dump_yaml(cfg))
+    return model.eval(), run
+
+
 def test_policies_never_touch_the_weights(tmp_path, one_torch_thread):
-    from aion_train.config import load_config
-    from aion_train.model import build_model, generate
+    """The design's core rule, through the serving path `aion-train generate` / `serve` use
+    (load_for_serving -> Service -> Engine, the policy enforced on the generated text):
+    generating under policies, reloading them and generating again leaves the trained
+    weights bit-identical and creates no gradients."""
+    import re
 
-    cfg = load_config(str(REPO / "configs" / "tiny_cpu.yaml"))
-    model = build_model(cfg.model, seed=0).eval()
-    before = _weights_sha256(model)
+    from aion_train.serve.loading import load_for_serving
+    from aion_train.serve.sampling import SamplingParams
+    from aion_train.serve.service import PromptSpec, Service
 
-    prompts = [torch.tensor([[1, 2, 3, 4]]), torch.tensor([[2000, 5, 42, 9, 13]])]
+    trained, run = _trained_checkpoint(tmp_path)
+    loaded = load_for_serving(str(run))
+    before = _weights_sha256(loaded.model)
+    assert before == _weights_sha256(trained)           # serving holds the trained weights
 
-    def generate_fn(prompt_ids: torch.Tensor) -> str:
-        with torch.no_grad():
-            out = generate(model, prompt_ids, max_new_tokens=6, temperature=0.0)
-        return " ".join(map(str, out[0, prompt_ids.shape[1]:].tolist()))
+    def bundle_with(replacement):
+        f = write(tmp_path / "zz.json", policy("zz", rules=[
+            {"id": "vowels", "action": "redact", "patterns": ["[aeiou]"], "replacement": replacement}],
+            required_notices=["filtered"]))
+        write_bundle(build_bundle(EXAMPLE_FILES + [f]), tmp_path / "out")
 
-    raw = [generate_fn(p) for p in prompts]
-    assert all(len(r.split()) == 6 for r in raw)
+    bundle_with("*")
+    service = Service(loaded, PolicySet.load(tmp_path / "out"))
+    prompts = []
+    for text in ("The for statement", "Names refer to objects"):
+        ids = loaded.encode_prompt(text)
+        prompts.append(PromptSpec(ids=ids, context=ids, text=text))
+    greedy = SamplingParams(temperature=0.0, max_tokens=12)
+    sampled = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=12, seed=5)
 
-    numbers = write(tmp_path / "zz.json", policy("zz", rules=[
-        {"id": "odd", "action": "redact", "patterns": [r"\b[0-9]*[13579]\b"],
-         "replacement": "#"}], required_notices=["filtered"]))
-    bundle = build_bundle(EXAMPLE_FILES + [numbers])
-    write_bundle(bundle, tmp_path / "out")
-    ps = PolicySet.load(tmp_path / "out")
+    def texts(jurisdiction, params, n=1):
+        _, results, _ = service.generate(prompts, n, params, [12, 12], service.policy.resolve(jurisdiction))
+        return [r.text for r in results], sum(r.enforcement.redactions for r in results)
 
-    for j in ["default", None, "eu-de", "zz"]:
-        results = [generate_with_policy(generate_fn, p, ps, j) for p in prompts]
-        if j in ("default", None):
-            assert [r.text for r in results] == raw          # unchanged, exactly
-        if j == "zz":
-            assert sum(r.redactions for r in results) > 0     # the policy did change text
-            assert all(r.text.endswith("\n\nfiltered") for r in results)
-            assert [r.text.split("\n\n")[0] for r in results] == \
-                [" ".join("#" if int(t) % 2 else t for t in s.split()) for s in raw]
-    ps.reload()
+    raw = [texts(None, p, n)[0] for p, n in ((greedy, 1), (sampled, 2))]
+    assert all(re.search("[aeiou]", t) for t in raw[0] + raw[1])   # the rule has text to act on
+    for params, n, want in ((greedy, 1, raw[0]), (sampled, 2, raw[1])):
+        assert texts("default", params, n)[0] == want                # identity policy: exactly raw
+        got, redactions = texts("zz", params, n)
+        assert redactions > 0
+        assert got == [re.sub("[aeiou]", "*", t) + "\n\nfiltered" for t in want]
+        texts("eu-de", params, n)
+    bundle_with("_")                                                # a new version, reloaded
+    assert service.policies.reload() is True
+    assert texts("zz", greedy)[0] == [re.sub("[aeiou]", "_", t) + "\n\nfiltered" for t in raw[0]]
+    assert texts(None, greedy)[0] == raw[0] and texts(None, sampled, 2)[0] == raw[1]
 
-    assert _weights_sha256(model) == before
-    assert [generate_fn(p) for p in prompts] == raw            # same model, same outputs
-    assert all(p.grad is None for p in model.parameters())
+    assert _weights_sha256(loaded.model) == before
+    assert all(p.grad is None for p in loaded.model.parameters())
 
 
 # ------------------------------------------------------------------------------------ CLI

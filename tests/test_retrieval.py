@@ -499,3 +499,27 @@ def test_model_embedder_loads_trained_checkpoint_weights(tmp_path):
     assert np.allclose(got, want, atol=1e-6)
     assert not np.allclose(got, fresh, atol=1e-3)
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_gpu_move_falls_back_only_when_faiss_has_no_gpu_version(monkeypatch):
+    from aion_train.retrieval import dense
+    index = faiss.IndexFlatIP(4)
+    moved = []
+
+    def cpu_to_gpus(ix):
+        moved.append(ix)
+        raise error
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", cpu_to_gpus, raising=False)
+    monkeypatch.delattr(faiss, "StandardGpuResources", raising=False)   # a faiss-cpu build
+    error = RuntimeError("unreachable")
+    assert dense.to_gpu_if_available(index) is index and not moved
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    error = RuntimeError("Error in index_cpu_to_gpu: This index type is not implemented on GPU.")
+    assert dense.to_gpu_if_available(index) is index and moved == [index]   # e.g. HNSW
+    error = RuntimeError("CUDA error 2: out of memory")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        dense.to_gpu_if_available(index)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):                       # no longer read as "no GPU"
+        dense.to_gpu_if_available(index)

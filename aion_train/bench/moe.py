@@ -5,7 +5,8 @@ experts, top-k and capacity; forward + backward, side by side in one process.
 Each call is a training step's forward + backward: input and parameter gradients start empty
 (as after `zero_grad(set_to_none=True)`), with the CPU allocator as the trainer sets it
 (`tune_cpu_allocator`). A ratio is the median over rounds of moe_ms / dense_ms of one round
-(`paired_ratio`); the *_ms fields are medians."""
+(`paired_ratio`); the *_ms fields are medians; `rounds_ms` has the moe and dense time of
+every round (the main point's and each sweep point's) that the ratio and medians come from."""
 from __future__ import annotations
 
 import statistics
@@ -87,9 +88,11 @@ def measure(tokens: int, d: int, ff: int, experts: int, top_k: int, rounds: int,
     if with_deepspeed:
         ds_layer, ds_params = _deepspeed_moe(d, ff, experts, top_k)
         fns["deepspeed"] = _fwd_bwd(ds_layer, x, grad, ds_params)
-    samples = interleaved_samples(fns, rounds=rounds)
+    # rounded as reported (`rounds_ms`), so the medians and the ratio follow from the output
+    samples = {k: [round(t, 4) for t in v] for k, v in interleaved_samples(fns, rounds=rounds).items()}
     ms = {k: statistics.median(v) for k, v in samples.items()}
     ms["ratio"] = paired_ratio(samples["moe"], samples["dense"])
+    ms["rounds_ms"] = {k: samples[k] for k in ("moe", "dense")}
     return ms
 
 
@@ -103,11 +106,12 @@ def run_bench(tokens: int = 4096, d_model: int = 512, d_ff: int = 1024, experts:
         n_rounds = min(60, max(5, 2 * rounds * tokens // n))
         ms = main if n == tokens else measure(n, d_model, d_ff, experts, top_k, n_rounds, False)
         points.append({"tokens": n, "moe_ms": round(ms["moe"], 2), "dense_equiv_ms": round(ms["dense"], 2),
-                       "ratio": round(ms["ratio"], 3)})
+                       "ratio": round(ms["ratio"], 3), "rounds_ms": ms["rounds_ms"]})
     return {
         "moe_ms": round(main["moe"], 2),
         "dense_equiv_ms": round(main["dense"], 2),
         "ratio": round(main["ratio"], 3),   # median of the per-round moe/dense ratios
+        "rounds_ms": main["rounds_ms"],     # every round's moe and dense milliseconds
         "dispatch_ms": round(main["dispatch"], 2),
         "experts_ms": round(main["experts"], 2),
         "deepspeed_moe_ms": round(main["deepspeed"], 2) if "deepspeed" in main else None,

@@ -14,7 +14,8 @@ the same AdamW steps the parameters. (`transformers`' own CPU bf16 route, autoca
 weights, is slower than its bf16-parameter step: docs/notes.md.) Our step is
 the trainer's (`return_logits=False`: head + loss without stored logits,
 kernels/linear_cross_entropy.py). Timed interleaved (wall clock, `interleaved_samples`);
-speedup_vs_hf is the median of the per-round ratios; `fp32` repeats the comparison in fp32.
+speedup_vs_hf is the median of the per-round ratios (`step_ms_rounds` has every round's step
+times); `fp32` repeats the comparison in fp32.
 The machines are shared, so the same two steps are also timed in thread-CPU time with one
 intra-op thread (`cpu_ms_1thread`, `speedup_vs_hf_1thread_cpu`), which time spent preempted by
 other processes does not inflate.
@@ -249,9 +250,10 @@ def measure_throughput(cfg, rounds: int = 10, warmup: int = 3, threads: int | No
         fns["ours_engine"] = engine_step
     with torch.no_grad():
         first = {"ours": float(ours_loss()), "hf": float(hf_loss())}
-    samples = interleaved_samples(fns, rounds=rounds, warmup=warmup)
+    # rounded as reported (`step_ms_rounds`), so the medians and the speedup follow from the output
+    samples = {k: [round(t, 4) for t in v] for k, v in interleaved_samples(fns, rounds=rounds, warmup=warmup).items()}
     ms = {k: statistics.median(v) for k, v in samples.items()}
-    out = {"ms": ms, "speedup_paired": paired_ratio(samples["hf"], samples["ours"]),
+    out = {"ms": ms, "speedup_paired": paired_ratio(samples["hf"], samples["ours"]), "rounds_ms": samples,
            "tokens_per_step": b * t, "threads": torch.get_num_threads(),
            "params": param_count(ours), "hf_params": param_count(hf), "initial_loss": first,
            "hf_experts_implementation": hf.config._experts_implementation,
@@ -467,6 +469,7 @@ def run_bench(config: str | None = None, rounds: int = 10, warmup: int = 3, toke
         "dtype": tp["dtype"],
         "engine_tokens_per_s": round(tok / ms["ours_engine"] * 1e3, 1) if "ours_engine" in ms else None,
         "step_ms": {k: round(v, 2) for k, v in ms.items()},
+        "step_ms_rounds": tp["rounds_ms"],     # every round's step time: the medians and speedup come from these
         "phases_ms": tp["phases_ms"],
         "cpu_ms_1thread": tp["cpu_ms_1thread"],
         "speedup_vs_hf_1thread_cpu": round(tp["cpu_ms_1thread"]["hf"] / tp["cpu_ms_1thread"]["ours"], 3),
@@ -484,7 +487,8 @@ def run_bench(config: str | None = None, rounds: int = 10, warmup: int = 3, toke
         f = _in_process(fcfg, rounds, warmup, threads, details=False)
         f_ours, f_hf = _tokens_per_s(f)
         result["fp32"] = {"speedup_vs_hf": round(f["speedup_paired"], 3), "tokens_per_s": round(f_ours, 1),
-                          "hf_tokens_per_s": round(f_hf, 1), "step_ms": {k: round(v, 2) for k, v in f["ms"].items()}}
+                          "hf_tokens_per_s": round(f_hf, 1), "step_ms": {k: round(v, 2) for k, v in f["ms"].items()},
+                          "step_ms_rounds": f["rounds_ms"]}
     if profile:
         result["top_ops"] = tp["top_ops"]
     if zero:

@@ -49,6 +49,14 @@ def vqa_accuracy(model, tok, items: list[dict], answers: list[str], batch_size: 
     return {"accuracy": correct / n, "majority_baseline": freq / n, "majority_answer": majority, "n": n}
 
 
+def true_ranks(sims: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Rank of the true column in each row of `sims` [N, C], 0 = best. Ties count against
+    it (every other column scoring >= the true one is ahead), so only a strictly higher
+    score is a hit: collapsed embeddings (all scores equal) rank last, not first."""
+    true_sim = sims.gather(1, truth[:, None])
+    return (sims >= true_sim).sum(1) - 1
+
+
 @torch.no_grad()
 def caption_retrieval(model, tok, pairs: list[dict], batch_size: int = 128) -> dict:
     captions = sorted({p["caption"] for p in pairs})
@@ -68,8 +76,7 @@ def caption_retrieval(model, tok, pairs: list[dict], batch_size: int = 128) -> d
         img = torch.nn.functional.normalize(model.encode_image(img), dim=-1)
         sims = img @ text.T
         truth = torch.tensor([index[p["caption"]] for p in chunk], device=device)
-        true_sim = sims.gather(1, truth[:, None])
-        ranks += (sims > true_sim).sum(1).tolist()   # 0 = the true caption scores highest
+        ranks += true_ranks(sims, truth).tolist()
     ranks_t = torch.tensor(ranks)
     n_c = len(captions)
     return {"recall_at_1": float((ranks_t < 1).float().mean()), "recall_at_5": float((ranks_t < 5).float().mean()),

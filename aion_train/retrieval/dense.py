@@ -15,11 +15,9 @@ def full_factory(factory: str, pca: int | None) -> str:
 
 
 def gpu_count() -> int:
+    """GPUs faiss can use: 0 for a faiss-cpu build (no StandardGpuResources)."""
     import faiss
-    try:
-        return int(faiss.get_num_gpus()) if hasattr(faiss, "StandardGpuResources") else 0
-    except Exception:  # pragma: no cover - faiss-cpu builds
-        return 0
+    return int(faiss.get_num_gpus()) if hasattr(faiss, "StandardGpuResources") else 0
 
 
 def build_dense_index(X: np.ndarray, factory: str = "HNSW32", pca: int | None = None,
@@ -74,16 +72,23 @@ def set_search_params(index, params: dict) -> None:
                 raise
 
 
+# faiss's error for an index type without a GPU version (faiss/gpu/GpuCloner.cpp)
+NO_GPU_VERSION = "not implemented on GPU"
+
+
 def to_gpu_if_available(index):
     """``faiss.index_cpu_to_all_gpus`` when faiss-gpu finds a GPU, else the index itself
-    (also when the index type has no GPU version, e.g. HNSW)."""
+    (also when the index type has no GPU version, e.g. HNSW). Any other error (out of GPU
+    memory, a broken CUDA install) propagates."""
     if gpu_count() <= 0:
         return index
     import faiss
     try:
         return faiss.index_cpu_to_all_gpus(index)
-    except Exception:
-        return index
+    except RuntimeError as e:
+        if NO_GPU_VERSION in str(e):
+            return index
+        raise
 
 
 def to_cpu(index):
