@@ -21,8 +21,9 @@ def result():
     proc = subprocess.run([sys.executable, "-m", "aion_train.cli", "bench", "moe", "--quick", "--json"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
-    # the result is the last line (DeepSpeed logs its process-group notice to stdout before it)
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout   # --json: one line (DeepSpeed's notices go to stderr)
+    r = json.loads(lines[0])
     assert r["tokens"] == moe.QUICK["tokens"] and r["d_model"] == moe.QUICK["d_model"]
     return r
 

@@ -73,11 +73,11 @@ def test_param_groups_no_decay_on_norms_and_experts_apart():
 def _engine_adamw_worker(cfg, steps):
     """`steps` DeepSpeed-engine steps on one fixed batch, next to the same steps with AdamW
     written out here (float64 moments) on a single-process copy of the model."""
-    from aion_train.train.ds_comm import init_deepspeed_comm
+    from aion_train.parallel.deepspeed_adapter import init_comm
     from aion_train.train.engine import build_engine
     t = cfg.train
     (b1, b2), lr, eps, wd, clip = t.betas, t.lr, t.eps, t.weight_decay, t.grad_clip
-    init_deepspeed_comm("gloo")          # a 1-rank group, as the trainer has (bench train does the same)
+    init_comm("gloo")                    # a 1-rank group, as the trainer has (bench train does the same)
     groups = build_groups(1, 1)
     full = build_model(cfg.model, seed=cfg.seed)
     ref = copy.deepcopy(full)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 import json
 
+from .json_output import stdout_to_stderr
+
 BENCHES = {
     "moe": "aion_train.bench.moe",
     "train": "aion_train.bench.train",
@@ -33,7 +35,8 @@ def run(args) -> int:
         kwargs.update(getattr(mod, "QUICK", {}))
     if args.config:
         kwargs["config"] = args.config
-    result = mod.run_bench(**kwargs)
+    with stdout_to_stderr(args.json):   # DeepSpeed and MLflow print on stdout
+        result = mod.run_bench(**kwargs)
     if args.json:
         print(json.dumps(result))
     else:

@@ -6,12 +6,12 @@ Under torchrun / deepspeed (WORLD_SIZE set) it runs as one rank; --nproc N start
 ranks through torchrun."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
 from pathlib import Path
 
+from .json_output import stdout_to_stderr
 from .local_ranks import add_training_arguments, launch_local_ranks, wants_local_ranks
 from .output_dirs import claim_training_dirs, report_refusal
 
@@ -28,24 +28,6 @@ add_arguments = add_phase_arguments
 def default_config() -> str:
     here = Path(DEFAULT_CONFIG)
     return str(here if here.is_file() else Path(__file__).resolve().parents[2] / DEFAULT_CONFIG)
-
-
-@contextlib.contextmanager
-def stdout_to_stderr(active: bool = True):
-    """Send everything written to file descriptor 1 (DeepSpeed's and MLflow's log lines too)
-    to stderr while active, so that --json leaves exactly one line on stdout."""
-    if not active:
-        yield
-        return
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def run_phase(args, command: str, fn_path: str, headline: str) -> int:
