@@ -17,7 +17,8 @@ from aion_train.parallel.collectives import all_reduce_
 from aion_train.parallel.device import module_device
 from aion_train.parallel.grad_sync import global_grad_norm
 
-from .checkpointing import CheckpointError, CheckpointManager, load_job, load_weights_only, save_job
+from aion_train.checkpoint import CheckpointError, CheckpointManager
+from aion_train.checkpoint.training_job import load_job, load_weights_only, save_job
 from .ds_comm import init_deepspeed_comm
 from .engine import build_engine
 from .metrics import expert_load, flops_per_token, peak_flops

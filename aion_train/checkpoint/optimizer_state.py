@@ -1,4 +1,4 @@
-"""Engine state <-> pickle-free trees.
+"""An engine's optimizer state <-> pickle-free trees.
 
 DeepSpeed optimizer state dicts hold a few Python objects (a loss scaler, namedtuples that
 map parameter fragments). We store their plain fields only, and on load put them back into
@@ -55,12 +55,21 @@ def from_tree(saved, template):
 
 
 def optimizer_state(engine):
+    """The optimizer state of a DeepSpeed engine as a tree `save_tree` accepts."""
     return to_tree(engine.optimizer.state_dict())
 
 
 def load_optimizer_state(engine, saved, dp_rank: int, dp_size: int):
+    """Put `saved` (from :func:`optimizer_state`) back into the engine's live optimizer."""
     opt = engine.optimizer
     restored = from_tree(saved, opt.state_dict())
+    _load_into_deepspeed_optimizer(opt, restored, dp_rank, dp_size)
+
+
+def _load_into_deepspeed_optimizer(opt, restored, dp_rank: int, dp_size: int) -> None:
+    """DeepSpeed internals: a ZeRO-1/2 optimizer takes one state per data-parallel rank (this
+    rank's in its slot) and rebuilds its fp32 partitions from the loaded weights; any other
+    optimizer takes the state dict itself."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
     if isinstance(opt, DeepSpeedZeroOptimizer):
         states = [None] * dp_size
