@@ -287,7 +287,8 @@ class ContinualIndex:
             state["files"] = {p: sha256_file(os.path.join(tmp, p)) for p in ("index.faiss", "docs.jsonl")}
             with open(os.path.join(tmp, "state.json"), "w") as f:
                 json.dump(state, f)
-            final = str(replace_dir(tmp, os.path.join(snaps, name)))
+            final = os.path.join(snaps, name)
+            replace_dir(tmp, final)
             atomic_write_text(os.path.join(self.path, "CURRENT"), name + "\n")
             self.wal.reset()
             self.snapshot_seq = self.seq
