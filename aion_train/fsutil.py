@@ -4,8 +4,8 @@
   written under a temp name beside it, fsynced, renamed into place, the folder fsynced; a
   crash leaves the old file or the new one, never a torn one, and an error removes the temp.
 * :func:`replace_dir` - a folder built in a temp folder, fsynced and renamed into place.
-* :func:`fsync_path`, :func:`fsync_dir`, :func:`fsync_tree` - the fsyncs themselves (for
-  append-only logs that fsync in place).
+* :func:`fsync_file`, :func:`fsync_path`, :func:`fsync_dir`, :func:`fsync_tree` - the fsyncs
+  themselves (for append-only logs that fsync in place).
 
 Folders that commands own (a marker, entries kept across rebuilds) are published by
 :func:`aion_train.ownership.publish_dir`; checkpoints by :mod:`aion_train.checkpoint.store`."""
@@ -19,6 +19,15 @@ from pathlib import Path
 from typing import IO, Iterator, Optional, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+def fsync_file(f: Union[IO, int]) -> None:
+    """fsync an open file: a file object (flushed first) or a descriptor."""
+    if isinstance(f, int):
+        os.fsync(f)
+        return
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def fsync_path(path: PathLike) -> None:

@@ -54,7 +54,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
-from aion_train.fsutil import atomic_write_text, fsync_dir
+from aion_train.fsutil import atomic_write_text, fsync_dir, fsync_file
 
 from .compat import check_compatible
 from .errors import CheckpointError
@@ -84,7 +84,7 @@ def _sha256(path: Path, fsync: bool = False) -> Tuple[int, str]:
             size += len(chunk)
         if fsync:
             try:
-                os.fsync(f.fileno())
+                fsync_file(f)
             except OSError:
                 pass
     return size, h.hexdigest()
