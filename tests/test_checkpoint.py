@@ -1,4 +1,4 @@
-"""Tests for aion_train.train.checkpoint / tree_io (CPU only, < ~20 s)."""
+"""Tests for aion_train.checkpoint: the tree format, rank payloads, the store (CPU only, < ~20 s)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from aion_train.train import tree_io
-from aion_train.train.checkpoint import (
+from aion_train.checkpoint import (
     CheckpointError,
     CheckpointManager,
     TreeFormatError,
@@ -34,6 +33,7 @@ from aion_train.train.checkpoint import (
     restore_rng_state,
     save_rank,
     save_tree,
+    tree_save,
 )
 
 
@@ -49,7 +49,7 @@ def _tensor_bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
-# --------------------------------------------------------------------------- tree_io
+# --------------------------------------------------------------------------- tree format
 
 def test_tree_roundtrip_preserves_types_and_values(tmp_path):
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
@@ -222,7 +222,7 @@ def test_partial_file_write_leaves_no_files(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(tree_io, "save_file", exploding_save_file)
+    monkeypatch.setattr(tree_save, "save_file", exploding_save_file)
     with pytest.raises(OSError, match="disk full"):
         save_tree({"t": torch.ones(3)}, tmp_path / "x")
     assert sorted(p.name for p in tmp_path.iterdir()) == []

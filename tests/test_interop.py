@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from aion_train.cli import main as cli
+from aion_train.checkpoint import (load_full_state_dict, model_config_from_dict, save_sharded_checkpoint,
+                                   shard_spec_for, shard_state_dict)
 from aion_train.config import load_config
-from aion_train.interop import load_full_state_dict, save_sharded_checkpoint, shard_spec_for, shard_state_dict
 from aion_train.interop.hf_mixtral import NotExpressibleError, check_exportable, halves_to_interleaved
 from aion_train.interop.peft_lora import export_lora_adapter
-from aion_train.interop.reshard import model_config_from_dict
 from aion_train.model import build_model
-from aion_train.parallel import run_ranks
+from aion_train.parallel import full_slice, run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = str(REPO / "configs" / "tiny_cpu.yaml")
@@ -238,18 +238,19 @@ def _loss_worker(jobs, ids, labels):
     with `parallelize`, loads its own payload of the checkpoint (written in this layout) and
     computes the loss; with `full_from` it also cuts its shard out of the full state dict of
     that other checkpoint and computes the loss again."""
-    from aion_train.interop.reshard import find_checkpoint, read_manifest
+    from aion_train.checkpoint import find_checkpoint, load_rank, read_manifest, saver_rank
     from aion_train.parallel import build_groups, parallelize
-    from aion_train.train.checkpoint import load_rank
-    from aion_train.train.checkpointing import model_saver_rank
     results = []
     for ckpt, tp, ep, full_from in jobs:
         groups = build_groups(tp, ep)
         folder = find_checkpoint(ckpt)
         cfg = model_config_from_dict(read_manifest(folder)["model_config"])
         model = parallelize(build_model(cfg, seed=99), groups).eval()
-        spec_ok = model.shard_spec == shard_spec_for(cfg, tp, ep, groups.tp_rank, groups.ep_rank)
-        own = load_rank(folder, model_saver_rank(groups), "model")
+        full_shapes = {n: p.shape for n, p in build_model(cfg, seed=0).state_dict().items()}
+        spec = shard_spec_for(cfg, tp, ep, groups.tp_rank, groups.ep_rank)
+        spec_ok = all(tuple(p.shape) == tuple(full_slice(torch.empty(full_shapes[n], device="meta"), spec.get(n, [])).shape)
+                      for n, p in model.state_dict().items())
+        own = load_rank(folder, saver_rank(groups.tp, groups.tp_rank, groups.ep_rank), "model")
         model.load_state_dict(own)
         with torch.no_grad():
             out = model(ids, labels=labels)

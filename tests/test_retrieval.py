@@ -485,7 +485,7 @@ def test_model_embedder_loads_trained_checkpoint_weights(tmp_path):
     model's embeddings."""
     from aion_train.config import load_config
     from aion_train.data import Tokenizer, ensure_demo_data
-    from aion_train.interop.reshard import save_sharded_checkpoint
+    from aion_train.checkpoint import save_sharded_checkpoint
     from aion_train.model import build_model
     from aion_train.retrieval.embedders import ModelEmbedder, make_embedder
     cfg = load_config("configs/tiny_cpu.yaml")

@@ -292,7 +292,7 @@ def test_audit_chain_verify_and_tamper(tmp_path):
 # ------------------------------------------------------------------------- loading
 def _save_pretrain(tmp_path: Path, cfg, tokenizer, tp: int, ep: int):
     from aion_train.config import dump_yaml
-    from aion_train.interop.reshard import save_sharded_checkpoint
+    from aion_train.checkpoint import save_sharded_checkpoint
     m = build_model(cfg.model, seed=5).eval()
     run = tmp_path / f"pt_tp{tp}_ep{ep}"
     save_sharded_checkpoint(run, cfg.model, m.state_dict(), tp=tp, ep=ep)
@@ -340,7 +340,7 @@ def _chat_tokenizer_dir(run: Path, tokenizer):
 
 
 def _save_sft(tmp_path, tokenizer, tp=2):
-    from aion_train.interop.reshard import save_sharded_checkpoint
+    from aion_train.checkpoint import save_sharded_checkpoint
     from aion_train.posttrain.common import save_tensors
     from aion_train.posttrain.lora import lora_state_dict
     cfg = tiny_model_cfg(**{"model.vocab_size": tokenizer.vocab_size + 4})
@@ -374,7 +374,7 @@ def test_sft_run_merges_adapters_and_has_the_chat_template(tmp_path, tokenizer, 
 def test_ppo_run_serves_the_trained_actor(tmp_path, tokenizer, tp, one_thread):
     from aion_train.posttrain.lora import lora_modules, lora_state_dict
     from aion_train.serve.loading import load_for_serving
-    from aion_train.train.checkpoint import CheckpointManager, save_rank
+    from aion_train.checkpoint import CheckpointManager, save_rank
     cfg, sft_model, run = _save_sft(tmp_path, tokenizer)
     g = torch.Generator().manual_seed(9)
     for mod in lora_modules(sft_model).values():             # "PPO" moved the adapters on

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from aion_train.train.checkpoint import CheckpointManager
+from aion_train.checkpoint import CheckpointManager
 
 REPO = Path(__file__).resolve().parents[1]
 N = 16

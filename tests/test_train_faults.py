@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aion_train.train.checkpoint import CheckpointManager, load_rank
+from aion_train.checkpoint import CheckpointManager, load_rank
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["train.steps=16", "train.eval_every=8", "train.save_every=4", "data.micro_batch_size=4"]
@@ -30,17 +30,17 @@ import json, logging, os, signal, sys
 
 import torch
 
-import aion_train.train.checkpointing as checkpointing
+import aion_train.checkpoint.training_job as training_job
 from aion_train.config import load_config
 from aion_train.train import trainer as trainer_mod
-from aion_train.train.tree_io import tree_paths
+from aion_train.checkpoint import tree_paths
 
 fault, arg, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")  # as the CLI
 
 if fault in ("save-raise", "save-kill"):
     # the arg-th save_rank call writes its payload, then the "crash" happens mid-checkpoint
-    real_save_rank, calls = checkpointing.save_rank, [0]
+    real_save_rank, calls = training_job.save_rank, [0]
 
     def save_rank(folder, rank, name, tree, **kw):
         calls[0] += 1
@@ -54,7 +54,7 @@ if fault in ("save-raise", "save-kill"):
             raise OSError(f"simulated I/O error after writing {prefix}")
         return prefix
 
-    checkpointing.save_rank = save_rank
+    training_job.save_rank = save_rank
 elif fault == "poison-after-save":
     # right after the checkpoint of step `arg` is written, one weight becomes NaN
     real_save = trainer_mod.Trainer.save

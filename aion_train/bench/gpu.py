@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from aion_train.fsutil import atomic_write_text
+
 from .timing import interleaved_samples
 
 DEFAULT_CONFIG = "configs/gpu_1b_moe.yaml"
@@ -601,9 +603,7 @@ def write_docs(result: dict, path: str | Path | None = None) -> Path:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, text)
     return path
 
 

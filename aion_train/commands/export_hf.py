@@ -30,7 +30,7 @@ def run(args) -> int:
     from aion_train.config import ConfigError
     from aion_train.interop.hf_mixtral import DTYPES, NotExpressibleError, export_hf
     from aion_train.ownership import ForeignFolderError
-    from aion_train.train.checkpoint import CheckpointError
+    from aion_train.checkpoint import CheckpointError
     try:
         summary = export_hf(args.checkpoint, args.out, dtype=None if args.dtype == "keep" else DTYPES[args.dtype],
                             expert_layout=args.expert_layout, max_shard_size=args.max_shard_size,

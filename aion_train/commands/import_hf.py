@@ -34,7 +34,7 @@ def add_arguments(p):
 def run(args) -> int:
     from aion_train.config import ConfigError, load_config
     from aion_train.interop.hf_mixtral import DTYPES, NotExpressibleError, import_hf
-    from aion_train.train.checkpoint import CheckpointError
+    from aion_train.checkpoint import CheckpointError
     base, tp, ep, world, zero = None, args.tp or 1, args.ep or 1, args.world, 1
     if args.config or args.overrides:
         try:

@@ -34,6 +34,8 @@ from typing import Any, Iterable, Iterator, Mapping
 from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from aion_train.fsutil import AtomicOutput, atomic_write
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -85,13 +87,13 @@ def _check_sample(sample: Mapping[str, Any], default_key: str) -> tuple[str, dic
 
 
 class _ShardFile:
-    """One shard being written: a TarWriter on a temp file, renamed on commit."""
+    """One shard being written: a TarWriter on a temp file, published on commit."""
 
     def __init__(self, out_dir: str, name: str):
         self.name = name
         self.path = os.path.join(out_dir, name)
-        self.tmp = os.path.join(out_dir, f".{name}.tmp-{os.getpid()}")
-        self._f = open(self.tmp, "wb")
+        self._out = AtomicOutput(self.path)
+        self._f = open(self._out.tmp, "wb")
         self._w = TarWriter(self._f, encoder=False, mtime=FIXED_MTIME,
                             user="aion", group="aion", mode=0o444)
         self.num_samples = 0
@@ -105,10 +107,8 @@ class _ShardFile:
 
     def commit(self) -> dict:
         self._w.close()  # writes the tar end blocks; the file object is ours to close
-        self._f.flush()
-        os.fsync(self._f.fileno())
         self._f.close()
-        os.replace(self.tmp, self.path)
+        self._out.commit()
         return {"name": self.name, "num_samples": self.num_samples,
                 "bytes": os.path.getsize(self.path), "sha256": sha256_file(self.path),
                 "fields": dict(sorted(self.fields.items()))}
@@ -117,8 +117,7 @@ class _ShardFile:
         try:
             self._f.close()
         finally:
-            if os.path.exists(self.tmp):
-                os.remove(self.tmp)
+            self._out.abort()
 
 
 def write_shards(samples: Iterable[Mapping[str, Any]], out_dir: str, prefix: str,
@@ -178,13 +177,9 @@ def write_shards(samples: Iterable[Mapping[str, Any]], out_dir: str, prefix: str
 def write_manifest(out_dir: str, manifest: dict) -> str:
     """Write ``manifest`` as out_dir/manifest.json atomically."""
     path = os.path.join(out_dir, MANIFEST)
-    tmp = os.path.join(out_dir, f".{MANIFEST}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return path
 
 

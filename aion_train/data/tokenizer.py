@@ -15,6 +15,8 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from aion_train.fsutil import atomic_write
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_TOKENS: tuple[str, ...] = (
     "<I>", "</I>", "<A>", "</A>", "<V>", "</V>", "<T>", "</T>", "<CTX>", "</CTX>",
@@ -75,12 +77,8 @@ def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int,
         )
         with open(prefix + ".model", "rb") as f:
             blob = _strip_paths(f.read())
-    tmp_model = out_path + f".tmp-{os.getpid()}"
-    with open(tmp_model, "wb") as f:
+    with atomic_write(out_path, "wb") as f:
         f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_model, out_path)
     return out_path
 
 

@@ -10,7 +10,7 @@ import torch
 def run_config_for(checkpoint: str, config: str | None = None):
     """The run's Config: `config` if given, else the config.yaml the trainer wrote in the run folder."""
     from aion_train.config import load_config
-    from aion_train.interop.reshard import find_checkpoint
+    from aion_train.checkpoint import find_checkpoint
     if config:
         return load_config(config)
     folder = find_checkpoint(checkpoint)
@@ -26,8 +26,7 @@ def load_trained_model(checkpoint: str, config: str | None = None, device=None):
     evaluations move their inputs to the model's device. fp32 attention runs through SDPA: a
     run trained with model.attention_backend=flash (fp16/bf16 only) is evaluated with auto."""
     from aion_train.config import config_to_dict
-    from aion_train.interop.reshard import load_full_state_dict
-    from aion_train.train.checkpoint import check_compatible
+    from aion_train.checkpoint import check_compatible, load_full_state_dict
     cfg = run_config_for(checkpoint, config)
     saved_model, full = load_full_state_dict(checkpoint)
     check_compatible({"model": saved_model}, {"model": config_to_dict(cfg)["model"]})

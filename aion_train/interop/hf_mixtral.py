@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 
+from aion_train.checkpoint import (load_full_state_dict, model_config_from_dict, model_config_to_dict,
+                                   save_sharded_checkpoint)
 from aion_train.config import ModelConfig
 from aion_train.ownership import check_writable, claim_run_dir, looks_like_run_dir, publish_dir
-
-from .reshard import load_full_state_dict, model_config_from_dict, model_config_to_dict, save_sharded_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}

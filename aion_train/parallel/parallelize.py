@@ -66,10 +66,8 @@ def _replace(model: nn.Module, path: str, style: str, groups: ParallelGroups, sp
 
 def parallelize(model, groups: ParallelGroups, sequence_parallel: bool = False):
     """Shard `model` in place for `groups` (TP inside, EP over the data-parallel ranks) by
-    its `ParallelPlan`: each module the plan names is replaced, each parameter tagged.
-
-    Sets `model.shard_spec`: {parameter name: [(dim, rank, n_parts), ...]} for every
-    parameter that is a slice of the full model's parameter of the same name."""
+    its `ParallelPlan` (`ParallelPlan.from_config` gives the same plan from the config: what
+    each rank holds, `plan.shard_spec(tp_rank, ep_rank)`)."""
     plan = ParallelPlan.from_model(model, groups.tp, groups.ep, sequence_parallel)
     for path, style in plan.modules.items():
         _replace(model, path, style, groups, plan.sequence_parallel)
@@ -80,8 +78,6 @@ def parallelize(model, groups: ParallelGroups, sequence_parallel: bool = False):
     for name, p in plan.params.items():
         if p.grad_sum_over_tp and name in named:
             _sum_grad_over_tp(named[name], groups.tp_group)
-    model.shard_spec = plan.shard_spec(groups.tp_rank, groups.ep_rank)
-    model.parallel_groups = groups
     return model
 
 
@@ -94,11 +90,9 @@ def full_slice(full_tensor, spec):
 
 
 def parallelize_multimodal(model, groups, sequence_parallel: bool = False):
-    """Shard a MultimodalModel's trunk (`model.lm`) as `parallelize` does; the rest stays replicated.
-    Sets `model.shard_spec` (names prefixed "lm.") and `model.parallel_groups`."""
+    """Shard a MultimodalModel's trunk (`model.lm`) as `parallelize` does; the rest stays
+    replicated (its plan: `ParallelPlan.from_config(model.cfg, ...)`, names under "lm.")."""
     if sequence_parallel:
         raise ValueError("parallel.sequence_parallel is not supported with model.multimodal.enabled")
     parallelize(model.lm, groups, False)
-    model.shard_spec = {f"lm.{k}": v for k, v in model.lm.shard_spec.items()}
-    model.parallel_groups = groups
     return model

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from aion_train.fsutil import atomic_write_text, fsync_dir
+from aion_train.fsutil import AtomicOutput, atomic_write_text
 from aion_train.model import build_model
 from aion_train.model.generate import generate
 from aion_train.parallel import build_groups, get_device, parallelize
@@ -228,23 +228,20 @@ def phase_tracker(cfg, phase: str, groups=None):
 def save_weights(model, cfg, groups, folder) -> Path:
     """The model's base weights (adapters left out) as a weights-only checkpoint under
     folder/checkpoints, readable into any TP/EP layout by `load_weights`."""
+    from aion_train.checkpoint import CheckpointManager, save_checkpoint, save_rank
     from aion_train.config import config_to_dict
-    from aion_train.train.checkpoint import CheckpointManager, save_rank
     from .lora import _unwrap
+
+    def write(tmp):
+        if groups.edp_rank == 0:
+            sd = {k: v for k, v in _unwrap(model).state_dict().items() if ".lora_" not in k}
+            save_rank(tmp, groups.rank, "model", sd)
+
     mgr = CheckpointManager(Path(folder) / "checkpoints", keep_last=1)
-    if rank() == 0:
-        mgr.prepare(0)
-    barrier()
-    tmp = mgr.begin(0)
-    if groups.edp_rank == 0:
-        sd = {k: v for k, v in _unwrap(model).state_dict().items() if ".lora_" not in k}
-        save_rank(tmp, groups.rank, "model", sd)
-    barrier()
-    if rank() == 0:
-        mgr.commit(0, {"model_config": config_to_dict(cfg)["model"], "optimizer_state": False,
-                       "layout": {"tp": groups.tp, "ep": groups.ep, "world": groups.world, "zero_stage": 0}})
-    barrier()
-    return mgr.step_dir(0)
+    return save_checkpoint(mgr, 0, write, lambda: {
+        "model_config": config_to_dict(cfg)["model"], "optimizer_state": False,
+        "layout": {"tp": groups.tp, "ep": groups.ep, "world": groups.world, "zero_stage": 0}},
+        leader=rank() == 0, barrier=barrier)
 
 
 @torch.no_grad()
@@ -254,7 +251,7 @@ def load_weights(model, folder, groups, seed: int = 0, merge_adapters: dict | No
     `merge_adapters` (full LoRA tensors) the weights are W0 + scaling * B A. A checkpoint with
     a smaller vocabulary (a pretrained LM before the role tokens were added) gets new rows
     drawn N(0, init_std) for the added ids."""
-    from aion_train.interop.reshard import load_full_state_dict, shard_state_dict
+    from aion_train.checkpoint import load_full_state_dict, shard_state_dict
     from .lora import _unwrap, merge_into_state_dict
     model = _unwrap(model)
     _, full = load_full_state_dict(folder)
@@ -283,13 +280,9 @@ def save_tensors(tensors: dict, path, metadata: dict | None = None) -> Path:
     from safetensors.torch import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata={k: str(v) for k, v in (metadata or {}).items()})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    with AtomicOutput(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata={k: str(v) for k, v in (metadata or {}).items()})
     return path
 
 

@@ -1,5 +1,5 @@
 """PPO's own crash-safe checkpoints under {run_dir}/ppo/checkpoints (the pickle-free
-CheckpointManager of aion_train/train/checkpoint.py), so that a killed PPO run resumes at its
+CheckpointManager of aion_train/checkpoint/), so that a killed PPO run resumes at its
 last saved iteration and never needs SFT or the reward model to run again.
 
 Per rank: the actor's trainable tensors (its LoRA adapters, or every weight without LoRA),
@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 
+from aion_train.checkpoint import (CheckpointManager, capture_rng_state, check_compatible, load_optimizer_state,
+                                   load_rank, optimizer_state, restore_rng_state, save_checkpoint, save_rank)
 from aion_train.config import config_to_dict
-from aion_train.train.checkpoint import (CheckpointManager, capture_rng_state, check_compatible, load_rank,
-                                         restore_rng_state, save_rank)
-from aion_train.train.engine_state import load_optimizer_state, optimizer_state
 
 from .common import barrier, phase_dir, rank
 
@@ -32,20 +31,16 @@ def _layout(cfg, groups) -> dict:
 
 def save_ppo(mgr: CheckpointManager, iteration: int, cfg, groups, actor_engine, critic_engine, loop_state: dict):
     """Every rank calls it (collective barriers inside)."""
-    if rank() == 0:
-        mgr.prepare(iteration)
-    barrier()
-    folder = mgr.begin(iteration)
-    save_rank(folder, groups.rank, "actor", trainable_state(actor_engine.module))
-    save_rank(folder, groups.rank, "critic", critic_engine.module.state_dict())
-    save_rank(folder, groups.rank, "optim", {"actor": optimizer_state(actor_engine),
-                                              "critic": optimizer_state(critic_engine)})
-    save_rank(folder, groups.rank, "rng", capture_rng_state())
-    barrier()
-    if rank() == 0:
-        mgr.commit(iteration, {"model_config": config_to_dict(cfg)["model"], "layout": _layout(cfg, groups),
-                               "loop_state": json.dumps(loop_state)})
-    barrier()
+    def write(folder):
+        save_rank(folder, groups.rank, "actor", trainable_state(actor_engine.module))
+        save_rank(folder, groups.rank, "critic", critic_engine.module.state_dict())
+        save_rank(folder, groups.rank, "optim", {"actor": optimizer_state(actor_engine),
+                                                  "critic": optimizer_state(critic_engine)})
+        save_rank(folder, groups.rank, "rng", capture_rng_state())
+
+    save_checkpoint(mgr, iteration, write, lambda: {
+        "model_config": config_to_dict(cfg)["model"], "layout": _layout(cfg, groups),
+        "loop_state": json.dumps(loop_state)}, leader=rank() == 0, barrier=barrier)
 
 
 def load_ppo(mgr: CheckpointManager, cfg, groups, actor_engine, critic_engine) -> dict | None:

@@ -12,6 +12,8 @@ import time
 
 import numpy as np
 
+from aion_train.fsutil import atomic_write
+
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "aion-train", "retrieval")
 
 
@@ -29,11 +31,8 @@ def corpus_key(texts, embedder_name: str) -> str:
 
 
 def _save_atomic(path: str, arr: np.ndarray) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    np.save(tmp, arr, allow_pickle=False)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
 
 
 def cached_embeddings(texts, embedder, directory: str | None = None, block: int = 1024,

@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from aion_train.fsutil import atomic_write_text, replace_dir
+
 from .reservoir import ReservoirBuffer
 from .rwlock import RWLock
 from .store import sha256_file
-from aion_train.fsutil import fsync_dir
-
 from .wal import WriteAheadLog
 
 
@@ -287,21 +287,9 @@ class ContinualIndex:
             state["files"] = {p: sha256_file(os.path.join(tmp, p)) for p in ("index.faiss", "docs.jsonl")}
             with open(os.path.join(tmp, "state.json"), "w") as f:
                 json.dump(state, f)
-            for p in ("index.faiss", "docs.jsonl", "state.json"):
-                with open(os.path.join(tmp, p), "rb") as fh:
-                    os.fsync(fh.fileno())
-            fsync_dir(tmp)
             final = os.path.join(snaps, name)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            fsync_dir(snaps)
-            cur_tmp = os.path.join(self.path, "CURRENT.tmp")
-            with open(cur_tmp, "w") as f:
-                f.write(name + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(cur_tmp, os.path.join(self.path, "CURRENT"))
-            fsync_dir(self.path)
+            replace_dir(tmp, final)
+            atomic_write_text(os.path.join(self.path, "CURRENT"), name + "\n")
             self.wal.reset()
             self.snapshot_seq = self.seq
             for old in os.listdir(snaps):

@@ -179,7 +179,7 @@ def _checkpoint_loader(spec: str):
     if path.endswith((".yaml", ".yml")) or not os.path.isdir(path):
         return None
     from aion_train.data import Tokenizer
-    from aion_train.interop.reshard import load_full_state_dict, model_config_from_dict
+    from aion_train.checkpoint import load_full_state_dict, model_config_from_dict
     from aion_train.model import build_model
     cfg_dict, full = load_full_state_dict(path)
     model = build_model(model_config_from_dict(cfg_dict), seed=0)

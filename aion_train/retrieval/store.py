@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..fsutil import fsync_tree
 from ..ownership import MARKER, check_writable, publish_dir
 from .bm25 import BM25Index
 from .chunking import Chunk
@@ -49,18 +50,6 @@ def _all_files(root: str) -> list[str]:
         for f in files:
             out.append(os.path.relpath(os.path.join(d, f), root))
     return sorted(out)
-
-
-def _fsync_tree(root: str) -> None:
-    for d, _, files in os.walk(root):
-        for f in files:
-            with open(os.path.join(d, f), "rb") as fh:
-                os.fsync(fh.fileno())
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def write_index_dir(out: str, chunks: list[Chunk], X: np.ndarray, embedder_name: str,
@@ -107,7 +96,7 @@ def write_index_dir(out: str, chunks: list[Chunk], X: np.ndarray, embedder_name:
         manifest.update(extra)
     with open(os.path.join(tmp, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     publish_dir(tmp, out, "build-index", overwrite=overwrite, recognise=holds_index_manifest,
                 last=("manifest.json",))
     return manifest

@@ -10,7 +10,7 @@ import os
 import zlib
 from typing import Iterator
 
-from aion_train.fsutil import fsync_dir
+from aion_train.fsutil import atomic_write, fsync_dir, fsync_file
 
 
 def _encode(record: dict) -> bytes:
@@ -56,7 +56,7 @@ class WriteAheadLog:
                 self.truncated_bytes = len(data) - good
                 with open(path, "rb+") as f:
                     f.truncate(good)
-                    os.fsync(f.fileno())
+                    fsync_file(f)
         self._f = open(path, "ab")
         if good == 0 and self.fsync:
             fsync_dir(os.path.dirname(os.path.abspath(path)))
@@ -70,19 +70,13 @@ class WriteAheadLog:
         self._f.write(b"".join(_encode(r) for r in records))
         self._f.flush()
         if self.fsync:
-            os.fsync(self._f.fileno())
+            fsync_file(self._f)
 
     def reset(self) -> None:
         """Start an empty log (after a snapshot covering every record): new file, renamed
         over the old one, directory fsynced."""
-        tmp = self.path + ".new"
-        with open(tmp, "wb") as f:
-            if self.fsync:
-                os.fsync(f.fileno())
-        self._f.close()
-        os.replace(tmp, self.path)
-        if self.fsync:
-            fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        with atomic_write(self.path, "wb", fsync=self.fsync):
+            self._f.close()                             # replaced by the new, empty file
         self._f = open(self.path, "ab")
         self.records = []
 

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aion_train.fsutil import fsync_file
+
 GENESIS = "0" * 64
 VERSION = 1
 
@@ -153,7 +155,7 @@ class AuditLog:
 
     def _sync_locked(self) -> None:
         if self._unsynced:
-            os.fsync(self._fd)
+            fsync_file(self._fd)
             self._unsynced = 0
         self._last_sync = time.monotonic()
 

@@ -3,7 +3,7 @@
 Accepted `--checkpoint` paths:
 
 * a text **pretraining** run: the run folder, its `checkpoints/` or one `step_XXXXXXXX`
-  folder, saved in any TP/EP layout (`interop.reshard.load_full_state_dict` gathers it). The
+  folder, saved in any TP/EP layout (`checkpoint.reshard.load_full_state_dict` gathers it). The
   model is built from the manifest's `model_config`; the tokenizer is `--tokenizer`, else the
   run's `config.yaml` (`data.tokenizer`, or `data.dir`/tokenizer.model). No chat template:
   such a model serves completions only.
@@ -136,7 +136,7 @@ def _resolve(p: str, run_dir: Path) -> Path:
 
 # ----------------------------------------------------------------------------- pretrain
 def _build_text_model(model_cfg_dict: dict, full: dict, where: str):
-    from aion_train.interop.reshard import model_config_from_dict
+    from aion_train.checkpoint import model_config_from_dict
     from aion_train.model import build_model
     mcfg = model_config_from_dict(model_cfg_dict)
     if mcfg.multimodal.enabled:
@@ -152,8 +152,7 @@ def _build_text_model(model_cfg_dict: dict, full: dict, where: str):
 
 
 def _load_pretrain(path: Path, tokenizer: str | None):
-    from aion_train.interop.reshard import find_checkpoint, load_full_state_dict, read_manifest
-    from aion_train.train.checkpoint import CheckpointError
+    from aion_train.checkpoint import CheckpointError, find_checkpoint, load_full_state_dict, read_manifest
     try:
         folder = find_checkpoint(path)
         cfg_dict, full = load_full_state_dict(folder)
@@ -207,7 +206,7 @@ def _chat_tokenizer(run_dir: Path, tokenizer: str | None):
 
 def _sft_state(run_dir: Path) -> tuple[dict, dict, dict, Path]:
     """(model_config dict, full state dict with adapters merged, lora info, weights folder)."""
-    from aion_train.interop.reshard import load_full_state_dict
+    from aion_train.checkpoint import load_full_state_dict
     from aion_train.posttrain.common import load_tensors
     from aion_train.posttrain.lora import merge_into_state_dict
     done = _read_done(run_dir, "sft")
@@ -243,9 +242,8 @@ def _load_sft(run_dir: Path, tokenizer: str | None):
 
 
 def _load_ppo(run_dir: Path, tokenizer: str | None):
-    from aion_train.interop.reshard import model_config_from_dict
+    from aion_train.checkpoint import CheckpointManager, model_config_from_dict
     from aion_train.posttrain.lora import merge_into_state_dict
-    from aion_train.train.checkpoint import CheckpointManager
     _read_done(run_dir, "ppo")
     cfg_dict, full, info, _ = _sft_state(run_dir)
     root = run_dir / "ppo" / "checkpoints"
@@ -274,7 +272,7 @@ def _load_ppo(run_dir: Path, tokenizer: str | None):
 
 
 def _sft_base_only(run_dir: Path) -> dict:
-    from aion_train.interop.reshard import load_full_state_dict
+    from aion_train.checkpoint import load_full_state_dict
     done = _read_done(run_dir, "sft")
     _, full = load_full_state_dict(_resolve(done["base_checkpoint"], run_dir))
     return full
@@ -282,9 +280,8 @@ def _sft_base_only(run_dir: Path) -> dict:
 
 def _gather_actor(folder: Path, mcfg, tp: int, ep: int) -> dict:
     """The actor's trainable tensors of every (tp_rank, ep_rank) -> full tensors."""
-    from aion_train.interop.reshard import saver_rank, shard_spec_for
+    from aion_train.checkpoint import load_rank, saver_rank, shard_spec_for
     from aion_train.parallel.parallelize import full_slice
-    from aion_train.train.checkpoint import load_rank
     shards = {(t, e): load_rank(folder, saver_rank(tp, t, e), "actor")
               for e in range(ep) for t in range(tp)}
     specs = {k: _with_lora_specs(shard_spec_for(mcfg, tp, ep, *k)) for k in shards}

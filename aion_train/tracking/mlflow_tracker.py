@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from aion_train.config.load import flatten
+from aion_train.fsutil import atomic_write_text
 
 log = logging.getLogger("aion_train.tracking")
 
@@ -272,9 +273,7 @@ class Tracker:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             info = {"run_id": self._run_id, "experiment_id": self._experiment_id,
                     "tracking_uri": self._tracking_uri, "experiment": self._experiment_name}
-            tmp = self.run_dir / (RUN_INFO_FILE + ".tmp")
-            tmp.write_text(json.dumps(info, indent=1) + "\n")
-            os.replace(tmp, self.run_dir / RUN_INFO_FILE)
+            atomic_write_text(self.run_dir / RUN_INFO_FILE, json.dumps(info, indent=1) + "\n")
         except OSError as e:
             log.warning("tracking: could not write %s: %s", self.run_dir / RUN_INFO_FILE, e)
 

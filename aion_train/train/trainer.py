@@ -19,7 +19,9 @@ from aion_train.parallel.grad_sync import global_grad_norm
 from aion_train.parallel.plan import ParallelPlan
 from aion_train.runtime import apply_model_execution, apply_runtime, show_progress_bar
 
-from .checkpointing import CheckpointError, CheckpointManager, load_job, load_weights_only, save_job
+from aion_train.checkpoint import CheckpointError, CheckpointManager
+from aion_train.checkpoint.training_job import load_job, load_weights_only, save_job
+
 from .engine import build_engine
 from .metrics import expert_load, flops_per_token, peak_flops
 from .tasks import make_task

@@ -1,4 +1,4 @@
-"""Engine state <-> pickle-free trees.
+"""An engine's optimizer state <-> pickle-free trees.
 
 DeepSpeed optimizer state dicts hold a few Python objects (a loss scaler, namedtuples that
 map parameter fragments). We store their plain fields only, and on load put them back into
@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 
 import torch
+
+from aion_train.parallel.deepspeed_adapter import load_optimizer_state as load_into_optimizer
 
 _PRIMITIVE = (int, float, bool, str, type(None), torch.Tensor)
 
@@ -55,16 +57,12 @@ def from_tree(saved, template):
 
 
 def optimizer_state(engine):
+    """The optimizer state of a DeepSpeed engine as a tree `save_tree` accepts."""
     return to_tree(engine.optimizer.state_dict())
 
 
 def load_optimizer_state(engine, saved, dp_rank: int, dp_size: int):
+    """Put `saved` (from :func:`optimizer_state`) back into the engine's live optimizer."""
     opt = engine.optimizer
     restored = from_tree(saved, opt.state_dict())
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-    if isinstance(opt, DeepSpeedZeroOptimizer):
-        states = [None] * dp_size
-        states[dp_rank] = restored
-        opt.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
-    else:
-        opt.load_state_dict(restored)
+    load_into_optimizer(opt, restored, dp_rank, dp_size)   # ZeRO-1/2: per DP rank (DeepSpeed internals)

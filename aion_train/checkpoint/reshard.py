@@ -2,9 +2,9 @@
 
 A checkpoint folder holds one `model.rankNNNNN` payload per distinct shard, written by
 the rank with edp_rank 0 for each (tp_rank, ep_rank): rank = ep_rank * tp + tp_rank (see
-`aion_train.train.checkpointing.model_saver_rank`). How each of those tensors is a slice
-of the full one is what `parallelize` records in `model.shard_spec`; `shard_spec_for`
-computes the same thing without torch.distributed (a multi-rank test checks they agree).
+`.shard_layout.saver_rank`). How each of those tensors is a slice of the full one is the
+model's `ParallelPlan` (`shard_spec_for`), the plan `parallelize` applies (a multi-rank test
+checks every shard's shape against it).
 Tensors keep their saved dtype (a bf16 run saves bf16 parameters)."""
 from __future__ import annotations
 
@@ -14,11 +14,14 @@ from pathlib import Path
 import torch
 
 from aion_train.config import ModelConfig, config_from_dict, config_to_dict
-from aion_train.model.transformer import is_moe_layer
 from aion_train.parallel.parallelize import full_slice
-from aion_train.train.checkpoint import CheckpointError, CheckpointManager, load_rank, save_rank
 
-Spec = dict[str, list[tuple[int, int, int]]]
+from .errors import CheckpointError
+from .locate import find_checkpoint, read_manifest
+from .protocol import save_checkpoint
+from .rank_files import load_rank, save_rank
+from .shard_layout import Spec, check_divisible, saver_rank, shard_spec_for
+from .store import CheckpointManager
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:
@@ -29,70 +32,6 @@ def model_config_from_dict(d: dict) -> ModelConfig:
 def model_config_to_dict(cfg: ModelConfig) -> dict:
     from aion_train.config import Config
     return config_to_dict(Config(model=cfg))["model"]
-
-
-def shard_spec_for(cfg: ModelConfig, tp: int, ep: int, tp_rank: int, ep_rank: int) -> Spec:
-    """What `parallelize(model, groups).shard_spec` is on the rank (tp_rank, ep_rank) of a
-    (tp, ep) layout: {parameter name: [(dim, rank, n_parts), ...]} (sequence parallelism
-    does not change any parameter's shape). For a multimodal model the names carry the
-    trunk's "lm." prefix."""
-    spec: Spec = {}
-    t = (tp_rank, tp)
-    e = (ep_rank, ep)
-    moe = cfg.moe
-    for i in range(cfg.n_layers):
-        pre = f"blocks.{i}"
-        if tp > 1:
-            for name in ("q_proj", "k_proj", "v_proj"):
-                spec[f"{pre}.attn.{name}.weight"] = [(0, *t)]
-            spec[f"{pre}.attn.o_proj.weight"] = [(1, *t)]
-        ffns = []
-        if is_moe_layer(cfg, i):
-            if tp > 1 or ep > 1:
-                spec[f"{pre}.ffn.experts.w1"] = [(0, *e), (2, *t)]
-                spec[f"{pre}.ffn.experts.w2"] = [(0, *e), (1, *t)]
-                if cfg.activation == "swiglu":
-                    spec[f"{pre}.ffn.experts.w3"] = [(0, *e), (2, *t)]
-            if moe.shared_expert_d_ff:
-                ffns.append(f"{pre}.ffn.shared_expert")
-        else:
-            ffns.append(f"{pre}.ffn")
-        if tp > 1:
-            for fpre in ffns:
-                if cfg.activation == "swiglu":
-                    spec[f"{fpre}.w_gate.weight"] = [(0, *t)]
-                spec[f"{fpre}.w_up.weight"] = [(0, *t)]
-                spec[f"{fpre}.w_down.weight"] = [(1, *t)]
-    if tp > 1:
-        spec["embed.weight"] = [(0, *t)]
-        spec["lm_head.weight"] = [(0, *t)]
-    if getattr(cfg, "multimodal", None) is not None and cfg.multimodal.enabled:
-        spec = {f"lm.{k}": v for k, v in spec.items()}  # the trunk of MultimodalModel; encoders replicated
-    return spec
-
-
-def saver_rank(tp: int, tp_rank: int, ep_rank: int) -> int:
-    """The global rank that wrote the model payload of shard (tp_rank, ep_rank)."""
-    return ep_rank * tp + tp_rank
-
-
-def find_checkpoint(path) -> Path:
-    """A step folder (has manifest.json), a checkpoints root (has `latest`/step_*), or a run
-    folder (has checkpoints/) -> the step folder (the latest one for the last two)."""
-    p = Path(path)
-    if (p / "manifest.json").is_file():
-        return p
-    for root in (p / "checkpoints", p):
-        if root.is_dir():
-            latest = CheckpointManager(root, keep_last=None).latest()
-            if latest is not None:
-                return latest
-    raise CheckpointError(f"{p}: no checkpoint found (expected a step_XXXXXXXX folder with manifest.json, "
-                          "a checkpoints folder, or a run folder holding checkpoints/)")
-
-
-def read_manifest(folder) -> dict:
-    return CheckpointManager(Path(folder).parent, keep_last=None).read_manifest(folder)
 
 
 def load_full_state_dict(checkpoint_dir) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -144,11 +83,9 @@ def load_full_state_dict(checkpoint_dir) -> tuple[dict, dict[str, torch.Tensor]]
 
 def shard_state_dict(full_sd: dict[str, torch.Tensor], model=None, groups=None, *, cfg: ModelConfig | None = None,
                      spec: Spec | None = None) -> dict[str, torch.Tensor]:
-    """The part of a full state dict that one rank holds: by `model.shard_spec` (a model that
-    went through `parallelize`), else by `shard_spec_for(model.cfg or cfg, groups...)`.
+    """The part of a full state dict that one rank holds: by `spec`, else by the plan of
+    `cfg` (default `model.cfg`) on this rank of `groups` (`shard_spec_for`), else all of it.
     The result loads with `model.load_state_dict` (tied weights stay one tensor)."""
-    if spec is None:
-        spec = getattr(model, "shard_spec", None) if model is not None else None
     if spec is None:
         if groups is None:
             spec = {}
@@ -177,7 +114,7 @@ def save_sharded_checkpoint(run_dir, model_cfg, full_sd: dict[str, torch.Tensor]
     `optimizer_state: false`). `world` defaults to tp * ep (data-parallel size = ep)."""
     cfg = model_config_from_dict(model_cfg) if isinstance(model_cfg, dict) else model_cfg
     cfg_dict = model_config_to_dict(cfg)
-    _check_divisible(cfg, tp, ep)
+    check_divisible(cfg, tp, ep)
     world = tp * ep if world is None else world
     if world % tp or (world // tp) % ep:
         raise ValueError(f"world={world} is not tp x dp with ep dividing dp (tp={tp}, ep={ep})")
@@ -185,31 +122,18 @@ def save_sharded_checkpoint(run_dir, model_cfg, full_sd: dict[str, torch.Tensor]
     mgr = CheckpointManager(root, keep_last=None)
     if not allow_existing and mgr.list_checkpoints():
         raise CheckpointError(f"{root} already holds checkpoints; choose an empty run folder")
-    folder = mgr.prepare(step)
-    mgr.begin(step)
-    for ep_rank in range(ep):
-        for tp_rank in range(tp):
-            spec = shard_spec_for(cfg, tp, ep, tp_rank, ep_rank)
-            save_rank(folder, saver_rank(tp, tp_rank, ep_rank), "model", shard_state_dict(full_sd, spec=spec))
+
+    def write(folder):  # one process writes the model payload of every saver rank
+        for ep_rank in range(ep):
+            for tp_rank in range(tp):
+                spec = shard_spec_for(cfg, tp, ep, tp_rank, ep_rank)
+                save_rank(folder, saver_rank(tp, tp_rank, ep_rank), "model", shard_state_dict(full_sd, spec=spec))
+
     manifest = {"model_config": cfg_dict,
                 "layout": {"tp": tp, "ep": ep, "world": world, "zero_stage": zero_stage},
                 "optimizer_state": False}
     manifest.update(extra_manifest or {})
-    return mgr.commit(step, manifest)
-
-
-def _check_divisible(cfg: ModelConfig, tp: int, ep: int) -> None:
-    errors = []
-    kv = cfg.n_kv_heads or cfg.n_heads
-    for key, val in (("model.n_heads", cfg.n_heads), ("model.n_kv_heads", kv), ("model.d_ff", cfg.d_ff),
-                     ("model.vocab_size", cfg.vocab_size), ("model.moe.d_ff_expert", cfg.moe.d_ff_expert),
-                     ("model.moe.shared_expert_d_ff", cfg.moe.shared_expert_d_ff)):
-        if val % tp:
-            errors.append(f"{key}={val} is not divisible by tp={tp}")
-    if ep > 1 and cfg.moe.n_experts % ep:
-        errors.append(f"model.moe.n_experts={cfg.moe.n_experts} is not divisible by ep={ep}")
-    if errors:
-        raise ValueError("cannot shard this model: " + "; ".join(errors))
+    return save_checkpoint(mgr, step, write, manifest)
 
 
 def numel(sd: dict[str, torch.Tensor]) -> int:

@@ -1,4 +1,4 @@
-"""Crash-safe, pickle-free checkpoints for multi-rank jobs on a shared filesystem.
+"""The checkpoint store: atomic multi-rank checkpoint folders on a shared filesystem.
 
 Layout under ``root``::
 
@@ -12,7 +12,8 @@ Layout under ``root``::
       step_00001000/
       .tmp-step_00001100/        # being written (or left behind by a crash)
 
-Training-loop protocol (``barrier`` = ``torch.distributed.barrier``)::
+The save protocol (``barrier`` = ``torch.distributed.barrier``), which
+:func:`aion_train.checkpoint.protocol.save_checkpoint` runs for every job::
 
     mgr = CheckpointManager(root, keep_last=2)
     if rank == 0:
@@ -45,49 +46,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import random
 import re
 import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
-import numpy as np
-import torch
+from aion_train.fsutil import atomic_write_text, fsync_dir, fsync_file
 
-from aion_train.config.load import flatten
-from aion_train.fsutil import atomic_write_text
+from .compat import check_compatible
+from .errors import CheckpointError
+from .tree_format import PathLike
 
-from .tree_io import (
-    CheckpointError,
-    TreeFormatError,
-    fsync_dir,
-    load_tree,
-    save_tree,
-    tree_paths,
-)
-
-__all__ = [
-    "CheckpointError",
-    "TreeFormatError",
-    "CheckpointManager",
-    "save_tree",
-    "load_tree",
-    "save_rank",
-    "load_rank",
-    "rank_prefix",
-    "rank_file_names",
-    "list_ranks",
-    "capture_rng_state",
-    "restore_rng_state",
-    "check_compatible",
-    "flatten_config",
-]
-
-PathLike = Union[str, "os.PathLike[str]"]
+__all__ = ["CheckpointManager", "MANIFEST_NAME"]
 
 MANIFEST_NAME = "manifest.json"
 LATEST_NAME = "latest"
@@ -96,200 +69,7 @@ MANIFEST_VERSION = 1
 _RESERVED_MANIFEST_KEYS = {"format", "version", "step", "created_unix", "files"}
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 _TMP_RE = re.compile(r"^\.tmp-step_(\d{8,})$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
-
-# =========================================================================== per-rank payloads
-
-def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ValueError(f"invalid payload name {name!r}: use letters, digits, '_', '-', '.'")
-
-
-def rank_prefix(folder: PathLike, rank: int, name: str) -> Path:
-    """Path prefix of one rank's payload: ``folder/{name}.rank{rank:05d}``."""
-    _check_name(name)
-    if type(rank) is not int or rank < 0:
-        raise ValueError(f"invalid rank {rank!r}")
-    return Path(folder) / f"{name}.rank{rank:05d}"
-
-
-def rank_file_names(name: str, ranks: Union[int, Iterable[int]]) -> List[str]:
-    """File names written by ``save_rank`` for ``ranks`` (an int means ``range(ranks)``)."""
-    if isinstance(ranks, int):
-        ranks = range(ranks)
-    out: List[str] = []
-    for r in ranks:
-        j, s = tree_paths(rank_prefix(".", r, name))
-        out += [j.name, s.name]
-    return out
-
-
-def save_rank(folder: PathLike, rank: int, name: str, tree: Any, *, fsync: bool = True) -> Path:
-    """Write ``tree`` as ``{name}.rank{rank:05d}.safetensors/.json`` in ``folder``.
-
-    Each rank fsyncs its own files (``fsync=True``), which is what makes the data
-    durable on network filesystems where another client's fsync would not.
-    Returns the path prefix.
-    """
-    prefix = rank_prefix(folder, rank, name)
-    save_tree(tree, prefix, fsync=fsync)
-    return prefix
-
-
-def load_rank(folder: PathLike, rank: int, name: str, *,
-              device: Union[str, torch.device] = "cpu") -> Any:
-    """Load what ``save_rank(folder, rank, name, ...)`` wrote."""
-    prefix = rank_prefix(folder, rank, name)
-    json_path, _ = tree_paths(prefix)
-    if not json_path.exists():
-        avail = list_ranks(folder, name)
-        raise CheckpointError(
-            f"{folder}: no '{name}' payload for rank {rank} "
-            f"(ranks present: {avail if avail else 'none'}); was the checkpoint written "
-            "with a different world size?")
-    return load_tree(prefix, device=device)
-
-
-def list_ranks(folder: PathLike, name: str) -> List[int]:
-    """Sorted ranks for which ``folder`` holds a ``name`` payload."""
-    _check_name(name)
-    pat = re.compile(re.escape(name) + r"\.rank(\d{5,})\.json$")
-    out = []
-    folder = Path(folder)
-    if folder.is_dir():
-        for p in folder.iterdir():
-            m = pat.match(p.name)
-            if m:
-                out.append(int(m.group(1)))
-    return sorted(out)
-
-
-# =========================================================================== RNG state
-
-def capture_rng_state() -> Dict[str, Any]:
-    """RNG state of python ``random``, numpy's global RNG, torch CPU and (if
-    available) the current CUDA device, as a structure ``save_tree`` accepts."""
-    version, internal, gauss_next = random.getstate()
-    np_state = np.random.get_state(legacy=False)
-    if np_state.get("bit_generator") != "MT19937":  # pragma: no cover - numpy's legacy global RNG
-        raise CheckpointError(f"unsupported numpy bit generator {np_state.get('bit_generator')!r}")
-    state: Dict[str, Any] = {
-        "python": {"version": int(version), "internal": [int(x) for x in internal],
-                   "gauss_next": gauss_next},
-        "numpy": {
-            "bit_generator": "MT19937",
-            "key": np.asarray(np_state["state"]["key"], dtype=np.uint32).copy(),
-            "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]),
-            "gauss": float(np_state["gauss"]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        dev = torch.cuda.current_device()
-        state["cuda"] = {"device": int(dev), "state": torch.cuda.get_rng_state(dev)}
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any], *, strict_cuda: bool = False) -> List[str]:
-    """Restore what :func:`capture_rng_state` captured; returns the parts restored.
-
-    The CUDA state is applied to the *current* device (ranks may map to other
-    device indices after a restart).  If the checkpoint has a CUDA state but
-    CUDA is unavailable it is skipped, or ``CheckpointError`` is raised with
-    ``strict_cuda=True``.
-    """
-    done: List[str] = []
-    if "python" in state:
-        p = state["python"]
-        random.setstate((int(p["version"]), tuple(int(x) for x in p["internal"]), p["gauss_next"]))
-        done.append("python")
-    if "numpy" in state:
-        n = state["numpy"]
-        np.random.set_state({
-            "bit_generator": n["bit_generator"],
-            "state": {"key": np.asarray(n["key"], dtype=np.uint32), "pos": int(n["pos"])},
-            "has_gauss": int(n["has_gauss"]),
-            "gauss": float(n["gauss"]),
-        })
-        done.append("numpy")
-    if "torch" in state:
-        torch.set_rng_state(state["torch"].to("cpu", torch.uint8))
-        done.append("torch")
-    if "cuda" in state:
-        if torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda"]["state"].to("cpu", torch.uint8),
-                                     torch.cuda.current_device())
-            done.append("cuda")
-        elif strict_cuda:
-            raise CheckpointError("checkpoint holds a CUDA RNG state but CUDA is not available")
-    return done
-
-
-# =========================================================================== config compatibility
-
-def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
-    """Flatten nested mappings into ``{"a.b.c": value}`` (tuples become lists)."""
-    return {k: _normalise(v) for k, v in flatten(cfg, prefix).items()}
-
-
-def _normalise(v: Any) -> Any:
-    if isinstance(v, (list, tuple)):
-        return [_normalise(x) for x in v]
-    if isinstance(v, Mapping):
-        return {str(k): _normalise(x) for k, x in v.items()}
-    return v
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    try:
-        return bool(a == b)
-    except Exception:  # pragma: no cover - exotic values
-        return False
-
-
-_MISSING = object()
-
-
-def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any],
-                     what: str = "model config", *, ignore: Iterable[str] = ()) -> None:
-    """Raise ``CheckpointError`` listing every key whose value differs.
-
-    Both configs may be nested or already flattened (dotted keys).  Keys equal
-    to an entry of ``ignore`` or below it (``ignore=["train"]`` skips
-    ``train.lr``) are not compared.  Message lines look like
-    ``model.d_model: checkpoint 128 != config 256``.
-    """
-    a, b = flatten_config(saved), flatten_config(current)
-    ignore = tuple(ignore)
-
-    def ignored(key: str) -> bool:
-        return any(key == i or key.startswith(i + ".") for i in ignore)
-
-    lines = []
-    for key in sorted(set(a) | set(b)):
-        if ignored(key):
-            continue
-        va, vb = a.get(key, _MISSING), b.get(key, _MISSING)
-        if va is not _MISSING and vb is not _MISSING and _same(va, vb):
-            continue
-        sa = "<missing>" if va is _MISSING else repr(va)
-        sb = "<missing>" if vb is _MISSING else repr(vb)
-        lines.append(f"  {key}: checkpoint {sa} != config {sb}")
-    if lines:
-        raise CheckpointError(
-            f"{what} of the checkpoint is incompatible with the current run "
-            f"({len(lines)} {'key differs' if len(lines) == 1 else 'keys differ'}):\n" + "\n".join(lines))
-
-
-# =========================================================================== manager
 
 def _sha256(path: Path, fsync: bool = False) -> Tuple[int, str]:
     """(size, sha256 hex) of a file, optionally fsyncing it on the way."""
@@ -304,14 +84,10 @@ def _sha256(path: Path, fsync: bool = False) -> Tuple[int, str]:
             size += len(chunk)
         if fsync:
             try:
-                os.fsync(f.fileno())
+                fsync_file(f)
             except OSError:
                 pass
     return size, h.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_text(path, text)
 
 
 class CheckpointManager:
@@ -416,7 +192,7 @@ class CheckpointManager:
             text = json.dumps(doc, indent=2, sort_keys=False, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise TypeError(f"manifest fields must be plain JSON (no NaN/inf): {e}") from None
-        _atomic_write_text(tmp / MANIFEST_NAME, text + "\n")
+        atomic_write_text(tmp / MANIFEST_NAME, text + "\n")
         for d in subdirs:
             fsync_dir(d)
         fsync_dir(tmp)
@@ -427,7 +203,7 @@ class CheckpointManager:
             os.rename(final, trash)
         os.rename(tmp, final)
         fsync_dir(self.root)
-        _atomic_write_text(self.latest_file, final.name + "\n")
+        atomic_write_text(self.latest_file, final.name + "\n")
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
         self.prune(current_step=step)
@@ -563,4 +339,3 @@ class CheckpointManager:
         return removed
 
     check_compatible = staticmethod(check_compatible)
-
