@@ -75,3 +75,19 @@ def test_tied_embeddings_keep_both_names_and_multimodal_names_carry_the_trunk_pr
     assert mplan.params and all(n.startswith("lm.") for n in mplan.params)
     assert mplan.shard_spec(1, 0)["lm.embed.weight"] == [(0, 1, 2)]
     assert mplan.layout() == {"tp": 2, "ep": 1, "sequence_parallel": False}
+
+
+def test_a_wrapped_trunk_gets_its_plan_under_its_own_path():
+    """A reward model or critic holds the trunk as `backbone`: the engine's plan (expert
+    gradient groups, TP tags) must name its parameters as they are in the wrapper."""
+    from aion_train.model import build_model
+    from aion_train.posttrain.reward import RewardModel
+    cfg = _cfg()
+    rm = RewardModel(build_model(cfg, seed=0), cfg.d_model)
+    plan = ParallelPlan.for_model(rm, cfg, tp=2, ep=2)
+    names = {n for n, _ in rm.named_parameters()}
+    experts = {n for n in names if plan.is_expert(n)}
+    assert experts == {f"backbone.blocks.1.ffn.experts.w{k}" for k in (1, 2, 3)}
+    assert plan.tp_sharded("backbone.blocks.0.attn.q_proj.weight") and not plan.tp_sharded("head.weight")
+    bare = ParallelPlan.for_model(build_model(cfg, seed=0), cfg, tp=2, ep=2)
+    assert bare.shard_spec(1, 1) == ParallelPlan.from_config(cfg, 2, 2).shard_spec(1, 1)

@@ -469,7 +469,7 @@ def _trained_checkpoint(tmp_path: Path):
     from aion_train.config import dump_yaml, load_config
     from aion_train.data import Tokenizer
     from aion_train.data.tokenizer import train_tokenizer
-    from aion_train.interop.reshard import save_sharded_checkpoint
+    from aion_train.checkpoint import save_sharded_checkpoint
     from aion_train.model import build_model
     texts = list(topics.values())[:80]
     train_tokenizer(texts, str(tmp_path / "tok.model"), 400)

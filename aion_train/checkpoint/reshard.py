@@ -15,6 +15,7 @@ import torch
 
 from aion_train.config import ModelConfig, config_from_dict, config_to_dict
 from aion_train.parallel.parallelize import full_slice
+from aion_train.parallel.plan import ParallelPlan
 
 from .errors import CheckpointError
 from .locate import find_checkpoint, read_manifest
@@ -89,8 +90,10 @@ def shard_state_dict(full_sd: dict[str, torch.Tensor], model=None, groups=None, 
     if spec is None:
         if groups is None:
             spec = {}
+        elif model is not None:   # named as the trunk sits in the model (lm., backbone.)
+            spec = ParallelPlan.for_model(model, cfg or model.cfg, groups.tp, groups.ep).shard_spec(
+                groups.tp_rank, groups.ep_rank)
         else:
-            cfg = cfg or model.cfg
             spec = shard_spec_for(cfg, groups.tp, groups.ep, groups.tp_rank, groups.ep_rank)
     out: dict[str, torch.Tensor] = {}
     done: dict[int, torch.Tensor] = {}

@@ -46,7 +46,9 @@ def load_trained_model(checkpoint: str, config: str | None = None, device=None):
     if device is None:
         from aion_train.parallel.device import get_device
         device = get_device().torch_device if torch.cuda.is_available() else torch.device("cpu")
-    return model.eval().to(device=device, dtype=torch.float32), cfg
+    from aion_train.runtime import apply_model_execution
+    model = model.eval().to(device=device, dtype=torch.float32)
+    return apply_model_execution(model, torch.device(device), cfg.runtime), cfg
 
 
 def multimodal_data(cfg):

@@ -58,6 +58,19 @@ class ParallelPlan:
         return plan.prefixed("lm.") if multimodal is not None and multimodal.enabled else plan
 
     @classmethod
+    def for_model(cls, model, model_cfg, tp: int = 1, ep: int = 1, sequence_parallel: bool = False) -> ParallelPlan:
+        """The plan of `model_cfg`'s trunk named as the trunk sits inside `model`: the model
+        itself, a multimodal model's `lm`, a reward model's or critic's `backbone`. A model
+        without a trunk splits nothing."""
+        from aion_train.model import Transformer
+        path = next((p for p, m in model.named_modules() if isinstance(m, Transformer)), None)
+        if path is None:
+            return cls(tp, ep, sequence_parallel and tp > 1)
+        with torch.device("meta"):
+            plan = cls.from_model(Transformer(model_cfg), tp, ep, sequence_parallel)
+        return plan.prefixed(f"{path}.") if path else plan
+
+    @classmethod
     def from_model(cls, model, tp: int = 1, ep: int = 1, sequence_parallel: bool = False) -> ParallelPlan:
         """The plan of a full (unsharded) Transformer, read from its module tree."""
         sp = sequence_parallel and tp > 1

@@ -70,7 +70,7 @@ def build_engine(model, cfg: Config, groups: ParallelGroups):
     ds = init_comm(resolve_backend(cfg.parallel.backend), cfg.parallel.timeout_s,
                    shm_op=cfg.runtime.deepspeed_shm_op)   # a no-op when already started
     register_expert_groups(groups)
-    plan = ParallelPlan.from_config(cfg.model, groups.tp, groups.ep, cfg.parallel.sequence_parallel)
+    plan = ParallelPlan.for_model(model, cfg.model, groups.tp, groups.ep, cfg.parallel.sequence_parallel)
     tag_parameters(model, plan)
     t = cfg.train
     pg = split_moe_param_groups(param_groups(model, t.weight_decay, plan))

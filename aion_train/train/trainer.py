@@ -70,7 +70,6 @@ class Trainer:
         if cfg.train.precision == "fp16" and not torch.cuda.is_available():
             raise ValueError("train.precision=fp16 needs a GPU (dynamic loss scaling); use bf16 or fp32 on CPU")
         self.groups = build_groups(cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.timeout_s)
-        self.plan = ParallelPlan.from_config(cfg.model, cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.sequence_parallel)
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.task = make_task(cfg, self.rank, self.groups)
@@ -81,6 +80,8 @@ class Trainer:
             self.initialised_from = load_weights_only(self.ckpt, cfg, model, self.groups)
         except CheckpointError as e:
             raise ResumeError(f"cannot start from {self.ckpt.latest()}: {_one_line(e)}") from e
+        self.plan = ParallelPlan.for_model(model, cfg.model, cfg.parallel.tp, cfg.parallel.ep,
+                                           cfg.parallel.sequence_parallel)
         self.engine, self.optimizer = build_engine(model, cfg, self.groups)
         self.model = self.engine.module
         self.batch_device = module_device(self.engine)   # where DeepSpeed put the model
