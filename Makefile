@@ -1,6 +1,6 @@
 # AION-Train set-up on a fresh machine (README "Set-up"):
 #   make demo    install everything, then the main job (aion-train pretrain on the embedded default)
-#   make test    install everything, then the whole test suite (what .ci/run does)
+#   make test    install everything, lint (ruff check, ruff format --check), then the whole test suite (what .ci/run does)
 #   make install only the install; quick when nothing changed (a stamp under .make/)
 #
 # The install: Debian packages of the optional features (scripts/install_system_deps.sh: installed
@@ -52,17 +52,18 @@ RUN_ENV := PATH="$(BIN):$$PATH" $(if $(filter yes,$(USE_VENV)),VIRTUAL_ENV="$(ab
 TEST_ENV := MLFLOW_DISABLE_TELEMETRY=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-now demo test
+.PHONY: help install install-now demo lint test
 
 help:
 	@echo "make demo     install everything, then run the main job (aion-train pretrain)"
-	@echo "make test     install everything, then run the test suite (PYTEST_ARGS='$(PYTEST_ARGS)')"
+	@echo "make test     install everything, lint, then run the test suite (PYTEST_ARGS='$(PYTEST_ARGS)')"
+	@echo "make lint     ruff check and ruff format --check (ruff.toml)"
 	@echo "make install  only the install (skipped while $(STAMP) is current)"
 	@echo "Python: $(PY) (USE_VENV=$(USE_VENV))"
 
 install:
 	@if [ -f "$(STAMP)" ] && "$(PY)" -c "import importlib.metadata as m; \
-	    [m.version(d) for d in ('aion-train', 'torch', 'deepspeed', 'pytest')]" >/dev/null 2>&1; then \
+	    [m.version(d) for d in ('aion-train', 'torch', 'deepspeed', 'pytest', 'ruff')]" >/dev/null 2>&1; then \
 	    echo "make install: up to date ($(PY); 'make install-now' redoes it)"; \
 	    scripts/install_system_deps.sh --check; \
 	else \
@@ -87,5 +88,9 @@ endif
 demo: install
 	$(RUN_ENV) "$(BIN)/aion-train" pretrain $(DEMO_ARGS)
 
-test: install
+lint: install
+	"$(PY)" -m ruff check .
+	"$(PY)" -m ruff format --check .
+
+test: lint
 	$(RUN_ENV) $(TEST_ENV) "$(PY)" -m pytest $(PYTEST_ARGS)

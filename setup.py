@@ -8,7 +8,7 @@ setup(
     package_data={"aion_train": ["py.typed"]},
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",           # torch 2.13.0 (local CPU wheel) satisfies it
+        "torch>=2.4",  # torch 2.13.0 (local CPU wheel) satisfies it
         "numpy",
         "pyyaml",
         "deepspeed>=0.15",
@@ -20,16 +20,26 @@ setup(
         "rich",
         "jsonschema",
         "matplotlib",
-        "google-re2>=1.1",      # linear-time matching for policy patterns
-        "easy-vqa",             # multimodal demo: 64x64 shape images with questions/answers
-        "chatterbot-corpus",    # multimodal demo and SFT: English dialogs (text, speech lines)
-        "scikit-learn",         # multimodal demo: load_digits images
-        "torchao",              # QLoRA: NF4 base weights on CPU and GPU
-        "psutil",               # process trees of the Ray pipeline
+        "google-re2>=1.1",  # linear-time matching for policy patterns
+        "easy-vqa",  # multimodal demo: 64x64 shape images with questions/answers
+        "chatterbot-corpus",  # multimodal demo and SFT: English dialogs (text, speech lines)
+        "scikit-learn",  # multimodal demo: load_digits images
+        "torchao",  # QLoRA: NF4 base weights on CPU and GPU
+        "psutil",  # process trees of the Ray pipeline
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "transformers", "datasets", "peft", "triton; platform_system == 'Linux'",
-                 "openai", "httpx", "hypothesis"],
+        "test": [
+            "pytest",
+            "pytest-timeout",
+            "transformers",
+            "datasets",
+            "peft",
+            "triton; platform_system == 'Linux'",
+            "openai",
+            "httpx",
+            "hypothesis",
+            "ruff",  # make lint: the formatter and linter (ruff.toml), run before the tests
+        ],
         # `aion-train serve`: the OpenAI-compatible HTTP server
         "serve": ["fastapi", "uvicorn", "prometheus-client"],
         "ray": ["ray[default,train]"],

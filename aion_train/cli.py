@@ -1,6 +1,7 @@
 """`aion-train SUBCOMMAND ...`: each subcommand lives in aion_train/commands/<name>.py
 with `add_arguments(parser)` and `run(args) -> int`; modules are imported lazily so that
 `aion-train check-config` does not pay for importing DeepSpeed or MLflow."""
+
 from __future__ import annotations
 
 import argparse
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from aion_train.process_env import start_process
+
     start_process()
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()

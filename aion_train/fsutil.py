@@ -9,14 +9,16 @@
 
 Folders that commands own (a marker, entries kept across rebuilds) are published by
 :func:`aion_train.ownership.publish_dir`; checkpoints by :mod:`aion_train.checkpoint.store`."""
+
 from __future__ import annotations
 
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator, Optional, Union
+from typing import IO, Optional, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -103,8 +105,9 @@ class AtomicOutput:
 
 
 @contextmanager
-def atomic_write(path: PathLike, mode: str = "wb", *, encoding: Optional[str] = None,
-                 fsync: bool = True) -> Iterator[IO]:
+def atomic_write(
+    path: PathLike, mode: str = "wb", *, encoding: Optional[str] = None, fsync: bool = True
+) -> Iterator[IO]:
     """``with atomic_write(path) as f: f.write(...)``: `f` is a temp file beside `path`; on
     leaving the block it is closed, fsynced and renamed over `path`, and the folder is
     fsynced. On an error the temp file is removed and `path` is untouched."""

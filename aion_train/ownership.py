@@ -11,6 +11,7 @@ they produced. A command:
 * when it replaces a folder it built, replaces only the entries it wrote itself: anything
   else found in the folder (a user's notes, a sibling data set) is carried over.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,9 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Union
+from typing import Optional, Union
 
 from .fsutil import atomic_write_text, fsync_dir
 
@@ -36,8 +38,9 @@ class ForeignFolderError(ValueError):
 
 def _transient(name: str) -> bool:
     """Our own locks and temp files, which may appear in a folder while it is being claimed."""
-    return name.startswith(f"{MARKER}.") or (name.startswith(".") and (
-        name.endswith(".lock") or ".tmp-" in name or ".old-" in name or name.endswith(".tmp")))
+    return name.startswith(f"{MARKER}.") or (
+        name.startswith(".") and (name.endswith(".lock") or ".tmp-" in name or ".old-" in name or name.endswith(".tmp"))
+    )
 
 
 def _entries(path: Path) -> list[str]:
@@ -79,11 +82,13 @@ def refusal(path: PathLike, what: str, entries: list[str]) -> ForeignFolderError
     return ForeignFolderError(
         f"{what}: {os.fspath(path)} is not empty ({len(entries)} entries: {shown}) and was not written by "
         f"aion-train; refusing to write there. Choose a new or empty folder, or pass {OVERWRITE_FLAG} to "
-        f"write into it on purpose (files of the same names as the outputs are replaced, others are kept)")
+        f"write into it on purpose (files of the same names as the outputs are replaced, others are kept)"
+    )
 
 
-def check_writable(path: PathLike, what: str, overwrite: bool = False,
-                   recognise: Optional[Callable[[Path], bool]] = None) -> None:
+def check_writable(
+    path: PathLike, what: str, overwrite: bool = False, recognise: Optional[Callable[[Path], bool]] = None
+) -> None:
     """Raise ForeignFolderError unless `path` is absent, empty, ours, or `overwrite` is set."""
     path = Path(path)
     if not os.path.lexists(path):
@@ -96,8 +101,9 @@ def check_writable(path: PathLike, what: str, overwrite: bool = False,
     raise refusal(path, what, entries)
 
 
-def claim_dir(path: PathLike, kind: str, overwrite: bool = False,
-              recognise: Optional[Callable[[Path], bool]] = None) -> Path:
+def claim_dir(
+    path: PathLike, kind: str, overwrite: bool = False, recognise: Optional[Callable[[Path], bool]] = None
+) -> Path:
     """Check `path` (see :func:`check_writable`), create it if needed and mark it as written
     by the command `kind`. Returns the path."""
     path = Path(path)
@@ -109,8 +115,14 @@ def claim_dir(path: PathLike, kind: str, overwrite: bool = False,
     return path
 
 
-def publish_dir(tmp: PathLike, final: PathLike, kind: str, overwrite: bool = False,
-                recognise: Optional[Callable[[Path], bool]] = None, last: Iterable[str] = ()) -> Path:
+def publish_dir(
+    tmp: PathLike,
+    final: PathLike,
+    kind: str,
+    overwrite: bool = False,
+    recognise: Optional[Callable[[Path], bool]] = None,
+    last: Iterable[str] = (),
+) -> Path:
     """Move the complete build in `tmp` to `final`.
 
     `final` absent: `tmp` is renamed into place. `final` present: it must be ours (or
@@ -131,7 +143,7 @@ def publish_dir(tmp: PathLike, final: PathLike, kind: str, overwrite: bool = Fal
     marker = read_marker(final) or {}
     stale = set(marker.get("files", [])) - set(produced)
     last = [n for n in last if n in produced]
-    for name in last:                       # the folder reads as incomplete from here on
+    for name in last:  # the folder reads as incomplete from here on
         _remove(final / name)
     trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
     trash.mkdir()
@@ -162,8 +174,11 @@ def _remove(path: Path) -> None:
 def looks_like_run_dir(path: Path) -> bool:
     """A run folder written before ownership markers existed: a checkpoint pointer, an MLflow
     run record, or a finished post-training phase."""
-    return ((path / "checkpoints" / "latest").is_file() or (path / "mlflow_run.json").is_file()
-            or any(p.is_file() for p in path.glob("*/done.json")))
+    return (
+        (path / "checkpoints" / "latest").is_file()
+        or (path / "mlflow_run.json").is_file()
+        or any(p.is_file() for p in path.glob("*/done.json"))
+    )
 
 
 def claim_run_dir(path: PathLike, kind: str, overwrite: bool = False) -> Path:

@@ -3,6 +3,7 @@
 It is written at the command-line entry (`aion_train.cli.main`), in every rank that
 `parallel.spawn.run_ranks` or a pipeline worker starts (their launcher variables), and where
 DeepSpeed needs launcher variables that a one-process run lacks. Everything else reads."""
+
 from __future__ import annotations
 
 import os

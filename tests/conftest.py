@@ -41,8 +41,10 @@ def missing_binaries_reason(*names: str) -> str | None:
         return None
     pkgs = " ".join(dict.fromkeys(SYSTEM_PACKAGES.get(n, n) for n in missing))
     several = " " in pkgs
-    return (f"needs the system package{'s' if several else ''} {pkgs} (missing: {', '.join(missing)}; "
-            f"`make install` as root installs {'them' if several else 'it'}, or apt-get install {pkgs})")
+    return (
+        f"needs the system package{'s' if several else ''} {pkgs} (missing: {', '.join(missing)}; "
+        f"`make install` as root installs {'them' if several else 'it'}, or apt-get install {pkgs})"
+    )
 
 
 def _require_binary(*names: str) -> None:
@@ -58,8 +60,10 @@ def require_binary():
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "requires_binary(*names): needs these programs from system "
-                            "packages; skipped, naming the package, without them")
+    config.addinivalue_line(
+        "markers",
+        "requires_binary(*names): needs these programs from system packages; skipped, naming the package, without them",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -79,6 +83,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def tiny_cfg():
     from aion_train.config import load_config
+
     return load_config("configs/tiny_cpu.yaml", ["model.n_layers=2"])
 
 

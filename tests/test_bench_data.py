@@ -1,5 +1,6 @@
 """bench data: the JSON fields are real, positive rates measured on a small multimodal set, and
 the headroom is the ratio of the two rates it reports."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,11 +12,21 @@ from aion_train.bench import data as bench_data
 from aion_train.commands import bench as bench_cmd
 from aion_train.data.multimodal.build import build_multimodal_demo
 
-pytestmark = pytest.mark.requires_binary("espeak-ng")   # the set's speech clips (tests/conftest.py)
+pytestmark = pytest.mark.requires_binary("espeak-ng")  # the set's speech clips (tests/conftest.py)
 
-SIZES = {"vqa_train": 60, "vqa_val": 4, "digits_train": 20, "digits_val": 4, "photo_crops": 1,
-         "speech_train": 6, "speech_val": 2, "video_train": 8, "video_val": 2, "text_train": 30,
-         "text_val": 4}
+SIZES = {
+    "vqa_train": 60,
+    "vqa_val": 4,
+    "digits_train": 20,
+    "digits_val": 4,
+    "photo_crops": 1,
+    "speech_train": 6,
+    "speech_val": 2,
+    "video_train": 8,
+    "video_val": 2,
+    "text_train": 30,
+    "text_val": 4,
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +53,9 @@ def test_bench_command_prints_one_json_line(small_set, capsys, monkeypatch):
     bench_cmd.add_arguments(parser)
     args = parser.parse_args(["data", "--json", "--quick"])
     real = bench_data.run_bench
-    monkeypatch.setattr(bench_data, "run_bench", lambda **kw: real(data_dir=small_set, **{**kw, "batches": 2, "train_steps": 1}))
+    monkeypatch.setattr(
+        bench_data, "run_bench", lambda **kw: real(data_dir=small_set, **{**kw, "batches": 2, "train_steps": 1})
+    )
     assert bench_cmd.run(args) == 0
     line = capsys.readouterr().out.strip().splitlines()
     assert len(line) == 1 and json.loads(line[0])["loader_samples_per_s"] > 0

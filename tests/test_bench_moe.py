@@ -1,6 +1,7 @@
 """bench moe --quick: the printed ratios and medians follow from the per-round timings the
 same JSON reports (run as the CLI runs it, in its own process: DeepSpeed's MoE layer starts a
 process group)."""
+
 import json
 import os
 import statistics
@@ -11,18 +12,26 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow   # ~40-80 s on two shared cores (DeepSpeed's import and MoE layer)
+pytestmark = pytest.mark.slow  # ~40-80 s on two shared cores (DeepSpeed's import and MoE layer)
 
 
 @pytest.fixture(scope="module")
 def result():
     from aion_train.bench import moe
+
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "aion_train.cli", "bench", "moe", "--quick", "--json"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "aion_train.cli", "bench", "moe", "--quick", "--json"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 1, proc.stdout   # --json: one line (DeepSpeed's notices go to stderr)
+    assert len(lines) == 1, proc.stdout  # --json: one line (DeepSpeed's notices go to stderr)
     r = json.loads(lines[0])
     assert r["tokens"] == moe.QUICK["tokens"] and r["d_model"] == moe.QUICK["d_model"]
     return r
@@ -39,12 +48,13 @@ def _check_point(p, ratio_key="ratio", moe_key="moe_ms", dense_key="dense_equiv_
 
 def test_ratios_are_computed_from_the_reported_rounds(result):
     from aion_train.bench import moe
+
     _check_point(result, rounds=moe.QUICK["rounds"])
     assert [p["tokens"] for p in result["sweep"]] == list(moe.QUICK["sweep"])
     for p in result["sweep"]:
         _check_point(p)
     main = next(p for p in result["sweep"] if p["tokens"] == result["tokens"])
-    assert main["rounds_ms"] == result["rounds_ms"]               # the same measurement
+    assert main["rounds_ms"] == result["rounds_ms"]  # the same measurement
 
 
 def test_fields_have_their_names_and_types(result):

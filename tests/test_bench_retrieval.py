@@ -1,5 +1,6 @@
 """bench retrieval --quick: the speedup and rates are the ones its reported batch timings give;
 the fields have their names and types; MRR@10 by hand."""
+
 import pytest
 
 from aion_train.bench import retrieval as bench_retrieval
@@ -32,6 +33,6 @@ def test_fields_have_their_names_and_types(result):
         assert isinstance(result[k], float) and 0 <= result[k] <= 1, k
     for k in ("n_chunks", "n_test_queries", "n_tune_queries", "dim", "ef_search", "ef_construction"):
         assert isinstance(result[k], int) and result[k] > 0, k
-    assert result["dim"] == 384 and result["index"] == "HNSW32_SQ8"          # MiniLM, the default graph
+    assert result["dim"] == 384 and result["index"] == "HNSW32_SQ8"  # MiniLM, the default graph
     assert result["ef_search"] in bench_retrieval.EF_GRID and 0 <= result["alpha"] <= 1
     assert isinstance(result["embeddings_cached"], bool) and result["hnsw_build_s"] >= 0

@@ -1,6 +1,7 @@
 """bench train: the training-step comparison with transformers' Mixtral and the ZeRO per-rank
 bytes on 2 real gloo ranks, run once with the bench's QUICK settings; its ratios and rates are
 recomputed from the timings the same JSON reports."""
+
 import statistics
 
 import pytest
@@ -16,6 +17,7 @@ def result():
 
 def test_json_fields_exist_and_are_positive(result):
     import json
+
     json.dumps(result)  # one JSON line
     for key in ("tokens_per_s", "mfu", "hf_tokens_per_s", "speedup_vs_hf", "speedup_vs_hf_1thread_cpu"):
         assert isinstance(result[key], float) and result[key] > 0, key
@@ -51,8 +53,11 @@ def test_ratios_follow_from_the_reported_timings(result):
     cpu = result["cpu_ms_1thread"]
     assert result["speedup_vs_hf_1thread_cpu"] == round(cpu["hf"] / cpu["ours"], 3)
     z = result["zero"]
-    for key, (stage, field) in {"zero1_optim_ratio": ("1", "optim_bytes"), "zero2_grad_ratio": ("2", "grad_bytes"),
-                                "zero3_param_ratio": ("3", "param_bytes")}.items():
+    for key, (stage, field) in {
+        "zero1_optim_ratio": ("1", "optim_bytes"),
+        "zero2_grad_ratio": ("2", "grad_bytes"),
+        "zero3_param_ratio": ("3", "param_bytes"),
+    }.items():
         assert z[key] == round(z[stage][field] / z["0"][field], 4), key
     assert result["tokens_per_step"] == result["micro_batch_size"] * result["seq_len"]
 
@@ -60,6 +65,7 @@ def test_ratios_follow_from_the_reported_timings(result):
 def test_hf_reference_has_our_parameter_count(result):
     cfg = bench_train.load_bench_config()
     from aion_train.model import build_model
+
     ours = build_model(cfg.model, seed=0)
     hf = bench_train.build_hf_model(cfg.model, seed=0)
     n_ours, n_hf = bench_train.param_count(ours), bench_train.param_count(hf)
@@ -90,6 +96,7 @@ def test_zero_bytes_follow_theory(result):
 
 def test_paired_ratio_is_the_median_of_round_ratios():
     from aion_train.bench.timing import paired_ratio
+
     # a slow second round (both 2x) leaves the round ratios, and so the result, unchanged
     assert paired_ratio([10.0, 20.0, 11.0], [5.0, 10.0, 5.0]) == 2.0
-    assert paired_ratio([3.0, 9.0, 4.0, 8.0], [1.0, 3.0, 1.0, 2.0]) == 3.5   # median of 3, 3, 4, 4
+    assert paired_ratio([3.0, 9.0, 4.0, 8.0], [1.0, 3.0, 1.0, 2.0]) == 3.5  # median of 3, 3, 4, 4

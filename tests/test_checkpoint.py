@@ -51,15 +51,16 @@ def _tensor_bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 # --------------------------------------------------------------------------- tree format
 
+
 def test_tree_roundtrip_preserves_types_and_values(tmp_path):
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     tree = {
         "weights": {
             "w": base,
-            "w_tied": base.detach(),          # same storage, same view -> stored once
-            "row": base[1],                   # partial view of a shared storage
-            "col_t": base.t(),                # non-contiguous
-            "flat": base.view(-1),            # other view of the same storage
+            "w_tied": base.detach(),  # same storage, same view -> stored once
+            "row": base[1],  # partial view of a shared storage
+            "col_t": base.t(),  # non-contiguous
+            "flat": base.view(-1),  # other view of the same storage
             "strided": base[:, ::2],
         },
         "bf16": torch.randn(3, 5).to(torch.bfloat16),
@@ -80,7 +81,7 @@ def test_tree_roundtrip_preserves_types_and_values(tmp_path):
         "np_f64_0d": np.array(2.5),
         "np_scalars": [np.int64(-4), np.float32(0.5), np.bool_(True)],
         "size": torch.Size([2, 3]),
-        "unicode": "é ✓ \u0000 \"quoted\"",
+        "unicode": 'é ✓ \u0000 "quoted"',
     }
     save_tree(tree, tmp_path / "t")
     out = load_tree(tmp_path / "t")
@@ -106,8 +107,7 @@ def test_tree_roundtrip_preserves_types_and_values(tmp_path):
     assert out["ints"] == [0, -1, 2**62, 2**70]
     assert out["bools"] == (True, False) and type(out["bools"][0]) is bool
     m = out["mixed"]
-    assert type(m) is tuple and [type(x) for x in m] == [int, float, bool, type(None), str, bytes,
-                                                          torch.dtype]
+    assert type(m) is tuple and [type(x) for x in m] == [int, float, bool, type(None), str, bytes, torch.dtype]
     assert m[5] == b"\x00\xffraw" and m[6] is torch.bfloat16
     assert out["nested_list"] == [[1, [2, (3,)]], []]
     assert list(out["od"].items()) == [("b", 1), ("a", 2)]
@@ -202,8 +202,10 @@ def test_loader_rejects_pickle_like_and_malformed_nodes(tmp_path):
 
 
 def test_loading_never_unpickles(tmp_path, monkeypatch):
-    opt_state = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}},
-                 "param_groups": [{"lr": 0.1, "params": [0]}]}
+    opt_state = {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}},
+        "param_groups": [{"lr": 0.1, "params": [0]}],
+    }
     save_rank(tmp_path, 0, "optim", opt_state)
 
     def forbidden(*a, **k):
@@ -230,6 +232,7 @@ def test_partial_file_write_leaves_no_files(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- RNG
 
+
 def _draw():
     return (
         [random.random() for _ in range(3)] + [random.gauss(0, 1)],
@@ -243,7 +246,7 @@ def test_rng_capture_restore_reproduces_streams(tmp_path):
     np.random.seed(2)
     torch.manual_seed(3)
     random.gauss(0, 1)  # leaves a cached gaussian in python's state
-    np.random.randn()   # same for numpy's legacy RNG
+    np.random.randn()  # same for numpy's legacy RNG
     state = capture_rng_state()
     save_rank(tmp_path, 0, "rng", state)
     expected = _draw()
@@ -264,6 +267,7 @@ def test_rng_capture_restore_reproduces_streams(tmp_path):
 
 # --------------------------------------------------------------------------- AdamW resume
 
+
 def _make_run(seed: int):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Dropout(0.3), nn.Linear(16, 4))
@@ -274,7 +278,7 @@ def _make_run(seed: int):
 
 def _train(model, opt, sched, n: int):
     for _ in range(n):
-        x = torch.randn(6, 8)          # data and dropout depend on the torch RNG
+        x = torch.randn(6, 8)  # data and dropout depend on the torch RNG
         y = torch.randn(6, 4)
         loss = ((model(x) - y) ** 2).mean()
         opt.zero_grad(set_to_none=True)
@@ -342,6 +346,7 @@ def test_bf16_model_state_roundtrip(tmp_path):
 
 
 # --------------------------------------------------------------------------- manager
+
 
 def _commit(mgr: CheckpointManager, step: int, value: float, **manifest):
     mgr.prepare(step)
@@ -476,10 +481,19 @@ def test_verify_detects_corruption(tmp_path):
 
 
 def test_check_compatible_names_every_differing_key():
-    saved = {"model": {"d_model": 128, "n_layers": 4, "moe": {"num_experts": 8, "top_k": 2},
-                       "act": "gelu", "dims": [1, 2]}}
-    current = {"model": {"d_model": 256, "n_layers": 4, "moe": {"num_experts": 16, "top_k": 2},
-                         "act": "gelu", "dims": (1, 2), "rope": True}}
+    saved = {
+        "model": {"d_model": 128, "n_layers": 4, "moe": {"num_experts": 8, "top_k": 2}, "act": "gelu", "dims": [1, 2]}
+    }
+    current = {
+        "model": {
+            "d_model": 256,
+            "n_layers": 4,
+            "moe": {"num_experts": 16, "top_k": 2},
+            "act": "gelu",
+            "dims": (1, 2),
+            "rope": True,
+        }
+    }
     with pytest.raises(CheckpointError) as ei:
         check_compatible(saved, current)
     msg = str(ei.value)
@@ -490,13 +504,13 @@ def test_check_compatible_names_every_differing_key():
     assert "n_layers" not in msg and "top_k" not in msg and "dims" not in msg
 
     # already-flattened input, ignore list, bool vs int, custom label
-    check_compatible({"a.b": 1, "train.lr": 0.1}, {"a": {"b": 1}, "train": {"lr": 0.2}},
-                     ignore=["train"])
+    check_compatible({"a.b": 1, "train.lr": 0.1}, {"a": {"b": 1}, "train": {"lr": 0.2}}, ignore=["train"])
     with pytest.raises(CheckpointError, match=r"(?s)tokenizer.*1 key differs.*flag: checkpoint 1 != config True"):
         check_compatible({"flag": 1}, {"flag": True}, what="tokenizer")
 
 
 # --------------------------------------------------------------------------- 2-rank protocol
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -508,8 +522,9 @@ def _rank_worker(rank: int, world: int, port: int, root: str, result_dir: str) -
     import torch.distributed as dist
 
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=timedelta(seconds=30))
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=30)
+        )
         mgr = CheckpointManager(root, keep_last=1)
         seen = []
         for step in (10, 20):
@@ -522,13 +537,15 @@ def _rank_worker(rank: int, world: int, port: int, root: str, result_dir: str) -
                 mgr.prepare(step)
             dist.barrier()
             folder = mgr.begin(step)
-            save_rank(folder, rank, "model", {"w": torch.full((3,), float(100 * rank + step)),
-                                              "rank": rank})
+            save_rank(folder, rank, "model", {"w": torch.full((3,), float(100 * rank + step)), "rank": rank})
             save_rank(folder, rank, "rng", capture_rng_state())
             dist.barrier()
             if rank == 0:
-                mgr.commit(step, {"world_size": world, "model_config": {"d_model": 8}},
-                           required_files=rank_file_names("model", world))
+                mgr.commit(
+                    step,
+                    {"world_size": world, "model_config": {"d_model": 8}},
+                    required_files=rank_file_names("model", world),
+                )
             dist.barrier()
             latest = mgr.latest()
             own = load_rank(latest, rank, "model")
@@ -547,8 +564,7 @@ def test_two_rank_prepare_begin_commit_protocol(tmp_path):
     results.mkdir()
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_rank_worker, args=(r, 2, port, str(root), str(results)))
-             for r in range(2)]
+    procs = [ctx.Process(target=_rank_worker, args=(r, 2, port, str(root), str(results))) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:

@@ -40,12 +40,15 @@ def test_experts_not_divisible_by_ep_names_both_keys():
     assert "model.moe.n_experts=6" in msg and "parallel.ep=4" in msg
 
 
-@pytest.mark.parametrize("override, keys", [
-    ("model.n_heads=3", ["model.n_heads", "parallel.tp"]),
-    ("model.vocab_size=2047", ["model.vocab_size", "parallel.tp"]),
-    ("model.d_ff=511", ["model.d_ff", "parallel.tp"]),
-    ("model.moe.d_ff_expert=255", ["model.moe.d_ff_expert", "parallel.tp"]),
-])
+@pytest.mark.parametrize(
+    "override, keys",
+    [
+        ("model.n_heads=3", ["model.n_heads", "parallel.tp"]),
+        ("model.vocab_size=2047", ["model.vocab_size", "parallel.tp"]),
+        ("model.d_ff=511", ["model.d_ff", "parallel.tp"]),
+        ("model.moe.d_ff_expert=255", ["model.moe.d_ff_expert", "parallel.tp"]),
+    ],
+)
 def test_tp_divisibility(override, keys):
     msg = errors_of([override, "parallel.tp=2"], world_size=2)
     for k in keys:
@@ -73,12 +76,28 @@ def test_overrides_parse_yaml_scalars():
 
 
 def test_check_config_cli():
-    ok = subprocess.run([sys.executable, "-m", "aion_train.cli", "check-config", "--config", CFG,
-                         "model.n_layers=3"], capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "aion_train.cli", "check-config", "--config", CFG, "model.n_layers=3"],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0 and "n_layers: 3" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "aion_train.cli", "check-config", "--config", CFG,
-                          "model.moe.n_experts=6", "parallel.ep=4", "--world-size", "4"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aion_train.cli",
+            "check-config",
+            "--config",
+            CFG,
+            "model.moe.n_experts=6",
+            "parallel.ep=4",
+            "--world-size",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2
     assert "model.moe.n_experts" in bad.stderr and "parallel.ep" in bad.stderr
 

@@ -1,4 +1,5 @@
 """WebDataset shards, the resumable packed-token loader, and the demo data set."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,7 @@ import torch
 from aion_train.commands import make_shards
 from aion_train.data.demo import ensure_demo_data
 from aion_train.data.loader import TokenLoader, expand_shards
-from aion_train.data.shards import (iter_shard_samples, read_manifest, verify_manifest,
-                                    write_shards)
+from aion_train.data.shards import iter_shard_samples, read_manifest, verify_manifest, write_shards
 from aion_train.data.text_sources import demo_documents
 from aion_train.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -31,8 +31,7 @@ def corpus(tmp_path_factory):
     samples = [{"__key__": f"d{i:03d}", "txt": t} for i, t in enumerate(docs)]
     paths = write_shards(samples, str(root), "train", PER_SHARD)
     tok = Tokenizer(train_tokenizer(demo_documents()[:120], str(root / "tok.model"), 600))
-    return {"root": root, "docs": dict((s["__key__"], s["txt"]) for s in samples),
-            "paths": paths, "tok": tok}
+    return {"root": root, "docs": dict((s["__key__"], s["txt"]) for s in samples), "paths": paths, "tok": tok}
 
 
 def loader(corpus, paths=None, **kw):
@@ -47,8 +46,8 @@ def take(it, n):
 
 def same(a, b):
     return len(a) == len(b) and all(
-        torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
-        for x, y in zip(a, b))
+        torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"]) for x, y in zip(a, b)
+    )
 
 
 # ------------------------------------------------------------------ shards
@@ -72,15 +71,18 @@ def test_write_shards_layout_and_manifest_checksums(corpus):
 
 
 def test_write_shards_multi_field_reproducible_and_verified(tmp_path):
-    samples = [{"__key__": f"s{i}", "txt": f"caption {i}", "jpg": bytes([i]) * 10,
-                "json": json.dumps({"i": i})} for i in range(5)]
+    samples = [
+        {"__key__": f"s{i}", "txt": f"caption {i}", "jpg": bytes([i]) * 10, "json": json.dumps({"i": i})}
+        for i in range(5)
+    ]
     a = write_shards(samples, str(tmp_path / "a"), "mm", 2)
-    b = write_shards(samples, str(tmp_path / "b"), "mm", 2)
+    write_shards(samples, str(tmp_path / "b"), "mm", 2)
     assert len(a) == 3
     ma, mb = read_manifest(str(tmp_path / "a")), read_manifest(str(tmp_path / "b"))
     assert ma["splits"]["mm"]["fields"] == {"jpg": 5, "json": 5, "txt": 5}
-    assert [e["sha256"] for e in ma["splits"]["mm"]["shards"]] == \
-           [e["sha256"] for e in mb["splits"]["mm"]["shards"]]  # byte-reproducible
+    assert [e["sha256"] for e in ma["splits"]["mm"]["shards"]] == [
+        e["sha256"] for e in mb["splits"]["mm"]["shards"]
+    ]  # byte-reproducible
     got = [s for p in a for s in iter_shard_samples(p)]
     assert [s["jpg"] for s in got] == [bytes([i]) * 10 for i in range(5)]
     with open(a[1], "r+b") as f:  # flip one byte: the checksum notices
@@ -97,7 +99,7 @@ def test_packing_rows_are_full_and_labels_shifted(corpus):
     ld = loader(corpus, loop=False, shuffle_buffer=0)
     batches = list(ld)
     docs = [t for _k, t in ld.iter_documents()]
-    assert len(docs) == N_DOCS                     # no shuffle: corpus order
+    assert len(docs) == N_DOCS  # no shuffle: corpus order
     assert docs == list(corpus["docs"].values())
     stream = [t for d in docs for t in [tok.bos_id, *tok.encode(d), tok.eos_id]]
     rows = torch.cat([torch.cat([b["input_ids"][:, :1], b["labels"]], 1) for b in batches])
@@ -121,8 +123,7 @@ def test_ranks_disjoint_and_cover(corpus, dp_size, workers):
     """6 shards: by shard for S <= 6 splits, by sample for S = 8 (4 ranks x 2 workers)."""
     seen = []
     for r in range(dp_size):
-        keys = [k for k, _t in loader(corpus, dp_rank=r, dp_size=dp_size,
-                                      num_workers=workers).iter_documents()]
+        keys = [k for k, _t in loader(corpus, dp_rank=r, dp_size=dp_size, num_workers=workers).iter_documents()]
         assert keys and len(keys) == len(set(keys))
         seen.append(set(keys))
     for i in range(dp_size):
@@ -141,8 +142,10 @@ def test_shuffle_is_seeded(corpus):
     a = loader(corpus, shuffle_buffer=16)
     b = loader(corpus, shuffle_buffer=16)
     assert same(take(iter(a), 5), take(iter(b), 5))
-    assert not same(take(iter(loader(corpus, seed=6, shuffle_buffer=16)), 5),
-                    take(iter(loader(corpus, seed=5, shuffle_buffer=16)), 5))
+    assert not same(
+        take(iter(loader(corpus, seed=6, shuffle_buffer=16)), 5),
+        take(iter(loader(corpus, seed=5, shuffle_buffer=16)), 5),
+    )
     keys = [k for k, _ in loader(corpus, shuffle_buffer=16).iter_documents()]
     assert sorted(keys) == sorted(corpus["docs"]) and keys != sorted(keys)
 
@@ -157,9 +160,16 @@ def test_epochs_have_different_orders(corpus):
 
 
 # ------------------------------------------------------------------ resume
-@pytest.mark.parametrize("workers,dp_rank,dp_size,cut", [
-    (0, 0, 1, 1), (0, 0, 1, 40), (0, 1, 2, 29), (2, 1, 2, 7), (2, 0, 1, 18),
-])
+@pytest.mark.parametrize(
+    "workers,dp_rank,dp_size,cut",
+    [
+        (0, 0, 1, 1),
+        (0, 0, 1, 40),
+        (0, 1, 2, 29),
+        (2, 1, 2, 7),
+        (2, 0, 1, 18),
+    ],
+)
 def test_resume_is_bit_identical(corpus, workers, dp_rank, dp_size, cut):
     total = 45  # several epochs of this small corpus
     kw = dict(dp_rank=dp_rank, dp_size=dp_size, num_workers=workers)
@@ -210,8 +220,12 @@ def test_truncated_shard_and_bad_sample_are_skipped(corpus, tmp_path, caplog):
     with open(paths[2], "wb") as f:  # cut inside the 4th member's data
         f.write(blob[: fourth.offset_data + 100])
     readable = [s for s in iter_shard_samples(paths[2]) if isinstance(s, dict)]
-    bad = write_shards([{"__key__": "bad0", "txt": b"\xff\xfe not utf-8"},
-                        {"__key__": "good0", "txt": "fine text"}], str(tmp_path / "x"), "bad", 2)
+    bad = write_shards(
+        [{"__key__": "bad0", "txt": b"\xff\xfe not utf-8"}, {"__key__": "good0", "txt": "fine text"}],
+        str(tmp_path / "x"),
+        "bad",
+        2,
+    )
     paths += bad
     caplog.set_level(logging.WARNING, logger="aion_train.data")
     ld = loader(corpus, paths=paths, loop=False, shuffle_buffer=0)
@@ -219,7 +233,7 @@ def test_truncated_shard_and_bad_sample_are_skipped(corpus, tmp_path, caplog):
     assert set(keys) == (set(corpus["docs"]) - {f"d{i:03d}" for i in range(16 + len(readable), 24)}) | {"good0"}
     assert len(readable) == 3
     batches = list(ld)
-    assert batches and ld.skipped == 2            # the rest of the cut shard + the bad sample
+    assert batches and ld.skipped == 2  # the rest of the cut shard + the bad sample
     msgs = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
     assert any("train-00002.tar" in m and "unreadable tar" in m for m in msgs)
     assert any("bad-00000.tar" in m and "undecodable" in m for m in msgs)
@@ -288,15 +302,14 @@ def _make_shards(*argv: str) -> int:
 
 
 def test_make_shards_text_needs_no_system_package(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))   # no espeak-ng, sox, ... on PATH
-    assert _make_shards("--out", str(tmp_path / "d"), "--modality", "text", "--vocab-size", "1024",
-                        "--verify") == 0
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no espeak-ng, sox, ... on PATH
+    assert _make_shards("--out", str(tmp_path / "d"), "--modality", "text", "--vocab-size", "1024", "--verify") == 0
     out = capsys.readouterr().out
     assert "train:" in out and "val:" in out and "sha256: ok" in out and "vocab 1024" in out
     assert not os.path.exists(tmp_path / "d" / "multimodal")
 
 
-@pytest.mark.requires_binary("espeak-ng")   # --modality all: the multimodal set's speech clips
+@pytest.mark.requires_binary("espeak-ng")  # --modality all: the multimodal set's speech clips
 def test_make_shards_command(tmp_path, capsys):
     assert _make_shards("--out", str(tmp_path / "d"), "--vocab-size", "1024", "--verify") == 0
     out = capsys.readouterr().out

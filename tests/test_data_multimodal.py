@@ -1,5 +1,6 @@
 """Multimodal data: demo build (determinism, manifest), decoders against numpy / torch
 references, the batch contract, rank/worker split, exact resume, skipping corrupt data."""
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,19 @@ from aion_train.data.multimodal.loader import MultimodalLoader
 from aion_train.data.shards import iter_shard_samples, read_manifest, verify_manifest, write_shards
 from aion_train.data.tokenizer import Tokenizer
 
-SIZES = {"vqa_train": 40, "vqa_val": 12, "digits_train": 20, "digits_val": 8, "photo_crops": 1,
-         "speech_train": 6, "speech_val": 2, "video_train": 8, "video_val": 4, "text_train": 30,
-         "text_val": 5}
+SIZES = {
+    "vqa_train": 40,
+    "vqa_val": 12,
+    "digits_train": 20,
+    "digits_val": 8,
+    "photo_crops": 1,
+    "speech_train": 6,
+    "speech_val": 2,
+    "video_train": 8,
+    "video_val": 4,
+    "text_train": 30,
+    "text_val": 5,
+}
 VOCAB = 400
 R = 8
 
@@ -33,7 +44,7 @@ def _build(out: str) -> dict:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, require_binary):
-    require_binary("espeak-ng")   # the speech clips; the decoder tests below need no system package
+    require_binary("espeak-ng")  # the speech clips; the decoder tests below need no system package
     out = str(tmp_path_factory.mktemp("mm") / "multimodal")
     return _build(out)
 
@@ -51,8 +62,9 @@ def test_build_is_deterministic_and_manifest_counts(demo, tmp_path):
     d1, d2 = os.path.dirname(demo["tokenizer"]), os.path.dirname(again["tokenizer"])
     m1, m2 = read_manifest(d1), read_manifest(d2)
     assert m1 == m2  # shard names, sizes, sha256, counts
-    for a, b in zip(demo["train"] + demo["val"] + [demo["tokenizer"]],
-                    again["train"] + again["val"] + [again["tokenizer"]]):
+    for a, b in zip(
+        demo["train"] + demo["val"] + [demo["tokenizer"]], again["train"] + again["val"] + [again["tokenizer"]]
+    ):
         with open(a, "rb") as fa, open(b, "rb") as fb:
             assert fa.read() == fb.read(), a
     assert verify_manifest(d1, checksums=True) == []
@@ -88,6 +100,7 @@ def test_speech_clip_is_16k_and_transcript_is_the_text(demo):
 
 def test_easy_vqa_captions_agree_with_every_answer_of_the_image():
     from aion_train.data.multimodal.sources import SHAPES, easy_vqa_records
+
     records = easy_vqa_records("test")
     colors = {a for r in records for _q, a in r["qa"]} - set(SHAPES) - {"yes", "no"}
     captioned = [r for r in records if r["color"] and r["shape"]]
@@ -109,8 +122,9 @@ def test_patchify_matches_conv_unfold_and_inverts():
     p = 8
     patches = D.patchify(img, p)
     assert patches.shape == (8 * 6, 3 * p * p)
-    ref = torch.nn.functional.unfold(torch.from_numpy(D.normalize_pixels(img)).permute(2, 0, 1)[None],
-                                     kernel_size=p, stride=p)[0].T  # (c, y, x) per patch, row-major
+    ref = torch.nn.functional.unfold(
+        torch.from_numpy(D.normalize_pixels(img)).permute(2, 0, 1)[None], kernel_size=p, stride=p
+    )[0].T  # (c, y, x) per patch, row-major
     np.testing.assert_array_equal(patches, ref.numpy())
     assert patches[6 + 2, 0] == pytest.approx((img[8, 16, 0] / 255 - 0.5) / 0.5)  # patch (1, 2)
     np.testing.assert_allclose(D.unpatchify(patches, 64, 48, p), img / 255.0, atol=1e-6)
@@ -123,9 +137,9 @@ def test_tubeletize_matches_explicit_loops_and_inverts():
     tubes = D.tubeletize(clip, t, p)
     assert tubes.shape == (4 * 4 * 4, 3 * t * p * p)
     norm = D.normalize_pixels(clip)
-    for n, (ti, yi, xi) in enumerate([(0, 0, 0), (1, 2, 3), (3, 3, 1)]):
+    for ti, yi, xi in [(0, 0, 0), (1, 2, 3), (3, 3, 1)]:
         k = (ti * 4 + yi) * 4 + xi
-        ref = norm[ti * t:(ti + 1) * t, yi * p:(yi + 1) * p, xi * p:(xi + 1) * p].transpose(3, 0, 1, 2).ravel()
+        ref = norm[ti * t : (ti + 1) * t, yi * p : (yi + 1) * p, xi * p : (xi + 1) * p].transpose(3, 0, 1, 2).ravel()
         np.testing.assert_array_equal(tubes[k], ref)
     np.testing.assert_allclose(D.untubeletize(tubes, 8, 32, 32, t, p), clip / 255.0, atol=1e-6)
     strip = D.join_strip(clip)
@@ -168,7 +182,7 @@ def _numpy_log_mel(x: np.ndarray) -> np.ndarray:
     n_fft, hop = 400, 160
     xp = np.pad(x.astype(np.float64), n_fft // 2, mode="reflect")
     n_frames = 1 + (len(xp) - n_fft) // hop
-    frames = np.stack([xp[i * hop: i * hop + n_fft] for i in range(n_frames)])[:-1]
+    frames = np.stack([xp[i * hop : i * hop + n_fft] for i in range(n_frames)])[:-1]
     window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
     k = np.arange(n_fft // 2 + 1)[:, None]
     dft = np.exp(-2j * np.pi * k * np.arange(n_fft)[None] / n_fft)
@@ -224,8 +238,10 @@ def _runs(mask_row: torch.Tensor) -> list[tuple[int, int]]:
 def test_batch_contract_shapes_and_invariants(demo):
     loader = _loader(demo)
     tok = loader.tokenizer
-    delim = {m: (tok.special_id(o), tok.special_id(c)) for m, o, c in
-             ((1, "<I>", "</I>"), (2, "<A>", "</A>"), (3, "<V>", "</V>"))}
+    delim = {
+        m: (tok.special_id(o), tok.special_id(c))
+        for m, o, c in ((1, "<I>", "</I>"), (2, "<A>", "</A>"), (3, "<V>", "</V>"))
+    }
     seen = {1: 0, 2: 0, 3: 0}
     it = iter(loader)
     for _ in range(12):
@@ -272,9 +288,9 @@ def test_batch_contract_shapes_and_invariants(demo):
         for v in b["vqa"]:
             n = len(tok.encode(v["answer"]))
             r, s0 = v["row"], v["answer_start"]
-            assert tok.decode(ids[r, s0: s0 + n].tolist()) == v["answer"]
-            assert (b["loss_kind"][r, s0 - 1: s0 - 1 + n] == 2).all()
-            assert tok.decode(ids[r, s0 - len(tok.encode(v["question"])): s0].tolist()) == v["question"]
+            assert tok.decode(ids[r, s0 : s0 + n].tolist()) == v["answer"]
+            assert (b["loss_kind"][r, s0 - 1 : s0 - 1 + n] == 2).all()
+            assert tok.decode(ids[r, s0 - len(tok.encode(v["question"])) : s0].tolist()) == v["question"]
     assert all(seen.values()), seen  # images, audio and video all showed up
 
 
@@ -312,13 +328,11 @@ def _keys(loader) -> list[str]:
 def test_rank_and_worker_splits_are_disjoint_and_cover(demo, n_shards):
     shards = demo["train"][:n_shards]
     every = [it["__key__"] for p in shards for it in iter_shard_samples(p)]
-    parts = [_keys(_loader(demo, shards=shards, dp_rank=r, dp_size=2, num_workers=2, loop=False))
-             for r in range(2)]
+    parts = [_keys(_loader(demo, shards=shards, dp_rank=r, dp_size=2, num_workers=2, loop=False)) for r in range(2)]
     assert not set(parts[0]) & set(parts[1])
     assert sorted(parts[0] + parts[1]) == sorted(every)
     # what the DataLoader workers of rank 1 really pack is that rank's share
-    got = sum(count_samples(b) for b in _loader(demo, shards=shards, dp_rank=1, dp_size=2,
-                                                num_workers=2, loop=False))
+    got = sum(count_samples(b) for b in _loader(demo, shards=shards, dp_rank=1, dp_size=2, num_workers=2, loop=False))
     assert got == len(parts[1])
 
 
@@ -366,7 +380,7 @@ def _corrupt_copies(demo, out) -> tuple[list[str], int]:
     bad["png"] = b"\x89PNG\r\n\x1a\n" + b"\x00" * 40
     os.remove(paths[2])
     tmp = os.path.join(out, "rewrite")
-    new = write_shards(({k: v for k, v in it.items() if k != "__url__"} for it in items), tmp, "x", 10 ** 6)
+    new = write_shards(({k: v for k, v in it.items() if k != "__url__"} for it in items), tmp, "x", 10**6)
     shutil.move(new[0], paths[2])
     return paths, lost
 
@@ -395,14 +409,30 @@ def test_training_completes_over_corrupt_data(demo, tmp_path):
     import sqlite3
     import subprocess
     import sys
+
     paths, _ = _corrupt_copies(demo, str(tmp_path / "bad"))
     repo = os.path.join(os.path.dirname(__file__), "..")
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "aion_train.cli", "pretrain", "--config", "configs/tiny_multimodal_cpu.yaml",
-           f"run_dir={run}", f"data.train_shards={os.path.dirname(paths[0])}/*.tar",
-           f"data.val_shards={demo['val'][0]}", f"data.tokenizer={demo['tokenizer']}", "model.n_layers=1",
-           "data.micro_batch_size=2", "train.steps=12", "train.eval_every=12", "train.eval_batches=1",
-           "train.save_every=12", "train.warmup_steps=2", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "aion_train.cli",
+        "pretrain",
+        "--config",
+        "configs/tiny_multimodal_cpu.yaml",
+        f"run_dir={run}",
+        f"data.train_shards={os.path.dirname(paths[0])}/*.tar",
+        f"data.val_shards={demo['val'][0]}",
+        f"data.tokenizer={demo['tokenizer']}",
+        "model.n_layers=1",
+        "data.micro_batch_size=2",
+        "train.steps=12",
+        "train.eval_every=12",
+        "train.eval_batches=1",
+        "train.save_every=12",
+        "train.warmup_steps=2",
+        "--json",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -410,7 +440,9 @@ def test_training_completes_over_corrupt_data(demo, tmp_path):
     assert summary["final_step"] == 12 and summary["skipped_samples"] == 2
     assert "unreadable tar" in proc.stderr and "undecodable image" in proc.stderr
     db = sqlite3.connect(str(run / "mlflow.db"))
-    (last,) = db.execute("select value from metrics where key='data/skipped_samples' order by step desc limit 1").fetchone()
+    (last,) = db.execute(
+        "select value from metrics where key='data/skipped_samples' order by step desc limit 1"
+    ).fetchone()
     assert last == 2.0
 
 

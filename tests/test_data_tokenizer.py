@@ -1,4 +1,5 @@
 """Demo corpus and SentencePiece tokenizer (aion_train.data.text_sources / tokenizer)."""
+
 from __future__ import annotations
 
 import os
@@ -25,9 +26,9 @@ def tok(docs, tmp_path_factory):
 
 
 def test_demo_documents_are_real_deterministic_text(docs):
-    assert len(docs) >= 300                         # ~500 on CPython 3.x with Debian licences
+    assert len(docs) >= 300  # ~500 on CPython 3.x with Debian licences
     assert sum(map(len, docs)) > 400_000
-    assert docs == demo_documents()                 # deterministic
+    assert docs == demo_documents()  # deterministic
     assert len(set(docs)) == len(docs)
     assert any("assert" in d and "statement" in d for d in docs)  # pydoc topics
     assert all(d.strip() and d.strip("\n") == d for d in docs)
@@ -76,13 +77,19 @@ def test_round_trip_whole_corpus(tok, docs):
         assert tok.decode(ids) == d
         n_tokens += len(ids)
     n_chars = sum(map(len, docs))
-    assert 2.5 < n_chars / n_tokens < 6          # BPE actually merged (bytes would be 1.0)
+    assert 2.5 < n_chars / n_tokens < 6  # BPE actually merged (bytes would be 1.0)
 
 
-@pytest.mark.parametrize("text", [
-    "  two leading spaces and trailing  ", "tabs\tand\nnewlines\n\n", "",
-    "héllo wörld, 日本語, emoji 🤖, math ∑x²", "def f(x):\n    return x ** 2  # comment",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "  two leading spaces and trailing  ",
+        "tabs\tand\nnewlines\n\n",
+        "",
+        "héllo wörld, 日本語, emoji 🤖, math ∑x²",
+        "def f(x):\n    return x ** 2  # comment",
+    ],
+)
 def test_round_trip_odd_text(tok, text):
     ids = tok.encode(text)
     assert tok.unk_id not in ids

@@ -1,5 +1,6 @@
 """The device interface's CPU allocator setting: a freed large activation is reused, not
 page-faulted in again (measured with the process's minor page-fault counter)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -28,8 +29,9 @@ print(applied, min(faults_of_one_step() for _ in range(3)))
 
 
 def _probe(mode: str) -> tuple[bool, int]:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120,
-                         check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.split()
     return out[0] == "True", int(out[1])
 
 
@@ -40,6 +42,6 @@ def test_tuned_allocator_reuses_freed_activations():
     system_applied, system = _probe("system")
     assert applied and not system_applied
     pages = 64 * 1024 * 1024 // 4096
-    assert default > pages // 2, default      # glibc default: each 64 MB block is a fresh mmap
-    assert tuned < pages // 20, tuned         # tuned: the freed block is reused
-    assert system > pages // 2, system        # runtime.cpu_allocator=system: glibc's defaults
+    assert default > pages // 2, default  # glibc default: each 64 MB block is a fresh mmap
+    assert tuned < pages // 20, tuned  # tuned: the freed block is reused
+    assert system > pages // 2, system  # runtime.cpu_allocator=system: glibc's defaults

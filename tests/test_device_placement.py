@@ -7,6 +7,7 @@ see the device `comm_device` names (patched to meta: what NCCL's cuda device is 
 tensor). Code that forgets to move a batch, or reduces a CPU tensor directly, hands these
 fakes CPU tensors and the tests fail. Meta tensors hold no data, so a fake stops the run
 (`Stop`) at the first call it checks."""
+
 from __future__ import annotations
 
 import ast
@@ -21,8 +22,15 @@ from torch import nn
 
 from aion_train.parallel import device as devmod
 from aion_train.parallel.collectives import all_reduce_
-from aion_train.parallel.device import (backend_device, comm_device, cuda_index, get_device, local_rank_from_env,
-                                        module_device, to_device)
+from aion_train.parallel.device import (
+    backend_device,
+    comm_device,
+    cuda_index,
+    get_device,
+    local_rank_from_env,
+    module_device,
+    to_device,
+)
 from aion_train.parallel.groups import ParallelGroups
 from aion_train.parallel.spawn import init_distributed, local_backend, rank_env, run_ranks
 
@@ -53,7 +61,7 @@ class OnMeta(nn.Module):
     def __init__(self, result=None):
         super().__init__()
         self.device = META
-        self.blocks = nn.ModuleList()       # what generate() sizes its KV cache by
+        self.blocks = nn.ModuleList()  # what generate() sizes its KV cache by
         self.seen: list[set] = []
         self.result = result
 
@@ -73,6 +81,7 @@ def fake_nccl(monkeypatch):
     def all_reduce(t, op=None, group=None, async_op=False):
         seen.append(t.device)
         raise Stop
+
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
@@ -84,7 +93,7 @@ def fake_nccl(monkeypatch):
 # ------------------------------------------------------------------ LOCAL_RANK -> GPU
 def test_cuda_index_follows_local_rank_and_never_doubles_up():
     assert [cuda_index(r, 4) for r in range(4)] == [0, 1, 2, 3]
-    assert cuda_index(5, 1) == 0            # one GPU bound per process (srun --gpus-per-task)
+    assert cuda_index(5, 1) == 0  # one GPU bound per process (srun --gpus-per-task)
     with pytest.raises(RuntimeError, match="LOCAL_RANK=5 but this process sees only 4 GPUs"):
         cuda_index(5, 4)
     with pytest.raises(RuntimeError, match="no CUDA device"):
@@ -94,7 +103,7 @@ def test_cuda_index_follows_local_rank_and_never_doubles_up():
 def test_local_rank_comes_from_the_launchers_variables():
     assert local_rank_from_env({}) == 0
     assert local_rank_from_env({"LOCAL_RANK": "3", "SLURM_LOCALID": "1"}) == 3
-    assert local_rank_from_env({"SLURM_LOCALID": "2"}) == 2              # plain srun
+    assert local_rank_from_env({"SLURM_LOCALID": "2"}) == 2  # plain srun
     assert local_rank_from_env({"OMPI_COMM_WORLD_LOCAL_RANK": "1"}) == 1
 
 
@@ -161,7 +170,7 @@ def test_run_ranks_refuses_nccl_without_gpus_before_spawning():
 
 # ------------------------------------------------------------------ the communication device
 def test_comm_device_is_the_backends(monkeypatch):
-    assert comm_device() == torch.device("cpu")           # no process group
+    assert comm_device() == torch.device("cpu")  # no process group
     assert backend_device("gloo") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     assert backend_device("nccl") == torch.device("cuda", 3)
@@ -203,8 +212,19 @@ def test_module_device_and_to_device():
 
 
 # ------------------------------------------------------------------ every collective in our code
-COLLECTIVES = {"all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all_single", "all_to_all",
-               "all_gather_into_tensor", "reduce_scatter_tensor", "reduce", "gather", "scatter"}
+COLLECTIVES = {
+    "all_reduce",
+    "all_gather",
+    "reduce_scatter",
+    "broadcast",
+    "all_to_all_single",
+    "all_to_all",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "reduce",
+    "gather",
+    "scatter",
+}
 # raw collectives on tensors that live on the model's device by construction (activations,
 # gradients, parameters, routing counts), next to the helper itself
 ON_MODEL_TENSORS = {
@@ -226,7 +246,10 @@ ON_MODEL_TENSORS = {
 def _raw_collectives():
     dirs = ["aion_train/parallel", "aion_train/posttrain", "aion_train/eval", "aion_train/rl", "aion_train/model"]
     files = [p for d in dirs for p in (REPO / d).rglob("*.py")]
-    files += [REPO / f"aion_train/train/{n}.py" for n in ("trainer", "engine", "tasks/base", "tasks/text", "tasks/multimodal", "metrics")]
+    files += [
+        REPO / f"aion_train/train/{n}.py"
+        for n in ("trainer", "engine", "tasks/base", "tasks/text", "tasks/multimodal", "metrics")
+    ]
     files.append(REPO / "aion_train/data/loader.py")
     found = set()
     for path in files:
@@ -236,10 +259,16 @@ def _raw_collectives():
             for ch in ast.iter_child_nodes(node):
                 inner = scope + [ch.name] if isinstance(ch, (ast.FunctionDef, ast.ClassDef)) else scope
                 f = getattr(ch, "func", None)
-                if (isinstance(ch, ast.Call) and isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name)
-                        and f.value.id == "dist" and f.attr in COLLECTIVES):
+                if (
+                    isinstance(ch, ast.Call)
+                    and isinstance(f, ast.Attribute)
+                    and isinstance(f.value, ast.Name)
+                    and f.value.id == "dist"
+                    and f.attr in COLLECTIVES
+                ):
                     found.add((rel, ".".join(scope)))
                 visit(ch, inner)
+
         visit(ast.parse(path.read_text()), [])
     return found
 
@@ -249,7 +278,7 @@ def test_bookkeeping_reductions_go_through_the_device_aware_helper():
     CPU, reduced directly) would fail under NCCL: use collectives.all_reduce_."""
     found = _raw_collectives()
     assert found - ON_MODEL_TENSORS == set()
-    assert ON_MODEL_TENSORS - found == set()      # the list stays true
+    assert ON_MODEL_TENSORS - found == set()  # the list stays true
 
 
 # ------------------------------------------------------------------ reductions reach the comm device
@@ -257,6 +286,7 @@ def test_trainer_step_moves_the_batch_and_reduces_the_finite_flag_on_the_comm_de
     from aion_train.model.transformer import ModelOutput
     from aion_train.train.tasks import TextTask
     from aion_train.train.trainer import Trainer
+
     z = torch.zeros(())
     engine = OnMeta(result=lambda *a, **k: ModelOutput(logits=None, loss=z, lm_loss=z, aux_loss=z))
     engine.global_steps = 0
@@ -273,6 +303,7 @@ def test_trainer_step_moves_the_batch_and_reduces_the_finite_flag_on_the_comm_de
 def test_global_grad_norm_reduces_on_the_comm_device(fake_nccl):
     from aion_train.parallel.grad_sync import global_grad_norm
     from aion_train.parallel.plan import ParallelPlan
+
     model = nn.Linear(3, 2)
     model(torch.ones(1, 3)).sum().backward()
     with pytest.raises(Stop):
@@ -282,15 +313,18 @@ def test_global_grad_norm_reduces_on_the_comm_device(fake_nccl):
 
 @pytest.mark.parametrize("which", ["masked_mean", "mean_over_ranks", "mean_over_dp", "all_reduce_", "trainer"])
 def test_metric_reductions_reach_the_comm_device(fake_nccl, which):
-    from aion_train.posttrain import common, ppo, ppo_math
     from aion_train.parallel import collectives
+    from aion_train.posttrain import common, ppo, ppo_math
     from aion_train.train import trainer
+
     groups = ParallelGroups(world=2, rank=0, tp=1, dp=2, dp_group=object())
-    call = {"masked_mean": lambda: ppo_math.masked_mean(torch.ones(2, 3), torch.ones(2, 3), group=object()),
-            "mean_over_ranks": lambda: common.mean_over_ranks(1.5),
-            "mean_over_dp": lambda: ppo.mean_over_dp({"reward": 1.0, "kl": 0.1}, groups),
-            "all_reduce_": lambda: collectives.all_reduce_(torch.zeros(2, dtype=torch.float64), group=object()),
-            "trainer": lambda: trainer._all_reduce(torch.zeros(1), op=dist.ReduceOp.MIN)}[which]
+    call = {
+        "masked_mean": lambda: ppo_math.masked_mean(torch.ones(2, 3), torch.ones(2, 3), group=object()),
+        "mean_over_ranks": lambda: common.mean_over_ranks(1.5),
+        "mean_over_dp": lambda: ppo.mean_over_dp({"reward": 1.0, "kl": 0.1}, groups),
+        "all_reduce_": lambda: collectives.all_reduce_(torch.zeros(2, dtype=torch.float64), group=object()),
+        "trainer": lambda: trainer._all_reduce(torch.zeros(1), op=dist.ReduceOp.MIN),
+    }[which]
     with pytest.raises(Stop):
         call()
     assert fake_nccl == [META]
@@ -299,6 +333,7 @@ def test_metric_reductions_reach_the_comm_device(fake_nccl, which):
 def test_evaluate_accuracy_counts_reach_the_comm_device(fake_nccl, monkeypatch):
     from aion_train.posttrain import common
     from aion_train.posttrain import task as task_mod
+
     monkeypatch.setattr(common, "generate_answers", lambda model, prompts, *a, **k: [[5] for _ in prompts])
     monkeypatch.setattr(task_mod, "is_correct", lambda e, text: True)
     data = SimpleNamespace(tokenizer=SimpleNamespace(end_id=1, decode=lambda ids: "x"))
@@ -315,6 +350,7 @@ def corpus(tmp_path_factory):
     from aion_train.data.shards import write_shards
     from aion_train.data.text_sources import demo_documents
     from aion_train.data.tokenizer import Tokenizer, train_tokenizer
+
     root = tmp_path_factory.mktemp("placement")
     docs = [d[:200] for d in demo_documents()[:24]]
     paths = write_shards([{"__key__": f"d{i:03d}", "txt": t} for i, t in enumerate(docs)], str(root), "val", 8)
@@ -325,9 +361,11 @@ def test_step0_evaluation_moves_batches_and_reduces_on_the_comm_device(corpus, f
     from aion_train.config import load_config
     from aion_train.model.transformer import ModelOutput
     from aion_train.train.tasks import TextTask
+
     task = TextTask.__new__(TextTask)
-    task.cfg = load_config("configs/tiny_cpu.yaml", ["data.seq_len=32", "data.micro_batch_size=2",
-                                                     "train.eval_batches=2"])
+    task.cfg = load_config(
+        "configs/tiny_cpu.yaml", ["data.seq_len=32", "data.micro_batch_size=2", "train.eval_batches=2"]
+    )
     task.groups = ParallelGroups(world=2, rank=0, tp=1, dp=2, dp_group=object())
     task.val_shards, task.tokenizer = corpus
     z = torch.zeros(())
@@ -340,6 +378,7 @@ def test_step0_evaluation_moves_batches_and_reduces_on_the_comm_device(corpus, f
 
 def test_multimodal_batches_and_eval_device():
     from aion_train.train.tasks.multimodal import MultimodalTask, batch_to
+
     got = batch_to({"input_ids": torch.ones(1, 4), "image": torch.ones(1, 3), "vqa": [{"row": 0}]}, META)
     assert got["input_ids"].device == got["image"].device == META and got["vqa"] == [{"row": 0}]
     engine = OnMeta()
@@ -354,10 +393,13 @@ def test_sft_and_reward_batches_reach_the_model(monkeypatch):
     from aion_train.posttrain.critic import Critic
     from aion_train.posttrain.reward import RewardModel, pair_accuracy, pair_batch, pair_loss
     from aion_train.posttrain.sft import lm_batch, lm_loss
-    for run in (lambda m: lm_loss(m, lm_batch([[1, 2, 3], [4, 5]], [[0, 1, 1], [1, 1]], 0)),
-                lambda m: pair_loss(m, pair_batch([([1, 2, 3], [1, 2])], 0)),
-                lambda m: pair_accuracy(m, [([1, 2, 3], [1, 2])], 0),
-                lambda m: sequence_logprobs(m, torch.ones(1, 3, dtype=torch.long))):
+
+    for run in (
+        lambda m: lm_loss(m, lm_batch([[1, 2, 3], [4, 5]], [[0, 1, 1], [1, 1]], 0)),
+        lambda m: pair_loss(m, pair_batch([([1, 2, 3], [1, 2])], 0)),
+        lambda m: pair_accuracy(m, [([1, 2, 3], [1, 2])], 0),
+        lambda m: sequence_logprobs(m, torch.ones(1, 3, dtype=torch.long)),
+    ):
         model = OnMeta()
         with pytest.raises(Stop):
             run(model)
@@ -378,6 +420,7 @@ def _ppo_bits():
 
 def test_ppo_rollouts_and_minibatches_reach_the_models(monkeypatch):
     from aion_train.posttrain import ppo, rollout
+
     task, pcfg, examples = _ppo_bits()
     monkeypatch.setattr(rollout, "sample_responses", lambda *a, **k: [[7, 9], [8]])
     monkeypatch.setattr(ppo, "sample_responses", lambda *a, **k: [[7, 9], [8]])
@@ -400,8 +443,11 @@ def test_ppo_rollouts_and_minibatches_reach_the_models(monkeypatch):
 def test_sampling_makes_the_prompt_ids_on_the_models_device():
     from aion_train.posttrain.common import generate_answers
     from aion_train.posttrain.rollout import sample_responses
-    for run in (lambda m: sample_responses(m, [[1, 2]], 2, 9, 1.0, torch.Generator().manual_seed(0)),
-                lambda m: generate_answers(m, [[1, 2], [3]], 2, 9)):
+
+    for run in (
+        lambda m: sample_responses(m, [[1, 2]], 2, 9, 1.0, torch.Generator().manual_seed(0)),
+        lambda m: generate_answers(m, [[1, 2], [3]], 2, 9),
+    ):
         model = OnMeta()
         with pytest.raises(Stop):
             run(model)
@@ -412,15 +458,18 @@ def test_minibatch_rows_index_a_batch_on_another_device():
     from dataclasses import fields
 
     from aion_train.posttrain.rollout import RolloutBatch
+
     batch = RolloutBatch(**{f.name: torch.zeros(4, 3, device=META) for f in fields(RolloutBatch)})
-    mb = batch.rows(torch.tensor([2, 0]))            # a CPU permutation (the CPU generator's)
+    mb = batch.rows(torch.tensor([2, 0]))  # a CPU permutation (the CPU generator's)
     assert all(getattr(mb, f.name).device == META and getattr(mb, f.name).shape[0] == 2 for f in fields(mb))
 
 
 def test_evaluation_commands_move_their_inputs_to_the_model():
     from aion_train.eval.multimodal import caption_retrieval, vqa_accuracy
-    tok = SimpleNamespace(special_id=lambda name: {"<I>": 10, "</I>": 11, "<T>": 12, "</T>": 13}[name],
-                          encode=lambda text: [20, 21])
+
+    tok = SimpleNamespace(
+        special_id=lambda name: {"<I>": 10, "</I>": 11, "<T>": 12, "</T>": 13}[name], encode=lambda text: [20, 21]
+    )
 
     class FakeMM(OnMeta):
         mm = SimpleNamespace(pad_id=0, resampler_queries=2)
@@ -430,6 +479,7 @@ def test_evaluation_commands_move_their_inputs_to_the_model():
 
         def encode_text(self, ids):
             return self(ids)
+
     model = FakeMM()
     with pytest.raises(Stop):
         vqa_accuracy(model, tok, [{"question": "q", "image": torch.ones(4, 6), "answer": "yes"}], ["yes", "no"])

@@ -5,6 +5,7 @@ CUDA image whose version matches torch's CUDA wheels, torch is a pinned release 
 grouped GEMM the MoE experts call (torch.nn.functional.grouped_mm, torch >= 2.10) from an index
 that publishes it and stays that release through the later installs, and the faiss left in the
 image is a GPU package published for the image's CUDA (both also asserted inside the build)."""
+
 from __future__ import annotations
 
 import ast
@@ -20,10 +21,33 @@ SETUP = ROOT / "setup.py"
 GPU_IMAGE_EXTRAS = {"gpu", "ray", "retrieval"}
 
 # pip options that take a value (the value is not a requirement)
-PIP_VALUE_OPTS = {"-r", "--requirement", "-c", "--constraint", "-i", "--index-url", "--extra-index-url",
-                  "-f", "--find-links", "--config-settings", "-C", "--global-option", "--build-option",
-                  "-t", "--target", "--prefix", "--root", "--src", "--upgrade-strategy", "--platform",
-                  "--python-version", "--implementation", "--abi", "--progress-bar", "--trusted-host"}
+PIP_VALUE_OPTS = {
+    "-r",
+    "--requirement",
+    "-c",
+    "--constraint",
+    "-i",
+    "--index-url",
+    "--extra-index-url",
+    "-f",
+    "--find-links",
+    "--config-settings",
+    "-C",
+    "--global-option",
+    "--build-option",
+    "-t",
+    "--target",
+    "--prefix",
+    "--root",
+    "--src",
+    "--upgrade-strategy",
+    "--platform",
+    "--python-version",
+    "--implementation",
+    "--abi",
+    "--progress-bar",
+    "--trusted-host",
+}
 
 
 def norm_name(req: str) -> str:
@@ -37,8 +61,11 @@ def setup_kwargs() -> dict:
     tree = ast.parse(SETUP.read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setup":
-            return {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords
-                    if kw.arg in ("name", "install_requires", "extras_require")}
+            return {
+                kw.arg: ast.literal_eval(kw.value)
+                for kw in node.keywords
+                if kw.arg in ("name", "install_requires", "extras_require")
+            }
     raise AssertionError("no setup(...) call in setup.py")
 
 
@@ -50,7 +77,7 @@ def instructions() -> list[tuple[str, str]]:
         if not buf and (not line or line.startswith("#")):
             continue
         if buf and line.startswith("#"):
-            continue                      # comment inside a continued instruction
+            continue  # comment inside a continued instruction
         if line.endswith("\\"):
             buf += line[:-1] + " "
             continue
@@ -89,13 +116,16 @@ def pip_installs() -> list[dict]:
     found = []
     for run_idx, env, argv in shell_commands():
         try:
-            p = next(k for k, t in enumerate(argv) if re.fullmatch(r"(.*/)?pip3?", t)
-                     or (t == "pip" and k > 0 and argv[k - 1] == "-m"))
+            p = next(
+                k
+                for k, t in enumerate(argv)
+                if re.fullmatch(r"(.*/)?pip3?", t) or (t == "pip" and k > 0 and argv[k - 1] == "-m")
+            )
         except StopIteration:
             continue
         if len(argv) <= p + 1 or argv[p + 1] != "install":
             continue
-        opts, reqs, editable, it = [], [], [], iter(argv[p + 2:])
+        opts, reqs, editable, it = [], [], [], iter(argv[p + 2 :])
         for tok in it:
             if tok in ("-e", "--editable"):
                 editable.append(next(it))
@@ -105,8 +135,7 @@ def pip_installs() -> list[dict]:
                     opts.append(next(it))
             else:
                 reqs.append(tok)
-        found.append({"run": run_idx, "env": env, "opts": opts, "reqs": reqs, "editable": editable,
-                      "argv": argv})
+        found.append({"run": run_idx, "env": env, "opts": opts, "reqs": reqs, "editable": editable, "argv": argv})
     return found
 
 
@@ -142,7 +171,7 @@ def test_dockerfile_parser_sees_the_instructions():
     kws = [kw for kw, _ in instructions()]
     assert kws[0] == "FROM" and "RUN" in kws and "COPY" in kws
     assert norm_name("ray[default,train]") == "ray" and norm_name("Flash_Attn>=2") == "flash-attn"
-    assert local_extras('.[ray,gpu]') == {"ray", "gpu"} and local_extras("torch") is None
+    assert local_extras(".[ray,gpu]") == {"ray", "gpu"} and local_extras("torch") is None
 
 
 def test_base_image_is_a_cuda_devel_image():
@@ -211,32 +240,46 @@ def test_faiss_gpu_is_the_faiss_left_in_the_image():
     cmds = shell_commands()
     removed = [i for i, _, argv in cmds if "uninstall" in argv and "faiss-cpu" in argv and i >= inst["run"]]
     assert removed, "faiss-cpu is never removed after the extras install"
-    again = [i for i in explicit_names().get("faiss-gpu", []) if i["run"] >= removed[0]
-             and "--force-reinstall" in i["opts"]]
+    again = [
+        i for i in explicit_names().get("faiss-gpu", []) if i["run"] >= removed[0] and "--force-reinstall" in i["opts"]
+    ]
     assert again, "faiss-gpu is not reinstalled after faiss-cpu's removal (which deletes the shared files)"
 
 
 def test_apex_is_nvidia_apex_built_from_git_source():
     cmds = shell_commands()
-    clones = [(i, argv) for i, _, argv in cmds if argv[:2] == ["git", "clone"]
-              and any(re.fullmatch(r"https://github\.com/NVIDIA/apex(\.git)?/?", a) for a in argv)]
-    vcs = [inst for inst in pip_installs()
-           if any(re.match(r"git\+https://github\.com/NVIDIA/apex(\.git)?(@|$)", r) for r in inst["reqs"])]
+    clones = [
+        (i, argv)
+        for i, _, argv in cmds
+        if argv[:2] == ["git", "clone"]
+        and any(re.fullmatch(r"https://github\.com/NVIDIA/apex(\.git)?/?", a) for a in argv)
+    ]
+    vcs = [
+        inst
+        for inst in pip_installs()
+        if any(re.match(r"git\+https://github\.com/NVIDIA/apex(\.git)?(@|$)", r) for r in inst["reqs"])
+    ]
     assert clones or vcs, "NVIDIA apex is not built from https://github.com/NVIDIA/apex"
     if clones:
         run, argv = clones[0]
         dest = [a for a in argv[2:] if not a.startswith("-") and "github.com" not in a and not a.isdigit()]
         dest = dest[0] if dest else "apex"
-        builds = [inst for inst in pip_installs() if inst["run"] == run
-                  and (any(r in (".", "./", dest, dest + "/") for r in inst["reqs"]))]
+        builds = [
+            inst
+            for inst in pip_installs()
+            if inst["run"] == run and (any(r in (".", "./", dest, dest + "/") for r in inst["reqs"]))
+        ]
         assert builds, f"apex is cloned to {dest} but that checkout is never pip-installed"
         build = builds[0]
     else:
         build = vcs[0]
     # apex's setup.py imports torch and compiles against it: no isolated build env
     assert "--no-build-isolation" in build["opts"], "apex is built in an isolated env without torch"
-    cuda_ext = ("--build-option=--cuda_ext" in build["opts"] or "--global-option=--cuda_ext" in build["opts"]
-                or build["env"].get("APEX_CUDA_EXT") == "1")
+    cuda_ext = (
+        "--build-option=--cuda_ext" in build["opts"]
+        or "--global-option=--cuda_ext" in build["opts"]
+        or build["env"].get("APEX_CUDA_EXT") == "1"
+    )
     assert cuda_ext, "apex is built without its CUDA extensions"
     torch_runs = [i["run"] for i in explicit_names().get("torch", [])]
     assert torch_runs and min(torch_runs) < build["run"], "apex must be built after torch"
@@ -305,6 +348,7 @@ def test_torch_is_a_pinned_build_with_the_grouped_gemm():
     # this machine's torch, when it is the same release, really has the op
     import torch
     import torch.nn.functional as F
+
     if torch.__version__.split("+")[0] == version:
         assert hasattr(F, "grouped_mm"), f"torch {version} lacks torch.nn.functional.grouped_mm"
     # and the build checks it right after installing torch
@@ -332,8 +376,12 @@ def test_faiss_gpu_package_exists_for_the_image_cuda():
     """The faiss left in the image is a GPU build published for the image's CUDA (faiss-gpu
     1.7.2, what an unpinned name could resolve to on Python 3.10, is a CUDA 11 build)."""
     cuda = _image_cuda()
-    gpu_installs = [(name, inst) for name in FAISS_GPU_PACKAGES for inst in explicit_names().get(name, [])
-                    if "--force-reinstall" in inst["opts"] or name != "faiss-gpu"]
+    gpu_installs = [
+        (name, inst)
+        for name in FAISS_GPU_PACKAGES
+        for inst in explicit_names().get(name, [])
+        if "--force-reinstall" in inst["opts"] or name != "faiss-gpu"
+    ]
     assert gpu_installs, "no GPU faiss package is installed explicitly"
     name, inst = gpu_installs[-1]
     version = _pinned(inst, name)
@@ -341,5 +389,7 @@ def test_faiss_gpu_package_exists_for_the_image_cuda():
     assert version, f"{name} is installed unpinned"
     assert _version_tuple(version) >= first, f"{name} {version} predates its CUDA {major} builds ({first})"
     assert cuda[0] == major and cuda >= runtime, f"{name} {version} needs CUDA {runtime}+, image has {cuda}"
-    checks = [i for i, _, argv in shell_commands() if argv[:2] == ["python3", "-c"] and "StandardGpuResources" in argv[2]]
+    checks = [
+        i for i, _, argv in shell_commands() if argv[:2] == ["python3", "-c"] and "StandardGpuResources" in argv[2]
+    ]
     assert checks and checks[-1] > inst["run"], "the image never checks that faiss is the GPU build"

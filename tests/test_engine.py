@@ -1,4 +1,5 @@
 """DeepSpeed engine over our TP/EP groups, the optimizer groups, the schedule, FLOPs."""
+
 import copy
 import math
 
@@ -17,6 +18,7 @@ CFG = "configs/tiny_cpu.yaml"
 
 def _engine_norm_worker(cfg, tp, ep):
     from aion_train.train.engine import build_engine
+
     groups = build_groups(tp, ep)
     full = build_model(cfg.model, seed=cfg.seed)
     inputs, labels = fixed_batch(cfg, groups.dp, per_shard=cfg.data.micro_batch_size)
@@ -37,8 +39,18 @@ def test_deepspeed_grad_norm_matches_single_process_under_tp_and_ep(zero):
     """DeepSpeed sees our groups: the global gradient norm it clips with (TP-sharded params,
     replicated params counted once, expert grads reduced over the EDP group) equals the norm
     of the single-process model's gradient."""
-    cfg = load_config(CFG, ["parallel.tp=2", "parallel.ep=2", f"train.zero_stage={zero}", "train.precision=fp32",
-                            "data.micro_batch_size=2", "train.grad_clip=1000"], world_size=4)
+    cfg = load_config(
+        CFG,
+        [
+            "parallel.tp=2",
+            "parallel.ep=2",
+            f"train.zero_stage={zero}",
+            "train.precision=fp32",
+            "data.micro_batch_size=2",
+            "train.grad_clip=1000",
+        ],
+        world_size=4,
+    )
     norm, ref = run_ranks(_engine_norm_worker, 4, cfg, 2, 2, timeout_s=120)
     assert norm == pytest.approx(ref, rel=1e-5)
 
@@ -50,7 +62,7 @@ def test_lr_schedule_is_warmup_then_cosine_to_tenth():
     assert lr_at(10, t) == pytest.approx(1e-3)
     mid = 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * 50 / 100))
     assert lr_at(60, t) == pytest.approx(mid)
-    assert lr_at(110, t) == pytest.approx(1e-4)   # eta_min = 0.1 eta_max
+    assert lr_at(110, t) == pytest.approx(1e-4)  # eta_min = 0.1 eta_max
 
 
 def test_param_groups_no_decay_on_norms_and_experts_apart():
@@ -75,9 +87,10 @@ def _engine_adamw_worker(cfg, steps):
     written out here (float64 moments) on a single-process copy of the model."""
     from aion_train.parallel.deepspeed_adapter import init_comm
     from aion_train.train.engine import build_engine
+
     t = cfg.train
     (b1, b2), lr, eps, wd, clip = t.betas, t.lr, t.eps, t.weight_decay, t.grad_clip
-    init_comm("gloo")                    # a 1-rank group, as the trainer has (bench train does the same)
+    init_comm("gloo")  # a 1-rank group, as the trainer has (bench train does the same)
     groups = build_groups(1, 1)
     full = build_model(cfg.model, seed=cfg.seed)
     ref = copy.deepcopy(full)
@@ -94,16 +107,16 @@ def _engine_adamw_worker(cfg, steps):
         ref(x, labels=y).loss.backward()
         grads = {n: p.grad.double() for n, p in ref.named_parameters()}
         norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
-        coef = min(1.0, clip / (norm.item() + 1e-6))        # clip the global norm to `clip`
+        coef = min(1.0, clip / (norm.item() + 1e-6))  # clip the global norm to `clip`
         clipped.append(coef < 1.0)
         with torch.no_grad():
             for n, p in ref.named_parameters():
                 g = grads[n] * coef
-                decay = 0.0 if p.dim() < 2 or "norm" in n else wd     # norms are not decayed
-                w = p.double() * (1 - lr * decay)                      # decoupled weight decay
+                decay = 0.0 if p.dim() < 2 or "norm" in n else wd  # norms are not decayed
+                w = p.double() * (1 - lr * decay)  # decoupled weight decay
                 m[n] = b1 * m[n] + (1 - b1) * g
                 v[n] = b2 * v[n] + (1 - b2) * g * g
-                m_hat, v_hat = m[n] / (1 - b1 ** step), v[n] / (1 - b2 ** step)
+                m_hat, v_hat = m[n] / (1 - b1**step), v[n] / (1 - b2**step)
                 p.copy_(w - lr * m_hat / (v_hat.sqrt() + eps))
     # per parameter: the largest change by hand, and the largest |engine - hand| in units of
     # (1e-6 + 1e-6 |hand|), fp32's tolerance (small numbers: a rank's result goes back through a pipe)
@@ -119,26 +132,41 @@ def test_deepspeed_engine_steps_equal_adamw_by_hand():
     """Five steps of the engine training uses (ZeRO-1, fp32, the global norm clipped) move
     every parameter as AdamW written out: m, v, bias corrections 1 - b^t, eps, decoupled
     decay on matrices only."""
-    cfg = load_config(CFG, ["train.precision=fp32", "train.zero_stage=1", "train.lr=0.01",
-                            "train.weight_decay=0.1", "train.grad_clip=2.0", "data.micro_batch_size=2",
-                            "data.seq_len=16", "model.vocab_size=128", "model.d_model=32",
-                            "model.d_ff=64", "model.moe.d_ff_expert=32", "model.max_seq_len=32"])
+    cfg = load_config(
+        CFG,
+        [
+            "train.precision=fp32",
+            "train.zero_stage=1",
+            "train.lr=0.01",
+            "train.weight_decay=0.1",
+            "train.grad_clip=2.0",
+            "data.micro_batch_size=2",
+            "data.seq_len=16",
+            "model.vocab_size=128",
+            "model.d_model=32",
+            "model.d_ff=64",
+            "model.moe.d_ff_expert=32",
+            "model.max_seq_len=32",
+        ],
+    )
     moved, clipped = run_ranks(_engine_adamw_worker, 1, cfg, 5, timeout_s=240)
-    assert any(clipped) and not all(clipped)     # the clip both acted and did not
+    assert any(clipped) and not all(clipped)  # the clip both acted and did not
     assert len(moved) == len(list(build_model(cfg.model, seed=0).parameters()))
     for n, (change, err) in moved.items():
-        assert change > 1e-4, n                  # every parameter really moved (>> the tolerance)
-        assert err <= 1.0, (n, err)              # |engine - hand| <= 1e-6 + 1e-6 |hand|
+        assert change > 1e-4, n  # every parameter really moved (>> the tolerance)
+        assert err <= 1.0, (n, err)  # |engine - hand| <= 1e-6 + 1e-6 |hand|
 
 
 def test_active_params_count_matches_the_module():
-    cfg = load_config(CFG, ["model.moe.every=0"])   # dense: active == all parameters (minus norms)
+    cfg = load_config(CFG, ["model.moe.every=0"])  # dense: active == all parameters (minus norms)
     model = build_model(cfg.model, seed=0)
     matrices = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and n != "embed.weight")
     assert active_params(cfg.model)["active"] == matrices
     moe = load_config(CFG).model
     m = moe.moe
     per_expert = 3 * moe.d_model * m.d_ff_expert
-    assert (active_params(moe)["total"] - active_params(moe)["active"]
-            == moe.n_layers * (m.n_experts - m.top_k) * per_expert + moe.d_model * moe.vocab_size)
+    assert (
+        active_params(moe)["total"] - active_params(moe)["active"]
+        == moe.n_layers * (m.n_experts - m.top_k) * per_expert + moe.d_model * moe.vocab_size
+    )
     assert flops_per_token(moe, 128) == 6 * active_params(moe)["active"] + 6 * moe.n_layers * 128 * moe.d_model

@@ -10,6 +10,7 @@ marker alone skips it through conftest.py; the skipif says why when run on its o
   docker image must provide;
 - one bf16 training step of the tiny config on CUDA with a finite loss.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,6 +30,7 @@ KERNELS = ("rms_norm", "rope", "swiglu", "moe_permute", "moe_unpermute", "cross_
 def _flash():
     try:
         import flash_attn
+
         return flash_attn
     except Exception as e:
         pytest.skip(f"flash-attn not installed ({type(e).__name__}: {e})")
@@ -36,6 +38,7 @@ def _flash():
 
 def _triton_compiled():
     from aion_train.kernels import triton_status
+
     ok, why = triton_status()
     if not ok:
         pytest.skip(why)
@@ -45,11 +48,13 @@ def _triton_compiled():
 
 def _tiny_cfg(overrides=()):
     from aion_train.config import load_config
+
     return load_config(str(REPO / "configs" / "tiny_cpu.yaml"), ["model.n_layers=2", *overrides])
 
 
 def _model(cfg, device="cuda", dtype=torch.bfloat16):
     from aion_train.model import build_model
+
     return build_model(cfg.model, seed=cfg.seed).to(device=device, dtype=dtype)
 
 
@@ -60,11 +65,13 @@ def _rel(a, b):
 
 # ------------------------------------------------------------------ Triton kernels, compiled
 
+
 @pytest.mark.parametrize("name", KERNELS)
 def test_triton_kernel_compiled_matches_reference_at_training_size(name):
     _triton_compiled()
     from aion_train.bench.gpu import compare_kernel, kernel_cases
     from aion_train.kernels import backend_of, reference, select, triton_ops
+
     assert triton_ops.INTERPRET is False
     impl = select(name, "triton")
     assert backend_of(impl) == "triton"
@@ -105,6 +112,7 @@ def test_model_with_triton_kernels_matches_torch_kernels():
 
 # ------------------------------------------------------------------ document masks: flash varlen vs SDPA
 
+
 def _documents(lengths, device="cuda"):
     seg = torch.cat([torch.full((n,), i + 1, dtype=torch.long) for i, n in enumerate(lengths)])
     pos = torch.cat([torch.arange(n) for n in lengths])
@@ -122,6 +130,7 @@ def test_flash_attn_varlen_matches_sdpa_with_a_document_mask():
     with the block-diagonal causal mask, forward and backward, with grouped KV heads."""
     fa = _flash()
     from flash_attn import flash_attn_varlen_func
+
     lengths = [37, 200, 5, 1, 270, 511]
     seg, _, cu = _documents(lengths)
     total, hq, hkv, d = sum(lengths), 8, 2, 128
@@ -133,10 +142,14 @@ def test_flash_attn_varlen_matches_sdpa_with_a_document_mask():
     out = flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=True)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
 
-    qs, ks, vs = (t.detach().float().requires_grad_() for t in (q, k, v))       # fp32 reference
+    qs, ks, vs = (t.detach().float().requires_grad_() for t in (q, k, v))  # fp32 reference
     ref = torch.nn.functional.scaled_dot_product_attention(
-        qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
-        attn_mask=_block_causal_mask(seg), enable_gqa=True)[0].transpose(0, 1)
+        qs.transpose(0, 1)[None],
+        ks.transpose(0, 1)[None],
+        vs.transpose(0, 1)[None],
+        attn_mask=_block_causal_mask(seg),
+        enable_gqa=True,
+    )[0].transpose(0, 1)
     rq, rk, rv = torch.autograd.grad(ref, (qs, ks, vs), grad.float())
     assert out.shape == ref.shape
     assert _rel(out, ref) < 2e-2, f"flash-attn {fa.__version__}: forward {_rel(out, ref)}"
@@ -144,8 +157,9 @@ def test_flash_attn_varlen_matches_sdpa_with_a_document_mask():
         assert _rel(a, b) < 3e-2, (name, _rel(a, b))
     # and a document never sees another: the first token of every document attends to itself only
     firsts = cu[:-1].long()
-    torch.testing.assert_close(out[firsts].float(), v.detach()[firsts].float().repeat_interleave(hq // hkv, 1),
-                               atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(
+        out[firsts].float(), v.detach()[firsts].float().repeat_interleave(hq // hkv, 1), atol=1e-2, rtol=1e-2
+    )
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flash"])
@@ -167,8 +181,8 @@ def test_model_packed_rows_equal_each_document_alone(backend):
         for b, row in enumerate(lengths):
             start = 0
             for n in row:
-                alone = model(ids[b:b + 1, start:start + n]).logits[0]
-                got = packed[b, start:start + n]
+                alone = model(ids[b : b + 1, start : start + n]).logits[0]
+                got = packed[b, start : start + n]
                 assert _rel(got, alone) < 3e-2, (backend, b, start, n, _rel(got, alone))
                 start += n
 
@@ -195,6 +209,7 @@ def test_model_packed_rows_flash_matches_sdpa():
 
 # ------------------------------------------------------------------ what the docker image must provide
 
+
 def test_torch_grouped_gemm_runs_on_this_gpu():
     """The MoE experts call torch.nn.functional.grouped_mm (public since torch 2.10; bf16 on
     compute capability >= 8.0, the CUTLASS kernel on 9.0); without it they fall back to one
@@ -202,6 +217,7 @@ def test_torch_grouped_gemm_runs_on_this_gpu():
     import torch.nn.functional as F
 
     from aion_train.model.moe.experts import _grouped_mm_works, grouped_linear
+
     major, minor = torch.cuda.get_device_capability()
     if (major, minor) < (8, 0):
         pytest.skip(f"compute capability {major}.{minor} < 8.0")
@@ -223,6 +239,7 @@ def test_faiss_gpu_index_matches_the_cpu_index():
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
         pytest.skip(f"faiss {faiss.__version__} is a CPU build (or sees no GPU)")
     import numpy as np
+
     rng = np.random.default_rng(0)
     xb = rng.standard_normal((5000, 64)).astype("float32")
     xq = xb[:50] + 0.01 * rng.standard_normal((50, 64)).astype("float32")
@@ -239,8 +256,10 @@ def test_faiss_gpu_index_matches_the_cpu_index():
 
 # ------------------------------------------------------------------ a training step
 
+
 def test_bf16_training_step_of_the_tiny_config():
     from aion_train.bench.train import MasterWeightAdamW
+
     cfg = _tiny_cfg()
     model = _model(cfg).train()
     opt = MasterWeightAdamW(model.parameters(), cfg.train)
@@ -257,7 +276,7 @@ def test_bf16_training_step_of_the_tiny_config():
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert all(math.isfinite(x) for x in losses), losses
-    assert losses[-1] < losses[0], losses                 # the same batch: the loss falls
+    assert losses[-1] < losses[0], losses  # the same batch: the loss falls
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert len(changed) == len(before), set(before) - set(changed)
     assert all(p.dtype == torch.bfloat16 and p.device.type == "cuda" for p in model.parameters())

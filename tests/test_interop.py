@@ -1,5 +1,6 @@
 """Interop: resharding between TP/EP layouts, HF Mixtral export/import, PEFT LoRA adapters.
 Every check compares real forward passes (logits or losses), not just tensor names."""
+
 import json
 import os
 import subprocess
@@ -9,9 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from aion_train.checkpoint import (
+    load_full_state_dict,
+    model_config_from_dict,
+    save_sharded_checkpoint,
+    shard_spec_for,
+    shard_state_dict,
+)
 from aion_train.cli import main as cli
-from aion_train.checkpoint import (load_full_state_dict, model_config_from_dict, save_sharded_checkpoint,
-                                   shard_spec_for, shard_state_dict)
 from aion_train.config import load_config
 from aion_train.interop.hf_mixtral import NotExpressibleError, check_exportable, halves_to_interleaved
 from aion_train.interop.peft_lora import export_lora_adapter
@@ -35,7 +41,7 @@ def make_model(cfg, seed=0):
         for name, p in m.named_parameters():
             if "norm" in name:
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            elif "router" in name:   # well separated routing: no near-ties between implementations
+            elif "router" in name:  # well separated routing: no near-ties between implementations
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     return m.eval()
 
@@ -49,6 +55,7 @@ def batch(vocab, b=2, t=48, seed=0):
 
 def hf_logits(path, ids):
     from transformers import MixtralForCausalLM
+
     hf, info = MixtralForCausalLM.from_pretrained(str(path), dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     with torch.no_grad():
@@ -57,10 +64,14 @@ def hf_logits(path, ids):
 
 # ----------------------------------------------------------------------------- resharding (in process)
 
-@pytest.mark.parametrize("extra, layouts", [
-    ((), [(2, 2), (1, 4), (2, 1)]),
-    (("model.tie_embeddings=true", "model.moe.every=2", "model.moe.shared_expert_d_ff=64"), [(2, 2), (2, 1)]),
-])
+
+@pytest.mark.parametrize(
+    "extra, layouts",
+    [
+        ((), [(2, 2), (1, 4), (2, 1)]),
+        (("model.tie_embeddings=true", "model.moe.every=2", "model.moe.shared_expert_d_ff=64"), [(2, 2), (2, 1)]),
+    ],
+)
 def test_reshard_round_trip_on_disk(tmp_path, extra, layouts):
     cfg = tiny(*extra)
     ref = make_model(cfg).state_dict()
@@ -95,6 +106,7 @@ def test_bf16_checkpoint_keeps_dtype(tmp_path):
 
 # ----------------------------------------------------------------------------- HF Mixtral
 
+
 @pytest.mark.parametrize("layout, tied", [("per-expert", False), ("fused", True)])
 def test_hf_round_trip_logits(tmp_path, layout, tied):
     cfg = tiny(f"model.tie_embeddings={str(tied).lower()}")
@@ -104,12 +116,11 @@ def test_hf_round_trip_logits(tmp_path, layout, tied):
         ours = model(ids).logits
     save_sharded_checkpoint(tmp_path / "run", cfg, model.state_dict(), 2, 2)
     out = tmp_path / "hf"
-    assert cli(["export-hf", "--checkpoint", str(tmp_path / "run"), "--out", str(out),
-                "--expert-layout", layout]) == 0
+    assert cli(["export-hf", "--checkpoint", str(tmp_path / "run"), "--out", str(out), "--expert-layout", layout]) == 0
     theirs, hf = hf_logits(out, ids)
     diff = (theirs - ours).abs().max().item()
     assert diff < 1e-4, diff
-    assert ours.std() > 0.1          # the comparison is not between near-constant logits
+    assert ours.std() > 0.1  # the comparison is not between near-constant logits
 
     # negative control: the same weights without the RoPE row permutation do not match
     with torch.no_grad():
@@ -120,10 +131,27 @@ def test_hf_round_trip_logits(tmp_path, layout, tied):
         assert (hf(ids).logits - ours).abs().max() > 1e-2
 
     # import back (into another layout) gives the identical model
-    assert cli(["import-hf", "--hf", str(out), "--out", str(tmp_path / "back"), "--tp", "2", "--ep", "4",
-                "--config", CFG, f"model.tie_embeddings={str(tied).lower()}"]) == 0
+    assert (
+        cli(
+            [
+                "import-hf",
+                "--hf",
+                str(out),
+                "--out",
+                str(tmp_path / "back"),
+                "--tp",
+                "2",
+                "--ep",
+                "4",
+                "--config",
+                CFG,
+                f"model.tie_embeddings={str(tied).lower()}",
+            ]
+        )
+        == 0
+    )
     cfg_dict, full = load_full_state_dict(tmp_path / "back")
-    assert model_config_from_dict(cfg_dict) == cfg     # training-only keys came from --config
+    assert model_config_from_dict(cfg_dict) == cfg  # training-only keys came from --config
     again = build_model(cfg)
     again.load_state_dict(full)
     with torch.no_grad():
@@ -152,6 +180,7 @@ def test_refuses_configs_mixtral_cannot_express(tmp_path, capsys):
 
 def test_import_refuses_what_we_cannot_run(tmp_path):
     from aion_train.interop.hf_mixtral import from_hf_config, to_hf_config
+
     hc = to_hf_config(tiny()).to_dict()
     cfg, notes = from_hf_config(hc)
     assert cfg.moe.n_experts == 4 and cfg.n_kv_heads == 2 and not notes
@@ -165,11 +194,13 @@ def test_import_refuses_what_we_cannot_run(tmp_path):
 
 # ----------------------------------------------------------------------------- PEFT LoRA
 
+
 def test_peft_adapter_loads_and_matches_hand_merge(tmp_path):
     pytest.importorskip("peft", reason="peft is not installed (pip install peft)")
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import MixtralForCausalLM
+
     cfg = tiny()
     model = make_model(cfg)
     save_sharded_checkpoint(tmp_path / "run", cfg, model.state_dict(), 1, 1)
@@ -182,10 +213,11 @@ def test_peft_adapter_loads_and_matches_hand_merge(tmp_path):
     for i in range(cfg.n_layers):
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             out_f, in_f = sd[f"blocks.{i}.attn.{proj}.weight"].shape
-            lora[f"blocks.{i}.attn.{proj}"] = (torch.randn(r, in_f, generator=g) * 0.05,
-                                               torch.randn(out_f, r, generator=g) * 0.05)
-    export_lora_adapter(lora, r, alpha, ["q_proj", "k_proj", "v_proj", "o_proj"], tmp_path / "adapter",
-                        model_cfg=cfg)
+            lora[f"blocks.{i}.attn.{proj}"] = (
+                torch.randn(r, in_f, generator=g) * 0.05,
+                torch.randn(out_f, r, generator=g) * 0.05,
+            )
+    export_lora_adapter(lora, r, alpha, ["q_proj", "k_proj", "v_proj", "o_proj"], tmp_path / "adapter", model_cfg=cfg)
     ad = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     keys = set(ad)
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys and len(keys) == 16
@@ -217,7 +249,7 @@ def test_peft_adapter_loads_and_matches_hand_merge(tmp_path):
         ours.load_state_dict(sd)
         ours_logits = ours.eval()(ids).logits
 
-    assert (active - base_logits).abs().max() > 1e-2          # the adapter does something
+    assert (active - base_logits).abs().max() > 1e-2  # the adapter does something
     for got in (active, merged_logits, hand_hf_logits):
         assert (got - ours_logits).abs().max() < 1e-4
     assert (merged_logits - hand_hf_logits).abs().max() < 1e-4
@@ -233,6 +265,7 @@ def test_lora_rejects_unmappable_modules(tmp_path):
 
 # ----------------------------------------------------------------------------- multi-rank (slow)
 
+
 def _loss_worker(jobs, ids, labels):
     """For each job (checkpoint, tp, ep, full_from): every rank builds the model, shards it
     with `parallelize`, loads its own payload of the checkpoint (written in this layout) and
@@ -240,6 +273,7 @@ def _loss_worker(jobs, ids, labels):
     that other checkpoint and computes the loss again."""
     from aion_train.checkpoint import find_checkpoint, load_rank, read_manifest, saver_rank
     from aion_train.parallel import build_groups, parallelize
+
     results = []
     for ckpt, tp, ep, full_from in jobs:
         groups = build_groups(tp, ep)
@@ -248,8 +282,10 @@ def _loss_worker(jobs, ids, labels):
         model = parallelize(build_model(cfg, seed=99), groups).eval()
         full_shapes = {n: p.shape for n, p in build_model(cfg, seed=0).state_dict().items()}
         spec = shard_spec_for(cfg, tp, ep, groups.tp_rank, groups.ep_rank)
-        spec_ok = all(tuple(p.shape) == tuple(full_slice(torch.empty(full_shapes[n], device="meta"), spec.get(n, [])).shape)
-                      for n, p in model.state_dict().items())
+        spec_ok = all(
+            tuple(p.shape) == tuple(full_slice(torch.empty(full_shapes[n], device="meta"), spec.get(n, [])).shape)
+            for n, p in model.state_dict().items()
+        )
         own = load_rank(folder, saver_rank(groups.tp, groups.tp_rank, groups.ep_rank), "model")
         model.load_state_dict(own)
         with torch.no_grad():
@@ -270,9 +306,23 @@ def _loss_worker(jobs, ids, labels):
 def trained_tp2_ep2(tmp_path_factory):
     run = tmp_path_factory.mktemp("interop") / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "aion_train.cli", "pretrain", "--nproc", "4", "parallel.tp=2", "parallel.ep=2",
-           "train.steps=4", "train.save_every=4", "train.precision=fp32", "train.eval_every=0",
-           "train.warmup_steps=1", "tracking.enabled=false", f"run_dir={run}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "aion_train.cli",
+        "pretrain",
+        "--nproc",
+        "4",
+        "parallel.tp=2",
+        "parallel.ep=2",
+        "train.steps=4",
+        "train.save_every=4",
+        "train.precision=fp32",
+        "train.eval_every=0",
+        "train.warmup_steps=1",
+        "tracking.enabled=false",
+        f"run_dir={run}",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run
@@ -300,8 +350,14 @@ def test_reshard_trained_checkpoint_same_loss(trained_tp2_ep2, tmp_path):
     # full -> TP=1/EP=1 checkpoint, run with DP=2; and full -> TP=1/EP=2 cut by the ranks
     save_sharded_checkpoint(tmp_path / "dp2", cfg_dict, full, 1, 1, world=2)
     save_sharded_checkpoint(tmp_path / "ep2", cfg_dict, full, 1, 2)
-    r2, r2e = run_ranks(_loss_worker, 2, [(str(tmp_path / "dp2"), 1, 1, str(run)),
-                                          (str(tmp_path / "ep2"), 1, 2, None)], ids, labels, timeout_s=180)
+    r2, r2e = run_ranks(
+        _loss_worker,
+        2,
+        [(str(tmp_path / "dp2"), 1, 1, str(run)), (str(tmp_path / "ep2"), 1, 2, None)],
+        ids,
+        labels,
+        timeout_s=180,
+    )
     assert r2["spec_ok"] and r2["same_shard"]
     assert abs(r2["loss"] - ref_loss) < 1e-5 and abs(r2["loss_from_full"] - ref_loss) < 1e-5
     assert r2e["spec_ok"] and abs(r2e["loss"] - ref_loss) < 1e-5
@@ -317,6 +373,7 @@ def test_reshard_trained_checkpoint_same_loss(trained_tp2_ep2, tmp_path):
 
 def test_lora_hf_names_are_not_permuted(tmp_path):
     from safetensors.torch import load_file
+
     cfg = tiny()
     a, b = torch.randn(2, cfg.d_model), torch.randn(cfg.d_model, 2)
     export_lora_adapter({"model.layers.1.self_attn.q_proj": (a, b)}, 2, 4, ["q_proj"], tmp_path / "hf_names")
@@ -336,22 +393,25 @@ def test_pretrain_starts_from_imported_weights(tmp_path):
     import os
     import subprocess
     import sys
+
     env = dict(os.environ)
-    common = ["--config", "configs/tiny_cpu.yaml", "train.eval_every=12", "train.save_every=12",
-              "train.warmup_steps=2"]
+    common = ["--config", "configs/tiny_cpu.yaml", "train.eval_every=12", "train.save_every=12", "train.warmup_steps=2"]
 
     def cli(*args):
-        p = subprocess.run([sys.executable, "-m", "aion_train.cli", *args], capture_output=True, text=True,
-                           env=env, timeout=600)
+        p = subprocess.run(
+            [sys.executable, "-m", "aion_train.cli", *args], capture_output=True, text=True, env=env, timeout=600
+        )
         assert p.returncode == 0, p.stderr[-3000:]
         return p.stdout
 
-    a = json.loads(cli("pretrain", *common, "train.steps=12", f"run_dir={tmp_path / 'a'}", "--json")
-                   .strip().splitlines()[-1])
+    a = json.loads(
+        cli("pretrain", *common, "train.steps=12", f"run_dir={tmp_path / 'a'}", "--json").strip().splitlines()[-1]
+    )
     cli("export-hf", "--checkpoint", str(tmp_path / "a"), "--out", str(tmp_path / "hf"))
     cli("import-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "b"), "--config", "configs/tiny_cpu.yaml")
-    b = json.loads(cli("pretrain", *common, "train.steps=2", f"run_dir={tmp_path / 'b'}", "--json")
-                   .strip().splitlines()[-1])
+    b = json.loads(
+        cli("pretrain", *common, "train.steps=2", f"run_dir={tmp_path / 'b'}", "--json").strip().splitlines()[-1]
+    )
     assert a["final_val_ppl"] < 0.5 * a["initial_val_ppl"]
     assert b["initial_val_ppl"] == pytest.approx(a["final_val_ppl"], rel=1e-3)
     assert b["final_step"] == 2

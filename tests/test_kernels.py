@@ -8,6 +8,7 @@ subprocess started with TRITON_INTERPRET=1 (this file, run as `python tests/test
 --worker`); each test sends it one case and reports its verdict. The `gpu` variants run the
 same cases in-process on CUDA, compiled.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -23,7 +24,7 @@ import pytest
 import torch
 
 try:
-    importlib.import_module("triton")   # import only: no kernel is decorated in this process
+    importlib.import_module("triton")  # import only: no kernel is decorated in this process
     TRITON_ERROR = None
 except Exception as e:  # pragma: no cover - depends on the environment
     TRITON_ERROR = f"{type(e).__name__}: {e}"
@@ -31,7 +32,8 @@ except Exception as e:  # pragma: no cover - depends on the environment
 needs_triton = pytest.mark.skipif(
     TRITON_ERROR is not None,
     reason=f"triton cannot be imported ({TRITON_ERROR}); install the gpu extra or "
-           "`pip install -c .ci/constraints.txt triton`")
+    "`pip install -c .ci/constraints.txt triton`",
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -41,6 +43,7 @@ TOL = {"fp32": dict(atol=1e-5, rtol=1e-5), "bf16": dict(atol=3e-2, rtol=2e-2)}
 # --------------------------------------------------------------------------------------------
 # cases: each builds inputs, runs the Triton kernel and the torch reference, compares fwd + bwd
 # --------------------------------------------------------------------------------------------
+
 
 def _close(name, got, want, dt):
     torch.testing.assert_close(got.float(), want.float(), **TOL[dt], msg=lambda m: f"{name}: {m}")
@@ -54,6 +57,7 @@ def _check_fn(kernel, inputs, grad_of, dt, fwd_kwargs=None, seed=1):
     """Run select(kernel, 'triton') and the reference on clones of `inputs`; compare the output
     and the grads of the inputs at positions `grad_of` for the same random upstream grad."""
     from aion_train.kernels import backend_of, reference, select
+
     impl = select(kernel, "triton")
     assert backend_of(impl) == "triton"
     ref = getattr(reference, kernel)
@@ -74,8 +78,8 @@ def _check_fn(kernel, inputs, grad_of, dt, fwd_kwargs=None, seed=1):
 
 def case_rms_norm(dt, device):
     torch.manual_seed(0)
-    x = torch.randn(3, 7, 37, dtype=DTYPES[dt], device=device)            # 21 rows, D=37
-    w = (1 + 0.3 * torch.randn(37)).to(device)                              # fp32 weight as in the model
+    x = torch.randn(3, 7, 37, dtype=DTYPES[dt], device=device)  # 21 rows, D=37
+    w = (1 + 0.3 * torch.randn(37)).to(device)  # fp32 weight as in the model
     _check_fn("rms_norm", [x, w], (0, 1), dt, {"eps": 1e-5})
     # weight in the activation dtype too (pure-bf16 training)
     _check_fn("rms_norm", [x, w.to(x.dtype)], (0, 1), dt, {"eps": 1e-6})
@@ -83,31 +87,34 @@ def case_rms_norm(dt, device):
 
 def case_rope(dt, device):
     from aion_train.model.rope import RotaryEmbedding
+
     torch.manual_seed(0)
-    B, T, H, D = 2, 5, 3, 10                                                # D/2 = 5 pairs
+    B, T, H, D = 2, 5, 3, 10  # D/2 = 5 pairs
     rot = RotaryEmbedding(D, 16)
-    pos = torch.arange(3, 3 + T)                                            # offset positions (KV cache)
+    pos = torch.arange(3, 3 + T)  # offset positions (KV cache)
     cos, sin = rot.cos[pos].to(device), rot.sin[pos].to(device)
     x = torch.randn(B, T, H, D, dtype=DTYPES[dt], device=device)
     _check_fn("rope", [x, cos, sin], (0,), dt)
     # inverse rotation: backward of rope applied to rope(x) gives x back (orthogonal map)
     from aion_train.kernels import select
+
     xf = torch.randn(B, T, H, D, device=device, requires_grad=True)
     y = select("rope", "triton")(xf, cos, sin)
-    back = torch.autograd.grad(y, xf, y.detach())[0]                       # R^T (R x) = x
+    back = torch.autograd.grad(y, xf, y.detach())[0]  # R^T (R x) = x
     _close("rope inverse", back, xf, "fp32")
 
 
 def case_swiglu(dt, device):
     torch.manual_seed(0)
     a = torch.randn(5, 2, 33, dtype=DTYPES[dt], device=device) * 3
-    b = torch.randn(5, 33, 2, dtype=DTYPES[dt], device=device).transpose(1, 2)   # non-contiguous
+    b = torch.randn(5, 33, 2, dtype=DTYPES[dt], device=device).transpose(1, 2)  # non-contiguous
     _check_fn("swiglu", [a, b], (0, 1), dt)
 
 
 def _routing(device, n_tokens=13, k=2, n_experts=4, capacity_factor=0.75):
     """token_index/gates from the model's own sort_by_expert, with drops (factor < 1)."""
     from aion_train.model.moe.token_dispatcher import expert_capacity, sort_by_expert
+
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(n_tokens, n_experts, generator=g)
     probs, idx = logits.softmax(-1).topk(k, dim=-1)
@@ -120,7 +127,7 @@ def _routing(device, n_tokens=13, k=2, n_experts=4, capacity_factor=0.75):
 def case_moe_permute(dt, device):
     torch.manual_seed(0)
     token_index, _ = _routing(device)
-    x = torch.randn(13, 45, dtype=DTYPES[dt], device=device)               # d=45
+    x = torch.randn(13, 45, dtype=DTYPES[dt], device=device)  # d=45
     _check_fn("moe_permute", [x, token_index], (0,), dt)
 
 
@@ -138,6 +145,7 @@ def case_moe_unpermute(dt, device):
     _check_fn("moe_unpermute", [e, token_index, None, 13], (0,), dt)
     # permute then unpermute with unit gates: each token times its number of kept copies
     from aion_train.kernels import select
+
     x = torch.randn(13, d, device=device)
     y = select("moe_unpermute", "triton")(select("moe_permute", "triton")(x, token_index), token_index, None, 13)
     copies = torch.bincount(token_index, minlength=13).to(x.dtype)
@@ -148,19 +156,20 @@ def _labels(shape, V, device):
     g = torch.Generator().manual_seed(3)
     lab = torch.randint(0, V, shape, generator=g)
     flat = lab.view(-1)
-    flat[0], flat[1], flat[2], flat[-1] = -100, 0, V - 1, -100             # ignored rows, edge columns
+    flat[0], flat[1], flat[2], flat[-1] = -100, 0, V - 1, -100  # ignored rows, edge columns
     return lab.to(device)
 
 
 def case_cross_entropy(dt, device):
     torch.manual_seed(0)
-    V = 1001                                                               # several blocks of V, odd tail
+    V = 1001  # several blocks of V, odd tail
     logits = (torch.randn(2, 7, V) * 4).to(device, DTYPES[dt])
     labels = _labels((2, 7), V, device)
     loss, _ = _check_fn("cross_entropy", [logits, labels], (0,), dt)
     assert loss.dtype == torch.float32 and (loss.view(-1)[[0, -1]] == 0).all()
     # the mean over valid rows equals F.cross_entropy(reduction="mean")
     from aion_train.kernels import reference
+
     want = torch.nn.functional.cross_entropy(logits.reshape(-1, V).float(), labels.reshape(-1))
     _close("cross_entropy mean", reference.mean_loss(loss, labels), want, dt)
 
@@ -171,7 +180,7 @@ def case_linear_cross_entropy(dt, device):
     hidden = torch.randn(N, H).to(device, DTYPES[dt])
     weight = (torch.randn(V, H) * 0.3).to(device, DTYPES[dt])
     labels = _labels((N,), V, device)
-    for chunk in (300, 1024):                                              # 4 uneven chunks; 1 chunk
+    for chunk in (300, 1024):  # 4 uneven chunks; 1 chunk
         _check_fn("linear_cross_entropy", [hidden, weight, labels], (0, 1), dt, {"chunk_size": chunk})
     # default chunking, 3-D hidden
     _check_fn("linear_cross_entropy", [hidden.view(2, 7, H), weight, labels.view(2, 7)], (0, 1), dt)
@@ -180,6 +189,7 @@ def case_linear_cross_entropy(dt, device):
 def case_registry_auto(dt, device):
     """Inside the interpreter worker, `auto` resolves to Triton."""
     from aion_train.kernels import KERNELS, backend_of, select, triton_status
+
     ok, why = triton_status()
     assert ok, why
     for name in KERNELS:
@@ -187,7 +197,7 @@ def case_registry_auto(dt, device):
         assert backend_of(select(name, "torch")) == "torch", name
 
 
-CASES = {name[len("case_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
+CASES = {name[len("case_") :]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
 KERNEL_CASES = [c for c in CASES if c != "registry_auto"]
 
 
@@ -195,12 +205,14 @@ KERNEL_CASES = [c for c in CASES if c != "registry_auto"]
 # interpreter worker (subprocess with TRITON_INTERPRET=1)
 # --------------------------------------------------------------------------------------------
 
+
 def _worker_main() -> None:  # pragma: no cover - runs in the subprocess
     reply = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)                                     # anything printed goes to stderr
+    os.dup2(2, 1)  # anything printed goes to stderr
     torch.set_num_threads(1)
     assert os.environ.get("TRITON_INTERPRET") == "1"
     import traceback
+
     for line in sys.stdin:
         req = json.loads(line)
         try:
@@ -210,15 +222,24 @@ def _worker_main() -> None:  # pragma: no cover - runs in the subprocess
             res = {"status": "fail", "msg": traceback.format_exc()}
         reply.write(json.dumps(res) + "\n")
     reply.flush()
-    os._exit(0)                                       # skip the slow interpreter/triton teardown
+    os._exit(0)  # skip the slow interpreter/triton teardown
 
 
 class _Worker:
     def __init__(self):
-        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(
+            os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
+        )
         self.err = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker"], cwd=REPO, env=env, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err)
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker"],
+            cwd=REPO,
+            env=env,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.err,
+        )
 
     def run(self, case: str, dtype: str) -> dict:
         if self.proc.poll() is not None:
@@ -270,6 +291,7 @@ def test_registry_auto_picks_triton_in_interpreter(interp):
 # the same comparisons compiled on CUDA
 # --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.gpu
 @needs_triton
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -287,6 +309,7 @@ def test_cuda_large_shapes():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from aion_train.kernels import reference, select
+
     torch.manual_seed(0)
     dev = "cuda"
     x = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
@@ -301,9 +324,11 @@ def test_cuda_large_shapes():
 # registry and references (in-process, no Triton needed)
 # --------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def fresh_log(monkeypatch):
     import aion_train.kernels as K
+
     monkeypatch.setattr(K, "_logged", set())
     return K
 
@@ -352,6 +377,7 @@ def test_references_and_model_code_match_the_textbook_formulas():
     from aion_train.model.moe.token_dispatcher import combine
     from aion_train.model.norms import RMSNorm
     from aion_train.model.rope import RotaryEmbedding
+
     torch.manual_seed(0)
     tol = {"atol": 1e-5, "rtol": 1e-5}
     norm = RMSNorm(37, eps=1e-5, kernels="torch")
@@ -403,7 +429,7 @@ def test_references_and_model_code_match_the_textbook_formulas():
     torch.testing.assert_close(R.cross_entropy(logits, lab).double(), per_row, **tol)
     torch.testing.assert_close(R.mean_loss(R.cross_entropy(logits, lab), lab).double(), per_row.sum() / 4, **tol)
 
-    for up in (torch.randn(6), torch.full((6,), 0.25)):     # per-row weights; a mean's
+    for up in (torch.randn(6), torch.full((6,), 0.25)):  # per-row weights; a mean's
         h, w = torch.randn(6, 4, requires_grad=True), torch.randn(11, 4, requires_grad=True)
         loss = R.linear_cross_entropy(h, w, lab)
         z = h.detach().double() @ w.detach().double().t()

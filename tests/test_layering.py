@@ -1,6 +1,7 @@
 """The package's structure, checked from its source: imports point one way (no cycle between
 any two modules, the config tree imports nothing else of the package), one module writes the
 process environment, one module reaches into DeepSpeed's internals."""
+
 from __future__ import annotations
 
 import ast
@@ -105,8 +106,13 @@ def test_no_import_cycle_between_any_two_modules():
 
 def test_the_config_tree_imports_nothing_else_of_the_package():
     graph = import_graph()
-    outside = {(m, t) for m, ts in graph.items() if m.startswith("aion_train.config")
-               for t in ts if not t.startswith("aion_train.config")}
+    outside = {
+        (m, t)
+        for m, ts in graph.items()
+        if m.startswith("aion_train.config")
+        for t in ts
+        if not t.startswith("aion_train.config")
+    }
     assert not outside, sorted(outside)
 
 
@@ -123,22 +129,24 @@ def _environ_writes(path: Path) -> list[int]:
                 lines.append(node.lineno)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
             owner, attr = ast.unparse(node.func.value), node.func.attr
-            if (owner in ("os.environ", "environ") and attr in ("setdefault", "update", "pop", "popitem", "clear")) \
-                    or (owner == "os" and attr in ("putenv", "unsetenv")):
+            if (owner in ("os.environ", "environ") and attr in ("setdefault", "update", "pop", "popitem", "clear")) or (
+                owner == "os" and attr in ("putenv", "unsetenv")
+            ):
                 lines.append(node.lineno)
     return lines
 
 
 def test_the_environ_write_finder_sees_every_form(tmp_path):
     f = tmp_path / "m.py"
-    f.write_text("import os\nos.environ['A'] = '1'\nos.environ.setdefault('B', '2')\nos.environ.update(C='3')\n"
-                 "os.putenv('D', '4')\ndel os.environ['A']\nx = os.environ.get('E')\n")
+    f.write_text(
+        "import os\nos.environ['A'] = '1'\nos.environ.setdefault('B', '2')\nos.environ.update(C='3')\n"
+        "os.putenv('D', '4')\ndel os.environ['A']\nx = os.environ.get('E')\n"
+    )
     assert sorted(_environ_writes(f)) == [2, 3, 4, 5, 6]
 
 
 def test_only_the_process_env_module_writes_the_environment():
-    writers = {p.relative_to(PKG.parent).as_posix(): lines for p in PKG.rglob("*.py")
-               if (lines := _environ_writes(p))}
+    writers = {p.relative_to(PKG.parent).as_posix(): lines for p in PKG.rglob("*.py") if (lines := _environ_writes(p))}
     assert set(writers) == {"aion_train/process_env.py"}, writers
 
 
@@ -149,8 +157,13 @@ def test_deepspeed_internals_are_reached_only_from_the_adapter():
     users = set()
     for path in PKG.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
             if any(n == "deepspeed" or n.startswith("deepspeed.") for n in names):
                 users.add(path.relative_to(PKG.parent).as_posix())
     assert users <= allowed, sorted(users - allowed)
@@ -159,8 +172,10 @@ def test_deepspeed_internals_are_reached_only_from_the_adapter():
 def test_every_deepspeed_internal_the_adapter_uses_exists():
     pytest.importorskip("deepspeed")
     from aion_train.parallel import deepspeed_adapter as ad
+
     assert ad.missing_internals() == [], (
-        "DeepSpeed changed the internals aion_train/parallel/deepspeed_adapter.py relies on")
+        "DeepSpeed changed the internals aion_train/parallel/deepspeed_adapter.py relies on"
+    )
     # and the check does see a missing one
     planted = ad.INTERNALS + (("deepspeed.utils.groups", "_NO_SUCH_REGISTRY"),)
     original = ad.INTERNALS

@@ -2,16 +2,16 @@
 F.cross_entropy on materialised logits: losses and gradients, for a mean over tokens (the
 gradient formed in the forward pass) and for any per-row weighting (recomputed in backward),
 and the model's training path (`return_logits=False`) against its logits path."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_model_math import tiny_model
 
 import aion_train.kernels.linear_cross_entropy as lce
 from aion_train.kernels.reference import mean_loss
-
-from test_model_math import tiny_model
 
 
 def _inputs(n=300, h=24, v=517, dtype=torch.float32, seed=0):
@@ -27,7 +27,7 @@ def _grads(loss, hidden, weight):
     return torch.autograd.grad(loss, (hidden, weight))
 
 
-@pytest.mark.parametrize("chunk_logits", [1 << 21, 517 * 70])   # one chunk; 5 uneven chunks
+@pytest.mark.parametrize("chunk_logits", [1 << 21, 517 * 70])  # one chunk; 5 uneven chunks
 def test_mean_loss_and_grads_equal_materialised_logits(monkeypatch, chunk_logits):
     monkeypatch.setattr(lce, "CHUNK_LOGITS", chunk_logits)
     monkeypatch.setattr(lce, "MIN_CHUNK_ROWS", 1)
@@ -68,8 +68,9 @@ def test_no_grad_forward_computes_only_the_loss():
     hidden, weight, labels = _inputs(seed=4)
     with torch.no_grad():
         got = lce.linear_cross_entropy(hidden, weight, labels)
-    torch.testing.assert_close(got, F.cross_entropy(hidden @ weight.t(), labels, reduction="none"),
-                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        got, F.cross_entropy(hidden @ weight.t(), labels, reduction="none"), atol=1e-6, rtol=1e-6
+    )
     assert got.grad_fn is None
 
 
@@ -84,8 +85,9 @@ def test_model_training_path_equals_logits_path():
     out = model(ids, labels=labels, return_logits=False)
     assert out.logits is None and ref.logits is not None
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-6)
-    for (name, _), a, b in zip(model.named_parameters(), torch.autograd.grad(out.loss, list(model.parameters())),
-                               ref_grads):
+    for (name, _), a, b in zip(
+        model.named_parameters(), torch.autograd.grad(out.loss, list(model.parameters())), ref_grads
+    ):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
@@ -94,7 +96,7 @@ def test_rows_with_underflowing_label_probability_keep_the_exact_loss():
     logsumexp - logit, not -log(0) = inf; its gradient stays softmax - onehot."""
     hidden, weight, labels = _inputs(n=40, h=8, v=33, seed=5)
     with torch.no_grad():
-        hidden[3] *= 60           # sharp rows: the label's probability is ~exp(-300)
+        hidden[3] *= 60  # sharp rows: the label's probability is ~exp(-300)
         hidden[11] *= 60
     labels[3] = int((hidden[3] @ weight.t()).argmin())
     labels[11] = int((hidden[11] @ weight.t()).argmin())
@@ -102,8 +104,7 @@ def test_rows_with_underflowing_label_probability_keep_the_exact_loss():
     want = F.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100, reduction="none")
     assert want[3] > 100 and want[11] > 100
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-6)
-    for a, b in zip(_grads(mean_loss(got, labels), hidden, weight),
-                    _grads(mean_loss(want, labels), hidden, weight)):
+    for a, b in zip(_grads(mean_loss(got, labels), hidden, weight), _grads(mean_loss(want, labels), hidden, weight)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -114,20 +115,20 @@ def test_loss_without_gradients_is_per_row_cross_entropy(monkeypatch, chunk_logi
     monkeypatch.setattr(lce, "MIN_CHUNK_ROWS", 1)
     hidden, weight, labels = _inputs(seed=4)
     want = F.cross_entropy(hidden.detach() @ weight.detach().t(), labels, ignore_index=-100, reduction="none")
-    with torch.no_grad():       # an evaluation: parameters that require grad, grad mode off
+    with torch.no_grad():  # an evaluation: parameters that require grad, grad mode off
         got = lce.linear_cross_entropy(hidden, weight, labels)
     assert got.grad_fn is None
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
     got = lce.linear_cross_entropy(hidden.detach(), weight.detach(), labels)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
-    assert len(set(got[labels != -100].tolist())) > 10      # one loss per row, not one broadcast
+    assert len(set(got[labels != -100].tolist())) > 10  # one loss per row, not one broadcast
 
 
 def test_bf16_weight_gradient_summed_over_chunks_matches_fp32(monkeypatch):
     """bf16 weights: each chunk's weight gradient comes from a bf16 GEMM and the chunks are
     summed in fp32; against the fp32 computation on the same (bf16-representable) numbers."""
     monkeypatch.setattr(lce, "MIN_CHUNK_ROWS", 1)
-    monkeypatch.setattr(lce, "CHUNK_LOGITS", 517 * 70)          # 5 chunks
+    monkeypatch.setattr(lce, "CHUNK_LOGITS", 517 * 70)  # 5 chunks
     hidden, weight, labels = _inputs(dtype=torch.bfloat16, seed=6)
     got = _grads(mean_loss(lce.linear_cross_entropy(hidden, weight, labels), labels), hidden, weight)
     h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()

@@ -5,6 +5,7 @@ and the run page rendered by headless Chromium.
 CI needs the Debian package `chromium` for the browser test (it is skipped otherwise):
     apt-get install -y --no-install-recommends chromium
 """
+
 from __future__ import annotations
 
 import json
@@ -26,12 +27,19 @@ from aion_train.tracking import Tracker, start_mlflow_server, stop_server
 pytestmark = [pytest.mark.slow]
 
 STEPS = 30
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium")
-                                        else None)
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                  "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync",
-                  "--virtual-time-budget=60000", "--window-size=1400,1700"]
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=60000",
+    "--window-size=1400,1700",
+]
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -47,9 +55,13 @@ def server(tmp_path, monkeypatch):
     """A fresh lean server per test on a free port; stopped by PID (process group) after."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     store = tmp_path / "server"
-    proc, url = start_mlflow_server(f"sqlite:///{store / 'mlflow.db'}", port=0,
-                                    artifacts_dir=store / "artifacts",
-                                    log_path=store / "server.log", timeout=120)
+    proc, url = start_mlflow_server(
+        f"sqlite:///{store / 'mlflow.db'}",
+        port=0,
+        artifacts_dir=store / "artifacts",
+        log_path=store / "server.log",
+        timeout=120,
+    )
     try:
         yield url, store
     finally:
@@ -108,13 +120,16 @@ def test_training_run_read_back_through_rest_api(server, tmp_path):
     assert latest["loss"]["value"] == logged["loss"][-1][1] and latest["loss"]["step"] == STEPS
 
     for key in ("loss", "lr"):
-        hist = _get_json(url, "/api/2.0/mlflow/metrics/get-history", run_id=run_id,
-                         metric_key=key)["metrics"]
+        hist = _get_json(url, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key=key)["metrics"]
         got = sorted((int(m["step"]), m["value"]) for m in hist)
         assert got == logged[key], f"{key} history differs from what was logged"
-    server_losses = [v for _, v in sorted(
-        (int(m["step"]), m["value"]) for m in _get_json(
-            url, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="loss")["metrics"])]
+    server_losses = [
+        v
+        for _, v in sorted(
+            (int(m["step"]), m["value"])
+            for m in _get_json(url, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="loss")["metrics"]
+        )
+    ]
     assert all(math.isfinite(v) for v in server_losses)
     assert server_losses[-1] < 0.2 * server_losses[0]
     # falls step after step (this seed and lr are monotone; allow two upticks of slack)
@@ -123,23 +138,25 @@ def test_training_run_read_back_through_rest_api(server, tmp_path):
     # The loss-curve PNG went through the server's artifact proxy into its artifacts folder.
     files = _get_json(url, "/api/2.0/mlflow/artifacts/list", run_id=run_id).get("files", [])
     assert "loss_curve.png" in {f["path"] for f in files}
-    with _OPENER.open(f"{url}/get-artifact?path=loss_curve.png&run_uuid={run_id}",
-                      timeout=30) as resp:
+    with _OPENER.open(f"{url}/get-artifact?path=loss_curve.png&run_uuid={run_id}", timeout=30) as resp:
         assert resp.read(8) == b"\x89PNG\r\n\x1a\n"
     assert list((store / "artifacts").rglob("loss_curve.png"))
 
 
-@pytest.mark.requires_binary("chromium")   # tests/conftest.py: skipped, naming the package, without it
+@pytest.mark.requires_binary("chromium")  # tests/conftest.py: skipped, naming the package, without it
 def test_run_page_renders_metrics_in_chromium(server, tmp_path):
     url, _ = server
     tracker, run_id, logged = _train_and_log(url, tmp_path / "run", "mlp-browser")
     page = f"{url}/#/experiments/{tracker.experiment_id}/runs/{run_id}"
     profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp_path)
     shot = tmp_path / "run_page.png"
-    proc = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                           f"--screenshot={shot}", "--dump-dom", page],
-                          capture_output=True, text=True, timeout=150,
-                          env={**os.environ, "HOME": str(tmp_path)})
+    proc = subprocess.run(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}", "--dump-dom", page],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
     dom = proc.stdout
     assert proc.returncode == 0, proc.stderr[-3000:]
     (tmp_path / "run_page.html").write_text(dom)

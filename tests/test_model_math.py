@@ -2,6 +2,7 @@
 
 Every expected value is computed here, in the test, from explicit formulas (loops, matmuls,
 textbook definitions) -- never from the package's own output."""
+
 import math
 
 import pytest
@@ -14,10 +15,10 @@ from aion_train.model.moe import MoELayer
 from aion_train.model.norms import RMSNorm, make_norm
 from aion_train.model.rope import RotaryEmbedding
 
-
 # ----------------------------------------------------------------------------------------------
 # attention: softmax(Q K^T / sqrt(d) + causal mask) V, by hand
 # ----------------------------------------------------------------------------------------------
+
 
 def reference_attention(q, k, v, causal=True):
     """q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D]; kv head j serves q heads j*g .. j*g+g-1.
@@ -31,7 +32,7 @@ def reference_attention(q, k, v, causal=True):
     for b in range(b_):
         for h in range(hq):
             j = h // group
-            scores = q[b, :, h, :] @ k[b, :, j, :].T / math.sqrt(d)       # [Tq, Tk]
+            scores = q[b, :, h, :] @ k[b, :, j, :].T / math.sqrt(d)  # [Tq, Tk]
             if causal:
                 for i in range(tq):
                     for key in range(tk):
@@ -43,13 +44,16 @@ def reference_attention(q, k, v, causal=True):
     return out
 
 
-@pytest.mark.parametrize("hq, hkv, tq, tk", [
-    (4, 4, 6, 6),     # MHA, square causal
-    (4, 2, 6, 6),     # GQA: kv head j serves q heads 2j, 2j+1
-    (4, 1, 5, 5),     # MQA
-    (4, 2, 3, 7),     # KV-cache chunk: Tq < Tk, mask aligned to the end
-    (4, 4, 1, 7),     # single-token decode: sees every cached key
-])
+@pytest.mark.parametrize(
+    "hq, hkv, tq, tk",
+    [
+        (4, 4, 6, 6),  # MHA, square causal
+        (4, 2, 6, 6),  # GQA: kv head j serves q heads 2j, 2j+1
+        (4, 1, 5, 5),  # MQA
+        (4, 2, 3, 7),  # KV-cache chunk: Tq < Tk, mask aligned to the end
+        (4, 4, 1, 7),  # single-token decode: sees every cached key
+    ],
+)
 @pytest.mark.parametrize("backend", ["sdpa", "auto"])
 def test_attention_matches_explicit_softmax(hq, hkv, tq, tk, backend):
     g = torch.Generator().manual_seed(hq * 100 + hkv * 10 + tq + tk)
@@ -69,8 +73,8 @@ def test_attention_gqa_mapping_is_interleaved_not_tiled():
     q = torch.randn(1, 4, 4, 8, generator=g)
     k = torch.randn(1, 4, 2, 8, generator=g)
     v = torch.zeros(1, 4, 2, 8)
-    v[:, :, 0] = 1.0     # kv head 0 -> all ones
-    v[:, :, 1] = -3.0    # kv head 1 -> all -3
+    v[:, :, 0] = 1.0  # kv head 0 -> all ones
+    v[:, :, 1] = -3.0  # kv head 1 -> all -3
     out = attention(q, k, v, causal=True, backend="sdpa")
     torch.testing.assert_close(out[:, :, 0:2], torch.ones(1, 4, 2, 8))
     torch.testing.assert_close(out[:, :, 2:4], torch.full((1, 4, 2, 8), -3.0))
@@ -80,8 +84,7 @@ def test_attention_non_causal_is_unmasked():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 5, 2, 4, generator=g) for _ in range(3))
     out = attention(q, k, v, causal=False, backend="sdpa")
-    torch.testing.assert_close(out.double(), reference_attention(q, k, v, causal=False),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, causal=False), atol=1e-5, rtol=1e-5)
 
 
 def test_first_query_attends_only_to_first_key():
@@ -95,6 +98,7 @@ def test_first_query_attends_only_to_first_key():
 # ----------------------------------------------------------------------------------------------
 # RoPE
 # ----------------------------------------------------------------------------------------------
+
 
 def rotation_matrix(pos: int, d: int, base: float) -> torch.Tensor:
     """Block-diagonal RoFormer rotation: pair (x_2i, x_2i+1) rotated by pos * base^(-2i/d)."""
@@ -148,7 +152,7 @@ def test_rope_relative_position_property():
     others = [dot(4, 0), dot(0, 3), dot(7, 5), dot(20, 0)]
     for val in others:
         assert abs(val - same_diff[0]) > 1e-3
-    assert abs(dot(4, 0) - dot(0, 4)) > 1e-3        # sign of m - n matters too
+    assert abs(dot(4, 0) - dot(0, 4)) > 1e-3  # sign of m - n matters too
 
 
 def test_rope_preserves_norm_and_position_zero_is_identity():
@@ -158,8 +162,8 @@ def test_rope_preserves_norm_and_position_zero_is_identity():
     x = torch.randn(2, 200, 4, d, generator=g)
     out = rope(x, torch.arange(200))
     torch.testing.assert_close(out.norm(dim=-1), x.norm(dim=-1), atol=1e-4, rtol=1e-5)
-    assert torch.equal(out[:, 0], x[:, 0])          # cos 0 = 1, sin 0 = 0 exactly
-    assert not torch.allclose(out[:, 1], x[:, 1])   # and it does rotate elsewhere
+    assert torch.equal(out[:, 0], x[:, 0])  # cos 0 = 1, sin 0 = 0 exactly
+    assert not torch.allclose(out[:, 1], x[:, 1])  # and it does rotate elsewhere
 
 
 def test_rope_tables_stay_fp32_when_the_model_is_cast_to_bf16():
@@ -175,7 +179,7 @@ def test_rope_tables_stay_fp32_when_the_model_is_cast_to_bf16():
     out = rope(x, torch.arange(256))
     assert out.dtype == torch.bfloat16
     exact = RotaryEmbedding(d, max_seq_len=256)(x.float(), torch.arange(256))
-    assert torch.equal(out, exact.bfloat16())      # one rounding, at the end
+    assert torch.equal(out, exact.bfloat16())  # one rounding, at the end
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -195,13 +199,19 @@ def test_attention_with_segment_mask_matches_per_segment_attention(dtype):
     """A packed row [a a a b b] with the block-diagonal causal mask attends like two separate
     rows; through the same backend (fp32 on CPU for bf16)."""
     from aion_train.model.attention import segment_causal_mask
+
     g = torch.Generator().manual_seed(12)
     q, k, v = (torch.randn(1, 5, h, 8, generator=g).to(dtype) for h in (4, 2, 2))
     mask = segment_causal_mask(torch.tensor([[1, 1, 1, 2, 2]]))
     out = attention(q, k, v, causal=True, attn_mask=mask)
     assert out.dtype == dtype
-    ref = torch.cat([reference_attention(q[:, :3].float(), k[:, :3].float(), v[:, :3].float()),
-                     reference_attention(q[:, 3:].float(), k[:, 3:].float(), v[:, 3:].float())], dim=1)
+    ref = torch.cat(
+        [
+            reference_attention(q[:, :3].float(), k[:, :3].float(), v[:, :3].float()),
+            reference_attention(q[:, 3:].float(), k[:, 3:].float(), v[:, 3:].float()),
+        ],
+        dim=1,
+    )
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
 
@@ -209,6 +219,7 @@ def test_attention_with_segment_mask_matches_per_segment_attention(dtype):
 # ----------------------------------------------------------------------------------------------
 # norms
 # ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("eps", [1e-5, 0.5])
 def test_rmsnorm_formula(eps):
@@ -238,8 +249,16 @@ def test_rmsnorm_keeps_low_precision_dtype():
 
 
 def test_layernorm_option_is_textbook_with_eps_1e5():
-    cfg = ModelConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, d_ff=16, norm="layernorm",
-                      max_seq_len=8, moe=MoEConfig(every=0))
+    cfg = ModelConfig(
+        vocab_size=16,
+        d_model=8,
+        n_layers=1,
+        n_heads=2,
+        d_ff=16,
+        norm="layernorm",
+        max_seq_len=8,
+        moe=MoEConfig(every=0),
+    )
     model = Transformer(cfg)
     norm = model.norm
     d = 8
@@ -254,12 +273,11 @@ def test_layernorm_option_is_textbook_with_eps_1e5():
     for r in range(6):
         row = x[r].double()
         mu = sum(float(v) for v in row) / d
-        var = sum((float(v) - mu) ** 2 for v in row) / d        # biased variance
+        var = sum((float(v) - mu) ** 2 for v in row) / d  # biased variance
         expected[r] = (row - mu) / math.sqrt(var + 1e-5) * w + b
     torch.testing.assert_close(norm(x).double(), expected, atol=1e-5, rtol=1e-4)
     # the block norms are layernorms too
-    assert all(isinstance(m, torch.nn.LayerNorm) for blk in model.blocks
-               for m in (blk.attn_norm, blk.ffn_norm))
+    assert all(isinstance(m, torch.nn.LayerNorm) for blk in model.blocks for m in (blk.attn_norm, blk.ffn_norm))
 
 
 def test_make_norm_rejects_unknown_kind():
@@ -271,11 +289,30 @@ def test_make_norm_rejects_unknown_kind():
 # the full transformer
 # ----------------------------------------------------------------------------------------------
 
+
 def tiny_cfg(**kw):
-    moe = MoEConfig(n_experts=4, top_k=2, d_ff_expert=32, every=2, capacity_factor=None,
-                    balance_coef=0.01, z_loss_coef=1e-3, shared_expert_d_ff=16)
-    base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
-                max_seq_len=32, attention_backend="sdpa", init_std=0.1, moe=moe)
+    moe = MoEConfig(
+        n_experts=4,
+        top_k=2,
+        d_ff_expert=32,
+        every=2,
+        capacity_factor=None,
+        balance_coef=0.01,
+        z_loss_coef=1e-3,
+        shared_expert_d_ff=16,
+    )
+    base = dict(
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=48,
+        max_seq_len=32,
+        attention_backend="sdpa",
+        init_std=0.1,
+        moe=moe,
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -305,7 +342,7 @@ def test_kv_cached_incremental_forward_equals_full_forward():
     full = model(ids).logits
     cache = KVCache(len(model.blocks))
     pieces = []
-    for lo, hi in [(0, 5), (5, 6), (6, 7), (7, 10), (10, 12)]:   # prefill, 1-token steps, chunks
+    for lo, hi in [(0, 5), (5, 6), (6, 7), (7, 10), (10, 12)]:  # prefill, 1-token steps, chunks
         pieces.append(model(ids[:, lo:hi], kv_cache=cache).logits)
         assert cache.length == hi
     incremental = torch.cat(pieces, dim=1)
@@ -321,7 +358,7 @@ def test_causality_future_tokens_do_not_change_past_logits():
     ids2[:, 6] = (ids[:, 6] + 17) % 64
     a, b = model(ids).logits, model(ids2).logits
     torch.testing.assert_close(a[:, :6], b[:, :6], atol=1e-6, rtol=0)
-    assert (a[:, 6:] - b[:, 6:]).abs().amax(dim=-1).min() > 1e-4   # every later position moved
+    assert (a[:, 6:] - b[:, 6:]).abs().amax(dim=-1).min() > 1e-4  # every later position moved
 
 
 def test_tied_embeddings_share_the_tensor():
@@ -351,13 +388,13 @@ def hand_aux(model, captured):
         probs = torch.exp(logits) / torch.exp(logits).sum(-1, keepdim=True)
         counts = [0] * e
         for row in probs.tolist():
-            for expert in sorted(range(e), key=lambda i: -row[i])[:moe.top_k]:
+            for expert in sorted(range(e), key=lambda i: -row[i])[: moe.top_k]:
                 counts[expert] += 1
         f = [c / (n * moe.top_k) for c in counts]
         p = probs.mean(0).tolist()
         bal = moe.router.balance_coef * e * sum(fi * pi for fi, pi in zip(f, p))
         lse = torch.log(torch.exp(logits).sum(-1))
-        zl = moe.router.z_loss_coef * float((lse ** 2).mean())
+        zl = moe.router.z_loss_coef * float((lse**2).mean())
         total += bal + zl
     return total
 
@@ -371,8 +408,9 @@ def test_loss_is_cross_entropy_ignoring_minus_100_plus_aux():
     labels[0, :3] = -100
     labels[1, -2:] = -100
     captured = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args: captured.append(args[0].clone()))
-             for m in model.moe_layers()]
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args: captured.append(args[0].clone())) for m in model.moe_layers()
+    ]
     out = model(ids, labels=labels)
     for hk in hooks:
         hk.remove()
@@ -390,7 +428,7 @@ def test_loss_is_cross_entropy_ignoring_minus_100_plus_aux():
     assert n == 18 - 5
     ce = total / n
     aux = hand_aux(model, captured)
-    assert aux > 0.01                    # one MoE layer: balance >= alpha, plus a z term
+    assert aux > 0.01  # one MoE layer: balance >= alpha, plus a z term
     assert float(out.lm_loss) == pytest.approx(ce, rel=1e-5)
     assert float(out.aux_loss) == pytest.approx(aux, rel=1e-5)
     assert float(out.loss) == pytest.approx(ce + aux, rel=1e-5)
@@ -414,7 +452,7 @@ def test_greedy_generate_equals_argmax_loop_without_cache():
     out = generate(model, prompt, max_new_tokens=7)
     tokens = prompt.clone()
     for _ in range(7):
-        logits = model(tokens).logits[:, -1]     # full recompute, no cache
+        logits = model(tokens).logits[:, -1]  # full recompute, no cache
         nxt = torch.tensor([[max(range(64), key=lambda i: float(logits[b, i]))] for b in range(2)])
         tokens = torch.cat([tokens, nxt], dim=1)
     assert out.shape == (2, 11)

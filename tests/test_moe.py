@@ -1,4 +1,5 @@
 """MoE router / dispatcher / experts / layer checked against hand-computed references."""
+
 import math
 from dataclasses import replace
 
@@ -8,8 +9,17 @@ import torch.nn.functional as F
 
 from aion_train.model.execution import ExecutionPolicy, apply_execution_policy
 from aion_train.model.ffn import DenseFFN
-from aion_train.model.moe import (LocalDispatcher, MoELayer, TopKRouter, balance_loss, combine,
-                                  expert_capacity, grouped_linear, sort_by_expert, z_loss)
+from aion_train.model.moe import (
+    LocalDispatcher,
+    MoELayer,
+    TopKRouter,
+    balance_loss,
+    combine,
+    expert_capacity,
+    grouped_linear,
+    sort_by_expert,
+    z_loss,
+)
 from aion_train.model.moe import experts as experts_mod
 from aion_train.model.moe.token_dispatcher import pad_to_equal_groups
 
@@ -19,6 +29,7 @@ NO_PADDING = replace(ExecutionPolicy.for_device("cpu"), pad_expert_groups=False)
 # ----------------------------------------------------------------------------------------------
 # hand helpers (plain Python / float64, no package code)
 # ----------------------------------------------------------------------------------------------
+
 
 def softmax_rows(logits):
     """List of rows -> list of softmax rows, with math.exp."""
@@ -56,6 +67,7 @@ def make_router(logit_matrix_weight, k, **kw):
 # ----------------------------------------------------------------------------------------------
 # router
 # ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("k", [2, 3])
 @torch.no_grad()
@@ -104,10 +116,7 @@ def test_switch_k1_gate_is_top_prob_not_one(normalize):
         assert float(out.gates[r, 0]) < 0.999
 
 
-FIXED_LOGITS = [[2.0, 1.0, 0.0],
-                [0.0, 3.0, 1.0],
-                [1.0, 0.0, 2.0],
-                [0.5, 0.0, -1.0]]
+FIXED_LOGITS = [[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 2.0], [0.5, 0.0, -1.0]]
 
 
 @torch.no_grad()
@@ -116,7 +125,7 @@ def test_balance_loss_fixed_example_by_hand():
     -> assignment counts e0=3, e1=3, e2=2 over N*k=8 -> f = (3/8, 3/8, 2/8)."""
     alpha = 0.01
     x = torch.tensor(FIXED_LOGITS)
-    router = make_router(torch.eye(3), 2, balance_coef=alpha, z_loss_coef=0.0)   # logits = x
+    router = make_router(torch.eye(3), 2, balance_coef=alpha, z_loss_coef=0.0)  # logits = x
     out = router(x)
     assert [sorted(r) for r in out.indices.tolist()] == [[0, 1], [1, 2], [0, 2], [0, 1]]
     probs = softmax_rows(FIXED_LOGITS)
@@ -168,16 +177,20 @@ def test_aux_loss_is_balance_plus_z():
 # capacity and sorting
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("tokens, k, e, factor, expected", [
-    (10, 2, 4, 1.25, 7),     # 6.25 -> 7
-    (8, 1, 4, 1.0, 2),       # exactly 2
-    (7, 1, 4, 1.0, 2),       # 1.75 -> 2
-    (6, 2, 3, 0.5, 2),       # 2
-    (6, 2, 3, 0.75, 3),      # 3
-    (100, 2, 8, 1.1, 28),    # 27.5 -> 28
-    (3, 1, 8, 0.1, 1),       # 0.0375 -> 1
-    (10, 2, 4, None, None),  # dropless
-])
+
+@pytest.mark.parametrize(
+    "tokens, k, e, factor, expected",
+    [
+        (10, 2, 4, 1.25, 7),  # 6.25 -> 7
+        (8, 1, 4, 1.0, 2),  # exactly 2
+        (7, 1, 4, 1.0, 2),  # 1.75 -> 2
+        (6, 2, 3, 0.5, 2),  # 2
+        (6, 2, 3, 0.75, 3),  # 3
+        (100, 2, 8, 1.1, 28),  # 27.5 -> 28
+        (3, 1, 8, 0.1, 1),  # 0.0375 -> 1
+        (10, 2, 4, None, None),  # dropless
+    ],
+)
 def test_expert_capacity(tokens, k, e, factor, expected):
     assert expert_capacity(tokens, k, e, factor) == expected
 
@@ -197,20 +210,21 @@ def test_sort_by_expert_dropless():
     assert tok.tolist() == [0, 1, 2, 3, 4, 0, 2, 3, 5, 1, 4, 5]
     assert counts.tolist() == [5, 4, 3]
     assert dropped == 0
-    pairs = [(0, 0), (1, 0), (2, 0), (3, 1), (4, 0),
-             (0, 1), (2, 1), (3, 0), (5, 1),
-             (1, 1), (4, 1), (5, 0)]
+    pairs = [(0, 0), (1, 0), (2, 0), (3, 1), (4, 0), (0, 1), (2, 1), (3, 0), (5, 1), (1, 1), (4, 1), (5, 0)]
     assert gates.tolist() == pytest.approx([gate(t, s) for t, s in pairs])
 
 
-@pytest.mark.parametrize("cap, kept_pairs, counts", [
-    # capacity 3: e0 keeps t0 t1 t2 (drops t3, t4), e1 keeps t0 t2 t3 (drops t5), e2 keeps all
-    (3, [(0, 0), (1, 0), (2, 0), (0, 1), (2, 1), (3, 0), (1, 1), (4, 1), (5, 0)], [3, 3, 3]),
-    # capacity 2: e0 keeps t0 t1, e1 keeps t0 t2, e2 keeps t1 t4
-    (2, [(0, 0), (1, 0), (0, 1), (2, 1), (1, 1), (4, 1)], [2, 2, 2]),
-    # capacity 1: the first token of each expert
-    (1, [(0, 0), (0, 1), (1, 1)], [1, 1, 1]),
-])
+@pytest.mark.parametrize(
+    "cap, kept_pairs, counts",
+    [
+        # capacity 3: e0 keeps t0 t1 t2 (drops t3, t4), e1 keeps t0 t2 t3 (drops t5), e2 keeps all
+        (3, [(0, 0), (1, 0), (2, 0), (0, 1), (2, 1), (3, 0), (1, 1), (4, 1), (5, 0)], [3, 3, 3]),
+        # capacity 2: e0 keeps t0 t1, e1 keeps t0 t2, e2 keeps t1 t4
+        (2, [(0, 0), (1, 0), (0, 1), (2, 1), (1, 1), (4, 1)], [2, 2, 2]),
+        # capacity 1: the first token of each expert
+        (1, [(0, 0), (0, 1), (1, 1)], [1, 1, 1]),
+    ],
+)
 def test_sort_by_expert_drops_latest_tokens(cap, kept_pairs, counts):
     tok, gates, got_counts, dropped = sort_by_expert(HAND_INDICES, HAND_GATES, 3, cap)
     assert tok.tolist() == [t for t, _ in kept_pairs]
@@ -233,6 +247,7 @@ def test_sort_by_expert_with_an_empty_expert():
 # dispatch / combine
 # ----------------------------------------------------------------------------------------------
 
+
 def test_dispatch_combine_round_trip_identity_experts_dropless():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(6, 4, generator=g)
@@ -251,34 +266,50 @@ def test_dispatch_combine_round_trip_identity_experts_dropless():
 def test_dispatch_combine_with_drops_gives_zeros_for_fully_dropped_tokens():
     g = torch.Generator().manual_seed(6)
     x = torch.randn(6, 4, generator=g)
-    disp = LocalDispatcher(3, 0.5)   # capacity ceil(0.5 * 6 * 2 / 3) = 2
+    disp = LocalDispatcher(3, 0.5)  # capacity ceil(0.5 * 6 * 2 / 3) = 2
     disp.execution = NO_PADDING
     tokens, counts, state = disp.dispatch(x, HAND_INDICES, HAND_GATES)
     assert counts.tolist() == [2, 2, 2]
-    assert state.dropped == 6                  # e0: 3 over, e1: 2 over, e2: 1 over
+    assert state.dropped == 6  # e0: 3 over, e1: 2 over, e2: 1 over
     out = disp.combine(tokens, state)
-    expected = torch.stack([
-        (gate(0, 0) + gate(0, 1)) * x[0],      # both copies kept
-        (gate(1, 0) + gate(1, 1)) * x[1],      # both copies kept
-        gate(2, 1) * x[2],                     # e0 copy dropped, e1 kept
-        torch.zeros(4),                        # e1 and e0 copies both dropped
-        gate(4, 1) * x[4],                     # e0 dropped, e2 kept
-        torch.zeros(4),                        # e2 and e1 copies both dropped
-    ])
+    expected = torch.stack(
+        [
+            (gate(0, 0) + gate(0, 1)) * x[0],  # both copies kept
+            (gate(1, 0) + gate(1, 1)) * x[1],  # both copies kept
+            gate(2, 1) * x[2],  # e0 copy dropped, e1 kept
+            torch.zeros(4),  # e1 and e0 copies both dropped
+            gate(4, 1) * x[4],  # e0 dropped, e2 kept
+            torch.zeros(4),  # e2 and e1 copies both dropped
+        ]
+    )
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
     assert torch.equal(out[3], torch.zeros(4)) and torch.equal(out[5], torch.zeros(4))
 
 
 def test_pad_to_equal_groups_by_hand():
-    tok, gates, counts, _ = sort_by_expert(HAND_INDICES, HAND_GATES, 3, None)   # counts 5, 4, 3
+    tok, gates, counts, _ = sort_by_expert(HAND_INDICES, HAND_GATES, 3, None)  # counts 5, 4, 3
     padded = pad_to_equal_groups(tok, gates, counts, max_waste=0.25, max_rows=5)
     p_tok, p_gates, p_counts = padded
     assert p_counts.tolist() == [5, 5, 5]
     # expert 0's five rows, expert 1's four + one pad, expert 2's three + two pads (token 0, gate 0)
     assert p_tok.tolist() == [0, 1, 2, 3, 4, 0, 2, 3, 5, 0, 1, 4, 5, 0, 0]
-    want_gates = [gate(0, 0), gate(1, 0), gate(2, 0), gate(3, 1), gate(4, 0),
-                  gate(0, 1), gate(2, 1), gate(3, 0), gate(5, 1), 0.0,
-                  gate(1, 1), gate(4, 1), gate(5, 0), 0.0, 0.0]
+    want_gates = [
+        gate(0, 0),
+        gate(1, 0),
+        gate(2, 0),
+        gate(3, 1),
+        gate(4, 0),
+        gate(0, 1),
+        gate(2, 1),
+        gate(3, 0),
+        gate(5, 1),
+        0.0,
+        gate(1, 1),
+        gate(4, 1),
+        gate(5, 0),
+        0.0,
+        0.0,
+    ]
     torch.testing.assert_close(p_gates, torch.tensor(want_gates))
     # 3 padding rows on 12 real ones is 25%: refused above that, or past max_rows
     assert pad_to_equal_groups(tok, gates, counts, max_waste=0.2, max_rows=5) is None
@@ -293,8 +324,9 @@ def test_padded_equal_groups_give_the_ragged_layers_outputs_and_gradients(activa
     results = []
     for pad in (True, False):
         layer = scaled_layer(14, 8, 4, 2, 12, activation, None, 0.01, 0.0, 0, True)
-        apply_execution_policy(layer, replace(ExecutionPolicy.for_device("cpu"), pad_expert_groups=pad,
-                                              pad_max_waste=1.0))
+        apply_execution_policy(
+            layer, replace(ExecutionPolicy.for_device("cpu"), pad_expert_groups=pad, pad_max_waste=1.0)
+        )
         routing = layer.router(x.reshape(-1, 8))
         _, layout_counts, _ = layer.dispatcher.dispatch(x.reshape(-1, 8), routing.indices, routing.gates)
         assert (len(set(layout_counts.tolist())) == 1) == pad
@@ -303,7 +335,7 @@ def test_padded_equal_groups_give_the_ragged_layers_outputs_and_gradients(activa
         (y.pow(2).sum() + aux).backward()
         results.append([y.detach(), xi.grad] + [p.grad for p in layer.parameters()])
         counts = layer.last_stats["tokens_per_expert"].tolist()
-    assert len(set(counts)) > 1                       # ragged: padding was needed
+    assert len(set(counts)) > 1  # ragged: padding was needed
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -314,8 +346,9 @@ def test_equal_groups_run_as_one_batched_gemm():
     x = torch.randn(15, 8, requires_grad=True)
     y = experts(x, torch.tensor([5, 5, 5]))
     assert "Bmm" in type(y.grad_fn.next_functions[0][0]).__name__ or "Bmm" in type(y.grad_fn).__name__
-    want = torch.cat([(F.silu(xe @ experts.w1[e]) * (xe @ experts.w3[e])) @ experts.w2[e]
-                      for e, xe in enumerate(x.split(5))])
+    want = torch.cat(
+        [(F.silu(xe @ experts.w1[e]) * (xe @ experts.w3[e])) @ experts.w2[e] for e, xe in enumerate(x.split(5))]
+    )
     torch.testing.assert_close(y, want, atol=1e-6, rtol=1e-6)
 
 
@@ -329,6 +362,7 @@ def test_combine_scales_expert_outputs_by_gates():
 # ----------------------------------------------------------------------------------------------
 # grouped_linear
 # ----------------------------------------------------------------------------------------------
+
 
 def grouped_path_available():
     if not hasattr(F, "grouped_mm"):
@@ -351,7 +385,7 @@ def test_grouped_linear_matches_per_expert_loop(path, counts_values, monkeypatch
     else:
         monkeypatch.setattr(experts_mod, "_grouped_mm_works", lambda *args: False)
     g = torch.Generator().manual_seed(sum(counts_values) + len(path))
-    e, d_in, d_out = 4, 8, 4            # multiples of 4 floats: grouped_mm needs 16-byte strides
+    e, d_in, d_out = 4, 8, 4  # multiples of 4 floats: grouped_mm needs 16-byte strides
     m = sum(counts_values)
     x = torch.randn(m, d_in, generator=g, requires_grad=True)
     w = torch.randn(e, d_in, d_out, generator=g, requires_grad=True)
@@ -377,17 +411,18 @@ def test_grouped_linear_matches_per_expert_loop(path, counts_values, monkeypatch
     torch.testing.assert_close(w.grad, wr.grad, atol=1e-5, rtol=1e-5)
     for ei, c in enumerate(counts_values):
         if c == 0:
-            assert torch.equal(w.grad[ei], torch.zeros(d_in, d_out))   # idle expert: no gradient
+            assert torch.equal(w.grad[ei], torch.zeros(d_in, d_out))  # idle expert: no gradient
 
 
 # ----------------------------------------------------------------------------------------------
 # MoE layer
 # ----------------------------------------------------------------------------------------------
 
+
 def scaled_layer(seed, *args, **kw):
     torch.manual_seed(seed)
     layer = MoELayer(*args, **kw)
-    with torch.no_grad():                     # O(1) weights so the comparisons are meaningful
+    with torch.no_grad():  # O(1) weights so the comparisons are meaningful
         for p in layer.experts.parameters():
             p.normal_(std=0.3)
         layer.router.weight.normal_(std=1.0)
@@ -404,7 +439,7 @@ def test_single_expert_k1_equals_dense_ffn(activation):
     dense = DenseFFN(d, ff, activation)
     ex = layer.experts
     assert ex.w1.shape == (1, d, ff) and ex.w2.shape == (1, ff, d)
-    with torch.no_grad():                    # nn.Linear weights are [out, in]
+    with torch.no_grad():  # nn.Linear weights are [out, in]
         if activation == "swiglu":
             dense.w_gate.weight.copy_(ex.w1[0].T)
             dense.w_up.weight.copy_(ex.w3[0].T)
@@ -475,12 +510,15 @@ def naive_moe(layer, x, capacity=None):
     return out.reshape(x.shape), counts, dropped
 
 
-@pytest.mark.parametrize("e, k, activation, shared, normalize", [
-    (4, 2, "swiglu", 16, True),
-    (4, 2, "swiglu", 0, False),
-    (6, 1, "swiglu", 0, True),
-    (5, 3, "gelu", 8, True),
-])
+@pytest.mark.parametrize(
+    "e, k, activation, shared, normalize",
+    [
+        (4, 2, "swiglu", 16, True),
+        (4, 2, "swiglu", 0, False),
+        (6, 1, "swiglu", 0, True),
+        (5, 3, "gelu", 8, True),
+    ],
+)
 def test_moe_layer_equals_naive_loop_dropless(e, k, activation, shared, normalize):
     d, ff = 8, 12
     layer = scaled_layer(7, d, e, k, ff, activation, None, 0.01, 0.0, shared, normalize)
@@ -498,14 +536,14 @@ def test_moe_layer_stats_and_output_with_capacity():
     d, ff, e, k, n = 8, 12, 4, 2, 12
     factor = 0.5
     layer = scaled_layer(9, d, e, k, ff, "swiglu", factor, 0.01, 0.001, 0, True)
-    with torch.no_grad():                     # skew the router so some experts overflow
+    with torch.no_grad():  # skew the router so some experts overflow
         layer.router.weight[0] += 2.0
     x = torch.randn(1, n, d, generator=torch.Generator().manual_seed(10)).abs()
     cap = math.ceil(factor * n * k / e)
     assert cap == 3
     y, aux = layer(x)
     expected, counts, dropped = naive_moe(layer, x, capacity=cap)
-    assert dropped > 0                        # the case actually exercises dropping
+    assert dropped > 0  # the case actually exercises dropping
     stats = layer.last_stats
     assert stats["tokens_per_expert"].tolist() == counts
     assert sum(counts) == n * k

@@ -2,6 +2,7 @@
 placement, packed-row masks vs separate runs, CLIP and uncertainty-weighting formulas,
 modality-aware routing, KV-cached generation and answer scoring vs full recompute, TP/EP ranks
 vs the single process, and a short training run."""
+
 import copy
 import math
 
@@ -11,22 +12,34 @@ import torch.nn.functional as F
 
 from aion_train.config import ConfigError, load_config
 from aion_train.model.multimodal import build_multimodal_model
-from aion_train.parallel import ParallelPlan, parallelize_multimodal
 from aion_train.model.multimodal.cross_attention import GatedCrossAttention
 from aion_train.model.multimodal.encoders import AudioEncoder
 from aion_train.model.multimodal.fusion import modality_from_ids, scatter_media
 from aion_train.model.multimodal.losses import UncertaintyWeighting, clip_loss
 from aion_train.model.multimodal.resampler import PerceiverResampler
-from aion_train.parallel import build_groups, run_ranks
+from aion_train.parallel import ParallelPlan, build_groups, parallelize_multimodal, run_ranks
 
-DELIMS = {"image": (4, 5), "audio": (6, 7), "video": (8, 9)}     # <I> </I> <A> </A> <V> </V>; pad = 0
+DELIMS = {"image": (4, 5), "audio": (6, 7), "video": (8, 9)}  # <I> </I> <A> </A> <V> </V>; pad = 0
 KIND_ID = {"image": 1, "audio": 2, "video": 3}
 T_OPEN, T_CLOSE = 10, 11
-SMALL = ["model.multimodal.enabled=true", "model.vocab_size=64", "model.d_model=32", "model.d_ff=64",
-         "model.moe.d_ff_expert=32", "model.kernels=torch", "model.multimodal.encoder_dim=32",
-         "model.multimodal.encoder_heads=2", "model.multimodal.resampler_queries=4", "model.multimodal.clip_dim=16",
-         "model.multimodal.image_size=16", "model.multimodal.patch_size=4", "model.multimodal.n_mels=8",
-         "model.multimodal.video_frames=4", "data.seq_len=64", "model.max_seq_len=128"]
+SMALL = [
+    "model.multimodal.enabled=true",
+    "model.vocab_size=64",
+    "model.d_model=32",
+    "model.d_ff=64",
+    "model.moe.d_ff_expert=32",
+    "model.kernels=torch",
+    "model.multimodal.encoder_dim=32",
+    "model.multimodal.encoder_heads=2",
+    "model.multimodal.resampler_queries=4",
+    "model.multimodal.clip_dim=16",
+    "model.multimodal.image_size=16",
+    "model.multimodal.patch_size=4",
+    "model.multimodal.n_mels=8",
+    "model.multimodal.video_frames=4",
+    "data.seq_len=64",
+    "model.max_seq_len=128",
+]
 
 
 def small_cfg(*extra, world_size=None):
@@ -50,8 +63,9 @@ def make_batch(cfg, seed=0, rows=3, length=48, per_row=2):
         for s in range(per_row):
             media = cycle[j % 4]
             j += 1
-            text = torch.randint(12, cfg.model.vocab_size, (int(torch.randint(3, 7, (1,), generator=g)),),
-                                 generator=g).tolist()
+            text = torch.randint(
+                12, cfg.model.vocab_size, (int(torch.randint(3, 7, (1,), generator=g)),), generator=g
+            ).tolist()
             row, mods = [], []
             if media:
                 row += [DELIMS[media][0]] + [0] * r + [DELIMS[media][1]]
@@ -60,9 +74,9 @@ def make_batch(cfg, seed=0, rows=3, length=48, per_row=2):
             row += [T_OPEN] + text + [T_CLOSE]
             mods += [0] * (len(text) + 2)
             n = len(row)
-            ids[b, t:t + n], modality[b, t:t + n] = torch.tensor(row), torch.tensor(mods)
-            seg[b, t:t + n], pos[b, t:t + n] = s + 1, torch.arange(n)
-            for i in range(t + n - len(text) - 2, t + n - 1):          # predict the text and </T>
+            ids[b, t : t + n], modality[b, t : t + n] = torch.tensor(row), torch.tensor(mods)
+            seg[b, t : t + n], pos[b, t : t + n] = s + 1, torch.arange(n)
+            for i in range(t + n - len(text) - 2, t + n - 1):  # predict the text and </T>
                 labels[b, i], kind[b, i] = ids[b, i + 1], 2 if media else 1
             t += n
     p = mm.patch_size
@@ -76,11 +90,25 @@ def make_batch(cfg, seed=0, rows=3, length=48, per_row=2):
     def pad_caps(lst):
         w = max([len(c) for c in lst], default=1)
         return torch.tensor([c + [0] * (w - len(c)) for c in lst], dtype=torch.long).view(len(lst), w)
-    return dict(input_ids=ids, labels=labels, loss_kind=kind, modality=modality, segment_ids=seg, position_ids=pos,
-                image=torch.randn(counts["image"], n_patch, 3 * p * p, generator=g),
-                video=torch.randn(counts["video"], (mm.video_frames // mm.tubelet_frames) * n_patch,
-                                  3 * mm.tubelet_frames * p * p, generator=g),
-                audio=audio, audio_frames=frames, **{f"{k}_caption_ids": pad_caps(v) for k, v in caps.items()})
+
+    return dict(
+        input_ids=ids,
+        labels=labels,
+        loss_kind=kind,
+        modality=modality,
+        segment_ids=seg,
+        position_ids=pos,
+        image=torch.randn(counts["image"], n_patch, 3 * p * p, generator=g),
+        video=torch.randn(
+            counts["video"],
+            (mm.video_frames // mm.tubelet_frames) * n_patch,
+            3 * mm.tubelet_frames * p * p,
+            generator=g,
+        ),
+        audio=audio,
+        audio_frames=frames,
+        **{f"{k}_caption_ids": pad_caps(v) for k, v in caps.items()},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +124,7 @@ def model(cfg):
 # ---------------------------------------------------------------------------------------------
 # building blocks
 # ---------------------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def test_gates_start_at_sigmoid_alpha_0_1(model, cfg):
@@ -147,11 +176,11 @@ def test_media_land_exactly_at_placeholders(model, cfg):
     r = cfg.model.multimodal.resampler_queries
     for kind, kid in KIND_ID.items():
         seen = 0
-        for b in range(mod.shape[0]):                       # row-major walk over the runs
+        for b in range(mod.shape[0]):  # row-major walk over the runs
             t = 0
             while t < mod.shape[1]:
                 if mod[b, t] == kid:
-                    assert torch.equal(fused[b, t:t + r], media[kind].tokens[seen])
+                    assert torch.equal(fused[b, t : t + r], media[kind].tokens[seen])
                     seen, t = seen + 1, t + r
                 else:
                     t += 1
@@ -171,13 +200,13 @@ def test_packed_rows_equal_separate_runs(model, cfg):
     for b in range(2):
         for s in (1, 2, 3):
             cols = (batch["segment_ids"][b] == s).nonzero().squeeze(1)
-            ids = batch["input_ids"][b:b + 1, cols]
-            one = {"input_ids": ids, "modality": batch["modality"][b:b + 1, cols]}
+            ids = batch["input_ids"][b : b + 1, cols]
+            one = {"input_ids": ids, "modality": batch["modality"][b : b + 1, cols]}
             for kind, kid in KIND_ID.items():
                 if bool((one["modality"] == kid).any()):
-                    one[kind] = batch[kind][item[kind]:item[kind] + 1]
+                    one[kind] = batch[kind][item[kind] : item[kind] + 1]
                     if kind == "audio":
-                        one["audio_frames"] = batch["audio_frames"][item[kind]:item[kind] + 1]
+                        one["audio_frames"] = batch["audio_frames"][item[kind] : item[kind] + 1]
                     item[kind] += 1
             alone = model.run_trunk(one, model.encode_media(one)).logits
             assert (out[b, cols] - alone[0]).abs().max() < 1e-5
@@ -201,10 +230,20 @@ def test_clip_loss_matches_direct_formula():
     # items 0 and 1 share a caption: each row's target is split over both
     targets = torch.eye(5, dtype=torch.float64)
     targets[:2, :2] = 0.5
-    dup_i2t = -sum(sum(targets[i, j].item() * (s[i][j] - math.log(sum(math.exp(s[i][m]) for m in range(5))))
-                       for j in range(5)) for i in range(5)) / 5
-    dup_t2i = -sum(sum(targets[i, j].item() * (s[j][i] - math.log(sum(math.exp(s[m][i]) for m in range(5))))
-                       for j in range(5)) for i in range(5)) / 5
+    dup_i2t = (
+        -sum(
+            sum(targets[i, j].item() * (s[i][j] - math.log(sum(math.exp(s[i][m]) for m in range(5)))) for j in range(5))
+            for i in range(5)
+        )
+        / 5
+    )
+    dup_t2i = (
+        -sum(
+            sum(targets[i, j].item() * (s[j][i] - math.log(sum(math.exp(s[m][i]) for m in range(5)))) for j in range(5))
+            for i in range(5)
+        )
+        / 5
+    )
     got = clip_loss(img, txt, torch.tensor(math.log(1 / tau), dtype=torch.float64), targets)
     assert got.item() == pytest.approx((dup_i2t + dup_t2i) / 2, rel=1e-6)
 
@@ -213,8 +252,11 @@ def test_uncertainty_weighting_formula_and_gradient_sign():
     uw = UncertaintyWeighting({"lm": 1.0, "caption": 1.0, "clip": 1.0})
     with torch.no_grad():
         uw.log_sigma.copy_(torch.tensor([0.0, 0.3, -0.2]))
-    losses = {"lm": torch.tensor(0.5, requires_grad=True), "caption": torch.tensor(3.0, requires_grad=True),
-              "clip": torch.tensor(2.0, requires_grad=True)}
+    losses = {
+        "lm": torch.tensor(0.5, requires_grad=True),
+        "caption": torch.tensor(3.0, requires_grad=True),
+        "clip": torch.tensor(2.0, requires_grad=True),
+    }
     total, extras = uw(losses)
     sig = [1.0, math.exp(0.3), math.exp(-0.2)]
     want = sum(lv / (2 * s * s) + math.log(s) for lv, s in zip((0.5, 3.0, 2.0), sig))
@@ -237,14 +279,17 @@ def test_uncertainty_weighting_formula_and_gradient_sign():
 # routing, cross-attention, generation
 # ---------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def test_modality_aware_routing_uses_only_reserved_experts():
     cfg = small_cfg("model.moe.modality_experts={image: [1, 3], audio: [0, 2]}")
     model = build_multimodal_model(cfg, seed=0).eval()
     batch = make_batch(cfg)
     seen = []
-    hooks = [m.router.register_forward_hook(lambda mod, args, out: seen.append((args[1], out.indices)))
-             for m in model.moe_layers()]
+    hooks = [
+        m.router.register_forward_hook(lambda mod, args, out: seen.append((args[1], out.indices)))
+        for m in model.moe_layers()
+    ]
     model(batch)
     for h in hooks:
         h.remove()
@@ -253,9 +298,9 @@ def test_modality_aware_routing_uses_only_reserved_experts():
     for mod, idx in main:
         assert set(idx[mod == 1].unique().tolist()) <= {1, 3}
         assert set(idx[mod == 2].unique().tolist()) <= {0, 2}
-        assert set(idx[mod == 0].unique().tolist()) - {1, 3}        # text keeps every expert
+        assert set(idx[mod == 0].unique().tolist()) - {1, 3}  # text keeps every expert
     with pytest.raises(ConfigError, match="model.moe.modality_experts.image"):
-        small_cfg("model.moe.modality_experts={image: [1]}")           # fewer than top_k
+        small_cfg("model.moe.modality_experts={image: [1]}")  # fewer than top_k
 
 
 @torch.no_grad()
@@ -265,7 +310,7 @@ def test_cross_attention_starts_as_identity_and_is_causal(model, cfg):
     xmodel.load_state_dict(model.state_dict(), strict=False)
     batch = make_batch(cfg)
     assert len(xmodel.cross_attn) == cfg.model.n_layers
-    assert (xmodel(batch).logits - model(batch).logits).abs().max() == 0      # tanh(0) gate
+    assert (xmodel(batch).logits - model(batch).logits).abs().max() == 0  # tanh(0) gate
     for layer in xmodel.cross_attn:
         layer.gate.fill_(1.0)
     logits = xmodel(batch).logits
@@ -307,12 +352,17 @@ def test_kv_cached_generation_equals_full_recompute(cross):
     for layer in model.cross_attn:
         layer.gate.fill_(0.5)
     batch = make_batch(cfg, rows=2, per_row=1)
-    cut = int((batch["modality"] > 0).nonzero()[:, 1].max()) + 3       # both rows: media + a little text
-    prompt = {"input_ids": batch["input_ids"][:, :cut], "modality": batch["modality"][:, :cut],
-              "image": batch["image"], "audio": batch["audio"], "audio_frames": batch["audio_frames"]}
+    cut = int((batch["modality"] > 0).nonzero()[:, 1].max()) + 3  # both rows: media + a little text
+    prompt = {
+        "input_ids": batch["input_ids"][:, :cut],
+        "modality": batch["modality"][:, :cut],
+        "image": batch["image"],
+        "audio": batch["audio"],
+        "audio_frames": batch["audio_frames"],
+    }
     got = model.generate(prompt, max_new_tokens=6)
     tokens = prompt["input_ids"]
-    for _ in range(6):                                                   # no cache: full forward each step
+    for _ in range(6):  # no cache: full forward each step
         full = dict(prompt, input_ids=tokens, modality=F.pad(prompt["modality"], (0, tokens.shape[1] - cut)))
         logits = model.run_trunk(full, model.encode_media(full)).logits[:, -1]
         tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], 1)
@@ -325,15 +375,20 @@ def test_answer_logprobs_match_brute_force(model, cfg):
     lengths = [int((batch["modality"][b] > 0).nonzero().max()) + 3 for b in range(2)]
     width = max(lengths)
     seg = torch.stack([(torch.arange(width) < n).long() for n in lengths])
-    prompt = {"input_ids": batch["input_ids"][:, :width] * seg, "modality": batch["modality"][:, :width] * seg,
-              "segment_ids": seg, "image": batch["image"], "audio": batch["audio"],
-              "audio_frames": batch["audio_frames"]}
+    prompt = {
+        "input_ids": batch["input_ids"][:, :width] * seg,
+        "modality": batch["modality"][:, :width] * seg,
+        "segment_ids": seg,
+        "image": batch["image"],
+        "audio": batch["audio"],
+        "audio_frames": batch["audio_frames"],
+    }
     candidates = [[20], [21, 22], [23, 24, 25]]
     got = model.answer_logprobs(prompt, candidates)
     for b, n in enumerate(lengths):
         for c, cand in enumerate(candidates):
-            ids = torch.cat([prompt["input_ids"][b:b + 1, :n], torch.tensor([cand])], 1)
-            one = {"input_ids": ids, "modality": F.pad(prompt["modality"][b:b + 1, :n], (0, len(cand)))}
+            ids = torch.cat([prompt["input_ids"][b : b + 1, :n], torch.tensor([cand])], 1)
+            one = {"input_ids": ids, "modality": F.pad(prompt["modality"][b : b + 1, :n], (0, len(cand)))}
             kind = "image" if b == 0 else "audio"
             one[kind] = prompt[kind]
             if kind == "audio":
@@ -348,20 +403,31 @@ def test_contrastive_embeddings_are_normalised(model, cfg):
     batch = make_batch(cfg)
     img, txt = model.encode_image(batch["image"]), model.encode_text(batch["image_caption_ids"])
     assert img.shape == txt.shape == (batch["image"].shape[0], cfg.model.multimodal.clip_dim)
-    assert torch.allclose(img.norm(dim=-1), torch.ones(len(img))) and torch.allclose(txt.norm(dim=-1), torch.ones(len(txt)))
+    assert torch.allclose(img.norm(dim=-1), torch.ones(len(img))) and torch.allclose(
+        txt.norm(dim=-1), torch.ones(len(txt))
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # config, parallel ranks, training
 # ---------------------------------------------------------------------------------------------
 
+
 def test_config_errors_name_their_keys():
     with pytest.raises(ConfigError) as e:
-        small_cfg("model.multimodal.image_size=18", "model.multimodal.gate_init=1.5",
-                  "model.multimodal.encoder_heads=3", "model.moe.modality_experts={smell: [0, 1]}")
+        small_cfg(
+            "model.multimodal.image_size=18",
+            "model.multimodal.gate_init=1.5",
+            "model.multimodal.encoder_heads=3",
+            "model.moe.modality_experts={smell: [0, 1]}",
+        )
     text = str(e.value)
-    for key in ("model.multimodal.image_size=18", "model.multimodal.gate_init", "model.multimodal.encoder_dim",
-                "model.moe.modality_experts.smell"):
+    for key in (
+        "model.multimodal.image_size=18",
+        "model.multimodal.gate_init",
+        "model.multimodal.encoder_dim",
+        "model.moe.modality_experts.smell",
+    ):
         assert key in text
     cfg = load_config("configs/tiny_multimodal_cpu.yaml")
     assert cfg.model.multimodal.enabled and cfg.data.dir == "data/demo/multimodal"
@@ -370,10 +436,11 @@ def test_config_errors_name_their_keys():
 def _parallel_worker(cfg, tp, ep):
     from aion_train.parallel.collectives import gather_last
     from aion_train.parallel.parallelize import full_slice
+
     groups = build_groups(tp, ep)
     full = build_multimodal_model(cfg, seed=3)
     ref_model = copy.deepcopy(full)
-    batch = make_batch(cfg, seed=5, rows=4)          # two items of every kind
+    batch = make_batch(cfg, seed=5, rows=4)  # two items of every kind
     ref = ref_model(batch)
     ref.loss.backward()
     model = parallelize_multimodal(full, groups)
@@ -383,20 +450,29 @@ def _parallel_worker(cfg, tp, ep):
     logits = gather_last(out.logits.detach(), groups.tp_group if tp > 1 else None)
     ref_grads = dict(ref_model.named_parameters())
     grad_diff = 0.0
-    if ep == 1:      # same batch on every rank: TP gradients equal the single process's slices
+    if ep == 1:  # same batch on every rank: TP gradients equal the single process's slices
         for name, p in model.named_parameters():
             assert p.grad is not None, name
             want = full_slice(ref_grads[name].grad, spec.get(name, []))
             grad_diff = max(grad_diff, (p.grad - want).abs().max().item())
-    return {"logit": (logits - ref.logits).abs().max().item(), "loss": abs(out.loss.item() - ref.loss.item()),
-            "losses": {k: abs(v.item() - ref.losses[k].item()) for k, v in out.losses.items()},
-            "grad": grad_diff, "sharded": len(spec)}
+    return {
+        "logit": (logits - ref.logits).abs().max().item(),
+        "loss": abs(out.loss.item() - ref.loss.item()),
+        "losses": {k: abs(v.item() - ref.losses[k].item()) for k, v in out.losses.items()},
+        "grad": grad_diff,
+        "sharded": len(spec),
+    }
 
 
 @pytest.mark.parametrize("tp, ep", [(2, 1), (1, 2)])
 def test_tp_and_ep_ranks_match_single_process(tp, ep):
-    cfg = small_cfg(f"parallel.tp={tp}", f"parallel.ep={ep}", "model.n_kv_heads=2",
-                    "model.moe.modality_experts={image: [0, 3]}", world_size=2)
+    cfg = small_cfg(
+        f"parallel.tp={tp}",
+        f"parallel.ep={ep}",
+        "model.n_kv_heads=2",
+        "model.moe.modality_experts={image: [0, 3]}",
+        world_size=2,
+    )
     r = run_ranks(_parallel_worker, 2, cfg, tp, ep, timeout_s=90)
     assert r["sharded"] > 0
     assert r["logit"] < 1e-5 and r["loss"] < 1e-5
@@ -420,4 +496,4 @@ def test_thirty_steps_lower_every_loss():
         first = sum(h[name] for h in history[:2]) / 2
         last = sum(h[name] for h in history[-2:]) / 2
         assert last < 0.8 * first, (name, first, last)
-    assert history[-1]["aux"] < history[0]["aux"]        # the router z-loss part falls too
+    assert history[-1]["aux"] < history[0]["aux"]  # the router z-loss part falls too

@@ -3,6 +3,7 @@
 Each writing command is pointed at a folder holding a user's files: it must refuse before
 touching anything (exit status 2, a message naming the folder and --overwrite), and the
 files must be unchanged afterwards."""
+
 from __future__ import annotations
 
 import hashlib
@@ -15,8 +16,7 @@ import pytest
 from aion_train import cli
 from aion_train.data.demo import ensure_demo_data
 from aion_train.data.shards import read_manifest, write_shards
-from aion_train.ownership import (MARKER, ForeignFolderError, claim_dir, is_ours, publish_dir,
-                                  read_marker)
+from aion_train.ownership import MARKER, ForeignFolderError, claim_dir, is_ours, publish_dir, read_marker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def test_claim_dir_absent_empty_ours_foreign(tmp_path):
     assert read_marker(tmp_path / "new")["kinds"] == ["pretrain"]
     (tmp_path / "empty").mkdir()
     claim_dir(tmp_path / "empty", "sft")
-    claim_dir(tmp_path / "new", "sft")     # ours: claimed again, both commands recorded
+    claim_dir(tmp_path / "new", "sft")  # ours: claimed again, both commands recorded
     assert read_marker(tmp_path / "new")["kinds"] == ["pretrain", "sft"]
     before = _user_folder(tmp_path / "user")
     with pytest.raises(ForeignFolderError, match="--overwrite"):
@@ -74,12 +74,12 @@ def test_publish_dir_replaces_only_its_own_entries(tmp_path):
 
     publish_dir(build(["a", "b", "c", "manifest.json"]), final, "make-shards", last=("manifest.json",))
     assert read_marker(final)["files"] == ["a", "b", "c", "manifest.json"]
-    (final / "user.txt").write_text("mine")                 # a user's file inside our folder
+    (final / "user.txt").write_text("mine")  # a user's file inside our folder
     publish_dir(build(["a", "manifest.json"]), final, "make-shards", last=("manifest.json",))
     assert sorted(p.name for p in final.iterdir()) == sorted([MARKER, "a", "manifest.json", "user.txt"])
     assert (final / "a").read_text() == "a v2" and (final / "user.txt").read_text() == "mine"
     assert read_marker(final)["files"] == ["a", "manifest.json"]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]   # no temp left over
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temp left over
     foreign = tmp_path / "foreign"
     before = _user_folder(foreign)
     with pytest.raises(ForeignFolderError):
@@ -97,7 +97,7 @@ def test_folder_of_our_folders_is_ours(tmp_path):
 def test_write_shards_removes_only_the_shards_its_manifest_lists(tmp_path):
     write_shards(({"__key__": f"k{i}", "txt": "x" * 10} for i in range(6)), str(tmp_path), "train", 2)
     assert len(read_manifest(str(tmp_path))["splits"]["train"]["shards"]) == 3
-    (tmp_path / "train-00009.tar").write_bytes(b"user's own")          # not in the manifest
+    (tmp_path / "train-00009.tar").write_bytes(b"user's own")  # not in the manifest
     write_shards(({"__key__": f"k{i}", "txt": "x"} for i in range(2)), str(tmp_path), "train", 2)
     names = sorted(p.name for p in tmp_path.glob("train-*.tar"))
     assert names == ["train-00000.tar", "train-00009.tar"]
@@ -120,7 +120,7 @@ def test_demo_folder_with_a_bad_checksum_is_rebuilt_and_user_files_stay(tmp_path
     (d / "notes.txt").write_text("kept")
     shard = Path(paths["train"][0])
     good = shard.read_bytes()
-    shard.write_bytes(bytes(b ^ 0xFF for b in good[:512]) + good[512:])   # same size, other bytes
+    shard.write_bytes(bytes(b ^ 0xFF for b in good[:512]) + good[512:])  # same size, other bytes
     ensure_demo_data(str(d), 1024)
     assert shard.read_bytes() == good
     assert (d / "notes.txt").read_text() == "kept"
@@ -130,7 +130,7 @@ def test_demo_folder_written_before_markers_is_recognised(tmp_path):
     d = tmp_path / "demo"
     ensure_demo_data(str(d), 1024)
     (d / MARKER).unlink()
-    ensure_demo_data(str(d), 1024, seed=7)       # other settings: rebuilt, not refused
+    ensure_demo_data(str(d), 1024, seed=7)  # other settings: rebuilt, not refused
     assert read_manifest(str(d))["demo"]["seed"] == 7
 
 
@@ -144,8 +144,9 @@ def test_make_shards_refuses_then_overwrites_keeping_user_files(tmp_path, capsys
     assert _digest(out) == before
     _refused(capsys, ["make-shards", "--out", str(out), "--modality", "multimodal", "--vocab-size", "1024"], out)
     assert _digest(out) == before and not (out / "multimodal").exists()
-    assert cli.main(["make-shards", "--out", str(out), "--modality", "text", "--vocab-size", "1024",
-                     "--overwrite"]) == 0
+    assert (
+        cli.main(["make-shards", "--out", str(out), "--modality", "text", "--vocab-size", "1024", "--overwrite"]) == 0
+    )
     capsys.readouterr()
     assert (out / "notes.txt").read_text() == "my experiment notes\n"
     assert read_manifest(str(out))["demo"]["complete"]
@@ -155,18 +156,22 @@ def test_pretrain_refuses_a_foreign_data_dir_and_run_dir(tmp_path, capsys):
     cfg = str(REPO / "configs" / "tiny_cpu.yaml")
     data = tmp_path / "my_folder"
     before = _user_folder(data)
-    _refused(capsys, ["pretrain", "--config", cfg, f"data.dir={data}", f"run_dir={tmp_path / 'run'}",
-                      "train.steps=5"], data)
+    _refused(
+        capsys, ["pretrain", "--config", cfg, f"data.dir={data}", f"run_dir={tmp_path / 'run'}", "train.steps=5"], data
+    )
     assert _digest(data) == before and not (tmp_path / "run").exists()
     run = tmp_path / "my_run"
     before_run = _user_folder(run)
-    _refused(capsys, ["pretrain", "--config", cfg, f"data.dir={tmp_path / 'demo'}", f"run_dir={run}",
-                      "train.steps=5"], run)
+    _refused(
+        capsys, ["pretrain", "--config", cfg, f"data.dir={tmp_path / 'demo'}", f"run_dir={run}", "train.steps=5"], run
+    )
     assert _digest(run) == before_run and not (tmp_path / "demo").exists()
 
 
-@pytest.mark.parametrize("command,config", [("sft", "sft_tiny.yaml"), ("rm", "sft_tiny.yaml"),
-                                            ("ppo", "rlhf_tiny.yaml"), ("pipeline", "pipeline_tiny.yaml")])
+@pytest.mark.parametrize(
+    "command,config",
+    [("sft", "sft_tiny.yaml"), ("rm", "sft_tiny.yaml"), ("ppo", "rlhf_tiny.yaml"), ("pipeline", "pipeline_tiny.yaml")],
+)
 def test_posttraining_commands_refuse_a_foreign_run_dir(tmp_path, capsys, command, config):
     run = tmp_path / "run"
     before = _user_folder(run)
@@ -189,11 +194,41 @@ def test_build_index_refuses_a_foreign_folder(tmp_path, capsys):
     corpus.write_text("some text about the platform\n\n" * 20)
     out = tmp_path / "index"
     before = _user_folder(out)
-    _refused(capsys, ["build-index", "--corpus", str(corpus), "--out", str(out), "--embedder", "hash-32",
-                      "--factory", "Flat", "--no-cache"], out)
+    _refused(
+        capsys,
+        [
+            "build-index",
+            "--corpus",
+            str(corpus),
+            "--out",
+            str(out),
+            "--embedder",
+            "hash-32",
+            "--factory",
+            "Flat",
+            "--no-cache",
+        ],
+        out,
+    )
     assert _digest(out) == before
-    assert cli.main(["build-index", "--corpus", str(corpus), "--out", str(out), "--embedder", "hash-32",
-                     "--factory", "Flat", "--no-cache", "--overwrite"]) == 0
+    assert (
+        cli.main(
+            [
+                "build-index",
+                "--corpus",
+                str(corpus),
+                "--out",
+                str(out),
+                "--embedder",
+                "hash-32",
+                "--factory",
+                "Flat",
+                "--no-cache",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert (out / "manifest.json").is_file() and (out / "notes.txt").read_text() == "my experiment notes\n"
 

@@ -2,6 +2,7 @@
 backends' packed paths (SDPA's block-diagonal mask on the CPU, flash-attn's varlen kernel via
 cu_seqlens), the bar (a packed row gives each document the logits it gets alone, fp32, 1e-5,
 through the real model), the text task passing them on, and the loud backend errors."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,13 @@ from aion_train.data.text_sources import demo_documents
 from aion_train.data.tokenizer import Tokenizer, train_tokenizer
 from aion_train.model import attention_backend as ab
 from aion_train.model import build_model
-from aion_train.model.attention_backend import (AttentionBackendError, PackedSegments, attention,
-                                                segment_causal_mask, varlen_from_segments)
+from aion_train.model.attention_backend import (
+    AttentionBackendError,
+    PackedSegments,
+    attention,
+    segment_causal_mask,
+    varlen_from_segments,
+)
 
 SEQ, MB = 48, 4
 
@@ -46,8 +52,12 @@ def _cfg(*overrides):
 # ------------------------------------------------------------------ the loader's segment ids
 def test_document_segments_start_at_row_start_bos_and_after_eos():
     bos, eos = 2, 3
-    ids = torch.tensor([[7, 8, eos, bos, 9, 9, eos, bos],      # a piece continued from the last row
-                        [bos, 5, eos, bos, 6, 6, 6, 6]])
+    ids = torch.tensor(
+        [
+            [7, 8, eos, bos, 9, 9, eos, bos],  # a piece continued from the last row
+            [bos, 5, eos, bos, 6, 6, 6, 6],
+        ]
+    )
     seg, pos = document_segments(ids, bos, eos)
     assert seg.tolist() == [[1, 1, 1, 2, 2, 2, 2, 3], [1, 1, 1, 2, 2, 2, 2, 2]]
     assert pos.tolist() == [[0, 1, 2, 0, 1, 2, 3, 0], [0, 1, 2, 0, 1, 2, 3, 4]]
@@ -75,7 +85,7 @@ def test_loader_adds_segments_without_changing_rows_labels_or_state(corpus):
         assert (ids[:, 1:][starts[:, 1:]] == tok.bos_id).all()
         assert torch.equal(seg, starts.long().cumsum(1))
     some = torch.cat([b["segment_ids"] for b in masked])
-    assert (some.max(1).values > 1).any()          # rows do pack several documents
+    assert (some.max(1).values > 1).any()  # rows do pack several documents
     assert _loader(corpus).state_dict()["settings"] == _loader(corpus, document_mask=True).state_dict()["settings"]
 
 
@@ -105,14 +115,12 @@ def test_resume_with_document_mask_is_bit_identical(corpus, workers):
 
 # ------------------------------------------------------------------ cu_seqlens for flash-attn's varlen kernel
 def test_varlen_from_segments_runs_per_row_with_padding():
-    seg = torch.tensor([[1, 1, 1, 2, 2, 0],
-                        [1, 1, 1, 1, 1, 1],
-                        [1, 2, 3, 3, 0, 0]])
+    seg = torch.tensor([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1], [1, 2, 3, 3, 0, 0]])
     cu, max_len = varlen_from_segments(seg)
     assert cu.dtype == torch.int32
     assert cu.tolist() == [0, 3, 5, 6, 12, 13, 14, 16, 18]
     assert max_len == 6
-    one, m = varlen_from_segments(torch.ones(2, 4, dtype=torch.long))   # equal ids in two rows: two sequences
+    one, m = varlen_from_segments(torch.ones(2, 4, dtype=torch.long))  # equal ids in two rows: two sequences
     assert one.tolist() == [0, 4, 8] and m == 4
     with pytest.raises(ValueError):
         varlen_from_segments(torch.ones(4, dtype=torch.long))
@@ -162,18 +170,18 @@ def test_packed_row_gives_each_document_its_logits_alone(overrides):
     seg, pos = _packed(lengths, 128)
     with torch.no_grad():
         packed = model(ids, segment_ids=seg, position_ids=pos).logits
-        mixed = model(ids).logits                  # no mask: documents see each other
+        mixed = model(ids).logits  # no mask: documents see each other
         worst, leak = 0.0, 0.0
         for b, row in enumerate(lengths):
             start = 0
             for n in row:
-                alone = model(ids[b:b + 1, start:start + n]).logits[0]
-                worst = max(worst, float((packed[b, start:start + n] - alone).abs().max()))
+                alone = model(ids[b : b + 1, start : start + n]).logits[0]
+                worst = max(worst, float((packed[b, start : start + n] - alone).abs().max()))
                 if start:
-                    leak = max(leak, float((mixed[b, start:start + n] - alone).abs().max()))
+                    leak = max(leak, float((mixed[b, start : start + n] - alone).abs().max()))
                 start += n
     assert worst < 1e-5, worst
-    assert leak > 1e-3, leak                        # without the mask the later documents differ
+    assert leak > 1e-3, leak  # without the mask the later documents differ
 
 
 def test_loader_rows_through_the_model_equal_each_document_alone(corpus):
@@ -189,7 +197,7 @@ def test_loader_rows_through_the_model_equal_each_document_alone(corpus):
         for b in range(ids.shape[0]):
             for s in seg[b].unique().tolist():
                 cols = (seg[b] == s).nonzero().squeeze(1)
-                alone = model(ids[b:b + 1, cols]).logits[0]
+                alone = model(ids[b : b + 1, cols]).logits[0]
                 worst = max(worst, float((packed[b, cols] - alone).abs().max()))
                 pieces += 1
     assert pieces > ids.shape[0]
@@ -219,8 +227,9 @@ def test_single_segment_rows_take_the_plain_causal_kernel(monkeypatch):
     real = F.scaled_dot_product_attention
 
     def spy(*args, **kw):
-        seen.append(("mask" if kw.get("attn_mask") is not None else "causal" if kw.get("is_causal") else "none"))
+        seen.append("mask" if kw.get("attn_mask") is not None else "causal" if kw.get("is_causal") else "none")
         return real(*args, **kw)
+
     monkeypatch.setattr(ab.F, "scaled_dot_product_attention", spy)
     q = torch.randn(2, 6, 2, 4)
     attention(q, q, q, causal=True, backend="sdpa", attn_mask=PackedSegments(torch.ones(2, 6, dtype=torch.long)))
@@ -238,6 +247,7 @@ class _RecordingEngine(torch.nn.Module):
     def forward(self, input_ids, labels=None, return_logits=True, **kw):
         self.calls.append({"input_ids": input_ids, "labels": labels, **kw})
         from aion_train.model.transformer import ModelOutput
+
         z = torch.zeros(())
         return ModelOutput(logits=None, loss=z, lm_loss=z, aux_loss=z)
 
@@ -245,8 +255,9 @@ class _RecordingEngine(torch.nn.Module):
 def _text_task(corpus, document_mask: bool):
     from aion_train.parallel.groups import ParallelGroups
     from aion_train.train.tasks import TextTask
+
     cfg = _cfg(f"data.document_mask={str(document_mask).lower()}", f"data.seq_len={SEQ}", "train.eval_batches=2")
-    task = TextTask.__new__(TextTask)           # no demo data: the corpus of this module
+    task = TextTask.__new__(TextTask)  # no demo data: the corpus of this module
     task.cfg, task.groups = cfg, ParallelGroups()
     task.train_shards = task.val_shards = corpus["paths"]
     task.tokenizer = corpus["tok"]
@@ -270,6 +281,7 @@ def test_text_task_passes_segments_in_training_and_evaluation(corpus, document_m
 
 def test_document_mask_is_on_by_default():
     from aion_train.config.schema import DataConfig
+
     assert DataConfig().document_mask is True
     assert load_config("configs/tiny_cpu.yaml").data.document_mask is True
 
@@ -287,22 +299,31 @@ def test_flash_without_flash_attn_fails_at_build_naming_the_reason():
 
 def test_config_refuses_flash_in_fp32():
     from aion_train.config import ConfigError
+
     with pytest.raises(ConfigError, match="model.attention_backend=flash needs train.precision bf16 or fp16"):
         load_config("configs/tiny_cpu.yaml", ["model.attention_backend=flash", "train.precision=fp32"])
-    load_config("configs/tiny_cpu.yaml", ["model.attention_backend=flash"])       # bf16: fine
+    load_config("configs/tiny_cpu.yaml", ["model.attention_backend=flash"])  # bf16: fine
 
 
 def _fake_flash(monkeypatch, calls):
     def flash_func(q, k, v, causal=True):
         calls.append(("dense", q.shape))
-        return _varlen_reference(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
-                                 torch.arange(0, q.shape[0] * q.shape[1] + 1, q.shape[1]), None, 0, 0,
-                                 causal).view_as(q)
+        return _varlen_reference(
+            q.flatten(0, 1),
+            k.flatten(0, 1),
+            v.flatten(0, 1),
+            torch.arange(0, q.shape[0] * q.shape[1] + 1, q.shape[1]),
+            None,
+            0,
+            0,
+            causal,
+        ).view_as(q)
 
     def varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=True):
         calls.append(("varlen", cu_q.tolist(), max_q))
         assert torch.equal(cu_q, cu_k) and causal
         return _varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, causal)
+
     monkeypatch.setattr(ab, "_flash_attn", lambda: (flash_func, varlen_func, None))
 
 
@@ -313,7 +334,7 @@ def test_flash_requested_on_cpu_or_fp32_raises_naming_why(monkeypatch):
     with pytest.raises(AttentionBackendError, match="fp16 or bf16"):
         ab.resolve_backend("flash", torch.device("cuda", 0), torch.float32)
     assert ab.resolve_backend("flash", torch.device("cuda", 0), torch.bfloat16) == "flash"
-    assert ab.resolve_backend("auto", torch.device("cpu"), torch.bfloat16) == "sdpa"   # auto: no error
+    assert ab.resolve_backend("auto", torch.device("cpu"), torch.bfloat16) == "sdpa"  # auto: no error
     with pytest.raises(ValueError):
         ab.resolve_backend("fast", torch.device("cpu"), torch.float32)
 
@@ -347,13 +368,14 @@ def test_model_under_flash_takes_the_varlen_kernel_with_cu_seqlens(monkeypatch):
     varlen = [c for c in calls if c[0] == "varlen"]
     assert len(varlen) == cfg_f.model.n_layers
     assert varlen[0][1:] == ([0, 10, 32, 37, 42, 64], 22)
-    assert [c[0] for c in calls[len(varlen):]] == ["dense"] * cfg_f.model.n_layers
+    assert [c[0] for c in calls[len(varlen) :]] == ["dense"] * cfg_f.model.n_layers
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------ the grouped-GEMM choice
 def test_grouped_mm_choice_is_logged_once_and_forced_paths_fail_loudly(monkeypatch, caplog):
     from aion_train.model.moe import experts
+
     monkeypatch.setattr(experts, "_logged", set())
     x, w = torch.randn(6, 8), torch.randn(2, 8, 8)
     counts = torch.tensor([2, 4])
@@ -374,5 +396,6 @@ def test_grouped_mm_choice_is_logged_once_and_forced_paths_fail_loudly(monkeypat
     with pytest.raises(RuntimeError, match="16-byte aligned"):
         experts.grouped_linear(torch.randn(6, 3), torch.randn(2, 3, 8), counts, mode="grouped")
     from aion_train.model.execution import ExecutionPolicy
+
     with pytest.raises(ValueError, match="runtime.grouped_mm='sometimes'"):
         ExecutionPolicy.for_device("cpu", grouped_mm="sometimes")

@@ -1,4 +1,5 @@
 """Real multi-rank tests on gloo: every parallel result is compared with the single-process model."""
+
 import json
 import os
 import subprocess
@@ -32,15 +33,27 @@ def test_layout_matches_megatron_order():
         layout(4, tp=1, ep=3)
 
 
-@pytest.mark.parametrize("tp, ep, world, extra", [
-    (2, 1, 2, ()),                                          # TP=2
-    (1, 2, 2, ()),                                          # EP=2 over DP=2
-    (2, 2, 4, ()),                                          # TP=2 x DP=2, EP=2
-    (2, 2, 4, ("model.moe.capacity_factor=1.0", "model.moe.shared_expert_d_ff=64",
-               "model.tie_embeddings=true", "model.moe.top_k=1")),
-    (2, 1, 2, ("parallel.sequence_parallel=true", "model.moe.every=2")),   # SP: dense + MoE layers
-    (2, 2, 4, ("parallel.sequence_parallel=true",)),
-])
+@pytest.mark.parametrize(
+    "tp, ep, world, extra",
+    [
+        (2, 1, 2, ()),  # TP=2
+        (1, 2, 2, ()),  # EP=2 over DP=2
+        (2, 2, 4, ()),  # TP=2 x DP=2, EP=2
+        (
+            2,
+            2,
+            4,
+            (
+                "model.moe.capacity_factor=1.0",
+                "model.moe.shared_expert_d_ff=64",
+                "model.tie_embeddings=true",
+                "model.moe.top_k=1",
+            ),
+        ),
+        (2, 1, 2, ("parallel.sequence_parallel=true", "model.moe.every=2")),  # SP: dense + MoE layers
+        (2, 2, 4, ("parallel.sequence_parallel=true",)),
+    ],
+)
 def test_parallel_matches_single_process(tp, ep, world, extra):
     r = run_ranks(verify_worker, world, cfg_for(tp, ep, world, *extra), tp, ep, timeout_s=60)
     assert r["world"] == world
@@ -50,6 +63,7 @@ def test_parallel_matches_single_process(tp, ep, world, extra):
 
 def _vocab_ce_worker():
     from aion_train.parallel.cross_entropy import VocabParallelCrossEntropy
+
     groups = build_groups(tp=2)
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 10, generator=g, dtype=torch.float64) * 3
@@ -71,9 +85,11 @@ def test_vocab_parallel_cross_entropy_matches_full():
 
 def _grad_norm_worker(cfg, tp, ep):
     import copy
+
     from aion_train.model import build_model
     from aion_train.parallel.grad_sync import average_gradients
     from aion_train.parallel.verify import fixed_batch, reference
+
     groups = build_groups(tp, ep)
     full = build_model(cfg.model, seed=cfg.seed)
     inputs, labels = fixed_batch(cfg, groups.dp)
@@ -94,6 +110,7 @@ def test_global_grad_norm_across_tp_and_ep_shards():
 def _dispatch_worker():
     from aion_train.model.moe import LocalDispatcher
     from aion_train.parallel.expert_parallel import AllToAllDispatcher
+
     groups = build_groups(tp=1, ep=2)
     g = torch.Generator().manual_seed(1)
     # every rank makes both ranks' inputs, so it can compute the whole reference
@@ -104,7 +121,7 @@ def _dispatch_worker():
     me = groups.ep_rank
     disp = AllToAllDispatcher(4, capacity_factor=0.75, ep_group=groups.ep_group)
     tokens, counts, state = disp.dispatch(xs[me], idx[me], gates[me])
-    local_scale = torch.repeat_interleave(scale[2 * me:2 * me + 2], counts)
+    local_scale = torch.repeat_interleave(scale[2 * me : 2 * me + 2], counts)
     out = disp.combine(tokens * local_scale[:, None], state)
     ref_disp = LocalDispatcher(4, capacity_factor=0.75)
     t2, c2, s2 = ref_disp.dispatch(xs[me], idx[me], gates[me])
@@ -135,9 +152,26 @@ def test_dead_rank_fails_fast():
 
 def test_verify_parallel_cli_bar():
     """The issue's bar: --tp 2 --ep 2 --nproc 4 on the tiny config, diffs < 1e-4, exit 0."""
-    p = subprocess.run([sys.executable, "-m", "aion_train.cli", "verify-parallel", "--config", CFG,
-                        "--tp", "2", "--ep", "2", "--nproc", "4", "--json"],
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aion_train.cli",
+            "verify-parallel",
+            "--config",
+            CFG,
+            "--tp",
+            "2",
+            "--ep",
+            "2",
+            "--nproc",
+            "4",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     r = json.loads(p.stdout.strip().splitlines()[-1])
     assert r["max_logit_diff"] < 1e-4 and r["max_grad_diff"] < 1e-4

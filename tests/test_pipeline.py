@@ -7,6 +7,7 @@ The phase functions below are this module's own (imported by dotted path inside 
 workers, which find this folder through PYTHONPATH); the real SFT/RM/PPO phases are tested
 by their owners. Each records what it saw (PID, granted CPUs, thread count, times) so the
 tests check the runner against what actually ran."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,8 @@ import yaml
 pytest.importorskip("ray")
 
 from aion_train.config import ConfigError, load_config  # noqa: E402
-from aion_train.pipeline.local_cluster import LocalCluster  # noqa: E402
 from aion_train.config.pipeline_schema import pipeline_phases  # noqa: E402
+from aion_train.pipeline.local_cluster import LocalCluster  # noqa: E402
 from aion_train.pipeline.runner import run_pipeline  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -45,6 +46,7 @@ def _phase_dir(cfg) -> Path:
 
 def _finish(cfg, metrics: dict) -> dict:
     from aion_train.fsutil import atomic_write_text
+
     atomic_write_text(_phase_dir(cfg) / "done.json", json.dumps(metrics))
     return metrics
 
@@ -58,20 +60,30 @@ def record_phase(cfg) -> dict:
     """Records its process, the CPUs Ray granted it, its torch thread count and its times."""
     import ray
     import torch
+
     _count_call(cfg)
     name = os.environ["AION_PIPELINE_PHASE"]
     t0 = time.time()
     time.sleep(0.3)
-    return _finish(cfg, {f"{name}_pid": os.getpid(), f"{name}_start": t0, f"{name}_end": time.time(),
-                         f"{name}_cpus": ray.get_runtime_context().get_assigned_resources().get("CPU"),
-                         f"{name}_threads": torch.get_num_threads(), f"{name}_cwd": os.getcwd(),
-                         f"{name}_gcs": ray.get_runtime_context().gcs_address})
+    return _finish(
+        cfg,
+        {
+            f"{name}_pid": os.getpid(),
+            f"{name}_start": t0,
+            f"{name}_end": time.time(),
+            f"{name}_cpus": ray.get_runtime_context().get_assigned_resources().get("CPU"),
+            f"{name}_threads": torch.get_num_threads(),
+            f"{name}_cwd": os.getcwd(),
+            f"{name}_gcs": ray.get_runtime_context().gcs_address,
+        },
+    )
 
 
 def allreduce_phase(cfg) -> dict:
     """2 gloo ranks: all-reduce (rank + 1) and all-gather the PIDs; rank 0 writes done.json."""
     import torch
     import torch.distributed as dist
+
     _count_call(cfg)
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     try:
@@ -109,9 +121,16 @@ def blocking_phase(cfg) -> dict:
 
 # -- helpers -------------------------------------------------------------------------------------
 def _cfg(run_dir: Path, phases: list[str], extra: dict, **pipeline):
-    return load_config(None, [f"run_dir={run_dir}", f"pipeline.phases={json.dumps(phases)}",
-                              f"pipeline.extra={json.dumps(extra)}", "pipeline.log_tail_lines=10"]
-                       + [f"pipeline.{k}={json.dumps(v)}" for k, v in pipeline.items()])
+    return load_config(
+        None,
+        [
+            f"run_dir={run_dir}",
+            f"pipeline.phases={json.dumps(phases)}",
+            f"pipeline.extra={json.dumps(extra)}",
+            "pipeline.log_tail_lines=10",
+        ]
+        + [f"pipeline.{k}={json.dumps(v)}" for k, v in pipeline.items()],
+    )
 
 
 def _fn(name: str) -> str:
@@ -168,26 +187,50 @@ def cluster():
 # -- tests ---------------------------------------------------------------------------------------
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError) as e:
-        _cfg(Path("/tmp/x"), ["sft", "nope"], {"bad": {"fn": "no_colon", "world_size": 0}},
-             resources={"rm": {"num_cpus": -1, "gpus": 1}})
+        _cfg(
+            Path("/tmp/x"),
+            ["sft", "nope"],
+            {"bad": {"fn": "no_colon", "world_size": 0}},
+            resources={"rm": {"num_cpus": -1, "gpus": 1}},
+        )
     msg = "\n".join(e.value.errors)
-    for needle in ("pipeline.phases: unknown phase 'nope'", "pipeline.extra.bad.fn='no_colon'",
-                   "pipeline.extra.bad.world_size=0", "pipeline.resources.rm.num_cpus=-1",
-                   "pipeline.resources.rm.gpus: unknown key"):
+    for needle in (
+        "pipeline.phases: unknown phase 'nope'",
+        "pipeline.extra.bad.fn='no_colon'",
+        "pipeline.extra.bad.world_size=0",
+        "pipeline.resources.rm.num_cpus=-1",
+        "pipeline.resources.rm.gpus: unknown key",
+    ):
         assert needle in msg, msg
     with pytest.raises(ConfigError, match=r"pipeline.resources.sft: 2 rank\(s\) x 1 CPUs exceed .*num_cpus=1"):
         _cfg(Path("/tmp/x"), ["sft"], {}, num_cpus=1, resources={"sft": {"num_cpus": 1, "world_size": 2}})
-    assert [(ph.name, ph.world_size) for ph in pipeline_phases(load_config("configs/pipeline_tiny.yaml"))] == \
-        [("sft", 2), ("rm", 2), ("ppo", 2), ("build-index", 1), ("build-policy", 1)]
+    assert [(ph.name, ph.world_size) for ph in pipeline_phases(load_config("configs/pipeline_tiny.yaml"))] == [
+        ("sft", 2),
+        ("rm", 2),
+        ("ppo", 2),
+        ("build-index", 1),
+        ("build-policy", 1),
+    ]
 
 
 def test_job_entrypoint(tmp_path):
     import shlex
+
     from aion_train.pipeline.submit import build_entrypoint
+
     conf = tmp_path / "my dir" / "p.yaml"
     cmd = build_entrypoint(str(conf), ["sft.steps=3"], True, cwd=str(tmp_path))
-    assert shlex.split(cmd) == ["cd", str(tmp_path), "&&", "aion-train", "pipeline", "--config", str(conf),
-                                "--json", "sft.steps=3"]
+    assert shlex.split(cmd) == [
+        "cd",
+        str(tmp_path),
+        "&&",
+        "aion-train",
+        "pipeline",
+        "--config",
+        str(conf),
+        "--json",
+        "sft.steps=3",
+    ]
     cmd = build_entrypoint(str(conf), [], False, working_dir=str(tmp_path))
     assert shlex.split(cmd) == ["aion-train", "pipeline", "--config", os.path.join("my dir", "p.yaml")]
     with pytest.raises(ValueError, match="outside --working-dir"):
@@ -195,9 +238,11 @@ def test_job_entrypoint(tmp_path):
 
 
 def test_phases_run_in_order_with_their_resources(cluster, tmp_path):
-    extra = {"first": {"fn": _fn("record_phase"), "num_cpus": 2},
-             "second": {"fn": _fn("record_phase"), "num_cpus": 1},
-             "dist": {"fn": _fn("allreduce_phase"), "num_cpus": 1, "world_size": 2}}
+    extra = {
+        "first": {"fn": _fn("record_phase"), "num_cpus": 2},
+        "second": {"fn": _fn("record_phase"), "num_cpus": 1},
+        "dist": {"fn": _fn("allreduce_phase"), "num_cpus": 1, "world_size": 2},
+    }
     lines: list[dict] = []
     code = run_pipeline(_cfg(tmp_path, ["first", "second", "dist"], extra), cluster.gcs_address, lines.append)
     assert code == 0, lines
@@ -219,15 +264,13 @@ def test_phases_run_in_order_with_their_resources(cluster, tmp_path):
     assert (tmp_path / "logs" / "dist.log").is_file() and (tmp_path / "logs" / "dist.rank1.log").is_file()
     # a rerun skips every finished phase without running anything
     lines2: list[dict] = []
-    assert run_pipeline(_cfg(tmp_path, ["first", "second", "dist"], extra), cluster.gcs_address,
-                        lines2.append) == 0
+    assert run_pipeline(_cfg(tmp_path, ["first", "second", "dist"], extra), cluster.gcs_address, lines2.append) == 0
     assert [x["status"] for x in lines2[:-1]] == ["skipped"] * 3
     assert sorted(_calls(tmp_path)) == ["dist", "dist", "first", "second"]
 
 
 def test_failure_reports_log_tail_and_rerun_resumes(cluster, tmp_path):
-    extra = {"a": {"fn": _fn("record_phase")}, "flaky": {"fn": _fn("flaky_phase")},
-             "c": {"fn": _fn("record_phase")}}
+    extra = {"a": {"fn": _fn("record_phase")}, "flaky": {"fn": _fn("flaky_phase")}, "c": {"fn": _fn("record_phase")}}
     cfg = _cfg(tmp_path, ["a", "flaky", "c"], extra)
     lines: list[dict] = []
     assert run_pipeline(cfg, cluster.gcs_address, lines.append) == 1
@@ -237,7 +280,7 @@ def test_failure_reports_log_tail_and_rerun_resumes(cluster, tmp_path):
     assert "DIAGNOSTIC-LINE-7f3a" in failed["log_tail"] and "Traceback" in failed["log_tail"]
     assert failed["log"] == str(tmp_path / "logs" / "flaky.log")
     assert lines[-1]["status"] == "failed" and lines[-1]["phases"] == {"a": "done", "flaky": "failed"}
-    assert _calls(tmp_path) == ["a", "flaky"]          # c never started
+    assert _calls(tmp_path) == ["a", "flaky"]  # c never started
     (tmp_path / "fixed").write_text("")
     lines = []
     assert run_pipeline(_cfg(tmp_path, ["a", "flaky", "c"], extra), cluster.gcs_address, lines.append) == 0
@@ -249,7 +292,9 @@ def test_local_cluster_processes_are_gone_after_stop():
     c = LocalCluster(num_cpus=1, object_store_mb=100, env=ENV).start()
     try:
         import ray
+
         from aion_train.pipeline.runner import connect
+
         connect(c.gcs_address)
         worker_pid = ray.get(ray.remote(lambda: os.getpid()).remote())
         assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
@@ -263,8 +308,14 @@ def test_local_cluster_processes_are_gone_after_stop():
 
 
 def _write_yaml(path: Path, run_dir: Path, phases: list[str], extra: dict, **pipeline) -> Path:
-    path.write_text(yaml.safe_dump({"run_dir": str(run_dir), "pipeline": {
-        "phases": phases, "extra": extra, "num_cpus": 2, "object_store_mb": 128, **pipeline}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(run_dir),
+                "pipeline": {"phases": phases, "extra": extra, "num_cpus": 2, "object_store_mb": 128, **pipeline},
+            }
+        )
+    )
     return path
 
 
@@ -276,14 +327,19 @@ def _cli(*args) -> list[str]:
 def test_killed_driver_resumes_without_rerunning_finished_phases(tmp_path):
     """SIGTERM, then SIGKILL, to the driver while a phase runs: the private cluster's processes
     are all gone each time (by PID), and the rerun redoes neither finished phase."""
-    extra = {"a": {"fn": _fn("record_phase")}, "block": {"fn": _fn("blocking_phase")},
-             "c": {"fn": _fn("record_phase")}}
+    extra = {"a": {"fn": _fn("record_phase")}, "block": {"fn": _fn("blocking_phase")}, "c": {"fn": _fn("record_phase")}}
     conf = _write_yaml(tmp_path / "p.yaml", tmp_path / "run", ["a", "block", "c"], extra)
     run = tmp_path / "run"
     env = {**os.environ, **ENV}
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        proc = subprocess.Popen(_cli("--config", str(conf), "--json"), env=env, cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            _cli("--config", str(conf), "--json"),
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         watch = Descendants(proc.pid)
         watch.start()
         deadline = time.time() + 120
@@ -300,8 +356,9 @@ def test_killed_driver_resumes_without_rerunning_finished_phases(tmp_path):
         assert _wait_gone(watch.pids) == [], f"after {sig.name}"
     assert _calls(run) == ["a", "block", "block"]
     (run / "release").write_text("")
-    out = subprocess.run(_cli("--config", str(conf), "--json"), env=env, cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        _cli("--config", str(conf), "--json"), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [json.loads(x) for x in out.stdout.splitlines()]
     assert [x.get("status") for x in lines] == ["skipped", "done", "done", "ok"]
@@ -313,13 +370,18 @@ def test_submit_with_address_and_ray_job_submit(cluster, tmp_path):
     """`aion-train pipeline --address URL` (JobSubmissionClient) against the test's head node
     runs the phases as a Ray job; `ray job submit -- aion-train pipeline ...` reruns it and
     skips them all."""
-    extra = {"a": {"fn": _fn("record_phase")},
-             "dist": {"fn": _fn("allreduce_phase"), "num_cpus": 1, "world_size": 2}}
+    extra = {"a": {"fn": _fn("record_phase")}, "dist": {"fn": _fn("allreduce_phase"), "num_cpus": 1, "world_size": 2}}
     run = tmp_path / "run"
     conf = _write_yaml(tmp_path / "p.yaml", run, ["a", "dist"], extra)
     env = {**os.environ, **ENV}
-    out = subprocess.run(_cli("--config", str(conf), "--json", "--address", cluster.dashboard_url),
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        _cli("--config", str(conf), "--json", "--address", cluster.dashboard_url),
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [json.loads(x) for x in out.stdout.splitlines()]
     assert [x.get("phase") for x in lines] == ["a", "dist", None]
@@ -327,9 +389,26 @@ def test_submit_with_address_and_ray_job_submit(cluster, tmp_path):
     assert "submitted Ray job" in out.stderr
     # the job's driver joined the head node instead of starting a cluster of its own
     assert lines[0]["metrics"]["a_gcs"] == cluster.gcs_address
-    cli = subprocess.run(["ray", "job", "submit", "--address", cluster.dashboard_url, "--",
-                          "aion-train", "pipeline", "--config", str(conf), "--json"],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    cli = subprocess.run(
+        [
+            "ray",
+            "job",
+            "submit",
+            "--address",
+            cluster.dashboard_url,
+            "--",
+            "aion-train",
+            "pipeline",
+            "--config",
+            str(conf),
+            "--json",
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert cli.returncode == 0, cli.stdout[-3000:] + cli.stderr[-3000:]
     rerun = [json.loads(x) for x in cli.stdout.splitlines() if x.startswith('{"')]
     assert [x.get("status") for x in rerun] == ["skipped", "skipped", "ok"]

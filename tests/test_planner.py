@@ -1,6 +1,7 @@
 """`aion-train plan`: scaling-law sizes against the published numbers, memory formulas against
 hand computations (ZeRO paper, Korthikanti et al.), parameter counts against the real model,
 and the layout search."""
+
 from __future__ import annotations
 
 import json
@@ -11,17 +12,31 @@ import sys
 import pytest
 
 from aion_train.config import load_config
-from aion_train.planner import (Layout, activation_bytes, chinchilla_loss, count_params, estimate,
-                                layer_activation_bytes, model_state_bytes, plan_compute, plan_memory,
-                                search)
+from aion_train.planner import (
+    Layout,
+    activation_bytes,
+    chinchilla_loss,
+    count_params,
+    estimate,
+    layer_activation_bytes,
+    model_state_bytes,
+    plan_compute,
+    plan_memory,
+    search,
+)
 from aion_train.planner.memory import GIB, candidate_layouts, preference
 
 CFG = "configs/tiny_cpu.yaml"
 
 # Hoffmann et al. (2022), Table 3 (approach 1): parameters, FLOPs, tokens. Kept here, apart from
 # the planner's copy, as the reference.
-TABLE3 = [(400e6, 1.92e19, 8.0e9), (1e9, 1.21e20, 20.2e9), (10e9, 1.23e22, 205.1e9),
-          (67e9, 5.76e23, 1.5e12), (175e9, 3.85e24, 3.7e12)]
+TABLE3 = [
+    (400e6, 1.92e19, 8.0e9),
+    (1e9, 1.21e20, 20.2e9),
+    (10e9, 1.23e22, 205.1e9),
+    (67e9, 5.76e23, 1.5e12),
+    (175e9, 3.85e24, 3.7e12),
+]
 
 
 def frontier(flops):
@@ -39,9 +54,10 @@ def within(x, ref, factor):
 
 # ------------------------------------------------------------------------------ scaling laws
 
+
 def test_1e21_flops_on_the_published_compute_optimal_frontier():
     r = plan_compute(1e21)
-    n_ref, d_ref = frontier(1e21)            # ~2.86e9 params, ~5.8e10 tokens
+    n_ref, d_ref = frontier(1e21)  # ~2.86e9 params, ~5.8e10 tokens
     rule = r["rule_20x"]
     assert within(rule["params"], n_ref, 1.5) and within(rule["tokens"], d_ref, 1.5)
     assert 10 <= rule["tokens"] / rule["params"] <= 40
@@ -55,14 +71,14 @@ def test_approach3_fit_is_the_constrained_optimum_and_near_the_frontier():
     2024 report); it is still the same order of magnitude as the frontier."""
     c = 1e21
     r = plan_compute(c)
-    grid = [10 ** (8 + i / 2000) for i in range(6001)]          # 1e8 .. 1e11 parameters
+    grid = [10 ** (8 + i / 2000) for i in range(6001)]  # 1e8 .. 1e11 parameters
     best = min(grid, key=lambda n: chinchilla_loss(n, c / (6 * n)))
     a3 = r["approach3"]
     assert within(a3["params"], best, 1.002)
     assert a3["chinchilla_loss"] == pytest.approx(chinchilla_loss(best, c / (6 * best)), abs=1e-6)
     n_ref, d_ref = frontier(c)
     assert within(a3["params"], n_ref, 2.0) and within(a3["tokens"], d_ref, 2.0)
-    assert a3["params"] < n_ref                                  # smaller model, more tokens
+    assert a3["params"] < n_ref  # smaller model, more tokens
     assert a3["tokens_per_param"] == pytest.approx(a3["tokens"] / a3["params"])
     # the headline numbers follow the published frontier
     assert within(r["params_opt"], n_ref, 1.5) and within(r["tokens_opt"], d_ref, 1.5)
@@ -86,9 +102,9 @@ def test_c_equals_6nd(flops):
 
 def test_kaplan_losses():
     pf_day = 8.64e19
-    r = plan_compute(pf_day)                                      # 1 PF-day
+    r = plan_compute(pf_day)  # 1 PF-day
     assert r["pf_days"] == pytest.approx(1.0)
-    assert r["kaplan_loss"] == pytest.approx(3.1e8 ** 0.050)      # ~2.66 nats
+    assert r["kaplan_loss"] == pytest.approx(3.1e8**0.050)  # ~2.66 nats
     r = plan_compute(1e21)
     assert r["kaplan_loss"] == pytest.approx((3.1e8 / (1e21 / pf_day)) ** 0.050)
     assert r["kaplan_loss_at_params_opt"] == pytest.approx((8.8e13 / r["params_opt"]) ** 0.076)
@@ -104,15 +120,24 @@ def test_bad_budget_rejected():
 
 # ------------------------------------------------------------------------------ parameters
 
-@pytest.mark.parametrize("overrides", [
-    [],
-    ["model.tie_embeddings=true", "model.norm=layernorm", "model.activation=gelu",
-     "model.moe.shared_expert_d_ff=64"],
-    ["model.n_layers=3", "model.moe.every=2", "model.n_kv_heads=4"],
-    ["model.moe.every=0"],
-])
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        [
+            "model.tie_embeddings=true",
+            "model.norm=layernorm",
+            "model.activation=gelu",
+            "model.moe.shared_expert_d_ff=64",
+        ],
+        ["model.n_layers=3", "model.moe.every=2", "model.n_kv_heads=4"],
+        ["model.moe.every=0"],
+    ],
+)
 def test_param_count_equals_the_real_model(overrides):
     from aion_train.model import build_model
+
     cfg = load_config(CFG, overrides)
     model = build_model(cfg.model)
     real = sum(p.numel() for p in model.parameters())
@@ -125,15 +150,19 @@ def test_param_count_equals_the_real_model(overrides):
 def test_moe_layer_rule_agrees_with_the_model():
     from aion_train.model.transformer import is_moe_layer as model_rule
     from aion_train.planner.params import is_moe_layer as planner_rule
+
     for every, n_exp in [(0, 8), (1, 8), (2, 8), (3, 4), (1, 1)]:
-        cfg = load_config(CFG, [f"model.moe.every={every}", f"model.moe.n_experts={n_exp}",
-                                "model.moe.top_k=1", "model.n_layers=6"])
+        cfg = load_config(
+            CFG, [f"model.moe.every={every}", f"model.moe.n_experts={n_exp}", "model.moe.top_k=1", "model.n_layers=6"]
+        )
         assert [planner_rule(cfg.model, i) for i in range(6)] == [model_rule(cfg.model, i) for i in range(6)]
 
 
 def test_planner_cli_does_not_import_torch():
-    code = ("import sys; from aion_train.commands import plan; from aion_train import planner; "
-            "planner.plan_compute(1e21); print('torch' in sys.modules)")
+    code = (
+        "import sys; from aion_train.commands import plan; from aion_train import planner; "
+        "planner.plan_compute(1e21); print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
 
@@ -142,6 +171,7 @@ def test_per_rank_split_matches_the_model_layers():
     """What parallelize splits: projections, FFNs, embedding and head over TP; experts over
     EP (by expert) and TP (by width); norms and routers stay whole on every rank."""
     from aion_train.model import build_model
+
     cfg = load_config(CFG, ["model.moe.shared_expert_d_ff=64"])
     model = build_model(cfg.model)
     tp, ep = 2, 2
@@ -159,16 +189,20 @@ def test_per_rank_split_matches_the_model_layers():
 
 # ------------------------------------------------------------------------------ model states
 
+
 def dense_cfg(extra=()):
     return load_config(CFG, ["model.moe.every=0", *extra])
 
 
-@pytest.mark.parametrize("zero,expected_bytes_per_param", [
-    (0, 2 + 2 + 12),                 # replicated: 16 bytes per parameter
-    (1, 2 + 2 + 12 / 8),             # optimizer states sharded
-    (2, 2 + (2 + 12) / 8),           # + gradients
-    (3, (2 + 2 + 12) / 8),           # + parameters: 16/8 per parameter
-])
+@pytest.mark.parametrize(
+    "zero,expected_bytes_per_param",
+    [
+        (0, 2 + 2 + 12),  # replicated: 16 bytes per parameter
+        (1, 2 + 2 + 12 / 8),  # optimizer states sharded
+        (2, 2 + (2 + 12) / 8),  # + gradients
+        (3, (2 + 2 + 12) / 8),  # + parameters: 16/8 per parameter
+    ],
+)
 def test_zero_stages_mixed_precision_adam(zero, expected_bytes_per_param):
     cfg = dense_cfg()
     psi = count_params(cfg.model).total
@@ -203,11 +237,22 @@ def test_experts_split_by_ep_and_sharded_over_edp():
 
 # ------------------------------------------------------------------------------ activations
 
+
 def gpt_cfg(extra=()):
     """A GPT-style layer: LayerNorm, 4h GeLU MLP, MHA, dense."""
-    return dense_cfg(["model.activation=gelu", "model.norm=layernorm", "model.n_kv_heads=null", "model.d_ff=512",
-                      "model.d_model=128", "model.n_heads=4", "data.seq_len=128",
-                      "data.micro_batch_size=4", *extra])
+    return dense_cfg(
+        [
+            "model.activation=gelu",
+            "model.norm=layernorm",
+            "model.n_kv_heads=null",
+            "model.d_ff=512",
+            "model.d_model=128",
+            "model.n_heads=4",
+            "data.seq_len=128",
+            "data.micro_batch_size=4",
+            *extra,
+        ]
+    )
 
 
 def test_korthikanti_per_layer_activations():
@@ -249,8 +294,7 @@ def test_moe_layer_counts_top_k_copies():
     one = load_config(CFG, ["model.moe.top_k=1"])
     two = load_config(CFG, ["model.moe.top_k=2"])
     f = one.model.moe.d_ff_expert
-    extra = (layer_activation_bytes(two, Layout(gpus=1), True)
-             - layer_activation_bytes(one, Layout(gpus=1), True))
+    extra = layer_activation_bytes(two, Layout(gpus=1), True) - layer_activation_bytes(one, Layout(gpus=1), True)
     # one more copy: dispatched input, expert output and its gate-weighted copy (2 s b h bytes
     # each) + 4 SwiGLU tensors of width f
     assert extra == pytest.approx(3 * 2 * s * b * h + 4 * 2 * s * b * f)
@@ -262,12 +306,18 @@ def saved_activation_bytes(overrides):
     keeps fp32 copies of q, k, v and the output) and the CPU padding of the expert groups are
     turned off for the measurement."""
     import torch
+
     from aion_train.model import build_model
     from aion_train.model.execution import ExecutionPolicy, apply_execution_policy
+
     cfg = load_config(CFG, overrides)
     model = build_model(cfg.model, seed=0).to(torch.bfloat16).train()
-    ids = torch.randint(0, cfg.model.vocab_size, (cfg.data.micro_batch_size, cfg.data.seq_len),
-                        generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0,
+        cfg.model.vocab_size,
+        (cfg.data.micro_batch_size, cfg.data.seq_len),
+        generator=torch.Generator().manual_seed(0),
+    )
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 
@@ -284,14 +334,25 @@ def saved_activation_bytes(overrides):
     return sum(seen.values()), cfg
 
 
-@pytest.mark.parametrize("overrides,moe", [
-    (["model.moe.every=0"], False),
-    (["model.moe.every=0", "model.activation=gelu", "model.norm=layernorm"], False),
-    (["model.moe.n_experts=8", "model.moe.top_k=2", "model.moe.d_ff_expert=256"], True),
-])
+@pytest.mark.parametrize(
+    "overrides,moe",
+    [
+        (["model.moe.every=0"], False),
+        (["model.moe.every=0", "model.activation=gelu", "model.norm=layernorm"], False),
+        (["model.moe.n_experts=8", "model.moe.top_k=2", "model.moe.d_ff_expert=256"], True),
+    ],
+)
 def test_per_layer_estimate_matches_what_autograd_saves(overrides, moe):
-    base = ["model.d_model=128", "model.n_heads=4", "model.n_kv_heads=4", "model.d_ff=512",
-            "data.seq_len=128", "model.max_seq_len=128", "data.micro_batch_size=4", *overrides]
+    base = [
+        "model.d_model=128",
+        "model.n_heads=4",
+        "model.n_kv_heads=4",
+        "model.d_ff=512",
+        "data.seq_len=128",
+        "model.max_seq_len=128",
+        "data.micro_batch_size=4",
+        *overrides,
+    ]
     three, cfg = saved_activation_bytes(base + ["model.n_layers=3"])
     one, _ = saved_activation_bytes(base + ["model.n_layers=1"])
     measured = (three - one) / 2
@@ -300,17 +361,27 @@ def test_per_layer_estimate_matches_what_autograd_saves(overrides, moe):
 
 # ------------------------------------------------------------------------------ search
 
+
 def test_suggestions_fit_validate_and_follow_the_preference():
-    big = ["model.d_model=4096", "model.n_layers=32", "model.n_heads=32", "model.n_kv_heads=32",
-           "model.d_ff=11008", "model.vocab_size=32000", "model.max_seq_len=4096", "data.seq_len=4096",
-           "data.micro_batch_size=1", "model.moe.every=0"]
+    big = [
+        "model.d_model=4096",
+        "model.n_layers=32",
+        "model.n_heads=32",
+        "model.n_kv_heads=32",
+        "model.d_ff=11008",
+        "model.vocab_size=32000",
+        "model.max_seq_len=4096",
+        "data.seq_len=4096",
+        "data.micro_batch_size=1",
+        "model.moe.every=0",
+    ]
     cfg = load_config(CFG, big)
     r = plan_memory(cfg, gpus=8, gpu_mem_gib=24)
     assert r["fits"] and r["suggestions"]
     cap = 0.9 * 24 * GIB
     for s in r["suggestions"]:
         assert s["memory_bytes"]["total"] <= cap
-        load_config(CFG, big + s["overrides"], world_size=8)     # a runnable config
+        load_config(CFG, big + s["overrides"], world_size=8)  # a runnable config
     best = r["best"]
     # nothing that communicates less fits
     for layout in candidate_layouts(cfg, 8):
@@ -321,19 +392,26 @@ def test_suggestions_fit_validate_and_follow_the_preference():
 
 
 def test_moe_layouts_respect_the_platform_rules():
-    cfg = load_config(CFG)                       # 4 experts
+    cfg = load_config(CFG)  # 4 experts
     layouts = list(candidate_layouts(cfg, 8))
-    assert layouts and all(l.zero in (1, 2) for l in layouts)      # no ZeRO-3 with MoE
+    assert layouts and all(l.zero in (1, 2) for l in layouts)  # no ZeRO-3 with MoE
     assert all(4 % l.ep == 0 and l.dp % l.ep == 0 for l in layouts)
     assert {l.ep for l in layouts} == {1, 2, 4}
-    assert all(l.tp in (1, 2, 4) for l in layouts)                 # divisors of 4 heads
+    assert all(l.tp in (1, 2, 4) for l in layouts)  # divisors of 4 heads
     fitting, _ = search(cfg, 8, 80 * GIB)
     assert fitting[0]["tp"] == 1 and fitting[0]["zero_stage"] == 1 and fitting[0]["ep"] == 1
 
 
 def test_huge_model_on_one_small_gpu_gets_no_suggestion():
-    huge = ["model.d_model=16384", "model.n_layers=120", "model.n_heads=128", "model.n_kv_heads=128",
-            "model.d_ff=65536", "model.moe.every=0", "model.vocab_size=32000"]
+    huge = [
+        "model.d_model=16384",
+        "model.n_layers=120",
+        "model.n_heads=128",
+        "model.n_kv_heads=128",
+        "model.d_ff=65536",
+        "model.moe.every=0",
+        "model.vocab_size=32000",
+    ]
     cfg = load_config(CFG, huge)
     r = plan_memory(cfg, gpus=1, gpu_mem_gib=16)
     assert not r["fits"] and r["suggestions"] == [] and r["best"] is None
@@ -343,9 +421,11 @@ def test_huge_model_on_one_small_gpu_gets_no_suggestion():
 
 # ------------------------------------------------------------------------------ CLI
 
+
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "aion_train.cli", "plan", *args],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "aion_train.cli", "plan", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_flops_json():
@@ -365,9 +445,21 @@ def test_cli_memory_json_and_no_fit():
     assert r["requested"]["zero_stage"] == 2 and r["requested"]["ep"] == 2 and r["requested"]["fits"]
     assert r["best"]["memory_bytes"]["total"] <= 0.9 * 80 * GIB
     assert r["params"]["total"] == count_params(load_config(CFG).model).total
-    p = cli("--config", CFG, "--gpus", "1", "--gpu-mem-gb", "1", "--json", "model.d_model=8192",
-            "model.n_layers=64", "model.n_heads=64", "model.n_kv_heads=64", "model.moe.every=0",
-            "model.d_ff=32768")
+    p = cli(
+        "--config",
+        CFG,
+        "--gpus",
+        "1",
+        "--gpu-mem-gb",
+        "1",
+        "--json",
+        "model.d_model=8192",
+        "model.n_layers=64",
+        "model.n_heads=64",
+        "model.n_kv_heads=64",
+        "model.moe.every=0",
+        "model.d_ff=32768",
+    )
     assert p.returncode == 1
     assert "no layout fits" in p.stderr
     assert json.loads(p.stdout)["fits"] is False

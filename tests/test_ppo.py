@@ -1,6 +1,7 @@
 """PPO maths against textbook formulas and torch.distributions, the rollout layout against
 unpadded per-row computation and uncached sampling, a PPO loop with real DeepSpeed engines
 learning a rule reward, and (slow) run_ppo end to end with an exact resume."""
+
 import numpy as np
 import pytest
 import torch
@@ -64,6 +65,7 @@ def test_whiten_uses_masked_statistics():
 
 def _whiten_on_ranks(rows):
     import torch.distributed as dist
+
     r = dist.get_rank()
     x = torch.tensor(rows[r][0], dtype=torch.float64)
     m = torch.tensor(rows[r][1], dtype=torch.float64)
@@ -72,6 +74,7 @@ def _whiten_on_ranks(rows):
 
 def test_whitening_over_data_parallel_ranks_equals_whitening_the_whole_batch():
     from aion_train.parallel.spawn import run_ranks
+
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4, 5, generator=g, dtype=torch.float64)
     m = prefix_mask([5, 3, 1, 4], 5).double()
@@ -97,7 +100,7 @@ def test_clipped_surrogate_value_gradient_and_clipfrac():
         rho, a = float(ratio[i, j]), float(adv[i, j])
         unc, clp = rho * a, min(max(rho, 1 - eps), 1 + eps) * a
         terms.append(-min(unc, clp))
-        if clp < unc:                          # the clipped (constant) term is active: no gradient
+        if clp < unc:  # the clipped (constant) term is active: no gradient
             clipped += 1
         else:
             grads[i, j] = -a * rho / n
@@ -112,7 +115,10 @@ def test_clipped_surrogate_value_gradient_and_clipfrac():
 
 def test_clipped_value_loss_against_elementwise_formula():
     g = torch.Generator().manual_seed(5)
-    v_old, ret = torch.randn(2, 6, generator=g, dtype=torch.float64), torch.randn(2, 6, generator=g, dtype=torch.float64)
+    v_old, ret = (
+        torch.randn(2, 6, generator=g, dtype=torch.float64),
+        torch.randn(2, 6, generator=g, dtype=torch.float64),
+    )
     v = v_old + 0.5 * torch.randn(2, 6, generator=g, dtype=torch.float64)
     mask = prefix_mask([6, 4], 6).double()
     loss, info = ppo_math.clipped_value_loss(v, v_old, ret, mask, clip=0.2)
@@ -158,13 +164,23 @@ def test_kl_penalty_rewards_put_the_score_on_the_last_valid_token():
 # -- rollouts on a tiny random transformer ---------------------------------------------------------
 def tiny_model_cfg(vocab=32):
     from aion_train.config.schema import ModelConfig, MoEConfig
-    return ModelConfig(vocab_size=vocab, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=64, kernels="torch",
-                       moe=MoEConfig(every=0))
+
+    return ModelConfig(
+        vocab_size=vocab,
+        d_model=32,
+        n_layers=1,
+        n_heads=2,
+        d_ff=64,
+        max_seq_len=64,
+        kernels="torch",
+        moe=MoEConfig(every=0),
+    )
 
 
 def test_response_logprobs_of_a_padded_batch_equal_each_row_alone():
     from aion_train.model import build_model
     from aion_train.posttrain.rollout import build_sequences, response_logprobs
+
     model = build_model(tiny_model_cfg(), seed=0).eval()
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
     responses = [[10, 31], [11], [12, 13, 14]]
@@ -176,21 +192,22 @@ def test_response_logprobs_of_a_padded_batch_equal_each_row_alone():
             seq = torch.tensor([p + r])
             lp = torch.log_softmax(model(seq).logits[0].float(), -1)
             expected = [lp[len(p) - 1 + j, tok] for j, tok in enumerate(r)]
-            torch.testing.assert_close(logp[b, :len(r)], torch.stack(expected), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(logp[b, : len(r)], torch.stack(expected), rtol=1e-5, atol=1e-5)
 
 
 def test_kv_cached_sampling_matches_uncached_sampling_and_stops_at_end():
     from aion_train.model import build_model
     from aion_train.posttrain.rollout import sample_responses
+
     model = build_model(tiny_model_cfg(), seed=1).eval()
-    end = 5                                           # a frequent token, so some rows stop early
+    end = 5  # a frequent token, so some rows stop early
     prompts = [[1, 2, 3, 4], [7, 8, 9, 10], [3, 3, 3, 3], [11, 12, 13, 14]]
     got = sample_responses(model, prompts, 6, end, 1.5, torch.Generator().manual_seed(3))
     gen = torch.Generator().manual_seed(3)
     seqs = torch.tensor(prompts)
     done = torch.zeros(len(prompts), dtype=torch.bool)
     with torch.no_grad():
-        for _ in range(6):                            # full recompute every step, same draws
+        for _ in range(6):  # full recompute every step, same draws
             probs = torch.softmax(model(seqs).logits[:, -1].float() / 1.5, -1)
             nxt = torch.multinomial(probs, 1, generator=gen)
             nxt = torch.where(done[:, None], torch.full_like(nxt, end), nxt)
@@ -200,7 +217,7 @@ def test_kv_cached_sampling_matches_uncached_sampling_and_stops_at_end():
                 break
     for row, prompt_len, out in zip(seqs.tolist(), [4] * 4, got):
         new = row[prompt_len:]
-        assert out == (new[:new.index(end) + 1] if end in new else new)
+        assert out == (new[: new.index(end) + 1] if end in new else new)
     assert any(o[-1] == end for o in got) or all(len(o) == 6 for o in got)
 
 
@@ -242,7 +259,7 @@ def _ppo_on_rule_reward(iterations):
     cfg.model = tiny_model_cfg()
     cfg.train.precision, cfg.train.zero_stage, cfg.parallel.timeout_s, cfg.data.seq_len = "fp32", 1, 60, 32
     cfg.lora.enabled, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = True, 4, 8.0, 0.0
-    cfg.lora.targets = ["q_proj", "v_proj", "w_up", "lm_head"]   # a random tiny LM needs the head adapted
+    cfg.lora.targets = ["q_proj", "v_proj", "w_up", "lm_head"]  # a random tiny LM needs the head adapted
     cfg.ppo.rollout_prompts, cfg.ppo.max_new_tokens, cfg.ppo.beta = 64, 2, 0.02
     groups = setup_distributed(cfg)
     base = build_model(cfg.model, seed=0)
@@ -256,46 +273,76 @@ def _ppo_on_rule_reward(iterations):
         rng = random.Random(it * 2 + groups.dp_rank)
         examples = [Example([], [rng.randrange(1, 31) for _ in range(4)], "7") for _ in range(32)]
         gen = torch.Generator().manual_seed(it * 2 + groups.dp_rank)
-        batch = make_experience(examples, actor.module, reference, critic_engine.module, RuleReward(), RuleTask,
-                                cfg.ppo, gen, groups, dp_group=groups.dp_group)
-        assert torch.all(batch.correct <= batch.scores)      # exactly "7" implies a first token 7
+        batch = make_experience(
+            examples,
+            actor.module,
+            reference,
+            critic_engine.module,
+            RuleReward(),
+            RuleTask,
+            cfg.ppo,
+            gen,
+            groups,
+            dp_group=groups.dp_group,
+        )
+        assert torch.all(batch.correct <= batch.scores)  # exactly "7" implies a first token 7
         stats = ppo_update(actor, critic_engine, batch, cfg.ppo, groups, gen)
         scores.append(float(batch.scores.mean()))
     flat = torch.cat([p.detach().flatten() for p in actor.module.parameters() if p.requires_grad])
     both = [torch.zeros_like(flat) for _ in range(2)]
     dist.all_gather(both, flat)
-    return {"scores": scores, "rank_diff": float((both[0] - both[1]).abs().max()), "stats": stats,
-            "n_trainable": int(flat.numel()), "n_total": sum(p.numel() for p in actor.module.parameters())}
+    return {
+        "scores": scores,
+        "rank_diff": float((both[0] - both[1]).abs().max()),
+        "stats": stats,
+        "n_trainable": int(flat.numel()),
+        "n_total": sum(p.numel() for p in actor.module.parameters()),
+    }
 
 
 def test_ppo_with_deepspeed_engines_learns_a_rule_reward_on_two_ranks():
     from aion_train.parallel.spawn import run_ranks
+
     out = run_ranks(_ppo_on_rule_reward, 2, 20, timeout_s=300)
     first, last = np.mean(out["scores"][:3]), np.mean(out["scores"][-3:])
-    assert first < 0.15                      # random init: ~1/32 of first tokens are 7
+    assert first < 0.15  # random init: ~1/32 of first tokens are 7
     assert last > 0.6, out["scores"]
-    assert out["rank_diff"] == 0.0           # data-parallel ranks hold the same adapters
-    assert out["n_trainable"] < out["n_total"] / 4   # only the adapters train
+    assert out["rank_diff"] == 0.0  # data-parallel ranks hold the same adapters
+    assert out["n_trainable"] < out["n_total"] / 4  # only the adapters train
     for k in ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl"):
         assert np.isfinite(out["stats"][k])
 
 
 # -- run_ppo end to end (SFT and RM shrunk to seconds) --------------------------------------------
-TINY_PHASES = ["sft.base_steps=40", "sft.steps=10", "sft.eval_examples=24", "sft.chat_examples=20",
-               "sft.max_examples=200", "sft.batch_size=16", "rm.steps=10", "rm.train_pairs=100", "rm.eval_pairs=20",
-               "rm.batch_size=16", "ppo.rollout_prompts=8", "ppo.minibatches=2", "ppo.save_every=2"]
+TINY_PHASES = [
+    "sft.base_steps=40",
+    "sft.steps=10",
+    "sft.eval_examples=24",
+    "sft.chat_examples=20",
+    "sft.max_examples=200",
+    "sft.batch_size=16",
+    "rm.steps=10",
+    "rm.train_pairs=100",
+    "rm.eval_pairs=20",
+    "rm.batch_size=16",
+    "ppo.rollout_prompts=8",
+    "ppo.minibatches=2",
+    "ppo.save_every=2",
+]
 
 
 def _phases(run_dir, overrides, with_prereqs):
     from aion_train.commands.ppo import rlhf
     from aion_train.config import load_config
     from aion_train.posttrain.ppo import run_ppo
+
     cfg = load_config("configs/rlhf_tiny.yaml", [f"run_dir={run_dir}"] + TINY_PHASES + overrides)
     return rlhf(cfg) if with_prereqs else run_ppo(cfg)
 
 
 def _actor_at(run_dir, step):
     from safetensors.torch import load_file
+
     return load_file(f"{run_dir}/ppo/checkpoints/step_{step:08d}/actor.rank00000.safetensors")
 
 
@@ -305,6 +352,7 @@ def test_run_ppo_end_to_end_logs_metrics_and_resumes_exactly(tmp_path):
     import shutil
 
     from aion_train.parallel.spawn import run_ranks
+
     a, b = tmp_path / "straight", tmp_path / "resumed"
     straight = run_ranks(_phases, 1, str(a), ["ppo.steps=4"], True, timeout_s=900)
     for key in ("ppo_accuracy", "sft_accuracy", "ppo_kl", "ppo_kl_k3", "reward_mean"):
@@ -323,10 +371,17 @@ def test_run_ppo_end_to_end_logs_metrics_and_resumes_exactly(tmp_path):
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=1e-6)
     assert resumed["ppo_accuracy"] == pytest.approx(straight["ppo_accuracy"])
     import mlflow
+
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{a}/mlflow.db")
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
-            if r.info.run_name.endswith("-ppo")]
+    runs = [
+        r
+        for e in client.search_experiments()
+        for r in client.search_runs([e.experiment_id])
+        if r.info.run_name.endswith("-ppo")
+    ]
     assert len(runs) == 1
-    history = {k: client.get_metric_history(runs[0].info.run_id, f"ppo/{k}")
-               for k in ("reward", "kl", "clipfrac", "entropy", "value_loss")}
+    history = {
+        k: client.get_metric_history(runs[0].info.run_id, f"ppo/{k}")
+        for k in ("reward", "kl", "clipfrac", "entropy", "value_loss")
+    }
     assert all(len(h) == 4 for h in history.values()), {k: len(h) for k, h in history.items()}

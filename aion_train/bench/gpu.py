@@ -24,6 +24,7 @@ docs/benchmarks.md as a section for this device (date, versions, headline table,
 replacing the section an earlier run on the same device name wrote and keeping everything
 else. `scripts/gpu_check.sh` runs it; CPU CI never does.
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,7 +52,7 @@ DOCS = "docs/benchmarks.md"
 PEAK_BF16 = {
     "H200": 989e12,
     "GH200": 989e12,
-    "H100": 989e12,           # SXM5 ("NVIDIA H100 80GB HBM3")
+    "H100": 989e12,  # SXM5 ("NVIDIA H100 80GB HBM3")
     "H100 PCIe": 756e12,
     "H100 NVL": 835e12,
     "H800": 989e12,
@@ -64,11 +65,24 @@ PEAK_BF16 = {
 }
 
 # --quick: a smoke run (minutes -> seconds), numbers not for the docs
-QUICK = {"train_overrides": ["model.n_layers=2", "data.micro_batch_size=2", "data.seq_len=1024"],
-         "steps": 3, "warmup": 1, "seq_lens": (1024,), "attention_tokens": 8192, "kernel_scale": 8,
-         "rounds": 3}
-FULL = {"train_overrides": [], "steps": 10, "warmup": 3, "seq_lens": (1024, 2048, 4096),
-        "attention_tokens": 32768, "kernel_scale": 1, "rounds": 10}
+QUICK = {
+    "train_overrides": ["model.n_layers=2", "data.micro_batch_size=2", "data.seq_len=1024"],
+    "steps": 3,
+    "warmup": 1,
+    "seq_lens": (1024,),
+    "attention_tokens": 8192,
+    "kernel_scale": 8,
+    "rounds": 3,
+}
+FULL = {
+    "train_overrides": [],
+    "steps": 10,
+    "warmup": 3,
+    "seq_lens": (1024, 2048, 4096),
+    "attention_tokens": 32768,
+    "kernel_scale": 1,
+    "rounds": 10,
+}
 
 
 class NeedsGPU(RuntimeError):
@@ -78,6 +92,7 @@ class NeedsGPU(RuntimeError):
 # ------------------------------------------------------------------------------------------
 # pure arithmetic (unit-tested on CPU)
 # ------------------------------------------------------------------------------------------
+
 
 def peak_bf16_from_table(device_name: str) -> tuple[float, str] | None:
     """(dense bf16 peak FLOP/s, table key) for a CUDA device name, or None when not in the table."""
@@ -92,6 +107,7 @@ def peak_bf16_from_table(device_name: str) -> tuple[float, str] | None:
 def train_flops_per_token(model_cfg, seq_len: int) -> float:
     """The project's model FLOPs per trained token (forward + backward)."""
     from aion_train.train.metrics import flops_per_token
+
     return flops_per_token(model_cfg, seq_len)
 
 
@@ -111,6 +127,7 @@ def causal_attention_flops(batch: int, heads: int, seq_len: int, head_dim: int, 
 # versions and device
 # ------------------------------------------------------------------------------------------
 
+
 def _version(module: str) -> str | None:
     try:
         return getattr(importlib.import_module(module), "__version__", "unknown")
@@ -119,12 +136,19 @@ def _version(module: str) -> str | None:
 
 
 def environment(device: str = "cuda") -> dict:
-    out = {"torch": torch.__version__, "cuda": torch.version.cuda,
-           "flash_attn": _version("flash_attn"), "triton": _version("triton")}
+    out = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "flash_attn": _version("flash_attn"),
+        "triton": _version("triton"),
+    }
     if device == "cuda" and torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        out.update(device=torch.cuda.get_device_name(0), capability=f"{p.major}.{p.minor}",
-                   memory_gb=round(p.total_memory / 2**30, 1))
+        out.update(
+            device=torch.cuda.get_device_name(0),
+            capability=f"{p.major}.{p.minor}",
+            memory_gb=round(p.total_memory / 2**30, 1),
+        )
     else:
         out["device"] = "cpu"
     out["grouped_mm_bf16"], out["grouped_mm_why"] = grouped_mm_bf16(device)
@@ -134,6 +158,7 @@ def environment(device: str = "cuda") -> dict:
 def grouped_mm_bf16(device: str) -> tuple[bool | str, str]:
     """(whether the MoE experts run torch's grouped GEMM in bf16 here, why)."""
     from aion_train.model.moe import experts
+
     try:
         status = getattr(experts, "grouped_mm_status", None)
         if status is not None:
@@ -163,7 +188,7 @@ def measured_matmul_flops(device: str, dtype=torch.bfloat16, n: int = 8192, seco
             a @ b
         reps += 5
         sync()
-    return 2.0 * n ** 3 * reps / (time.perf_counter() - t0)
+    return 2.0 * n**3 * reps / (time.perf_counter() - t0)
 
 
 def peak_flops(device: str) -> dict:
@@ -181,6 +206,7 @@ def peak_flops(device: str) -> dict:
 # (a) training step MFU
 # ------------------------------------------------------------------------------------------
 
+
 def _config_path(config: str | None) -> str:
     if config:
         return config
@@ -190,6 +216,7 @@ def _config_path(config: str | None) -> str:
 
 def load_train_config(config: str | None = None, overrides: list[str] | None = None):
     from aion_train.config import load_config
+
     return load_config(_config_path(config), list(overrides or []))
 
 
@@ -216,6 +243,7 @@ def _measure_training(cfg, device: str, steps: int, warmup: int, micro_batch: in
     from aion_train.model import build_model
 
     from .train import MasterWeightAdamW
+
     t, v = cfg.data.seq_len, cfg.model.vocab_size
     gen = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(0, v, (micro_batch, t), generator=gen).to(device)
@@ -223,7 +251,7 @@ def _measure_training(cfg, device: str, steps: int, warmup: int, micro_batch: in
     labels[:, :-1] = ids[:, 1:]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with torch.device(device):           # initialise on the GPU: no 4 GB fp32 copy on the host
+    with torch.device(device):  # initialise on the GPU: no 4 GB fp32 copy on the host
         model = build_model(cfg.model, seed=cfg.seed)
     model = model.to(torch.bfloat16).train()
     opt = MasterWeightAdamW(model.parameters(), cfg.train)
@@ -253,32 +281,46 @@ def _measure_training(cfg, device: str, steps: int, warmup: int, micro_batch: in
         values = [float(x) for x in losses]
         mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     finally:
-        del opt, model
+        opt = model = None  # free the GPU memory before the next measurement
         if device == "cuda":
             torch.cuda.empty_cache()
     tokens = micro_batch * t
     fpt = train_flops_per_token(cfg.model, t)
     tps = tokens * steps / total_s
     from aion_train.planner.params import count_params
+
     counts = count_params(cfg.model)
-    return {"params": n_params, "params_planner": counts.total, "params_active": counts.active,
-            "micro_batch_size": micro_batch, "seq_len": t, "tokens_per_step": tokens,
-            "step_ms_median": round(statistics.median(ms), 2), "tokens_per_s": round(tps, 1),
-            "flops_per_token": fpt, "achieved_tflops": round(tps * fpt / 1e12, 2),
-            "loss_first": round(values[0], 4), "loss_last": round(values[-1], 4),
-            "loss_finite": all(math.isfinite(x) for x in values),
-            "max_memory_gb": round(mem, 2) if mem is not None else None,
-            "attention_backend": cfg.model.attention_backend, "kernels": cfg.model.kernels,
-            "steps": steps, "warmup": warmup}
+    return {
+        "params": n_params,
+        "params_planner": counts.total,
+        "params_active": counts.active,
+        "micro_batch_size": micro_batch,
+        "seq_len": t,
+        "tokens_per_step": tokens,
+        "step_ms_median": round(statistics.median(ms), 2),
+        "tokens_per_s": round(tps, 1),
+        "flops_per_token": fpt,
+        "achieved_tflops": round(tps * fpt / 1e12, 2),
+        "loss_first": round(values[0], 4),
+        "loss_last": round(values[-1], 4),
+        "loss_finite": all(math.isfinite(x) for x in values),
+        "max_memory_gb": round(mem, 2) if mem is not None else None,
+        "attention_backend": cfg.model.attention_backend,
+        "kernels": cfg.model.kernels,
+        "steps": steps,
+        "warmup": warmup,
+    }
 
 
 # ------------------------------------------------------------------------------------------
 # (b) attention: flash-attn vs SDPA
 # ------------------------------------------------------------------------------------------
 
+
 def _flash_func():
     try:
         from flash_attn import flash_attn_func
+
         return flash_attn_func, None
     except Exception as e:
         return None, f"flash-attn not installed ({type(e).__name__}: {e})"
@@ -286,13 +328,21 @@ def _flash_func():
 
 def _sdpa_causal(q, k, v):
     """[B, T, H, D] in and out, as flash_attn_func takes them."""
-    o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                         v.transpose(1, 2), is_causal=True)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+    )
     return o.transpose(1, 2)
 
 
-def measure_attention(device: str = "cuda", seq_lens=(1024, 2048, 4096), tokens: int = 32768,
-                      heads: int = 16, head_dim: int = 128, rounds: int = 10, dtype=torch.bfloat16) -> dict:
+def measure_attention(
+    device: str = "cuda",
+    seq_lens=(1024, 2048, 4096),
+    tokens: int = 32768,
+    heads: int = 16,
+    head_dim: int = 128,
+    rounds: int = 10,
+    dtype=torch.bfloat16,
+) -> dict:
     flash, why = _flash_func() if device == "cuda" else (None, "flash-attn needs CUDA")
     impls = {"sdpa": _sdpa_causal}
     if flash is not None:
@@ -302,8 +352,10 @@ def measure_attention(device: str = "cuda", seq_lens=(1024, 2048, 4096), tokens:
     for t in seq_lens:
         b = max(1, tokens // t)
         g = torch.Generator(device=device).manual_seed(t)
-        q, k, v = (torch.randn(b, t, heads, head_dim, device=device, dtype=dtype, generator=g)
-                   .requires_grad_() for _ in range(3))
+        q, k, v = (
+            torch.randn(b, t, heads, head_dim, device=device, dtype=dtype, generator=g).requires_grad_()
+            for _ in range(3)
+        )
         grad = torch.randn(b, t, heads, head_dim, device=device, dtype=dtype, generator=g)
         fwd = {n: (lambda f=f: f(q, k, v)) for n, f in impls.items()}
 
@@ -311,13 +363,17 @@ def measure_attention(device: str = "cuda", seq_lens=(1024, 2048, 4096), tokens:
             def run():
                 q.grad = k.grad = v.grad = None
                 f(q, k, v).backward(grad)
+
             return run
+
         both = {n: fwd_bwd(f) for n, f in impls.items()}
         with torch.no_grad():
-            f_ms = {n: statistics.median(s) for n, s in
-                    interleaved_samples(fwd, rounds=rounds, warmup=2, sync=sync).items()}
-        fb_ms = {n: statistics.median(s) for n, s in
-                 interleaved_samples(both, rounds=rounds, warmup=2, sync=sync).items()}
+            f_ms = {
+                n: statistics.median(s) for n, s in interleaved_samples(fwd, rounds=rounds, warmup=2, sync=sync).items()
+            }
+        fb_ms = {
+            n: statistics.median(s) for n, s in interleaved_samples(both, rounds=rounds, warmup=2, sync=sync).items()
+        }
         row = {"seq_len": t, "batch": b, "heads": heads, "head_dim": head_dim}
         for n in impls:
             row[f"{n}_fwd_ms"] = round(f_ms[n], 3)
@@ -326,17 +382,24 @@ def measure_attention(device: str = "cuda", seq_lens=(1024, 2048, 4096), tokens:
             row[f"{n}_fwd_bwd_tflops"] = round(causal_attention_flops(b, heads, t, head_dim, True) / fb_ms[n] / 1e9, 1)
         if flash is not None:
             with torch.no_grad():
-                row["max_abs_diff"] = float((impls["flash"](q, k, v).float() - _sdpa_causal(q, k, v).float()).abs().max())
+                row["max_abs_diff"] = float(
+                    (impls["flash"](q, k, v).float() - _sdpa_causal(q, k, v).float()).abs().max()
+                )
             row["flash_over_sdpa_fwd_bwd"] = round(fb_ms["sdpa"] / fb_ms["flash"], 3)
         rows.append(row)
-        del q, k, v, grad
-    return {"flash": "flash_attn_func" if flash is not None else None, "flash_skipped": why,
-            "dtype": str(dtype).split(".")[-1], "rows": rows}
+        q = k = v = grad = None  # free the GPU memory before the next length
+    return {
+        "flash": "flash_attn_func" if flash is not None else None,
+        "flash_skipped": why,
+        "dtype": str(dtype).split(".")[-1],
+        "rows": rows,
+    }
 
 
 # ------------------------------------------------------------------------------------------
 # (c) Triton kernels vs their torch references
 # ------------------------------------------------------------------------------------------
+
 
 def kernel_cases(device: str = "cuda", scale: int = 1, dtype=torch.bfloat16) -> dict:
     """name -> (inputs, indices of inputs that get gradients, kwargs): training-sized inputs of
@@ -405,24 +468,34 @@ def compare_kernel(impl, ref, inputs, grad_of, kwargs=None, rounds: int = 10, de
             for i in grad_of:
                 leaves[i].grad = None
             fn(*leaves, **kwargs).backward(g)
+
         return call
-    samples = interleaved_samples({"impl": run(impl, a), "ref": run(ref, r)}, rounds=rounds, warmup=2,
-                                  sync=_sync(device))
+
+    samples = interleaved_samples(
+        {"impl": run(impl, a), "ref": run(ref, r)}, rounds=rounds, warmup=2, sync=_sync(device)
+    )
     ms = {k: statistics.median(v) for k, v in samples.items()}
-    return {"shape": list(inputs[0].shape), "dtype": str(inputs[0].dtype).split(".")[-1],
-            "triton_ms": round(ms["impl"], 3), "torch_ms": round(ms["ref"], 3),
-            "speedup": round(ms["ref"] / ms["impl"], 3),
-            "max_abs_err": fwd_abs, "max_rel_err": fwd_rel,
-            "grad_max_abs_err": max((e for e, _ in grads), default=0.0),
-            "grad_max_rel_err": max((e for _, e in grads), default=0.0)}
+    return {
+        "shape": list(inputs[0].shape),
+        "dtype": str(inputs[0].dtype).split(".")[-1],
+        "triton_ms": round(ms["impl"], 3),
+        "torch_ms": round(ms["ref"], 3),
+        "speedup": round(ms["ref"] / ms["impl"], 3),
+        "max_abs_err": fwd_abs,
+        "max_rel_err": fwd_rel,
+        "grad_max_abs_err": max((e for e, _ in grads), default=0.0),
+        "grad_max_rel_err": max((e for _, e in grads), default=0.0),
+    }
 
 
 def measure_kernels(device: str = "cuda", scale: int = 1, rounds: int = 10) -> dict:
     from aion_train.kernels import KERNELS, reference, select, triton_status
+
     ok, why = triton_status()
     if not ok:
         return {"skipped": why}
     from aion_train.kernels import triton_ops
+
     out: dict = {"backend": why, "interpreted": bool(triton_ops.INTERPRET)}
     cases = kernel_cases(device, scale)
     for name in KERNELS:
@@ -431,8 +504,9 @@ def measure_kernels(device: str = "cuda", scale: int = 1, rounds: int = 10) -> d
             continue
         inputs, grad_of, kw = cases[name]
         try:
-            out[name] = compare_kernel(select(name, "triton"), getattr(reference, name), inputs, grad_of, kw,
-                                       rounds=rounds, device=device)
+            out[name] = compare_kernel(
+                select(name, "triton"), getattr(reference, name), inputs, grad_of, kw, rounds=rounds, device=device
+            )
         except Exception as e:
             if _is_oom(e):
                 torch.cuda.empty_cache()
@@ -444,6 +518,7 @@ def measure_grouped_mm(device: str = "cuda", scale: int = 1, rounds: int = 10) -
     """The experts' grouped GEMM (torch's grouped_mm, what the model calls) against one matmul
     per expert, forward + backward, at the 1B config's expert shapes."""
     from aion_train.model.moe.experts import _grouped_mm_works, grouped_linear
+
     if not _grouped_mm_works(device, torch.bfloat16):
         return {"available": False}
     g = torch.Generator().manual_seed(0)
@@ -461,20 +536,33 @@ def measure_grouped_mm(device: str = "cuda", scale: int = 1, rounds: int = 10) -
         def call():
             x.grad = w.grad = None
             fn(x, w).backward(grad)
+
         return call
+
     with torch.no_grad():
         err = float((grouped_linear(x, w, counts, counts_list).float() - loop(x, w).float()).abs().max())
-    samples = interleaved_samples({"grouped": run(lambda a, b: grouped_linear(a, b, counts, counts_list)),
-                                   "loop": run(loop)}, rounds=rounds, warmup=2, sync=_sync(device))
+    samples = interleaved_samples(
+        {"grouped": run(lambda a, b: grouped_linear(a, b, counts, counts_list)), "loop": run(loop)},
+        rounds=rounds,
+        warmup=2,
+        sync=_sync(device),
+    )
     ms = {k: statistics.median(v) for k, v in samples.items()}
-    return {"available": True, "rows": m, "shape": [e, d, ff], "grouped_ms": round(ms["grouped"], 3),
-            "per_expert_loop_ms": round(ms["loop"], 3), "speedup": round(ms["loop"] / ms["grouped"], 3),
-            "max_abs_diff": err}
+    return {
+        "available": True,
+        "rows": m,
+        "shape": [e, d, ff],
+        "grouped_ms": round(ms["grouped"], 3),
+        "per_expert_loop_ms": round(ms["loop"], 3),
+        "speedup": round(ms["loop"] / ms["grouped"], 3),
+        "max_abs_diff": err,
+    }
 
 
 # ------------------------------------------------------------------------------------------
 # the bench
 # ------------------------------------------------------------------------------------------
+
 
 def _part(fn, *args, **kwargs) -> dict:
     """One part of the bench; a failure is reported in its place instead of losing the others."""
@@ -486,8 +574,13 @@ def _part(fn, *args, **kwargs) -> dict:
         return {"error": f"{type(e).__name__}: {str(e)[-800:]}"}
 
 
-def run_bench(config: str | None = None, quick: bool = False, rounds: int | None = None,
-              device: str = "cuda", train_overrides: list[str] | None = None) -> dict:
+def run_bench(
+    config: str | None = None,
+    quick: bool = False,
+    rounds: int | None = None,
+    device: str = "cuda",
+    train_overrides: list[str] | None = None,
+) -> dict:
     if device == "cuda" and not torch.cuda.is_available():
         raise NeedsGPU(needs_gpu_message())
     p = dict(QUICK if quick else FULL)
@@ -504,7 +597,8 @@ def run_bench(config: str | None = None, quick: bool = False, rounds: int | None
         train["measured_matmul_tflops"] = round(peak["measured_matmul_flops"] / 1e12, 1)
         train["mfu"] = round(mfu(train["tokens_per_s"], train["flops_per_token"], peak["peak_flops"]), 4)
         train["mfu_vs_measured_matmul"] = round(
-            mfu(train["tokens_per_s"], train["flops_per_token"], peak["measured_matmul_flops"]), 4)
+            mfu(train["tokens_per_s"], train["flops_per_token"], peak["measured_matmul_flops"]), 4
+        )
     elif "error" in peak:
         train["peak_error"] = peak["error"]
     result["train"] = train
@@ -516,9 +610,11 @@ def run_bench(config: str | None = None, quick: bool = False, rounds: int | None
 
 
 def needs_gpu_message() -> str:
-    return (f"aion-train bench gpu needs a CUDA GPU: torch {torch.__version__} (CUDA build: "
-            f"{torch.version.cuda or 'none'}) sees no CUDA device. Run it on a GPU machine "
-            "(scripts/gpu_check.sh runs it there).")
+    return (
+        f"aion-train bench gpu needs a CUDA GPU: torch {torch.__version__} (CUDA build: "
+        f"{torch.version.cuda or 'none'}) sees no CUDA device. Run it on a GPU machine "
+        "(scripts/gpu_check.sh runs it there)."
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -542,31 +638,44 @@ def _fmt(x, nd=1):
 
 def render_section(result: dict) -> str:
     dev = result.get("device", "unknown device")
-    lines = [f"<!-- bench-gpu: {dev} -->", f"## {dev}, {result.get('date', '')}" +
-             (" (--quick: smoke sizes, not comparable)" if result.get("quick") else ""), ""]
-    lines.append(f"torch {result.get('torch')}, CUDA {result.get('cuda')}, flash-attn "
-                 f"{result.get('flash_attn') or 'not installed'}, triton {result.get('triton') or 'not installed'}, "
-                 f"grouped GEMM (bf16) {'yes' if result.get('grouped_mm_bf16') is True else 'no'}; "
-                 f"`aion-train bench gpu --json` ({result.get('seconds', '-')} s).")
+    lines = [
+        f"<!-- bench-gpu: {dev} -->",
+        f"## {dev}, {result.get('date', '')}"
+        + (" (--quick: smoke sizes, not comparable)" if result.get("quick") else ""),
+        "",
+    ]
+    lines.append(
+        f"torch {result.get('torch')}, CUDA {result.get('cuda')}, flash-attn "
+        f"{result.get('flash_attn') or 'not installed'}, triton {result.get('triton') or 'not installed'}, "
+        f"grouped GEMM (bf16) {'yes' if result.get('grouped_mm_bf16') is True else 'no'}; "
+        f"`aion-train bench gpu --json` ({result.get('seconds', '-')} s)."
+    )
     lines += ["", "| measurement | result |", "| --- | --- |"]
     tr = result.get("train", {})
     if "mfu" in tr:
-        lines.append(f"| training step, {Path(str(result.get('config', ''))).name} ({tr['params'] / 1e9:.2f}B params, "
-                     f"{tr['params_active'] / 1e9:.2f}B active), bf16, {tr['micro_batch_size']} x {tr['seq_len']} "
-                     f"tokens | {_fmt(tr['tokens_per_s'], 0)} tokens/s, {_fmt(tr['achieved_tflops'])} TFLOP/s, "
-                     f"**MFU {tr['mfu']:.3f}** of {_fmt(tr['peak_tflops'], 0)} TFLOP/s ({tr['peak_source']}); "
-                     f"{_fmt(tr['mfu_vs_measured_matmul'], 3)} of the measured bf16 matmul "
-                     f"({_fmt(tr['measured_matmul_tflops'])} TFLOP/s); loss {tr['loss_first']} -> {tr['loss_last']}, "
-                     f"{_fmt(tr['max_memory_gb'])} GiB |")
+        lines.append(
+            f"| training step, {Path(str(result.get('config', ''))).name} ({tr['params'] / 1e9:.2f}B params, "
+            f"{tr['params_active'] / 1e9:.2f}B active), bf16, {tr['micro_batch_size']} x {tr['seq_len']} "
+            f"tokens | {_fmt(tr['tokens_per_s'], 0)} tokens/s, {_fmt(tr['achieved_tflops'])} TFLOP/s, "
+            f"**MFU {tr['mfu']:.3f}** of {_fmt(tr['peak_tflops'], 0)} TFLOP/s ({tr['peak_source']}); "
+            f"{_fmt(tr['mfu_vs_measured_matmul'], 3)} of the measured bf16 matmul "
+            f"({_fmt(tr['measured_matmul_tflops'])} TFLOP/s); loss {tr['loss_first']} -> {tr['loss_last']}, "
+            f"{_fmt(tr['max_memory_gb'])} GiB |"
+        )
     elif tr:
         lines.append(f"| training step | {tr.get('error', 'no result')} |")
     att = result.get("attention", {})
     for row in att.get("rows", []):
-        flash = (f"flash-attn {_fmt(row['flash_fwd_bwd_tflops'])} TFLOP/s fwd+bwd "
-                 f"({_fmt(row['flash_fwd_tflops'])} fwd), " if "flash_fwd_bwd_tflops" in row else "")
-        lines.append(f"| causal attention T={row['seq_len']}, {row['batch']} x {row['heads']} heads x "
-                     f"{row['head_dim']} | {flash}SDPA {_fmt(row['sdpa_fwd_bwd_tflops'])} fwd+bwd "
-                     f"({_fmt(row['sdpa_fwd_tflops'])} fwd) |")
+        flash = (
+            f"flash-attn {_fmt(row['flash_fwd_bwd_tflops'])} TFLOP/s fwd+bwd ({_fmt(row['flash_fwd_tflops'])} fwd), "
+            if "flash_fwd_bwd_tflops" in row
+            else ""
+        )
+        lines.append(
+            f"| causal attention T={row['seq_len']}, {row['batch']} x {row['heads']} heads x "
+            f"{row['head_dim']} | {flash}SDPA {_fmt(row['sdpa_fwd_bwd_tflops'])} fwd+bwd "
+            f"({_fmt(row['sdpa_fwd_tflops'])} fwd) |"
+        )
     if att.get("flash_skipped"):
         lines.append(f"| flash-attn | skipped: {att['flash_skipped']} |")
     if "error" in att:
@@ -574,17 +683,21 @@ def render_section(result: dict) -> str:
     ker = result.get("kernels", {})
     for name, k in ker.items():
         if isinstance(k, dict) and "speedup" in k:
-            lines.append(f"| Triton `{name}` {k['shape']} {k['dtype']}, fwd+bwd | {k['triton_ms']} ms vs torch "
-                         f"{k['torch_ms']} ms: {k['speedup']}x; max err {k['max_abs_err']:.2e} (grad "
-                         f"{k['grad_max_abs_err']:.2e}) |")
+            lines.append(
+                f"| Triton `{name}` {k['shape']} {k['dtype']}, fwd+bwd | {k['triton_ms']} ms vs torch "
+                f"{k['torch_ms']} ms: {k['speedup']}x; max err {k['max_abs_err']:.2e} (grad "
+                f"{k['grad_max_abs_err']:.2e}) |"
+            )
         elif isinstance(k, dict) and "error" in k:
             lines.append(f"| Triton `{name}` | {k['error']} |")
     if "skipped" in ker:
         lines.append(f"| Triton kernels | skipped: {ker['skipped']} |")
     gm = result.get("grouped_mm", {})
     if gm.get("available"):
-        lines.append(f"| expert grouped GEMM {gm['shape']}, {gm['rows']} rows, fwd+bwd | {gm['grouped_ms']} ms "
-                     f"vs {gm['per_expert_loop_ms']} ms per-expert loop: {gm['speedup']}x |")
+        lines.append(
+            f"| expert grouped GEMM {gm['shape']}, {gm['rows']} rows, fwd+bwd | {gm['grouped_ms']} ms "
+            f"vs {gm['per_expert_loop_ms']} ms per-expert loop: {gm['speedup']}x |"
+        )
     lines += ["", "```json", json.dumps(result, sort_keys=True), "```", "<!-- /bench-gpu -->", ""]
     return "\n".join(lines)
 
@@ -598,7 +711,7 @@ def write_docs(result: dict, path: str | Path | None = None) -> Path:
     dev = result.get("device", "unknown device")
     for m in _SECTION.finditer(text):
         if m.group("device") == dev:
-            text = text[:m.start()] + section + text[m.end():]
+            text = text[: m.start()] + section + text[m.end() :]
             break
     else:
         text = text.rstrip("\n") + "\n\n" + section
@@ -618,13 +731,17 @@ def default_docs_path() -> Path:
 # `aion-train bench gpu`
 # ------------------------------------------------------------------------------------------
 
+
 def run_command(args) -> int:
     """Entry from aion_train.commands.bench: exit code 2 without CUDA."""
     if not torch.cuda.is_available():
         print(needs_gpu_message(), file=sys.stderr)
         return 2
-    result = run_bench(config=getattr(args, "config", None), quick=bool(getattr(args, "quick", False)),
-                       rounds=getattr(args, "rounds", None))
+    result = run_bench(
+        config=getattr(args, "config", None),
+        quick=bool(getattr(args, "quick", False)),
+        rounds=getattr(args, "rounds", None),
+    )
     if getattr(args, "write_docs", False):
         result["docs"] = str(write_docs(copy.deepcopy(result)))
     if getattr(args, "json", False):

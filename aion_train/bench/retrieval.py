@@ -20,6 +20,7 @@ Embeddings are cached on disk (``~/.cache/aion-train/retrieval`` or
 ``$AION_RETRIEVAL_CACHE``) keyed by the corpus hash: the first run embeds ~21.7k chunks with
 MiniLM (~30 min on two shared cores), later runs take about a minute.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,8 +52,9 @@ def build_corpus(quick: bool = False):
     if quick:
         pages = pages[:400]
     docs = [] if quick else list(iter_doc_files())
-    chunks = chunk_documents([(p.source, p.body) for p in pages], CHUNK_CHARS, OVERLAP,
-                             max_chunks_per_doc=MAN_CHUNKS_PER_PAGE)
+    chunks = chunk_documents(
+        [(p.source, p.body) for p in pages], CHUNK_CHARS, OVERLAP, max_chunks_per_doc=MAN_CHUNKS_PER_PAGE
+    )
     chunks += chunk_documents(docs, CHUNK_CHARS, OVERLAP, max_chunks_per_doc=DOC_CHUNKS_PER_FILE)
     chunks += chunk_documents(list(iter_pydoc_topics()), CHUNK_CHARS, OVERLAP)
     with_chunks = {c.source for c in chunks}
@@ -87,10 +89,18 @@ def _time_search(index, q: np.ndarray, k: int, rounds: int) -> float:
     return best
 
 
-def run_bench(quick: bool = False, n_test: int = 1000, n_tune: int = 400, alpha_grid=None,
-              factory: str = "HNSW32_SQ8", ef_construction: int = 400,
-              ef_search: int | None = None, tune_recall: float = 0.955,
-              rounds: int = 15, **_ignored) -> dict:
+def run_bench(
+    quick: bool = False,
+    n_test: int = 1000,
+    n_tune: int = 400,
+    alpha_grid=None,
+    factory: str = "HNSW32_SQ8",
+    ef_construction: int = 400,
+    ef_search: int | None = None,
+    tune_recall: float = 0.955,
+    rounds: int = 15,
+    **_ignored,
+) -> dict:
     import faiss
 
     from aion_train.retrieval.bm25 import BM25Index
@@ -109,8 +119,10 @@ def run_bench(quick: bool = False, n_test: int = 1000, n_tune: int = 400, alpha_
     test = [q for q in queries if q[0] == "test"][:n_test]
     Q_tune, _ = cached_embeddings([q[1] for q in tune], emb)
     Q_test, _ = cached_embeddings([q[1] for q in test], emb)
-    stderr_log(f"corpus: {len(texts)} chunks, {len(tune)} tuning / {len(test)} test queries "
-               f"(embeddings {'cached' if cached else 'computed'}, {time.time() - t0:.0f} s)")
+    stderr_log(
+        f"corpus: {len(texts)} chunks, {len(tune)} tuning / {len(test)} test queries "
+        f"(embeddings {'cached' if cached else 'computed'}, {time.time() - t0:.0f} s)"
+    )
 
     # ---- ANN vs exact, single thread, same batch of held-out queries
     threads = faiss.omp_get_max_threads()
@@ -123,7 +135,7 @@ def run_bench(quick: bool = False, n_test: int = 1000, n_tune: int = 400, alpha_
     build_s = time.time() - t
     graph = faiss.downcast_index(hnsw)
     k = 10
-    if ef_search is None:     # smallest efSearch reaching the recall target on the TUNING queries
+    if ef_search is None:  # smallest efSearch reaching the recall target on the TUNING queries
         _, I_tune_exact = exact.search(Q_tune, k)
         ef_search = EF_GRID[-1]
         for ef in EF_GRID:
@@ -138,17 +150,17 @@ def run_bench(quick: bool = False, n_test: int = 1000, n_tune: int = 400, alpha_
     _, I_hnsw = hnsw.search(Q_test, k)
     recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(I_exact, I_hnsw)]))
     t_exact = t_hnsw = float("inf")
-    for _ in range(rounds):                       # interleaved: both see the same machine load
+    for _ in range(rounds):  # interleaved: both see the same machine load
         t_exact = min(t_exact, _time_search(exact, Q_test, k, 1))
         t_hnsw = min(t_hnsw, _time_search(hnsw, Q_test, k, 1))
     faiss.omp_set_num_threads(threads)
-    t_exact, t_hnsw = round(t_exact, 6), round(t_hnsw, 6)    # the reported timings the ratios use
+    t_exact, t_hnsw = round(t_exact, 6), round(t_hnsw, 6)  # the reported timings the ratios use
 
     # ---- MRR@10: dense (exact), BM25, hybrid (alpha tuned on the tuning split)
     bm25 = BM25Index.build(texts)
     depth = 100
 
-    def cands(Q, qs):   # candidate sets do not depend on alpha: compute them once
+    def cands(Q, qs):  # candidate sets do not depend on alpha: compute them once
         return [candidates(qtext, qv, X, bm25, depth, exact) for qv, (_, qtext, _) in zip(Q, qs)]
 
     def mrr(cs, qs, alpha):
@@ -171,7 +183,8 @@ def run_bench(quick: bool = False, n_test: int = 1000, n_tune: int = 400, alpha_
         "qps": round(n / t_hnsw, 1),
         "exact_qps": round(n / t_exact, 1),
         "speedup": round(t_exact / t_hnsw, 2),
-        "hnsw_search_s": t_hnsw, "exact_search_s": t_exact,   # best of `rounds`, the whole batch
+        "hnsw_search_s": t_hnsw,
+        "exact_search_s": t_exact,  # best of `rounds`, the whole batch
         "mrr_hybrid": round(mrr_hybrid, 4),
         "mrr_dense": round(mrr_dense, 4),
         "mrr_bm25": round(mrr_bm25, 4),
@@ -181,7 +194,9 @@ def run_bench(quick: bool = False, n_test: int = 1000, n_tune: int = 400, alpha_
         "n_test_queries": n,
         "n_tune_queries": len(tune),
         "dim": int(d),
-        "index": factory, "ef_search": ef_search, "ef_construction": ef_construction,
+        "index": factory,
+        "ef_search": ef_search,
+        "ef_construction": ef_construction,
         "hnsw_build_s": round(build_s, 2),
         "embeddings_cached": bool(cached),
         "wall_s": round(time.time() - t0, 1),

@@ -3,15 +3,17 @@ busy machine slows them alike, and the median of the rounds is reported. For a r
 candidates, `paired_ratio` takes the median of the per-round ratios: A and B of one round ran
 back to back, so a slow stretch of a shared machine (which moves single timings by 10-30% here)
 scales both terms of a round's ratio and largely cancels."""
+
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
-def interleaved_samples(fns: dict[str, Callable[[], None]], rounds: int = 7, warmup: int = 2,
-                        sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+def interleaved_samples(
+    fns: dict[str, Callable[[], None]], rounds: int = 7, warmup: int = 2, sync: Callable[[], None] = lambda: None
+) -> dict[str, list[float]]:
     """Milliseconds of every call, per round, for each named function."""
     for _ in range(warmup):
         for fn in fns.values():
@@ -27,8 +29,9 @@ def interleaved_samples(fns: dict[str, Callable[[], None]], rounds: int = 7, war
     return samples
 
 
-def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int = 7, warmup: int = 2,
-                     sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+def time_interleaved(
+    fns: dict[str, Callable[[], None]], rounds: int = 7, warmup: int = 2, sync: Callable[[], None] = lambda: None
+) -> dict[str, float]:
     """Median milliseconds per call for each named function."""
     samples = interleaved_samples(fns, rounds, warmup, sync)
     return {k: statistics.median(v) for k, v in samples.items()}

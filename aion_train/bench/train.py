@@ -39,6 +39,7 @@ really holds, read from DeepSpeed's own buffers (on CPU sharding shows in tensor
   (with the default reduce_bucket_size of 5e8 elements a small model's whole gradient waits in
   the bucket), and ipg_bucket_bytes the reduce bucket DeepSpeed allocated.
 """
+
 from __future__ import annotations
 
 import copy
@@ -57,6 +58,7 @@ DEFAULT_CONFIG = "configs/tiny_cpu.yaml"
 # config and models
 # ------------------------------------------------------------------------------------------
 
+
 def _config_path(config: str | None) -> str:
     if config:
         return config
@@ -64,9 +66,15 @@ def _config_path(config: str | None) -> str:
     return str(here if here.is_file() else Path(__file__).resolve().parents[2] / DEFAULT_CONFIG)
 
 
-def load_bench_config(config: str | None = None, micro_batch_size: int | None = None,
-                      seq_len: int | None = None, tokens: int | None = None, precision: str | None = None):
+def load_bench_config(
+    config: str | None = None,
+    micro_batch_size: int | None = None,
+    seq_len: int | None = None,
+    tokens: int | None = None,
+    precision: str | None = None,
+):
     from aion_train.config import load_config
+
     overrides = [f"train.precision={precision}"] if precision else []
     if seq_len:
         overrides.append(f"data.seq_len={seq_len}")
@@ -81,27 +89,39 @@ def load_bench_config(config: str | None = None, micro_batch_size: int | None = 
 def mixtral_config(model_cfg):
     """A MixtralConfig with our model's dimensions."""
     from transformers import MixtralConfig
+
     m = model_cfg
     if m.activation != "swiglu" or m.norm != "rmsnorm" or m.moe.every != 1 or m.moe.shared_expert_d_ff:
         raise ValueError("the Mixtral reference needs swiglu, rmsnorm and an MoE FFN in every layer")
     return MixtralConfig(
-        vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.moe.d_ff_expert,
-        num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
-        num_key_value_heads=m.n_kv_heads or m.n_heads, head_dim=m.d_model // m.n_heads,
+        vocab_size=m.vocab_size,
+        hidden_size=m.d_model,
+        intermediate_size=m.moe.d_ff_expert,
+        num_hidden_layers=m.n_layers,
+        num_attention_heads=m.n_heads,
+        num_key_value_heads=m.n_kv_heads or m.n_heads,
+        head_dim=m.d_model // m.n_heads,
         max_position_embeddings=m.max_seq_len,
         rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
-        rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
-        num_local_experts=m.moe.n_experts, num_experts_per_tok=m.moe.top_k,
-        output_router_logits=True, router_aux_loss_coef=m.moe.balance_coef,
-        initializer_range=m.init_std, use_cache=False)
+        rms_norm_eps=m.norm_eps,
+        tie_word_embeddings=m.tie_embeddings,
+        num_local_experts=m.moe.n_experts,
+        num_experts_per_tok=m.moe.top_k,
+        output_router_logits=True,
+        router_aux_loss_coef=m.moe.balance_coef,
+        initializer_range=m.init_std,
+        use_cache=False,
+    )
 
 
 def build_hf_model(model_cfg, seed: int = 0, dtype: torch.dtype = torch.float32):
     from transformers import MixtralForCausalLM
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MixtralForCausalLM._from_config(mixtral_config(model_cfg), attn_implementation="sdpa",
-                                                dtype=torch.float32)
+        model = MixtralForCausalLM._from_config(
+            mixtral_config(model_cfg), attn_implementation="sdpa", dtype=torch.float32
+        )
     return model.to(dtype)
 
 
@@ -111,8 +131,7 @@ def param_count(model) -> int:
 
 def _adamw(params, t):
     # fused: the `transformers` Trainer's default (optim="adamw_torch_fused") and our engine's
-    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                             weight_decay=t.weight_decay, fused=True)
+    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay, fused=True)
 
 
 class MasterWeightAdamW:
@@ -151,6 +170,7 @@ def precision_dtype(precision: str) -> torch.dtype:
 # ------------------------------------------------------------------------------------------
 # throughput
 # ------------------------------------------------------------------------------------------
+
 
 def _phase_ms(models: dict, rounds: int) -> dict:
     """Median forward / backward / optimizer milliseconds per model, interleaved."""
@@ -191,23 +211,38 @@ def _thread_cpu_ms(fns: dict, rounds: int) -> dict:
 
 def _top_ops(fn, steps: int = 3, limit: int = 15) -> list:
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             fn()
     rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:limit]
-    return [{"op": e.key, "self_ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 3),
-             "calls_per_step": e.count // steps} for e in rows]
+    return [
+        {
+            "op": e.key,
+            "self_ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 3),
+            "calls_per_step": e.count // steps,
+        }
+        for e in rows
+    ]
 
 
-def measure_throughput(cfg, rounds: int = 10, warmup: int = 3, threads: int | None = None,
-                       engine: bool = False, profile: bool = False, details: bool = True) -> dict:
+def measure_throughput(
+    cfg,
+    rounds: int = 10,
+    warmup: int = 3,
+    threads: int | None = None,
+    engine: bool = False,
+    profile: bool = False,
+    details: bool = True,
+) -> dict:
     """Our training step vs Mixtral's on the same tokens, at cfg.train.precision; returns
     milliseconds and counts (`details`: also per-phase and one-thread CPU times)."""
     if threads:
         torch.set_num_threads(threads)
     from aion_train.model import build_model
     from aion_train.parallel.device import tune_cpu_allocator
-    tune_cpu_allocator()        # as the trainer does on CPU (both models run in this process)
+
+    tune_cpu_allocator()  # as the trainer does on CPU (both models run in this process)
     b, t, v = cfg.data.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size
     gen = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(0, v, (b, t), generator=gen)
@@ -220,7 +255,7 @@ def measure_throughput(cfg, rounds: int = 10, warmup: int = 3, threads: int | No
     hf = build_hf_model(cfg.model, seed=cfg.seed, dtype=dtype).train()
     opt_ours, opt_hf = make_optimizer(ours, cfg.train), make_optimizer(hf, cfg.train)
 
-    def ours_loss():   # as the trainer's step calls it: head + loss fused, no logits kept
+    def ours_loss():  # as the trainer's step calls it: head + loss fused, no logits kept
         return ours(ids, labels=shifted, return_logits=False).loss
 
     def hf_loss():
@@ -231,6 +266,7 @@ def measure_throughput(cfg, rounds: int = 10, warmup: int = 3, threads: int | No
             loss_fn().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+
         return run
 
     fns = {"ours": step(ours_loss, opt_ours), "hf": step(hf_loss, opt_hf)}
@@ -238,8 +274,9 @@ def measure_throughput(cfg, rounds: int = 10, warmup: int = 3, threads: int | No
         from aion_train.parallel import build_groups, parallelize
         from aion_train.parallel.deepspeed_adapter import init_comm
         from aion_train.train.engine import build_engine
+
         ecfg = copy.deepcopy(cfg)
-        init_comm("gloo", ecfg.parallel.timeout_s)   # a 1-rank group (a spawned process)
+        init_comm("gloo", ecfg.parallel.timeout_s)  # a 1-rank group (a spawned process)
         groups = build_groups(1, 1, ecfg.parallel.timeout_s)
         # as the Trainer does: parallelize (tags the expert params for DeepSpeed), then the engine
         eng, _ = build_engine(parallelize(build_model(ecfg.model, seed=cfg.seed), groups), ecfg, groups)
@@ -247,17 +284,26 @@ def measure_throughput(cfg, rounds: int = 10, warmup: int = 3, threads: int | No
         def engine_step():
             eng.backward(eng(ids, labels=shifted, return_logits=False).loss)
             eng.step()
+
         fns["ours_engine"] = engine_step
     with torch.no_grad():
         first = {"ours": float(ours_loss()), "hf": float(hf_loss())}
     # rounded as reported (`step_ms_rounds`), so the medians and the speedup follow from the output
     samples = {k: [round(t, 4) for t in v] for k, v in interleaved_samples(fns, rounds=rounds, warmup=warmup).items()}
     ms = {k: statistics.median(v) for k, v in samples.items()}
-    out = {"ms": ms, "speedup_paired": paired_ratio(samples["hf"], samples["ours"]), "rounds_ms": samples,
-           "tokens_per_step": b * t, "threads": torch.get_num_threads(),
-           "params": param_count(ours), "hf_params": param_count(hf), "initial_loss": first,
-           "hf_experts_implementation": hf.config._experts_implementation,
-           "hf_attn_implementation": hf.config._attn_implementation, "dtype": str(dtype).split(".")[-1]}
+    out = {
+        "ms": ms,
+        "speedup_paired": paired_ratio(samples["hf"], samples["ours"]),
+        "rounds_ms": samples,
+        "tokens_per_step": b * t,
+        "threads": torch.get_num_threads(),
+        "params": param_count(ours),
+        "hf_params": param_count(hf),
+        "initial_loss": first,
+        "hf_experts_implementation": hf.config._experts_implementation,
+        "hf_attn_implementation": hf.config._attn_implementation,
+        "dtype": str(dtype).split(".")[-1],
+    }
     if details:
         out["phases_ms"] = _phase_ms({"ours": (ours_loss, opt_ours), "hf": (hf_loss, opt_hf)}, max(3, rounds // 2))
         out["cpu_ms_1thread"] = _thread_cpu_ms({k: fns[k] for k in ("ours", "hf")}, max(3, rounds))
@@ -275,6 +321,7 @@ def _throughput_rank(cfg, rounds, warmup, threads, engine, profile):
 # ZeRO memory
 # ------------------------------------------------------------------------------------------
 
+
 def _nbytes(t) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
@@ -288,8 +335,6 @@ def _storage_bytes(tensors) -> int:
         s = t.untyped_storage()
         seen[s.data_ptr()] = s.nbytes()
     return sum(seen.values())
-
-
 
 
 def _bucket_bytes(zero_opt) -> int:
@@ -306,6 +351,7 @@ def _watch_reduces(zero_opt, params) -> dict:
     (gradients waiting in the bucket are views of it) and the bucket buffers allocated."""
     seen: dict[str, list[int]] = {"grads": [], "bucket": []}
     from aion_train.parallel.deepspeed_adapter import ZERO_REDUCE_METHODS
+
     for name in ZERO_REDUCE_METHODS:
         fn = getattr(zero_opt, name, None)
         if fn is None:
@@ -315,6 +361,7 @@ def _watch_reduces(zero_opt, params) -> dict:
             seen["grads"].append(sum(_nbytes(p.grad) for p in params if p.grad is not None))
             seen["bucket"].append(_bucket_bytes(zero_opt))
             return _fn(*args, **kwargs)
+
         setattr(zero_opt, name, wrapped)
     return seen
 
@@ -323,6 +370,7 @@ def _zero_stage_bytes(cfg, stage: int, groups) -> dict:
     from aion_train.model import build_model
     from aion_train.parallel import parallelize
     from aion_train.train.engine import build_engine
+
     scfg = copy.deepcopy(cfg)
     scfg.train.zero_stage = stage
     model = parallelize(build_model(scfg.model, seed=scfg.seed), groups)
@@ -338,7 +386,7 @@ def _zero_stage_bytes(cfg, stage: int, groups) -> dict:
     ids = torch.randint(0, scfg.model.vocab_size, (scfg.data.micro_batch_size, scfg.data.seq_len), generator=gen)
     loss = eng(ids, labels=ids).loss
     eng.backward(loss)
-    bucket = max([bucket, _bucket_bytes(zopt)] + seen["bucket"])   # stages 1/2: per backward
+    bucket = max([bucket, _bucket_bytes(zopt)] + seen["bucket"])  # stages 1/2: per backward
     reduces = seen["grads"]
 
     if stage == 3:
@@ -370,14 +418,25 @@ def _zero_stage_bytes(cfg, stage: int, groups) -> dict:
     else:
         master = 0
     world = groups.dp
-    theory = {"param_bytes": 4 * n // (world if stage >= 3 else 1),
-              "grad_bytes": 4 * n // (world if stage >= 2 else 1),
-              "optim_bytes": 8 * n // (world if stage >= 1 else 1)}
-    result = {"param_bytes": param_bytes, "grad_bytes": grad_bytes, "optim_bytes": optim_bytes,
-              "master_bytes": master, "optim_bytes_with_master": optim_bytes + master,
-              "grad_partition_bytes": grad_partition_bytes, "grad_peak_bytes": grad_peak,
-              "ipg_bucket_bytes": bucket, "optimizer": type(zopt).__name__, "params": n,
-              "loss": float(loss.detach()), "theory": theory}
+    theory = {
+        "param_bytes": 4 * n // (world if stage >= 3 else 1),
+        "grad_bytes": 4 * n // (world if stage >= 2 else 1),
+        "optim_bytes": 8 * n // (world if stage >= 1 else 1),
+    }
+    result = {
+        "param_bytes": param_bytes,
+        "grad_bytes": grad_bytes,
+        "optim_bytes": optim_bytes,
+        "master_bytes": master,
+        "optim_bytes_with_master": optim_bytes + master,
+        "grad_partition_bytes": grad_partition_bytes,
+        "grad_peak_bytes": grad_peak,
+        "ipg_bucket_bytes": bucket,
+        "optimizer": type(zopt).__name__,
+        "params": n,
+        "loss": float(loss.detach()),
+        "theory": theory,
+    }
     if hasattr(eng, "destroy"):
         eng.destroy()
     return result
@@ -389,6 +448,7 @@ def _zero_rank(cfg, stages):
 
     from aion_train.parallel import build_groups
     from aion_train.parallel.deepspeed_adapter import init_comm
+
     init_comm("gloo", cfg.parallel.timeout_s)
     groups = build_groups(1, 1, cfg.parallel.timeout_s)
     out = {}
@@ -408,6 +468,7 @@ def measure_zero(cfg, stages=(0, 1, 2, 3), nproc: int = 2, timeout_s: float = 30
     zcfg.parallel.world_size = nproc
     zcfg.parallel.timeout_s = min(zcfg.parallel.timeout_s, 60.0)
     from aion_train.parallel.spawn import run_ranks
+
     res = run_ranks(_zero_rank, nproc, zcfg, tuple(stages), timeout_s=timeout_s)
     if "0" in res and "1" in res and res["0"]["optim_bytes"]:
         res["zero1_optim_ratio"] = round(res["1"]["optim_bytes"] / res["0"]["optim_bytes"], 4)
@@ -423,6 +484,7 @@ def measure_zero(cfg, stages=(0, 1, 2, 3), nproc: int = 2, timeout_s: float = 30
 # the bench
 # ------------------------------------------------------------------------------------------
 
+
 def _in_process(cfg, rounds, warmup, threads, profile=False, details=True) -> dict:
     prev = torch.get_num_threads()
     try:
@@ -436,16 +498,30 @@ def _tokens_per_s(tp: dict) -> tuple[float, float]:
     return tok / ms["ours"] * 1e3, tok / ms["hf"] * 1e3
 
 
-def run_bench(config: str | None = None, rounds: int = 10, warmup: int = 3, tokens: int | None = None,
-              micro_batch_size: int | None = None, seq_len: int | None = None, threads: int | None = None,
-              precision: str | None = None, fp32: bool = True, engine: bool = True, profile: bool = False,
-              zero: bool = True, zero_stages=(0, 1, 2, 3), zero_micro_batch_size: int = 2) -> dict:
+def run_bench(
+    config: str | None = None,
+    rounds: int = 10,
+    warmup: int = 3,
+    tokens: int | None = None,
+    micro_batch_size: int | None = None,
+    seq_len: int | None = None,
+    threads: int | None = None,
+    precision: str | None = None,
+    fp32: bool = True,
+    engine: bool = True,
+    profile: bool = False,
+    zero: bool = True,
+    zero_stages=(0, 1, 2, 3),
+    zero_micro_batch_size: int = 2,
+) -> dict:
     from aion_train.train.metrics import flops_per_token, peak_flops
+
     cfg = load_bench_config(config, micro_batch_size, seq_len, tokens, precision)
     dtype = precision_dtype(cfg.train.precision)
     threads = threads or torch.get_num_threads()
     if engine:
         from aion_train.parallel.spawn import run_ranks
+
         tp = run_ranks(_throughput_rank, 1, cfg, rounds, warmup, threads, True, profile, timeout_s=600.0)
     else:
         tp = _in_process(cfg, rounds, warmup, threads, profile)
@@ -455,7 +531,7 @@ def run_bench(config: str | None = None, rounds: int = 10, warmup: int = 3, toke
     prev = torch.get_num_threads()
     torch.set_num_threads(tp["threads"])
     try:
-        peak = peak_flops("cpu", dtype)     # the measured matmul rate in the step's dtype
+        peak = peak_flops("cpu", dtype)  # the measured matmul rate in the step's dtype
     finally:
         torch.set_num_threads(prev)
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -469,26 +545,36 @@ def run_bench(config: str | None = None, rounds: int = 10, warmup: int = 3, toke
         "dtype": tp["dtype"],
         "engine_tokens_per_s": round(tok / ms["ours_engine"] * 1e3, 1) if "ours_engine" in ms else None,
         "step_ms": {k: round(v, 2) for k, v in ms.items()},
-        "step_ms_rounds": tp["rounds_ms"],     # every round's step time: the medians and speedup come from these
+        "step_ms_rounds": tp["rounds_ms"],  # every round's step time: the medians and speedup come from these
         "phases_ms": tp["phases_ms"],
         "cpu_ms_1thread": tp["cpu_ms_1thread"],
         "speedup_vs_hf_1thread_cpu": round(tp["cpu_ms_1thread"]["hf"] / tp["cpu_ms_1thread"]["ours"], 3),
         "hf_mfu": round(fpt * hf_tps / peak, 4),
-        "flops_per_token": fpt, "peak_flops": peak,
-        "params": tp["params"], "hf_params": tp["hf_params"], "initial_loss": tp["initial_loss"],
-        "micro_batch_size": cfg.data.micro_batch_size, "seq_len": cfg.data.seq_len,
-        "tokens_per_step": tok, "threads": tp["threads"], "rounds": rounds,
+        "flops_per_token": fpt,
+        "peak_flops": peak,
+        "params": tp["params"],
+        "hf_params": tp["hf_params"],
+        "initial_loss": tp["initial_loss"],
+        "micro_batch_size": cfg.data.micro_batch_size,
+        "seq_len": cfg.data.seq_len,
+        "tokens_per_step": tok,
+        "threads": tp["threads"],
+        "rounds": rounds,
         "hf_experts_implementation": tp["hf_experts_implementation"],
         "hf_attn_implementation": tp["hf_attn_implementation"],
     }
-    if fp32 and dtype != torch.float32:    # the same comparison in fp32, side by side
+    if fp32 and dtype != torch.float32:  # the same comparison in fp32, side by side
         fcfg = copy.deepcopy(cfg)
         fcfg.train.precision = "fp32"
         f = _in_process(fcfg, rounds, warmup, threads, details=False)
         f_ours, f_hf = _tokens_per_s(f)
-        result["fp32"] = {"speedup_vs_hf": round(f["speedup_paired"], 3), "tokens_per_s": round(f_ours, 1),
-                          "hf_tokens_per_s": round(f_hf, 1), "step_ms": {k: round(v, 2) for k, v in f["ms"].items()},
-                          "step_ms_rounds": f["rounds_ms"]}
+        result["fp32"] = {
+            "speedup_vs_hf": round(f["speedup_paired"], 3),
+            "tokens_per_s": round(f_ours, 1),
+            "hf_tokens_per_s": round(f_hf, 1),
+            "step_ms": {k: round(v, 2) for k, v in f["ms"].items()},
+            "step_ms_rounds": f["rounds_ms"],
+        }
     if profile:
         result["top_ops"] = tp["top_ops"]
     if zero:
@@ -498,5 +584,4 @@ def run_bench(config: str | None = None, rounds: int = 10, warmup: int = 3, toke
     return result
 
 
-QUICK = {"rounds": 3, "warmup": 1, "micro_batch_size": 2, "seq_len": 64, "engine": False,
-         "zero_micro_batch_size": 1}
+QUICK = {"rounds": 3, "warmup": 1, "micro_batch_size": 2, "seq_len": 64, "engine": False, "zero_micro_batch_size": 1}

@@ -21,6 +21,7 @@ Modules, bottom up:
 * ``training_job``    ``save_job`` / ``load_job`` / ``load_weights_only`` of pretraining
 
 Imports only go down: config, model, parallel, fsutil (never train, posttrain, interop...)."""
+
 from __future__ import annotations
 
 from .compat import check_compatible, flatten_config
@@ -29,8 +30,14 @@ from .locate import find_checkpoint, read_manifest
 from .optimizer_state import load_optimizer_state, optimizer_state
 from .protocol import save_checkpoint
 from .rank_files import list_ranks, load_rank, rank_file_names, rank_prefix, save_rank
-from .reshard import (load_full_state_dict, model_config_from_dict, model_config_to_dict, numel,
-                      save_sharded_checkpoint, shard_state_dict)
+from .reshard import (
+    load_full_state_dict,
+    model_config_from_dict,
+    model_config_to_dict,
+    numel,
+    save_sharded_checkpoint,
+    shard_state_dict,
+)
 from .rng_state import capture_rng_state, restore_rng_state
 from .shard_layout import saver_rank, shard_spec_for
 from .store import CheckpointManager
@@ -39,9 +46,32 @@ from .tree_load import load_tree
 from .tree_save import save_tree
 
 __all__ = [
-    "CheckpointError", "CheckpointManager", "TreeFormatError", "capture_rng_state", "check_compatible",
-    "find_checkpoint", "flatten_config", "list_ranks", "load_full_state_dict", "load_optimizer_state",
-    "load_rank", "load_tree", "model_config_from_dict", "model_config_to_dict", "numel", "optimizer_state",
-    "rank_file_names", "rank_prefix", "read_manifest", "restore_rng_state", "save_checkpoint", "save_rank",
-    "save_sharded_checkpoint", "save_tree", "saver_rank", "shard_spec_for", "shard_state_dict", "tree_paths",
+    "CheckpointError",
+    "CheckpointManager",
+    "TreeFormatError",
+    "capture_rng_state",
+    "check_compatible",
+    "find_checkpoint",
+    "flatten_config",
+    "list_ranks",
+    "load_full_state_dict",
+    "load_optimizer_state",
+    "load_rank",
+    "load_tree",
+    "model_config_from_dict",
+    "model_config_to_dict",
+    "numel",
+    "optimizer_state",
+    "rank_file_names",
+    "rank_prefix",
+    "read_manifest",
+    "restore_rng_state",
+    "save_checkpoint",
+    "save_rank",
+    "save_sharded_checkpoint",
+    "save_tree",
+    "saver_rank",
+    "shard_spec_for",
+    "shard_state_dict",
+    "tree_paths",
 ]

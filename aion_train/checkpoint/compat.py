@@ -1,16 +1,18 @@
 """Whether a checkpoint fits the current run: the saved and current configs compared key by
 key, every difference named."""
+
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from aion_train.config.load import flatten
 
 from .errors import CheckpointError
 
 
-def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Flatten nested mappings into ``{"a.b.c": value}`` (tuples become lists)."""
     return {k: _normalise(v) for k, v in flatten(cfg, prefix).items()}
 
@@ -39,8 +41,9 @@ def _same(a: Any, b: Any) -> bool:
 _MISSING = object()
 
 
-def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any],
-                     what: str = "model config", *, ignore: Iterable[str] = ()) -> None:
+def check_compatible(
+    saved: Mapping[str, Any], current: Mapping[str, Any], what: str = "model config", *, ignore: Iterable[str] = ()
+) -> None:
     """Raise ``CheckpointError`` listing every key whose value differs.
 
     Both configs may be nested or already flattened (dotted keys).  Keys equal
@@ -67,4 +70,5 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any],
     if lines:
         raise CheckpointError(
             f"{what} of the checkpoint is incompatible with the current run "
-            f"({len(lines)} {'key differs' if len(lines) == 1 else 'keys differ'}):\n" + "\n".join(lines))
+            f"({len(lines)} {'key differs' if len(lines) == 1 else 'keys differ'}):\n" + "\n".join(lines)
+        )

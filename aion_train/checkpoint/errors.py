@@ -1,4 +1,5 @@
 """The errors of the checkpoint package."""
+
 from __future__ import annotations
 
 

@@ -1,5 +1,6 @@
 """Finding a checkpoint from a path a user gives (a step folder, a checkpoints root, a run
 folder) and reading its manifest."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,8 +20,10 @@ def find_checkpoint(path) -> Path:
             latest = CheckpointManager(root, keep_last=None).latest()
             if latest is not None:
                 return latest
-    raise CheckpointError(f"{p}: no checkpoint found (expected a step_XXXXXXXX folder with manifest.json, "
-                          "a checkpoints folder, or a run folder holding checkpoints/)")
+    raise CheckpointError(
+        f"{p}: no checkpoint found (expected a step_XXXXXXXX folder with manifest.json, "
+        "a checkpoints folder, or a run folder holding checkpoints/)"
+    )
 
 
 def read_manifest(folder) -> dict:

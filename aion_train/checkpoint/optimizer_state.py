@@ -4,6 +4,7 @@ DeepSpeed optimizer state dicts hold a few Python objects (a loss scaler, namedt
 map parameter fragments). We store their plain fields only, and on load put them back into
 the live optimizer's own objects (its current state dict is the template), so loading never
 constructs an object from the file."""
+
 from __future__ import annotations
 
 import enum
@@ -34,8 +35,9 @@ def from_tree(saved, template):
     """Rebuild `saved` using `template` (the live state dict) for every object."""
     if isinstance(saved, dict) and "__object__" in saved:
         if template is None or type(template).__name__ != saved["__object__"]:
-            raise ValueError(f"checkpoint holds a {saved['__object__']} where the optimizer has "
-                             f"{type(template).__name__}")
+            raise ValueError(
+                f"checkpoint holds a {saved['__object__']} where the optimizer has {type(template).__name__}"
+            )
         for k, v in saved["fields"].items():
             setattr(template, k, v)
         return template
@@ -65,4 +67,4 @@ def load_optimizer_state(engine, saved, dp_rank: int, dp_size: int):
     """Put `saved` (from :func:`optimizer_state`) back into the engine's live optimizer."""
     opt = engine.optimizer
     restored = from_tree(saved, opt.state_dict())
-    load_into_optimizer(opt, restored, dp_rank, dp_size)   # ZeRO-1/2: per DP rank (DeepSpeed internals)
+    load_into_optimizer(opt, restored, dp_rank, dp_size)  # ZeRO-1/2: per DP rank (DeepSpeed internals)

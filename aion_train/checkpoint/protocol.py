@@ -10,10 +10,12 @@
 
 A crash anywhere before the leader's rename leaves the previous checkpoint and `latest`
 untouched."""
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Union
 
 from .store import CheckpointManager
 
@@ -24,8 +26,15 @@ def no_barrier() -> None:
     """The barrier of a single process writing every rank's payloads itself."""
 
 
-def save_checkpoint(mgr: CheckpointManager, step: int, write: Callable[[Path], None], manifest: Manifest, *,
-                    leader: bool = True, barrier: Callable[[], None] = no_barrier) -> Path:
+def save_checkpoint(
+    mgr: CheckpointManager,
+    step: int,
+    write: Callable[[Path], None],
+    manifest: Manifest,
+    *,
+    leader: bool = True,
+    barrier: Callable[[], None] = no_barrier,
+) -> Path:
     """Run the save protocol for `step`: `write(folder)` writes this rank's payloads into the
     temp folder; `manifest` (or the function that makes it, called on the leader only) is what
     the leader commits beside the files. Every rank calls it; `barrier` synchronises them.

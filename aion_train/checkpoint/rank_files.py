@@ -1,10 +1,12 @@
 """Per-rank payloads of a checkpoint folder: ``{name}.rank{rank:05d}.json/.safetensors``
 (one tree each, see :mod:`.tree_format`), written and fsynced by the rank that owns them."""
+
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, List, Union
+from typing import Any, Union
 
 import torch
 
@@ -29,11 +31,11 @@ def rank_prefix(folder: PathLike, rank: int, name: str) -> Path:
     return Path(folder) / f"{name}.rank{rank:05d}"
 
 
-def rank_file_names(name: str, ranks: Union[int, Iterable[int]]) -> List[str]:
+def rank_file_names(name: str, ranks: Union[int, Iterable[int]]) -> list[str]:
     """File names written by ``save_rank`` for ``ranks`` (an int means ``range(ranks)``)."""
     if isinstance(ranks, int):
         ranks = range(ranks)
-    out: List[str] = []
+    out: list[str] = []
     for r in ranks:
         j, s = tree_paths(rank_prefix(".", r, name))
         out += [j.name, s.name]
@@ -52,8 +54,7 @@ def save_rank(folder: PathLike, rank: int, name: str, tree: Any, *, fsync: bool 
     return prefix
 
 
-def load_rank(folder: PathLike, rank: int, name: str, *,
-              device: Union[str, torch.device] = "cpu") -> Any:
+def load_rank(folder: PathLike, rank: int, name: str, *, device: Union[str, torch.device] = "cpu") -> Any:
     """Load what ``save_rank(folder, rank, name, ...)`` wrote."""
     prefix = rank_prefix(folder, rank, name)
     json_path, _ = tree_paths(prefix)
@@ -62,11 +63,12 @@ def load_rank(folder: PathLike, rank: int, name: str, *,
         raise CheckpointError(
             f"{folder}: no '{name}' payload for rank {rank} "
             f"(ranks present: {avail if avail else 'none'}); was the checkpoint written "
-            "with a different world size?")
+            "with a different world size?"
+        )
     return load_tree(prefix, device=device)
 
 
-def list_ranks(folder: PathLike, name: str) -> List[int]:
+def list_ranks(folder: PathLike, name: str) -> list[int]:
     """Sorted ranks for which ``folder`` holds a ``name`` payload."""
     _check_name(name)
     pat = re.compile(re.escape(name) + r"\.rank(\d{5,})\.json$")

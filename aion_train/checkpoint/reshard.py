@@ -6,6 +6,7 @@ the rank with edp_rank 0 for each (tp_rank, ep_rank): rank = ep_rank * tp + tp_r
 model's `ParallelPlan` (`shard_spec_for`), the plan `parallelize` applies (a multi-rank test
 checks every shard's shape against it).
 Tensors keep their saved dtype (a bf16 run saves bf16 parameters)."""
+
 from __future__ import annotations
 
 import math
@@ -32,6 +33,7 @@ def model_config_from_dict(d: dict) -> ModelConfig:
 
 def model_config_to_dict(cfg: ModelConfig) -> dict:
     from aion_train.config import Config
+
     return config_to_dict(Config(model=cfg))["model"]
 
 
@@ -69,9 +71,11 @@ def load_full_state_dict(checkpoint_dir) -> tuple[dict, dict[str, torch.Tensor]]
                 raise CheckpointError(f"{folder}: rank {saver_rank(tp, *key)} has no {name!r}")
             view = full_slice(out, specs[key])
             if tuple(view.shape) != tuple(sd[name].shape):
-                raise CheckpointError(f"{folder}: {name!r} of rank {saver_rank(tp, *key)} has shape "
-                                      f"{tuple(sd[name].shape)}, expected {tuple(view.shape)} for a "
-                                      f"tp={tp}, ep={ep} layout of this model config")
+                raise CheckpointError(
+                    f"{folder}: {name!r} of rank {saver_rank(tp, *key)} has shape "
+                    f"{tuple(sd[name].shape)}, expected {tuple(view.shape)} for a "
+                    f"tp={tp}, ep={ep} layout of this model config"
+                )
             view.copy_(sd[name])
             full_slice(filled, specs[key]).fill_(True)
         if not bool(filled.all()):
@@ -82,24 +86,31 @@ def load_full_state_dict(checkpoint_dir) -> tuple[dict, dict[str, torch.Tensor]]
     return cfg_dict, full
 
 
-def shard_state_dict(full_sd: dict[str, torch.Tensor], model=None, groups=None, *, cfg: ModelConfig | None = None,
-                     spec: Spec | None = None) -> dict[str, torch.Tensor]:
+def shard_state_dict(
+    full_sd: dict[str, torch.Tensor],
+    model=None,
+    groups=None,
+    *,
+    cfg: ModelConfig | None = None,
+    spec: Spec | None = None,
+) -> dict[str, torch.Tensor]:
     """The part of a full state dict that one rank holds: by `spec`, else by the plan of
     `cfg` (default `model.cfg`) on this rank of `groups` (`shard_spec_for`), else all of it.
     The result loads with `model.load_state_dict` (tied weights stay one tensor)."""
     if spec is None:
         if groups is None:
             spec = {}
-        elif model is not None:   # named as the trunk sits in the model (lm., backbone.)
+        elif model is not None:  # named as the trunk sits in the model (lm., backbone.)
             spec = ParallelPlan.for_model(model, cfg or model.cfg, groups.tp, groups.ep).shard_spec(
-                groups.tp_rank, groups.ep_rank)
+                groups.tp_rank, groups.ep_rank
+            )
         else:
             spec = shard_spec_for(cfg, groups.tp, groups.ep, groups.tp_rank, groups.ep_rank)
     out: dict[str, torch.Tensor] = {}
     done: dict[int, torch.Tensor] = {}
     for name, t in full_sd.items():
         if name in spec:
-            key = id(t)     # tied weights: cut once, share the piece
+            key = id(t)  # tied weights: cut once, share the piece
             if key not in done:
                 done[key] = full_slice(t, spec[name]).clone()
             out[name] = done[key]
@@ -108,9 +119,19 @@ def shard_state_dict(full_sd: dict[str, torch.Tensor], model=None, groups=None, 
     return out
 
 
-def save_sharded_checkpoint(run_dir, model_cfg, full_sd: dict[str, torch.Tensor], tp: int = 1, ep: int = 1, *,
-                            step: int = 0, world: int | None = None, zero_stage: int = 1,
-                            extra_manifest: dict | None = None, allow_existing: bool = False) -> Path:
+def save_sharded_checkpoint(
+    run_dir,
+    model_cfg,
+    full_sd: dict[str, torch.Tensor],
+    tp: int = 1,
+    ep: int = 1,
+    *,
+    step: int = 0,
+    world: int | None = None,
+    zero_stage: int = 1,
+    extra_manifest: dict | None = None,
+    allow_existing: bool = False,
+) -> Path:
     """Write `full_sd` as a committed checkpoint `run_dir/checkpoints/step_XXXXXXXX` in the
     (tp, ep) layout: the model payloads of ranks ep_rank * tp + tp_rank and a manifest with
     model_config and layout. No optimizer or trainer payloads (see the manifest field
@@ -132,9 +153,11 @@ def save_sharded_checkpoint(run_dir, model_cfg, full_sd: dict[str, torch.Tensor]
                 spec = shard_spec_for(cfg, tp, ep, tp_rank, ep_rank)
                 save_rank(folder, saver_rank(tp, tp_rank, ep_rank), "model", shard_state_dict(full_sd, spec=spec))
 
-    manifest = {"model_config": cfg_dict,
-                "layout": {"tp": tp, "ep": ep, "world": world, "zero_stage": zero_stage},
-                "optimizer_state": False}
+    manifest = {
+        "model_config": cfg_dict,
+        "layout": {"tp": tp, "ep": ep, "world": world, "zero_stage": zero_stage},
+        "optimizer_state": False,
+    }
     manifest.update(extra_manifest or {})
     return save_checkpoint(mgr, step, write, manifest)
 

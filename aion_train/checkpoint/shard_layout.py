@@ -1,6 +1,7 @@
 """Which rank holds which slice of which parameter in a (tp, ep) layout (the model's
 `ParallelPlan`, computed without torch.distributed), and which rank writes each distinct
 model shard into a checkpoint."""
+
 from __future__ import annotations
 
 from aion_train.config import ModelConfig
@@ -23,9 +24,14 @@ def shard_spec_for(cfg: ModelConfig, tp: int, ep: int, tp_rank: int, ep_rank: in
 def check_divisible(cfg: ModelConfig, tp: int, ep: int) -> None:
     errors = []
     kv = cfg.n_kv_heads or cfg.n_heads
-    for key, val in (("model.n_heads", cfg.n_heads), ("model.n_kv_heads", kv), ("model.d_ff", cfg.d_ff),
-                     ("model.vocab_size", cfg.vocab_size), ("model.moe.d_ff_expert", cfg.moe.d_ff_expert),
-                     ("model.moe.shared_expert_d_ff", cfg.moe.shared_expert_d_ff)):
+    for key, val in (
+        ("model.n_heads", cfg.n_heads),
+        ("model.n_kv_heads", kv),
+        ("model.d_ff", cfg.d_ff),
+        ("model.vocab_size", cfg.vocab_size),
+        ("model.moe.d_ff_expert", cfg.moe.d_ff_expert),
+        ("model.moe.shared_expert_d_ff", cfg.moe.shared_expert_d_ff),
+    ):
         if val % tp:
             errors.append(f"{key}={val} is not divisible by tp={tp}")
     if ep > 1 and cfg.moe.n_experts % ep:

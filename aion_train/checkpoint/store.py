@@ -51,8 +51,9 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Optional
 
 from aion_train.fsutil import atomic_write_text, fsync_dir, fsync_file
 
@@ -71,7 +72,7 @@ _STEP_RE = re.compile(r"^step_(\d{8,})$")
 _TMP_RE = re.compile(r"^\.tmp-step_(\d{8,})$")
 
 
-def _sha256(path: Path, fsync: bool = False) -> Tuple[int, str]:
+def _sha256(path: Path, fsync: bool = False) -> tuple[int, str]:
     """(size, sha256 hex) of a file, optionally fsyncing it on the way."""
     h = hashlib.sha256()
     size = 0
@@ -141,8 +142,9 @@ class CheckpointManager:
         tmp.mkdir(parents=True, exist_ok=True)
         return tmp
 
-    def commit(self, step: int, manifest: Optional[Mapping[str, Any]] = None, *,
-               required_files: Iterable[str] = ()) -> Path:
+    def commit(
+        self, step: int, manifest: Optional[Mapping[str, Any]] = None, *, required_files: Iterable[str] = ()
+    ) -> Path:
         """Rank 0, after all ranks wrote their files: seal and publish ``step``.
 
         Hashes and fsyncs every file, writes ``manifest.json`` (step, files with
@@ -155,8 +157,9 @@ class CheckpointManager:
         tmp = self.tmp_dir(step)
         final = self.step_dir(step)
         if not tmp.is_dir():
-            raise CheckpointError(f"cannot commit step {step}: {tmp} does not exist "
-                                  "(call prepare()/begin() and write files first)")
+            raise CheckpointError(
+                f"cannot commit step {step}: {tmp} does not exist (call prepare()/begin() and write files first)"
+            )
         user = dict(manifest or {})
         clash = _RESERVED_MANIFEST_KEYS & set(user)
         if clash:
@@ -166,7 +169,7 @@ class CheckpointManager:
         except (TypeError, ValueError) as e:
             raise TypeError(f"manifest fields must be plain JSON (no NaN/inf): {e}") from None
 
-        files: Dict[str, Dict[str, Any]] = {}
+        files: dict[str, dict[str, Any]] = {}
         subdirs = []
         for p in sorted(tmp.rglob("*")):
             rel = p.relative_to(tmp).as_posix()
@@ -185,8 +188,13 @@ class CheckpointManager:
         if missing:
             raise CheckpointError(f"cannot commit step {step}: missing files {missing}")
 
-        doc = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "step": step,
-               "created_unix": time.time(), "files": files}
+        doc = {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "step": step,
+            "created_unix": time.time(),
+            "files": files,
+        }
         doc.update(user)
         try:
             text = json.dumps(doc, indent=2, sort_keys=False, allow_nan=False)
@@ -210,12 +218,12 @@ class CheckpointManager:
         return final
 
     # ------------------------------------------------------------------ reading
-    def read_manifest(self, path: PathLike) -> Dict[str, Any]:
+    def read_manifest(self, path: PathLike) -> dict[str, Any]:
         """Parse and sanity-check ``path/manifest.json`` (no checksums)."""
         path = Path(path)
         mpath = path / MANIFEST_NAME
         try:
-            with open(mpath, "r", encoding="utf-8") as f:
+            with open(mpath, encoding="utf-8") as f:
                 doc = json.load(f)
         except FileNotFoundError:
             raise CheckpointError(f"{path}: no {MANIFEST_NAME} (incomplete checkpoint)") from None
@@ -229,11 +237,10 @@ class CheckpointManager:
             raise CheckpointError(f"{mpath}: malformed manifest (step/files)")
         m = _STEP_RE.match(path.name)
         if m and int(m.group(1)) != doc["step"]:
-            raise CheckpointError(f"{mpath}: manifest step {doc['step']} does not match "
-                                  f"folder name {path.name}")
+            raise CheckpointError(f"{mpath}: manifest step {doc['step']} does not match folder name {path.name}")
         return doc
 
-    def verify(self, path: PathLike) -> Dict[str, Any]:
+    def verify(self, path: PathLike) -> dict[str, Any]:
         """Check every file listed in the manifest (existence, size, sha256).
 
         Raises ``CheckpointError`` naming the first bad file; returns the manifest.
@@ -246,14 +253,14 @@ class CheckpointManager:
                 raise CheckpointError(f"{path}: file {rel!r} listed in the manifest is missing")
             size, digest = _sha256(p)
             if size != info.get("size"):
-                raise CheckpointError(f"{path}: file {rel!r} has size {size}, "
-                                      f"manifest says {info.get('size')}")
+                raise CheckpointError(f"{path}: file {rel!r} has size {size}, manifest says {info.get('size')}")
             if digest != info.get("sha256"):
-                raise CheckpointError(f"{path}: file {rel!r} is corrupted "
-                                      f"(sha256 {digest} != manifest {info.get('sha256')})")
+                raise CheckpointError(
+                    f"{path}: file {rel!r} is corrupted (sha256 {digest} != manifest {info.get('sha256')})"
+                )
         return doc
 
-    def list_checkpoints(self) -> List[Tuple[int, Path]]:
+    def list_checkpoints(self) -> list[tuple[int, Path]]:
         """``(step, folder)`` of every ``step_*`` folder, oldest first (not validated)."""
         out = []
         if self.root.is_dir():
@@ -309,11 +316,11 @@ class CheckpointManager:
             trash = p
         shutil.rmtree(trash, ignore_errors=True)
 
-    def prune(self, current_step: Optional[int] = None) -> List[Path]:
+    def prune(self, current_step: Optional[int] = None) -> list[Path]:
         """Rank 0: delete ``step_*`` folders beyond the newest ``keep_last`` (never
         the one ``latest`` points to), leftover trash, and temp folders of steps
         older than ``current_step``.  Returns the removed checkpoint folders."""
-        removed: List[Path] = []
+        removed: list[Path] = []
         if not self.root.is_dir():
             return removed
         for p in self.root.iterdir():
@@ -326,7 +333,7 @@ class CheckpointManager:
         if self.keep_last is None:
             return removed
         ckpts = self.list_checkpoints()
-        keep = {p for _, p in ckpts[-self.keep_last:]}
+        keep = {p for _, p in ckpts[-self.keep_last :]}
         target = self._pointer_target()
         if target is not None:
             keep.add(target)

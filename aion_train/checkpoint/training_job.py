@@ -1,5 +1,6 @@
 """Save and restore a whole pretraining job (model, optimizer, RNG, data position, counters)
 through the pickle-free CheckpointManager, and start a job from a weights-only checkpoint."""
+
 from __future__ import annotations
 
 import torch.distributed as dist
@@ -30,16 +31,26 @@ def layout_of(cfg, groups) -> dict:
 def save_job(mgr: CheckpointManager, step: int, cfg, groups, engine, loader, trainer_state: dict) -> None:
     """Every rank calls it (collective barriers inside). Model weights are written once per
     distinct shard (by the ranks with edp_rank 0), optimizer and trainer state by every rank."""
+
     def write(folder):
         if groups.edp_rank == 0:
             save_rank(folder, groups.rank, "model", engine.module.state_dict())
         save_rank(folder, groups.rank, "optim", optimizer_state(engine))
-        save_rank(folder, groups.rank, "trainer", {"rng": capture_rng_state(), "loader": loader.state_dict(),
-                                                    "state": trainer_state})
+        save_rank(
+            folder,
+            groups.rank,
+            "trainer",
+            {"rng": capture_rng_state(), "loader": loader.state_dict(), "state": trainer_state},
+        )
 
-    save_checkpoint(mgr, step, write,
-                    lambda: {"model_config": config_to_dict(cfg)["model"], "layout": layout_of(cfg, groups)},
-                    leader=groups.rank == 0, barrier=_barrier)
+    save_checkpoint(
+        mgr,
+        step,
+        write,
+        lambda: {"model_config": config_to_dict(cfg)["model"], "layout": layout_of(cfg, groups)},
+        leader=groups.rank == 0,
+        barrier=_barrier,
+    )
 
 
 def load_job(mgr: CheckpointManager, cfg, groups, engine, loader):
@@ -49,8 +60,11 @@ def load_job(mgr: CheckpointManager, cfg, groups, engine, loader):
         return None
     manifest = mgr.read_manifest(path)
     check_compatible({"model": manifest["model_config"]}, {"model": config_to_dict(cfg)["model"]})
-    check_compatible({"layout": manifest["layout"]}, {"layout": layout_of(cfg, groups)},
-                     what="parallel layout (reshard with export/import to change it)")
+    check_compatible(
+        {"layout": manifest["layout"]},
+        {"layout": layout_of(cfg, groups)},
+        what="parallel layout (reshard with export/import to change it)",
+    )
     engine.module.load_state_dict(load_rank(path, saver_rank(groups.tp, groups.tp_rank, groups.ep_rank), "model"))
     load_optimizer_state(engine, load_rank(path, groups.rank, "optim"), groups.dp_rank, groups.dp)
     saved = load_rank(path, groups.rank, "trainer")

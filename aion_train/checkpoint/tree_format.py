@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Union
 
 import torch
 
@@ -49,12 +49,19 @@ FORMAT_VERSION = 1
 
 # dtypes the safetensors torch backend can store natively.
 _NATIVE_DTYPES = {
-    torch.float64, torch.float32, torch.float16, torch.bfloat16,
-    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
     torch.complex64,
 }
-for _name in ("uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2",
-              "float8_e4m3fnuz", "float8_e5m2fnuz"):
+for _name in ("uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"):
     if hasattr(torch, _name):
         _NATIVE_DTYPES.add(getattr(torch, _name))
 # dtypes stored through a lossless reinterpretation: name -> (to_storage, from_storage)
@@ -62,7 +69,7 @@ _VIEW_DTYPES = {
     torch.complex128: (torch.view_as_real, torch.view_as_complex),
 }
 
-_DTYPE_BY_NAME: Dict[str, torch.dtype] = {}
+_DTYPE_BY_NAME: dict[str, torch.dtype] = {}
 for _name in dir(torch):
     _val = getattr(torch, _name, None)
     if isinstance(_val, torch.dtype):
@@ -84,8 +91,7 @@ def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else key
 
 
-def tree_paths(prefix: PathLike) -> Tuple[Path, Path]:
+def tree_paths(prefix: PathLike) -> tuple[Path, Path]:
     """Return ``(json_path, safetensors_path)`` for a path prefix."""
     prefix = os.fspath(prefix)
     return Path(prefix + ".json"), Path(prefix + ".safetensors")
-

@@ -1,32 +1,44 @@
 """Reading a tree (see :mod:`.tree_format`) with only :mod:`json` and :mod:`safetensors`;
 anything not produced by :func:`~.tree_save.save_tree` is refused."""
+
 from __future__ import annotations
 
 import base64
 import json
 import math
 import os
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
 from safetensors import safe_open
 
 from .errors import TreeFormatError
-from .tree_format import (_DTYPE_BY_NAME, _NATIVE_DTYPES, _NUMPY_KINDS, _VIEW_DTYPES, FORMAT_NAME, FORMAT_VERSION,
-                          PathLike, _fmt_path, _join, tree_paths)
+from .tree_format import (
+    _DTYPE_BY_NAME,
+    _NATIVE_DTYPES,
+    _NUMPY_KINDS,
+    _VIEW_DTYPES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    PathLike,
+    _fmt_path,
+    _join,
+    tree_paths,
+)
 
 __all__ = ["load_tree"]
 
 
 # --------------------------------------------------------------------------- loading
 
+
 def _reject_constant(name: str) -> Any:
     raise TreeFormatError(f"invalid JSON constant {name!r} (non-finite floats must be tagged)")
 
 
-def _no_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
             raise TreeFormatError(f"duplicate JSON object key {k!r}")
@@ -53,11 +65,11 @@ _KEY_TAGS = {"none", "bool", "int", "float", "str"}
 
 
 class _Decoder:
-    def __init__(self, tensors: Dict[str, torch.Tensor], where: str) -> None:
+    def __init__(self, tensors: dict[str, torch.Tensor], where: str) -> None:
         self.tensors = tensors
         self.used: set = set()
         self.where = where
-        self._tensor_cache: Dict[str, torch.Tensor] = {}
+        self._tensor_cache: dict[str, torch.Tensor] = {}
 
     def fail(self, path: str, msg: str) -> TreeFormatError:
         return TreeFormatError(f"{self.where}: at '{_fmt_path(path)}': {msg}")
@@ -107,7 +119,7 @@ class _Decoder:
         if tag == "dict":
             if not isinstance(v, list):
                 raise self.fail(path, "dict node without an item array")
-            out: Dict[Any, Any] = {}
+            out: dict[Any, Any] = {}
             for i, pair in enumerate(v):
                 if not isinstance(pair, list) or len(pair) != 2:
                     raise self.fail(path, f"dict item {i} is not a [key, value] pair")
@@ -137,20 +149,20 @@ class _Decoder:
             raise self.fail(path, "float node without a numeric value")
         return float(v)
 
-    def _shape(self, node: Dict[str, Any], path: str) -> Tuple[int, ...]:
+    def _shape(self, node: dict[str, Any], path: str) -> tuple[int, ...]:
         shape = node["shape"]
         if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
             raise self.fail(path, f"bad shape {shape!r}")
         return tuple(shape)
 
-    def _raw(self, node: Dict[str, Any], path: str) -> torch.Tensor:
+    def _raw(self, node: dict[str, Any], path: str) -> torch.Tensor:
         name = node["v"]
         if not isinstance(name, str) or name not in self.tensors:
             raise self.fail(path, f"tensor {name!r} is missing from the tensor file")
         self.used.add(name)
         return self.tensors[name]
 
-    def _tensor(self, node: Dict[str, Any], path: str) -> torch.Tensor:
+    def _tensor(self, node: dict[str, Any], path: str) -> torch.Tensor:
         name = node["v"]
         dtype_name = node["dtype"]
         dtype = _DTYPE_BY_NAME.get(dtype_name) if isinstance(dtype_name, str) else None
@@ -167,11 +179,14 @@ class _Decoder:
                 t = _VIEW_DTYPES[dtype][1](t.contiguous())
             self._tensor_cache[name] = t
         if t.dtype != dtype or tuple(t.shape) != shape:
-            raise self.fail(path, f"tensor {name!r} is {t.dtype}{list(t.shape)} in the tensor "
-                                  f"file but {dtype_name}{list(shape)} in the structure")
+            raise self.fail(
+                path,
+                f"tensor {name!r} is {t.dtype}{list(t.shape)} in the tensor "
+                f"file but {dtype_name}{list(shape)} in the structure",
+            )
         return t
 
-    def _ndarray(self, node: Dict[str, Any], path: str) -> np.ndarray:
+    def _ndarray(self, node: dict[str, Any], path: str) -> np.ndarray:
         dtype_name = node["dtype"]
         try:
             dtype = np.dtype(dtype_name) if isinstance(dtype_name, str) else None
@@ -187,11 +202,13 @@ class _Decoder:
             t = torch.view_as_complex(t.contiguous())
         arr = t.numpy().copy()
         if arr.dtype != dtype or arr.shape != shape:
-            raise self.fail(path, f"array is {arr.dtype}{list(arr.shape)} in the tensor file "
-                                  f"but {dtype}{list(shape)} in the structure")
+            raise self.fail(
+                path,
+                f"array is {arr.dtype}{list(arr.shape)} in the tensor file but {dtype}{list(shape)} in the structure",
+            )
         return arr
 
-    def _npscalar(self, node: Dict[str, Any], path: str) -> np.generic:
+    def _npscalar(self, node: dict[str, Any], path: str) -> np.generic:
         dtype_name = node["dtype"]
         try:
             dtype = np.dtype(dtype_name) if isinstance(dtype_name, str) else None
@@ -221,7 +238,7 @@ def load_tree(path_prefix: PathLike, *, device: Union[str, torch.device] = "cpu"
     """
     json_path, st_path = tree_paths(path_prefix)
     where = os.fspath(json_path)
-    with open(json_path, "r", encoding="utf-8") as f:
+    with open(json_path, encoding="utf-8") as f:
         text = f.read()
     try:
         doc = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
@@ -235,16 +252,14 @@ def load_tree(path_prefix: PathLike, *, device: Union[str, torch.device] = "cpu"
     if set(doc) != expected:
         raise TreeFormatError(f"{where}: unexpected top-level fields {sorted(set(doc) ^ expected)}")
     if doc["tensor_file"] != st_path.name:
-        raise TreeFormatError(f"{where}: refers to tensor file {doc['tensor_file']!r}, "
-                              f"expected {st_path.name!r}")
+        raise TreeFormatError(f"{where}: refers to tensor file {doc['tensor_file']!r}, expected {st_path.name!r}")
 
-    tensors: Dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
     try:
         with safe_open(os.fspath(st_path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
             if meta.get("token") != doc["token"]:
-                raise TreeFormatError(
-                    f"{where}: {st_path.name} belongs to a different save (token mismatch)")
+                raise TreeFormatError(f"{where}: {st_path.name} belongs to a different save (token mismatch)")
             for k in f.keys():
                 tensors[k] = f.get_tensor(k)
     except TreeFormatError:
@@ -256,8 +271,7 @@ def load_tree(path_prefix: PathLike, *, device: Union[str, torch.device] = "cpu"
             raise FileNotFoundError(os.fspath(st_path)) from None
         raise TreeFormatError(f"{st_path}: unreadable safetensors file: {e}") from None
     if len(tensors) != doc["num_tensors"]:
-        raise TreeFormatError(f"{where}: expected {doc['num_tensors']} tensors, "
-                              f"{st_path.name} holds {len(tensors)}")
+        raise TreeFormatError(f"{where}: expected {doc['num_tensors']} tensors, {st_path.name} holds {len(tensors)}")
 
     dec = _Decoder(tensors, where)
     obj = dec.decode(doc["root"], "")

@@ -1,5 +1,6 @@
 """Writing a tree (see :mod:`.tree_format`): encode the structure, write the tensor file and
 then the JSON file through :class:`aion_train.fsutil.AtomicOutput`."""
+
 from __future__ import annotations
 
 import base64
@@ -8,7 +9,7 @@ import math
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -16,22 +17,33 @@ from safetensors.torch import save_file
 
 from aion_train.fsutil import AtomicOutput
 
-from .tree_format import (_NATIVE_DTYPES, _NUMPY_KINDS, _VIEW_DTYPES, FORMAT_NAME, FORMAT_VERSION, PathLike,
-                          _dtype_name, _fmt_path, _join, tree_paths)
+from .tree_format import (
+    _NATIVE_DTYPES,
+    _NUMPY_KINDS,
+    _VIEW_DTYPES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    PathLike,
+    _dtype_name,
+    _fmt_path,
+    _join,
+    tree_paths,
+)
 
 __all__ = ["save_tree"]
 
 
 # --------------------------------------------------------------------------- encoding
 
+
 class _Encoder:
     def __init__(self) -> None:
-        self.tensors: Dict[str, torch.Tensor] = {}
+        self.tensors: dict[str, torch.Tensor] = {}
         # alias key -> tensor name; keeps identical views stored once
-        self._alias: Dict[tuple, str] = {}
+        self._alias: dict[tuple, str] = {}
         # storages already used by a stored tensor
         self._storages: set = set()
-        self._keep_alive: List[Any] = []
+        self._keep_alive: list[Any] = []
         self._active: set = set()  # ids of containers on the current path (cycle check)
 
     # unique tensor names: the structure path, made unique if it collides.
@@ -43,7 +55,7 @@ class _Encoder:
             i += 1
         return name
 
-    def encode(self, obj: Any, path: str) -> Dict[str, Any]:
+    def encode(self, obj: Any, path: str) -> dict[str, Any]:
         # order matters: bool before int, numpy scalars before float.
         if obj is None:
             return {"t": "none"}
@@ -59,7 +71,8 @@ class _Encoder:
             if type(obj) is not int:
                 raise TypeError(
                     f"cannot serialise {type(obj).__qualname__} at '{_fmt_path(path)}': "
-                    "int subclasses (e.g. enums) are not supported; convert to int")
+                    "int subclasses (e.g. enums) are not supported; convert to int"
+                )
             return {"t": "int", "v": obj}
         if isinstance(obj, float):
             return {"t": "float", "v": _encode_float(float(obj))}
@@ -71,8 +84,7 @@ class _Encoder:
             return {"t": "dtype", "v": _dtype_name(obj)}
         if isinstance(obj, (dict, list, tuple)):
             if id(obj) in self._active:
-                raise TypeError(f"cannot serialise '{_fmt_path(path)}': the structure "
-                                "contains a reference cycle")
+                raise TypeError(f"cannot serialise '{_fmt_path(path)}': the structure contains a reference cycle")
             self._active.add(id(obj))
             try:
                 return self._encode_container(obj, path)
@@ -81,9 +93,10 @@ class _Encoder:
         raise TypeError(
             f"cannot serialise object of type {type(obj).__module__}.{type(obj).__qualname__} "
             f"at '{_fmt_path(path)}': only dict/list/tuple/tensor/ndarray/int/float/bool/"
-            "str/bytes/None/torch.dtype are supported")
+            "str/bytes/None/torch.dtype are supported"
+        )
 
-    def _encode_container(self, obj: Any, path: str) -> Dict[str, Any]:
+    def _encode_container(self, obj: Any, path: str) -> dict[str, Any]:
         if isinstance(obj, dict):
             items = []
             for k, v in obj.items():
@@ -94,15 +107,17 @@ class _Encoder:
         if hasattr(obj, "_fields"):
             raise TypeError(
                 f"cannot serialise namedtuple {type(obj).__qualname__} at "
-                f"'{_fmt_path(path)}': convert it to a dict or tuple first")
+                f"'{_fmt_path(path)}': convert it to a dict or tuple first"
+            )
         return {"t": "tuple", "v": [self.encode(v, _join(path, i)) for i, v in enumerate(obj)]}
 
-    def _encode_key(self, key: Any, path: str) -> Dict[str, Any]:
+    def _encode_key(self, key: Any, path: str) -> dict[str, Any]:
         if key is None or isinstance(key, (bool, str)) or type(key) is int or type(key) is float:
             return self.encode(key, path)
         raise TypeError(
             f"cannot serialise dict key {key!r} of type {type(key).__qualname__} under "
-            f"'{_fmt_path(path)}': keys must be str, int, bool, float or None")
+            f"'{_fmt_path(path)}': keys must be str, int, bool, float or None"
+        )
 
     def _store(self, t: torch.Tensor, path: str) -> str:
         """Register a dense, independent CPU tensor and return its name."""
@@ -110,25 +125,24 @@ class _Encoder:
         self.tensors[name] = t
         return name
 
-    def _encode_tensor(self, t: torch.Tensor, path: str) -> Dict[str, Any]:
+    def _encode_tensor(self, t: torch.Tensor, path: str) -> dict[str, Any]:
         where = _fmt_path(path)
         if t.layout != torch.strided:
-            raise TypeError(f"cannot serialise tensor at '{where}': layout {t.layout} "
-                            "is not supported (convert with .to_dense())")
+            raise TypeError(
+                f"cannot serialise tensor at '{where}': layout {t.layout} is not supported (convert with .to_dense())"
+            )
         if t.is_quantized:
             raise TypeError(f"cannot serialise quantized tensor at '{where}'")
         if t.device.type == "meta":
             raise TypeError(f"cannot serialise meta tensor at '{where}': it has no data")
         dtype = t.dtype
         if dtype not in _NATIVE_DTYPES and dtype not in _VIEW_DTYPES:
-            raise TypeError(f"cannot serialise tensor at '{where}': dtype {dtype} "
-                            "is not supported by safetensors")
+            raise TypeError(f"cannot serialise tensor at '{where}': dtype {dtype} is not supported by safetensors")
         node = {"t": "tensor", "v": None, "dtype": _dtype_name(dtype), "shape": list(t.shape)}
 
         alias_key = None
         if t.numel() > 0:
-            alias_key = (t.device.type, t.device.index, t.data_ptr(), dtype,
-                         tuple(t.shape), tuple(t.stride()))
+            alias_key = (t.device.type, t.device.index, t.data_ptr(), dtype, tuple(t.shape), tuple(t.stride()))
             if alias_key in self._alias:
                 node["v"] = self._alias[alias_key]
                 return node
@@ -154,11 +168,13 @@ class _Encoder:
             self._keep_alive.append(t)  # keep data_ptr unique while encoding
         return node
 
-    def _encode_ndarray(self, a: np.ndarray, path: str) -> Dict[str, Any]:
+    def _encode_ndarray(self, a: np.ndarray, path: str) -> dict[str, Any]:
         where = _fmt_path(path)
         if a.dtype.kind not in _NUMPY_KINDS or a.dtype.fields is not None:
-            raise TypeError(f"cannot serialise numpy array at '{where}': dtype {a.dtype} "
-                            "is not supported (numeric or bool dtypes only)")
+            raise TypeError(
+                f"cannot serialise numpy array at '{where}': dtype {a.dtype} "
+                "is not supported (numeric or bool dtypes only)"
+            )
         # np.array (not ascontiguousarray, which turns 0-d into 1-d): a private,
         # C-contiguous, native-byte-order copy
         native = np.array(a, dtype=a.dtype.newbyteorder("="), order="C", copy=True)
@@ -167,15 +183,16 @@ class _Encoder:
         except TypeError as e:
             raise TypeError(f"cannot serialise numpy array at '{where}': {e}") from None
         if t.dtype not in _NATIVE_DTYPES and t.dtype not in _VIEW_DTYPES:
-            raise TypeError(f"cannot serialise numpy array at '{where}': dtype {a.dtype} "
-                            "is not supported by safetensors")
+            raise TypeError(
+                f"cannot serialise numpy array at '{where}': dtype {a.dtype} is not supported by safetensors"
+            )
         if t.dtype in _VIEW_DTYPES:
             t = _VIEW_DTYPES[t.dtype][0](t).contiguous()
         self._storages.add(t.untyped_storage().data_ptr())
         name = self._store(t, path)
         return {"t": "ndarray", "v": name, "dtype": native.dtype.name, "shape": list(a.shape)}
 
-    def _encode_npscalar(self, x: np.generic, path: str) -> Dict[str, Any]:
+    def _encode_npscalar(self, x: np.generic, path: str) -> dict[str, Any]:
         kind = x.dtype.kind
         if kind == "b":
             v: Any = bool(x)
@@ -184,8 +201,7 @@ class _Encoder:
         elif kind == "f" and x.dtype.itemsize <= 8:
             v = _encode_float(float(x))
         else:
-            raise TypeError(f"cannot serialise numpy scalar of dtype {x.dtype} at "
-                            f"'{_fmt_path(path)}'")
+            raise TypeError(f"cannot serialise numpy scalar of dtype {x.dtype} at '{_fmt_path(path)}'")
         return {"t": "npscalar", "dtype": x.dtype.name, "v": v}
 
 
@@ -206,7 +222,8 @@ def _encode_float(x: float) -> Union[float, str]:
 
 # --------------------------------------------------------------------------- saving
 
-def save_tree(obj: Any, path_prefix: PathLike, *, fsync: bool = False) -> Tuple[Path, Path]:
+
+def save_tree(obj: Any, path_prefix: PathLike, *, fsync: bool = False) -> tuple[Path, Path]:
     """Write ``obj`` to ``path_prefix.safetensors`` + ``path_prefix.json``.
 
     Both files are written to temporary names and moved into place with
@@ -233,8 +250,11 @@ def save_tree(obj: Any, path_prefix: PathLike, *, fsync: bool = False) -> Tuple[
     # the JSON file (which names the tensor file's token) goes into place last
     with AtomicOutput(json_path, fsync=fsync) as json_tmp:
         with AtomicOutput(st_path, fsync=fsync) as st_tmp:
-            save_file(enc.tensors, os.fspath(st_tmp),
-                      metadata={"format": "pt", FORMAT_NAME: str(FORMAT_VERSION), "token": token})
+            save_file(
+                enc.tensors,
+                os.fspath(st_tmp),
+                metadata={"format": "pt", FORMAT_NAME: str(FORMAT_VERSION), "token": token},
+            )
             with open(json_tmp, "w", encoding="utf-8") as f:
                 f.write(text)
     return json_path, st_path

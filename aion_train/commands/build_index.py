@@ -1,5 +1,6 @@
 """aion-train build-index --corpus GLOB --out DIR: chunk, embed (MiniLM or our model) and
 index a corpus (FAISS ANN + BM25); the folder holds a checksummed manifest and no pickles."""
+
 from __future__ import annotations
 
 import json
@@ -9,15 +10,22 @@ from .output_dirs import add_overwrite_argument
 
 
 def add_arguments(p):
-    p.add_argument("--corpus", action="append", required=True, metavar="GLOB",
-                   help="files to index (repeatable; '**' ok; .gz and man pages handled; "
-                        "'pydoc' = the Python reference topics)")
-    p.add_argument("--out", required=True, help="index folder to write (an index of ours is replaced; a foreign folder is refused)")
-    p.add_argument("--embedder", default="minilm",
-                   help="minilm | model:CONFIG.yaml[@tokenizer.model] | model:CHECKPOINT "
-                        "(needs a registered loader) | hash-DIM")
-    p.add_argument("--factory", default="HNSW32",
-                   help="FAISS factory string, e.g. HNSW32, 'IVF256,PQ32', Flat")
+    p.add_argument(
+        "--corpus",
+        action="append",
+        required=True,
+        metavar="GLOB",
+        help="files to index (repeatable; '**' ok; .gz and man pages handled; 'pydoc' = the Python reference topics)",
+    )
+    p.add_argument(
+        "--out", required=True, help="index folder to write (an index of ours is replaced; a foreign folder is refused)"
+    )
+    p.add_argument(
+        "--embedder",
+        default="minilm",
+        help="minilm | model:CONFIG.yaml[@tokenizer.model] | model:CHECKPOINT (needs a registered loader) | hash-DIM",
+    )
+    p.add_argument("--factory", default="HNSW32", help="FAISS factory string, e.g. HNSW32, 'IVF256,PQ32', Flat")
     p.add_argument("--pca", type=int, default=None, help="reduce dims with a PCA first (e.g. 128)")
     p.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (default 64)")
     p.add_argument("--nprobe", type=int, default=None, help="IVF nprobe (default 16)")
@@ -41,10 +49,20 @@ def run(args) -> int:
     if args.nprobe is not None:
         params["nprobe"] = args.nprobe
     try:
-        m = build_index(args.corpus, args.out, args.embedder, factory=args.factory, pca=args.pca,
-                        chunk_chars=args.chunk_chars, overlap=args.overlap,
-                        max_chunks_per_doc=args.max_chunks_per_doc, params=params,
-                        use_cache=not args.no_cache, log=stderr_log, overwrite=args.overwrite)
+        m = build_index(
+            args.corpus,
+            args.out,
+            args.embedder,
+            factory=args.factory,
+            pca=args.pca,
+            chunk_chars=args.chunk_chars,
+            overlap=args.overlap,
+            max_chunks_per_doc=args.max_chunks_per_doc,
+            params=params,
+            use_cache=not args.no_cache,
+            log=stderr_log,
+            overwrite=args.overwrite,
+        )
     except ForeignFolderError as e:
         print(f"build-index: {e}", file=sys.stderr)
         return 2
@@ -55,7 +73,9 @@ def run(args) -> int:
         print(json.dumps(m))
     else:
         c = m["counts"]
-        print(f"{args.out}: {c['documents']} documents, {c['chunks']} chunks, "
-              f"{m['embedder']} dim {m['dim']} -> {m['index_dim']}, index {m['factory']} "
-              f"{m['search_params']}, {len(m['files'])} files, {m['build_s']} s")
+        print(
+            f"{args.out}: {c['documents']} documents, {c['chunks']} chunks, "
+            f"{m['embedder']} dim {m['dim']} -> {m['index_dim']}, index {m['factory']} "
+            f"{m['search_params']}, {len(m['files'])} files, {m['build_s']} s"
+        )
     return 0

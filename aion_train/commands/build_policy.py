@@ -10,6 +10,7 @@ artifact: policy/policy_bundle.json). A directory among FILES means its *.json f
 Exit codes: 0 bundle written; 2 invalid policy files (nothing written); 1 the bundle could
 not be written or logged.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,19 +21,26 @@ from .output_dirs import add_overwrite_argument
 
 
 def add_arguments(p):
-    p.add_argument("files", nargs="*", metavar="FILE",
-                   help="policy JSON files (or folders of them), e.g. configs/policies/*.json")
+    p.add_argument(
+        "files", nargs="*", metavar="FILE", help="policy JSON files (or folders of them), e.g. configs/policies/*.json"
+    )
     p.add_argument("--out", metavar="DIR", help="folder for policy_bundle.json")
-    p.add_argument("--run-dir", default=None, metavar="R",
-                   help="log the bundle to MLflow for this run folder "
-                        "(store: --tracking-uri, $MLFLOW_TRACKING_URI or R/mlflow.db)")
-    p.add_argument("--tracking-uri", default=None, metavar="URI",
-                   help="log the bundle to this MLflow tracking URI")
-    p.add_argument("--fallback", default=None, metavar="J",
-                   help="the jurisdiction whose policy an unknown jurisdiction gets (default: "
-                        "none, unknown jurisdictions are refused)")
-    p.add_argument("--print-schema", action="store_true",
-                   help="print the policy JSON Schema and exit")
+    p.add_argument(
+        "--run-dir",
+        default=None,
+        metavar="R",
+        help="log the bundle to MLflow for this run folder "
+        "(store: --tracking-uri, $MLFLOW_TRACKING_URI or R/mlflow.db)",
+    )
+    p.add_argument("--tracking-uri", default=None, metavar="URI", help="log the bundle to this MLflow tracking URI")
+    p.add_argument(
+        "--fallback",
+        default=None,
+        metavar="J",
+        help="the jurisdiction whose policy an unknown jurisdiction gets (default: "
+        "none, unknown jurisdictions are refused)",
+    )
+    p.add_argument("--print-schema", action="store_true", help="print the policy JSON Schema and exit")
     add_overwrite_argument(p)
 
 
@@ -71,10 +79,10 @@ def run(args) -> int:
         for issue in e.issues:
             print(str(issue), file=sys.stderr)
         bad = len({i.file for i in e.issues})
-        print(f"build-policy: {len(e.issues)} error(s) in {bad} file(s); no bundle written",
-              file=sys.stderr)
+        print(f"build-policy: {len(e.issues)} error(s) in {bad} file(s); no bundle written", file=sys.stderr)
         return 2
     from aion_train.ownership import ForeignFolderError
+
     try:
         path = write_bundle(bundle, args.out, overwrite=args.overwrite)
     except ForeignFolderError as e:
@@ -88,16 +96,19 @@ def run(args) -> int:
         "bundle_sha256": bundle["bundle_sha256"],
         "schema_version": bundle["schema_version"],
         "fallback_jurisdiction": bundle.get("fallback_jurisdiction"),
-        "jurisdictions": {j: {"version": e["policy"]["version"], "sha256": e["sha256"],
-                              "rules": len(e["policy"]["rules"])}
-                          for j, e in bundle["jurisdictions"].items()},
+        "jurisdictions": {
+            j: {"version": e["policy"]["version"], "sha256": e["sha256"], "rules": len(e["policy"]["rules"])}
+            for j, e in bundle["jurisdictions"].items()
+        },
     }
     if args.run_dir or args.tracking_uri:
         try:
             summary["mlflow_run_id"] = _log_to_mlflow(bundle, path, args)
         except Exception as e:  # noqa: BLE001 - report any tracking failure, bundle is kept
-            print(f"build-policy: bundle written to {path}, but logging it to MLflow failed: "
-                  f"{type(e).__name__}: {e}", file=sys.stderr)
+            print(
+                f"build-policy: bundle written to {path}, but logging it to MLflow failed: {type(e).__name__}: {e}",
+                file=sys.stderr,
+            )
             return 1
     print(json.dumps(summary, sort_keys=True))
     return 0
@@ -121,8 +132,9 @@ def _log_to_mlflow(bundle: dict, path: Path, args) -> str | None:
         params[f"policy.{j}.version"] = e["policy"]["version"]
         params[f"policy.{j}.sha256"] = e["sha256"]
     tracker = Tracker(cfg, run_dir, active=True, strict=True)
-    run_id = tracker.start(params, tags={"aion.artifact": "policy_bundle",
-                                         "aion.policy.bundle_sha256": bundle["bundle_sha256"]})
+    run_id = tracker.start(
+        params, tags={"aion.artifact": "policy_bundle", "aion.policy.bundle_sha256": bundle["bundle_sha256"]}
+    )
     try:
         tracker.log_artifact(path, subdir="policy")
     except BaseException:

@@ -1,4 +1,5 @@
 """aion-train check-config --config F [key=value ...]"""
+
 from __future__ import annotations
 
 import sys

@@ -1,6 +1,7 @@
 """aion-train eval --task easy-vqa|retrieval --checkpoint C [--config F] [--limit N] [--json]:
 held-out evaluation of a trained multimodal checkpoint (a run folder, its checkpoints folder,
 or one step folder)."""
+
 from __future__ import annotations
 
 import json
@@ -18,13 +19,15 @@ def add_arguments(p):
     p.add_argument("--json", action="store_true", help="print one JSON line")
 
 
-def evaluate(task: str, checkpoint: str, config: str | None = None, split: str = "val",
-             limit: int | None = None) -> dict:
+def evaluate(
+    task: str, checkpoint: str, config: str | None = None, split: str = "val", limit: int | None = None
+) -> dict:
     import torch
 
     from aion_train.data.multimodal import load_caption_eval, load_vqa_eval
     from aion_train.eval.loading import load_trained_model, multimodal_data
     from aion_train.eval.multimodal import caption_retrieval, vqa_accuracy
+
     model, cfg = load_trained_model(checkpoint, config)
     if not cfg.model.multimodal.enabled:
         raise ValueError(f"--task {task} needs a multimodal checkpoint (model.multimodal.enabled is false)")

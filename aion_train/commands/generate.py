@@ -14,6 +14,7 @@ chat template (SFT/PPO checkpoints). --json prints one object
 Exit codes: 0 ok; 2 bad arguments, unknown jurisdiction, prompt too long; 1 the checkpoint or
 policy bundle cannot be loaded.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,15 @@ import sys
 
 
 def add_model_arguments(p) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="C",
-                   help="a pretraining run / checkpoints folder / step folder, or an SFT/PPO run folder")
-    p.add_argument("--tokenizer", default=None, metavar="MODEL",
-                   help="SentencePiece model (default: found from the run)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="C",
+        help="a pretraining run / checkpoints folder / step folder, or an SFT/PPO run folder",
+    )
+    p.add_argument(
+        "--tokenizer", default=None, metavar="MODEL", help="SentencePiece model (default: found from the run)"
+    )
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--model-name", default=None, help="the model id clients use (default: from the run folder)")
 
@@ -35,8 +41,13 @@ def add_arguments(p):
     p.add_argument("--token-ids", default=None, metavar="JSON", help="the prompt as a JSON list of token ids")
     p.add_argument("--chat", action="store_true", help="PROMPT is a user message in the chat template")
     p.add_argument("--system", default=None, help="with --chat: a system message first")
-    p.add_argument("--max-tokens", type=int, default=None, metavar="N",
-                   help="tokens to generate (default: 16, or the rest of the context with --chat)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens to generate (default: 16, or the rest of the context with --chat)",
+    )
     p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="0 = greedy (default 1.0)")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
@@ -45,8 +56,12 @@ def add_arguments(p):
     p.add_argument("-n", type=int, default=1, help="number of choices")
     p.add_argument("--policy", default=None, metavar="BUNDLE", help="policy_bundle.json (or its folder)")
     p.add_argument("--jurisdiction", default=None, metavar="J", help="jurisdiction of the bundle to enforce")
-    p.add_argument("--index", default=None, metavar="DIR",
-                   help="retrieval index (build-index): its top --k chunks go before the prompt as <CTX> ... </CTX>")
+    p.add_argument(
+        "--index",
+        default=None,
+        metavar="DIR",
+        help="retrieval index (build-index): its top --k chunks go before the prompt as <CTX> ... </CTX>",
+    )
     p.add_argument("--k", type=int, default=3, metavar="K", help="chunks to retrieve with --index (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -57,12 +72,14 @@ def _err(msg: str, code: int) -> int:
 
 
 def _chat_messages(args, user_text: str) -> list[dict]:
-    return ([{"role": "system", "content": args.system}] if args.system else []) + \
-        [{"role": "user", "content": user_text}]
+    return ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": user_text}
+    ]
 
 
 def load_policies(path: str | None):
     from aion_train.policy import PolicySet
+
     return PolicySet.load(path) if path else PolicySet.default_only()
 
 
@@ -91,13 +108,13 @@ def run(args) -> int:
         aion_object,
         plan_max_tokens,
     )
+
     try:
         policies = load_policies(args.policy)
     except PolicyError as e:
         return _err(f"cannot load the policy bundle: {e}", 1)
     try:
-        loaded = load_for_serving(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype,
-                                  model_id=args.model_name)
+        loaded = load_for_serving(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype, model_id=args.model_name)
     except (LoadError, OSError, ValueError) as e:
         return _err(str(e), 1)
     retrieval = None
@@ -105,6 +122,7 @@ def run(args) -> int:
         if args.token_ids is not None:
             return _err("--index needs a text PROMPT (not --token-ids)", 2)
         from aion_train.serve.retrieval_context import RetrievalContext, RetrievalError
+
         try:
             retrieval = RetrievalContext(args.index, args.k)
         except RetrievalError as e:
@@ -113,8 +131,11 @@ def run(args) -> int:
     try:
         policy = service.policy.resolve(args.jurisdiction)
     except UnknownJurisdiction:
-        return _err(f"unknown jurisdiction {args.jurisdiction!r}; known jurisdictions: "
-                    f"{', '.join(service.policy.jurisdictions)}", 2)
+        return _err(
+            f"unknown jurisdiction {args.jurisdiction!r}; known jurisdictions: "
+            f"{', '.join(service.policy.jurisdictions)}",
+            2,
+        )
     except ModerationUnavailable as e:
         return _err(e.issues[0].message, 2)
     try:
@@ -128,11 +149,14 @@ def run(args) -> int:
             if retrieval is not None:
                 room = loaded.max_seq_len - (args.max_tokens if args.max_tokens is not None else 16)
                 if args.chat:
+
                     def n_tokens(t):
                         return len(loaded.render_chat(_chat_messages(args, t)))
                 else:
+
                     def n_tokens(t):
                         return len(loaded.encode_prompt(t))
+
                 aug = retrieval.augment(args.prompt, n_tokens, room)
                 text, hits = aug.text, aug.hits
             if args.chat:
@@ -143,14 +167,22 @@ def run(args) -> int:
     except (ValueError, LoadError, TypeError) as e:
         return _err(str(e), 2)
     try:
-        max_new = plan_max_tokens(len(prompt.ids), args.max_tokens, None if args.chat else 16,
-                                  loaded.max_seq_len, "--max-tokens", "prompt")
+        max_new = plan_max_tokens(
+            len(prompt.ids), args.max_tokens, None if args.chat else 16, loaded.max_seq_len, "--max-tokens", "prompt"
+        )
     except ContextError as e:
         return _err(str(e), 2)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=max(0, args.top_k),
-                            max_tokens=max_new, stop=tuple(s for s in args.stop if s), seed=args.seed)
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=max(0, args.top_k),
+        max_tokens=max_new,
+        stop=tuple(s for s in args.stop if s),
+        seed=args.seed,
+    )
     _, results, seed = service.generate([prompt], args.n, params, [max_new], policy)
     import uuid
+
     aion = aion_object("gen-" + uuid.uuid4().hex, policy, results, seed)
     if retrieval is not None:
         aion["retrieval"] = {**retrieval.describe(), "hits": hits}
@@ -159,8 +191,13 @@ def run(args) -> int:
             r = results[0]
             out = {"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason, "aion": aion}
         else:
-            out = {"choices": [{"index": r.index, "text": r.text, "token_ids": r.token_ids,
-                                "finish_reason": r.finish_reason} for r in results], "aion": aion}
+            out = {
+                "choices": [
+                    {"index": r.index, "text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason}
+                    for r in results
+                ],
+                "aion": aion,
+            }
         print(json.dumps(out, ensure_ascii=False))
     else:
         for r in results:

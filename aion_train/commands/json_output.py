@@ -1,4 +1,5 @@
 """`--json`: exactly one JSON line on stdout, whatever libraries print on the way."""
+
 from __future__ import annotations
 
 import contextlib

@@ -6,6 +6,7 @@ the manifest summaries.
 * multimodal: ``DIR/multimodal`` (easy-vqa, digits, sample photos, espeak-ng speech, moving
   shape videos, dialogs + their own tokenizer, :mod:`aion_train.data.multimodal.build`).
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,12 @@ from .output_dirs import add_overwrite_argument
 
 def add_arguments(p):
     p.add_argument("--out", default="data/demo", help="output directory (default: data/demo)")
-    p.add_argument("--modality", choices=("text", "multimodal", "all"), default="all",
-                   help="which demo set to build (multimodal goes to OUT/multimodal)")
+    p.add_argument(
+        "--modality",
+        choices=("text", "multimodal", "all"),
+        default="all",
+        help="which demo set to build (multimodal goes to OUT/multimodal)",
+    )
     p.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary size")
     p.add_argument("--seed", type=int, default=1234, help="seed of the train/validation split")
     p.add_argument("--verify", action="store_true", help="also check every shard's sha256")
@@ -50,7 +55,6 @@ def _report(out: str, tokenizer: str, vocab_size: int, verify: bool) -> int:
 def run(args) -> int:
     from aion_train.data.demo import ensure_demo_data
     from aion_train.data.multimodal.build import ensure_multimodal_demo
-
     from aion_train.ownership import ForeignFolderError
 
     rc = 0
@@ -59,12 +63,14 @@ def run(args) -> int:
             paths = ensure_demo_data(args.out, args.vocab_size, seed=args.seed, overwrite=args.overwrite)
             rc |= _report(os.path.dirname(paths["tokenizer"]), paths["tokenizer"], args.vocab_size, args.verify)
         if args.modality in ("multimodal", "all"):
-            if args.modality == "multimodal":   # OUT/multimodal: refuse a foreign OUT too
+            if args.modality == "multimodal":  # OUT/multimodal: refuse a foreign OUT too
                 from aion_train.ownership import check_writable
+
                 if not os.path.isdir(os.path.join(args.out, "multimodal")):
                     check_writable(args.out, "make-shards", args.overwrite)
-            paths = ensure_multimodal_demo(os.path.join(args.out, "multimodal"), args.vocab_size, seed=args.seed,
-                                           overwrite=args.overwrite)
+            paths = ensure_multimodal_demo(
+                os.path.join(args.out, "multimodal"), args.vocab_size, seed=args.seed, overwrite=args.overwrite
+            )
             rc |= _report(os.path.dirname(paths["tokenizer"]), paths["tokenizer"], args.vocab_size, args.verify)
     except ForeignFolderError as e:
         print(f"make-shards: {e}", file=sys.stderr)

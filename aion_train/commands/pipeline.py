@@ -7,6 +7,7 @@ pipeline as a Ray job; `--connect HOST:PORT` runs the driver here on an existing
 Finished phases (those with a done.json) are skipped, so a rerun resumes. Exit codes: 0 every
 phase finished, 1 a phase failed (reported with its log tail), 2 bad config.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,24 +27,39 @@ def add_arguments(p):
     add_config_arguments(p)
     p.add_argument("--json", action="store_true", help="one JSON line per phase, then the metrics")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--address", default=None, metavar="URL",
-                       help="submit as a Ray job to this cluster's dashboard, e.g. http://127.0.0.1:8265")
-    where.add_argument("--connect", default=None, metavar="HOST:PORT",
-                       help="run the driver here on an existing cluster (its GCS address)")
-    p.add_argument("--working-dir", default=None, metavar="DIR",
-                   help="with --address: upload DIR as the job's working directory (default: the job "
-                        "cd's into this directory, which the cluster must see)")
+    where.add_argument(
+        "--address",
+        default=None,
+        metavar="URL",
+        help="submit as a Ray job to this cluster's dashboard, e.g. http://127.0.0.1:8265",
+    )
+    where.add_argument(
+        "--connect",
+        default=None,
+        metavar="HOST:PORT",
+        help="run the driver here on an existing cluster (its GCS address)",
+    )
+    p.add_argument(
+        "--working-dir",
+        default=None,
+        metavar="DIR",
+        help="with --address: upload DIR as the job's working directory (default: the job "
+        "cd's into this directory, which the cluster must see)",
+    )
     p.add_argument("--no-wait", action="store_true", help="with --address: print the job id and return")
     add_overwrite_argument(p)
 
 
 def _human(rec: dict) -> None:
     if "phase" in rec:
-        line = f"{rec['phase']:>13}: {rec['status']:7} {rec.get('seconds', 0):7.1f} s  " \
-               f"({rec['world_size']} x {rec['num_cpus']:g} CPU)"
+        line = (
+            f"{rec['phase']:>13}: {rec['status']:7} {rec.get('seconds', 0):7.1f} s  "
+            f"({rec['world_size']} x {rec['num_cpus']:g} CPU)"
+        )
         if rec["status"] == "failed":
-            line += f"\n  error: {rec['error']}\n  log: {rec['log']}\n" + \
-                "\n".join("  | " + x for x in (rec.get("log_tail") or "").splitlines())
+            line += f"\n  error: {rec['error']}\n  log: {rec['log']}\n" + "\n".join(
+                "  | " + x for x in (rec.get("log_tail") or "").splitlines()
+            )
         else:
             shown = {k: v for k, v in rec["metrics"].items() if isinstance(v, (int, float))}
             line += "  " + " ".join(f"{k}={v:.4g}" for k, v in list(shown.items())[:6])
@@ -52,8 +68,12 @@ def _human(rec: dict) -> None:
         print(f"warning: {rec['warning']}", file=sys.stderr, flush=True)
     else:
         keys = [k for k in ("sft_accuracy", "rm_pair_accuracy", "ppo_accuracy", "ppo_kl") if k in rec]
-        print(f"pipeline {rec['status']} in {rec['pipeline_seconds']:.0f} s: "
-              + " ".join(f"{k}={rec[k]:.4g}" for k in keys) + f"  ({rec['run_dir']})", flush=True)
+        print(
+            f"pipeline {rec['status']} in {rec['pipeline_seconds']:.0f} s: "
+            + " ".join(f"{k}={rec[k]:.4g}" for k in keys)
+            + f"  ({rec['run_dir']})",
+            flush=True,
+        )
 
 
 def _emit_json(rec: dict) -> None:
@@ -67,22 +87,31 @@ def _terminate(signum, frame):
 def run(args) -> int:
     config = args.config or (DEFAULT_CONFIG if os.path.isfile(DEFAULT_CONFIG) else None)
     try:
-        load_config(config, args.overrides)    # bad config fails here, before any job or cluster
+        load_config(config, args.overrides)  # bad config fails here, before any job or cluster
     except (ConfigError, ValueError) as e:
         print(str(e), file=sys.stderr)
         return 2
     if args.address:
         from aion_train.pipeline.submit import submit_pipeline
-        return submit_pipeline(args.address, config, list(args.overrides) + overwrite_args(args), json_out=args.json,
-                               working_dir=args.working_dir, wait=not args.no_wait)
+
+        return submit_pipeline(
+            args.address,
+            config,
+            list(args.overrides) + overwrite_args(args),
+            json_out=args.json,
+            working_dir=args.working_dir,
+            wait=not args.no_wait,
+        )
     if args.working_dir or args.no_wait:
         print("pipeline: --working-dir and --no-wait need --address", file=sys.stderr)
         return 2
     from aion_train.pipeline.runner import run_pipeline
+
     cfg = load_config(config, args.overrides)
     from aion_train.ownership import ForeignFolderError
+
     try:
-        claim_training_dirs(cfg, "pipeline", args.overwrite)   # before any cluster starts
+        claim_training_dirs(cfg, "pipeline", args.overwrite)  # before any cluster starts
     except ForeignFolderError as e:
         return report_refusal("pipeline", e)
     # SIGTERM (ray job stop, kill, Slurm) unwinds like Ctrl-C so the private cluster is stopped

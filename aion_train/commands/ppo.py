@@ -7,6 +7,7 @@ them first). With --json one JSON line {"ppo_accuracy", "ppo_kl", "sft_accuracy"
 model). Under torchrun / deepspeed (WORLD_SIZE set) it runs as one rank; --nproc N starts N
 local ranks. With `ppo.env=tiger` (or crying_baby) it trains a belief policy with the same
 PPO maths on that POMDP instead and reports its return next to the solver's optimum."""
+
 from __future__ import annotations
 
 import sys
@@ -20,8 +21,11 @@ DEFAULT_CONFIG = "configs/rlhf_tiny.yaml"
 
 def add_arguments(p):
     add_phase_arguments(p)
-    p.add_argument("--run-missing-phases", action="store_true",
-                   help="run the sft and rm phases first when their done.json is missing")
+    p.add_argument(
+        "--run-missing-phases",
+        action="store_true",
+        help="run the sft and rm phases first when their done.json is missing",
+    )
 
 
 def default_config() -> str:
@@ -32,20 +36,26 @@ def default_config() -> str:
 def rlhf(cfg) -> dict:
     """SFT and RM when missing (SPMD like them), then PPO."""
     from aion_train.posttrain.common import read_done
+
     if read_done(cfg, "sft") is None:
         from aion_train.posttrain.sft import run_sft
+
         run_sft(cfg)
     if read_done(cfg, "rm") is None:
         from aion_train.posttrain.reward import run_rm
+
         run_rm(cfg)
     from aion_train.posttrain.ppo import run_ppo
+
     return run_ppo(cfg)
 
 
 def run(args) -> int:
     import logging
+
     from aion_train.config import ConfigError, load_config
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")   # progress on stderr
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")  # progress on stderr
     args.config = args.config or default_config()
     try:
         env = load_config(args.config, args.overrides).ppo.env

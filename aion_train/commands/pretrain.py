@@ -3,6 +3,7 @@
 With no arguments: the embedded default configs/tiny_cpu.yaml (demo data and tokenizer are
 built if absent). Under torchrun / deepspeed / srun (WORLD_SIZE set) it runs as one rank;
 with --nproc N it starts N local ranks through torchrun."""
+
 from __future__ import annotations
 
 import json
@@ -31,6 +32,7 @@ def default_config_path() -> str:
 
 def run(args) -> int:
     import logging
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args.config = args.config or default_config_path()
     try:
@@ -40,16 +42,18 @@ def run(args) -> int:
         print(str(e), file=sys.stderr)
         return 2
     from aion_train.ownership import ForeignFolderError
+
     try:
         claim_training_dirs(cfg, "pretrain", args.overwrite)
     except ForeignFolderError as e:
         return report_refusal("pretrain", e)
-    except (RuntimeError, OSError) as e:   # the demo data could not be built
+    except (RuntimeError, OSError) as e:  # the demo data could not be built
         print(f"pretrain: {e}", file=sys.stderr)
         return 1
     if wants_local_ranks(args):
         return launch_local_ranks(args, "pretrain")
     from aion_train.train.trainer import TrainingError, pretrain
+
     try:
         summary = pretrain(cfg)
     except TrainingError:

@@ -1,6 +1,7 @@
 """aion-train query DIR "text" [--k 5] [--json]: hybrid (BM25 + dense) search of an index
 folder built by build-index, with MMR diversification; --context prints the
 `<CTX> ... </CTX> query` block for the model."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,9 @@ def add_arguments(p):
     p.add_argument("index", help="index folder (from build-index)")
     p.add_argument("text", help="the query")
     p.add_argument("--k", type=int, default=5)
-    p.add_argument("--alpha", type=float, default=None,
-                   help="BM25 weight in [0, 1] (default: the index's, tuned by the bench)")
+    p.add_argument(
+        "--alpha", type=float, default=None, help="BM25 weight in [0, 1] (default: the index's, tuned by the bench)"
+    )
     p.add_argument("--depth", type=int, default=50, help="candidates from each retriever")
     p.add_argument("--mmr-lambda", type=float, default=0.7)
     p.add_argument("--no-mmr", action="store_true")
@@ -27,8 +29,9 @@ def run(args) -> int:
 
     try:
         r = Retriever(args.index, verify=not args.no_verify)
-        hits = r.search(args.text, k=args.k, alpha=args.alpha, depth=args.depth,
-                        mmr_lambda=None if args.no_mmr else args.mmr_lambda)
+        hits = r.search(
+            args.text, k=args.k, alpha=args.alpha, depth=args.depth, mmr_lambda=None if args.no_mmr else args.mmr_lambda
+        )
     except (IndexIntegrityError, OSError, ValueError) as e:
         print(f"query: {e}", file=sys.stderr)
         return 1

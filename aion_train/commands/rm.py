@@ -3,6 +3,7 @@
 Train the reward model on preference pairs of the chat task (needs a finished `sft` phase in
 the same run_dir when rm.init=sft, the default). With --json one JSON line holding
 `rm_pair_accuracy` (held-out pairs)."""
+
 from __future__ import annotations
 
 from .sft import add_phase_arguments, run_phase

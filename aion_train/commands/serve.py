@@ -15,6 +15,7 @@ record per request (`aion-train audit verify FILE` checks it).
 Exit codes: 0 stopped cleanly; 1 the checkpoint, bundle, key file or audit log cannot be
 used; 2 bad arguments.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,12 @@ def add_arguments(p):
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key-file", default=None, metavar="F", help="file of accepted API keys, one a line")
     p.add_argument("--audit-log", default=None, metavar="FILE", help="append-only hash-chained JSONL log")
-    p.add_argument("--index", default=None, metavar="DIR",
-                   help="retrieval index (build-index): each text prompt gets its best --k chunks as <CTX> ... </CTX>")
+    p.add_argument(
+        "--index",
+        default=None,
+        metavar="DIR",
+        help="retrieval index (build-index): each text prompt gets its best --k chunks as <CTX> ... </CTX>",
+    )
     p.add_argument("--k", type=int, default=3, metavar="K", help="chunks to retrieve with --index (default 3)")
     p.add_argument("--max-batch", type=int, default=8, metavar="N", help="rows per engine batch (default 8)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="B", help="request body limit")
@@ -43,9 +48,12 @@ def add_arguments(p):
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-               + f".{int(record.msecs):03d}Z", "level": record.levelname.lower(),
-               "logger": record.name, "message": record.getMessage()}
+        out = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         extra = getattr(record, "aion", None)
         if isinstance(extra, dict):
             out.update(extra)
@@ -56,8 +64,9 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(json_logs: bool, level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json_logs else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        JsonFormatter() if json_logs else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -65,7 +74,7 @@ def setup_logging(json_logs: bool, level: str) -> None:
         lg = logging.getLogger(name)
         lg.handlers[:] = []
         lg.propagate = True
-    logging.getLogger("uvicorn.access").disabled = True   # our access log has the request id
+    logging.getLogger("uvicorn.access").disabled = True  # our access log has the request id
 
 
 def read_api_keys(path: str) -> list[str]:
@@ -82,18 +91,18 @@ def build_server(args):
     from aion_train.serve.loading import load_for_serving
     from aion_train.serve.openai_api import create_app
     from aion_train.serve.service import Service
+
     policies = load_policies(args.policy)
     keys = read_api_keys(args.api_key_file) if args.api_key_file else None
-    loaded = load_for_serving(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype,
-                              model_id=args.model_name)
+    loaded = load_for_serving(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype, model_id=args.model_name)
     service = Service(loaded, policies, max_batch=args.max_batch)
     audit = AuditLog(args.audit_log) if args.audit_log else None
     retrieval = None
     if getattr(args, "index", None):
         from aion_train.serve.retrieval_context import RetrievalContext
+
         retrieval = RetrievalContext(args.index, args.k)
-    app = create_app(service, api_keys=keys, audit=audit, max_body_bytes=args.max_body_bytes,
-                     retrieval=retrieval)
+    app = create_app(service, api_keys=keys, audit=audit, max_body_bytes=args.max_body_bytes, retrieval=retrieval)
     return app, service, audit
 
 
@@ -106,21 +115,34 @@ def run(args) -> int:
     from aion_train.policy import PolicyError
     from aion_train.serve.audit import AuditError
     from aion_train.serve.loading import LoadError
+
     try:
         app, service, audit = build_server(args)
     except (PolicyError, LoadError, AuditError, OSError, ValueError) as e:
         print(f"serve: {e}", file=sys.stderr)
         return 1
     import uvicorn
+
     service.scheduler.start()
-    log.info("serving %s (%s, %s) on http://%s:%d; jurisdictions: %s", service.loaded.model_id,
-             service.loaded.kind, service.loaded.dtype, args.host, args.port,
-             ", ".join(service.policy.jurisdictions),
-             extra={"aion": {"model": service.loaded.model_id, "host": args.host, "port": args.port,
-                             "bundle_sha256": service.policies.bundle_sha256}})
+    log.info(
+        "serving %s (%s, %s) on http://%s:%d; jurisdictions: %s",
+        service.loaded.model_id,
+        service.loaded.kind,
+        service.loaded.dtype,
+        args.host,
+        args.port,
+        ", ".join(service.policy.jurisdictions),
+        extra={
+            "aion": {
+                "model": service.loaded.model_id,
+                "host": args.host,
+                "port": args.port,
+                "bundle_sha256": service.policies.bundle_sha256,
+            }
+        },
+    )
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False,
-                    log_level=args.log_level)
+        uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False, log_level=args.log_level)
     finally:
         service.scheduler.stop()
         if audit is not None:

@@ -4,6 +4,7 @@ Supervised fine-tuning on the chat task (default config: configs/sft_tiny.yaml).
 metrics; with --json one JSON line holding `sft_accuracy` (held-out exact-answer accuracy).
 Under torchrun / deepspeed (WORLD_SIZE set) it runs as one rank; --nproc N starts N local
 ranks through torchrun."""
+
 from __future__ import annotations
 
 import json
@@ -33,6 +34,7 @@ def default_config() -> str:
 def run_phase(args, command: str, fn_path: str, headline: str) -> int:
     """Load the config, launch N ranks or run this rank, print rank 0's metrics."""
     from aion_train.config import ConfigError, load_config
+
     args.config = args.config or default_config()
     world = int(os.environ.get("WORLD_SIZE", args.nproc))
     try:
@@ -41,6 +43,7 @@ def run_phase(args, command: str, fn_path: str, headline: str) -> int:
         print(str(e), file=sys.stderr)
         return 2
     from aion_train.ownership import ForeignFolderError
+
     try:
         claim_training_dirs(cfg, command, args.overwrite)
     except ForeignFolderError as e:
@@ -48,6 +51,7 @@ def run_phase(args, command: str, fn_path: str, headline: str) -> int:
     if wants_local_ranks(args):
         return launch_local_ranks(args, command)
     from aion_train.pipeline.phases import resolve_callable
+
     try:
         with stdout_to_stderr(args.json):
             metrics = resolve_callable(fn_path)(cfg)

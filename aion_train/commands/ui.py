@@ -3,6 +3,7 @@
 Starts a lean `mlflow server` (1 worker, no job runner, telemetry off) bound to
 127.0.0.1 on a run folder's store and keeps it in the foreground until Ctrl-C.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,16 +14,22 @@ from pathlib import Path
 
 def add_arguments(p):
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--run-dir", default=None,
-                     help="run folder whose sqlite store (<run-dir>/mlflow.db) to show "
-                          "(default: $MLFLOW_TRACKING_URI if it is a database, else runs/default)")
-    src.add_argument("--backend-store-uri", default=None,
-                     help="any MLflow backend store URI, e.g. sqlite:////abs/path/mlflow.db")
+    src.add_argument(
+        "--run-dir",
+        default=None,
+        help="run folder whose sqlite store (<run-dir>/mlflow.db) to show "
+        "(default: $MLFLOW_TRACKING_URI if it is a database, else runs/default)",
+    )
+    src.add_argument(
+        "--backend-store-uri", default=None, help="any MLflow backend store URI, e.g. sqlite:////abs/path/mlflow.db"
+    )
     p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
-    p.add_argument("--artifacts-dir", default=None,
-                   help="where uploads through this server go (default: next to the store)")
-    p.add_argument("--startup-timeout", type=float, default=120.0,
-                   help="seconds to wait for the server to answer /health")
+    p.add_argument(
+        "--artifacts-dir", default=None, help="where uploads through this server go (default: next to the store)"
+    )
+    p.add_argument(
+        "--startup-timeout", type=float, default=120.0, help="seconds to wait for the server to answer /health"
+    )
 
 
 def resolve_backend(args) -> tuple[str, Path]:
@@ -40,7 +47,7 @@ def resolve_backend(args) -> tuple[str, Path]:
     if args.artifacts_dir:
         artifacts = Path(args.artifacts_dir).resolve()
     elif uri.startswith("sqlite:///"):
-        artifacts = Path(uri[len("sqlite:///"):].split("?", 1)[0]).resolve().parent / "mlartifacts"
+        artifacts = Path(uri[len("sqlite:///") :].split("?", 1)[0]).resolve().parent / "mlartifacts"
     else:
         artifacts = Path("mlartifacts").resolve()
     return uri, artifacts
@@ -55,15 +62,19 @@ def run(args) -> int:
 
     uri, artifacts = resolve_backend(args)
     if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+        db = Path(uri[len("sqlite:///") :].split("?", 1)[0])
         if not db.exists():
-            print(f"note: {db} does not exist yet; MLflow will create an empty store",
-                  file=sys.stderr)
+            print(f"note: {db} does not exist yet; MLflow will create an empty store", file=sys.stderr)
     print(f"starting mlflow server on 127.0.0.1:{args.port} (store {uri}) ...", flush=True)
     try:
-        proc, url = start_mlflow_server(uri, port=args.port, artifacts_dir=artifacts,
-                                        host="127.0.0.1", timeout=args.startup_timeout,
-                                        foreground_output=True)
+        proc, url = start_mlflow_server(
+            uri,
+            port=args.port,
+            artifacts_dir=artifacts,
+            host="127.0.0.1",
+            timeout=args.startup_timeout,
+            foreground_output=True,
+        )
     except (RuntimeError, TimeoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

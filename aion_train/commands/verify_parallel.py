@@ -1,4 +1,5 @@
 """aion-train verify-parallel --config F --tp T --ep E --nproc N [--json] [overrides]"""
+
 from __future__ import annotations
 
 import json
@@ -22,10 +23,13 @@ def add_arguments(p):
 def run(args) -> int:
     from aion_train.parallel import run_ranks
     from aion_train.parallel.verify import verify_worker
+
     try:
-        cfg = load_config(args.config or "configs/tiny_cpu.yaml",
-                          list(args.overrides) + [f"parallel.tp={args.tp}", f"parallel.ep={args.ep}"],
-                          world_size=args.nproc)
+        cfg = load_config(
+            args.config or "configs/tiny_cpu.yaml",
+            list(args.overrides) + [f"parallel.tp={args.tp}", f"parallel.ep={args.ep}"],
+            world_size=args.nproc,
+        )
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2

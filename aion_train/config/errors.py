@@ -1,4 +1,5 @@
 """The one error type of the config tree."""
+
 from __future__ import annotations
 
 

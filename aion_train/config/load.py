@@ -1,11 +1,13 @@
 """YAML + dotted overrides -> typed `Config`, with errors that name the key."""
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import typing
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -59,9 +61,11 @@ def _coerce(value: Any, hint, path: str, errors: list[str]):
             errors.append(f"{path}: expected a number, got {value!r}")
             return value
     if hint is str:
-        if isinstance(value, bool):   # YAML 1.1 reads on/off/yes/no as booleans
-            errors.append(f"{path}: expected a string, got the boolean {value!r} (YAML reads on/off/yes/no "
-                          "as booleans: quote the value)")
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+            errors.append(
+                f"{path}: expected a string, got the boolean {value!r} (YAML reads on/off/yes/no "
+                "as booleans: quote the value)"
+            )
         return str(value)
     if hint is tuple or origin is tuple:
         if isinstance(value, (list, tuple)):
@@ -115,8 +119,9 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
-                world_size: int | None = None, validate: bool = True) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: Iterable[str] = (), world_size: int | None = None, validate: bool = True
+) -> Config:
     """Load YAML (or defaults), apply dotted overrides, build and validate the tree."""
     data: dict = {}
     if path:
@@ -146,12 +151,14 @@ def config_to_dict(cfg) -> dict:
         if isinstance(v, tuple):
             return list(v)
         return v
+
     d = dataclasses.asdict(cfg)
 
     def walk(x):
         if isinstance(x, dict):
             return {k: walk(v) for k, v in x.items()}
         return conv(x)
+
     return walk(d)
 
 
@@ -166,6 +173,7 @@ def config_from_dict(data: dict) -> Config:
 def flatten(d, prefix: str = "") -> dict:
     """Nested mappings -> {"a.b.c": leaf} (non-empty mappings are walked)."""
     from collections.abc import Mapping
+
     out = {}
     for k, v in d.items():
         key = f"{prefix}.{k}" if prefix else str(k)

@@ -9,6 +9,7 @@ video_size, tubelet_frames, max_audio_frames, caption_len): images are
 (3*t*p*p values each), audio is `n_mels`-bin log-mel. Every media item becomes
 `resampler_queries` tokens of the fused sequence (the loader writes that many placeholders).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,16 +21,16 @@ MODALITY_IDS = {"text": 0, "image": 1, "audio": 2, "video": 3}
 
 @dataclass
 class MultimodalConfig:
-    enabled: bool = False              # false = the text-only transformer
+    enabled: bool = False  # false = the text-only transformer
     # media geometry (must match the loader's decoders)
     image_size: int = 64
     patch_size: int = 8
     video_frames: int = 8
-    video_size: int = 32               # frame side the loader decodes to (the model infers it)
+    video_size: int = 32  # frame side the loader decodes to (the model infers it)
     tubelet_frames: int = 2
     n_mels: int = 80
-    max_audio_frames: int = 300        # log-mel frames (3 s at a 10 ms hop; the loader cuts longer clips)
-    caption_len: int = 32              # caption / transcript tokens per item for the contrastive loss
+    max_audio_frames: int = 300  # log-mel frames (3 s at a 10 ms hop; the loader cuts longer clips)
+    caption_len: int = 32  # caption / transcript tokens per item for the contrastive loss
     # encoders (ViT / Whisper-style conv + attention / spatio-temporal tubelet transformer)
     encoder_dim: int = 128
     encoder_layers: int = 1
@@ -37,19 +38,19 @@ class MultimodalConfig:
     # Perceiver resampler: every media item -> resampler_queries tokens
     resampler_queries: int = 8
     resampler_layers: int = 1
-    gate_init: float = 0.1             # sigmoid(alpha) at init, per modality
+    gate_init: float = 0.1  # sigmoid(alpha) at init, per modality
     # optional Flamingo-style gated cross-attention (text queries -> media keys/values)
     cross_attention: bool = False
-    cross_attention_every: int = 1     # before every n-th transformer block
+    cross_attention_every: int = 1  # before every n-th transformer block
     # joint losses
-    clip_dim: int = 128                # contrastive embedding width
-    clip_temperature: float = 0.07     # initial tau; log(1/tau) is learned
+    clip_dim: int = 128  # contrastive embedding width
+    clip_temperature: float = 0.07  # initial tau; log(1/tau) is learned
     clip_max_logit_scale: float = 100.0
     uncertainty_weighting: bool = True  # sum_i L_i / (2 sigma_i^2) + log sigma_i; false = plain sum
-    lm_weight: float = 1.0             # 0 switches a loss off
+    lm_weight: float = 1.0  # 0 switches a loss off
     caption_weight: float = 1.0
     clip_weight: float = 1.0
-    pad_id: int = 0                    # tokenizer pad id (placeholders and caption padding)
+    pad_id: int = 0  # tokenizer pad id (placeholders and caption padding)
 
 
 def check(cfg, errors: list[str]) -> None:
@@ -60,19 +61,43 @@ def check(cfg, errors: list[str]) -> None:
         return
     k = "model.multimodal"
     before = len(errors)
-    for name in ("image_size", "patch_size", "video_frames", "video_size", "tubelet_frames", "n_mels", "caption_len",
-                 "max_audio_frames", "encoder_dim", "encoder_layers", "encoder_heads", "resampler_queries",
-                 "resampler_layers", "cross_attention_every", "clip_dim"):
+    for name in (
+        "image_size",
+        "patch_size",
+        "video_frames",
+        "video_size",
+        "tubelet_frames",
+        "n_mels",
+        "caption_len",
+        "max_audio_frames",
+        "encoder_dim",
+        "encoder_layers",
+        "encoder_heads",
+        "resampler_queries",
+        "resampler_layers",
+        "cross_attention_every",
+        "clip_dim",
+    ):
         if getattr(mm, name) < 1:
             errors.append(f"{k}.{name}={getattr(mm, name)}: must be >= 1")
     if len(errors) > before:
         return
-    for key, by in (("image_size", "patch_size"), ("video_size", "patch_size"), ("video_frames", "tubelet_frames"),
-                    ("encoder_dim", "encoder_heads")):
+    for key, by in (
+        ("image_size", "patch_size"),
+        ("video_size", "patch_size"),
+        ("video_frames", "tubelet_frames"),
+        ("encoder_dim", "encoder_heads"),
+    ):
         require_divisible(errors, f"{k}.{key}", getattr(mm, key), f"{k}.{by}", getattr(mm, by))
     if mm.cross_attention:
-        require_divisible(errors, "model.d_model", cfg.model.d_model, f"{k}.encoder_heads", mm.encoder_heads,
-                          "the cross-attention uses that many heads")
+        require_divisible(
+            errors,
+            "model.d_model",
+            cfg.model.d_model,
+            f"{k}.encoder_heads",
+            mm.encoder_heads,
+            "the cross-attention uses that many heads",
+        )
     if not 0.0 < mm.gate_init < 1.0:
         errors.append(f"{k}.gate_init={mm.gate_init}: must be in (0, 1) (it is sigmoid(alpha) at init)")
     if not 0.0 < mm.clip_temperature <= 1.0:
@@ -85,12 +110,16 @@ def check(cfg, errors: list[str]) -> None:
     if not 0 <= mm.pad_id < cfg.model.vocab_size:
         errors.append(f"{k}.pad_id={mm.pad_id} is outside model.vocab_size={cfg.model.vocab_size}")
     if mm.resampler_queries + 2 > cfg.data.seq_len:
-        errors.append(f"{k}.resampler_queries={mm.resampler_queries} (+2 delimiters) does not fit in "
-                      f"data.seq_len={cfg.data.seq_len}")
+        errors.append(
+            f"{k}.resampler_queries={mm.resampler_queries} (+2 delimiters) does not fit in "
+            f"data.seq_len={cfg.data.seq_len}"
+        )
     if cfg.parallel.sequence_parallel:
-        errors.append("parallel.sequence_parallel=true with model.multimodal.enabled: the fused sequence is "
-                      "built from embeddings before the trunk, which sequence parallelism does not split; "
-                      "set parallel.sequence_parallel=false")
+        errors.append(
+            "parallel.sequence_parallel=true with model.multimodal.enabled: the fused sequence is "
+            "built from embeddings before the trunk, which sequence parallelism does not split; "
+            "set parallel.sequence_parallel=false"
+        )
 
 
 def modality_id(key) -> int | None:
@@ -114,8 +143,9 @@ def _check_modality_experts(cfg, errors: list[str]) -> None:
         if modality_id(key) is None:
             errors.append(f"{path}: unknown modality (use image, audio or video)")
             continue
-        if not isinstance(experts, (list, tuple)) or not all(isinstance(e, int) and not isinstance(e, bool)
-                                                             for e in experts):
+        if not isinstance(experts, (list, tuple)) or not all(
+            isinstance(e, int) and not isinstance(e, bool) for e in experts
+        ):
             errors.append(f"{path}={experts!r}: must be a list of expert ids")
             continue
         bad = [e for e in experts if not 0 <= e < moe.n_experts]

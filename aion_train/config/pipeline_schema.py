@@ -3,6 +3,7 @@
 The phase list, each phase's resource request (CPUs per rank, number of ranks), the private
 cluster's size, and the inputs of the two artifact phases. See aion_train/pipeline/ and
 docs/pipeline.md."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
@@ -15,10 +16,10 @@ EXTRA_KEYS = ("fn", "num_cpus", "world_size", "out")
 @dataclass(frozen=True)
 class Phase:
     name: str
-    fn: str                 # "package.module:function"
-    num_cpus: float = 1.0   # per rank
-    world_size: int = 1     # ranks; > 1 = actor group running torch.distributed
-    out: str = ""           # folder under run_dir holding done.json ("" = the phase's name)
+    fn: str  # "package.module:function"
+    num_cpus: float = 1.0  # per rank
+    world_size: int = 1  # ranks; > 1 = actor group running torch.distributed
+    out: str = ""  # folder under run_dir holding done.json ("" = the phase's name)
 
     def out_dir(self, run_dir: str | Path) -> Path:
         return Path(run_dir) / (self.out or self.name)
@@ -40,10 +41,20 @@ BUILTIN = {
     "sft": Phase("sft", "aion_train.posttrain.sft:run_sft", num_cpus=1, world_size=2, out="sft"),
     "rm": Phase("rm", "aion_train.posttrain.reward:run_rm", num_cpus=1, world_size=2, out="rm"),
     "ppo": Phase("ppo", "aion_train.posttrain.ppo:run_ppo", num_cpus=1, world_size=2, out="ppo"),
-    "build-index": Phase("build-index", "aion_train.pipeline.artifacts:run_build_index",
-                         num_cpus=1, world_size=1, out="artifacts/build-index"),
-    "build-policy": Phase("build-policy", "aion_train.pipeline.artifacts:run_build_policy",
-                          num_cpus=1, world_size=1, out="artifacts/build-policy"),
+    "build-index": Phase(
+        "build-index",
+        "aion_train.pipeline.artifacts:run_build_index",
+        num_cpus=1,
+        world_size=1,
+        out="artifacts/build-index",
+    ),
+    "build-policy": Phase(
+        "build-policy",
+        "aion_train.pipeline.artifacts:run_build_policy",
+        num_cpus=1,
+        world_size=1,
+        out="artifacts/build-policy",
+    ),
 }
 
 
@@ -52,8 +63,13 @@ def pipeline_phases(cfg) -> list[Phase]:
     p = cfg.pipeline
     known = dict(BUILTIN)
     for name, spec in (p.extra or {}).items():
-        known[name] = Phase(name, spec["fn"], float(spec.get("num_cpus", 1)),
-                            int(spec.get("world_size", 1)), str(spec.get("out", "") or name))
+        known[name] = Phase(
+            name,
+            spec["fn"],
+            float(spec.get("num_cpus", 1)),
+            int(spec.get("world_size", 1)),
+            str(spec.get("out", "") or name),
+        )
     out = []
     for name in p.phases:
         if name not in known:
@@ -61,10 +77,14 @@ def pipeline_phases(cfg) -> list[Phase]:
         phase = known[name]
         req = (p.resources or {}).get(name) or {}
         if req:
-            phase = replace(phase, num_cpus=float(req.get("num_cpus", phase.num_cpus)),
-                            world_size=int(req.get("world_size", phase.world_size)))
+            phase = replace(
+                phase,
+                num_cpus=float(req.get("num_cpus", phase.num_cpus)),
+                world_size=int(req.get("world_size", phase.world_size)),
+            )
         out.append(phase)
     return out
+
 
 DEFAULT_PHASES = list(BUILTIN)
 
@@ -78,14 +98,14 @@ class PipelineConfig:
     # phases of your own: {name: {fn: "pkg.module:function", num_cpus, world_size, out}};
     # fn(cfg) -> dict is SPMD like the built-in run_* functions and writes {run_dir}/{out}/done.json
     extra: dict = field(default_factory=dict)
-    num_cpus: int = 0                  # CPUs of the private local cluster (0 = all of this machine)
-    object_store_mb: int = 256         # its object store (Ray's default takes ~30% of RAM in /dev/shm)
-    startup_timeout_s: float = 180.0   # for the private head node to come up
-    phase_timeout_s: float = 3600.0    # a phase running longer is stopped and reported as failed
-    log_tail_lines: int = 40           # lines of a failed phase's log shown in the report
+    num_cpus: int = 0  # CPUs of the private local cluster (0 = all of this machine)
+    object_store_mb: int = 256  # its object store (Ray's default takes ~30% of RAM in /dev/shm)
+    startup_timeout_s: float = 180.0  # for the private head node to come up
+    phase_timeout_s: float = 3600.0  # a phase running longer is stopped and reported as failed
+    log_tail_lines: int = 40  # lines of a failed phase's log shown in the report
     # build-index phase (the library behind `aion-train build-index`)
     index_corpus: list = field(default_factory=lambda: ["pydoc"])
-    index_embedder: str = "minilm"     # minilm | hash-DIM | model:...
+    index_embedder: str = "minilm"  # minilm | hash-DIM | model:...
     index_factory: str = "HNSW32"
     index_max_chunks_per_doc: int = 0  # 0 = no limit
     # build-policy phase (the library behind `aion-train build-policy`)
@@ -118,8 +138,10 @@ def check(cfg, errors: list[str]) -> None:
     if len(errors) == before and p.num_cpus > 0:
         for ph in pipeline_phases(cfg):
             if ph.total_cpus > p.num_cpus:
-                errors.append(f"pipeline.resources.{ph.name}: {ph.world_size} rank(s) x {ph.num_cpus:g} CPUs "
-                              f"exceed the cluster's pipeline.num_cpus={p.num_cpus}")
+                errors.append(
+                    f"pipeline.resources.{ph.name}: {ph.world_size} rank(s) x {ph.num_cpus:g} CPUs "
+                    f"exceed the cluster's pipeline.num_cpus={p.num_cpus}"
+                )
 
 
 def _check_fields(cfg, errors: list[str]) -> None:
@@ -133,8 +155,10 @@ def _check_fields(cfg, errors: list[str]) -> None:
     else:
         for name in p.phases:
             if name not in known:
-                errors.append(f"pipeline.phases: unknown phase {name!r} (known: {', '.join(sorted(known))}; "
-                              "add your own under pipeline.extra)")
+                errors.append(
+                    f"pipeline.phases: unknown phase {name!r} (known: {', '.join(sorted(known))}; "
+                    "add your own under pipeline.extra)"
+                )
         dup = sorted({x for x in p.phases if p.phases.count(x) > 1})
         if dup:
             errors.append(f"pipeline.phases: {', '.join(dup)} listed more than once")

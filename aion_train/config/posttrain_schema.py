@@ -1,5 +1,6 @@
 """Config of LoRA / QLoRA adapters (`lora`), supervised fine-tuning (`sft`) and the reward
 model (`rm`). See aion_train/posttrain/ for what each key drives."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,42 +14,42 @@ RM_INIT = ("sft", "base")
 
 @dataclass
 class LoRAConfig:
-    enabled: bool = False          # false: the phases train full weights
-    r: int = 8                     # rank
-    alpha: float = 16.0            # W' = W0 + (alpha / r) B A
-    dropout: float = 0.05          # on the adapter's input only
+    enabled: bool = False  # false: the phases train full weights
+    r: int = 8  # rank
+    alpha: float = 16.0  # W' = W0 + (alpha / r) B A
+    dropout: float = 0.05  # on the adapter's input only
     targets: list = field(default_factory=lambda: list(DEFAULT_TARGETS))  # module-name suffixes
-    quantize: str = "none"         # none | nf4 (QLoRA: frozen base weights in 4-bit NF4, torchao)
-    nf4_block_size: int = 64       # values per NF4 absmax block
+    quantize: str = "none"  # none | nf4 (QLoRA: frozen base weights in 4-bit NF4, torchao)
+    nf4_block_size: int = 64  # values per NF4 absmax block
 
 
 @dataclass
 class SFTConfig:
-    init_from: str = ""            # checkpoint / run folder of a pretrained base LM; "" = train one here
-    tokenizer: str = ""            # SentencePiece model of that base LM; "" = train the task tokenizer
-    base_steps: int = 300          # full-weight LM steps on the task text when init_from is ""
+    init_from: str = ""  # checkpoint / run folder of a pretrained base LM; "" = train one here
+    tokenizer: str = ""  # SentencePiece model of that base LM; "" = train the task tokenizer
+    base_steps: int = 300  # full-weight LM steps on the task text when init_from is ""
     base_lr: float = 3e-3
-    steps: int = 150               # SFT optimizer steps (adapters, or full weights without lora)
+    steps: int = 150  # SFT optimizer steps (adapters, or full weights without lora)
     lr: float = 2e-3
     batch_size: int = 32
-    max_examples: int = 2000       # easy-vqa training examples used by SFT (0 = all); keeps SFT imperfect
-    chat_examples: int = 400       # chatterbot dialogs mixed in (0 = none)
+    max_examples: int = 2000  # easy-vqa training examples used by SFT (0 = all); keeps SFT imperfect
+    chat_examples: int = 400  # chatterbot dialogs mixed in (0 = none)
     data_files: list = field(default_factory=list)  # extra JSON/JSONL chat records (datasets "json")
-    eval_examples: int = 300       # held-out easy-vqa test prompts scored by generation
+    eval_examples: int = 300  # held-out easy-vqa test prompts scored by generation
     max_new_tokens: int = 4
 
 
 @dataclass
 class RewardConfig:
-    init: str = "sft"              # sft: backbone from the SFT model (adapters merged) | base
+    init: str = "sft"  # sft: backbone from the SFT model (adapters merged) | base
     steps: int = 500
     lr: float = 1e-3
-    batch_size: int = 32           # preference pairs per step
-    train_pairs: int = 4000        # pairs from the easy-vqa train split (0 = one per example)
-    eval_pairs: int = 400          # held-out pairs from the easy-vqa test split
-    use_lora: bool = False         # true: adapters (cfg.lora) + head; false: full backbone + head
-    malformed_fraction: float = 0.4   # training pairs whose rejected side is a malformed response
-                                      # (empty, two answers, cut off, random pieces): no reward hacking
+    batch_size: int = 32  # preference pairs per step
+    train_pairs: int = 4000  # pairs from the easy-vqa train split (0 = one per example)
+    eval_pairs: int = 400  # held-out pairs from the easy-vqa test split
+    use_lora: bool = False  # true: adapters (cfg.lora) + head; false: full backbone + head
+    malformed_fraction: float = 0.4  # training pairs whose rejected side is a malformed response
+    # (empty, two answers, cut off, random pieces): no reward hacking
 
 
 def check(cfg, errors: list[str]) -> None:
@@ -69,15 +70,27 @@ def check(cfg, errors: list[str]) -> None:
     if lo.nf4_block_size < 2 or lo.nf4_block_size % 2:
         errors.append(f"lora.nf4_block_size={lo.nf4_block_size}: must be an even number >= 2")
     if lo.quantize != "none" and not lo.enabled:
-        errors.append(f"lora.quantize={lo.quantize!r} needs lora.enabled=true (QLoRA trains adapters "
-                      "on top of the frozen quantised base)")
-    for key, val in (("sft.steps", s.steps), ("sft.batch_size", s.batch_size), ("sft.max_new_tokens", s.max_new_tokens),
-                     ("sft.eval_examples", s.eval_examples), ("rm.steps", rm.steps), ("rm.batch_size", rm.batch_size),
-                     ("rm.eval_pairs", rm.eval_pairs)):
+        errors.append(
+            f"lora.quantize={lo.quantize!r} needs lora.enabled=true (QLoRA trains adapters "
+            "on top of the frozen quantised base)"
+        )
+    for key, val in (
+        ("sft.steps", s.steps),
+        ("sft.batch_size", s.batch_size),
+        ("sft.max_new_tokens", s.max_new_tokens),
+        ("sft.eval_examples", s.eval_examples),
+        ("rm.steps", rm.steps),
+        ("rm.batch_size", rm.batch_size),
+        ("rm.eval_pairs", rm.eval_pairs),
+    ):
         if val < 1:
             errors.append(f"{key}={val}: must be >= 1")
-    for key, val in (("sft.base_steps", s.base_steps), ("sft.max_examples", s.max_examples),
-                     ("sft.chat_examples", s.chat_examples), ("rm.train_pairs", rm.train_pairs)):
+    for key, val in (
+        ("sft.base_steps", s.base_steps),
+        ("sft.max_examples", s.max_examples),
+        ("sft.chat_examples", s.chat_examples),
+        ("rm.train_pairs", rm.train_pairs),
+    ):
         if val < 0:
             errors.append(f"{key}={val}: must be >= 0")
     for key, val in (("sft.lr", s.lr), ("sft.base_lr", s.base_lr), ("rm.lr", rm.lr)):

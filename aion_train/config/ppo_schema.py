@@ -4,48 +4,59 @@ RLHF: actor = SFT model + its LoRA adapters (trained), reference = the frozen SF
 critic = value head on a copy of the reward model's backbone (trained), reward model frozen.
 Per-token reward -beta (log pi - log pi_ref), plus the reward model's score at the last token.
 See aion_train/posttrain/ppo.py."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 PRECISIONS = ("fp32", "bf16")
 CRITIC_INIT = ("rm", "sft")
-POMDP_ENVS = ("crying_baby", "tiger")   # the environments of aion_train.rl.envs.ENVS
+POMDP_ENVS = ("crying_baby", "tiger")  # the environments of aion_train.rl.envs.ENVS
 
 
 @dataclass
 class PPOConfig:
-    steps: int = 40                # PPO iterations (one rollout batch each)
-    rollout_prompts: int = 64      # prompts per iteration, over all data-parallel ranks
-    epochs: int = 2                # passes over each rollout batch
-    minibatches: int = 2           # optimizer steps per epoch (per rank)
-    actor_lr: float = 1e-3         # LoRA adapters (or full weights without lora.enabled)
+    steps: int = 40  # PPO iterations (one rollout batch each)
+    rollout_prompts: int = 64  # prompts per iteration, over all data-parallel ranks
+    epochs: int = 2  # passes over each rollout batch
+    minibatches: int = 2  # optimizer steps per epoch (per rank)
+    actor_lr: float = 1e-3  # LoRA adapters (or full weights without lora.enabled)
     critic_lr: float = 5e-4
-    beta: float = 0.02             # KL penalty coefficient (0.01-0.05)
-    gamma: float = 1.0             # discount over response tokens
-    lam: float = 0.95              # GAE lambda
-    clip_eps: float = 0.2          # clipped surrogate epsilon
-    value_clip: float = 0.2        # value clipping range (reward units)
-    entropy_coef: float = 0.0      # entropy bonus in the actor loss
+    beta: float = 0.02  # KL penalty coefficient (0.01-0.05)
+    gamma: float = 1.0  # discount over response tokens
+    lam: float = 0.95  # GAE lambda
+    clip_eps: float = 0.2  # clipped surrogate epsilon
+    value_clip: float = 0.2  # value clipping range (reward units)
+    entropy_coef: float = 0.0  # entropy bonus in the actor loss
     whiten_advantages: bool = True
-    temperature: float = 1.0       # rollout sampling temperature
-    max_new_tokens: int = 4        # response length cap (answers are 1-2 tokens + <|end|>)
-    critic_init: str = "rm"        # rm: reward model's backbone and head | sft: SFT model + fresh head
-    precision: str = "fp32"        # the PPO engines' precision (log-prob ratios want fp32 on CPU)
-    save_every: int = 5            # checkpoint under {run_dir}/ppo/checkpoints every N iterations
+    temperature: float = 1.0  # rollout sampling temperature
+    max_new_tokens: int = 4  # response length cap (answers are 1-2 tokens + <|end|>)
+    critic_init: str = "rm"  # rm: reward model's backbone and head | sft: SFT model + fresh head
+    precision: str = "fp32"  # the PPO engines' precision (log-prob ratios want fp32 on CPU)
+    save_every: int = 5  # checkpoint under {run_dir}/ppo/checkpoints every N iterations
     keep_last: int = 2
     # POMDP environments (aion_train/rl): `aion-train ppo ppo.env=tiger` trains a belief policy
-    env: str = ""                  # "" = RLHF on the task; tiger | crying_baby
+    env: str = ""  # "" = RLHF on the task; tiger | crying_baby
     env_iterations: int = 40
     env_horizon: int = 30
-    env_batch: int = 128           # episodes per iteration
+    env_batch: int = 128  # episodes per iteration
 
 
 def check(cfg, errors: list[str]) -> None:
     """Cross-field rules of this section; append one message per problem, naming its key."""
     p = cfg.ppo
-    for key in ("steps", "rollout_prompts", "epochs", "minibatches", "max_new_tokens", "save_every", "keep_last",
-                "env_iterations", "env_horizon", "env_batch"):
+    for key in (
+        "steps",
+        "rollout_prompts",
+        "epochs",
+        "minibatches",
+        "max_new_tokens",
+        "save_every",
+        "keep_last",
+        "env_iterations",
+        "env_horizon",
+        "env_batch",
+    ):
         if getattr(p, key) < 1:
             errors.append(f"ppo.{key}={getattr(p, key)}: must be >= 1")
     for key in ("actor_lr", "critic_lr", "clip_eps", "value_clip"):
@@ -74,5 +85,7 @@ def check(cfg, errors: list[str]) -> None:
         if dp and p.rollout_prompts % dp:
             errors.append(f"ppo.rollout_prompts={p.rollout_prompts} is not divisible by the data-parallel size {dp}")
         elif dp and p.rollout_prompts // dp < p.minibatches:
-            errors.append(f"ppo.rollout_prompts={p.rollout_prompts} gives {p.rollout_prompts // dp} prompts per rank, "
-                          f"fewer than ppo.minibatches={p.minibatches}")
+            errors.append(
+                f"ppo.rollout_prompts={p.rollout_prompts} gives {p.rollout_prompts // dp} prompts per rank, "
+                f"fewer than ppo.minibatches={p.minibatches}"
+            )

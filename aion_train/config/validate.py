@@ -1,4 +1,5 @@
 """Cross-field rules, checked before any process starts. Every message names its keys."""
+
 from __future__ import annotations
 
 from . import multimodal_schema, pipeline_schema, posttrain_schema, ppo_schema
@@ -46,9 +47,20 @@ def validate_config(cfg: Config) -> Config:
         if _get(cfg, key) not in allowed:
             errors.append(f"{key}={_get(cfg, key)!r}: must be one of {', '.join(allowed)}")
 
-    positive = ["model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.d_ff",
-                "model.max_seq_len", "parallel.tp", "parallel.ep", "data.seq_len",
-                "data.micro_batch_size", "train.steps", "train.grad_accum"]
+    positive = [
+        "model.vocab_size",
+        "model.d_model",
+        "model.n_layers",
+        "model.n_heads",
+        "model.d_ff",
+        "model.max_seq_len",
+        "parallel.tp",
+        "parallel.ep",
+        "data.seq_len",
+        "data.micro_batch_size",
+        "train.steps",
+        "train.grad_accum",
+    ]
     for key in positive:
         if _get(cfg, key) < 1:
             errors.append(f"{key}={_get(cfg, key)}: must be >= 1")
@@ -62,18 +74,26 @@ def validate_config(cfg: Config) -> Config:
         errors.append(f"model.d_model/model.n_heads={m.d_model // m.n_heads}: RoPE needs an even head dim")
     if m.n_heads % kv:
         errors.append(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={kv}")
-    for key, val in (("model.n_heads", m.n_heads), ("model.n_kv_heads", kv), ("model.d_ff", m.d_ff),
-                     ("model.vocab_size", m.vocab_size)):
+    for key, val in (
+        ("model.n_heads", m.n_heads),
+        ("model.n_kv_heads", kv),
+        ("model.d_ff", m.d_ff),
+        ("model.vocab_size", m.vocab_size),
+    ):
         if val % p.tp:
             errors.append(f"{key}={val} is not divisible by parallel.tp={p.tp}")
     if p.sequence_parallel and cfg.data.seq_len % p.tp:
-        errors.append(f"data.seq_len={cfg.data.seq_len} is not divisible by parallel.tp={p.tp} "
-                      "(parallel.sequence_parallel splits the sequence over TP)")
+        errors.append(
+            f"data.seq_len={cfg.data.seq_len} is not divisible by parallel.tp={p.tp} "
+            "(parallel.sequence_parallel splits the sequence over TP)"
+        )
     if cfg.data.seq_len > m.max_seq_len:
         errors.append(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if m.attention_backend == "flash" and t.precision == "fp32":
-        errors.append("model.attention_backend=flash needs train.precision bf16 or fp16 (flash-attn has no fp32 "
-                      "kernels); use model.attention_backend=auto to run torch SDPA in fp32")
+        errors.append(
+            "model.attention_backend=flash needs train.precision bf16 or fp16 (flash-attn has no fp32 "
+            "kernels); use model.attention_backend=auto to run torch SDPA in fp32"
+        )
 
     if has_moe(cfg):
         if not 1 <= moe.top_k <= moe.n_experts:
@@ -84,21 +104,25 @@ def validate_config(cfg: Config) -> Config:
         if moe.capacity_factor is not None and moe.capacity_factor <= 0:
             errors.append(f"model.moe.capacity_factor={moe.capacity_factor} must be > 0 (or null for dropless)")
         if t.zero_stage == 3:
-            errors.append("train.zero_stage=3 with MoE layers (model.moe.every>0): DeepSpeed refuses MoE "
-                          "under ZeRO-3; use train.zero_stage 0, 1 or 2")
+            errors.append(
+                "train.zero_stage=3 with MoE layers (model.moe.every>0): DeepSpeed refuses MoE "
+                "under ZeRO-3; use train.zero_stage 0, 1 or 2"
+            )
     elif p.ep > 1:
         errors.append(f"parallel.ep={p.ep} needs MoE layers (model.moe.every>0, model.moe.n_experts>1)")
 
     if p.world_size is not None:
         if p.dp is not None and p.tp * p.dp != p.world_size:
-            errors.append(f"parallel.world_size={p.world_size} is not parallel.tp x parallel.dp = "
-                          f"{p.tp} x {p.dp} = {p.tp * p.dp}")
+            errors.append(
+                f"parallel.world_size={p.world_size} is not parallel.tp x parallel.dp = {p.tp} x {p.dp} = {p.tp * p.dp}"
+            )
         elif p.world_size % p.tp:
             errors.append(f"parallel.world_size={p.world_size} is not divisible by parallel.tp={p.tp}")
     dp = data_parallel_size(cfg)
     if dp is not None and dp % p.ep:
-        errors.append(f"parallel.ep={p.ep} does not divide the data-parallel size {dp} "
-                      f"(parallel.world_size / parallel.tp)")
+        errors.append(
+            f"parallel.ep={p.ep} does not divide the data-parallel size {dp} (parallel.world_size / parallel.tp)"
+        )
     if t.zero_stage not in (0, 1, 2, 3):
         errors.append(f"train.zero_stage={t.zero_stage}: must be 0, 1, 2 or 3")
     if not 0 <= t.min_lr_ratio <= 1:

@@ -7,6 +7,7 @@
 - retrieval: image -> caption over the distinct held-out captions, by the cosine of the
   contrastive embeddings; recall@1 / @5 next to chance (k / number of distinct captions).
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -25,11 +26,15 @@ def _vqa_prompt(model, tok, items: list[dict]) -> dict:
     seg = torch.zeros_like(ids)
     modality = torch.zeros_like(ids)
     for b, r in enumerate(rows):
-        ids[b, :len(r)] = torch.tensor(r)
-        seg[b, :len(r)] = 1
-        modality[b, 1:1 + mm.resampler_queries] = 1
-    return {"input_ids": ids, "segment_ids": seg, "modality": modality,
-            "image": torch.stack([it["image"] for it in items]).float()}
+        ids[b, : len(r)] = torch.tensor(r)
+        seg[b, : len(r)] = 1
+        modality[b, 1 : 1 + mm.resampler_queries] = 1
+    return {
+        "input_ids": ids,
+        "segment_ids": seg,
+        "modality": modality,
+        "image": torch.stack([it["image"] for it in items]).float(),
+    }
 
 
 @torch.no_grad()
@@ -38,7 +43,7 @@ def vqa_accuracy(model, tok, items: list[dict], answers: list[str], batch_size: 
     cands = [tok.encode(a) + [close_t] for a in answers]
     correct = 0
     for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
+        chunk = items[i : i + batch_size]
         prompt = to_device(_vqa_prompt(model, tok, chunk), module_device(model))
         scores = model.answer_logprobs(prompt, cands)
         pred = scores.argmax(1).tolist()
@@ -66,12 +71,12 @@ def caption_retrieval(model, tok, pairs: list[dict], batch_size: int = 128) -> d
     width = max(len(e) for e in enc)
     ids = torch.full((len(enc), width), pad, dtype=torch.long)
     for i, e in enumerate(enc):
-        ids[i, :len(e)] = torch.tensor(e)
+        ids[i, : len(e)] = torch.tensor(e)
     device = module_device(model)
     text = torch.nn.functional.normalize(model.encode_text(ids.to(device)).float(), dim=-1)
     ranks = []
     for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
+        chunk = pairs[i : i + batch_size]
         img = torch.stack([p["image"] for p in chunk]).float().to(device)
         img = torch.nn.functional.normalize(model.encode_image(img), dim=-1)
         sims = img @ text.T
@@ -79,5 +84,11 @@ def caption_retrieval(model, tok, pairs: list[dict], batch_size: int = 128) -> d
         ranks += true_ranks(sims, truth).tolist()
     ranks_t = torch.tensor(ranks)
     n_c = len(captions)
-    return {"recall_at_1": float((ranks_t < 1).float().mean()), "recall_at_5": float((ranks_t < 5).float().mean()),
-            "chance_at_1": 1.0 / n_c, "chance_at_5": min(5, n_c) / n_c, "n": len(pairs), "n_captions": n_c}
+    return {
+        "recall_at_1": float((ranks_t < 1).float().mean()),
+        "recall_at_5": float((ranks_t < 5).float().mean()),
+        "chance_at_1": 1.0 / n_c,
+        "chance_at_5": min(5, n_c) / n_c,
+        "n": len(pairs),
+        "n_captions": n_c,
+    }

@@ -23,6 +23,7 @@ RoPE: we rotate interleaved pairs (x_2i, x_2i+1), HF rotates halves (x_i, x_{i+d
 with frequency theta^(-2i/d). Permuting the q/k output rows of every head (the permutation of
 transformers' convert_llama_weights_to_hf) turns one into the other; q.k is unchanged since q
 and k get the same permutation, and v/o are untouched."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,12 @@ from pathlib import Path
 
 import torch
 
-from aion_train.checkpoint import (load_full_state_dict, model_config_from_dict, model_config_to_dict,
-                                   save_sharded_checkpoint)
+from aion_train.checkpoint import (
+    load_full_state_dict,
+    model_config_from_dict,
+    model_config_to_dict,
+    save_sharded_checkpoint,
+)
 from aion_train.config import ModelConfig
 from aion_train.ownership import check_writable, claim_run_dir, looks_like_run_dir, publish_dir
 
@@ -50,15 +55,30 @@ class NotExpressibleError(ValueError):
 
 # every ModelConfig key the exporter knows about: how it maps, or why it does not matter
 _KNOWN_KEYS = {
-    "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "activation", "norm", "norm_eps",
-    "rope_theta", "max_seq_len", "tie_embeddings",
-    "d_ff",               # dense FFN width: unused when every layer is MoE
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "activation",
+    "norm",
+    "norm_eps",
+    "rope_theta",
+    "max_seq_len",
+    "tie_embeddings",
+    "d_ff",  # dense FFN width: unused when every layer is MoE
     "attention_backend",  # kernel choice, same math
-    "kernels",            # fused-kernel choice, same math
-    "init_std",           # initialisation only
-    "moe.n_experts", "moe.top_k", "moe.d_ff_expert", "moe.every", "moe.capacity_factor",
-    "moe.balance_coef", "moe.z_loss_coef",  # training losses only
-    "moe.shared_expert_d_ff", "moe.normalize_gates",
+    "kernels",  # fused-kernel choice, same math
+    "init_std",  # initialisation only
+    "moe.n_experts",
+    "moe.top_k",
+    "moe.d_ff_expert",
+    "moe.every",
+    "moe.capacity_factor",
+    "moe.balance_coef",
+    "moe.z_loss_coef",  # training losses only
+    "moe.shared_expert_d_ff",
+    "moe.normalize_gates",
     "moe.modality_experts",  # a router mask for non-text modalities; text tokens are never masked
 }
 
@@ -84,14 +104,17 @@ def check_exportable(cfg: ModelConfig) -> list[str]:
     if cfg.norm != "rmsnorm":
         problems.append(f"model.norm={cfg.norm!r}: Mixtral uses RMSNorm (needs 'rmsnorm')")
     if m.n_experts <= 1 or m.every != 1:
-        problems.append(f"model.moe.every={m.every}, model.moe.n_experts={m.n_experts}: Mixtral has an MoE "
-                        "FFN in every layer (needs moe.every=1 and moe.n_experts>1)")
+        problems.append(
+            f"model.moe.every={m.every}, model.moe.n_experts={m.n_experts}: Mixtral has an MoE "
+            "FFN in every layer (needs moe.every=1 and moe.n_experts>1)"
+        )
     if m.shared_expert_d_ff:
-        problems.append(f"model.moe.shared_expert_d_ff={m.shared_expert_d_ff}: Mixtral has no shared expert "
-                        "(needs 0)")
+        problems.append(f"model.moe.shared_expert_d_ff={m.shared_expert_d_ff}: Mixtral has no shared expert (needs 0)")
     if m.top_k == 1:
-        problems.append("model.moe.top_k=1: our top-1 gate is the softmax probability, Mixtral renormalises it "
-                        "to 1.0 (needs top_k>=2)")
+        problems.append(
+            "model.moe.top_k=1: our top-1 gate is the softmax probability, Mixtral renormalises it "
+            "to 1.0 (needs top_k>=2)"
+        )
     elif not m.normalize_gates:
         problems.append("model.moe.normalize_gates=false: Mixtral renormalises the top-k gates (needs true)")
     if cfg.d_model % cfg.n_heads:
@@ -101,15 +124,19 @@ def check_exportable(cfg: ModelConfig) -> list[str]:
         if key not in _KNOWN_KEYS and value != defaults.get(key, object()):
             problems.append(f"model.{key}={value!r}: not known to the Mixtral exporter")
     if problems:
-        raise NotExpressibleError("this model cannot be exported as a Hugging Face Mixtral checkpoint:\n  "
-                                  + "\n  ".join(problems))
+        raise NotExpressibleError(
+            "this model cannot be exported as a Hugging Face Mixtral checkpoint:\n  " + "\n  ".join(problems)
+        )
     notes = []
     if m.capacity_factor is not None:
-        notes.append(f"model.moe.capacity_factor={m.capacity_factor}: our model drops token copies past each "
-                     "expert's capacity, Mixtral is dropless; logits agree only where nothing is dropped")
+        notes.append(
+            f"model.moe.capacity_factor={m.capacity_factor}: our model drops token copies past each "
+            "expert's capacity, Mixtral is dropless; logits agree only where nothing is dropped"
+        )
     if m.modality_experts:
-        notes.append("model.moe.modality_experts: the per-modality router mask is not exported (text tokens "
-                     "never use it)")
+        notes.append(
+            "model.moe.modality_experts: the per-modality router mask is not exported (text tokens never use it)"
+        )
     return notes
 
 
@@ -118,15 +145,29 @@ def to_hf_config(cfg: ModelConfig, dtype: torch.dtype | None = None):
     from transformers import MixtralConfig
 
     from aion_train.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
     hc = MixtralConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.moe.d_ff_expert,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads or cfg.n_heads, head_dim=cfg.d_model // cfg.n_heads,
-        hidden_act="silu", max_position_embeddings=cfg.max_seq_len, initializer_range=cfg.init_std,
-        rms_norm_eps=cfg.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
-        tie_word_embeddings=cfg.tie_embeddings, sliding_window=None, num_local_experts=cfg.moe.n_experts,
-        num_experts_per_tok=cfg.moe.top_k, router_aux_loss_coef=cfg.moe.balance_coef,
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.moe.d_ff_expert,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads or cfg.n_heads,
+        head_dim=cfg.d_model // cfg.n_heads,
+        hidden_act="silu",
+        max_position_embeddings=cfg.max_seq_len,
+        initializer_range=cfg.init_std,
+        rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        tie_word_embeddings=cfg.tie_embeddings,
+        sliding_window=None,
+        num_local_experts=cfg.moe.n_experts,
+        num_experts_per_tok=cfg.moe.top_k,
+        router_aux_loss_coef=cfg.moe.balance_coef,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    )
     hc.architectures = ["MixtralForCausalLM"]
     if dtype is not None:
         hc.dtype = dtype
@@ -138,21 +179,26 @@ def from_hf_config(hc: dict, base: ModelConfig | None = None) -> tuple[ModelConf
     forward pass (init_std, balance/z-loss coefficients, attention backend) come from `base`."""
     problems, notes = [], []
     if hc.get("model_type") != "mixtral":
-        raise NotExpressibleError(f"cannot import this Hugging Face checkpoint: model_type={hc.get('model_type')!r} "
-                                  "(only 'mixtral' checkpoints are imported)")
+        raise NotExpressibleError(
+            f"cannot import this Hugging Face checkpoint: model_type={hc.get('model_type')!r} "
+            "(only 'mixtral' checkpoints are imported)"
+        )
     if hc.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={hc.get('hidden_act')!r}: our experts are SwiGLU (needs 'silu')")
     d, heads = int(hc["hidden_size"]), int(hc["num_attention_heads"])
     head_dim = hc.get("head_dim") or d // heads
     if d % heads or head_dim != d // heads:
-        problems.append(f"head_dim={head_dim}, hidden_size={d}, num_attention_heads={heads}: our attention "
-                        "needs head_dim = hidden_size / num_attention_heads")
+        problems.append(
+            f"head_dim={head_dim}, hidden_size={d}, num_attention_heads={heads}: our attention "
+            "needs head_dim = hidden_size / num_attention_heads"
+        )
     rope = hc.get("rope_parameters") or {}
     rope_type = rope.get("rope_type", "default")
     scaling = hc.get("rope_scaling")
     if rope_type != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default")):
-        problems.append(f"rope_parameters.rope_type={rope_type!r}, rope_scaling={scaling!r}: only plain RoPE "
-                        "is supported")
+        problems.append(
+            f"rope_parameters.rope_type={rope_type!r}, rope_scaling={scaling!r}: only plain RoPE is supported"
+        )
     theta = rope.get("rope_theta", hc.get("rope_theta", 1e6))
     if hc.get("attention_bias") or hc.get("mlp_bias"):
         problems.append("attention_bias/mlp_bias: our projections have no biases")
@@ -161,24 +207,44 @@ def from_hf_config(hc: dict, base: ModelConfig | None = None) -> tuple[ModelConf
     max_len = int(hc.get("max_position_embeddings", 4096))
     window = hc.get("sliding_window")
     if window is not None and int(window) < max_len:
-        notes.append(f"sliding_window={window}: our attention is global, so model.max_seq_len is capped at "
-                     f"{window} (identical within it)")
+        notes.append(
+            f"sliding_window={window}: our attention is global, so model.max_seq_len is capped at "
+            f"{window} (identical within it)"
+        )
         max_len = int(window)
     base = base or ModelConfig()
-    moe = replace(base.moe, n_experts=int(hc["num_local_experts"]), top_k=int(hc["num_experts_per_tok"]),
-                  d_ff_expert=int(hc["intermediate_size"]), every=1, capacity_factor=None,
-                  shared_expert_d_ff=0, normalize_gates=True)
-    cfg = replace(base, vocab_size=int(hc["vocab_size"]), d_model=d, n_layers=int(hc["num_hidden_layers"]),
-                  n_heads=heads, n_kv_heads=int(hc.get("num_key_value_heads") or heads),
-                  activation="swiglu", norm="rmsnorm", norm_eps=float(hc.get("rms_norm_eps", 1e-5)),
-                  rope_theta=float(theta), max_seq_len=max_len,
-                  tie_embeddings=bool(hc.get("tie_word_embeddings", False)), moe=moe)
+    moe = replace(
+        base.moe,
+        n_experts=int(hc["num_local_experts"]),
+        top_k=int(hc["num_experts_per_tok"]),
+        d_ff_expert=int(hc["intermediate_size"]),
+        every=1,
+        capacity_factor=None,
+        shared_expert_d_ff=0,
+        normalize_gates=True,
+    )
+    cfg = replace(
+        base,
+        vocab_size=int(hc["vocab_size"]),
+        d_model=d,
+        n_layers=int(hc["num_hidden_layers"]),
+        n_heads=heads,
+        n_kv_heads=int(hc.get("num_key_value_heads") or heads),
+        activation="swiglu",
+        norm="rmsnorm",
+        norm_eps=float(hc.get("rms_norm_eps", 1e-5)),
+        rope_theta=float(theta),
+        max_seq_len=max_len,
+        tie_embeddings=bool(hc.get("tie_word_embeddings", False)),
+        moe=moe,
+    )
     if cfg.n_kv_heads == cfg.n_heads and base.n_kv_heads is None:
         cfg = replace(cfg, n_kv_heads=None)
     return cfg, notes
 
 
 # ------------------------------------------------------------------------ tensors
+
 
 def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Rows of a q/k projection for interleaved-pair RoPE -> rows for rotate-half RoPE
@@ -194,8 +260,9 @@ def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, hd // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def to_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor], expert_layout: str = "per-expert",
-                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def to_hf_state_dict(
+    cfg: ModelConfig, sd: dict[str, torch.Tensor], expert_layout: str = "per-expert", dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """Our full state dict -> HF Mixtral tensor names (every tensor contiguous and unshared)."""
     if expert_layout not in ("per-expert", "fused"):
         raise ValueError(f"expert_layout={expert_layout!r}: must be 'per-expert' or 'fused'")
@@ -250,7 +317,7 @@ def from_hf_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[st
         moe = f"{src}.block_sparse_moe" if f"{src}.block_sparse_moe.gate.weight" in left else f"{src}.mlp"
         sd[f"{dst}.ffn.router.weight"] = take(f"{moe}.gate.weight")
         if f"{moe}.experts.gate_up_proj" in left:
-            gate_up = take(f"{moe}.experts.gate_up_proj")           # [E, 2ff, d]
+            gate_up = take(f"{moe}.experts.gate_up_proj")  # [E, 2ff, d]
             ff = gate_up.shape[1] // 2
             sd[f"{dst}.ffn.experts.w1"] = gate_up[:, :ff].transpose(1, 2)
             sd[f"{dst}.ffn.experts.w3"] = gate_up[:, ff:].transpose(1, 2)
@@ -258,7 +325,8 @@ def from_hf_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[st
         else:
             for w in ("w1", "w2", "w3"):
                 sd[f"{dst}.ffn.experts.{w}"] = torch.stack(
-                    [take(f"{moe}.experts.{j}.{w}.weight").t() for j in range(E)])
+                    [take(f"{moe}.experts.{j}.{w}.weight").t() for j in range(E)]
+                )
     sd["norm.weight"] = take("model.norm.weight")
     if "lm_head.weight" in left and not cfg.tie_embeddings:
         sd["lm_head.weight"] = take("lm_head.weight")
@@ -268,8 +336,10 @@ def from_hf_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[st
     else:
         raise KeyError("the Hugging Face checkpoint has no lm_head.weight and tie_word_embeddings is false")
     if left:
-        raise KeyError(f"tensors of the Hugging Face checkpoint that have no place in our model: {sorted(left)[:10]}"
-                       + (" ..." if len(left) > 10 else ""))
+        raise KeyError(
+            f"tensors of the Hugging Face checkpoint that have no place in our model: {sorted(left)[:10]}"
+            + (" ..." if len(left) > 10 else "")
+        )
     out = {k: v.contiguous().clone() for k, v in sd.items() if k != "lm_head.weight" or not cfg.tie_embeddings}
     if cfg.tie_embeddings:
         out["lm_head.weight"] = out["embed.weight"]
@@ -277,6 +347,7 @@ def from_hf_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[st
 
 
 # ------------------------------------------------------------------------ files
+
 
 def parse_size(text: str | int) -> int:
     if isinstance(text, int):
@@ -291,6 +362,7 @@ def parse_size(text: str | int) -> int:
 def save_safetensors_sharded(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> list[str]:
     """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json."""
     from safetensors.torch import save_file
+
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():
@@ -312,28 +384,39 @@ def save_safetensors_sharded(tensors: dict[str, torch.Tensor], out: Path, max_sh
         weight_map.update({k: fname for k in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+    )
     return names + ["model.safetensors.index.json"]
 
 
 def load_hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
+
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     elif (hf_dir / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
-        raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json (only "
-                                "safetensors checkpoints are read; pickled .bin files are not loaded)")
+        raise FileNotFoundError(
+            f"{hf_dir}: no model.safetensors or model.safetensors.index.json (only "
+            "safetensors checkpoints are read; pickled .bin files are not loaded)"
+        )
     out: dict[str, torch.Tensor] = {}
     for f in files:
         out.update(load_file(str(hf_dir / f)))
     return out
 
 
-def export_hf(checkpoint, out_dir, *, dtype: torch.dtype | None = None, expert_layout: str = "per-expert",
-              max_shard_size: str | int = "5GB", overwrite: bool = False) -> dict:
+def export_hf(
+    checkpoint,
+    out_dir,
+    *,
+    dtype: torch.dtype | None = None,
+    expert_layout: str = "per-expert",
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+) -> dict:
     """Write a checkpoint of ours (any TP/EP layout) as a HF Mixtral folder; returns a summary
     with the notes of `check_exportable`. Raises NotExpressibleError for other models, and
     ForeignFolderError for a non-empty `out_dir` aion-train did not write (unless `overwrite`).
@@ -363,13 +446,28 @@ def export_hf(checkpoint, out_dir, *, dtype: torch.dtype | None = None, expert_l
     finally:
         shutil.rmtree(out, ignore_errors=True)
     out = Path(out_dir)
-    return {"out": str(out), "files": files + ["config.json"], "dtype": _DTYPE_NAMES.get(dtype, str(dtype)),
-            "parameters": sum(t.numel() for t in hf.values()), "notes": notes}
+    return {
+        "out": str(out),
+        "files": files + ["config.json"],
+        "dtype": _DTYPE_NAMES.get(dtype, str(dtype)),
+        "parameters": sum(t.numel() for t in hf.values()),
+        "notes": notes,
+    }
 
 
-def import_hf(hf_dir, run_dir, tp: int = 1, ep: int = 1, *, base: ModelConfig | None = None,
-              world: int | None = None, zero_stage: int = 1, dtype: torch.dtype | None = None,
-              max_seq_len: int | None = None, overwrite: bool = False) -> dict:
+def import_hf(
+    hf_dir,
+    run_dir,
+    tp: int = 1,
+    ep: int = 1,
+    *,
+    base: ModelConfig | None = None,
+    world: int | None = None,
+    zero_stage: int = 1,
+    dtype: torch.dtype | None = None,
+    max_seq_len: int | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Write a HF Mixtral folder as `run_dir/checkpoints/step_00000000` in the (tp, ep) layout
     (model payloads only: training from it starts a fresh optimizer). `run_dir` must be absent,
     empty or a run of ours (ForeignFolderError otherwise, unless `overwrite`)."""
@@ -385,13 +483,37 @@ def import_hf(hf_dir, run_dir, tp: int = 1, ep: int = 1, *, base: ModelConfig | 
         if cfg.tie_embeddings:
             sd["lm_head.weight"] = sd["embed.weight"]
     claim_run_dir(run_dir, "import-hf", overwrite)
-    folder = save_sharded_checkpoint(run_dir, cfg, sd, tp, ep, step=0, world=world, zero_stage=zero_stage,
-                                     extra_manifest={"source": {"format": "hf-mixtral", "path": str(hf_dir.resolve())},
-                                                     "notes": notes})
-    return {"checkpoint": str(folder), "model_config": model_config_to_dict(cfg), "tp": tp, "ep": ep,
-            "dtype": _DTYPE_NAMES.get(sd["embed.weight"].dtype, str(sd["embed.weight"].dtype)), "notes": notes,
-            "parameters": sum(t.numel() for k, t in sd.items() if not (cfg.tie_embeddings and k == "lm_head.weight"))}
+    folder = save_sharded_checkpoint(
+        run_dir,
+        cfg,
+        sd,
+        tp,
+        ep,
+        step=0,
+        world=world,
+        zero_stage=zero_stage,
+        extra_manifest={"source": {"format": "hf-mixtral", "path": str(hf_dir.resolve())}, "notes": notes},
+    )
+    return {
+        "checkpoint": str(folder),
+        "model_config": model_config_to_dict(cfg),
+        "tp": tp,
+        "ep": ep,
+        "dtype": _DTYPE_NAMES.get(sd["embed.weight"].dtype, str(sd["embed.weight"].dtype)),
+        "notes": notes,
+        "parameters": sum(t.numel() for k, t in sd.items() if not (cfg.tie_embeddings and k == "lm_head.weight")),
+    }
 
 
-__all__ = ["NotExpressibleError", "check_exportable", "export_hf", "from_hf_config", "from_hf_state_dict",
-           "halves_to_interleaved", "import_hf", "interleaved_to_halves", "to_hf_config", "to_hf_state_dict"]
+__all__ = [
+    "NotExpressibleError",
+    "check_exportable",
+    "export_hf",
+    "from_hf_config",
+    "from_hf_state_dict",
+    "halves_to_interleaved",
+    "import_hf",
+    "interleaved_to_halves",
+    "to_hf_config",
+    "to_hf_state_dict",
+]

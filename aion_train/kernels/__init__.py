@@ -17,13 +17,14 @@ A Triton kernel selected on a CUDA machine but called with CPU tensors (e.g. a C
 a GPU box) falls back to the reference for that call. Every resolution is logged once per
 (kernel, backend) on the "aion_train.kernels" logger.
 """
+
 from __future__ import annotations
 
 import functools
 import importlib
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -31,8 +32,15 @@ from . import reference
 
 log = logging.getLogger("aion_train.kernels")
 
-KERNELS: tuple[str, ...] = ("rms_norm", "rope", "swiglu", "moe_permute", "moe_unpermute",
-                            "cross_entropy", "linear_cross_entropy")
+KERNELS: tuple[str, ...] = (
+    "rms_norm",
+    "rope",
+    "swiglu",
+    "moe_permute",
+    "moe_unpermute",
+    "cross_entropy",
+    "linear_cross_entropy",
+)
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 
 _logged: set[tuple] = set()
@@ -55,6 +63,7 @@ def triton_status() -> tuple[bool, str]:
     except Exception as e:  # ImportError, or a broken install
         return False, f"triton not importable ({type(e).__name__}: {e})"
     import sys
+
     ops = sys.modules.get(__name__ + ".triton_ops")
     interpret = ops.INTERPRET if ops is not None else _env_interpret()
     if interpret:
@@ -70,6 +79,7 @@ def _reference(name: str) -> Callable:
 
 def _triton(name: str) -> Callable:
     from . import triton_ops
+
     impl, ref = getattr(triton_ops, name), _reference(name)
 
     @functools.wraps(impl)
@@ -77,8 +87,12 @@ def _triton(name: str) -> Callable:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if triton_ops.supports(*tensors):
             return impl(*args, **kwargs)
-        _log_once((name, "cpu-fallback"), "kernel %s: triton selected but called on %s tensors; "
-                  "using the torch reference for such calls", name, tensors[0].device.type)
+        _log_once(
+            (name, "cpu-fallback"),
+            "kernel %s: triton selected but called on %s tensors; using the torch reference for such calls",
+            name,
+            tensors[0].device.type,
+        )
         return ref(*args, **kwargs)
 
     call.backend = "triton"

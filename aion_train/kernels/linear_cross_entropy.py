@@ -9,11 +9,12 @@ that is the same on every counted row (a mean or a sum over tokens, what the tra
 any other upstream gradient takes a second chunked pass in backward that recomputes the
 logits, so the result is exact whatever the caller does with the per-row losses.
 """
+
 from __future__ import annotations
 
 import torch
 
-CHUNK_LOGITS = 1 << 21      # fp32 logits per chunk (8 MB)
+CHUNK_LOGITS = 1 << 21  # fp32 logits per chunk (8 MB)
 MIN_CHUNK_ROWS = 64
 
 
@@ -55,8 +56,9 @@ def _chunk_grad(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, val
     return loss, p
 
 
-def _add_chunk_grads(p: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, dh_out: torch.Tensor,
-                     dw_acc: torch.Tensor, first: bool) -> None:
+def _add_chunk_grads(
+    p: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, dh_out: torch.Tensor, dw_acc: torch.Tensor, first: bool
+) -> None:
     """dh_out = p @ weight (in the hidden dtype); dw_acc (+)= p^T @ h (fp32; `first` writes it).
 
     With bf16/fp16 weights both products run in the weights' dtype (fp32 accumulation inside
@@ -84,8 +86,8 @@ def _loss_only(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     rows = _chunk_rows(h.shape[0], weight.shape[0])
     loss = h.new_empty(h.shape[0], dtype=torch.float32)
     for s in range(0, h.shape[0], rows):
-        yc = y[s:s + rows]
-        loss[s:s + rows] = _chunk_loss(h[s:s + rows], weight, yc, yc != ignore_index)
+        yc = y[s : s + rows]
+        loss[s : s + rows] = _chunk_loss(h[s : s + rows], weight, yc, yc != ignore_index)
     return loss.reshape(labels.shape)
 
 
@@ -100,9 +102,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         dh = torch.empty_like(h)
         dw = (torch.empty_like if n else torch.zeros_like)(weight, dtype=torch.float32)
         for s in range(0, n, rows):
-            hc, yc = h[s:s + rows], y[s:s + rows]
-            loss[s:s + rows], p = _chunk_grad(hc, weight, yc, yc != ignore_index)
-            _add_chunk_grads(p, hc, weight, dh[s:s + rows], dw, first=s == 0)
+            hc, yc = h[s : s + rows], y[s : s + rows]
+            loss[s : s + rows], p = _chunk_grad(hc, weight, yc, yc != ignore_index)
+            _add_chunk_grads(p, hc, weight, dh[s : s + rows], dw, first=s == 0)
         ctx.save_for_backward(hidden, weight, labels, dh, dw)
         ctx.ignore_index = ignore_index
         return loss.reshape(labels.shape)
@@ -125,15 +127,21 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_w = (torch.empty_like if h.shape[0] else torch.zeros_like)(weight, dtype=torch.float32)
         rows = _chunk_rows(h.shape[0], weight.shape[0])
         for s in range(0, h.shape[0], rows):
-            hc = h[s:s + rows]
-            _, p = _chunk_grad(hc, weight, y[s:s + rows], valid[s:s + rows])
-            _add_chunk_grads(p.mul_(g[s:s + rows].unsqueeze(1)), hc, weight, grad_h[s:s + rows], grad_w,
-                             first=s == 0)
+            hc = h[s : s + rows]
+            _, p = _chunk_grad(hc, weight, y[s : s + rows], valid[s : s + rows])
+            _add_chunk_grads(
+                p.mul_(g[s : s + rows].unsqueeze(1)), hc, weight, grad_h[s : s + rows], grad_w, first=s == 0
+            )
         return grad_h.reshape(hidden.shape), grad_w.to(weight.dtype), None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         ignore_index: int = -100, chunk_size: int | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     """Per-row cross_entropy(hidden @ weight^T, labels) in fp32 ([...] like labels; 0 where the
     label is ignore_index). hidden: [..., H]; weight: [V, H]. chunk_size (columns of V) is only
     used by the Triton implementation. Without autograd (no_grad, or no input needing a

@@ -8,6 +8,7 @@ math exactly (`model/norms.py`, `model/rope.py`, `model/ffn.py`, `model/moe/toke
 
 Signatures are shared with the Triton implementations, so `select(name, ...)` can return either.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,8 +44,9 @@ def moe_permute(x: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
     return x.index_select(0, token_index)
 
 
-def moe_unpermute(expert_out: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor | None,
-                  n_tokens: int) -> torch.Tensor:
+def moe_unpermute(
+    expert_out: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor | None, n_tokens: int
+) -> torch.Tensor:
     """Weighted combine: out[t] = sum_{m: token_index[m] = t} gates[m] * expert_out[m].
     Tokens with no kept copy get zeros. gates=None means weight 1 (plain un-permute)."""
     weighted = expert_out if gates is None else expert_out * gates.unsqueeze(-1).to(expert_out.dtype)
@@ -55,8 +57,9 @@ def moe_unpermute(expert_out: torch.Tensor, token_index: torch.Tensor, gates: to
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Per-row loss logsumexp(logits) - logits[label], in fp32; 0 where label == ignore_index.
     logits: [..., V]; labels: [...]; returns fp32 [...]."""
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=ignore_index, reduction="none")
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=ignore_index, reduction="none"
+    )
     return loss.reshape(labels.shape)
 
 

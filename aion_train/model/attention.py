@@ -8,13 +8,14 @@ Packed rows (several samples in one row): the model hands every layer a `PackedS
 (`segment_causal_mask`), flash-attn its varlen kernel (`varlen_from_segments`); positions may be
 per row ([B, T], restarting at 0 in every segment). Without them the plain causal path runs
 exactly as before."""
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .execution import ExecutionPolicy
 from .attention_backend import PackedSegments, attention, segment_causal_mask, varlen_from_segments  # noqa: F401
+from .execution import ExecutionPolicy
 from .rope import RotaryEmbedding
 
 
@@ -28,8 +29,7 @@ def apply_rope(rope: RotaryEmbedding, x: torch.Tensor, positions: torch.Tensor) 
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, rope: RotaryEmbedding,
-                 backend: str = "auto"):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, rope: RotaryEmbedding, backend: str = "auto"):
         super().__init__()
         self.head_dim = d_model // n_heads
         self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
@@ -38,10 +38,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         self.rope = rope
         self.backend = backend
-        self.execution: ExecutionPolicy | None = None   # apply_execution_policy; None: the device's
+        self.execution: ExecutionPolicy | None = None  # apply_execution_policy; None: the device's
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache=None, layer_idx: int = 0,
-                attn_mask: torch.Tensor | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache=None,
+        layer_idx: int = 0,
+        attn_mask: torch.Tensor | None = None,
+    ):
         """x: [B, T, d]; positions: [T] or [B, T]; attn_mask: None (causal), a `PackedSegments`
         (packed rows) or a boolean [B, 1, T, T_keys] mask (run through SDPA)."""
         # shapes come from the projections' outputs: a parallel projection may change the head

@@ -11,6 +11,7 @@ Packed rows (several documents in one row, `segment_ids` 1..k, 0 = pad) come as 
 :class:`PackedSegments`: SDPA gets its block-diagonal causal mask (`segment_causal_mask`),
 flash-attn its variable-length kernel (`flash_attn_varlen_func`) with `cu_seqlens` from
 :func:`varlen_from_segments`, the rows' pieces laid end to end."""
+
 from __future__ import annotations
 
 import functools
@@ -31,13 +32,14 @@ class AttentionBackendError(RuntimeError):
     """model.attention_backend=flash cannot run here; the message says why."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _flash_attn():
     """(flash_attn_func, flash_attn_varlen_func, None) or (None, None, why not)."""
     try:
         from flash_attn import flash_attn_func, flash_attn_varlen_func  # optional GPU extra
+
         return flash_attn_func, flash_attn_varlen_func, None
-    except Exception as e:   # ImportError, or a build that does not match this torch / GPU
+    except Exception as e:  # ImportError, or a build that does not match this torch / GPU
         return None, None, f"flash-attn is not importable ({type(e).__name__}: {e}); pip install flash-attn"
 
 
@@ -54,8 +56,10 @@ def flash_unavailable_reason(device: torch.device | None = None, dtype: torch.dt
     if device is not None and torch.device(device).type != "cuda":
         return f"flash-attn runs on CUDA only; the attention inputs are on {torch.device(device).type}"
     if dtype is not None and dtype not in FLASH_DTYPES:
-        return (f"flash-attn needs fp16 or bf16 inputs, not {str(dtype).replace('torch.', '')} "
-                f"(train.precision=bf16 or fp16)")
+        return (
+            f"flash-attn needs fp16 or bf16 inputs, not {str(dtype).replace('torch.', '')} "
+            f"(train.precision=bf16 or fp16)"
+        )
     return None
 
 
@@ -79,8 +83,10 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     why = flash_unavailable_reason(device, dtype)
     if name == "flash":
         if why is not None:
-            raise AttentionBackendError(f"model.attention_backend=flash cannot run: {why}. "
-                                        f"Use model.attention_backend=auto (or sdpa) to run torch SDPA")
+            raise AttentionBackendError(
+                f"model.attention_backend=flash cannot run: {why}. "
+                f"Use model.attention_backend=auto (or sdpa) to run torch SDPA"
+            )
         _log_once(("flash", "requested"), "attention: flash-attn (model.attention_backend=flash)")
         return "flash"
     dev = torch.device(device).type
@@ -95,8 +101,10 @@ def check_backend_installed(name: str) -> None:
     """At model build: `flash` without an importable flash-attn fails here, before any data or
     engine is set up (device and dtype are checked at the first forward)."""
     if name == "flash" and _flash_attn()[2] is not None:
-        raise AttentionBackendError(f"model.attention_backend=flash cannot run: {_flash_attn()[2]}. "
-                                    f"Use model.attention_backend=auto (or sdpa) to run torch SDPA")
+        raise AttentionBackendError(
+            f"model.attention_backend=flash cannot run: {_flash_attn()[2]}. "
+            f"Use model.attention_backend=auto (or sdpa) to run torch SDPA"
+        )
 
 
 # -- packed rows ---------------------------------------------------------------------------------
@@ -107,7 +115,7 @@ def segment_causal_mask(segment_ids: torch.Tensor, q_len: int | None = None) -> 
     fully masked (SDPA would return NaN for it)."""
     tk = segment_ids.shape[1]
     tq = tk if q_len is None else q_len
-    q_seg = segment_ids[:, tk - tq:]
+    q_seg = segment_ids[:, tk - tq :]
     same = q_seg.unsqueeze(2) == segment_ids.unsqueeze(1)
     causal = torch.ones(tq, tk, dtype=torch.bool, device=segment_ids.device).tril(diagonal=tk - tq)
     return (same & causal).unsqueeze(1)
@@ -164,13 +172,28 @@ def _flash_varlen(q, k, v, packed: PackedSegments) -> torch.Tensor:
     b, t = q.shape[:2]
     cu, max_len = packed.varlen()
     fn = _flash_attn()[1]
-    out = fn(q.reshape(b * t, *q.shape[2:]), k.reshape(b * t, *k.shape[2:]), v.reshape(b * t, *v.shape[2:]),
-             cu, cu, max_len, max_len, causal=True)
+    out = fn(
+        q.reshape(b * t, *q.shape[2:]),
+        k.reshape(b * t, *k.shape[2:]),
+        v.reshape(b * t, *v.shape[2:]),
+        cu,
+        cu,
+        max_len,
+        max_len,
+        causal=True,
+    )
     return out.reshape(b, t, *out.shape[1:])
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-              backend: str = "auto", attn_mask=None, execution: ExecutionPolicy | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    backend: str = "auto",
+    attn_mask=None,
+    execution: ExecutionPolicy | None = None,
+) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v with grouped KV heads. Returns [B, T, Hq, D].
 
     `causal` with Tq < Tk (decoding with a KV cache) aligns the mask to the end of the keys.
@@ -185,8 +208,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
         if which == "flash" and not packed.cached_keys:
             return _flash_varlen(q, k, v, packed)
         if which == "flash":
-            _log_once(("packed-cache-sdpa",), "attention: packed rows with a KV cache run through SDPA "
-                      "(flash-attn's varlen kernel takes no cache here)")
+            _log_once(
+                ("packed-cache-sdpa",),
+                "attention: packed rows with a KV cache run through SDPA "
+                "(flash-attn's varlen kernel takes no cache here)",
+            )
         attn_mask = None if packed.single_segment() else packed.mask()
     elif attn_mask is None:
         which = resolve_backend(backend, q.device, q.dtype)
@@ -197,7 +223,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     # and fp32 is the more exact result; autograd then keeps fp32 q, k, v and output)
     if policy_for(execution, q.device).attention_fp32 and q.dtype in (torch.bfloat16, torch.float16):
         q, k, v = q.float(), k.float(), v.float()
-    gqa = q.shape[2] != k.shape[2]     # grouped KV heads: SDPA maps q head i to kv head i // group
+    gqa = q.shape[2] != k.shape[2]  # grouped KV heads: SDPA maps q head i to kv head i // group
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     tq, tk = q.shape[2], k.shape[2]
     if attn_mask is not None:

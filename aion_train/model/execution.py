@@ -7,6 +7,7 @@ grouped GEMM or one matmul per expert (`runtime.grouped_mm`). `ExecutionPolicy.f
 is the one place that decides them; `apply_execution_policy` hands a policy to every module
 of a model, and a module without one uses its tensors' device's policy. The measurements
 behind the CPU choices are in docs/notes.md (bench moe, bench train)."""
+
 from __future__ import annotations
 
 import functools
@@ -23,12 +24,12 @@ GROUPED_MM_MODES = ("auto", "grouped", "per_expert")
 
 @dataclass(frozen=True)
 class ExecutionPolicy:
-    pad_expert_groups: bool     # pad ragged expert groups to the largest when that adds at most
-    pad_max_waste: float        #   this fraction of rows, and groups have at most
-    pad_max_rows: int           #   this many rows: equal groups then run as one batched GEMM
+    pad_expert_groups: bool  # pad ragged expert groups to the largest when that adds at most
+    pad_max_waste: float  #   this fraction of rows, and groups have at most
+    pad_max_rows: int  #   this many rows: equal groups then run as one batched GEMM
     batched_equal_groups: bool  # equal expert groups as one torch.bmm per projection
-    attention_fp32: bool        # bf16/fp16 attention computed in fp32 (its output cast back)
-    grouped_mm: str = "auto"    # auto | grouped | per_expert (experts.grouped_linear)
+    attention_fp32: bool  # bf16/fp16 attention computed in fp32 (its output cast back)
+    grouped_mm: str = "auto"  # auto | grouped | per_expert (experts.grouped_linear)
 
     def __post_init__(self):
         if self.grouped_mm not in GROUPED_MM_MODES:
@@ -40,11 +41,17 @@ class ExecutionPolicy:
         per-expert GEMMs up to a few hundred rows per expert; CUDA takes ragged groups as
         they are and runs bf16 attention natively."""
         cpu = device_type == "cpu"
-        return cls(pad_expert_groups=cpu, pad_max_waste=0.15, pad_max_rows=384, batched_equal_groups=cpu,
-                   attention_fp32=cpu, grouped_mm=grouped_mm)
+        return cls(
+            pad_expert_groups=cpu,
+            pad_max_waste=0.15,
+            pad_max_rows=384,
+            batched_equal_groups=cpu,
+            attention_fp32=cpu,
+            grouped_mm=grouped_mm,
+        )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _default(device_type: str) -> ExecutionPolicy:
     return ExecutionPolicy.for_device(device_type)
 

@@ -1,4 +1,5 @@
 """Dense feed-forward networks: SwiGLU, GeLU, ReLU (no biases, LLaMA-style)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """KV-cached autoregressive generation (greedy or sampled)."""
+
 from __future__ import annotations
 
 import torch
@@ -7,9 +8,15 @@ from .kv_cache import KVCache
 
 
 @torch.no_grad()
-def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-             eos_id: int | None = None, generator: torch.Generator | None = None,
-             gather_logits=None) -> torch.Tensor:
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    gather_logits=None,
+) -> torch.Tensor:
     """Returns [B, T + new]. `gather_logits` turns a vocab shard into full logits under TP.
     `generator` may be a CPU generator for a model on the GPU (sampling then draws on the CPU)."""
     cache = KVCache(len(model.blocks))

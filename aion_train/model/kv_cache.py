@@ -1,4 +1,5 @@
 """Per-layer key/value cache for incremental decoding."""
+
 from __future__ import annotations
 
 import torch

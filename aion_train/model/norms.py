@@ -1,4 +1,5 @@
 """Pre-norm layers: RMSNorm and LayerNorm (eps 1e-5 by default)."""
+
 from __future__ import annotations
 
 import torch
@@ -14,7 +15,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self._rms_norm = select("rms_norm", kernels)   # fused Triton kernel or the torch reference
+        self._rms_norm = select("rms_norm", kernels)  # fused Triton kernel or the torch reference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._rms_norm(x, self.weight, self.eps)

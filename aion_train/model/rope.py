@@ -1,5 +1,6 @@
 """Rotary position embedding (RoFormer): rotate each pair (x_2i, x_2i+1) by m * theta_i,
 theta_i = base^(-2i/d), so <RoPE(q, m), RoPE(k, n)> depends on m - n only."""
+
 from __future__ import annotations
 
 import torch
@@ -11,7 +12,7 @@ from aion_train.kernels import select
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0, kernels: str = "auto"):
         super().__init__()
-        self._rope = select("rope", kernels)   # interleaved-pair rotation (kernels/reference.py)
+        self._rope = select("rope", kernels)  # interleaved-pair rotation (kernels/reference.py)
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
         self.register_buffer("cos", angles.cos().float(), persistent=False)

@@ -2,6 +2,7 @@
 
 The model knows nothing of parallelism: `aion_train.parallel.parallelize` swaps its
 projections, embedding, experts' dispatcher and loss for tensor/expert-parallel ones."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,11 +25,11 @@ from .rope import RotaryEmbedding
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor | None          # [B, T, V] (or the local vocab shard under TP)
-    loss: torch.Tensor | None = None     # lm_loss + aux_loss
+    logits: torch.Tensor | None  # [B, T, V] (or the local vocab shard under TP)
+    loss: torch.Tensor | None = None  # lm_loss + aux_loss
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
-    hidden: torch.Tensor | None = None   # final normed hidden states [B, T, d]
+    hidden: torch.Tensor | None = None  # final normed hidden states [B, T, d]
 
 
 def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -57,14 +58,24 @@ class Block(nn.Module):
         super().__init__()
         self.layer = layer
         self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.kernels)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, rope,
-                              cfg.attention_backend)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, rope, cfg.attention_backend)
         self.ffn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.kernels)
         if is_moe_layer(cfg, layer):
             m = cfg.moe
-            self.ffn = MoELayer(cfg.d_model, m.n_experts, m.top_k, m.d_ff_expert, cfg.activation,
-                                m.capacity_factor, m.balance_coef, m.z_loss_coef, m.shared_expert_d_ff,
-                                m.normalize_gates, cfg.init_std, cfg.kernels)
+            self.ffn = MoELayer(
+                cfg.d_model,
+                m.n_experts,
+                m.top_k,
+                m.d_ff_expert,
+                cfg.activation,
+                m.capacity_factor,
+                m.balance_coef,
+                m.z_loss_coef,
+                m.shared_expert_d_ff,
+                m.normalize_gates,
+                cfg.init_std,
+                cfg.kernels,
+            )
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, cfg.kernels)
 
@@ -81,7 +92,7 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        check_backend_installed(cfg.attention_backend)   # flash without flash-attn: fail now, saying so
+        check_backend_installed(cfg.attention_backend)  # flash without flash-attn: fail now, saying so
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         rope = RotaryEmbedding(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta, cfg.kernels)
@@ -92,7 +103,7 @@ class Transformer(nn.Module):
         self.loss_fn = cross_entropy_loss if cfg.kernels == "torch" else FusedCrossEntropy(cfg.kernels)
         # head + loss in one kernel when the caller needs no logits (None under TP)
         self.head_loss = select("linear_cross_entropy", cfg.kernels)
-        self.fused_head_loss = True   # use_fused_head_loss(False): an engine that partitions weights
+        self.fused_head_loss = True  # use_fused_head_loss(False): an engine that partitions weights
         self.activation_checkpointing = False
         self.reset_parameters()
         if cfg.tie_embeddings:
@@ -103,7 +114,9 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() >= 2:
                 # scaled init for the projections that write into the residual stream
-                scale = (2 * self.cfg.n_layers) ** -0.5 if name.endswith(("o_proj.weight", "w_down.weight", "w2")) else 1.0
+                scale = (
+                    (2 * self.cfg.n_layers) ** -0.5 if name.endswith(("o_proj.weight", "w_down.weight", "w2")) else 1.0
+                )
                 nn.init.normal_(p, std=std * scale)
 
     def moe_layers(self):
@@ -112,11 +125,18 @@ class Transformer(nn.Module):
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed(input_ids)
 
-    def forward(self, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                kv_cache=None, inputs_embeds: torch.Tensor | None = None,
-                modality: torch.Tensor | None = None, return_hidden: bool = False,
-                segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                return_logits: bool = True) -> ModelOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        kv_cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        modality: torch.Tensor | None = None,
+        return_hidden: bool = False,
+        segment_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        return_logits: bool = True,
+    ) -> ModelOutput:
         """`return_logits=False` with labels (training): the LM head and the loss run as one
         kernel that never stores the [B, T, V] logits (`logits` is then None).
 
@@ -136,9 +156,11 @@ class Transformer(nn.Module):
         mask = None
         if segment_ids is not None:
             if segment_ids.shape[1] != start + seq_len:
-                raise ValueError(f"segment_ids has {segment_ids.shape[1]} columns; expected the "
-                                 f"{start} cached + {seq_len} new positions")
-            mask = PackedSegments(segment_ids, seq_len)   # the mask / cu_seqlens, built once on first use
+                raise ValueError(
+                    f"segment_ids has {segment_ids.shape[1]} columns; expected the "
+                    f"{start} cached + {seq_len} new positions"
+                )
+            mask = PackedSegments(segment_ids, seq_len)  # the mask / cu_seqlens, built once on first use
         aux = x.new_zeros((), dtype=torch.float32)
         for block in self.blocks:
             if self.activation_checkpointing and self.training and kv_cache is None:
@@ -173,8 +195,12 @@ class Transformer(nn.Module):
         """The fused head + loss may run: allowed, and the head is a plain dense projection
         (not TP-sharded, LoRA-wrapped or quantised)."""
         head = self.lm_head
-        return (self.fused_head_loss and self.head_loss is not None and type(head) is nn.Linear
-                and type(head.weight) in (torch.Tensor, nn.Parameter))
+        return (
+            self.fused_head_loss
+            and self.head_loss is not None
+            and type(head) is nn.Linear
+            and type(head.weight) in (torch.Tensor, nn.Parameter)
+        )
 
 
 def build_model(cfg: ModelConfig, seed: int | None = None) -> Transformer:

@@ -6,6 +6,27 @@ from .parallelize import full_slice, parallelize, parallelize_multimodal
 from .plan import ParallelPlan
 from .spawn import free_port, init_distributed, run_ranks
 
-__all__ = ["Device", "ParallelGroups", "ParallelPlan", "all_reduce_", "all_to_all", "comm_device", "module_device", "to_device", "average_gradients", "build_groups", "copy_to",
-           "free_port", "full_slice", "gather_last", "get_device", "global_grad_norm", "init_distributed",
-           "layout", "parallelize", "parallelize_multimodal", "reduce_from", "run_ranks"]
+__all__ = [
+    "Device",
+    "ParallelGroups",
+    "ParallelPlan",
+    "all_reduce_",
+    "all_to_all",
+    "comm_device",
+    "module_device",
+    "to_device",
+    "average_gradients",
+    "build_groups",
+    "copy_to",
+    "free_port",
+    "full_slice",
+    "gather_last",
+    "get_device",
+    "global_grad_norm",
+    "init_distributed",
+    "layout",
+    "parallelize",
+    "parallelize_multimodal",
+    "reduce_from",
+    "run_ranks",
+]

@@ -10,6 +10,7 @@ Every function is the identity when the group has one rank.
 all_reduce_  the plain (non-autograd) in-place all-reduce of bookkeeping tensors (losses,
              counts, metrics, norms) wherever they live: run on the group's communication
              device (`device.comm_device`), so a CPU tensor works under NCCL too."""
+
 from __future__ import annotations
 
 import torch
@@ -66,6 +67,7 @@ def _reduce_scatter(x, group, dim):
 def _conjugate(name: str, forward, backward, doc: str):
     """`f(x, group)`: the autograd function whose forward is `forward(x, group)` and whose
     gradient is `backward(g, group)`, and the identity when the group has one rank."""
+
     def fwd(ctx, x, group):
         ctx.group = group
         return forward(x, group)
@@ -77,6 +79,7 @@ def _conjugate(name: str, forward, backward, doc: str):
 
     def apply(x, group):
         return x if group_size(group) == 1 else fn.apply(x, group)
+
     apply.__name__, apply.__doc__ = name.lstrip("_"), doc
     return apply
 
@@ -94,19 +97,37 @@ def _on_dim(op, dim: int):
 
 
 copy_to = _conjugate("_copy_to", _identity, _summed, "fwd identity; bwd all-reduce (input of a column-parallel layer)")
-reduce_from = _conjugate("_reduce_from", _summed, _identity, "fwd all-reduce; bwd identity (output of a row-parallel layer)")
-gather_last = _conjugate("_gather_last", _on_dim(_all_gather, -1), _on_dim(_split, -1),
-                         "fwd all-gather of the last dim; bwd this rank's slice (a column-parallel output)")
-scatter_seq = _conjugate("_scatter_seq", _on_dim(_split, 1), _on_dim(_all_gather, 1),
-                         "fwd this rank's slice of the sequence; bwd all-gather")
-gather_seq = _conjugate("_gather_seq", _on_dim(_all_gather, 1), _on_dim(_reduce_scatter, 1),
-                        "fwd all-gather along the sequence; bwd reduce-scatter (the consumer is column-parallel)")
+reduce_from = _conjugate(
+    "_reduce_from", _summed, _identity, "fwd all-reduce; bwd identity (output of a row-parallel layer)"
+)
+gather_last = _conjugate(
+    "_gather_last",
+    _on_dim(_all_gather, -1),
+    _on_dim(_split, -1),
+    "fwd all-gather of the last dim; bwd this rank's slice (a column-parallel output)",
+)
+scatter_seq = _conjugate(
+    "_scatter_seq", _on_dim(_split, 1), _on_dim(_all_gather, 1), "fwd this rank's slice of the sequence; bwd all-gather"
+)
+gather_seq = _conjugate(
+    "_gather_seq",
+    _on_dim(_all_gather, 1),
+    _on_dim(_reduce_scatter, 1),
+    "fwd all-gather along the sequence; bwd reduce-scatter (the consumer is column-parallel)",
+)
 gather_seq_replicated = _conjugate(
-    "_gather_seq_replicated", _on_dim(_all_gather, 1), _on_dim(_split, 1),
+    "_gather_seq_replicated",
+    _on_dim(_all_gather, 1),
+    _on_dim(_split, 1),
     "fwd all-gather along the sequence; bwd keep this rank's slice (the consumer computes the same thing "
-    "on every TP rank, so every rank already holds the full gradient)")
-reduce_scatter_seq = _conjugate("_reduce_scatter_seq", _on_dim(_reduce_scatter, 1), _on_dim(_all_gather, 1),
-                                "fwd reduce-scatter along the sequence; bwd all-gather")
+    "on every TP rank, so every rank already holds the full gradient)",
+)
+reduce_scatter_seq = _conjugate(
+    "_reduce_scatter_seq",
+    _on_dim(_reduce_scatter, 1),
+    _on_dim(_all_gather, 1),
+    "fwd reduce-scatter along the sequence; bwd all-gather",
+)
 
 
 class _AllToAll(torch.autograd.Function):

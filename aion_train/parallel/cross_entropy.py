@@ -1,6 +1,7 @@
 """Vocab-parallel cross-entropy (Megatron): the loss from vocab-sharded logits without ever
 gathering the full [N, V] logits. Three all-reduces of [N]-sized tensors: max, target logit,
 sum of exponentials."""
+
 from __future__ import annotations
 
 import torch
@@ -51,6 +52,5 @@ class VocabParallelCrossEntropy:
         valid = flat_labels != -100
         if group_size(self.group) == 1:
             return torch.nn.functional.cross_entropy(flat_logits.float(), flat_labels, ignore_index=-100)
-        losses = _VocabParallelCE.apply(flat_logits, flat_labels.masked_fill(~valid, 0), self.vocab_start,
-                                        self.group)
+        losses = _VocabParallelCE.apply(flat_logits, flat_labels.masked_fill(~valid, 0), self.vocab_start, self.group)
         return (losses * valid).sum() / valid.sum().clamp(min=1)

@@ -7,6 +7,7 @@ registry (filled with our EP / EDP groups), the class check that turns its MoE h
 its ZeRO 1/2 optimizer class (loading a saved optimizer state) and the bucket-reduce methods
 the ZeRO memory benchmark watches. `INTERNALS` names each; `missing_internals()` says which a
 DeepSpeed upgrade removed (tests/test_engine.py fails loudly on any)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,10 @@ INTERNALS = (
     ("deepspeed.moe.utils", "split_params_into_different_moe_groups_for_optimizer"),
     ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer"),
     ("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer", "reduce_ipg_grads"),
-    ("deepspeed.runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3",
-     "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads"),
+    (
+        "deepspeed.runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3",
+        "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads",
+    ),
 )
 
 # the methods that reduce a full gradient bucket: ZeRO 1/2, ZeRO-3 (name-mangled)
@@ -38,7 +41,7 @@ ZERO_REDUCE_METHODS = ("reduce_ipg_grads", "_DeepSpeedZeroOptimizer_Stage3__redu
 
 def _resolve(dotted: str, attr: str):
     parts = dotted.split(".")
-    for i in range(len(parts), 0, -1):   # the longest importable prefix, then attributes
+    for i in range(len(parts), 0, -1):  # the longest importable prefix, then attributes
         try:
             obj = importlib.import_module(".".join(parts[:i]))
         except ImportError:
@@ -69,22 +72,25 @@ def init_comm(backend: str, timeout_s: float = 120.0, shm_op: bool = False):
     (minutes and over a GB; the results are the same without it, docs/notes.md): skipped
     unless `shm_op` (config `runtime.deepspeed_shm_op`)."""
     from aion_train.process_env import set_env
+
     one_process = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
     if "MASTER_PORT" not in os.environ:
         from .spawn import free_port
+
         one_process["MASTER_PORT"] = str(free_port())
     set_env(defaults=one_process)
     import deepspeed
+
     if not shm_op:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
-                               dist_init_required=None)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), dist_init_required=None)
     return deepspeed
 
 
 def register_expert_groups(groups: ParallelGroups) -> None:
     """Put our EP / EDP groups into DeepSpeed's registry under the name our params carry."""
     from deepspeed.utils import groups as ds_groups
+
     name = expert_group_name(groups.ep)
     lay = layout(groups.world, groups.tp, groups.ep)
     ds_groups._EXPERT_PARALLEL_GROUP[name] = groups.ep_group
@@ -106,6 +112,7 @@ def deepspeed_sees_our_moe(model):
     from deepspeed.moe.layer import MoE as DSMoE
 
     from aion_train.model.moe import MoELayer
+
     for m in model.modules():
         if isinstance(m, MoELayer):
             m.num_experts = m.n_experts
@@ -139,6 +146,7 @@ def tag_parameters(model, plan) -> None:
 def split_moe_param_groups(param_groups: list) -> list:
     """Expert parameters in groups of their own (reduced over EDP), as DeepSpeed's ZeRO wants."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
     return split_params_into_different_moe_groups_for_optimizer(param_groups)
 
 
@@ -146,6 +154,7 @@ def load_optimizer_state(optimizer, state: dict, dp_rank: int, dp_size: int) -> 
     """Load a full (gathered) optimizer state: ZeRO 1/2 takes it as this DP rank's entry of a
     per-rank list and re-partitions it from the fp32 weights; any other optimizer as it is."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
     if isinstance(optimizer, DeepSpeedZeroOptimizer):
         states = [None] * dp_size
         states[dp_rank] = state

@@ -1,5 +1,6 @@
 """The one small interface to the accelerator: device, distributed backend, RNG, streams,
 memory. CPU (gloo) and CUDA (NCCL) share every other line of code."""
+
 from __future__ import annotations
 
 import contextlib
@@ -58,6 +59,7 @@ class Device:
             return torch.cuda.max_memory_allocated(self.torch_device)
         try:
             import psutil
+
             return psutil.Process().memory_info().rss
         except Exception:
             return 0
@@ -83,7 +85,7 @@ def set_cpu_allocator(policy: str) -> None:
     _cpu_allocator = policy
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tune_cpu_allocator() -> bool:
     """Keep freed blocks in the process heap instead of handing them back to the kernel.
 
@@ -99,7 +101,7 @@ def tune_cpu_allocator() -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):   # not glibc (musl, ...)
+    except (OSError, AttributeError):  # not glibc (musl, ...)
         return False
 
 
@@ -134,7 +136,8 @@ def cuda_index(local_rank: int, n_visible: int) -> int:
         f"LOCAL_RANK={local_rank} but this process sees only {n_visible} GPUs "
         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): more ranks per "
         f"host than GPUs would put two ranks on one GPU, which NCCL refuses. Start at most "
-        f"{n_visible} ranks per host, or run on the CPU with gloo (parallel.backend=gloo)")
+        f"{n_visible} ranks per host, or run on the CPU with gloo (parallel.backend=gloo)"
+    )
 
 
 def resolve_backend(requested: str = "auto") -> str:
@@ -173,6 +176,7 @@ def comm_device(group=None) -> torch.device:
     an initialised process group. Reductions of CPU-side bookkeeping (losses, counts, metrics)
     go through `aion_train.parallel.collectives.all_reduce_`, which moves them here and back."""
     import torch.distributed as dist
+
     if not (dist.is_available() and dist.is_initialized()):
         return torch.device("cpu")
     return backend_device(dist.get_backend(group))

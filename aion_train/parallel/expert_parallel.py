@@ -1,5 +1,6 @@
 """Expert parallelism: experts sharded over the EP group, token copies exchanged by
 all-to-all with variable split sizes; experts' hidden width optionally sharded over TP."""
+
 from __future__ import annotations
 
 import torch
@@ -48,8 +49,9 @@ class AllToAllDispatcher:
         out_splits = recv.sum(1).tolist()
         received = all_to_all(send, out_splits, in_splits, self.group)
         perm = chunk_permutation(recv)
-        state = DispatchState(token_index, kept_gates, x.shape[0], dropped,
-                              extra=(torch.argsort(perm), in_splits, out_splits))
+        state = DispatchState(
+            token_index, kept_gates, x.shape[0], dropped, extra=(torch.argsort(perm), in_splits, out_splits)
+        )
         return received.index_select(0, perm), recv.sum(0), state
 
     def combine(self, expert_out: torch.Tensor, state: DispatchState) -> torch.Tensor:

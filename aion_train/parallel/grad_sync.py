@@ -2,6 +2,7 @@
 
 DeepSpeed does the data-parallel reduction in training; these are used where we reduce
 ourselves (verify-parallel, the reference of the tests) and for the global norm."""
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ Layout (Megatron's): rank = dp_rank * tp + tp_rank, TP innermost so a TP group s
 node. Inside each data-parallel group, EP groups are blocks of `ep` consecutive DP ranks and
 EDP groups join the ranks holding the same experts: ep_rank = dp_rank % ep,
 edp_rank = dp_rank // ep."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ def layout(world: int, tp: int, ep: int) -> dict[str, list[list[int]]]:
     ep_groups, edp_groups = [], []
     for t in range(tp):
         dp_ranks = dp_groups[t]
-        ep_groups += [dp_ranks[b * ep:(b + 1) * ep] for b in range(dp // ep)]
+        ep_groups += [dp_ranks[b * ep : (b + 1) * ep] for b in range(dp // ep)]
         edp_groups += [dp_ranks[e::ep] for e in range(ep)]
     return {"tp": tp_groups, "dp": dp_groups, "ep": ep_groups, "edp": edp_groups}
 
@@ -75,9 +76,17 @@ def build_groups(tp: int = 1, ep: int = 1, timeout_s: float = 120.0) -> Parallel
             group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 mine[kind] = group
-    return ParallelGroups(world=world, rank=rank, tp=tp, dp=world // tp, ep=ep,
-                          tp_group=mine["tp"], dp_group=mine["dp"], ep_group=mine["ep"],
-                          edp_group=mine["edp"])
+    return ParallelGroups(
+        world=world,
+        rank=rank,
+        tp=tp,
+        dp=world // tp,
+        ep=ep,
+        tp_group=mine["tp"],
+        dp_group=mine["dp"],
+        ep_group=mine["ep"],
+        edp_group=mine["edp"],
+    )
 
 
 def _fail(tp, ep):

@@ -2,14 +2,15 @@
 
 Each is built from the full (unsharded) layer with `from_dense`, so a model built once on
 every rank with the same seed is sharded exactly like the single-process reference."""
+
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from .collectives import copy_to, gather_last, gather_seq, group_size, reduce_from, reduce_scatter_seq
-import torch.distributed as dist
 
 
 def _rank(group) -> int:
@@ -26,8 +27,14 @@ def shard(t: torch.Tensor, dim: int, group) -> torch.Tensor:
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with W's output rows split over the TP group (optionally gathered)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group,
-                 gather_output: bool = False, sequence_parallel: bool = False):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        group,
+        gather_output: bool = False,
+        sequence_parallel: bool = False,
+    ):
         super().__init__()
         self.group, self.gather_output, self.sequence_parallel = group, gather_output, sequence_parallel
         self.weight = nn.Parameter(shard(weight.detach(), 0, group))
@@ -46,8 +53,7 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """y = sum over ranks of x_r W_r^T, W's input columns split over the TP group."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group,
-                 sequence_parallel: bool = False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, sequence_parallel: bool = False):
         super().__init__()
         self.group, self.sequence_parallel = group, sequence_parallel
         self.weight = nn.Parameter(shard(weight.detach(), 1, group))

@@ -2,6 +2,7 @@
 the model is built unsharded with the same seed on every rank, then this one function
 applies its `ParallelPlan` (plan.py): swaps the layers the plan names for sharded ones and
 tags the parameters."""
+
 from __future__ import annotations
 
 import torch.distributed as dist
@@ -28,10 +29,12 @@ def _sequence_parallel_moe(moe: MoELayer, tp) -> None:
 def _sum_grad_over_tp(p, tp) -> None:
     """A parameter applied to this rank's sequence slice only (norm weights under SP) gets a
     partial gradient: sum it over the TP group as soon as it is computed."""
+
     def hook(grad):
         grad = grad.clone()
         dist.all_reduce(grad, group=tp)
         return grad
+
     p.register_hook(hook)
     p.sequence_parallel = True
 
@@ -51,12 +54,12 @@ def _replace(model: nn.Module, path: str, style: str, groups: ParallelGroups, sp
         new = VocabParallelEmbedding.from_dense(old, tp, sequence_parallel=sp)
     elif style in (LM_HEAD, TIED_LM_HEAD):
         new = ColumnParallelLinear.from_dense(old, tp, sequence_parallel=sp)
-        if style == TIED_LM_HEAD:   # the embedding is replaced first (the plan's order)
+        if style == TIED_LM_HEAD:  # the embedding is replaced first (the plan's order)
             new.weight = model.embed.weight
         model.use_sharded_vocab_loss(VocabParallelCrossEntropy(tp, model.embed.vocab_start))
     elif style == EXPERTS:
         new = TensorParallelExperts(old, ep, tp)
-    elif style == ALL_TO_ALL_DISPATCH:   # the MoE layer stays; its dispatcher exchanges tokens
+    elif style == ALL_TO_ALL_DISPATCH:  # the MoE layer stays; its dispatcher exchanges tokens
         old.dispatcher = AllToAllDispatcher(old.n_experts, old.dispatcher.capacity_factor, ep, old.dispatcher.kernels)
         return
     else:

@@ -8,6 +8,7 @@ module that `parallelize` replaces, which parallel module takes its place. It is
 from the config on the meta device, it can be checked without ranks. `parallelize` applies it;
 resharding, export/import, the checkpoint manifest, the optimizer's groups and the DeepSpeed
 adapter read it (`plan.shard_spec(tp_rank, ep_rank)` is what a rank holds)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,7 +22,14 @@ from aion_train.model.norms import RMSNorm
 
 # what replaces a module
 COLUMN, ROW, VOCAB_EMBEDDING, LM_HEAD, TIED_LM_HEAD, EXPERTS, ALL_TO_ALL_DISPATCH = (
-    "column", "row", "vocab_embedding", "lm_head", "tied_lm_head", "experts", "all_to_all_dispatch")
+    "column",
+    "row",
+    "vocab_embedding",
+    "lm_head",
+    "tied_lm_head",
+    "experts",
+    "all_to_all_dispatch",
+)
 NORMS = (RMSNorm, nn.LayerNorm)
 
 Spec = dict[str, list[tuple[int, int, int]]]
@@ -29,9 +37,9 @@ Spec = dict[str, list[tuple[int, int, int]]]
 
 @dataclass(frozen=True)
 class ParamPlan:
-    splits: tuple[tuple[int, str], ...] = ()   # (dim, mesh axis "ep" | "tp"), applied in order
-    grad_group: str = "dp"                     # dp | edp (expert weights)
-    grad_sum_over_tp: bool = False             # a replicated weight applied to a sequence slice
+    splits: tuple[tuple[int, str], ...] = ()  # (dim, mesh axis "ep" | "tp"), applied in order
+    grad_group: str = "dp"  # dp | edp (expert weights)
+    grad_sum_over_tp: bool = False  # a replicated weight applied to a sequence slice
 
     @property
     def is_expert(self) -> bool:
@@ -43,8 +51,8 @@ class ParallelPlan:
     tp: int = 1
     ep: int = 1
     sequence_parallel: bool = False
-    modules: dict[str, str] = field(default_factory=dict)   # module path -> COLUMN | ROW | ...
-    params: dict[str, ParamPlan] = field(default_factory=dict)   # every parameter of the full model
+    modules: dict[str, str] = field(default_factory=dict)  # module path -> COLUMN | ROW | ...
+    params: dict[str, ParamPlan] = field(default_factory=dict)  # every parameter of the full model
 
     @classmethod
     def from_config(cls, model_cfg, tp: int = 1, ep: int = 1, sequence_parallel: bool = False) -> ParallelPlan:
@@ -52,6 +60,7 @@ class ParallelPlan:
         weights). A multimodal model's trunk is its `lm`: names carry the "lm." prefix, the
         encoders stay replicated."""
         from aion_train.model import Transformer
+
         with torch.device("meta"):
             plan = cls.from_model(Transformer(model_cfg), tp, ep, sequence_parallel)
         multimodal = getattr(model_cfg, "multimodal", None)
@@ -63,6 +72,7 @@ class ParallelPlan:
         itself, a multimodal model's `lm`, a reward model's or critic's `backbone`. A model
         without a trunk splits nothing."""
         from aion_train.model import Transformer
+
         path = next((p for p, m in model.named_modules() if isinstance(m, Transformer)), None)
         if path is None:
             return cls(tp, ep, sequence_parallel and tp > 1)
@@ -100,7 +110,7 @@ class ParallelPlan:
                 experts.update(names)
                 if tp > 1 or ep > 1:
                     modules[f"{pre}.ffn.experts"] = EXPERTS
-                    for n in names:   # [E, d, ff] for w1 / w3, [E, ff, d] for w2
+                    for n in names:  # [E, d, ff] for w1 / w3, [E, ff, d] for w2
                         splits[n] = ((0, "ep"), (1 if n.endswith(".w2") else 2, "tp"))
                 if ep > 1:
                     modules[f"{pre}.ffn"] = ALL_TO_ALL_DISPATCH
@@ -112,18 +122,27 @@ class ParallelPlan:
             tied = model.lm_head.weight is model.embed.weight
             modules["embed"], modules["lm_head"] = VOCAB_EMBEDDING, TIED_LM_HEAD if tied else LM_HEAD
             splits["embed.weight"] = splits["lm_head.weight"] = ((0, "tp"),)
-        norm_params = {f"{path}.{n}" for path, m in model.named_modules() if isinstance(m, NORMS)
-                       for n, _ in m.named_parameters(recurse=False)}
-        params = {name: ParamPlan(splits.get(name, ()), "edp" if name in experts else "dp",
-                                  sp and name in norm_params)
-                  for name, _ in model.named_parameters(remove_duplicate=False)}   # tied names too
+        norm_params = {
+            f"{path}.{n}"
+            for path, m in model.named_modules()
+            if isinstance(m, NORMS)
+            for n, _ in m.named_parameters(recurse=False)
+        }
+        params = {
+            name: ParamPlan(splits.get(name, ()), "edp" if name in experts else "dp", sp and name in norm_params)
+            for name, _ in model.named_parameters(remove_duplicate=False)
+        }  # tied names too
         return cls(tp, ep, sp, modules, params)
 
     def prefixed(self, prefix: str) -> ParallelPlan:
         """The same plan for a model holding this one's as a submodule (names under `prefix`)."""
-        return ParallelPlan(self.tp, self.ep, self.sequence_parallel,
-                            {prefix + k: v for k, v in self.modules.items()},
-                            {prefix + k: v for k, v in self.params.items()})
+        return ParallelPlan(
+            self.tp,
+            self.ep,
+            self.sequence_parallel,
+            {prefix + k: v for k, v in self.modules.items()},
+            {prefix + k: v for k, v in self.params.items()},
+        )
 
     def layout(self) -> dict:
         """What the plan derives from (stored in checkpoint manifests)."""
@@ -133,8 +152,11 @@ class ParallelPlan:
         """{parameter name: [(dim, rank, n_parts), ...]} for every parameter the rank
         (tp_rank, ep_rank) holds a slice of; absent = the whole tensor."""
         rank, size = {"tp": tp_rank, "ep": ep_rank}, {"tp": self.tp, "ep": self.ep}
-        return {name: [(dim, rank[axis], size[axis]) for dim, axis in p.splits]
-                for name, p in self.params.items() if p.splits}
+        return {
+            name: [(dim, rank[axis], size[axis]) for dim, axis in p.splits]
+            for name, p in self.params.items()
+            if p.splits
+        }
 
     def is_expert(self, name: str) -> bool:
         p = self.params.get(name)

@@ -1,5 +1,6 @@
 """Run a function on N local ranks (real processes, gloo or NCCL), each with a free port,
 a short collective timeout, and rank 0's return value handed back to the caller."""
+
 from __future__ import annotations
 
 import logging
@@ -31,6 +32,7 @@ def local_backend(nproc: int, requested: str = "auto", n_gpus: int | None = None
     with too few GPUs is an error that says so; `gloo` is gloo."""
     if n_gpus is None:
         import torch
+
         n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if requested == "gloo":
         return "gloo"
@@ -39,11 +41,14 @@ def local_backend(nproc: int, requested: str = "auto", n_gpus: int | None = None
     if n_gpus >= nproc:
         return "nccl" if n_gpus > 0 else "gloo"
     if requested == "nccl":
-        raise RuntimeError(f"{nproc} local ranks on NCCL need {nproc} GPUs, but this host has {n_gpus}: "
-                           f"NCCL refuses two ranks on one GPU. Run at most {n_gpus} ranks, or use gloo")
+        raise RuntimeError(
+            f"{nproc} local ranks on NCCL need {nproc} GPUs, but this host has {n_gpus}: "
+            f"NCCL refuses two ranks on one GPU. Run at most {n_gpus} ranks, or use gloo"
+        )
     if n_gpus > 0:
-        log.warning("%d local ranks but %d GPUs: running them on the CPU with gloo (NCCL needs a GPU "
-                    "per rank)", nproc, n_gpus)
+        log.warning(
+            "%d local ranks but %d GPUs: running them on the CPU with gloo (NCCL needs a GPU per rank)", nproc, n_gpus
+        )
     return "gloo"
 
 
@@ -58,8 +63,9 @@ def init_distributed(backend: str = "auto", timeout_s: float = 120.0):
     device = get_device(local, prefer="cpu" if backend == "gloo" else "auto")
     if world > 1 and not dist.is_initialized():
         set_env(defaults={"MASTER_ADDR": "127.0.0.1"})
-        dist.init_process_group(device.dist_backend(backend), rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            device.dist_backend(backend), rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
+        )
     return rank, world, device
 
 
@@ -67,6 +73,7 @@ def _plain(obj):
     """Tensors -> Python numbers/lists (a tensor sent through the queue would point into the
     dead child's shared memory)."""
     import torch
+
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
     if isinstance(obj, dict):
@@ -80,16 +87,23 @@ def rank_env(rank: int, world: int, port: int, backend: str, host_gpus: int) -> 
     """The launcher variables of local rank `rank`. Gloo ranks on a host with GPUs see none
     (CUDA_VISIBLE_DEVICES empty): the model, DeepSpeed's accelerator and every collective then
     agree on the CPU, instead of several ranks picking GPUs that NCCL could not share."""
-    env = dict(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    env = dict(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     if backend == "gloo" and host_gpus > 0:
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 
 def _entry(rank, fn, world, port, timeout_s, queue, args, backend="auto", host_gpus=0):
-    start_process(rank_env(rank, world, port, backend, host_gpus))   # before anything touches CUDA
+    start_process(rank_env(rank, world, port, backend, host_gpus))  # before anything touches CUDA
     import torch
+
     torch.set_num_threads(1)
     try:
         init_distributed(backend, timeout_s)
@@ -109,6 +123,7 @@ def _entry(rank, fn, world, port, timeout_s, queue, args, backend="auto", host_g
     # at finalisation that aborts the process ("terminate called without an active exception",
     # pytorch/pytorch#190489, #179291) although everything succeeded.
     import sys
+
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -121,15 +136,20 @@ def run_ranks(fn, nproc: int, *args, timeout_s: float = 60.0, backend: str = "au
     per rank, else gloo on the CPU with the GPUs hidden from the ranks (`rank_env`); an
     explicit `nccl` with too few GPUs raises here."""
     import torch
+
     host_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     backend = local_backend(nproc, backend, host_gpus)
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
     try:
-        mp.start_processes(_entry, args=(fn, nproc, port, timeout_s, queue, args, backend, host_gpus),
-                           nprocs=nproc,
-                           join=True, start_method="spawn")
+        mp.start_processes(
+            _entry,
+            args=(fn, nproc, port, timeout_s, queue, args, backend, host_gpus),
+            nprocs=nproc,
+            join=True,
+            start_method="spawn",
+        )
     except Exception as e:
         errors = []
         while not queue.empty():

@@ -1,5 +1,6 @@
 """verify-parallel: N real ranks run forward+backward of the configured model on a fixed
 batch; logits, loss and every gradient are compared with the same model in one process."""
+
 from __future__ import annotations
 
 import copy
@@ -13,9 +14,9 @@ from aion_train.model import build_model
 from .collectives import all_reduce_, gather_last, group_size
 from .device import comm_device
 from .grad_sync import average_gradients
-from .plan import ParallelPlan
 from .groups import build_groups
 from .parallelize import full_slice, parallelize
+from .plan import ParallelPlan
 
 
 def fixed_batch(cfg: Config, n_shards: int, per_shard: int = 2, seq_len: int = 32, seed: int = 7):
@@ -41,7 +42,7 @@ def verify_worker(cfg: Config, tp: int, ep: int) -> dict:
     sp = cfg.parallel.sequence_parallel
     torch.use_deterministic_algorithms(True, warn_only=True)
     groups = build_groups(tp, ep, cfg.parallel.timeout_s)
-    device = comm_device()   # the ranks' device: a GPU each under NCCL, else the CPU
+    device = comm_device()  # the ranks' device: a GPU each under NCCL, else the CPU
     full = build_model(cfg.model, seed=cfg.seed).float().to(device)
     inputs, labels = (t.to(device) for t in fixed_batch(cfg, groups.dp))
     ref_logits, ref_loss, ref_grads = reference(copy.deepcopy(full), inputs, labels, groups.dp)
@@ -71,6 +72,14 @@ def verify_worker(cfg: Config, tp: int, ep: int) -> dict:
         rel = torch.maximum(rel, d / want.abs().max().clamp(min=1e-12))
     stats = torch.stack([logit_diff, grad_diff, loss_diff, rel]).double()
     all_reduce_(stats, op=dist.ReduceOp.MAX)
-    return {"max_logit_diff": stats[0].item(), "max_grad_diff": stats[1].item(),
-            "loss_diff": stats[2].item(), "max_grad_rel_diff": stats[3].item(),
-            "tp": tp, "ep": ep, "world": groups.world, "sequence_parallel": sp, "n_params_checked": len(list(model.parameters()))}
+    return {
+        "max_logit_diff": stats[0].item(),
+        "max_grad_diff": stats[1].item(),
+        "loss_diff": stats[2].item(),
+        "max_grad_rel_diff": stats[3].item(),
+        "tp": tp,
+        "ep": ep,
+        "world": groups.world,
+        "sequence_parallel": sp,
+        "n_params_checked": len(list(model.parameters())),
+    }

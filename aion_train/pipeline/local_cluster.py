@@ -12,6 +12,7 @@ A watchdog process (`python -m aion_train.pipeline.local_cluster watch ...`) als
 cluster if the process that started it dies without cleaning up (SIGKILL, OOM kill), so a
 killed pipeline never leaves a head node behind.
 """
+
 from __future__ import annotations
 
 import os
@@ -96,9 +97,14 @@ class LocalCluster:
     `dashboard_url` ("http://127.0.0.1:PORT", for the jobs API), `pid` (of `ray start`),
     `temp_dir`, and `pids()` (every process of the cluster seen so far)."""
 
-    def __init__(self, num_cpus: int | None = None, object_store_mb: int = 256,
-                 env: dict | None = None, startup_timeout_s: float = 120.0,
-                 watch_pid: int | None = None):
+    def __init__(
+        self,
+        num_cpus: int | None = None,
+        object_store_mb: int = 256,
+        env: dict | None = None,
+        startup_timeout_s: float = 120.0,
+        watch_pid: int | None = None,
+    ):
         self.num_cpus = int(num_cpus or os.cpu_count() or 1)
         self.object_store_mb = int(object_store_mb)
         self.env = dict(env or {})
@@ -117,38 +123,68 @@ class LocalCluster:
 
     # -- start ------------------------------------------------------------------------------
     def command(self, port: int, dashboard_port: int) -> list[str]:
-        ports = {"--ray-client-server-port": free_port(), "--dashboard-agent-listen-port": free_port(),
-                 "--dashboard-agent-grpc-port": free_port(), "--runtime-env-agent-port": free_port(),
-                 "--metrics-export-port": free_port(), "--node-manager-port": free_port(),
-                 "--object-manager-port": free_port()}
-        cmd = [shutil.which("ray") or "ray", "start", "--head", "--block",
-               "--port", str(port), "--node-ip-address", LOOPBACK,
-               "--num-cpus", str(self.num_cpus),
-               "--object-store-memory", str(self.object_store_mb * 1024 * 1024),
-               "--disable-usage-stats", "--temp-dir", self.temp_dir,
-               "--include-dashboard", "true", "--dashboard-host", LOOPBACK,
-               "--dashboard-port", str(dashboard_port),
-               # workers bind random free ports (not 10002-19999, shared with other clusters)
-               "--min-worker-port", "0", "--max-worker-port", "0"]
+        ports = {
+            "--ray-client-server-port": free_port(),
+            "--dashboard-agent-listen-port": free_port(),
+            "--dashboard-agent-grpc-port": free_port(),
+            "--runtime-env-agent-port": free_port(),
+            "--metrics-export-port": free_port(),
+            "--node-manager-port": free_port(),
+            "--object-manager-port": free_port(),
+        }
+        cmd = [
+            shutil.which("ray") or "ray",
+            "start",
+            "--head",
+            "--block",
+            "--port",
+            str(port),
+            "--node-ip-address",
+            LOOPBACK,
+            "--num-cpus",
+            str(self.num_cpus),
+            "--object-store-memory",
+            str(self.object_store_mb * 1024 * 1024),
+            "--disable-usage-stats",
+            "--temp-dir",
+            self.temp_dir,
+            "--include-dashboard",
+            "true",
+            "--dashboard-host",
+            LOOPBACK,
+            "--dashboard-port",
+            str(dashboard_port),
+            # workers bind random free ports (not 10002-19999, shared with other clusters)
+            "--min-worker-port",
+            "0",
+            "--max-worker-port",
+            "0",
+        ]
         for flag, value in ports.items():
             cmd += [flag, str(value)]
         return cmd
 
-    def start(self) -> "LocalCluster":
+    def start(self) -> LocalCluster:
         if self.proc is not None:
             raise RuntimeError("this LocalCluster is already started")
         # Short path: Ray puts Unix sockets under it (107-byte limit).
         self.temp_dir = tempfile.mkdtemp(prefix="aion-ray-", dir="/tmp")
         port, dashboard_port = free_port(), free_port()
         env = dict(os.environ)
-        env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+        env.update(
+            {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        )
         env.pop("RAY_ADDRESS", None)
         env.update(self.env)
         log = open(Path(self.temp_dir) / "ray_start.log", "wb")
-        self.proc = subprocess.Popen(self.command(port, dashboard_port), env=env, stdout=log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.command(port, dashboard_port),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         log.close()
         self.gcs_address = f"{LOOPBACK}:{port}"
         self.dashboard_url = f"http://{LOOPBACK}:{dashboard_port}"
@@ -163,19 +199,27 @@ class LocalCluster:
     def _start_watchdog(self) -> None:
         if not self.watch_pid:
             return
-        cmd = [sys.executable, "-m", "aion_train.pipeline.local_cluster", "watch",
-               str(self.watch_pid), str(self.proc.pid), self.temp_dir]
-        self.watchdog = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cmd = [
+            sys.executable,
+            "-m",
+            "aion_train.pipeline.local_cluster",
+            "watch",
+            str(self.watch_pid),
+            str(self.proc.pid),
+            self.temp_dir,
+        ]
+        self.watchdog = subprocess.Popen(
+            cmd, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
 
     def _wait_ready(self) -> None:
         """Ready when the dashboard's job API answers (the GCS and raylet come up before it)."""
         import urllib.request
+
         deadline = time.time() + self.startup_timeout_s
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ray start exited with code {self.proc.returncode}:\n"
-                                   + self.start_log()[-3000:])
+                raise RuntimeError(f"ray start exited with code {self.proc.returncode}:\n" + self.start_log()[-3000:])
             self.pids()
             try:
                 with urllib.request.urlopen(self.dashboard_url + "/api/version", timeout=2) as r:
@@ -184,8 +228,9 @@ class LocalCluster:
             except OSError:
                 pass
             time.sleep(0.5)
-        raise TimeoutError(f"the Ray head did not come up within {self.startup_timeout_s:.0f} s:\n"
-                           + self.start_log()[-3000:])
+        raise TimeoutError(
+            f"the Ray head did not come up within {self.startup_timeout_s:.0f} s:\n" + self.start_log()[-3000:]
+        )
 
     def _raylet_up(self) -> bool:
         for pid in self.pids():
@@ -234,7 +279,7 @@ class LocalCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         return left
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -265,6 +310,5 @@ def watch(owner_pid: int, head_pid: int, temp_dir: str, poll_s: float = 0.5) -> 
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "watch":
         sys.exit(watch(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]))
-    print("usage: python -m aion_train.pipeline.local_cluster watch OWNER_PID HEAD_PID TEMP_DIR",
-          file=sys.stderr)
+    print("usage: python -m aion_train.pipeline.local_cluster watch OWNER_PID HEAD_PID TEMP_DIR", file=sys.stderr)
     sys.exit(2)

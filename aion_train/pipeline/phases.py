@@ -5,6 +5,7 @@ The phases themselves (what runs, in which order, with which resource request) a
 writes its `done.json` atomically as its very last act, so an interrupted phase has none and is
 rerun, a finished one is skipped.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -11,18 +11,19 @@ Where it runs: `connect=ADDR` joins an existing cluster (inside `ray job submit`
 RAY_ADDRESS and the driver joins that cluster); otherwise a private loopback cluster
 (local_cluster.LocalCluster) is started when the first phase needs it and stopped by PID.
 """
+
 from __future__ import annotations
 
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from .local_cluster import LocalCluster
 from aion_train.config.pipeline_schema import Phase, pipeline_phases
 from aion_train.process_env import set_env
 
+from .local_cluster import LocalCluster
 from .phases import read_done
 from .worker import phase_log_path
 
@@ -62,10 +63,16 @@ def connect(address: str) -> None:
 
     import ray
     from ray._private import ray_constants
+
     if host in LOOPBACK_HOSTS:
-        ray_constants.ENABLE_RAY_CLUSTER = False   # read at call time; env read at import time
-    ray.init(address=address, namespace="aion-pipeline", log_to_driver=False,
-             logging_level=logging.WARNING, configure_logging=True)
+        ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time; env read at import time
+    ray.init(
+        address=address,
+        namespace="aion-pipeline",
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+    )
 
 
 class RaySession:
@@ -83,14 +90,16 @@ class RaySession:
         address = self.address
         if address is None:
             p = self.cfg.pipeline
-            self.cluster = LocalCluster(p.num_cpus or None, p.object_store_mb, env=self.cluster_env,
-                                        startup_timeout_s=p.startup_timeout_s).start()
+            self.cluster = LocalCluster(
+                p.num_cpus or None, p.object_store_mb, env=self.cluster_env, startup_timeout_s=p.startup_timeout_s
+            ).start()
             address = self.cluster.gcs_address
         connect(address)
 
     def close(self) -> list[int]:
         """Disconnect and stop the private cluster; returns PIDs left alive (none expected)."""
         import ray
+
         if ray.is_initialized():
             ray.shutdown()
         return self.cluster.stop() if self.cluster is not None else []
@@ -98,27 +107,30 @@ class RaySession:
 
 def _cluster_cpus() -> float:
     import ray
+
     return float(ray.cluster_resources().get("CPU", 0))
 
 
 def run_phase(phase: Phase, cfg_dict: dict, cwd: str, timeout_s: float) -> dict:
     """Run one phase on the connected cluster; its metrics, or PhaseFailed."""
     import ray
+    from ray.exceptions import GetTimeoutError, RayError
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    from ray.exceptions import GetTimeoutError, RayError
 
     from .worker import PhaseRank, phase_task
 
     total = _cluster_cpus()
     if phase.total_cpus > total:
-        raise PhaseFailed(phase, f"needs {phase.world_size} x {phase.num_cpus} CPUs but the cluster has "
-                                 f"{total:g}; lower pipeline.resources.{phase.name}", None)
+        raise PhaseFailed(
+            phase,
+            f"needs {phase.world_size} x {phase.num_cpus} CPUs but the cluster has "
+            f"{total:g}; lower pipeline.resources.{phase.name}",
+            None,
+        )
     spec = phase.to_dict()
     if phase.world_size == 1:
-        refs = [phase_task.options(num_cpus=phase.num_cpus, name=f"phase:{phase.name}")
-                .remote(spec, cfg_dict, cwd)]
+        refs = [phase_task.options(num_cpus=phase.num_cpus, name=f"phase:{phase.name}").remote(spec, cfg_dict, cwd)]
         return _wait(phase, refs, [], timeout_s, cfg_dict["run_dir"])[0]
 
     pg = placement_group([{"CPU": phase.num_cpus}] * phase.world_size, strategy="PACK")
@@ -126,11 +138,17 @@ def run_phase(phase: Phase, cfg_dict: dict, cwd: str, timeout_s: float) -> dict:
     try:
         ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
         if not ready:
-            raise PhaseFailed(phase, f"could not reserve {phase.world_size} x {phase.num_cpus} CPUs "
-                                     f"within {timeout_s:.0f} s", None)
-        actors = [PhaseRank.options(num_cpus=phase.num_cpus, name=None, scheduling_strategy=
-                                    PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r))
-                  .remote() for r in range(phase.world_size)]
+            raise PhaseFailed(
+                phase, f"could not reserve {phase.world_size} x {phase.num_cpus} CPUs within {timeout_s:.0f} s", None
+            )
+        actors = [
+            PhaseRank.options(
+                num_cpus=phase.num_cpus,
+                name=None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
+            ).remote()
+            for r in range(phase.world_size)
+        ]
         try:
             where = ray.get([a.address.remote() for a in actors], timeout=timeout_s)
         except (RayError, GetTimeoutError) as e:
@@ -140,19 +158,34 @@ def run_phase(phase: Phase, cfg_dict: dict, cwd: str, timeout_s: float) -> dict:
         refs = []
         for r, actor in enumerate(actors):
             local = [i for i, n in enumerate(nodes) if n == nodes[r]]
-            env = {"RANK": r, "WORLD_SIZE": phase.world_size, "LOCAL_RANK": local.index(r),
-                   "LOCAL_WORLD_SIZE": len(local), "MASTER_ADDR": master_addr, "MASTER_PORT": master_port}
+            env = {
+                "RANK": r,
+                "WORLD_SIZE": phase.world_size,
+                "LOCAL_RANK": local.index(r),
+                "LOCAL_WORLD_SIZE": len(local),
+                "MASTER_ADDR": master_addr,
+                "MASTER_PORT": master_port,
+            }
             refs.append(actor.run.remote(spec, cfg_dict, cwd, env))
         results = _wait(phase, refs, actors, timeout_s, cfg_dict["run_dir"])
     finally:
         for a in actors:
             ray.kill(a)
         remove_placement_group(pg)
-    differ = sorted({k for r in results[1:] for k in set(r) | set(results[0])
-                     if "seconds" not in k and r.get(k) != results[0].get(k)})
-    if differ:   # SPMD phases return the same metrics on every rank; timings may differ
-        print(f"pipeline: warning: the ranks of {phase.name} returned different {', '.join(differ)}; "
-              "using rank 0's", file=sys.stderr, flush=True)
+    differ = sorted(
+        {
+            k
+            for r in results[1:]
+            for k in set(r) | set(results[0])
+            if "seconds" not in k and r.get(k) != results[0].get(k)
+        }
+    )
+    if differ:  # SPMD phases return the same metrics on every rank; timings may differ
+        print(
+            f"pipeline: warning: the ranks of {phase.name} returned different {', '.join(differ)}; using rank 0's",
+            file=sys.stderr,
+            flush=True,
+        )
     return results[0]
 
 
@@ -175,17 +208,22 @@ def _wait(phase: Phase, refs: list, actors: list, timeout_s: float, run_dir: str
             except RayError as e:
                 _kill(pending, actors)
                 rank = index[ref]
-                raise PhaseFailed(phase, f"rank {rank}: {_short_error(e)}",
-                                  phase_log_path(run_dir, phase.name, rank)) from None
+                raise PhaseFailed(
+                    phase, f"rank {rank}: {_short_error(e)}", phase_log_path(run_dir, phase.name, rank)
+                ) from None
         if pending and time.time() >= deadline:
             _kill(pending, actors)
-            raise PhaseFailed(phase, f"timed out after {timeout_s:.0f} s (pipeline.phase_timeout_s)",
-                              phase_log_path(run_dir, phase.name, 0))
+            raise PhaseFailed(
+                phase,
+                f"timed out after {timeout_s:.0f} s (pipeline.phase_timeout_s)",
+                phase_log_path(run_dir, phase.name, 0),
+            )
     return results
 
 
 def _kill(refs: list, actors: list) -> None:
     import ray
+
     for a in actors:
         ray.kill(a)
     for ref in refs:
@@ -214,13 +252,20 @@ def summarize(phases: list[Phase], metrics: dict, statuses: dict, run_dir: str, 
             if k != "seconds" and (isinstance(v, (int, float, str, bool)) or v is None):
                 out[k] = v
     ok = all(s in ("done", "skipped") for s in statuses.values()) and len(statuses) == len(phases)
-    out.update({"status": "ok" if ok else "failed", "phases": statuses, "run_dir": run_dir,
-                "pipeline_seconds": round(seconds, 1)})
+    out.update(
+        {
+            "status": "ok" if ok else "failed",
+            "phases": statuses,
+            "run_dir": run_dir,
+            "pipeline_seconds": round(seconds, 1),
+        }
+    )
     return out
 
 
-def run_pipeline(cfg, connect_address: str | None = None, emit: Callable[[dict], None] = print,
-                 cluster_env: dict | None = None) -> int:
+def run_pipeline(
+    cfg, connect_address: str | None = None, emit: Callable[[dict], None] = print, cluster_env: dict | None = None
+) -> int:
     """Run (or resume) the pipeline; 0 when every phase finished, 1 when one failed."""
     from aion_train.config import config_to_dict
 
@@ -250,13 +295,23 @@ def run_pipeline(cfg, connect_address: str | None = None, emit: Callable[[dict],
                 run_phase(ph, cfg_dict, cwd, cfg.pipeline.phase_timeout_s)
                 done = read_done(ph, cfg.run_dir)
                 if done is None:
-                    raise PhaseFailed(ph, f"returned without writing {ph.done_path(cfg.run_dir)}",
-                                      phase_log_path(cfg.run_dir, ph.name))
+                    raise PhaseFailed(
+                        ph,
+                        f"returned without writing {ph.done_path(cfg.run_dir)}",
+                        phase_log_path(cfg.run_dir, ph.name),
+                    )
             except PhaseFailed as e:
                 statuses[ph.name] = "failed"
-                emit({**base, "status": "failed", "seconds": round(time.time() - t0, 1),
-                      "error": e.error, "log": str(e.log) if e.log else None,
-                      "log_tail": log_tail(e.log, tail_lines)})
+                emit(
+                    {
+                        **base,
+                        "status": "failed",
+                        "seconds": round(time.time() - t0, 1),
+                        "error": e.error,
+                        "log": str(e.log) if e.log else None,
+                        "log_tail": log_tail(e.log, tail_lines),
+                    }
+                )
                 break
             metrics[ph.name], statuses[ph.name] = done, "done"
             emit({**base, "status": "done", "seconds": round(time.time() - t0, 1), "metrics": done})

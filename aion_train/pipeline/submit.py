@@ -10,6 +10,7 @@ Files: by default the job `cd`s into this working directory first (a local head 
 cluster with a shared filesystem see the same paths); `working_dir` uploads a folder instead
 (runtime_env working_dir) for clusters that do not share one. Ctrl-C / SIGTERM stops the job.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,13 +18,14 @@ import os
 import shlex
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-def build_entrypoint(config: str | None, overrides: list[str], json_out: bool,
-                     working_dir: str | None = None, cwd: str | None = None) -> str:
+def build_entrypoint(
+    config: str | None, overrides: list[str], json_out: bool, working_dir: str | None = None, cwd: str | None = None
+) -> str:
     """The job's shell command: `cd CWD && aion-train pipeline ...` (or, with working_dir,
     the command alone, with the config path relative to the uploaded folder)."""
     cwd = os.path.abspath(cwd or os.getcwd())
@@ -54,11 +56,19 @@ def _split_lines(text: str, json_out: bool, out: Callable[[str], None], err: Cal
         (out if is_json or not json_out else err)(line)
 
 
-def submit_pipeline(address: str, config: str | None, overrides: list[str], *, json_out: bool = False,
-                    working_dir: str | None = None, wait: bool = True, poll_s: float = 1.0,
-                    timeout_s: float | None = None,
-                    out: Callable[[str], None] = print,
-                    err: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> int:
+def submit_pipeline(
+    address: str,
+    config: str | None,
+    overrides: list[str],
+    *,
+    json_out: bool = False,
+    working_dir: str | None = None,
+    wait: bool = True,
+    poll_s: float = 1.0,
+    timeout_s: float | None = None,
+    out: Callable[[str], None] = print,
+    err: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+) -> int:
     """Submit the pipeline to the cluster whose dashboard is `address`; with `wait`, stream the
     job's log until it ends and return 0 (SUCCEEDED) or the driver's exit code (1 if unknown)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -66,8 +76,7 @@ def submit_pipeline(address: str, config: str | None, overrides: list[str], *, j
     client = JobSubmissionClient(address)
     runtime_env = {"working_dir": working_dir} if working_dir else None
     entrypoint = build_entrypoint(config, overrides, json_out, working_dir)
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                               metadata={"aion_train": "pipeline"})
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata={"aion_train": "pipeline"})
     err(f"pipeline: submitted Ray job {job_id} to {address}: {entrypoint}")
     if not wait:
         out(json.dumps({"job_id": job_id, "address": address}) if json_out else job_id)

@@ -9,6 +9,7 @@ function. A single-rank phase runs as a Ray task (`phase_task`, one call per wor
 that a phase's memory is returned when it ends); a distributed phase runs as an actor group of
 `PhaseRank` actors, one per rank.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -70,15 +71,25 @@ def run_phase_rank(phase: dict, cfg_dict: dict, cwd: str, dist_env: dict | None 
     rank = int((dist_env or {}).get("RANK", 0))
     world = int((dist_env or {}).get("WORLD_SIZE", 1))
     threads = max(1, int(phase["num_cpus"]))
-    start_process({**dict.fromkeys(DIST_VARS), **{k: str(v) for k, v in (dist_env or {}).items()},
-                   "AION_PIPELINE_PHASE": phase["name"], "OMP_NUM_THREADS": str(threads)})
+    start_process(
+        {
+            **dict.fromkeys(DIST_VARS),
+            **{k: str(v) for k, v in (dist_env or {}).items()},
+            "AION_PIPELINE_PHASE": phase["name"],
+            "OMP_NUM_THREADS": str(threads),
+        }
+    )
     log = phase_log_path(cfg_dict["run_dir"], phase["name"], rank)
     with redirect_output(log):
         t0 = time.time()
-        print(f"=== phase {phase['name']} rank {rank}/{world} pid {os.getpid()} "
-              f"host {socket.gethostname()} cpus {phase['num_cpus']} at {time.ctime()} ===", flush=True)
+        print(
+            f"=== phase {phase['name']} rank {rank}/{world} pid {os.getpid()} "
+            f"host {socket.gethostname()} cpus {phase['num_cpus']} at {time.ctime()} ===",
+            flush=True,
+        )
         try:
             import torch
+
             torch.set_num_threads(threads)
             fn = resolve_callable(phase["fn"])
             result = _json_safe(fn(config_from_dict(cfg_dict)))

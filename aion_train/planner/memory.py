@@ -29,16 +29,18 @@ RMSNorm keeping only its input, a SwiGLU only its two inputs, a fused LM head + 
 logits) make this an upper bound. Around the loss the logits, the fp32 log-probabilities and
 their fp32 gradient are counted (the peak at the start of backward).
 """
+
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
 from aion_train.config import Config, ConfigError, has_moe, validate_config
+
 from .params import count_params, is_moe_layer
 
-GIB = 1024 ** 3
-MAX_TP = 8                # tensor parallelism stays inside one node
+GIB = 1024**3
+MAX_TP = 8  # tensor parallelism stays inside one node
 DEFAULT_HEADROOM = 0.10
 
 
@@ -60,14 +62,25 @@ class Layout:
         return max(1, self.dp // self.ep)
 
     def as_dict(self) -> dict:
-        return {"gpus": self.gpus, "tp": self.tp, "dp": self.dp, "ep": self.ep, "edp": self.edp,
-                "zero_stage": self.zero, "activation_checkpointing": self.checkpointing,
-                "sequence_parallel": self.sequence_parallel}
+        return {
+            "gpus": self.gpus,
+            "tp": self.tp,
+            "dp": self.dp,
+            "ep": self.ep,
+            "edp": self.edp,
+            "zero_stage": self.zero,
+            "activation_checkpointing": self.checkpointing,
+            "sequence_parallel": self.sequence_parallel,
+        }
 
     def overrides(self) -> list[str]:
-        return [f"parallel.tp={self.tp}", f"parallel.ep={self.ep}", f"train.zero_stage={self.zero}",
-                f"train.activation_checkpointing={str(self.checkpointing).lower()}",
-                f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}"]
+        return [
+            f"parallel.tp={self.tp}",
+            f"parallel.ep={self.ep}",
+            f"train.zero_stage={self.zero}",
+            f"train.activation_checkpointing={str(self.checkpointing).lower()}",
+            f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
+        ]
 
 
 def state_bytes_per_param(precision: str) -> tuple[int, int, int]:
@@ -84,9 +97,11 @@ def model_state_bytes(cfg: Config, layout: Layout) -> dict:
     full = dense + expert
     p, g, k = state_bytes_per_param(cfg.train.precision)
     z = layout.zero
-    return {"params": p * (sharded if z >= 3 else full),
-            "grads": g * (sharded if z >= 2 else full),
-            "optimizer": k * (sharded if z >= 1 else full)}
+    return {
+        "params": p * (sharded if z >= 3 else full),
+        "grads": g * (sharded if z >= 2 else full),
+        "optimizer": k * (sharded if z >= 1 else full),
+    }
 
 
 def _ffn_saved_tensors(activation: str) -> int:
@@ -102,8 +117,9 @@ def norm_saved_bytes(norm: str, e: int) -> int:
     return e if norm == "layernorm" else 8
 
 
-def layer_activation_bytes(cfg: Config, layout: Layout, moe_layer: bool,
-                           attention_scores: bool = False, dropout: bool = False) -> float:
+def layer_activation_bytes(
+    cfg: Config, layout: Layout, moe_layer: bool, attention_scores: bool = False, dropout: bool = False
+) -> float:
     """Bytes one transformer layer keeps for backward on a GPU. (A bf16 run on CPU attends in
     fp32, `ExecutionPolicy.attention_fp32`, and keeps Q, K, V and the attention
     output in fp32 instead: 5 s b h e more, measured with as many KV heads as heads.)"""
@@ -118,38 +134,37 @@ def layer_activation_bytes(cfg: Config, layout: Layout, moe_layer: bool,
     # over TP unless sequence parallel); Q, K, V, o_proj input (split over heads)
     rep = 2 * norm_saved_bytes(m.norm, e) * sbh + sbh * e + mask * sbh
     par = 4 * sbh * e
-    if attention_scores:   # softmax output (+ dropout mask and output)
+    if attention_scores:  # softmax output (+ dropout mask and output)
         par += a * s * s * b * (e + (mask + e if dropout else 0))
-    else:                  # fused kernel: fp32 log-sum-exp per query and head
+    else:  # fused kernel: fp32 log-sum-exp per query and head
         par += a * s * b * 4
     if moe_layer:
         moe = m.moe
         k = moe.top_k
         rep += mask * sbh
-        gathered = sbh * e                               # routed input (whole sequence)
-        gathered += sbh * 4 if e < 4 else 0              # fp32 router input
-        gathered += 2 * s * b * moe.n_experts * 4        # fp32 router probs + logits
-        gathered += k * 3 * sbh * e                      # dispatched copies, expert outputs and
-                                                         # their gate-weighted copies (combine)
+        gathered = sbh * e  # routed input (whole sequence)
+        gathered += sbh * 4 if e < 4 else 0  # fp32 router input
+        gathered += 2 * s * b * moe.n_experts * 4  # fp32 router probs + logits
+        gathered += k * 3 * sbh * e  # dispatched copies, expert outputs and
+        # their gate-weighted copies (combine)
         par += k * nt * s * b * moe.d_ff_expert * e + nt * s * b * moe.shared_expert_d_ff * e
         return rep / rep_div + par / t + gathered
-    rep += sbh * e + mask * sbh                          # FFN input, dropout mask
+    rep += sbh * e + mask * sbh  # FFN input, dropout mask
     par += nt * s * b * m.d_ff * e
     return rep / rep_div + par / t
 
 
-def activation_bytes(cfg: Config, layout: Layout, attention_scores: bool = False,
-                     dropout: bool = False) -> float:
+def activation_bytes(cfg: Config, layout: Layout, attention_scores: bool = False, dropout: bool = False) -> float:
     m, s, b = cfg.model, cfg.data.seq_len, cfg.data.micro_batch_size
     e = 4 if cfg.train.precision == "fp32" else 2
     t = layout.tp
     rep_div = t if layout.sequence_parallel else 1
-    layers = [layer_activation_bytes(cfg, layout, is_moe_layer(m, i), attention_scores, dropout)
-              for i in range(m.n_layers)]
+    layers = [
+        layer_activation_bytes(cfg, layout, is_moe_layer(m, i), attention_scores, dropout) for i in range(m.n_layers)
+    ]
     # final norm + LM-head input; around the loss: the logits, the fp32 log-probs and their fp32
     # gradient (vocab / TP)
-    output = ((norm_saved_bytes(m.norm, e) + e) * s * b * m.d_model / rep_div
-              + s * b * m.vocab_size / t * (e + 4 + 4))
+    output = (norm_saved_bytes(m.norm, e) + e) * s * b * m.d_model / rep_div + s * b * m.vocab_size / t * (e + 4 + 4)
     if layout.checkpointing:
         # each block keeps its input; one block's activations live again while it is recomputed
         return m.n_layers * s * b * m.d_model * e / rep_div + max(layers) + output
@@ -160,11 +175,16 @@ def layout_errors(cfg: Config, layout: Layout) -> list[str]:
     """The platform's own config rules applied to `cfg` run with `layout`."""
     trial = dataclasses.replace(
         cfg,
-        parallel=dataclasses.replace(cfg.parallel, tp=layout.tp, ep=layout.ep, dp=None,
-                                     world_size=layout.gpus,
-                                     sequence_parallel=layout.sequence_parallel),
-        train=dataclasses.replace(cfg.train, zero_stage=layout.zero,
-                                  activation_checkpointing=layout.checkpointing))
+        parallel=dataclasses.replace(
+            cfg.parallel,
+            tp=layout.tp,
+            ep=layout.ep,
+            dp=None,
+            world_size=layout.gpus,
+            sequence_parallel=layout.sequence_parallel,
+        ),
+        train=dataclasses.replace(cfg.train, zero_stage=layout.zero, activation_checkpointing=layout.checkpointing),
+    )
     try:
         validate_config(trial)
     except ConfigError as e:
@@ -172,8 +192,13 @@ def layout_errors(cfg: Config, layout: Layout) -> list[str]:
     return []
 
 
-def estimate(cfg: Config, layout: Layout, capacity_bytes: float, headroom: float = DEFAULT_HEADROOM,
-             attention_scores: bool = False) -> dict:
+def estimate(
+    cfg: Config,
+    layout: Layout,
+    capacity_bytes: float,
+    headroom: float = DEFAULT_HEADROOM,
+    attention_scores: bool = False,
+) -> dict:
     states = model_state_bytes(cfg, layout)
     act = activation_bytes(cfg, layout, attention_scores)
     total = sum(states.values()) + act
@@ -181,9 +206,13 @@ def estimate(cfg: Config, layout: Layout, capacity_bytes: float, headroom: float
     mem = {k: int(round(v)) for k, v in states.items()}
     mem["activations"] = int(round(act))
     mem["total"] = int(round(total))
-    return {**layout.as_dict(), "memory_bytes": mem,
-            "memory_gib": {k: round(v / GIB, 3) for k, v in mem.items()},
-            "fits": total <= usable, "overrides": layout.overrides()}
+    return {
+        **layout.as_dict(),
+        "memory_bytes": mem,
+        "memory_gib": {k: round(v / GIB, 3) for k, v in mem.items()},
+        "fits": total <= usable,
+        "overrides": layout.overrides(),
+    }
 
 
 def candidate_layouts(cfg: Config, gpus: int):
@@ -197,10 +226,10 @@ def candidate_layouts(cfg: Config, gpus: int):
             continue
         dp = gpus // tp
         eps = [e for e in range(1, n_exp + 1) if n_exp % e == 0 and dp % e == 0] if moe else [1]
-        for zero in ((1, 2) if moe else (1, 2, 3)):
+        for zero in (1, 2) if moe else (1, 2, 3):
             for ep in eps:
                 for ckpt in (False, True):
-                    for sp in ((True, False) if tp > 1 else (False,)):
+                    for sp in (True, False) if tp > 1 else (False,):
                         layout = Layout(gpus, tp, ep, zero, ckpt, sp)
                         if not layout_errors(cfg, layout):
                             yield layout
@@ -213,8 +242,9 @@ def preference(layout: Layout) -> tuple:
     return (layout.tp, layout.zero, layout.ep, layout.checkpointing)
 
 
-def search(cfg: Config, gpus: int, capacity_bytes: float, headroom: float = DEFAULT_HEADROOM,
-           attention_scores: bool = False) -> tuple[list[dict], dict | None]:
+def search(
+    cfg: Config, gpus: int, capacity_bytes: float, headroom: float = DEFAULT_HEADROOM, attention_scores: bool = False
+) -> tuple[list[dict], dict | None]:
     """(fitting layouts, most preferred first; the layout with the smallest total if none fit)."""
     fitting, smallest = [], None
     for layout in sorted(candidate_layouts(cfg, gpus), key=preference):
@@ -226,31 +256,51 @@ def search(cfg: Config, gpus: int, capacity_bytes: float, headroom: float = DEFA
     return fitting, smallest
 
 
-def plan_memory(cfg: Config, gpus: int, gpu_mem_gib: float, tp: int | None = None,
-                ep: int | None = None, zero: int | None = None, headroom: float = DEFAULT_HEADROOM,
-                attention_scores: bool = False, max_gpus: int = 65536) -> dict:
+def plan_memory(
+    cfg: Config,
+    gpus: int,
+    gpu_mem_gib: float,
+    tp: int | None = None,
+    ep: int | None = None,
+    zero: int | None = None,
+    headroom: float = DEFAULT_HEADROOM,
+    attention_scores: bool = False,
+    max_gpus: int = 65536,
+) -> dict:
     if gpus < 1 or gpu_mem_gib <= 0:
         raise ValueError("--gpus must be >= 1 and --gpu-mem-gb > 0")
     if not 0 <= headroom < 1:
         raise ValueError("--headroom must be in [0, 1)")
     capacity = gpu_mem_gib * GIB
     counts = count_params(cfg.model)
-    requested = Layout(gpus, tp or cfg.parallel.tp, ep or cfg.parallel.ep,
-                       cfg.train.zero_stage if zero is None else zero,
-                       cfg.train.activation_checkpointing, cfg.parallel.sequence_parallel)
+    requested = Layout(
+        gpus,
+        tp or cfg.parallel.tp,
+        ep or cfg.parallel.ep,
+        cfg.train.zero_stage if zero is None else zero,
+        cfg.train.activation_checkpointing,
+        cfg.parallel.sequence_parallel,
+    )
     req_errors = layout_errors(cfg, requested)
     req = {**requested.as_dict(), "errors": req_errors}
     if not req_errors:
         req = {**estimate(cfg, requested, capacity, headroom, attention_scores), "errors": []}
     fitting, smallest = search(cfg, gpus, capacity, headroom, attention_scores)
     out = {
-        "gpus": gpus, "gpu_mem_gib": gpu_mem_gib, "headroom": headroom,
+        "gpus": gpus,
+        "gpu_mem_gib": gpu_mem_gib,
+        "headroom": headroom,
         "usable_gib": round((1 - headroom) * gpu_mem_gib, 3),
         "precision": cfg.train.precision,
-        "micro_batch_size": cfg.data.micro_batch_size, "seq_len": cfg.data.seq_len,
+        "micro_batch_size": cfg.data.micro_batch_size,
+        "seq_len": cfg.data.seq_len,
         "attention_scores_stored": attention_scores,
-        "params": {"total": counts.total, "dense": counts.dense, "expert": counts.expert,
-                   "active_per_token": counts.active},
+        "params": {
+            "total": counts.total,
+            "dense": counts.dense,
+            "expert": counts.expert,
+            "active_per_token": counts.active,
+        },
         "requested": req,
         "suggestions": fitting,
         "best": fitting[0] if fitting else None,
@@ -258,9 +308,11 @@ def plan_memory(cfg: Config, gpus: int, gpu_mem_gib: float, tp: int | None = Non
     }
     if fitting:
         b = fitting[0]
-        out["message"] = (f"fits: tp={b['tp']} ep={b['ep']} zero={b['zero_stage']} "
-                          f"checkpointing={'on' if b['activation_checkpointing'] else 'off'} needs "
-                          f"{b['memory_gib']['total']:.2f} of {out['usable_gib']:.2f} usable GiB per GPU")
+        out["message"] = (
+            f"fits: tp={b['tp']} ep={b['ep']} zero={b['zero_stage']} "
+            f"checkpointing={'on' if b['activation_checkpointing'] else 'off'} needs "
+            f"{b['memory_gib']['total']:.2f} of {out['usable_gib']:.2f} usable GiB per GPU"
+        )
         return out
     need = None
     g = gpus * 2
@@ -271,13 +323,23 @@ def plan_memory(cfg: Config, gpus: int, gpu_mem_gib: float, tp: int | None = Non
             break
         g *= 2
     out["min_gpus"] = need
-    low = (f"{smallest['memory_gib']['total']:.2f} GiB per GPU (tp={smallest['tp']} "
-           f"ep={smallest['ep']} zero={smallest['zero_stage']} checkpointing="
-           f"{'on' if smallest['activation_checkpointing'] else 'off'})") if smallest else "n/a"
-    more = (f"; about {need} GPUs of {gpu_mem_gib:g} GiB would fit" if need else
-            f"; no layout fits on up to {max_gpus} GPUs of {gpu_mem_gib:g} GiB: shrink the model "
-            "or the micro batch")
-    out["message"] = (f"no layout fits {counts.total / 1e9:.3g}B parameters on {gpus} GPU(s) of "
-                      f"{gpu_mem_gib:g} GiB with {headroom:.0%} headroom: the smallest is {low} vs "
-                      f"{out['usable_gib']:.2f} GiB usable{more}")
+    low = (
+        (
+            f"{smallest['memory_gib']['total']:.2f} GiB per GPU (tp={smallest['tp']} "
+            f"ep={smallest['ep']} zero={smallest['zero_stage']} checkpointing="
+            f"{'on' if smallest['activation_checkpointing'] else 'off'})"
+        )
+        if smallest
+        else "n/a"
+    )
+    more = (
+        f"; about {need} GPUs of {gpu_mem_gib:g} GiB would fit"
+        if need
+        else f"; no layout fits on up to {max_gpus} GPUs of {gpu_mem_gib:g} GiB: shrink the model or the micro batch"
+    )
+    out["message"] = (
+        f"no layout fits {counts.total / 1e9:.3g}B parameters on {gpus} GPU(s) of "
+        f"{gpu_mem_gib:g} GiB with {headroom:.0%} headroom: the smallest is {low} vs "
+        f"{out['usable_gib']:.2f} GiB usable{more}"
+    )
     return out

@@ -1,6 +1,7 @@
 """Exact parameter counts of `aion_train.model.Transformer`, split the way `parallelize` shards
 them: TP-sharded dense weights, weights replicated over TP (norms, routers) and expert weights
 (split over EP by expert and over TP by hidden width)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,10 +18,10 @@ def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
 
 @dataclass(frozen=True)
 class ParamCounts:
-    tp_sharded: int      # attention projections, dense/shared FFNs, embedding, LM head
-    replicated: int      # norm weights, router weights (every TP rank holds all of them)
-    expert: int          # routed experts' weights
-    active: int          # parameters one token passes through (top_k of the experts)
+    tp_sharded: int  # attention projections, dense/shared FFNs, embedding, LM head
+    replicated: int  # norm weights, router weights (every TP rank holds all of them)
+    expert: int  # routed experts' weights
+    active: int  # parameters one token passes through (top_k of the experts)
 
     @property
     def total(self) -> int:
@@ -45,9 +46,9 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
     kv = cfg.n_kv_heads or cfg.n_heads
     norm = 2 * d if cfg.norm == "layernorm" else d
     g = glu_mats(cfg.activation)
-    attn = d * cfg.n_heads * hd * 2 + d * kv * hd * 2          # q, o + k, v
-    sharded = v * d + (0 if cfg.tie_embeddings else v * d)     # embedding + LM head
-    replicated = norm                                          # final norm
+    attn = d * cfg.n_heads * hd * 2 + d * kv * hd * 2  # q, o + k, v
+    sharded = v * d + (0 if cfg.tie_embeddings else v * d)  # embedding + LM head
+    replicated = norm  # final norm
     expert = 0
     active_expert = 0
     for layer in range(cfg.n_layers):
@@ -55,8 +56,8 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
         replicated += 2 * norm
         if is_moe_layer(cfg, layer):
             m = cfg.moe
-            replicated += m.n_experts * d                      # router
-            sharded += g * d * m.shared_expert_d_ff            # shared expert (0 if none)
+            replicated += m.n_experts * d  # router
+            sharded += g * d * m.shared_expert_d_ff  # shared expert (0 if none)
             expert += m.n_experts * g * d * m.d_ff_expert
             active_expert += m.top_k * g * d * m.d_ff_expert
         else:

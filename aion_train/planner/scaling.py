@@ -18,6 +18,7 @@ Training compute is taken as C = 6 N D (N parameters, D tokens; Kaplan et al. 20
   Kaplan's losses are in nats on WebText2 with the GPT-2 tokenizer and Chinchilla's on
   MassiveText: the two numbers are not comparable with each other or with this platform's loss.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,8 +70,10 @@ def table3_frontier(flops: float) -> tuple[float, float]:
         i += 1
     (n0, c0, d0), (n1, c1, d1) = rows[i], rows[i + 1]
     f = (lc - math.log(c0)) / (math.log(c1) - math.log(c0))
-    return (math.exp(math.log(n0) + f * (math.log(n1) - math.log(n0))),
-            math.exp(math.log(d0) + f * (math.log(d1) - math.log(d0))))
+    return (
+        math.exp(math.log(n0) + f * (math.log(n1) - math.log(n0))),
+        math.exp(math.log(d0) + f * (math.log(d1) - math.log(d0))),
+    )
 
 
 def kaplan_loss_compute(flops: float) -> float:
@@ -90,16 +93,18 @@ def plan_compute(flops: float) -> dict:
     return {
         "flops": flops,
         "pf_days": flops / PF_DAY,
-        "params_opt": rn,                 # the published compute-optimal frontier (approaches 1-2)
+        "params_opt": rn,  # the published compute-optimal frontier (approaches 1-2)
         "tokens_opt": rd,
         "tokens_per_param": rd / rn,
         "chinchilla_loss": chinchilla_loss(rn, rd),
-        "kaplan_loss": kaplan_loss_compute(flops),        # L(C_min), nats, WebText2
+        "kaplan_loss": kaplan_loss_compute(flops),  # L(C_min), nats, WebText2
         "kaplan_loss_at_params_opt": kaplan_loss_params(rn),  # L(N) at N_opt
         "rule_20x": {"params": rn, "tokens": rd, "chinchilla_loss": chinchilla_loss(rn, rd)},
         "table3": {"params": tn, "tokens": td},
         "approach3": {"params": n, "tokens": d, "tokens_per_param": d / n, "chinchilla_loss": chinchilla_loss(n, d)},
-        "notes": ("params_opt/tokens_opt: the approach 1-2 frontier of Hoffmann et al. 2022 (~20 tokens per "
-                  "parameter, tracks its Table 3); approach3: the parametric fit with its printed constants, "
-                  "which favours smaller models (the discrepancy Besiroglu et al. 2024 report)"),
+        "notes": (
+            "params_opt/tokens_opt: the approach 1-2 frontier of Hoffmann et al. 2022 (~20 tokens per "
+            "parameter, tracks its Table 3); approach3: the parametric fit with its printed constants, "
+            "which favours smaller models (the discrepancy Besiroglu et al. 2024 report)"
+        ),
     }

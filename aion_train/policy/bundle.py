@@ -31,23 +31,32 @@ bundle does not define, unless the bundle declares `fallback_jurisdiction` (whic
 one of its jurisdictions). The fallback is covered by `bundle_sha256` (a bundle without one
 hashes exactly as before), so it cannot be switched on by editing the file.
 """
+
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from aion_train.fsutil import atomic_write_text
 from aion_train.ownership import claim_dir
 
 from .errors import PolicyError, PolicyIssue
 from .loader import PolicyFile, canonical_json
-from .schema import (BUNDLE_FORMAT, DEFAULT_JURISDICTION, DEFAULT_MODERATION,
-                     MAX_INHERITANCE_DEPTH, POLICY_SCHEMA_ID, SCHEMA_VERSION, default_policy)
+from .schema import (
+    BUNDLE_FORMAT,
+    DEFAULT_JURISDICTION,
+    DEFAULT_MODERATION,
+    MAX_INHERITANCE_DEPTH,
+    POLICY_SCHEMA_ID,
+    SCHEMA_VERSION,
+    default_policy,
+)
 
 BUNDLE_FILE = "policy_bundle.json"
 _BUILTIN = "<built-in default>"
@@ -60,7 +69,7 @@ def content_hash(obj: Any) -> str:
 
 @dataclass
 class ResolvedPolicy:
-    policy: dict[str, Any]                 # no parent; every field present
+    policy: dict[str, Any]  # no parent; every field present
     lineage: list[dict[str, Any]] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
 
@@ -73,8 +82,7 @@ class ResolvedPolicy:
         return content_hash(self.policy)
 
     def to_entry(self) -> dict[str, Any]:
-        return {"sha256": self.sha256, "policy": self.policy,
-                "lineage": self.lineage, "sources": self.sources}
+        return {"sha256": self.sha256, "policy": self.policy, "lineage": self.lineage, "sources": self.sources}
 
 
 def normalize_policy(doc: dict[str, Any]) -> dict[str, Any]:
@@ -85,8 +93,7 @@ def normalize_policy(doc: dict[str, Any]) -> dict[str, Any]:
         "rules": copy.deepcopy(doc.get("rules", [])),
         "max_output_chars": doc.get("max_output_chars"),
         "required_notices": list(doc.get("required_notices", [])),
-        "output_moderation": {**DEFAULT_MODERATION, **copy.deepcopy(
-            doc.get("output_moderation", {}))},
+        "output_moderation": {**DEFAULT_MODERATION, **copy.deepcopy(doc.get("output_moderation", {}))},
     }
     if "description" in doc:
         out["description"] = doc["description"]
@@ -94,12 +101,15 @@ def normalize_policy(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _lineage_entry(f: PolicyFile) -> dict[str, Any]:
-    return {"jurisdiction": f.jurisdiction, "version": f.doc["version"], "sha256": f.sha256,
-            "rules": [r["id"] for r in f.doc.get("rules", [])]}
+    return {
+        "jurisdiction": f.jurisdiction,
+        "version": f.doc["version"],
+        "sha256": f.sha256,
+        "rules": [r["id"] for r in f.doc.get("rules", [])],
+    }
 
 
-def resolve_policies(files: Iterable[PolicyFile], add_default: bool = True
-                     ) -> dict[str, ResolvedPolicy]:
+def resolve_policies(files: Iterable[PolicyFile], add_default: bool = True) -> dict[str, ResolvedPolicy]:
     """Resolve every file's inheritance; raises PolicyError listing every problem."""
     files = list(files)
     by_j: dict[str, PolicyFile] = {}
@@ -107,9 +117,11 @@ def resolve_policies(files: Iterable[PolicyFile], add_default: bool = True
     for f in files:
         other = by_j.get(f.jurisdiction)
         if other is not None:
-            issues.append(PolicyIssue(f.path, "$.jurisdiction",
-                                      f"jurisdiction {f.jurisdiction!r} is also defined by "
-                                      f"{other.path}"))
+            issues.append(
+                PolicyIssue(
+                    f.path, "$.jurisdiction", f"jurisdiction {f.jurisdiction!r} is also defined by {other.path}"
+                )
+            )
             continue
         by_j[f.jurisdiction] = f
     if issues:
@@ -124,15 +136,27 @@ def resolve_policies(files: Iterable[PolicyFile], add_default: bool = True
     if add_default and DEFAULT_JURISDICTION not in resolved:
         pol = default_policy()
         resolved[DEFAULT_JURISDICTION] = ResolvedPolicy(
-            policy=pol, lineage=[{"jurisdiction": DEFAULT_JURISDICTION,
-                                  "version": pol["version"], "sha256": content_hash(pol),
-                                  "rules": []}],
-            sources=[_BUILTIN])
+            policy=pol,
+            lineage=[
+                {
+                    "jurisdiction": DEFAULT_JURISDICTION,
+                    "version": pol["version"],
+                    "sha256": content_hash(pol),
+                    "rules": [],
+                }
+            ],
+            sources=[_BUILTIN],
+        )
     return dict(sorted(resolved.items()))
 
 
-def _resolve_one(j: str, by_j: dict[str, PolicyFile], resolved: dict[str, ResolvedPolicy],
-                 failed: set[str], issues: list[PolicyIssue]) -> None:
+def _resolve_one(
+    j: str,
+    by_j: dict[str, PolicyFile],
+    resolved: dict[str, ResolvedPolicy],
+    failed: set[str],
+    issues: list[PolicyIssue],
+) -> None:
     if j in resolved or j in failed:
         return
     # Walk up the parent chain iteratively (no recursion), detecting cycles and gaps.
@@ -143,33 +167,42 @@ def _resolve_one(j: str, by_j: dict[str, PolicyFile], resolved: dict[str, Resolv
         f = by_j.get(cur)
         if f is None:
             child = chain[-1]
-            issues.append(PolicyIssue(child.path, "$.parent",
-                                      f"parent jurisdiction {cur!r} is not defined by any of "
-                                      f"the input files"))
+            issues.append(
+                PolicyIssue(
+                    child.path, "$.parent", f"parent jurisdiction {cur!r} is not defined by any of the input files"
+                )
+            )
             failed.update(c.jurisdiction for c in chain)
             return
         if cur in seen:
-            cyc = chain[seen[cur]:] + [f]
+            cyc = chain[seen[cur] :] + [f]
             desc = " -> ".join(f"{c.jurisdiction} ({c.path})" for c in cyc)
-            for c in chain[:seen[cur]]:
-                issues.append(PolicyIssue(c.path, "$.parent", "the parent chain leads into "
-                                          f"an inheritance cycle: {desc}"))
-            for c in chain[seen[cur]:]:
+            for c in chain[: seen[cur]]:
+                issues.append(
+                    PolicyIssue(c.path, "$.parent", f"the parent chain leads into an inheritance cycle: {desc}")
+                )
+            for c in chain[seen[cur] :]:
                 issues.append(PolicyIssue(c.path, "$.parent", f"inheritance cycle: {desc}"))
             failed.update(c.jurisdiction for c in chain)
             return
         if cur in failed:
             for c in chain:
-                issues.append(PolicyIssue(c.path, "$.parent", f"parent chain goes through "
-                                          f"{cur!r} ({f.path}), which has errors"))
+                issues.append(
+                    PolicyIssue(c.path, "$.parent", f"parent chain goes through {cur!r} ({f.path}), which has errors")
+                )
             failed.update(c.jurisdiction for c in chain)
             return
         seen[cur] = len(chain)
         chain.append(f)
         if len(chain) > MAX_INHERITANCE_DEPTH:
-            issues.append(PolicyIssue(f.path, "$.parent", f"inheritance chain longer than "
-                                      f"{MAX_INHERITANCE_DEPTH}: " + " -> ".join(
-                                          c.jurisdiction for c in chain)))
+            issues.append(
+                PolicyIssue(
+                    f.path,
+                    "$.parent",
+                    f"inheritance chain longer than "
+                    f"{MAX_INHERITANCE_DEPTH}: " + " -> ".join(c.jurisdiction for c in chain),
+                )
+            )
             failed.update(c.jurisdiction for c in chain)
             return
         cur = f.parent
@@ -178,13 +211,14 @@ def _resolve_one(j: str, by_j: dict[str, PolicyFile], resolved: dict[str, Resolv
         parent = resolved.get(f.parent) if f.parent else None
         if parent is None:
             resolved[f.jurisdiction] = ResolvedPolicy(
-                policy=normalize_policy(f.doc), lineage=[_lineage_entry(f)], sources=[f.path])
+                policy=normalize_policy(f.doc), lineage=[_lineage_entry(f)], sources=[f.path]
+            )
             continue
         merged, problems = _merge(parent, f)
         if problems:
             issues.extend(problems)
             failed.add(f.jurisdiction)
-            for g in chain[:chain.index(f)]:
+            for g in chain[: chain.index(f)]:
                 failed.add(g.jurisdiction)
             return
         resolved[f.jurisdiction] = merged
@@ -197,10 +231,14 @@ def _merge(parent: ResolvedPolicy, child: PolicyFile) -> tuple[ResolvedPolicy, l
     parent_ids = {r["id"]: _rule_origin(parent, r["id"]) for r in base["rules"]}
     for i, rule in enumerate(doc.get("rules", [])):
         if rule["id"] in parent_ids:
-            problems.append(PolicyIssue(
-                child.path, f"$.rules[{i}].id",
-                f"rule id {rule['id']!r} is already defined by {parent_ids[rule['id']]}; "
-                "child rules are appended after the parent's, so use a new id"))
+            problems.append(
+                PolicyIssue(
+                    child.path,
+                    f"$.rules[{i}].id",
+                    f"rule id {rule['id']!r} is already defined by {parent_ids[rule['id']]}; "
+                    "child rules are appended after the parent's, so use a new id",
+                )
+            )
     notices = list(base["required_notices"])
     for n in doc.get("required_notices", []):
         if n not in notices:
@@ -211,13 +249,13 @@ def _merge(parent: ResolvedPolicy, child: PolicyFile) -> tuple[ResolvedPolicy, l
         "rules": copy.deepcopy(base["rules"]) + copy.deepcopy(doc.get("rules", [])),
         "max_output_chars": doc.get("max_output_chars", base["max_output_chars"]),
         "required_notices": notices,
-        "output_moderation": {**base["output_moderation"],
-                              **copy.deepcopy(doc.get("output_moderation", {}))},
+        "output_moderation": {**base["output_moderation"], **copy.deepcopy(doc.get("output_moderation", {}))},
     }
     if "description" in doc or "description" in base:
         policy["description"] = doc.get("description", base.get("description"))
-    res = ResolvedPolicy(policy=policy, lineage=parent.lineage + [_lineage_entry(child)],
-                         sources=parent.sources + [child.path])
+    res = ResolvedPolicy(
+        policy=policy, lineage=parent.lineage + [_lineage_entry(child)], sources=parent.sources + [child.path]
+    )
     return res, problems
 
 
@@ -229,8 +267,9 @@ def _rule_origin(parent: ResolvedPolicy, rule_id: str) -> str:
 
 
 # ----------------------------------------------------------------------------- bundle
-def bundle_hash(policy_hashes: dict[str, str], schema_version: int = SCHEMA_VERSION,
-                fallback: str | None = None) -> str:
+def bundle_hash(
+    policy_hashes: dict[str, str], schema_version: int = SCHEMA_VERSION, fallback: str | None = None
+) -> str:
     doc: dict[str, Any] = {"schema_version": schema_version, "policies": policy_hashes}
     if fallback is not None:
         doc["fallback_jurisdiction"] = fallback
@@ -243,9 +282,11 @@ def make_bundle(resolved: dict[str, ResolvedPolicy], fallback: str | None = None
     entries = {j: r.to_entry() for j, r in sorted(resolved.items())}
     hashes = {j: e["sha256"] for j, e in entries.items()}
     if fallback is not None and fallback not in entries:
-        raise PolicyError.one("<bundle>", "$.fallback_jurisdiction",
-                              f"fallback jurisdiction {fallback!r} is not defined "
-                              f"(have: {', '.join(entries)})")
+        raise PolicyError.one(
+            "<bundle>",
+            "$.fallback_jurisdiction",
+            f"fallback jurisdiction {fallback!r} is not defined (have: {', '.join(entries)})",
+        )
     bundle = {
         "format": BUNDLE_FORMAT,
         "schema_version": SCHEMA_VERSION,
@@ -262,8 +303,12 @@ def make_bundle(resolved: dict[str, ResolvedPolicy], fallback: str | None = None
 def write_bundle(bundle: dict[str, Any], out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write `out_dir/policy_bundle.json` atomically (temp file + fsync + rename). A non-empty
     `out_dir` that aion-train did not write is refused unless `overwrite`."""
-    out = claim_dir(out_dir, "build-policy", overwrite,
-                    recognise=lambda p: (p / BUNDLE_FILE).is_file() and _is_bundle_file(p / BUNDLE_FILE))
+    out = claim_dir(
+        out_dir,
+        "build-policy",
+        overwrite,
+        recognise=lambda p: (p / BUNDLE_FILE).is_file() and _is_bundle_file(p / BUNDLE_FILE),
+    )
     final = out / BUNDLE_FILE
     text = json.dumps(bundle, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
     atomic_write_text(final, text)
@@ -302,11 +347,14 @@ def check_resolved(resolved: dict[str, ResolvedPolicy]) -> None:
     from .loader import rule_issues
 
     issues: list[PolicyIssue] = []
-    for j, r in resolved.items():
+    for r in resolved.values():
         if len(r.sources) < 2:
             continue
         for i in rule_issues(r.policy, r.sources[-1]):
-            issues.append(PolicyIssue(i.file, "$.parent", f"with the rules inherited from "
-                                      f"{', '.join(r.sources[:-1])}: {i.message}"))
+            issues.append(
+                PolicyIssue(
+                    i.file, "$.parent", f"with the rules inherited from {', '.join(r.sources[:-1])}: {i.message}"
+                )
+            )
     if issues:
         raise PolicyError(issues)

@@ -24,21 +24,30 @@ unchanged, character for character. Patterns match the UTF-8 bytes of the text w
 (linear time); lone surrogates, which have no UTF-8 form, become U+FFFD first (only when the
 policy has rules).
 """
+
 from __future__ import annotations
 
 import os
 import re
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from .bundle import bundle_hash, content_hash, normalize_policy
 from .errors import ModerationUnavailable, PolicyError, PolicyIssue, UnknownJurisdiction, json_path
 from .loader import read_json_limited, rule_issues, schema_issues
 from .patterns import pattern_spans, term_spans
-from .schema import (BUNDLE_FORMAT, DEFAULT_JURISDICTION, DEFAULT_REDACTION, MAX_BUNDLE_BYTES,
-                     MAX_BUNDLE_VALUES, SCHEMA_VERSION, default_policy)
+from .schema import (
+    BUNDLE_FORMAT,
+    DEFAULT_JURISDICTION,
+    DEFAULT_REDACTION,
+    MAX_BUNDLE_BYTES,
+    MAX_BUNDLE_VALUES,
+    SCHEMA_VERSION,
+    default_policy,
+)
 
 REFUSAL_NOTICE = "[This response was withheld under the {jurisdiction} content policy.]"
 NOTICE_SEPARATOR = "\n\n"
@@ -49,7 +58,7 @@ Moderator = Callable[[str], Mapping[str, float]]
 
 @dataclass(frozen=True)
 class Flag:
-    rule_id: str              # the rule id, or "moderation:<category>"
+    rule_id: str  # the rule id, or "moderation:<category>"
     category: str | None
     matches: int
 
@@ -62,7 +71,7 @@ class EnforcementResult:
     redactions: int
     policy_hash: str
     jurisdiction: str = DEFAULT_JURISDICTION
-    blocked_by: str | None = None       # rule id or "moderation:<category>"
+    blocked_by: str | None = None  # rule id or "moderation:<category>"
     truncated: bool = False
 
 
@@ -72,8 +81,8 @@ class CompiledRule:
     action: str
     category: str | None
     replacement: str
-    regexes: tuple            # RE2 regexes (patterns)
-    terms_regex: Any          # RE2 regex of the term list, or None
+    regexes: tuple  # RE2 regexes (patterns)
+    terms_regex: Any  # RE2 regex of the term list, or None
 
     def spans(self, data: bytes):
         if self.terms_regex is not None:
@@ -88,6 +97,7 @@ class CompiledRule:
 @dataclass(frozen=True)
 class Policy:
     """One resolved, compiled jurisdiction policy (immutable)."""
+
     jurisdiction: str
     version: str
     sha256: str
@@ -101,12 +111,15 @@ class Policy:
     @property
     def is_identity(self) -> bool:
         """True when enforcing returns every text unchanged."""
-        return (not self.rules and not self.required_notices and self.max_output_chars is None
-                and not self.moderation.get("enabled", False))
+        return (
+            not self.rules
+            and not self.required_notices
+            and self.max_output_chars is None
+            and not self.moderation.get("enabled", False)
+        )
 
     @classmethod
-    def from_document(cls, doc: Mapping[str, Any], lineage: tuple = (),
-                      name: str = "<policy>") -> "Policy":
+    def from_document(cls, doc: Mapping[str, Any], lineage: tuple = (), name: str = "<policy>") -> Policy:
         """Compile a resolved (parent-free) policy document; validates it first."""
         doc = normalize_policy(dict(doc))
         compiled: dict = {}
@@ -115,40 +128,61 @@ class Policy:
             raise PolicyError(issues)
         rules = []
         for i, r in enumerate(doc["rules"]):
-            rules.append(CompiledRule(
-                id=r["id"], action=r["action"], category=r.get("category"),
-                replacement=r.get("replacement", DEFAULT_REDACTION),
-                regexes=tuple(compiled[(i, k)] for k in range(len(r.get("patterns", [])))),
-                terms_regex=compiled[(i, "terms")] if "terms" in r else None))
-        return cls(jurisdiction=doc["jurisdiction"], version=doc["version"],
-                   sha256=content_hash(doc), rules=tuple(rules),
-                   max_output_chars=doc["max_output_chars"],
-                   required_notices=tuple(doc["required_notices"]),
-                   moderation=dict(doc["output_moderation"]), lineage=tuple(lineage),
-                   document=doc)
+            rules.append(
+                CompiledRule(
+                    id=r["id"],
+                    action=r["action"],
+                    category=r.get("category"),
+                    replacement=r.get("replacement", DEFAULT_REDACTION),
+                    regexes=tuple(compiled[(i, k)] for k in range(len(r.get("patterns", [])))),
+                    terms_regex=compiled[(i, "terms")] if "terms" in r else None,
+                )
+            )
+        return cls(
+            jurisdiction=doc["jurisdiction"],
+            version=doc["version"],
+            sha256=content_hash(doc),
+            rules=tuple(rules),
+            max_output_chars=doc["max_output_chars"],
+            required_notices=tuple(doc["required_notices"]),
+            moderation=dict(doc["output_moderation"]),
+            lineage=tuple(lineage),
+            document=doc,
+        )
 
 
 DEFAULT_POLICY = Policy.from_document(default_policy(), name="<built-in default>")
 
 
-def enforce(text: str, policy: Policy | None = None, *, moderator: Moderator | None = None
-            ) -> EnforcementResult:
+def enforce(text: str, policy: Policy | None = None, *, moderator: Moderator | None = None) -> EnforcementResult:
     """Apply `policy` (default: the built-in default policy) to one model output."""
     policy = DEFAULT_POLICY if policy is None else policy
     if not isinstance(text, str):
         raise TypeError(f"enforce() needs the output as str, got {type(text).__name__}")
     if policy.is_identity:
-        return EnforcementResult(text=text, blocked=False, flags=[], redactions=0,
-                                 policy_hash=policy.sha256, jurisdiction=policy.jurisdiction)
+        return EnforcementResult(
+            text=text,
+            blocked=False,
+            flags=[],
+            redactions=0,
+            policy_hash=policy.sha256,
+            jurisdiction=policy.jurisdiction,
+        )
 
     flags: list[Flag] = []
     blocked_by: str | None = None
     mod = policy.moderation
     if mod.get("enabled"):
         if moderator is None:
-            raise ModerationUnavailable([PolicyIssue(
-                policy.jurisdiction, "$.output_moderation",
-                "output moderation is enabled but no moderator was supplied")])
+            raise ModerationUnavailable(
+                [
+                    PolicyIssue(
+                        policy.jurisdiction,
+                        "$.output_moderation",
+                        "output moderation is enabled but no moderator was supplied",
+                    )
+                ]
+            )
         scores = dict(moderator(text))
         wanted = mod.get("categories") or sorted(scores)
         threshold = float(mod.get("threshold", 0.5))
@@ -193,10 +227,16 @@ def enforce(text: str, policy: Policy | None = None, *, moderator: Moderator | N
             truncated = True
     if policy.required_notices:
         body = NOTICE_SEPARATOR.join([body, *policy.required_notices])
-    return EnforcementResult(text=body, blocked=blocked_by is not None, flags=flags,
-                             redactions=redactions, policy_hash=policy.sha256,
-                             jurisdiction=policy.jurisdiction, blocked_by=blocked_by,
-                             truncated=truncated)
+    return EnforcementResult(
+        text=body,
+        blocked=blocked_by is not None,
+        flags=flags,
+        redactions=redactions,
+        policy_hash=policy.sha256,
+        jurisdiction=policy.jurisdiction,
+        blocked_by=blocked_by,
+        truncated=truncated,
+    )
 
 
 def _redact(rule: CompiledRule, data: bytes) -> tuple[bytes, int]:
@@ -232,7 +272,7 @@ class _Snapshot:
     policies: Mapping[str, Policy]
     bundle_sha256: str
     default: Policy
-    fallback: Policy | None = None      # what an unknown jurisdiction gets; None: refused
+    fallback: Policy | None = None  # what an unknown jurisdiction gets; None: refused
 
     def lookup(self, jurisdiction: str, where: str) -> Policy:
         pol = self.policies.get(jurisdiction) if isinstance(jurisdiction, str) else None
@@ -240,10 +280,15 @@ class _Snapshot:
             return pol
         if self.fallback is not None:
             return self.fallback
-        raise UnknownJurisdiction([PolicyIssue(
-            where, json_path(["jurisdictions", str(jurisdiction)[:90]]),
-            f"unknown jurisdiction {str(jurisdiction)[:90]!r} (known: "
-            f"{', '.join(self.policies)})")])
+        raise UnknownJurisdiction(
+            [
+                PolicyIssue(
+                    where,
+                    json_path(["jurisdictions", str(jurisdiction)[:90]]),
+                    f"unknown jurisdiction {str(jurisdiction)[:90]!r} (known: {', '.join(self.policies)})",
+                )
+            ]
+        )
 
 
 class PolicySet:
@@ -265,17 +310,19 @@ class PolicySet:
         self._snap = _compile_bundle(bundle, str(path) if path else "<bundle>")
 
     @classmethod
-    def load(cls, bundle_path: str | os.PathLike) -> "PolicySet":
+    def load(cls, bundle_path: str | os.PathLike) -> PolicySet:
         path = Path(bundle_path)
         if path.is_dir():
             from .bundle import BUNDLE_FILE
+
             path = path / BUNDLE_FILE
         return cls(_read_bundle(path), path=path)
 
     @classmethod
-    def default_only(cls) -> "PolicySet":
+    def default_only(cls) -> PolicySet:
         """A set with only the built-in default policy (outputs unchanged)."""
         from .bundle import make_bundle, resolve_policies
+
         return cls(make_bundle(resolve_policies([])))
 
     def reload(self) -> bool:
@@ -297,10 +344,9 @@ class PolicySet:
 
     def get(self, jurisdiction: str | None) -> Policy:
         snap = self._snap
-        return snap.default if jurisdiction is None else snap.lookup(
-            jurisdiction, str(self.path or "<bundle>"))
+        return snap.default if jurisdiction is None else snap.lookup(jurisdiction, str(self.path or "<bundle>"))
 
-    def snapshot(self) -> "_Snapshot":
+    def snapshot(self) -> _Snapshot:
         """The current immutable set (policies, default, fallback, bundle hash)."""
         return self._snap
 
@@ -327,18 +373,24 @@ class PolicySet:
     def default(self) -> Policy:
         return self._snap.default
 
-    def enforce(self, text: str, jurisdiction: str | None, *,
-                moderator: Moderator | None = None) -> EnforcementResult:
+    def enforce(self, text: str, jurisdiction: str | None, *, moderator: Moderator | None = None) -> EnforcementResult:
         return enforce(text, self.get(jurisdiction), moderator=moderator)
 
     def __repr__(self) -> str:
-        return (f"PolicySet(path={str(self.path) if self.path else None!r}, "
-                f"jurisdictions={self.jurisdictions}, bundle_sha256={self.bundle_sha256[:12]})")
+        return (
+            f"PolicySet(path={str(self.path) if self.path else None!r}, "
+            f"jurisdictions={self.jurisdictions}, bundle_sha256={self.bundle_sha256[:12]})"
+        )
 
 
-def generate_with_policy(generate_fn: Callable[[Any], str], prompt: Any, policy_set: PolicySet,
-                         jurisdiction: str | None, *, moderator: Moderator | None = None
-                         ) -> EnforcementResult:
+def generate_with_policy(
+    generate_fn: Callable[[Any], str],
+    prompt: Any,
+    policy_set: PolicySet,
+    jurisdiction: str | None,
+    *,
+    moderator: Moderator | None = None,
+) -> EnforcementResult:
     """`enforce(generate_fn(prompt), policy_set[jurisdiction])`.
 
     The policy is selected before generating, so a concurrent `reload()` cannot change the
@@ -359,8 +411,10 @@ def _compile_bundle(bundle: Any, name: str) -> _Snapshot:
     if not isinstance(bundle, Mapping) or bundle.get("format") != BUNDLE_FORMAT:
         raise fail([], f"not a policy bundle (expected format {BUNDLE_FORMAT!r})")
     if bundle.get("schema_version") != SCHEMA_VERSION:
-        raise fail(["schema_version"], f"bundle schema version "
-                   f"{bundle.get('schema_version')!r}; this code reads {SCHEMA_VERSION}")
+        raise fail(
+            ["schema_version"],
+            f"bundle schema version {bundle.get('schema_version')!r}; this code reads {SCHEMA_VERSION}",
+        )
     entries = bundle.get("jurisdictions")
     if not isinstance(entries, Mapping):
         raise fail(["jurisdictions"], "expected an object")
@@ -374,8 +428,9 @@ def _compile_bundle(bundle: Any, name: str) -> _Snapshot:
             continue
         doc = entry["policy"]
         if doc.get("jurisdiction") != j:
-            issues.append(PolicyIssue(name, json_path(where + ["policy", "jurisdiction"]),
-                                      f"does not match the key {j!r}"))
+            issues.append(
+                PolicyIssue(name, json_path(where + ["policy", "jurisdiction"]), f"does not match the key {j!r}")
+            )
             continue
         try:
             pol = Policy.from_document(doc, lineage=tuple(entry.get("lineage", ())), name=name)
@@ -384,9 +439,13 @@ def _compile_bundle(bundle: Any, name: str) -> _Snapshot:
             issues.extend(PolicyIssue(i.file, prefix + i.path[1:], i.message) for i in e.issues)
             continue
         if pol.sha256 != entry.get("sha256"):
-            issues.append(PolicyIssue(name, json_path(where + ["sha256"]),
-                                      f"hash mismatch: content hashes to {pol.sha256}, the "
-                                      "bundle says " + repr(entry.get("sha256"))))
+            issues.append(
+                PolicyIssue(
+                    name,
+                    json_path(where + ["sha256"]),
+                    f"hash mismatch: content hashes to {pol.sha256}, the bundle says " + repr(entry.get("sha256")),
+                )
+            )
             continue
         policies[j] = pol
         hashes[j] = pol.sha256
@@ -394,15 +453,23 @@ def _compile_bundle(bundle: Any, name: str) -> _Snapshot:
         raise PolicyError(issues)
     fallback_j = bundle.get("fallback_jurisdiction")
     if fallback_j is not None and (not isinstance(fallback_j, str) or fallback_j not in policies):
-        raise fail(["fallback_jurisdiction"], f"fallback jurisdiction {fallback_j!r} is not one "
-                   f"of the bundle's jurisdictions ({', '.join(policies)})")
+        raise fail(
+            ["fallback_jurisdiction"],
+            f"fallback jurisdiction {fallback_j!r} is not one of the bundle's jurisdictions ({', '.join(policies)})",
+        )
     expected = bundle_hash(hashes, SCHEMA_VERSION, fallback=fallback_j)
     if bundle.get("bundle_sha256") != expected:
         raise fail(["bundle_sha256"], f"bundle hash mismatch: content hashes to {expected}")
     default_j = bundle.get("default_jurisdiction", DEFAULT_JURISDICTION)
     default = policies.get(default_j, DEFAULT_POLICY)
     if not default.is_identity:
-        raise fail(["jurisdictions", default_j], "the default policy must leave outputs "
-                   "unchanged (no rules, notices, limit or moderation)")
-    return _Snapshot(policies=policies, bundle_sha256=expected, default=default,
-                     fallback=policies[fallback_j] if fallback_j is not None else None)
+        raise fail(
+            ["jurisdictions", default_j],
+            "the default policy must leave outputs unchanged (no rules, notices, limit or moderation)",
+        )
+    return _Snapshot(
+        policies=policies,
+        bundle_sha256=expected,
+        default=default,
+        fallback=policies[fallback_j] if fallback_j is not None else None,
+    )

@@ -5,10 +5,11 @@ inside it (`$` for the document itself), so that a message reads like
 
     configs/policies/br.json: $.rules[2].patterns[0]: nested quantifier ...
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class PolicyError(Exception):
         super().__init__("\n".join(str(i) for i in self.issues))
 
     @classmethod
-    def one(cls, file: str, path: str, message: str) -> "PolicyError":
+    def one(cls, file: str, path: str, message: str) -> PolicyError:
         return cls([PolicyIssue(str(file), path, message)])
 
 

@@ -13,6 +13,7 @@ Order of checks, cheapest first, each one bounded in time on hostile input:
 
 Every issue carries the file name and a JSON path.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,10 +24,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import PolicyError, PolicyIssue, json_path
-from .patterns import PatternIssue, compile_pattern, compile_terms, is_too_large, program_size
-from .patterns import TOO_LARGE_COST
-from .schema import (MAX_JSON_DEPTH, MAX_JSON_VALUES, MAX_PATTERNS_PER_POLICY,
-                     MAX_POLICY_BYTES, MAX_PROGRAM_SIZE_PER_POLICY, POLICY_SCHEMA)
+from .patterns import TOO_LARGE_COST, PatternIssue, compile_pattern, compile_terms, is_too_large, program_size
+from .schema import (
+    MAX_JSON_DEPTH,
+    MAX_JSON_VALUES,
+    MAX_PATTERNS_PER_POLICY,
+    MAX_POLICY_BYTES,
+    MAX_PROGRAM_SIZE_PER_POLICY,
+    POLICY_SCHEMA,
+)
 
 # A JSON string: quote, runs of plain characters or escapes, then the closing quote or the
 # end of the input. The branches never overlap and the match cannot fail once the opening
@@ -41,9 +47,10 @@ _RULE_PATH = re.compile(r"^\$\.rules\[(\d+)\]")
 @dataclass
 class PolicyFile:
     """A validated policy document and where it came from."""
+
     path: str
     doc: dict[str, Any]
-    sha256: str          # of the canonical JSON of `doc`
+    sha256: str  # of the canonical JSON of `doc`
 
     @property
     def jurisdiction(self) -> str:
@@ -54,9 +61,12 @@ class PolicyFile:
         return self.doc.get("parent")
 
 
-def read_json_limited(path: str | os.PathLike, max_bytes: int = MAX_POLICY_BYTES,
-                      max_depth: int = MAX_JSON_DEPTH, max_values: int = MAX_JSON_VALUES
-                      ) -> Any:
+def read_json_limited(
+    path: str | os.PathLike,
+    max_bytes: int = MAX_POLICY_BYTES,
+    max_depth: int = MAX_JSON_DEPTH,
+    max_values: int = MAX_JSON_VALUES,
+) -> Any:
     """Steps 1-4 above, plus at most `max_values` JSON values in all (so that the schema
     validation that follows is bounded too); raises PolicyError naming the file (path `$`)."""
     name = str(path)
@@ -158,13 +168,12 @@ def _no_constant(name: str):
 
 def _short(value: Any) -> str:
     text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= _MAX_MESSAGE_VALUE else text[:_MAX_MESSAGE_VALUE - 3] + "..."
+    return text if len(text) <= _MAX_MESSAGE_VALUE else text[: _MAX_MESSAGE_VALUE - 3] + "..."
 
 
 def canonical_json(obj: Any) -> bytes:
     """Sorted keys, no whitespace, UTF-8: the input of every content hash."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
 # ------------------------------------------------------------------------ schema checks
@@ -175,6 +184,7 @@ def _get_validator():
     global _validator
     if _validator is None:
         from jsonschema import Draft202012Validator
+
         Draft202012Validator.check_schema(POLICY_SCHEMA)
         _validator = Draft202012Validator(POLICY_SCHEMA)
     return _validator
@@ -200,37 +210,47 @@ def _describe(err, name: str) -> list[PolicyIssue]:
     v = err.validator
     if v == "additionalProperties" and isinstance(err.instance, dict):
         allowed = sorted(err.schema.get("properties", {}))
-        return [PolicyIssue(name, json_path(parts + [k]),
-                            f"unknown field {_short(k)} (allowed: {', '.join(allowed)})")
-                for k in err.instance if k not in err.schema.get("properties", {})]
+        return [
+            PolicyIssue(name, json_path(parts + [k]), f"unknown field {_short(k)} (allowed: {', '.join(allowed)})")
+            for k in err.instance
+            if k not in err.schema.get("properties", {})
+        ]
     if v == "required":
         missing = err.validator_value
         have = err.instance if isinstance(err.instance, dict) else {}
-        return [PolicyIssue(name, where, f"missing required field {_short(k)}")
-                for k in missing if k not in have]
+        return [PolicyIssue(name, where, f"missing required field {_short(k)}") for k in missing if k not in have]
     if v == "oneOf" and parts and "rules" in parts:
         return [PolicyIssue(name, where, "a rule needs exactly one of 'patterns' or 'terms'")]
     if v == "not" and parts and "rules" in parts:
-        return [PolicyIssue(name, json_path(parts + ["replacement"]),
-                            "'replacement' is only allowed on rules with action 'redact'")]
+        return [
+            PolicyIssue(
+                name, json_path(parts + ["replacement"]), "'replacement' is only allowed on rules with action 'redact'"
+            )
+        ]
     if v == "enum":
-        return [PolicyIssue(name, where, f"{_short(err.instance)} is not one of "
-                            f"{', '.join(map(repr, err.validator_value))}")]
+        return [
+            PolicyIssue(
+                name, where, f"{_short(err.instance)} is not one of {', '.join(map(repr, err.validator_value))}"
+            )
+        ]
     if v == "type":
-        return [PolicyIssue(name, where, f"expected {err.validator_value}, got "
-                            f"{type(err.instance).__name__} {_short(err.instance)}")]
+        return [
+            PolicyIssue(
+                name, where, f"expected {err.validator_value}, got {type(err.instance).__name__} {_short(err.instance)}"
+            )
+        ]
     if v == "pattern":
-        what = {"jurisdiction": "a jurisdiction id like 'eu', 'eu-de' or 'default'",
-                "parent": "a jurisdiction id like 'eu', 'eu-de' or 'default'",
-                "version": "a semantic version like '1.2.0'",
-                "id": "an id of letters, digits, '_', '.', '-' (at most 64)",
-                "category": "a lowercase id like 'pii' or 'self-harm'"}
+        what = {
+            "jurisdiction": "a jurisdiction id like 'eu', 'eu-de' or 'default'",
+            "parent": "a jurisdiction id like 'eu', 'eu-de' or 'default'",
+            "version": "a semantic version like '1.2.0'",
+            "id": "an id of letters, digits, '_', '.', '-' (at most 64)",
+            "category": "a lowercase id like 'pii' or 'self-harm'",
+        }
         key = next((p for p in reversed(parts) if isinstance(p, str)), "")
         if key == "terms":
-            return [PolicyIssue(name, where, "a term must not start or end with whitespace "
-                                "or contain line breaks")]
-        return [PolicyIssue(name, where, f"{_short(err.instance)} is not "
-                            f"{what.get(key, 'in the expected format')}")]
+            return [PolicyIssue(name, where, "a term must not start or end with whitespace or contain line breaks")]
+        return [PolicyIssue(name, where, f"{_short(err.instance)} is not {what.get(key, 'in the expected format')}")]
     if v in ("maxLength", "minLength", "maxItems", "minItems", "minimum", "maximum"):
         return [PolicyIssue(name, where, f"{_limit_text(v, err.validator_value, err.instance)}")]
     msg = err.message
@@ -253,9 +273,13 @@ def _limit_text(v: str, limit: Any, inst: Any) -> str:
     return f"{_short(inst)} is above the maximum {limit}"
 
 
-def rule_issues(doc: dict[str, Any], name: str, compile_rules: bool = True,
-                skip: set[int] | frozenset = frozenset(), compiled: dict | None = None
-                ) -> list[PolicyIssue]:
+def rule_issues(
+    doc: dict[str, Any],
+    name: str,
+    compile_rules: bool = True,
+    skip: set[int] | frozenset = frozenset(),
+    compiled: dict | None = None,
+) -> list[PolicyIssue]:
     """Checks beyond the schema: unique rule ids, RE2 compilation, nested quantifiers, and
     the policy's compile budget (MAX_PATTERNS_PER_POLICY patterns, MAX_PROGRAM_SIZE_PER_POLICY
     RE2 instructions), so that compiling any file takes bounded time.
@@ -271,22 +295,29 @@ def rule_issues(doc: dict[str, Any], name: str, compile_rules: bool = True,
             continue
         rid = rule["id"]
         if rid in seen:
-            issues.append(PolicyIssue(name, json_path(["rules", r_i, "id"]),
-                                      f"duplicate rule id {rid!r} (also $.rules[{seen[rid]}])"))
+            issues.append(
+                PolicyIssue(
+                    name, json_path(["rules", r_i, "id"]), f"duplicate rule id {rid!r} (also $.rules[{seen[rid]}])"
+                )
+            )
         else:
             seen[rid] = r_i
         if not compile_rules or over_budget:
             continue
-        items: list[tuple[Any, Any]] = [(p_i, pat) for p_i, pat in
-                                        enumerate(rule.get("patterns", []))]
+        items: list[tuple[Any, Any]] = [(p_i, pat) for p_i, pat in enumerate(rule.get("patterns", []))]
         if "terms" in rule:
             items.append(("terms", rule["terms"]))
         for key, value in items:
             where = ["rules", r_i, "patterns", key] if key != "terms" else ["rules", r_i, "terms"]
             n_patterns += 1
             if n_patterns > MAX_PATTERNS_PER_POLICY:
-                issues.append(PolicyIssue(name, json_path(where), "the policy has more than "
-                                          f"{MAX_PATTERNS_PER_POLICY} patterns and term lists"))
+                issues.append(
+                    PolicyIssue(
+                        name,
+                        json_path(where),
+                        f"the policy has more than {MAX_PATTERNS_PER_POLICY} patterns and term lists",
+                    )
+                )
                 over_budget = True
                 break
             try:
@@ -299,10 +330,16 @@ def rule_issues(doc: dict[str, Any], name: str, compile_rules: bool = True,
                 if compiled is not None:
                     compiled[(r_i, key)] = rx
             if program > MAX_PROGRAM_SIZE_PER_POLICY:
-                issues.append(PolicyIssue(name, json_path(where), "the policy's patterns and "
-                                          f"terms compile to more than "
-                                          f"{MAX_PROGRAM_SIZE_PER_POLICY} RE2 instructions; "
-                                          "split or simplify them"))
+                issues.append(
+                    PolicyIssue(
+                        name,
+                        json_path(where),
+                        "the policy's patterns and "
+                        f"terms compile to more than "
+                        f"{MAX_PROGRAM_SIZE_PER_POLICY} RE2 instructions; "
+                        "split or simplify them",
+                    )
+                )
                 over_budget = True
                 break
     if doc.get("jurisdiction") == "default":
@@ -316,17 +353,19 @@ def _default_issues(doc: dict[str, Any], name: str) -> list[PolicyIssue]:
     if doc.get("parent"):
         issues.append(PolicyIssue(name, "$.parent", "the default policy cannot have a parent"))
     if doc.get("rules"):
-        issues.append(PolicyIssue(name, "$.rules", "the default policy must have no rules "
-                                  "(outputs under it are returned unchanged)"))
+        issues.append(
+            PolicyIssue(
+                name, "$.rules", "the default policy must have no rules (outputs under it are returned unchanged)"
+            )
+        )
     if doc.get("required_notices"):
-        issues.append(PolicyIssue(name, "$.required_notices",
-                                  "the default policy must have no notices"))
+        issues.append(PolicyIssue(name, "$.required_notices", "the default policy must have no notices"))
     if doc.get("max_output_chars") is not None:
-        issues.append(PolicyIssue(name, "$.max_output_chars",
-                                  "the default policy must not truncate outputs"))
+        issues.append(PolicyIssue(name, "$.max_output_chars", "the default policy must not truncate outputs"))
     if (doc.get("output_moderation") or {}).get("enabled"):
-        issues.append(PolicyIssue(name, "$.output_moderation.enabled",
-                                  "the default policy must not enable output moderation"))
+        issues.append(
+            PolicyIssue(name, "$.output_moderation.enabled", "the default policy must not enable output moderation")
+        )
     return issues
 
 

@@ -24,17 +24,17 @@ matches must not touch a letter, digit, mark or `_` on either side (a Unicode-aw
 boundary; RE2's own `\\b` is ASCII-only), and whitespace inside a term matches any run of
 whitespace.
 """
+
 from __future__ import annotations
 
 import re
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 try:
     import re2 as _re2
 except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError("aion_train.policy needs the google-re2 package "
-                      "(pip install 'google-re2>=1.1')") from e
+    raise ImportError("aion_train.policy needs the google-re2 package (pip install 'google-re2>=1.1')") from e
 
 try:  # Python >= 3.11
     from re import _constants as _C
@@ -66,7 +66,7 @@ TOO_LARGE_COST = 500_000
 
 def _options(max_mem: int = PATTERN_MAX_MEM):
     o = _re2.Options()
-    o.log_errors = False          # errors come back as exceptions, not on stderr
+    o.log_errors = False  # errors come back as exceptions, not on stderr
     o.max_mem = max_mem
     return o
 
@@ -101,8 +101,10 @@ def compile_pattern(pattern: str):
         if "invalid perl operator" in msg or "invalid escape" in msg:
             hint = " (RE2 has no backreferences or lookarounds)"
         elif "too large" in msg:
-            hint = (f" (over RE2's {PATTERN_MAX_MEM >> 20} MiB program limit; use smaller "
-                    "counted repeats, e.g. \\pL{1,20} rather than \\pL{1000})")
+            hint = (
+                f" (over RE2's {PATTERN_MAX_MEM >> 20} MiB program limit; use smaller "
+                "counted repeats, e.g. \\pL{1,20} rather than \\pL{1000})"
+            )
         raise PatternIssue(f"not a valid RE2 pattern: {msg}{hint}") from None
     check_pattern(pattern)
     return rx
@@ -154,13 +156,15 @@ def check_pattern(pattern: str) -> None:
             warnings.simplefilter("ignore")
             parsed = _P.parse(translated)
     except (re.error, RecursionError, OverflowError, ValueError) as e:
-        raise PatternIssue(f"pattern cannot be checked for nested quantifiers ({e}); "
-                           "rewrite it with plain RE2/Perl syntax") from None
+        raise PatternIssue(
+            f"pattern cannot be checked for nested quantifiers ({e}); rewrite it with plain RE2/Perl syntax"
+        ) from None
     ignorecase = ignorecase or bool(parsed.state.flags & _C.SRE_FLAG_IGNORECASE)
     _walk(list(parsed), in_large=False, ic=ignorecase)
     if _nullable(list(parsed)):
-        raise PatternIssue("pattern can match the empty string (it would match at every "
-                           "position); make at least one part mandatory")
+        raise PatternIssue(
+            "pattern can match the empty string (it would match at every position); make at least one part mandatory"
+        )
 
 
 def _translate_re2(p: str) -> tuple[str, bool]:
@@ -202,7 +206,7 @@ def _translate_re2(p: str) -> tuple[str, bool]:
             k = p.find("}", j + 3)
             if k > 0:
                 try:
-                    cp = int(p[j + 3:k], 16)
+                    cp = int(p[j + 3 : k], 16)
                 except ValueError:
                     cp = -1
                 if 0 <= cp <= _MAX_CP:
@@ -210,9 +214,9 @@ def _translate_re2(p: str) -> tuple[str, bool]:
             return "x", j + 2
         if c == "Q":
             k = p.find(r"\E", j + 2)
-            lit = p[j + 2:] if k < 0 else p[j + 2:k]
+            lit = p[j + 2 :] if k < 0 else p[j + 2 : k]
             return "(?:" + re.escape(lit) + ")", (n if k < 0 else k + 2)
-        return p[j:j + 2], j + 2
+        return p[j : j + 2], j + 2
 
     while i < n:
         c = p[i]
@@ -250,13 +254,12 @@ def _translate_re2(p: str) -> tuple[str, bool]:
                 out.append("]")
                 i += 1
         elif c == "(":
-            if p.startswith("(?", i) and not p.startswith("(?P", i) \
-                    and not p.startswith("(?<", i):
+            if p.startswith("(?", i) and not p.startswith("(?P", i) and not p.startswith("(?<", i):
                 j = i + 2
                 while j < n and p[j] in "imsU-":
                     j += 1
-                flags = p[i + 2:j]
-                if j < n and p[j] == ")":               # flag-only group: drop it
+                flags = p[i + 2 : j]
+                if j < n and p[j] == ")":  # flag-only group: drop it
                     ignorecase |= "i" in flags.split("-")[0]
                     i = j + 1
                     continue
@@ -267,25 +270,24 @@ def _translate_re2(p: str) -> tuple[str, bool]:
                     if prefix == "(?:":
                         prefix = "(?:"
                     i = j + 1
-                else:                                    # let Python report it
+                else:  # let Python report it
                     prefix = "("
                     i += 1
-            elif p.startswith("(?<", i) and not p.startswith("(?<=", i) \
-                    and not p.startswith("(?<!", i):
+            elif p.startswith("(?<", i) and not p.startswith("(?<=", i) and not p.startswith("(?<!", i):
                 k = p.find(">", i)
                 if k < 0:
                     prefix, i = "(", i + 1
                 else:
-                    prefix, i = "(?P" + p[i + 2:k + 1], k + 1
+                    prefix, i = "(?P" + p[i + 2 : k + 1], k + 1
             elif p.startswith("(?P<", i):
                 k = p.find(">", i)
-                prefix, i = (p[i:k + 1], k + 1) if k > 0 else ("(", i + 1)
+                prefix, i = (p[i : k + 1], k + 1) if k > 0 else ("(", i + 1)
             else:
                 prefix, i = "(", i + 1
             depth += 1
             if depth > MAX_GROUP_DEPTH:
                 raise PatternIssue(f"groups nested more than {MAX_GROUP_DEPTH} deep")
-            out.append(prefix + "(")                    # group + wrapper of 1st alternative
+            out.append(prefix + "(")  # group + wrapper of 1st alternative
         elif c == ")":
             depth = max(0, depth - 1)
             out.append("))")
@@ -319,11 +321,13 @@ def _walk(items: list, in_large: bool, ic: bool) -> None:
                     raise PatternIssue(
                         "nested quantifier: an unbounded repeat inside another unbounded "
                         "repeat (like (a+)+ or (a*)*) backtracks exponentially in other "
-                        "engines; rewrite it without the nesting")
+                        "engines; rewrite it without the nesting"
+                    )
                 if _nullable(body):
                     raise PatternIssue(
                         "nested quantifier: the repeated part can match the empty string "
-                        "(like (a?)* or (a|)+); make it match at least one character")
+                        "(like (a?)* or (a|)+); make it match at least one character"
+                    )
                 _walk(body, True, ic)
             else:
                 _walk(body, in_large, ic)
@@ -359,7 +363,8 @@ def _check_alternation(alts: list[list], ic: bool) -> None:
                     "ambiguous alternation inside an unbounded repeat (like (a|aa)+): "
                     f"alternatives {x + 1} and {y + 1} can match the same text or one a "
                     "prefix of the other; backtracking engines try every split, "
-                    "exponentially")
+                    "exponentially"
+                )
 
 
 def _group_ignorecase(av, ic: bool) -> bool:
@@ -383,7 +388,7 @@ def _flatten(items: list, ic: bool) -> list:
             if op in _SINGLE:
                 out.append(_first_item(op, av, cur_ic))
             elif op == _C.SUBPATTERN:
-                todo.insert(0, (seq[k + 1:], cur_ic))
+                todo.insert(0, (seq[k + 1 :], cur_ic))
                 todo.insert(0, (list(av[3]), _group_ignorecase(av, cur_ic)))
                 break
             else:
@@ -401,7 +406,7 @@ def _alts_overlap(a: list, b: list, ic: bool) -> bool:
     fa, fb = _flatten(a, ic), _flatten(b, ic)
     for k in range(max(len(fa), len(fb))):
         if k >= len(fa) or k >= len(fb):
-            return True                                  # one is a prefix of the other
+            return True  # one is a prefix of the other
         x, y = fa[k], fb[k]
         xs = _first(x[1], x[2]) if isinstance(x, tuple) else x
         ys = _first(y[1], y[2]) if isinstance(y, tuple) else y
@@ -412,8 +417,8 @@ def _alts_overlap(a: list, b: list, ic: bool) -> bool:
         if not _intersects(xs, ys):
             return False
         if isinstance(x, tuple) or isinstance(y, tuple):
-            return True                                  # cannot follow further
-    return True                                          # same length, all steps meet
+            return True  # cannot follow further
+    return True  # same length, all steps meet
 
 
 def _nullable(items: list) -> bool:
@@ -486,7 +491,7 @@ def _literal(cp: int, ic: bool) -> list[tuple[int, int]]:
         for v in (ch.lower(), ch.upper(), ch.swapcase(), ch.casefold()):
             if len(v) == 1:
                 iv.append((ord(v), ord(v)))
-        if cp >= 0x80 or chr(cp).lower() in "ks":   # Kelvin sign, long s, ...
+        if cp >= 0x80 or chr(cp).lower() in "ks":  # Kelvin sign, long s, ...
             iv.append(_NON_ASCII)
     return iv
 

@@ -17,6 +17,7 @@ Every object has `additionalProperties: false`, so a misspelt field is an error,
 silently ignored setting. The schema's own `pattern`s are simple (no nested quantifiers) so
 that validating a hostile file stays fast.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,10 +30,10 @@ BUNDLE_FORMAT = "aion-policy-bundle"
 DEFAULT_JURISDICTION = "default"
 
 # Hostile-input limits (checked before or while parsing).
-MAX_POLICY_BYTES = 1 << 20          # 1 MiB per policy file, checked with stat() first
-MAX_BUNDLE_BYTES = 64 << 20         # a bundle holds many resolved policies
-MAX_JSON_DEPTH = 32                 # brackets nesting; a policy needs 4
-MAX_JSON_VALUES = 50_000            # values in one policy file (bounds schema validation time)
+MAX_POLICY_BYTES = 1 << 20  # 1 MiB per policy file, checked with stat() first
+MAX_BUNDLE_BYTES = 64 << 20  # a bundle holds many resolved policies
+MAX_JSON_DEPTH = 32  # brackets nesting; a policy needs 4
+MAX_JSON_VALUES = 50_000  # values in one policy file (bounds schema validation time)
 MAX_BUNDLE_VALUES = 5_000_000
 MAX_RULES = 1000
 MAX_PATTERNS_PER_RULE = 100
@@ -42,13 +43,15 @@ MAX_TERM_CHARS = 200
 MAX_INHERITANCE_DEPTH = 16
 # Compile budget of one (resolved) policy: bounds the time to compile a hostile file.
 MAX_PATTERNS_PER_POLICY = 5000
-MAX_PROGRAM_SIZE_PER_POLICY = 2_000_000   # RE2 instructions, all patterns and term lists
+MAX_PROGRAM_SIZE_PER_POLICY = 2_000_000  # RE2 instructions, all patterns and term lists
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _CATEGORY = r"^[a-z][a-z0-9_-]{0,63}$"
 _JURISDICTION = r"^(default|[a-z]{2}(-[a-z0-9]{1,16}){0,4})$"
-_SEMVER = (r"^(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})"
-           r"(-[0-9A-Za-z.-]{1,64})?(\+[0-9A-Za-z.-]{1,64})?$")
+_SEMVER = (
+    r"^(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})"
+    r"(-[0-9A-Za-z.-]{1,64})?(\+[0-9A-Za-z.-]{1,64})?$"
+)
 
 POLICY_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -69,8 +72,7 @@ POLICY_SCHEMA: dict[str, Any] = {
             "items": {"$ref": "#/$defs/rule"},
         },
         "max_output_chars": {
-            "anyOf": [{"type": "null"},
-                      {"type": "integer", "minimum": 1, "maximum": 10_000_000}],
+            "anyOf": [{"type": "null"}, {"type": "integer", "minimum": 1, "maximum": 10_000_000}],
         },
         "required_notices": {
             "type": "array",
@@ -93,15 +95,18 @@ POLICY_SCHEMA: dict[str, Any] = {
                     "type": "array",
                     "minItems": 1,
                     "maxItems": MAX_PATTERNS_PER_RULE,
-                    "items": {"type": "string", "minLength": 1,
-                              "maxLength": MAX_PATTERN_CHARS},
+                    "items": {"type": "string", "minLength": 1, "maxLength": MAX_PATTERN_CHARS},
                 },
                 "terms": {
                     "type": "array",
                     "minItems": 1,
                     "maxItems": MAX_TERMS_PER_RULE,
-                    "items": {"type": "string", "minLength": 1, "maxLength": MAX_TERM_CHARS,
-                              "pattern": r"^\S(?:.{0,198}\S)?$"},
+                    "items": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": MAX_TERM_CHARS,
+                        "pattern": r"^\S(?:.{0,198}\S)?$",
+                    },
                 },
                 "replacement": {"type": "string", "maxLength": 200},
             },

@@ -6,9 +6,10 @@ The role tokens are ids appended after the SentencePiece vocabulary (`ChatTokeni
 each is always one id and no text can produce it. A prompt ends with the assistant header;
 generation stops at <|end|>. Only the response tokens and its closing <|end|> are trained
 on in SFT (`render_example` returns the 0/1 response mask)."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from aion_train.data.tokenizer import Tokenizer
 

@@ -2,6 +2,7 @@
 engine over the trainable parameters, the training loop, KV-cached generation and held-out
 accuracy, weights / adapters on disk, `done.json` and MLflow. Phase-agnostic on purpose
 (SFT, the reward model and PPO all build on it)."""
+
 from __future__ import annotations
 
 import copy
@@ -48,10 +49,11 @@ def setup_distributed(cfg):
     from aion_train.parallel.deepspeed_adapter import init_comm
     from aion_train.parallel.device import resolve_backend
     from aion_train.runtime import apply_runtime
+
     apply_runtime(cfg.runtime)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if not dist.is_initialized():
-        phase_device()   # NCCL binds to the current GPU: make it LOCAL_RANK's first
+        phase_device()  # NCCL binds to the current GPU: make it LOCAL_RANK's first
         init_comm(resolve_backend(cfg.parallel.backend), cfg.parallel.timeout_s, shm_op=cfg.runtime.deepspeed_shm_op)
     cfg.parallel.world_size = world
     validate_config(cfg)
@@ -65,6 +67,7 @@ def build_parallel_model(cfg, groups):
     """The model of `cfg.model` built with the run's seed (same weights on every rank), sharded,
     on `phase_device()` (weights drawn on the CPU, so the same on every device)."""
     from aion_train.runtime import apply_model_execution
+
     model = parallelize(build_model(cfg.model, seed=cfg.seed), groups, cfg.parallel.sequence_parallel)
     device = phase_device()
     return apply_model_execution(model.to(device), device, cfg.runtime)
@@ -83,6 +86,7 @@ def build_phase_engine(model, cfg, groups):
     """DeepSpeed engine (aion_train.train.engine.build_engine) over the trainable parameters
     only: frozen ones get no optimizer state (`param_groups` skips requires_grad=False)."""
     from aion_train.train.engine import build_engine
+
     engine, optimizer = build_engine(model, cfg, groups)
     return engine, optimizer
 
@@ -126,8 +130,8 @@ def pad_right(seqs, pad_id: int, value_dtype=torch.long):
     ids = torch.full((len(seqs), t), pad_id, dtype=value_dtype)
     mask = torch.zeros((len(seqs), t), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.as_tensor(list(s), dtype=value_dtype)
-        mask[i, :len(s)] = 1
+        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=value_dtype)
+        mask[i, : len(s)] = 1
     return ids, mask
 
 
@@ -147,8 +151,16 @@ def sequence_logprobs(model, input_ids: torch.Tensor, groups=None) -> torch.Tens
 
 # -- generation and held-out accuracy ------------------------------------------------------------
 @torch.no_grad()
-def generate_answers(model, prompts, max_new_tokens: int, eos_id: int, groups=None, temperature: float = 0.0,
-                     generator=None, batch_size: int = 64) -> list:
+def generate_answers(
+    model,
+    prompts,
+    max_new_tokens: int,
+    eos_id: int,
+    groups=None,
+    temperature: float = 0.0,
+    generator=None,
+    batch_size: int = 64,
+) -> list:
     """KV-cached generation for prompts of any lengths (batched by equal length: the model
     has no padding mask). Returns the new ids of each prompt, cut before eos_id."""
     tp = None if groups is None or groups.tp == 1 else groups.tp_group
@@ -163,12 +175,19 @@ def generate_answers(model, prompts, max_new_tokens: int, eos_id: int, groups=No
     for length in sorted(by_len):
         idx = by_len[length]
         for s in range(0, len(idx), batch_size):
-            chunk = idx[s:s + batch_size]
+            chunk = idx[s : s + batch_size]
             ids = torch.tensor([list(prompts[i]) for i in chunk], dtype=torch.long, device=device)
-            toks = generate(model, ids, max_new_tokens, temperature=temperature, eos_id=eos_id,
-                            generator=generator, gather_logits=gather)[:, length:].tolist()
+            toks = generate(
+                model,
+                ids,
+                max_new_tokens,
+                temperature=temperature,
+                eos_id=eos_id,
+                generator=generator,
+                gather_logits=gather,
+            )[:, length:].tolist()
             for i, row in zip(chunk, toks):
-                out[i] = row[:row.index(eos_id)] if eos_id in row else row
+                out[i] = row[: row.index(eos_id)] if eos_id in row else row
     model.train(was_training)
     return out
 
@@ -177,6 +196,7 @@ def evaluate_accuracy(model, task_data, examples, max_new_tokens: int, groups=No
     """Greedy answers to `examples` checked by task.is_correct: {"accuracy", "n", "by_kind"}.
     Examples are split over the data-parallel ranks; the counts are summed over them."""
     from .task import is_correct
+
     dp, dp_rank = (1, 0) if groups is None else (groups.dp, groups.dp_rank)
     mine = examples[dp_rank::dp]
     tok = task_data.tokenizer
@@ -190,8 +210,11 @@ def evaluate_accuracy(model, task_data, examples, max_new_tokens: int, groups=No
     if groups is not None and dp > 1:
         all_reduce_(counts, group=groups.dp_group)
     total = counts.sum(0)
-    return {"accuracy": float(total[0] / max(total[1], 1)), "n": int(total[1]),
-            "by_kind": {k: float(counts[i, 0] / max(counts[i, 1], 1)) for i, k in enumerate(kinds)}}
+    return {
+        "accuracy": float(total[0] / max(total[1], 1)),
+        "n": int(total[1]),
+        "by_kind": {k: float(counts[i, 0] / max(counts[i, 1], 1)) for i, k in enumerate(kinds)},
+    }
 
 
 # -- files -----------------------------------------------------------------------------------------
@@ -217,6 +240,7 @@ def phase_tracker(cfg, phase: str, groups=None):
     """An MLflow Tracker for one phase: runs of every phase go to one store ({run_dir}/mlflow.db
     unless tracking.uri says otherwise), each named after its phase."""
     from aion_train.tracking import Tracker, resolve_tracking_uri
+
     t = copy.deepcopy(cfg.tracking)
     t.uri = resolve_tracking_uri(cfg.tracking.uri, cfg.run_dir)
     t.run_name = f"{cfg.tracking.run_name or Path(cfg.run_dir).name}-{phase}"
@@ -230,6 +254,7 @@ def save_weights(model, cfg, groups, folder) -> Path:
     folder/checkpoints, readable into any TP/EP layout by `load_weights`."""
     from aion_train.checkpoint import CheckpointManager, save_checkpoint, save_rank
     from aion_train.config import config_to_dict
+
     from .lora import _unwrap
 
     def write(tmp):
@@ -238,21 +263,32 @@ def save_weights(model, cfg, groups, folder) -> Path:
             save_rank(tmp, groups.rank, "model", sd)
 
     mgr = CheckpointManager(Path(folder) / "checkpoints", keep_last=1)
-    return save_checkpoint(mgr, 0, write, lambda: {
-        "model_config": config_to_dict(cfg)["model"], "optimizer_state": False,
-        "layout": {"tp": groups.tp, "ep": groups.ep, "world": groups.world, "zero_stage": 0}},
-        leader=rank() == 0, barrier=barrier)
+    return save_checkpoint(
+        mgr,
+        0,
+        write,
+        lambda: {
+            "model_config": config_to_dict(cfg)["model"],
+            "optimizer_state": False,
+            "layout": {"tp": groups.tp, "ep": groups.ep, "world": groups.world, "zero_stage": 0},
+        },
+        leader=rank() == 0,
+        barrier=barrier,
+    )
 
 
 @torch.no_grad()
-def load_weights(model, folder, groups, seed: int = 0, merge_adapters: dict | None = None,
-                 scaling: float = 1.0) -> None:
+def load_weights(
+    model, folder, groups, seed: int = 0, merge_adapters: dict | None = None, scaling: float = 1.0
+) -> None:
     """Base weights from a checkpoint of any layout into this rank's shards; with
     `merge_adapters` (full LoRA tensors) the weights are W0 + scaling * B A. A checkpoint with
     a smaller vocabulary (a pretrained LM before the role tokens were added) gets new rows
     drawn N(0, init_std) for the added ids."""
     from aion_train.checkpoint import load_full_state_dict, shard_state_dict
+
     from .lora import _unwrap, merge_into_state_dict
+
     model = _unwrap(model)
     _, full = load_full_state_dict(folder)
     if merge_adapters:
@@ -270,24 +306,31 @@ def load_weights(model, folder, groups, seed: int = 0, merge_adapters: dict | No
     sd = {k: v for k, v in shard_state_dict(full, model, groups).items() if k in own}
     missing, unexpected = own - set(sd), set(sd) - own
     if missing or unexpected:
-        raise ValueError(f"{folder}: weights do not fit this model: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+        raise ValueError(
+            f"{folder}: weights do not fit this model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
     model.load_state_dict(sd, strict=False)
 
 
 def save_tensors(tensors: dict, path, metadata: dict | None = None) -> Path:
     """safetensors file written atomically (temp file, fsync, rename, fsync the folder)."""
     from safetensors.torch import save_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with AtomicOutput(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata={k: str(v) for k, v in (metadata or {}).items()})
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+            str(tmp),
+            metadata={k: str(v) for k, v in (metadata or {}).items()},
+        )
     return path
 
 
 def load_tensors(path) -> dict:
     from safetensors.torch import load_file
+
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such tensor file")
     return load_file(str(path))

@@ -4,6 +4,7 @@ By default (`ppo.critic_init=rm`) it starts as a copy of the trained reward mode
 and head, so that its first value estimates are already on the reward's scale; with
 `ppo.critic_init=sft` it starts from the SFT model (adapters merged) with a zero head.
 The whole critic is trained (it is small); the reward model itself stays frozen."""
+
 from __future__ import annotations
 
 import torch
@@ -20,6 +21,7 @@ class Critic(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
         from aion_train.parallel.device import module_device
+
         self.value_head.to(module_device(backbone))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -31,6 +33,7 @@ def build_critic(cfg, groups) -> Critic:
     """The critic of cfg.ppo.critic_init on this rank's shards, every parameter trainable."""
     if cfg.ppo.critic_init == "rm":
         from .reward import load_reward_model
+
         rm = load_reward_model(cfg, groups)
         critic = Critic(rm.backbone, cfg.model.d_model)
         with torch.no_grad():
@@ -38,6 +41,7 @@ def build_critic(cfg, groups) -> Critic:
             critic.value_head.bias.copy_(rm.head.bias)
     else:
         from .sft import load_policy
+
         model, _ = load_policy(cfg, "sft", merge=True, groups=groups)
         critic = Critic(model, cfg.model.d_model)
     for p in critic.parameters():

@@ -19,6 +19,7 @@ drawn at full width and sliced, so TP ranks agree with each other and with one p
 
 `LoRALinear` keeps the base's `weight` / `bias` under their old names (base checkpoints
 still load after wrapping) and adds `lora_A` / `lora_B`. Apply it after `parallelize`."""
+
 from __future__ import annotations
 
 import math
@@ -29,10 +30,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from aion_train.parallel.collectives import copy_to, gather_last, gather_seq, group_size, reduce_from, \
-    reduce_scatter_seq, scatter_seq
+from aion_train.parallel.collectives import (
+    copy_to,
+    gather_last,
+    gather_seq,
+    group_size,
+    reduce_from,
+    reduce_scatter_seq,
+    scatter_seq,
+)
 from aion_train.parallel.layers import ColumnParallelLinear, RowParallelLinear
-
 
 KNOWN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "w_gate", "w_up", "w_down", "lm_head")
 
@@ -46,7 +53,7 @@ def _rank(group) -> int:
 
 
 def _seed_of(name: str, seed: int) -> int:
-    return (zlib.crc32(name.encode()) + 1_000_003 * int(seed)) % (2 ** 63)
+    return (zlib.crc32(name.encode()) + 1_000_003 * int(seed)) % (2**63)
 
 
 class LoRALinear(nn.Module):
@@ -61,13 +68,14 @@ class LoRALinear(nn.Module):
         elif isinstance(base, nn.Linear):
             self.kind = "dense"
         else:
-            raise LoRAError(f"{name}: LoRA wraps nn.Linear / ColumnParallelLinear / RowParallelLinear, "
-                            f"not {type(base).__name__}")
+            raise LoRAError(
+                f"{name}: LoRA wraps nn.Linear / ColumnParallelLinear / RowParallelLinear, not {type(base).__name__}"
+            )
         self.group = getattr(base, "group", None)
         self.sequence_parallel = bool(getattr(base, "sequence_parallel", False))
         self.gather_output = bool(getattr(base, "gather_output", False))
         self.weight, self.bias = base.weight, base.bias
-        self.nf4 = None                       # the NF4 base weight under QLoRA (see qlora.py)
+        self.nf4 = None  # the NF4 base weight under QLoRA (see qlora.py)
         self.r, self.alpha, self.scaling = int(r), float(alpha), float(alpha) / int(r)
         self.dropout_p, self.name, self._seed = float(dropout), name, _seed_of(name, seed)
         self._dropout_gen = None
@@ -97,6 +105,7 @@ class LoRALinear(nn.Module):
                     grad = grad.clone()
                     dist.all_reduce(grad, group=group)
                     return grad
+
                 self.lora_A.register_hook(_sum_over_tp)
 
     # -- pieces -------------------------------------------------------------------------
@@ -158,7 +167,7 @@ class LoRALinear(nn.Module):
         y = F.linear(x, w)
         y = reduce_scatter_seq(y, self.group) if self.sequence_parallel else reduce_from(y, self.group)
         if not self.merged:
-            h = reduce_from(self._adapter(x), self.group)   # the rank-r intermediate, summed over TP
+            h = reduce_from(self._adapter(x), self.group)  # the rank-r intermediate, summed over TP
             delta = self.scaling * F.linear(h, self.lora_B.to(x.dtype))
             y = y + (scatter_seq(delta, self.group) if self.sequence_parallel else delta)
         return y + self.bias if self.bias is not None else y
@@ -172,7 +181,7 @@ class LoRALinear(nn.Module):
             return
         if self.weight is None:  # QLoRA: dense dequantised copy + delta; the NF4 tensor stays
             w = self.nf4.get_original_weight().float() + self.delta_weight()
-            self.weight = nn.Parameter(w, requires_grad=False)   # fp32: no rounding of the sum
+            self.weight = nn.Parameter(w, requires_grad=False)  # fp32: no rounding of the sum
         else:
             self._w0 = self.weight.detach().clone()
             self.weight.add_(self.delta_weight().to(self.weight.dtype))
@@ -199,8 +208,10 @@ class LoRALinear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return (f"{self.kind}, in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
-                f"dropout={self.dropout_p}, tp={self.tp}, nf4={self.nf4 is not None}, merged={self.merged}")
+        return (
+            f"{self.kind}, in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
+            f"dropout={self.dropout_p}, tp={self.tp}, nf4={self.nf4 is not None}, merged={self.merged}"
+        )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -232,8 +243,10 @@ def apply_lora(model: nn.Module, lora_cfg, seed: int = 0) -> list[str]:
         for t in matched:
             hits[t] += 1
         if not isinstance(mod, linear_types):
-            raise LoRAError(f"lora.targets {matched}: {name} is a {type(mod).__name__}, not a linear layer "
-                            "(MoE experts are fused tensors and take no adapters)")
+            raise LoRAError(
+                f"lora.targets {matched}: {name} is a {type(mod).__name__}, not a linear layer "
+                "(MoE experts are fused tensors and take no adapters)"
+            )
         chosen.append(name)
     # a known layer name this model lacks (w_gate in an all-MoE model) is fine; a typo is not
     missing = [t for t, n in hits.items() if n == 0 and t not in KNOWN_LINEARS]
@@ -246,8 +259,11 @@ def apply_lora(model: nn.Module, lora_cfg, seed: int = 0) -> list[str]:
     for name in chosen:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, LoRALinear(getattr(parent, leaf), lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout,
-                                         name=name, seed=seed))
+        setattr(
+            parent,
+            leaf,
+            LoRALinear(getattr(parent, leaf), lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout, name=name, seed=seed),
+        )
     model.lora_targets = chosen
     return chosen
 
@@ -295,8 +311,10 @@ def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
             elif tuple(t.shape) == m.full_shape(which) and m.shard_dim(which) is not None:
                 src = t.chunk(m.tp, dim=m.shard_dim(which))[m.tp_rank]
             else:
-                raise LoRAError(f"{name}.{which}: shape {tuple(t.shape)} fits neither this rank's "
-                                f"{tuple(param.shape)} nor the full {m.full_shape(which)} (another lora.r?)")
+                raise LoRAError(
+                    f"{name}.{which}: shape {tuple(t.shape)} fits neither this rank's "
+                    f"{tuple(param.shape)} nor the full {m.full_shape(which)} (another lora.r?)"
+                )
             param.copy_(src.to(param.dtype))
 
 

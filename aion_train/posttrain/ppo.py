@@ -16,6 +16,7 @@ run resume (aion_train/posttrain/ppo_checkpoint.py). At the end: held-out exact-
 accuracy of the PPO policy and, on the same prompts, of the SFT reference (greedy), and the
 sequence-level KL(pi || pi_ref) on sampled held-out responses. Writes {run_dir}/ppo/done.json
 last. SPMD: one call per rank, same result on every rank."""
+
 from __future__ import annotations
 
 import copy
@@ -30,8 +31,7 @@ from aion_train.parallel.collectives import all_reduce_
 from aion_train.parallel.device import module_device
 
 from . import ppo_math
-from .common import (build_phase_engine, evaluate_accuracy, phase_config, phase_tracker, setup_distributed,
-                     write_done)
+from .common import build_phase_engine, evaluate_accuracy, phase_config, phase_tracker, setup_distributed, write_done
 from .critic import build_critic
 from .ppo_checkpoint import load_ppo, ppo_checkpoints, save_ppo
 from .reward import load_reward_model
@@ -64,21 +64,29 @@ def ppo_update(actor, critic, batch: RolloutBatch, pcfg, groups, generator: torc
         perm = torch.randperm(batch.input_ids.shape[0], generator=generator)
         for idx in perm.chunk(pcfg.minibatches):
             mb = batch.rows(idx)
-            logp, entropy = response_logprobs(actor, mb.input_ids, mb.resp_pos, mb.resp_tokens, groups,
-                                              with_entropy=True)
-            policy_loss, info = ppo_math.clipped_surrogate(logp, mb.logp_old, mb.advantages, mb.resp_mask,
-                                                           pcfg.clip_eps)
+            logp, entropy = response_logprobs(
+                actor, mb.input_ids, mb.resp_pos, mb.resp_tokens, groups, with_entropy=True
+            )
+            policy_loss, info = ppo_math.clipped_surrogate(
+                logp, mb.logp_old, mb.advantages, mb.resp_mask, pcfg.clip_eps
+            )
             ent = ppo_math.masked_mean(entropy, mb.resp_mask)
             actor.backward(policy_loss - pcfg.entropy_coef * ent)
             actor.step()
             values = response_values(critic, mb.input_ids, mb.resp_pos)
-            value_loss, vinfo = ppo_math.clipped_value_loss(values, mb.values, mb.returns, mb.resp_mask,
-                                                            pcfg.value_clip)
+            value_loss, vinfo = ppo_math.clipped_value_loss(
+                values, mb.values, mb.returns, mb.resp_mask, pcfg.value_clip
+            )
             critic.backward(value_loss)
             critic.step()
-            for k, v in (("policy_loss", policy_loss), ("value_loss", value_loss), ("entropy", ent),
-                         ("clipfrac", info["clipfrac"]), ("approx_kl", info["approx_kl"]),
-                         ("vclipfrac", vinfo["vclipfrac"])):
+            for k, v in (
+                ("policy_loss", policy_loss),
+                ("value_loss", value_loss),
+                ("entropy", ent),
+                ("clipfrac", info["clipfrac"]),
+                ("approx_kl", info["approx_kl"]),
+                ("vclipfrac", vinfo["vclipfrac"]),
+            ):
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             n += 1
     return {k: v / n for k, v in sums.items()}
@@ -89,18 +97,21 @@ def heldout_kl(actor, reference, task, examples, pcfg, groups, seed: int) -> dic
     """Sequence-level KL(pi || pi_ref) on responses sampled from pi for held-out prompts:
     the mean over prompts of sum_t (log pi - log pi_ref) (k1, unbiased) and of sum_t k3 (>= 0)."""
     from .rollout import build_sequences
-    mine = examples[groups.dp_rank::groups.dp]
+
+    mine = examples[groups.dp_rank :: groups.dp]
     gen = torch.Generator().manual_seed(seed)
     tok = task.tokenizer
     prompts = [e.prompt_ids for e in mine]
     responses = sample_responses(actor, prompts, pcfg.max_new_tokens, tok.end_id, pcfg.temperature, gen, groups)
     ids, pos, toks, mask = build_sequences(prompts, responses, tok.pad_id)
-    mask = mask.to(module_device(actor))   # the log-probs below come back on the actor's device
+    mask = mask.to(module_device(actor))  # the log-probs below come back on the actor's device
     actor.eval()
-    est = ppo_math.kl_estimators(response_logprobs(actor, ids, pos, toks, groups),
-                                 response_logprobs(reference, ids, pos, toks, groups))
-    t = torch.tensor([float((est["k1"] * mask).sum()), float((est["k3"] * mask).sum()), float(len(mine))],
-                     dtype=torch.float64)
+    est = ppo_math.kl_estimators(
+        response_logprobs(actor, ids, pos, toks, groups), response_logprobs(reference, ids, pos, toks, groups)
+    )
+    t = torch.tensor(
+        [float((est["k1"] * mask).sum()), float((est["k3"] * mask).sum()), float(len(mine))], dtype=torch.float64
+    )
     if groups.dp > 1:
         all_reduce_(t, group=groups.dp_group)
     return {"ppo_kl": float(t[0] / t[2]), "ppo_kl_k3": float(t[1] / t[2])}
@@ -112,7 +123,7 @@ def _engine(model, cfg, groups, lr: float, batch: int):
     engine, optimizer = build_phase_engine(model, pcfg, groups)
     for g in optimizer.param_groups:
         g["lr"] = lr
-    engine.eval()   # no dropout: the log-prob ratios compare like with like
+    engine.eval()  # no dropout: the log-prob ratios compare like with like
     return engine
 
 
@@ -155,37 +166,73 @@ def run_ppo(cfg) -> dict:
             examples = [train[rng.randrange(len(train))] for _ in range(per_rank)]
             # TP ranks of one DP rank must sample the same tokens: seed from the DP rank only
             gen = torch.Generator().manual_seed((cfg.seed * 7919 + it) * 64 + groups.dp_rank)
-            batch = make_experience(examples, actor.module, reference, critic.module, reward_model, task, pc, gen,
-                                    groups, dp_group=_dp(groups))
+            batch = make_experience(
+                examples,
+                actor.module,
+                reference,
+                critic.module,
+                reward_model,
+                task,
+                pc,
+                gen,
+                groups,
+                dp_group=_dp(groups),
+            )
             stats = ppo_update(actor, critic, batch, pc, groups, gen)
             seq_kl = (batch.kl * batch.resp_mask).sum(1)
-            stats.update(reward=float(batch.scores.mean()), kl=float(seq_kl.mean()),
-                         sample_accuracy=float(batch.correct.mean()),
-                         response_tokens=float(batch.resp_mask.sum(1).mean()))
+            stats.update(
+                reward=float(batch.scores.mean()),
+                kl=float(seq_kl.mean()),
+                sample_accuracy=float(batch.correct.mean()),
+                response_tokens=float(batch.resp_mask.sum(1).mean()),
+            )
             stats = mean_over_dp(stats, groups)
             stats["seconds"] = time.time() - t_it
             tracker.log_metrics({f"ppo/{k}": v for k, v in stats.items()}, step=it + 1)
             state["history"].append({"iteration": it + 1, **{k: round(v, 5) for k, v in stats.items()}})
             state["iteration"] = it + 1
             if groups.rank == 0:
-                log.info("ppo %d/%d reward %.3f kl %.4f acc %.3f clipfrac %.3f vloss %.4f (%.1fs)", it + 1, pc.steps,
-                         stats["reward"], stats["kl"], stats["sample_accuracy"], stats["clipfrac"],
-                         stats["value_loss"], stats["seconds"])
+                log.info(
+                    "ppo %d/%d reward %.3f kl %.4f acc %.3f clipfrac %.3f vloss %.4f (%.1fs)",
+                    it + 1,
+                    pc.steps,
+                    stats["reward"],
+                    stats["kl"],
+                    stats["sample_accuracy"],
+                    stats["clipfrac"],
+                    stats["value_loss"],
+                    stats["seconds"],
+                )
             if state["iteration"] % pc.save_every == 0 or state["iteration"] == pc.steps:
-                save_ppo(mgr, state["iteration"], cfg, groups, actor, critic,
-                         {k: v for k, v in state.items() if k != "checkpoint"})
+                save_ppo(
+                    mgr,
+                    state["iteration"],
+                    cfg,
+                    groups,
+                    actor,
+                    critic,
+                    {k: v for k, v in state.items() if k != "checkpoint"},
+                )
         n_tok = cfg.sft.max_new_tokens
         ppo_ev = evaluate_accuracy(actor.module, task, test, n_tok, groups)
         sft_ev = evaluate_accuracy(reference, task, test, n_tok, groups)
-        metrics = {"ppo_accuracy": ppo_ev["accuracy"], "sft_accuracy": sft_ev["accuracy"],
-                   "ppo_accuracy_by_kind": ppo_ev["by_kind"], "sft_accuracy_by_kind": sft_ev["by_kind"],
-                   "eval_examples": ppo_ev["n"], "iterations": state["iteration"]}
+        metrics = {
+            "ppo_accuracy": ppo_ev["accuracy"],
+            "sft_accuracy": sft_ev["accuracy"],
+            "ppo_accuracy_by_kind": ppo_ev["by_kind"],
+            "sft_accuracy_by_kind": sft_ev["by_kind"],
+            "eval_examples": ppo_ev["n"],
+            "iterations": state["iteration"],
+        }
         metrics.update(heldout_kl(actor.module, reference, task, test, pc, groups, cfg.seed + 99))
         hist = state["history"]
         if hist:
-            metrics.update(reward_mean=hist[-1]["reward"], reward_first=hist[0]["reward"],
-                           sample_accuracy_first=hist[0]["sample_accuracy"],
-                           sample_accuracy_last=hist[-1]["sample_accuracy"])
+            metrics.update(
+                reward_mean=hist[-1]["reward"],
+                reward_first=hist[0]["reward"],
+                sample_accuracy_first=hist[0]["sample_accuracy"],
+                sample_accuracy_last=hist[-1]["sample_accuracy"],
+            )
         metrics["seconds"] = round(time.time() - t0, 1)
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=pc.steps)
         tracker.end("FINISHED")

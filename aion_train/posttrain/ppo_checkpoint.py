@@ -5,12 +5,22 @@ last saved iteration and never needs SFT or the reward model to run again.
 Per rank: the actor's trainable tensors (its LoRA adapters, or every weight without LoRA),
 the critic's weights, both DeepSpeed optimizer states, RNG; rank 0 commits the manifest with
 the model config, the layout and the loop state (iteration, history, MLflow run id)."""
+
 from __future__ import annotations
 
 import json
 
-from aion_train.checkpoint import (CheckpointManager, capture_rng_state, check_compatible, load_optimizer_state,
-                                   load_rank, optimizer_state, restore_rng_state, save_checkpoint, save_rank)
+from aion_train.checkpoint import (
+    CheckpointManager,
+    capture_rng_state,
+    check_compatible,
+    load_optimizer_state,
+    load_rank,
+    optimizer_state,
+    restore_rng_state,
+    save_checkpoint,
+    save_rank,
+)
 from aion_train.config import config_to_dict
 
 from .common import barrier, phase_dir, rank
@@ -25,22 +35,42 @@ def trainable_state(module) -> dict:
 
 
 def _layout(cfg, groups) -> dict:
-    return {"tp": groups.tp, "ep": groups.ep, "world": groups.world, "zero_stage": cfg.train.zero_stage,
-            "lora": bool(cfg.lora.enabled), "critic_init": cfg.ppo.critic_init}
+    return {
+        "tp": groups.tp,
+        "ep": groups.ep,
+        "world": groups.world,
+        "zero_stage": cfg.train.zero_stage,
+        "lora": bool(cfg.lora.enabled),
+        "critic_init": cfg.ppo.critic_init,
+    }
 
 
 def save_ppo(mgr: CheckpointManager, iteration: int, cfg, groups, actor_engine, critic_engine, loop_state: dict):
     """Every rank calls it (collective barriers inside)."""
+
     def write(folder):
         save_rank(folder, groups.rank, "actor", trainable_state(actor_engine.module))
         save_rank(folder, groups.rank, "critic", critic_engine.module.state_dict())
-        save_rank(folder, groups.rank, "optim", {"actor": optimizer_state(actor_engine),
-                                                  "critic": optimizer_state(critic_engine)})
+        save_rank(
+            folder,
+            groups.rank,
+            "optim",
+            {"actor": optimizer_state(actor_engine), "critic": optimizer_state(critic_engine)},
+        )
         save_rank(folder, groups.rank, "rng", capture_rng_state())
 
-    save_checkpoint(mgr, iteration, write, lambda: {
-        "model_config": config_to_dict(cfg)["model"], "layout": _layout(cfg, groups),
-        "loop_state": json.dumps(loop_state)}, leader=rank() == 0, barrier=barrier)
+    save_checkpoint(
+        mgr,
+        iteration,
+        write,
+        lambda: {
+            "model_config": config_to_dict(cfg)["model"],
+            "layout": _layout(cfg, groups),
+            "loop_state": json.dumps(loop_state),
+        },
+        leader=rank() == 0,
+        barrier=barrier,
+    )
 
 
 def load_ppo(mgr: CheckpointManager, cfg, groups, actor_engine, critic_engine) -> dict | None:
@@ -50,13 +80,18 @@ def load_ppo(mgr: CheckpointManager, cfg, groups, actor_engine, critic_engine) -
         return None
     manifest = mgr.read_manifest(path)
     check_compatible({"model": manifest["model_config"]}, {"model": config_to_dict(cfg)["model"]})
-    check_compatible({"layout": manifest["layout"]}, {"layout": _layout(cfg, groups)},
-                     what="PPO layout (ranks, TP/EP, ZeRO stage, LoRA, critic init)")
+    check_compatible(
+        {"layout": manifest["layout"]},
+        {"layout": _layout(cfg, groups)},
+        what="PPO layout (ranks, TP/EP, ZeRO stage, LoRA, critic init)",
+    )
     actor_sd = load_rank(path, groups.rank, "actor")
     expected = set(trainable_state(actor_engine.module))
     if set(actor_sd) != expected:
-        raise ValueError(f"{path}: the saved actor tensors do not match this actor's trainable parameters "
-                         f"(missing {sorted(expected - set(actor_sd))[:3]}, extra {sorted(set(actor_sd) - expected)[:3]})")
+        raise ValueError(
+            f"{path}: the saved actor tensors do not match this actor's trainable parameters "
+            f"(missing {sorted(expected - set(actor_sd))[:3]}, extra {sorted(set(actor_sd) - expected)[:3]})"
+        )
     actor_engine.module.load_state_dict(actor_sd, strict=False)
     critic_engine.module.load_state_dict(load_rank(path, groups.rank, "critic"))
     optim = load_rank(path, groups.rank, "optim")

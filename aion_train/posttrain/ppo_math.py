@@ -12,6 +12,7 @@ per-token KL penalty of RLHF):
     r_t      = -beta (logp_actor - logp_ref)_t  (+ the reward model's score at the last token)
 
 Every mean is a masked mean over the valid positions. Nothing here touches a model."""
+
 from __future__ import annotations
 
 import torch
@@ -42,8 +43,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, group=None) -> torch.Tensor:
     return masked_mean((x - mean) ** 2, mask, group)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
-           group=None) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, group=None) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) over the valid positions (mean kept when shift_mean=False);
     masked-out positions come back as 0."""
     mean, var = masked_mean(x, mask, group), masked_var(x, mask, group)
@@ -53,16 +53,24 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     return out * mask
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
-        bootstrap: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    lam: float,
+    bootstrap: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over rows of [B, T].
 
     `mask` marks the valid steps of each row; they must form a prefix (responses and episodes
     end, they do not pause). After a row's last valid step the next value is `bootstrap[b]`
     (a truncated episode) or 0 (a terminal one). Returns (advantages, returns), 0 where masked."""
     if rewards.shape != values.shape or rewards.shape != mask.shape or rewards.dim() != 2:
-        raise ValueError(f"gae: rewards {tuple(rewards.shape)}, values {tuple(values.shape)} and mask "
-                         f"{tuple(mask.shape)} must be the same [B, T] shape")
+        raise ValueError(
+            f"gae: rewards {tuple(rewards.shape)}, values {tuple(values.shape)} and mask "
+            f"{tuple(mask.shape)} must be the same [B, T] shape"
+        )
     m = mask.to(values.dtype)
     if bool((m[:, 1:] > m[:, :-1]).any()):
         raise ValueError("gae: each row's mask must be a prefix of ones followed by zeros")
@@ -81,8 +89,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * m
 
 
-def kl_penalty_rewards(score: torch.Tensor, logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor,
-                       beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def kl_penalty_rewards(
+    score: torch.Tensor, logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token RLHF rewards: -beta (logp - logp_ref) at every valid token, plus `score[b]`
     (the reward model's) at each row's last valid token. Returns (rewards, kl), both [B, T]."""
     m = mask.to(logp.dtype)
@@ -101,11 +110,12 @@ def kl_estimators(logp: torch.Tensor, logp_ref: torch.Tensor) -> dict[str, torch
     k1 = log r, k2 = (log r)^2 / 2, k3 = (r' - 1) - log r' with r = pi/ref, r' = ref/pi
     (k1 unbiased; k3 unbiased and >= 0)."""
     log_ratio = logp - logp_ref
-    return {"k1": log_ratio, "k2": 0.5 * log_ratio ** 2, "k3": torch.expm1(-log_ratio) + log_ratio}
+    return {"k1": log_ratio, "k2": 0.5 * log_ratio**2, "k3": torch.expm1(-log_ratio) + log_ratio}
 
 
-def clipped_surrogate(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                      clip_eps: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def clipped_surrogate(
+    logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped policy loss (to minimise) and its diagnostics: clip fraction (share of valid
     tokens where the clipped term is the active one) and the k3 estimate of KL(old || new)."""
     log_ratio = logp - logp_old
@@ -119,8 +129,9 @@ def clipped_surrogate(logp: torch.Tensor, logp_old: torch.Tensor, advantages: to
     return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl}
 
 
-def clipped_value_loss(values: torch.Tensor, values_old: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                       clip: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def clipped_value_loss(
+    values: torch.Tensor, values_old: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2), masked mean; and the share
     of valid positions where the clipped term is the larger one."""
     v_clipped = values_old + torch.clamp(values - values_old, -clip, clip)

@@ -1,4 +1,4 @@
-"""QLoRA: the frozen base weights of the adapted layers stored in 4-bit NF4 (torchao), 
+"""QLoRA: the frozen base weights of the adapted layers stored in 4-bit NF4 (torchao),
 dequantised in the forward, with the LoRA adapters (bf16/fp32) trained on top.
 
 torchao's NF4 (Dettmers et al. 2023): blocks of `block_size` values scaled by their absmax,
@@ -6,6 +6,7 @@ each value the nearest of 16 normal-quantile levels (4 bits, two per byte), the 
 scales themselves int8-quantised in blocks of `scaler_block_size` (double quantisation).
 The NF4 tensor is kept outside the module's parameters and buffers: DeepSpeed and
 `module.to(dtype)` would otherwise dequantise it (a dtype cast of an NF4Tensor dequantises)."""
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,24 @@ from torch import nn
 
 from .lora import LoRAError, LoRALinear, lora_modules
 
-NF4_LEVELS = (-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
-              0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0)
+NF4_LEVELS = (
+    -1.0,
+    -0.6962,
+    -0.5251,
+    -0.3949,
+    -0.2844,
+    -0.1848,
+    -0.0911,
+    0.0,
+    0.0796,
+    0.1609,
+    0.2461,
+    0.3379,
+    0.4407,
+    0.5626,
+    0.7230,
+    1.0,
+)
 
 
 def to_nf4(weight: torch.Tensor, block_size: int = 64, scaler_block_size: int = 256):
@@ -26,8 +43,9 @@ def to_nf4(weight: torch.Tensor, block_size: int = 64, scaler_block_size: int = 
         from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4 as _to_nf4
     n = weight.numel()
     if n % block_size:
-        raise LoRAError(f"lora.nf4_block_size={block_size} does not divide a weight of {n} values "
-                        f"(shape {tuple(weight.shape)})")
+        raise LoRAError(
+            f"lora.nf4_block_size={block_size} does not divide a weight of {n} values (shape {tuple(weight.shape)})"
+        )
     n_blocks = n // block_size
     scaler = min(scaler_block_size, n_blocks)
     while n_blocks % scaler:
@@ -88,5 +106,12 @@ def reference_nf4_roundtrip(weight: torch.Tensor, block_size: int = 64) -> torch
     return (levels[idx] * scale).reshape(weight.shape)
 
 
-__all__ = ["LoRALinear", "NF4_LEVELS", "base_weight_bytes", "nf4_nbytes", "quantize_base_nf4",
-           "reference_nf4_roundtrip", "to_nf4"]
+__all__ = [
+    "LoRALinear",
+    "NF4_LEVELS",
+    "base_weight_bytes",
+    "nf4_nbytes",
+    "quantize_base_nf4",
+    "reference_nf4_roundtrip",
+    "to_nf4",
+]

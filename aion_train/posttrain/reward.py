@@ -9,6 +9,7 @@ measured on pairs from the easy-vqa test split.
 
 Writes {run_dir}/rm/: backbone/ (weights-only checkpoint, adapters merged), head.safetensors,
 done.json (last)."""
+
 from __future__ import annotations
 
 import random
@@ -21,9 +22,26 @@ from torch import nn
 from aion_train.config import config_to_dict
 from aion_train.parallel.device import module_device
 
-from .common import (barrier, build_parallel_model, build_phase_engine, load_tensors, load_weights, mean_over_ranks,
-                     pad_right, phase_config, phase_dir, phase_tracker, rank, read_done, save_tensors, save_weights,
-                     setup_distributed, to_model, train_steps, write_done)
+from .common import (
+    barrier,
+    build_parallel_model,
+    build_phase_engine,
+    load_tensors,
+    load_weights,
+    mean_over_ranks,
+    pad_right,
+    phase_config,
+    phase_dir,
+    phase_tracker,
+    rank,
+    read_done,
+    save_tensors,
+    save_weights,
+    setup_distributed,
+    to_model,
+    train_steps,
+    write_done,
+)
 from .lora import _unwrap, apply_lora, merge_lora
 
 
@@ -34,18 +52,20 @@ class RewardModel(nn.Module):
     def __init__(self, backbone: nn.Module, d_model: int):
         super().__init__()
         self.backbone = backbone
-        with torch.random.fork_rng(devices=[]):   # the same head on every rank
+        with torch.random.fork_rng(devices=[]):  # the same head on every rank
             torch.manual_seed(0)
             self.head = nn.Linear(d_model, 1)
         nn.init.zeros_(self.head.bias)
-        self.head.to(module_device(backbone))   # drawn on the CPU (same everywhere), kept by the backbone
+        self.head.to(module_device(backbone))  # drawn on the CPU (same everywhere), kept by the backbone
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()) or bool((attention_mask[:, 0] == 0).any()):
-            raise ValueError("RewardModel: attention_mask must be right-padded (1...1 0...0, at least one 1); "
-                             "the causal backbone has no padding mask, so left padding would change the scores")
+            raise ValueError(
+                "RewardModel: attention_mask must be right-padded (1...1 0...0, at least one 1); "
+                "the causal backbone has no padding mask, so left padding would change the scores"
+            )
         hidden = self.backbone(input_ids, return_hidden=True).hidden
         last = attention_mask.sum(dim=1) - 1
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
@@ -58,23 +78,26 @@ def malformed_response(e, tokenizer, rng: random.Random, max_new_tokens: int = 4
     marker (cut off), or random vocabulary pieces. The reward model sees these as rejected so
     that PPO cannot climb its score with them (reward hacking)."""
     from .task import COLORS, SHAPES, YES_NO
+
     other = rng.choice([c for c in e.candidates if c != e.answer])
     kind = rng.randrange(6)
     if kind <= 1:
-        return tokenizer.encode(rng.choice([a for a in (*COLORS, *SHAPES, *YES_NO) if a not in e.candidates])) \
-            + [tokenizer.end_id]
+        return tokenizer.encode(rng.choice([a for a in (*COLORS, *SHAPES, *YES_NO) if a not in e.candidates])) + [
+            tokenizer.end_id
+        ]
     if kind == 2:
         return [tokenizer.end_id]
     if kind == 3:
-        return (tokenizer.encode(e.answer) + tokenizer.encode(other))[:max_new_tokens - 1] + [tokenizer.end_id]
+        return (tokenizer.encode(e.answer) + tokenizer.encode(other))[: max_new_tokens - 1] + [tokenizer.end_id]
     if kind == 4:
         return tokenizer.encode(e.answer)[:max_new_tokens]
     n = rng.randint(1, max_new_tokens - 1)
     return [rng.randrange(3, tokenizer.sp.vocab_size) for _ in range(n)] + [tokenizer.end_id]
 
 
-def preference_pairs(examples, tokenizer, n: int, seed: int, malformed_fraction: float = 0.0,
-                     max_new_tokens: int = 4) -> list:
+def preference_pairs(
+    examples, tokenizer, n: int, seed: int, malformed_fraction: float = 0.0, max_new_tokens: int = 4
+) -> list:
     """[(chosen ids, rejected ids)]: n examples drawn (without replacement while possible),
     each with its answer vs one wrong answer of its closed set, or (a `malformed_fraction` of
     them) vs a malformed response (:func:`malformed_response`)."""
@@ -103,8 +126,11 @@ def pair_loss(model, batch):
     r = model(ids, mask)
     r_w, r_l = r.chunk(2)
     loss = -F.logsigmoid(r_w - r_l).mean()
-    return loss, {"loss": float(loss.detach()), "pair_accuracy": float((r_w > r_l).float().mean()),
-                  "margin": float((r_w - r_l).mean().detach())}
+    return loss, {
+        "loss": float(loss.detach()),
+        "pair_accuracy": float((r_w > r_l).float().mean()),
+        "margin": float((r_w - r_l).mean().detach()),
+    }
 
 
 @torch.no_grad()
@@ -114,25 +140,31 @@ def pair_accuracy(model, pairs, pad_id: int, batch_size: int = 64) -> dict:
     model.eval()
     wins, chosen, rejected = 0, [], []
     for s in range(0, len(pairs), batch_size):
-        r = model(*to_model(pair_batch(pairs[s:s + batch_size], pad_id), model))
+        r = model(*to_model(pair_batch(pairs[s : s + batch_size], pad_id), model))
         r_w, r_l = r.chunk(2)
         wins += int((r_w > r_l).sum())
         chosen += r_w.tolist()
         rejected += r_l.tolist()
     model.train(was)
     allr = torch.tensor(chosen + rejected)
-    return {"rm_pair_accuracy": wins / max(len(pairs), 1), "rm_reward_mean": float(allr.mean()),
-            "rm_reward_std": float(allr.std()), "rm_chosen_mean": float(torch.tensor(chosen).mean()),
-            "rm_rejected_mean": float(torch.tensor(rejected).mean())}
+    return {
+        "rm_pair_accuracy": wins / max(len(pairs), 1),
+        "rm_reward_mean": float(allr.mean()),
+        "rm_reward_std": float(allr.std()),
+        "rm_chosen_mean": float(torch.tensor(chosen).mean()),
+        "rm_rejected_mean": float(torch.tensor(rejected).mean()),
+    }
 
 
 def _backbone(cfg, groups):
     """The RM's starting backbone: the SFT model with adapters merged, or the SFT base."""
     if cfg.rm.init == "sft":
         from .sft import load_policy
+
         model, task = load_policy(cfg, "sft", merge=True, groups=groups)
         return model, task
     from .task import build_task_data
+
     done = read_done(cfg, "sft")
     if done is None:
         raise FileNotFoundError(f"{phase_dir(cfg, 'sft')}/done.json is missing: run the sft phase first")
@@ -156,8 +188,9 @@ def run_rm(cfg) -> dict:
             apply_lora(backbone, cfg.lora, seed=cfg.seed)
         model = RewardModel(backbone, cfg.model.d_model)
         n_train = cfg.rm.train_pairs or len(task.prompts("train"))
-        train_pairs = preference_pairs(task.prompts("train"), tok, n_train, cfg.seed + 11,
-                                       cfg.rm.malformed_fraction, cfg.ppo.max_new_tokens)
+        train_pairs = preference_pairs(
+            task.prompts("train"), tok, n_train, cfg.seed + 11, cfg.rm.malformed_fraction, cfg.ppo.max_new_tokens
+        )
         eval_pairs = preference_pairs(task.prompts("test_all"), tok, cfg.rm.eval_pairs, cfg.seed + 12)
         before = pair_accuracy(model, eval_pairs, tok.pad_id)["rm_pair_accuracy"]
         pcfg = phase_config(cfg, lr=cfg.rm.lr, steps=cfg.rm.steps, batch_size=cfg.rm.batch_size)
@@ -165,16 +198,22 @@ def run_rm(cfg) -> dict:
 
         def next_batch(step):
             rng = random.Random((cfg.seed * 7919 + step) * 64 + groups.dp_rank)
-            return pair_batch([train_pairs[rng.randrange(len(train_pairs))] for _ in range(cfg.rm.batch_size)],
-                              tok.pad_id)
+            return pair_batch(
+                [train_pairs[rng.randrange(len(train_pairs))] for _ in range(cfg.rm.batch_size)], tok.pad_id
+            )
+
         log = lambda m, s: tracker.log_metrics({f"rm/{k}": v for k, v in m.items()}, step=s)  # noqa: E731
         losses = train_steps(engine, opt, pcfg.train, cfg.rm.steps, next_batch, pair_loss, log)
         model = _unwrap(engine)
         metrics = pair_accuracy(model, eval_pairs, tok.pad_id)
-        metrics.update(rm_pair_accuracy_before=before, rm_loss=mean_over_ranks(sum(losses[-10:]) / len(losses[-10:])),
-                       rm_train_pairs=len(train_pairs), rm_eval_pairs=len(eval_pairs))
+        metrics.update(
+            rm_pair_accuracy_before=before,
+            rm_loss=mean_over_ranks(sum(losses[-10:]) / len(losses[-10:])),
+            rm_train_pairs=len(train_pairs),
+            rm_eval_pairs=len(eval_pairs),
+        )
         if cfg.rm.use_lora:
-            merge_lora(model.backbone)   # saved weights = W0 + (alpha/r) B A
+            merge_lora(model.backbone)  # saved weights = W0 + (alpha/r) B A
         metrics["backbone_checkpoint"] = str(save_weights(model.backbone, cfg, groups, out / "backbone"))
         if rank() == 0:
             save_tensors({"weight": model.head.weight, "bias": model.head.bias}, out / "head.safetensors")

@@ -8,6 +8,7 @@ P_b + j - 1, which is also where the critic's value of "the state before token j
 So every per-token tensor is [B, R] over response tokens with a prefix mask, the layout
 `ppo_math` works on. The response includes the closing <|end|> when the policy produced it:
 stopping is an action too, and the reward model was trained on answers that end with it."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -23,21 +24,21 @@ from .common import full_logits
 
 @dataclass
 class RolloutBatch:
-    input_ids: torch.Tensor      # [B, L] prompt + response, right-padded
-    resp_pos: torch.Tensor       # [B, R] logits position that predicts each response token
-    resp_tokens: torch.Tensor    # [B, R]
-    resp_mask: torch.Tensor      # [B, R] float 0/1, a prefix per row
-    logp_old: torch.Tensor       # [B, R] actor log-probs when sampled
-    logp_ref: torch.Tensor       # [B, R] frozen reference log-probs
-    values: torch.Tensor         # [B, R] critic values when sampled
-    scores: torch.Tensor         # [B] reward model scores
-    rewards: torch.Tensor        # [B, R] -beta * kl (+ score at the last token)
-    kl: torch.Tensor             # [B, R] logp_old - logp_ref
-    advantages: torch.Tensor     # [B, R] (whitened when ppo.whiten_advantages)
-    returns: torch.Tensor        # [B, R] critic targets
-    correct: torch.Tensor        # [B] 1.0 where the task checker accepts the response
+    input_ids: torch.Tensor  # [B, L] prompt + response, right-padded
+    resp_pos: torch.Tensor  # [B, R] logits position that predicts each response token
+    resp_tokens: torch.Tensor  # [B, R]
+    resp_mask: torch.Tensor  # [B, R] float 0/1, a prefix per row
+    logp_old: torch.Tensor  # [B, R] actor log-probs when sampled
+    logp_ref: torch.Tensor  # [B, R] frozen reference log-probs
+    values: torch.Tensor  # [B, R] critic values when sampled
+    scores: torch.Tensor  # [B] reward model scores
+    rewards: torch.Tensor  # [B, R] -beta * kl (+ score at the last token)
+    kl: torch.Tensor  # [B, R] logp_old - logp_ref
+    advantages: torch.Tensor  # [B, R] (whitened when ppo.whiten_advantages)
+    returns: torch.Tensor  # [B, R] critic targets
+    correct: torch.Tensor  # [B] 1.0 where the task checker accepts the response
 
-    def rows(self, idx: torch.Tensor) -> "RolloutBatch":
+    def rows(self, idx: torch.Tensor) -> RolloutBatch:
         """The sub-batch of rows `idx` (a minibatch; the index may be on another device, e.g. a
         CPU permutation of a batch on the GPU)."""
         out = {}
@@ -46,13 +47,14 @@ class RolloutBatch:
             out[f.name] = t[idx.to(t.device)]
         return RolloutBatch(**out)
 
-    def to(self, device) -> "RolloutBatch":
+    def to(self, device) -> RolloutBatch:
         return RolloutBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
 @torch.no_grad()
-def sample_responses(model, prompts: list, max_new_tokens: int, end_id: int, temperature: float,
-                     generator: torch.Generator, groups=None) -> list:
+def sample_responses(
+    model, prompts: list, max_new_tokens: int, end_id: int, temperature: float, generator: torch.Generator, groups=None
+) -> list:
     """KV-cached sampling, prompts batched by equal length. Each response keeps its <|end|> if
     one was produced (and nothing after it). TP ranks draw the same tokens: they hold the same
     gathered logits and a generator in the same state."""
@@ -60,7 +62,8 @@ def sample_responses(model, prompts: list, max_new_tokens: int, end_id: int, tem
     gather = None
     if tp is not None:
         from aion_train.parallel.collectives import gather_last
-        gather = (lambda lg: gather_last(lg, tp))  # noqa: E731
+
+        gather = lambda lg: gather_last(lg, tp)  # noqa: E731
     was = model.training
     model.eval()
     by_len: dict = {}
@@ -71,10 +74,17 @@ def sample_responses(model, prompts: list, max_new_tokens: int, end_id: int, tem
     for length in sorted(by_len):
         idx = by_len[length]
         ids = torch.tensor([list(prompts[i]) for i in idx], dtype=torch.long, device=device)
-        toks = generate(model, ids, max_new_tokens, temperature=temperature, eos_id=end_id,
-                        generator=generator, gather_logits=gather)[:, length:].tolist()
+        toks = generate(
+            model,
+            ids,
+            max_new_tokens,
+            temperature=temperature,
+            eos_id=end_id,
+            generator=generator,
+            gather_logits=gather,
+        )[:, length:].tolist()
         for i, row in zip(idx, toks):
-            out[i] = row[:row.index(end_id) + 1] if end_id in row else row
+            out[i] = row[: row.index(end_id) + 1] if end_id in row else row
     model.train(was)
     return out
 
@@ -94,10 +104,10 @@ def build_sequences(prompts: list, responses: list, pad_id: int):
     resp_mask = torch.zeros((B, R))
     for b, (p, r) in enumerate(zip(prompts, responses)):
         seq = list(p) + list(r)
-        input_ids[b, :len(seq)] = torch.as_tensor(seq)
+        input_ids[b, : len(seq)] = torch.as_tensor(seq)
         resp_pos[b] = len(p) - 1 + torch.arange(R).clamp(max=len(r) - 1)
-        resp_tokens[b, :len(r)] = torch.as_tensor(list(r))
-        resp_mask[b, :len(r)] = 1.0
+        resp_tokens[b, : len(r)] = torch.as_tensor(list(r))
+        resp_mask[b, : len(r)] = 1.0
     return input_ids, resp_pos, resp_tokens, resp_mask
 
 
@@ -121,13 +131,15 @@ def response_values(critic, input_ids, resp_pos) -> torch.Tensor:
 
 
 @torch.no_grad()
-def make_experience(examples: list, actor, reference, critic, reward_model, task, pcfg, generator,
-                    groups=None, dp_group=None) -> RolloutBatch:
+def make_experience(
+    examples: list, actor, reference, critic, reward_model, task, pcfg, generator, groups=None, dp_group=None
+) -> RolloutBatch:
     """Sample one response per example, then log-probs (actor, reference), values, reward
     model scores, per-token KL-penalised rewards, GAE advantages (whitened over every
     data-parallel rank's batch when `dp_group` is given) and returns. `pcfg` = cfg.ppo."""
     from .common import pad_right
     from .task import is_correct
+
     tok = task.tokenizer
     prompts = [e.prompt_ids for e in examples]
     responses = sample_responses(actor, prompts, pcfg.max_new_tokens, tok.end_id, pcfg.temperature, generator, groups)
@@ -136,17 +148,31 @@ def make_experience(examples: list, actor, reference, critic, reward_model, task
     device = module_device(actor)
     input_ids, resp_pos, resp_tokens, resp_mask = to_device(build_sequences(prompts, responses, tok.pad_id), device)
     for m in (actor, reference, critic):
-        m.eval()   # and left so: PPO trains without dropout
+        m.eval()  # and left so: PPO trains without dropout
     logp_old = response_logprobs(actor, input_ids, resp_pos, resp_tokens, groups)
     logp_ref = response_logprobs(reference, input_ids, resp_pos, resp_tokens, groups)
     values = response_values(critic, input_ids, resp_pos) * resp_mask
-    rm_ids, rm_mask = to_device(pad_right([list(p) + list(r) for p, r in zip(prompts, responses)], tok.pad_id),
-                                module_device(reward_model))
+    rm_ids, rm_mask = to_device(
+        pad_right([list(p) + list(r) for p, r in zip(prompts, responses)], tok.pad_id), module_device(reward_model)
+    )
     scores = reward_model(rm_ids, rm_mask).float().to(device)
     rewards, kl = ppo_math.kl_penalty_rewards(scores, logp_old, logp_ref, resp_mask, pcfg.beta)
     advantages, returns = ppo_math.gae(rewards, values, resp_mask, pcfg.gamma, pcfg.lam)
     if pcfg.whiten_advantages:
         advantages = ppo_math.whiten(advantages, resp_mask, group=dp_group)
     correct = torch.tensor([float(is_correct(e, tok.decode(r))) for e, r in zip(examples, responses)], device=device)
-    return RolloutBatch(input_ids, resp_pos, resp_tokens, resp_mask, logp_old * resp_mask, logp_ref * resp_mask,
-                        values, scores, rewards, kl, advantages, returns, correct)
+    return RolloutBatch(
+        input_ids,
+        resp_pos,
+        resp_tokens,
+        resp_mask,
+        logp_old * resp_mask,
+        logp_ref * resp_mask,
+        values,
+        scores,
+        rewards,
+        kl,
+        advantages,
+        returns,
+        correct,
+    )

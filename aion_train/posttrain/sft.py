@@ -12,6 +12,7 @@ the easy-vqa test prompts, checked exactly.
 
 Writes {run_dir}/sft/: base/ (weights-only checkpoint), adapters.safetensors (full, unsharded)
 or model/ (full fine-tuning), done.json (metrics + paths, last)."""
+
 from __future__ import annotations
 
 import random
@@ -20,14 +21,31 @@ import time
 from aion_train.config import config_to_dict
 
 from .chat_template import render_example
-from .common import (build_parallel_model, build_phase_engine, evaluate_accuracy, load_tensors, load_weights,
-                     mean_over_ranks, pad_right, phase_config, phase_dir, phase_tracker, read_done, rank,
-                     save_tensors, save_weights, setup_distributed, to_model, train_steps, write_done)
+from .common import (
+    build_parallel_model,
+    build_phase_engine,
+    evaluate_accuracy,
+    load_tensors,
+    load_weights,
+    mean_over_ranks,
+    pad_right,
+    phase_config,
+    phase_dir,
+    phase_tracker,
+    rank,
+    read_done,
+    save_tensors,
+    save_weights,
+    setup_distributed,
+    to_model,
+    train_steps,
+    write_done,
+)
 from .lora import _unwrap, apply_lora, gather_lora_state_dict, load_lora_state_dict
 from .qlora import quantize_base_nf4
 from .task import build_task_data
 
-MAX_CHAT_TOKENS = 48   # chat dialogs longer than this are left out (short batches on a CPU)
+MAX_CHAT_TOKENS = 48  # chat dialogs longer than this are left out (short batches on a CPU)
 
 
 def lm_batch(seqs, masks, pad_id: int):
@@ -53,7 +71,7 @@ def base_documents(task) -> list:
         ids, _ = render_example(e.conversation(), tok)
         if len(ids) <= MAX_CHAT_TOKENS:
             docs.append(ids)
-    for e in task.prompts("train"):   # plain text, not the chat format SFT teaches
+    for e in task.prompts("train"):  # plain text, not the chat format SFT teaches
         text = " ".join(m["content"] for m in e.messages) + f" {e.answer}"
         docs.append([tok.bos_id, *tok.encode(text), tok.sp.eos_id])
     return [(d, [1] * len(d)) for d in docs]
@@ -66,23 +84,27 @@ def sft_records(cfg, task) -> list:
     vqa = task.prompts("train")
     if cfg.sft.max_examples:
         vqa = rng.sample(vqa, min(cfg.sft.max_examples, len(vqa)))
-    chat = [r for r in (render_example(e.conversation(), tok) for e in task.prompts("chat"))
-            if len(r[0]) <= MAX_CHAT_TOKENS]
+    chat = [
+        r for r in (render_example(e.conversation(), tok) for e in task.prompts("chat")) if len(r[0]) <= MAX_CHAT_TOKENS
+    ]
     chat = rng.sample(chat, min(cfg.sft.chat_examples, len(chat)))
     extra = [render_example(e.conversation(), tok) for e in task.prompts("extra")]
     too_long = [i for i, r in enumerate(extra) if len(r[0]) > cfg.model.max_seq_len + 1]
     if too_long:
-        raise ValueError(f"sft.data_files: records {too_long[:5]} are longer than model.max_seq_len="
-                         f"{cfg.model.max_seq_len} tokens")
+        raise ValueError(
+            f"sft.data_files: records {too_long[:5]} are longer than model.max_seq_len={cfg.model.max_seq_len} tokens"
+        )
     return [render_example(e.conversation(), tok) for e in vqa] + chat + extra
 
 
 def sampler(records, batch_size: int, seed: int, dp_rank: int, pad_id: int):
     """next_batch(step): `batch_size` records drawn for (seed, step, data-parallel rank)."""
+
     def next_batch(step):
         rng = random.Random((seed * 1_000_003 + step) * 64 + dp_rank)
         picks = [records[rng.randrange(len(records))] for _ in range(batch_size)]
         return lm_batch([p[0] for p in picks], [p[1] for p in picks], pad_id)
+
     return next_batch
 
 
@@ -92,9 +114,15 @@ def train_base_lm(model, cfg, groups, task, tracker) -> float:
     engine, opt = build_phase_engine(model, pcfg, groups)
     docs = base_documents(task)
     log = lambda m, s: tracker.log_metrics({f"base/{k}": v for k, v in m.items()}, step=s)  # noqa: E731
-    losses = train_steps(engine, opt, pcfg.train, cfg.sft.base_steps,
-                         sampler(docs, cfg.sft.batch_size, cfg.seed + 7, groups.dp_rank, task.tokenizer.pad_id),
-                         lm_loss, log)
+    losses = train_steps(
+        engine,
+        opt,
+        pcfg.train,
+        cfg.sft.base_steps,
+        sampler(docs, cfg.sft.batch_size, cfg.seed + 7, groups.dp_rank, task.tokenizer.pad_id),
+        lm_loss,
+        log,
+    )
     return mean_over_ranks(sum(losses[-10:]) / len(losses[-10:]))
 
 
@@ -121,21 +149,33 @@ def run_sft(cfg) -> dict:
             metrics["lora_modules"] = len(apply_lora(model, cfg.lora, seed=cfg.seed))
             if cfg.lora.quantize == "nf4":
                 mem = quantize_base_nf4(model, cfg.lora.nf4_block_size)
-                metrics.update(base_nf4_bytes=mem["nf4_bytes"], base_bf16_bytes=mem["bf16_bytes"],
-                               base_nf4_ratio=mem["ratio"])
+                metrics.update(
+                    base_nf4_bytes=mem["nf4_bytes"], base_bf16_bytes=mem["bf16_bytes"], base_nf4_ratio=mem["ratio"]
+                )
         metrics["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         pcfg = phase_config(cfg, lr=cfg.sft.lr, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size)
         engine, opt = build_phase_engine(model, pcfg, groups)
         records = sft_records(cfg, task)
         log = lambda m, s: tracker.log_metrics({f"sft/{k}": v for k, v in m.items()}, step=s)  # noqa: E731
-        losses = train_steps(engine, opt, pcfg.train, cfg.sft.steps,
-                             sampler(records, cfg.sft.batch_size, cfg.seed, groups.dp_rank, task.tokenizer.pad_id),
-                             lm_loss, log)
+        losses = train_steps(
+            engine,
+            opt,
+            pcfg.train,
+            cfg.sft.steps,
+            sampler(records, cfg.sft.batch_size, cfg.seed, groups.dp_rank, task.tokenizer.pad_id),
+            lm_loss,
+            log,
+        )
         model = engine.module
         ev = evaluate_accuracy(model, task, test, cfg.sft.max_new_tokens, groups)
-        metrics.update(sft_accuracy=ev["accuracy"], sft_accuracy_by_kind=ev["by_kind"], eval_examples=ev["n"],
-                       sft_loss=mean_over_ranks(sum(losses[-10:]) / len(losses[-10:])), sft_examples=len(records),
-                       base_checkpoint=str(base_ckpt))
+        metrics.update(
+            sft_accuracy=ev["accuracy"],
+            sft_accuracy_by_kind=ev["by_kind"],
+            eval_examples=ev["n"],
+            sft_loss=mean_over_ranks(sum(losses[-10:]) / len(losses[-10:])),
+            sft_examples=len(records),
+            base_checkpoint=str(base_ckpt),
+        )
         if cfg.lora.enabled:
             adapters = gather_lora_state_dict(model)
             path = out / "adapters.safetensors"
@@ -167,8 +207,9 @@ def load_policy(cfg, stage: str = "sft", merge: bool = False, groups=None):
     model = build_parallel_model(cfg, groups)
     adapters = load_tensors(done["adapters"]) if done.get("adapters") else None
     if adapters is not None and merge:
-        load_weights(model, done["base_checkpoint"], groups, merge_adapters=adapters,
-                     scaling=cfg.lora.alpha / cfg.lora.r)
+        load_weights(
+            model, done["base_checkpoint"], groups, merge_adapters=adapters, scaling=cfg.lora.alpha / cfg.lora.r
+        )
     elif adapters is not None:
         load_weights(model, done["base_checkpoint"], groups)
         apply_lora(model, cfg.lora, seed=cfg.seed)

@@ -13,6 +13,7 @@ system turn; the question is the user turn; the answer is one word from a closed
 held-out set is a fixed seeded sample of the easy-vqa *test* split (other images). Chatterbot
 corpus dialogs (PyPI chatterbot-corpus, YAML inside the package) add chat variety to SFT, and
 extra JSON/JSONL chat records can be given (`sft.data_files`, read with HF `datasets`)."""
+
 from __future__ import annotations
 
 import glob
@@ -35,11 +36,11 @@ _NEGATED = re.compile(r"\bnot\b|\bis no\b")
 
 @dataclass
 class Example:
-    messages: list                 # system/user turns (no assistant turn)
-    prompt_ids: list               # chat-templated ids ending with the assistant header
-    answer: str                    # reference answer text
-    candidates: tuple = ()         # the closed answer set (empty for free chat)
-    kind: str = "chat"             # yes_no | color | shape | chat
+    messages: list  # system/user turns (no assistant turn)
+    prompt_ids: list  # chat-templated ids ending with the assistant header
+    answer: str  # reference answer text
+    candidates: tuple = ()  # the closed answer set (empty for free chat)
+    kind: str = "chat"  # yes_no | color | shape | chat
 
     def conversation(self, response: str | None = None) -> list:
         return self.messages + [{"role": "assistant", "content": self.answer if response is None else response}]
@@ -48,7 +49,7 @@ class Example:
 @dataclass
 class TaskData:
     tokenizer: ChatTokenizer
-    splits: dict = field(default_factory=dict)   # name -> list[Example]: train, test, chat, extra
+    splits: dict = field(default_factory=dict)  # name -> list[Example]: train, test, chat, extra
 
     def prompts(self, split: str) -> list:
         if split not in self.splits:
@@ -98,6 +99,7 @@ def kind_of(answer: str) -> tuple[str, tuple]:
 def easy_vqa_records(split: str) -> list[dict]:
     """[{system, user, answer, kind, candidates}] of one easy-vqa split ("train" / "test")."""
     import easy_vqa
+
     getter = {"train": easy_vqa.get_train_questions, "test": easy_vqa.get_test_questions}
     if split not in getter:
         raise ValueError(f"easy-vqa split {split!r}: must be train or test")
@@ -108,8 +110,9 @@ def easy_vqa_records(split: str) -> list[dict]:
         if img in facts:
             colour, shape = facts[img]
             kind, cands = kind_of(a)
-            out.append({"system": f"scene: a {colour} {shape}.", "user": q, "answer": a, "kind": kind,
-                        "candidates": cands})
+            out.append(
+                {"system": f"scene: a {colour} {shape}.", "user": q, "answer": a, "kind": kind, "candidates": cands}
+            )
     return out
 
 
@@ -117,6 +120,7 @@ def chatterbot_pairs() -> list[tuple[str, str]]:
     """(message, reply) pairs of the English chatterbot corpus."""
     import chatterbot_corpus
     import yaml
+
     root = Path(chatterbot_corpus.__file__).parent / "data" / "english"
     pairs = []
     for path in sorted(root.glob("*.yml")):
@@ -140,6 +144,7 @@ def load_chat_files(patterns) -> list[list[dict]]:
     if not files:
         return []
     import datasets
+
     ds = datasets.load_dataset("json", data_files=files, split="train")
     convs = []
     for i, rec in enumerate(ds):
@@ -147,8 +152,9 @@ def load_chat_files(patterns) -> list[list[dict]]:
             convs.append([{"role": m["role"], "content": m["content"]} for m in rec["messages"]])
         elif rec.get("prompt") is not None and rec.get("response") is not None:
             msgs = [{"role": "system", "content": rec["system"]}] if rec.get("system") else []
-            convs.append(msgs + [{"role": "user", "content": rec["prompt"]},
-                                 {"role": "assistant", "content": rec["response"]}])
+            convs.append(
+                msgs + [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["response"]}]
+            )
         else:
             raise ValueError(f"{files}: record {i} has neither 'messages' nor 'prompt'/'response'")
     return convs
@@ -162,7 +168,7 @@ def _example(tok: ChatTokenizer, system: str, user: str, answer: str, kind: str,
 def corpus_texts(vqa: list[dict], chat: list[tuple[str, str]]) -> list[str]:
     """Plain text for the tokenizer and the base LM: scenes, questions and chat lines, but
     no question paired with its answer (answering is what SFT teaches)."""
-    texts = [f"{r['system']} {r['user']}" for r in vqa]   # every occurrence: BPE merges follow frequency
+    texts = [f"{r['system']} {r['user']}" for r in vqa]  # every occurrence: BPE merges follow frequency
     texts += [f"{q} {a}" for q, a in chat]
     return texts + list(COLORS + SHAPES + YES_NO)
 
@@ -171,7 +177,9 @@ def ensure_tokenizer(cfg, texts: list[str]) -> str:
     """sft.tokenizer, or the task tokenizer trained (rank 0, deterministic) into
     {run_dir}/task/tokenizer.model with model.vocab_size minus the role tokens."""
     from aion_train.data.tokenizer import train_tokenizer
+
     from .chat_template import ROLE_TOKENS
+
     if cfg.sft.tokenizer:
         return cfg.sft.tokenizer
     path = Path(cfg.run_dir) / "task" / "tokenizer.model"
@@ -191,9 +199,15 @@ def build_task_data(cfg) -> TaskData:
     vqa_train, vqa_test = easy_vqa_records("train"), easy_vqa_records("test")
     chat = chatterbot_pairs()
     tok_path = ensure_tokenizer(cfg, corpus_texts(vqa_train, chat))
-    key = (os.path.abspath(tok_path), os.path.getmtime(tok_path), cfg.seed, cfg.sft.eval_examples,
-           cfg.model.vocab_size, tuple(cfg.sft.data_files))
-    if key not in _CACHE:   # the phases of one process (PPO loads policy, reference, RM) share it
+    key = (
+        os.path.abspath(tok_path),
+        os.path.getmtime(tok_path),
+        cfg.seed,
+        cfg.sft.eval_examples,
+        cfg.model.vocab_size,
+        tuple(cfg.sft.data_files),
+    )
+    if key not in _CACHE:  # the phases of one process (PPO loads policy, reference, RM) share it
         _CACHE.clear()
         _CACHE[key] = _build(cfg, ChatTokenizer(tok_path), vqa_train, vqa_test, chat)
     return _CACHE[key]
@@ -204,20 +218,21 @@ _CACHE: dict = {}
 
 def _build(cfg, tok, vqa_train, vqa_test, chat) -> TaskData:
     if tok.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"the task tokenizer has {tok.vocab_size} ids (with {len(tok.role_ids)} role tokens) "
-                         f"but model.vocab_size={cfg.model.vocab_size}")
+        raise ValueError(
+            f"the task tokenizer has {tok.vocab_size} ids (with {len(tok.role_ids)} role tokens) "
+            f"but model.vocab_size={cfg.model.vocab_size}"
+        )
     rng = random.Random(cfg.seed)
     test = rng.sample(vqa_test, min(cfg.sft.eval_examples, len(vqa_test)))
     splits = {
         "train": [_example(tok, r["system"], r["user"], r["answer"], r["kind"], r["candidates"]) for r in vqa_train],
         "test": [_example(tok, r["system"], r["user"], r["answer"], r["kind"], r["candidates"]) for r in test],
-        "test_all": [_example(tok, r["system"], r["user"], r["answer"], r["kind"], r["candidates"])
-                     for r in vqa_test],
+        "test_all": [_example(tok, r["system"], r["user"], r["answer"], r["kind"], r["candidates"]) for r in vqa_test],
         "chat": [_example(tok, SYSTEM_CHAT, q, a, "chat", ()) for q, a in chat],
     }
     extra = []
     for conv in load_chat_files(cfg.sft.data_files):
-        ids, _ = render_example(conv, tok)   # validates roles and the final assistant turn
+        ids, _ = render_example(conv, tok)  # validates roles and the final assistant turn
         extra.append(Example(conv[:-1], render_chat(conv[:-1], tok, True), conv[-1]["content"], (), "chat"))
     splits["extra"] = extra
     return TaskData(tok, splits)
@@ -232,6 +247,21 @@ def is_correct(example: Example, generated_text: str) -> bool:
     return normalise_answer(generated_text) == normalise_answer(example.answer)
 
 
-__all__ = ["COLORS", "SHAPES", "YES_NO", "Example", "TaskData", "build_task_data", "chatterbot_pairs",
-           "corpus_texts", "easy_vqa_records", "is_correct", "kind_of", "load_chat_files", "normalise_answer",
-           "render_chat", "render_example", "scene_facts"]
+__all__ = [
+    "COLORS",
+    "SHAPES",
+    "YES_NO",
+    "Example",
+    "TaskData",
+    "build_task_data",
+    "chatterbot_pairs",
+    "corpus_texts",
+    "easy_vqa_records",
+    "is_correct",
+    "kind_of",
+    "load_chat_files",
+    "normalise_answer",
+    "render_chat",
+    "render_example",
+    "scene_facts",
+]

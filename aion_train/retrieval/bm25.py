@@ -3,6 +3,7 @@
 bm25s.BM25.save writes its score matrix as ``.npy`` (``allow_pickle=False``) plus the vocab
 and parameters as JSON, and we load with ``allow_pickle=False``; the tokenizer settings are
 ours (``bm25_tokenizer.json``) so that queries are tokenized exactly like the corpus."""
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,9 @@ class BM25Index:
         self.lower = lower
 
     @classmethod
-    def build(cls, texts, k1: float = 1.5, b: float = 0.75, method: str = "lucene",
-              stopwords: str = "en") -> "BM25Index":
+    def build(cls, texts, k1: float = 1.5, b: float = 0.75, method: str = "lucene", stopwords: str = "en") -> BM25Index:
         import bm25s
+
         tokens = bm25s.tokenize(list(texts), lower=True, stopwords=stopwords, show_progress=False)
         retriever = bm25s.BM25(k1=k1, b=b, method=method)
         retriever.index(tokens, show_progress=False)
@@ -31,8 +32,10 @@ class BM25Index:
 
     def query_tokens(self, query: str) -> list[str]:
         import bm25s
-        toks = bm25s.tokenize([query], lower=self.lower, stopwords=self.stopwords,
-                              return_ids=False, show_progress=False)
+
+        toks = bm25s.tokenize(
+            [query], lower=self.lower, stopwords=self.stopwords, return_ids=False, show_progress=False
+        )
         return [t for t in toks[0] if t in self.retriever.vocab_dict]
 
     def scores(self, query: str) -> np.ndarray:
@@ -58,13 +61,13 @@ class BM25Index:
         before = set(os.listdir(directory))
         self.retriever.save(directory, show_progress=False, allow_pickle=False)
         with open(os.path.join(directory, TOKENIZER_FILE), "w") as f:
-            json.dump({"n_docs": self.n_docs, "stopwords": self.stopwords, "lower": self.lower,
-                       "library": "bm25s"}, f)
+            json.dump({"n_docs": self.n_docs, "stopwords": self.stopwords, "lower": self.lower, "library": "bm25s"}, f)
         return sorted(set(os.listdir(directory)) - before | {TOKENIZER_FILE})
 
     @classmethod
-    def load(cls, directory: str) -> "BM25Index":
+    def load(cls, directory: str) -> BM25Index:
         import bm25s
+
         with open(os.path.join(directory, TOKENIZER_FILE)) as f:
             tok = json.load(f)
         retriever = bm25s.BM25.load(directory, allow_pickle=False, show_progress=False)

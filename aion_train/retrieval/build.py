@@ -1,4 +1,5 @@
 """Corpus -> chunks -> embeddings -> index folder (the library side of `aion-train build-index`)."""
+
 from __future__ import annotations
 
 import time
@@ -11,6 +12,7 @@ def iter_corpus(patterns):
     """Documents of every pattern: a glob (``**`` ok; man pages rendered, .gz read) or
     ``pydoc:`` for the Python reference topics."""
     from .sources import iter_files, iter_pydoc_topics
+
     for pat in patterns:
         if pat in ("pydoc", "pydoc:", "pydoc:topics"):
             yield from iter_pydoc_topics()
@@ -18,15 +20,26 @@ def iter_corpus(patterns):
             yield from iter_files(pat)
 
 
-def build_index(patterns, out: str, embedder_spec: str = "minilm", embedder=None,
-                factory: str = "HNSW32", pca: int | None = None, chunk_chars: int = 400,
-                overlap: int = 50, max_chunks_per_doc: int | None = None,
-                params: dict | None = None, use_cache: bool = True, log=None,
-                overwrite: bool = False) -> dict:
+def build_index(
+    patterns,
+    out: str,
+    embedder_spec: str = "minilm",
+    embedder=None,
+    factory: str = "HNSW32",
+    pca: int | None = None,
+    chunk_chars: int = 400,
+    overlap: int = 50,
+    max_chunks_per_doc: int | None = None,
+    params: dict | None = None,
+    use_cache: bool = True,
+    log=None,
+    overwrite: bool = False,
+) -> dict:
     from ..ownership import check_writable
     from .cache import cached_embeddings
     from .embedders import make_embedder
     from .store import holds_index_manifest
+
     check_writable(out, "build-index", overwrite, recognise=holds_index_manifest)  # before any work
     t0 = time.time()
     docs = list(iter_corpus(patterns))
@@ -43,10 +56,17 @@ def build_index(patterns, out: str, embedder_spec: str = "minilm", embedder=None
         X = emb.encode(texts)
     if pca and pca >= X.shape[1]:
         raise ValueError(f"--pca {pca} must be below the embedding dim {X.shape[1]}")
-    manifest = write_index_dir(out, chunks, X, emb.name, factory, pca, params,
-                               embedder_spec=embedder_spec,
-                               chunking={"chunk_chars": chunk_chars, "overlap": overlap,
-                                         "max_chunks_per_doc": max_chunks_per_doc},
-                               extra={"corpus": list(patterns), "build_s": round(time.time() - t0, 2)},
-                               overwrite=overwrite)
+    manifest = write_index_dir(
+        out,
+        chunks,
+        X,
+        emb.name,
+        factory,
+        pca,
+        params,
+        embedder_spec=embedder_spec,
+        chunking={"chunk_chars": chunk_chars, "overlap": overlap, "max_chunks_per_doc": max_chunks_per_doc},
+        extra={"corpus": list(patterns), "build_s": round(time.time() - t0, 2)},
+        overwrite=overwrite,
+    )
     return manifest

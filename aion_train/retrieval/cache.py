@@ -2,6 +2,7 @@
 
 Embedding a large corpus on a shared 2-core CPU takes a long while, so progress is kept in
 blocks (``.part-<i>.npy``) and an interrupted run resumes where it stopped."""
+
 from __future__ import annotations
 
 import glob
@@ -35,8 +36,9 @@ def _save_atomic(path: str, arr: np.ndarray) -> None:
         np.save(f, arr, allow_pickle=False)
 
 
-def cached_embeddings(texts, embedder, directory: str | None = None, block: int = 1024,
-                      log=None) -> tuple[np.ndarray, bool]:
+def cached_embeddings(
+    texts, embedder, directory: str | None = None, block: int = 1024, log=None
+) -> tuple[np.ndarray, bool]:
     """Embeddings of ``texts`` with ``embedder`` (float32 [N, dim]); computed once and then
     read from the cache. Returns ``(embeddings, was_cached)``."""
     directory = directory or cache_dir()
@@ -57,7 +59,7 @@ def cached_embeddings(texts, embedder, directory: str | None = None, block: int 
             if arr.shape[0] == want:
                 parts.append(arr)
                 continue
-        arr = embedder.encode(list(texts[s: s + want])).astype(np.float32)
+        arr = embedder.encode(list(texts[s : s + want])).astype(np.float32)
         _save_atomic(ppath, arr)
         parts.append(arr)
         if log is not None:

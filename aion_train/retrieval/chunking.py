@@ -1,4 +1,5 @@
 """Character chunking with overlap, breaking at paragraph/sentence/word boundaries."""
+
 from __future__ import annotations
 
 import re
@@ -10,8 +11,8 @@ _WS = re.compile(r"\s+")
 @dataclass
 class Chunk:
     text: str
-    source: str = ""      # document id the chunk came from
-    start: int = 0        # character offset of the chunk in its (cleaned) document
+    source: str = ""  # document id the chunk came from
+    start: int = 0  # character offset of the chunk in its (cleaned) document
     meta: dict = field(default_factory=dict)
 
 
@@ -62,8 +63,9 @@ def chunk_text(text: str, chunk_chars: int = 512, overlap: int = 64) -> list[tup
     return out
 
 
-def chunk_documents(docs, chunk_chars: int = 512, overlap: int = 64,
-                    max_chunks_per_doc: int | None = None, dedup: bool = True) -> list[Chunk]:
+def chunk_documents(
+    docs, chunk_chars: int = 512, overlap: int = 64, max_chunks_per_doc: int | None = None, dedup: bool = True
+) -> list[Chunk]:
     """Chunk ``docs`` (objects with ``.source`` and ``.text``, or ``(source, text)``
     pairs). With ``dedup``, a chunk whose whitespace-normalised text was already seen is
     dropped (licence and boilerplate paragraphs repeat across files)."""

@@ -25,6 +25,7 @@ RAM cache
     the durable state is the snapshot + log on disk; the index, document texts and the
     replay buffer are held in RAM and served from there (reads never touch disk).
 """
+
 from __future__ import annotations
 
 import base64
@@ -62,10 +63,20 @@ class MemoryHit:
 
 
 class ContinualIndex:
-    def __init__(self, path: str, embedder=None, dim: int | None = None, kind: str = "flat",
-                 reservoir_k: int = 1024, seed: int = 0, fsync: bool = True,
-                 checkpoint_every: int | None = None, tombstone_ratio: float = 0.25,
-                 hnsw_m: int = 32, ef_search: int = 64):
+    def __init__(
+        self,
+        path: str,
+        embedder=None,
+        dim: int | None = None,
+        kind: str = "flat",
+        reservoir_k: int = 1024,
+        seed: int = 0,
+        fsync: bool = True,
+        checkpoint_every: int | None = None,
+        tombstone_ratio: float = 0.25,
+        hnsw_m: int = 32,
+        ef_search: int = 64,
+    ):
         if kind not in ("flat", "hnsw"):
             raise ValueError(f"kind must be 'flat' or 'hnsw', got {kind!r}")
         self.path = os.path.abspath(path)
@@ -76,9 +87,9 @@ class ContinualIndex:
         self.checkpoint_every = checkpoint_every
         self.tombstone_ratio = tombstone_ratio
         self.hnsw_m, self.ef_search = hnsw_m, ef_search
-        self.lock = RWLock()                      # readers: queries; writer: apply
-        self._mutex = threading.RLock()           # serialises log order + apply + checkpoint
-        self.docs: dict[str, dict] = {}           # doc id -> {"vid", "text", "meta"}
+        self.lock = RWLock()  # readers: queries; writer: apply
+        self._mutex = threading.RLock()  # serialises log order + apply + checkpoint
+        self.docs: dict[str, dict] = {}  # doc id -> {"vid", "text", "meta"}
         self.vid2doc: dict[int, str] = {}
         self.tombstones: set[int] = set()
         self.next_vid = 0
@@ -103,6 +114,7 @@ class ContinualIndex:
     # ------------------------------------------------------------------ index plumbing
     def _new_index(self):
         import faiss
+
         if self.kind == "flat":
             base = faiss.IndexFlatIP(self.dim)
         else:
@@ -124,7 +136,7 @@ class ContinualIndex:
         if op == "put":
             vid = int(rec["vid"])
             if old is not None:
-                if old["vid"] == vid:        # the very same record again: nothing to do
+                if old["vid"] == vid:  # the very same record again: nothing to do
                     self.seq = max(self.seq, rec["seq"])
                     return
                 self._remove_vid(old["vid"])
@@ -154,19 +166,28 @@ class ContinualIndex:
         ``("del", id)``. Returns their sequence numbers once durable and visible."""
         with self._mutex:
             recs = []
-            seq, vid = self.seq, self.next_vid     # the previous commit is fully applied
+            seq, vid = self.seq, self.next_vid  # the previous commit is fully applied
             for op in ops:
                 seq += 1
                 if op[0] == "put":
                     _, doc_id, text, meta, vec = op
-                    recs.append({"seq": seq, "op": "put", "id": str(doc_id), "vid": vid,
-                                 "text": text, "meta": meta or {}, "vec": _enc_vec(vec)})
+                    recs.append(
+                        {
+                            "seq": seq,
+                            "op": "put",
+                            "id": str(doc_id),
+                            "vid": vid,
+                            "text": text,
+                            "meta": meta or {},
+                            "vec": _enc_vec(vec),
+                        }
+                    )
                     vid += 1
                 elif op[0] == "del":
                     recs.append({"seq": seq, "op": "del", "id": str(op[1])})
                 else:
                     raise ValueError(f"unknown op {op[0]!r}")
-            self.wal.append(recs)                 # durable from here on
+            self.wal.append(recs)  # durable from here on
             with self.lock.write():
                 for r in recs:
                     self._apply(r)
@@ -244,10 +265,16 @@ class ContinualIndex:
 
     def stats(self) -> dict:
         with self.lock.read():
-            return {"documents": len(self.docs), "vectors": int(self.index.ntotal),
-                    "tombstones": len(self.tombstones), "seq": self.seq,
-                    "snapshot_seq": self.snapshot_seq, "replay_buffer": len(self.reservoir),
-                    "stream_seen": self.reservoir.n_seen, "kind": self.kind}
+            return {
+                "documents": len(self.docs),
+                "vectors": int(self.index.ntotal),
+                "tombstones": len(self.tombstones),
+                "seq": self.seq,
+                "snapshot_seq": self.snapshot_seq,
+                "replay_buffer": len(self.reservoir),
+                "stream_seen": self.reservoir.n_seen,
+                "kind": self.kind,
+            }
 
     # ------------------------------------------------------------------ snapshots
     def compact(self) -> None:
@@ -266,24 +293,33 @@ class ContinualIndex:
     def checkpoint(self) -> str:
         """Write a snapshot of everything applied so far and start an empty log."""
         import faiss
+
         with self._mutex:
-            if self.kind == "hnsw" and self.tombstones and \
-                    len(self.tombstones) > self.tombstone_ratio * max(int(self.index.ntotal), 1):
+            if (
+                self.kind == "hnsw"
+                and self.tombstones
+                and len(self.tombstones) > self.tombstone_ratio * max(int(self.index.ntotal), 1)
+            ):
                 self.compact()
             snaps = os.path.join(self.path, "snapshots")
             name = f"snap-{self.seq:012d}"
             tmp = os.path.join(snaps, name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-            with self.lock.read():            # writers are excluded by the mutex
+            with self.lock.read():  # writers are excluded by the mutex
                 faiss.write_index(self.index, os.path.join(tmp, "index.faiss"))
                 with open(os.path.join(tmp, "docs.jsonl"), "w", encoding="utf-8") as f:
                     for doc_id, d in self.docs.items():
                         f.write(json.dumps({"id": doc_id, **d}, ensure_ascii=False) + "\n")
-                state = {"seq": self.seq, "next_vid": self.next_vid, "kind": self.kind,
-                         "dim": self.dim, "tombstones": sorted(self.tombstones),
-                         "embedder": getattr(self.embedder, "name", None),
-                         "reservoir": self.reservoir.state_dict()}
+                state = {
+                    "seq": self.seq,
+                    "next_vid": self.next_vid,
+                    "kind": self.kind,
+                    "dim": self.dim,
+                    "tombstones": sorted(self.tombstones),
+                    "embedder": getattr(self.embedder, "name", None),
+                    "reservoir": self.reservoir.state_dict(),
+                }
             state["files"] = {p: sha256_file(os.path.join(tmp, p)) for p in ("index.faiss", "docs.jsonl")}
             with open(os.path.join(tmp, "state.json"), "w") as f:
                 json.dump(state, f)
@@ -299,6 +335,7 @@ class ContinualIndex:
 
     def _load_snapshot(self) -> None:
         import faiss
+
         cur = os.path.join(self.path, "CURRENT")
         if not os.path.exists(cur):
             return
@@ -329,7 +366,7 @@ class ContinualIndex:
         self.reservoir = ReservoirBuffer.from_state(state["reservoir"])
 
     # ------------------------------------------------------------------ ingestion
-    def start_ingestion(self, batch_size: int = 32, on_ack=None) -> "Ingestor":
+    def start_ingestion(self, batch_size: int = 32, on_ack=None) -> Ingestor:
         ing = Ingestor(self, batch_size, on_ack)
         ing.start()
         return ing
@@ -373,8 +410,7 @@ class Ingestor(threading.Thread):
         self.on_ack = on_ack
         self.q: queue.Queue = queue.Queue()
 
-    def submit(self, doc_id: str, text: str | None = None, meta: dict | None = None,
-               delete: bool = False) -> Ticket:
+    def submit(self, doc_id: str, text: str | None = None, meta: dict | None = None, delete: bool = False) -> Ticket:
         t = Ticket(doc_id)
         self.q.put((t, doc_id, text, meta, delete))
         return t

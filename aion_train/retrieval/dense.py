@@ -5,6 +5,7 @@ Vectors are L2-normalised embeddings and the metric is inner product (= cosine).
 re-normalisation so that inner product stays a cosine). Search-time knobs (``efSearch``
 for HNSW, ``nprobe`` for IVF) go through faiss.ParameterSpace, which reaches through the
 pre-transform."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,13 +18,21 @@ def full_factory(factory: str, pca: int | None) -> str:
 def gpu_count() -> int:
     """GPUs faiss can use: 0 for a faiss-cpu build (no StandardGpuResources)."""
     import faiss
+
     return int(faiss.get_num_gpus()) if hasattr(faiss, "StandardGpuResources") else 0
 
 
-def build_dense_index(X: np.ndarray, factory: str = "HNSW32", pca: int | None = None,
-                      params: dict | None = None, ef_construction: int = 200, seed: int = 1234):
+def build_dense_index(
+    X: np.ndarray,
+    factory: str = "HNSW32",
+    pca: int | None = None,
+    params: dict | None = None,
+    ef_construction: int = 200,
+    seed: int = 1234,
+):
     """Train (if needed) and fill a FAISS index with the rows of ``X`` (ids 0..N-1)."""
     import faiss
+
     X = np.ascontiguousarray(X, dtype=np.float32)
     d = X.shape[1]
     index = faiss.index_factory(d, full_factory(factory, pca), faiss.METRIC_INNER_PRODUCT)
@@ -52,6 +61,7 @@ def default_params(factory: str) -> dict:
 
 def _find_hnsw(index):
     import faiss
+
     idx = index
     if isinstance(idx, faiss.IndexPreTransform):
         idx = faiss.downcast_index(idx.index)
@@ -61,6 +71,7 @@ def _find_hnsw(index):
 
 def set_search_params(index, params: dict) -> None:
     import faiss
+
     ps = faiss.ParameterSpace()
     for k, v in (params or {}).items():
         try:
@@ -83,6 +94,7 @@ def to_gpu_if_available(index):
     if gpu_count() <= 0:
         return index
     import faiss
+
     try:
         return faiss.index_cpu_to_all_gpus(index)
     except RuntimeError as e:
@@ -93,6 +105,7 @@ def to_gpu_if_available(index):
 
 def to_cpu(index):
     import faiss
+
     if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
         return faiss.index_gpu_to_cpu(index)
     return index

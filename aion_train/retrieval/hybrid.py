@@ -7,9 +7,10 @@ Hybrid score of candidate ``i`` over the union ``U`` of the dense and the BM25 c
 with ``b`` the BM25 score and ``cos`` the cosine between query and chunk embeddings
 (exact, from the stored vectors, for candidates of either list). When all BM25 scores in
 ``U`` are equal the normalised BM25 term is 0."""
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -31,8 +32,9 @@ def hybrid_scores(bm25: np.ndarray, cosine: np.ndarray, alpha: float) -> np.ndar
     return alpha * minmax(bm25) + (1.0 - alpha) * np.asarray(cosine, dtype=np.float64)
 
 
-def candidates(query: str, qvec: np.ndarray, X: np.ndarray, bm25, depth: int,
-               dense_index=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def candidates(
+    query: str, qvec: np.ndarray, X: np.ndarray, bm25, depth: int, dense_index=None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Union of the dense top-``depth`` (``dense_index`` or exact over ``X``) and the BM25
     top-``depth``: ``(ids, bm25 scores, cosines)``."""
     q = np.asarray(qvec, dtype=np.float32).reshape(1, -1)
@@ -45,13 +47,21 @@ def candidates(query: str, qvec: np.ndarray, X: np.ndarray, bm25, depth: int,
     all_bm25 = bm25.scores(query)
     k = min(depth, len(all_bm25))
     bm_ids = np.argpartition(-all_bm25, k - 1)[:k] if k > 0 else np.zeros(0, np.int64)
-    bm_ids = bm_ids[all_bm25[bm_ids] > 0]           # a zero BM25 score is no match
+    bm_ids = bm_ids[all_bm25[bm_ids] > 0]  # a zero BM25 score is no match
     ids = np.unique(np.concatenate([dense_ids.astype(np.int64), bm_ids.astype(np.int64)]))
     return ids, all_bm25[ids].astype(np.float64), (X[ids] @ q[0]).astype(np.float64)
 
 
-def hybrid_rank(query: str, qvec: np.ndarray, X: np.ndarray, bm25, alpha: float = 0.5,
-                k: int = 10, depth: int = 100, dense_index=None) -> tuple[np.ndarray, np.ndarray]:
+def hybrid_rank(
+    query: str,
+    qvec: np.ndarray,
+    X: np.ndarray,
+    bm25,
+    alpha: float = 0.5,
+    k: int = 10,
+    depth: int = 100,
+    dense_index=None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` chunk ids and hybrid scores (ties broken by id)."""
     ids, b, c = candidates(query, qvec, X, bm25, depth, dense_index)
     s = hybrid_scores(b, c, alpha)
@@ -59,8 +69,7 @@ def hybrid_rank(query: str, qvec: np.ndarray, X: np.ndarray, bm25, alpha: float 
     return ids[order], s[order]
 
 
-def mmr(query_vec: np.ndarray, cand_vecs: np.ndarray, relevance: np.ndarray, k: int,
-        lam: float = 0.7) -> list[int]:
+def mmr(query_vec: np.ndarray, cand_vecs: np.ndarray, relevance: np.ndarray, k: int, lam: float = 0.7) -> list[int]:
     """Maximal marginal relevance: positions (into the candidates) picked greedily by
     ``lam * relevance_i - (1 - lam) * max_{j picked} cos(v_i, v_j)``. ``relevance``
     defaults to the cosine with the query when None."""
@@ -84,16 +93,16 @@ def mmr(query_vec: np.ndarray, cand_vecs: np.ndarray, relevance: np.ndarray, k: 
     return picked
 
 
-def rerank(query: str, texts: Sequence[str], scores: Sequence[float],
-           loglik: Callable[[str, str], float], weight: float = 1.0) -> list[int]:
+def rerank(
+    query: str, texts: Sequence[str], scores: Sequence[float], loglik: Callable[[str, str], float], weight: float = 1.0
+) -> list[int]:
     """Order of candidates by ``score + weight * loglik(query, text)``, where ``loglik`` is
     a language-model likelihood of the query given the chunk (e.g. :func:`lm_loglik`)."""
     total = [float(s) + weight * float(loglik(query, t)) for s, t in zip(scores, texts)]
     return sorted(range(len(texts)), key=lambda i: -total[i])
 
 
-def build_context(chunks: Sequence[str], query: str, max_chars: int | None = None,
-                  sep: str = "\n\n") -> str:
+def build_context(chunks: Sequence[str], query: str, max_chars: int | None = None, sep: str = "\n\n") -> str:
     """``<CTX> chunk1 ... chunkN </CTX> query``: retrieved chunks (best first) inside the
     tokenizer's context markers, then the query. With ``max_chars`` the chunks that do not
     fit in the budget are left out (whole chunks only)."""
@@ -116,13 +125,13 @@ def lm_loglik(model, tokenizer, max_len: int = 512) -> Callable[[str, str], floa
     def score(query: str, chunk: str) -> float:
         ctx = tokenizer.encode(build_context([chunk], "").rstrip())
         q = tokenizer.encode(" " + query)
-        ctx = ctx[-max(1, max_len - len(q) - 1):]
+        ctx = ctx[-max(1, max_len - len(q) - 1) :]
         ids = torch.tensor([[tokenizer.bos_id] + ctx + q])
         with torch.no_grad():
             logits = model(ids).logits[0].float()
         logp = torch.log_softmax(logits[:-1], -1)
         tgt = ids[0, 1:]
-        lp = logp.gather(1, tgt[:, None])[:, 0][-len(q):]
+        lp = logp.gather(1, tgt[:, None])[:, 0][-len(q) :]
         return float(lp.mean()) if len(q) else 0.0
 
     return score

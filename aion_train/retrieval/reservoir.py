@@ -4,6 +4,7 @@
 probability ``k / n`` and then replaces a uniformly chosen slot. After ``n`` items every
 item is in the buffer with probability ``k / n``. The RNG state is JSON-serialisable, so
 the buffer is persisted and a replayed log rebuilds it exactly."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -26,8 +27,8 @@ class ReservoirBuffer:
         if len(self.items) < self.k:
             self.items.append(item)
             return len(self.items) - 1
-        j = int(self.rng.integers(0, self.n_seen))     # uniform in [0, n)
-        if j < self.k:                                 # probability k / n; slot j uniform
+        j = int(self.rng.integers(0, self.n_seen))  # uniform in [0, n)
+        if j < self.k:  # probability k / n; slot j uniform
             self.items[j] = item
             return j
         return None
@@ -44,11 +45,10 @@ class ReservoirBuffer:
         return len(self.items)
 
     def state_dict(self) -> dict:
-        return {"k": self.k, "n_seen": self.n_seen, "items": list(self.items),
-                "rng": self.rng.bit_generator.state}
+        return {"k": self.k, "n_seen": self.n_seen, "items": list(self.items), "rng": self.rng.bit_generator.state}
 
     @classmethod
-    def from_state(cls, state: dict) -> "ReservoirBuffer":
+    def from_state(cls, state: dict) -> ReservoirBuffer:
         r = cls(state["k"])
         r.n_seen = int(state["n_seen"])
         r.items = list(state["items"])

@@ -1,5 +1,6 @@
 """A writer-preferring readers-writer lock: many concurrent readers, one writer; a waiting
 writer blocks new readers so that a stream of queries cannot starve ingestion."""
+
 from __future__ import annotations
 
 import threading

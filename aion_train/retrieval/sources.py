@@ -10,13 +10,14 @@
 
 Everything is deterministic: sorted file lists, no randomness.
 """
+
 from __future__ import annotations
 
 import gzip
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 MAN_DIR = "/usr/share/man"
 DOC_DIR = "/usr/share/doc"
@@ -24,7 +25,7 @@ DOC_DIR = "/usr/share/doc"
 
 @dataclass
 class Document:
-    source: str          # stable id, e.g. "man:ls.1", "doc:bash/README", "pydoc:for"
+    source: str  # stable id, e.g. "man:ls.1", "doc:bash/README", "pydoc:for"
     text: str
     title: str = ""
 
@@ -32,9 +33,9 @@ class Document:
 @dataclass
 class ManPage:
     source: str
-    names: str           # "gzip, gunzip, zcat"
-    description: str     # "compress or expand files" ("" when the page has no NAME line)
-    body: str            # the page without its NAME section
+    names: str  # "gzip, gunzip, zcat"
+    description: str  # "compress or expand files" ("" when the page has no NAME line)
+    body: str  # the page without its NAME section
 
 
 def read_text_file(path: str) -> str:
@@ -46,27 +47,137 @@ def read_text_file(path: str) -> str:
 
 # ---------------------------------------------------------------------------------- roff
 _ESCAPES = [
-    (re.compile(r"\\f(\[[^\]]*\]|\(..|.)"), ""),          # font changes \fB \f(CW \f[B]
-    (re.compile(r"\\s[+-]?\d"), ""),                       # size changes \s-1
-    (re.compile(r"\\\*(\[[^\]]*\]|\(..|.)"), ""),          # string registers \*(lq
-    (re.compile(r"\\n(\[[^\]]*\]|\(..|.)"), ""),           # number registers
-    (re.compile(r"\\[kwhvlLbDoXZ]'[^']*'"), ""),           # drawing / width escapes
+    (re.compile(r"\\f(\[[^\]]*\]|\(..|.)"), ""),  # font changes \fB \f(CW \f[B]
+    (re.compile(r"\\s[+-]?\d"), ""),  # size changes \s-1
+    (re.compile(r"\\\*(\[[^\]]*\]|\(..|.)"), ""),  # string registers \*(lq
+    (re.compile(r"\\n(\[[^\]]*\]|\(..|.)"), ""),  # number registers
+    (re.compile(r"\\[kwhvlLbDoXZ]'[^']*'"), ""),  # drawing / width escapes
 ]
-_NAMED = {"em": "-", "en": "-", "hy": "-", "mi": "-", "aq": "'", "oq": "'", "cq": "'",
-          "lq": '"', "rq": '"', "dq": '"', "bu": "*", "co": "(c)", "rg": "(R)", "tm": "(TM)",
-          "<=": "<=", ">=": ">=", "!=": "!=", "->": "->", "<-": "<-", "mu": "x", "ti": "~",
-          "ha": "^", "ga": "`", "rs": "\\", "ba": "|", "br": "|", "sl": "/", "pl": "+",
-          "eq": "=", "sq": "*", "de": "deg", "fo": "<", "fc": ">"}
+_NAMED = {
+    "em": "-",
+    "en": "-",
+    "hy": "-",
+    "mi": "-",
+    "aq": "'",
+    "oq": "'",
+    "cq": "'",
+    "lq": '"',
+    "rq": '"',
+    "dq": '"',
+    "bu": "*",
+    "co": "(c)",
+    "rg": "(R)",
+    "tm": "(TM)",
+    "<=": "<=",
+    ">=": ">=",
+    "!=": "!=",
+    "->": "->",
+    "<-": "<-",
+    "mu": "x",
+    "ti": "~",
+    "ha": "^",
+    "ga": "`",
+    "rs": "\\",
+    "ba": "|",
+    "br": "|",
+    "sl": "/",
+    "pl": "+",
+    "eq": "=",
+    "sq": "*",
+    "de": "deg",
+    "fo": "<",
+    "fc": ">",
+}
 _NAMED_RE = re.compile(r"\\(\(..|\[[^\]]*\])")
-_SIMPLE = {"\\-": "-", "\\e": "\\", "\\&": "", "\\ ": " ", "\\~": " ", "\\|": "", "\\^": "",
-           "\\%": "", "\\c": "", "\\0": " ", "\\:": "", "\\'": "'", "\\`": "`", "\\.": ".",
-           "\\,": "", "\\/": "", "\\)": ""}
+_SIMPLE = {
+    "\\-": "-",
+    "\\e": "\\",
+    "\\&": "",
+    "\\ ": " ",
+    "\\~": " ",
+    "\\|": "",
+    "\\^": "",
+    "\\%": "",
+    "\\c": "",
+    "\\0": " ",
+    "\\:": "",
+    "\\'": "'",
+    "\\`": "`",
+    "\\.": ".",
+    "\\,": "",
+    "\\/": "",
+    "\\)": "",
+}
 _SIMPLE_RE = re.compile(r"\\[-e& ~|^%c0:'`.,/)]")
-_BREAK_MACROS = {"PP", "LP", "P", "sp", "HP", "RS", "RE", "IP", "TP", "TQ", "br", "nf", "fi",
-                 "EX", "EE", "SY", "YS", "in", "ti", "ne", "ad", "na", "UE", "ME", "Vb", "Ve"}
-_FONT_MACROS = {"B", "I", "R", "SM", "SB", "BR", "RB", "IR", "RI", "BI", "IB", "OP", "UR", "MT",
-                "Nm", "Nd", "Ar", "Fl", "Op", "Pa", "Xr", "Cm", "Ic", "Em", "Sy", "Dv", "Er",
-                "Ev", "Fn", "Fa", "Ft", "Va", "Li", "Ql", "Dq", "Sq", "Pq", "Ss", "It"}
+_BREAK_MACROS = {
+    "PP",
+    "LP",
+    "P",
+    "sp",
+    "HP",
+    "RS",
+    "RE",
+    "IP",
+    "TP",
+    "TQ",
+    "br",
+    "nf",
+    "fi",
+    "EX",
+    "EE",
+    "SY",
+    "YS",
+    "in",
+    "ti",
+    "ne",
+    "ad",
+    "na",
+    "UE",
+    "ME",
+    "Vb",
+    "Ve",
+}
+_FONT_MACROS = {
+    "B",
+    "I",
+    "R",
+    "SM",
+    "SB",
+    "BR",
+    "RB",
+    "IR",
+    "RI",
+    "BI",
+    "IB",
+    "OP",
+    "UR",
+    "MT",
+    "Nm",
+    "Nd",
+    "Ar",
+    "Fl",
+    "Op",
+    "Pa",
+    "Xr",
+    "Cm",
+    "Ic",
+    "Em",
+    "Sy",
+    "Dv",
+    "Er",
+    "Ev",
+    "Fn",
+    "Fa",
+    "Ft",
+    "Va",
+    "Li",
+    "Ql",
+    "Dq",
+    "Sq",
+    "Pq",
+    "Ss",
+    "It",
+}
 
 
 def _unescape(s: str) -> str:
@@ -93,10 +204,60 @@ def _macro_args(rest: str) -> list[str]:
     return out
 
 
-_MDOC_INLINE = {"Fl", "Ar", "Op", "Oo", "Oc", "Ns", "Pa", "Xr", "Cm", "Ic", "Em", "Sy", "Dv",
-                "Er", "Ev", "Fn", "Fa", "Ft", "Va", "Li", "Ql", "Dq", "Sq", "Pq", "Nm", "No",
-                "Bro", "Brc", "Aq", "Po", "Pc", "Qo", "Qc", "Dl", "Ek", "Bk", "It", "Ss", "Ta",
-                "Cd", "Ad", "An", "Lk", "Mt", "Tn", "Ux", "At", "Bx", "Ox", "Nx", "Fx", "Dx"}
+_MDOC_INLINE = {
+    "Fl",
+    "Ar",
+    "Op",
+    "Oo",
+    "Oc",
+    "Ns",
+    "Pa",
+    "Xr",
+    "Cm",
+    "Ic",
+    "Em",
+    "Sy",
+    "Dv",
+    "Er",
+    "Ev",
+    "Fn",
+    "Fa",
+    "Ft",
+    "Va",
+    "Li",
+    "Ql",
+    "Dq",
+    "Sq",
+    "Pq",
+    "Nm",
+    "No",
+    "Bro",
+    "Brc",
+    "Aq",
+    "Po",
+    "Pc",
+    "Qo",
+    "Qc",
+    "Dl",
+    "Ek",
+    "Bk",
+    "It",
+    "Ss",
+    "Ta",
+    "Cd",
+    "Ad",
+    "An",
+    "Lk",
+    "Mt",
+    "Tn",
+    "Ux",
+    "At",
+    "Bx",
+    "Ox",
+    "Nx",
+    "Fx",
+    "Dx",
+}
 
 
 def _mdoc_inline(tokens: list[str]) -> list[str]:
@@ -116,7 +277,7 @@ def roff_to_text(src: str) -> list[tuple[str, str]]:
     .SH). Good enough for man(7)/mdoc(7)/pod2man pages; not a typesetter."""
     sections: list[tuple[str, list[str]]] = [("", [])]
     lines = []
-    for raw in src.replace("\r\n", "\n").split("\n"):   # join "\"-continued lines
+    for raw in src.replace("\r\n", "\n").split("\n"):  # join "\"-continued lines
         if lines and lines[-1].endswith("\\") and not lines[-1].endswith("\\\\"):
             lines[-1] = lines[-1][:-1] + raw
         else:
@@ -127,21 +288,21 @@ def roff_to_text(src: str) -> list[tuple[str, str]]:
     while i < n:
         line = lines[i]
         i += 1
-        if line.startswith((".\\\"", "'\\\"", ".\\#")) or line.strip() in (".", "'"):
+        if line.startswith(('.\\"', "'\\\"", ".\\#")) or line.strip() in (".", "'"):
             continue
         if line.startswith((".", "'")) and len(line) > 1:
             parts = line[1:].strip().split(None, 1)
             if not parts:
                 continue
             macro, rest = parts[0], (parts[1] if len(parts) > 1 else "")
-            if macro in ("de", "de1", "am", "ig"):          # macro definition / ignore block
+            if macro in ("de", "de1", "am", "ig"):  # macro definition / ignore block
                 end = ".." if macro != "ig" or not rest.strip() else "." + rest.strip()
                 while i < n and lines[i].strip() != end:
                     i += 1
                 i += 1
                 continue
             if macro in ("if", "ie", "el") or macro.startswith(("if", "ie", "el")):
-                if "\\{" in line:                             # skip the whole conditional block
+                if "\\{" in line:  # skip the whole conditional block
                     depth = line.count("\\{") - line.count("\\}")
                     while i < n and depth > 0:
                         depth += lines[i].count("\\{") - lines[i].count("\\}")
@@ -149,7 +310,7 @@ def roff_to_text(src: str) -> list[tuple[str, str]]:
                 continue
             if macro in ("SH", "Sh", "SS"):
                 head = _unescape(" ".join(_macro_args(rest))).strip()
-                if not head and i < n:                        # heading on the next line
+                if not head and i < n:  # heading on the next line
                     head = _unescape(lines[i]).strip()
                     i += 1
                 if macro == "SS":
@@ -170,9 +331,9 @@ def roff_to_text(src: str) -> list[tuple[str, str]]:
                 continue
             if macro in _FONT_MACROS:
                 args = _macro_args(rest)
-                if macro == "Nd":                             # mdoc one-line description
+                if macro == "Nd":  # mdoc one-line description
                     args = ["-"] + args
-                elif macro[0].isupper() and macro[1:2].islower():     # mdoc: inline macros
+                elif macro[0].isupper() and macro[1:2].islower():  # mdoc: inline macros
                     if macro == "Nm":
                         mdoc_name = mdoc_name or (args[0] if args else "")
                         args = args or [mdoc_name]
@@ -183,7 +344,7 @@ def roff_to_text(src: str) -> list[tuple[str, str]]:
                     sections[-1][1].append(text + ("\n" if pending_tag else " "))
                 pending_tag = False
                 continue
-            continue                                          # any other request: dropped
+            continue  # any other request: dropped
         text = _unescape(line)
         sections[-1][1].append(text + ("\n" if pending_tag else " "))
         pending_tag = False
@@ -227,8 +388,9 @@ def parse_man_page(path: str, source: str | None = None) -> ManPage | None:
     return ManPage(source or f"man:{name}", names, description, body)
 
 
-def man_page_paths(man_dir: str = MAN_DIR, sections: str = "12345678",
-                   exclude: tuple[str, ...] = ("gcloud",)) -> list[str]:
+def man_page_paths(
+    man_dir: str = MAN_DIR, sections: str = "12345678", exclude: tuple[str, ...] = ("gcloud",)
+) -> list[str]:
     """Sorted English man page files of the given sections; names starting with any of
     ``exclude`` are skipped (gcloud ships ~16k near-identical generated pages)."""
     out = []
@@ -244,18 +406,25 @@ def man_page_paths(man_dir: str = MAN_DIR, sections: str = "12345678",
     return out
 
 
-def iter_man_pages(man_dir: str = MAN_DIR, sections: str = "12345678",
-                   exclude: tuple[str, ...] = ("gcloud",)) -> Iterator[ManPage]:
+def iter_man_pages(
+    man_dir: str = MAN_DIR, sections: str = "12345678", exclude: tuple[str, ...] = ("gcloud",)
+) -> Iterator[ManPage]:
     for p in man_page_paths(man_dir, sections, exclude):
         page = parse_man_page(p)
         if page is not None:
             yield page
 
 
-_DOC_KEEP = re.compile(r"(readme|news|faq|todo|authors|thanks|howto|usage|install|notes|"
-                       r"\.txt|\.md|\.rst|\.text)", re.I)
-_DOC_SKIP = re.compile(r"(changelog|copyright|\.html?|\.png|\.gif|\.svg|\.jpg|\.css|\.js|"
-                       r"\.pdf|\.xml|\.py|\.c|\.h|\.pl|\.sh)(\.gz)?$", re.I)
+_DOC_KEEP = re.compile(
+    r"(readme|news|faq|todo|authors|thanks|howto|usage|install|notes|"
+    r"\.txt|\.md|\.rst|\.text)",
+    re.I,
+)
+_DOC_SKIP = re.compile(
+    r"(changelog|copyright|\.html?|\.png|\.gif|\.svg|\.jpg|\.css|\.js|"
+    r"\.pdf|\.xml|\.py|\.c|\.h|\.pl|\.sh)(\.gz)?$",
+    re.I,
+)
 
 
 def doc_paths(doc_dir: str = DOC_DIR, max_bytes: int = 2_000_000) -> list[str]:
@@ -295,6 +464,7 @@ def iter_doc_files(doc_dir: str = DOC_DIR) -> Iterator[Document]:
 
 def iter_pydoc_topics() -> Iterator[Document]:
     from pydoc_data.topics import topics
+
     for name in sorted(topics):
         yield Document(f"pydoc:{name}", topics[name], name)
 
@@ -302,6 +472,7 @@ def iter_pydoc_topics() -> Iterator[Document]:
 def iter_files(pattern: str) -> Iterator[Document]:
     """Documents from a glob (``**`` allowed); ``.gz`` decompressed, man pages rendered."""
     import glob
+
     for p in sorted(glob.glob(os.path.expanduser(pattern), recursive=True)):
         if not os.path.isfile(p):
             continue

@@ -8,6 +8,7 @@ Folder layout (no pickles anywhere; every file's sha256 is in the manifest)::
     dense.faiss       faiss.write_index of the ANN index (ids = rows)
     bm25/             bm25s arrays (.npy) + vocab/params (.json)
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -28,7 +29,7 @@ from .hybrid import candidates, hybrid_scores, mmr
 
 FORMAT = "aion-retrieval-index"
 VERSION = 1
-DEFAULT_ALPHA = 0.2     # tuned by `aion-train bench retrieval` on its tuning split (MRR@10)
+DEFAULT_ALPHA = 0.2  # tuned by `aion-train bench retrieval` on its tuning split (MRR@10)
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".pt", ".pth")
 
 
@@ -52,15 +53,25 @@ def _all_files(root: str) -> list[str]:
     return sorted(out)
 
 
-def write_index_dir(out: str, chunks: list[Chunk], X: np.ndarray, embedder_name: str,
-                    factory: str = "HNSW32", pca: int | None = None, params: dict | None = None,
-                    embedder_spec: str | None = None, chunking: dict | None = None,
-                    extra: dict | None = None, overwrite: bool = False) -> dict:
+def write_index_dir(
+    out: str,
+    chunks: list[Chunk],
+    X: np.ndarray,
+    embedder_name: str,
+    factory: str = "HNSW32",
+    pca: int | None = None,
+    params: dict | None = None,
+    embedder_spec: str | None = None,
+    chunking: dict | None = None,
+    extra: dict | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Build the ANN + BM25 indexes for ``chunks``/``X`` and write the folder (built beside
     ``out``, then moved into place, the manifest last). A non-empty ``out`` that is not an
     index of ours is refused unless `overwrite` (:mod:`aion_train.ownership`); files in it
     that the index does not write are kept. Returns the manifest."""
     import faiss
+
     X = np.ascontiguousarray(X, dtype=np.float32)
     if len(chunks) != len(X):
         raise ValueError(f"{len(chunks)} chunks but {len(X)} embeddings")
@@ -75,21 +86,30 @@ def write_index_dir(out: str, chunks: list[Chunk], X: np.ndarray, embedder_name:
     np.save(os.path.join(tmp, "embeddings.npy"), X, allow_pickle=False)
     with open(os.path.join(tmp, "chunks.jsonl"), "w", encoding="utf-8") as f:
         for i, c in enumerate(chunks):
-            f.write(json.dumps({"id": i, "source": c.source, "start": c.start, "text": c.text},
-                               ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps({"id": i, "source": c.source, "start": c.start, "text": c.text}, ensure_ascii=False) + "\n"
+            )
     BM25Index.build([c.text for c in chunks]).save(os.path.join(tmp, "bm25"))
-    files = {p: {"sha256": sha256_file(os.path.join(tmp, p)),
-                 "bytes": os.path.getsize(os.path.join(tmp, p))} for p in _all_files(tmp)}
+    files = {
+        p: {"sha256": sha256_file(os.path.join(tmp, p)), "bytes": os.path.getsize(os.path.join(tmp, p))}
+        for p in _all_files(tmp)
+    }
     manifest = {
-        "format": FORMAT, "version": VERSION,
+        "format": FORMAT,
+        "version": VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "embedder": embedder_name, "embedder_spec": embedder_spec or embedder_name,
-        "dim": int(X.shape[1]), "index_dim": int(pca or X.shape[1]),
-        "factory": full_factory(factory, pca), "base_factory": factory, "pca": pca,
-        "metric": "inner_product", "search_params": params,
-        "counts": {"chunks": len(chunks), "documents": len({c.source for c in chunks}),
-                   "vectors": int(dense.ntotal)},
-        "chunking": chunking or {}, "default_alpha": DEFAULT_ALPHA,
+        "embedder": embedder_name,
+        "embedder_spec": embedder_spec or embedder_name,
+        "dim": int(X.shape[1]),
+        "index_dim": int(pca or X.shape[1]),
+        "factory": full_factory(factory, pca),
+        "base_factory": factory,
+        "pca": pca,
+        "metric": "inner_product",
+        "search_params": params,
+        "counts": {"chunks": len(chunks), "documents": len({c.source for c in chunks}), "vectors": int(dense.ntotal)},
+        "chunking": chunking or {},
+        "default_alpha": DEFAULT_ALPHA,
         "files": files,
     }
     if extra:
@@ -97,8 +117,7 @@ def write_index_dir(out: str, chunks: list[Chunk], X: np.ndarray, embedder_name:
     with open(os.path.join(tmp, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
     fsync_tree(tmp)
-    publish_dir(tmp, out, "build-index", overwrite=overwrite, recognise=holds_index_manifest,
-                last=("manifest.json",))
+    publish_dir(tmp, out, "build-index", overwrite=overwrite, recognise=holds_index_manifest, last=("manifest.json",))
     return manifest
 
 
@@ -151,6 +170,7 @@ class Retriever:
 
     def __init__(self, path: str, embedder=None, verify: bool = True, use_gpu: bool = True):
         import faiss
+
         self.path = path
         if verify:
             problems = verify_index_dir(path)
@@ -176,19 +196,30 @@ class Retriever:
     def embedder(self):
         if self._embedder is None:
             from .embedders import make_embedder
+
             spec = self.manifest.get("embedder_spec", "minilm")
             self._embedder = make_embedder(spec)
             if self._embedder.name != self.manifest["embedder"]:
-                raise IndexIntegrityError(f"index built with {self.manifest['embedder']!r}, "
-                                          f"embedder is {self._embedder.name!r}")
+                raise IndexIntegrityError(
+                    f"index built with {self.manifest['embedder']!r}, embedder is {self._embedder.name!r}"
+                )
         return self._embedder
 
     def embed_query(self, query: str) -> np.ndarray:
         return self.embedder.encode([query])[0]
 
-    def search(self, query: str, k: int = 5, alpha: float | None = None, depth: int = 50,
-               mmr_lambda: float | None = 0.7, mmr_pool: int | None = None, rerank=None,
-               rerank_weight: float = 1.0, qvec: np.ndarray | None = None) -> list[Hit]:
+    def search(
+        self,
+        query: str,
+        k: int = 5,
+        alpha: float | None = None,
+        depth: int = 50,
+        mmr_lambda: float | None = 0.7,
+        mmr_pool: int | None = None,
+        rerank=None,
+        rerank_weight: float = 1.0,
+        qvec: np.ndarray | None = None,
+    ) -> list[Hit]:
         """Hybrid top-``k``: union of dense and BM25 top-``depth``, hybrid score, then MMR
         (``mmr_lambda``; None to skip) over the best ``mmr_pool`` (default 4k), then the
         optional ``rerank(query, text) -> loglik`` hook."""
@@ -203,10 +234,13 @@ class Retriever:
             sel = pool[pick]
         else:
             sel = pool[:k]
-        hits = [Hit(int(ids[i]), float(s[i]), self.texts[ids[i]], self.sources[ids[i]],
-                    float(b[i]), float(c[i])) for i in sel]
+        hits = [
+            Hit(int(ids[i]), float(s[i]), self.texts[ids[i]], self.sources[ids[i]], float(b[i]), float(c[i]))
+            for i in sel
+        ]
         if rerank is not None:
             from .hybrid import rerank as _rerank
+
             new = _rerank(query, [h.text for h in hits], [h.score for h in hits], rerank, rerank_weight)
             hits = [hits[i] for i in new]
         return hits

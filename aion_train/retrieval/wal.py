@@ -3,12 +3,13 @@
 ``append`` returns only after ``fsync``, so a record that was acknowledged survives a
 crash (SIGKILL, power loss of the process). A torn or corrupt tail (a record being written
 when the process died) fails its CRC and is cut off on open; it was never acknowledged."""
+
 from __future__ import annotations
 
 import json
 import os
 import zlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from aion_train.fsutil import atomic_write, fsync_dir, fsync_file
 
@@ -30,7 +31,6 @@ def _decode(line: bytes) -> dict | None:
         return None
 
 
-
 class WriteAheadLog:
     def __init__(self, path: str, fsync: bool = True):
         self.path = path
@@ -45,14 +45,14 @@ class WriteAheadLog:
             while pos < len(data):
                 nl = data.find(b"\n", pos)
                 if nl < 0:
-                    break                               # torn last line (no newline)
+                    break  # torn last line (no newline)
                 rec = _decode(data[pos:nl])
                 if rec is None:
-                    break                               # corrupt: stop here
+                    break  # corrupt: stop here
                 self.records.append(rec)
                 pos = nl + 1
             good = pos
-            if good < len(data):                        # cut the unacknowledged tail
+            if good < len(data):  # cut the unacknowledged tail
                 self.truncated_bytes = len(data) - good
                 with open(path, "rb+") as f:
                     f.truncate(good)
@@ -76,7 +76,7 @@ class WriteAheadLog:
         """Start an empty log (after a snapshot covering every record): new file, renamed
         over the old one, directory fsynced."""
         with atomic_write(self.path, "wb", fsync=self.fsync):
-            self._f.close()                             # replaced by the new, empty file
+            self._f.close()  # replaced by the new, empty file
         self._f = open(self.path, "ab")
         self.records = []
 

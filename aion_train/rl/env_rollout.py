@@ -7,6 +7,7 @@ The agent acts on its exact belief (a sufficient statistic of its observation hi
 the POMDP, so the objective is E[sum_{t < H} gamma^t r_t], the same quantity finite-horizon
 value iteration computes. Rollouts are [n_envs, horizon] tensors, laid out like RLHF's
 [batch, response tokens], every step valid."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,11 +30,11 @@ class EnvPPOSettings:
     minibatches: int = 4
     lr: float = 3e-3
     clip_eps: float = 0.2
-    value_clip: float = 1.0          # in scaled-reward units
+    value_clip: float = 1.0  # in scaled-reward units
     gae_lambda: float = 0.95
     entropy_coef: float = 0.01
     value_coef: float = 0.5
-    reward_scale: float = 0.1        # rewards are multiplied by this for learning (Tiger's are +-100)
+    reward_scale: float = 0.1  # rewards are multiplied by this for learning (Tiger's are +-100)
     hidden: int = 64
     eval_episodes: int = 2000
     eval_every: int = 10
@@ -47,8 +48,10 @@ class BeliefActorCritic(nn.Module):
         super().__init__()
 
         def mlp(out):
-            return nn.Sequential(nn.Linear(n_states + 1, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
-                                 nn.Linear(hidden, out))
+            return nn.Sequential(
+                nn.Linear(n_states + 1, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, out)
+            )
+
         self.actor, self.critic = mlp(n_actions), mlp(1)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,8 +64,9 @@ def _features(beliefs: np.ndarray, t: int, horizon: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def collect(pomdp: POMDP, model: BeliefActorCritic, n_envs: int, horizon: int, seed: int,
-            greedy: bool = False) -> dict[str, torch.Tensor]:
+def collect(
+    pomdp: POMDP, model: BeliefActorCritic, n_envs: int, horizon: int, seed: int, greedy: bool = False
+) -> dict[str, torch.Tensor]:
     """Run n_envs episodes of `horizon` steps; tensors [n_envs, horizon] (features [.., S+1])."""
     env = BeliefEnv(pomdp, n_envs, seed=seed)
     beliefs = env.reset()
@@ -119,8 +123,13 @@ def ppo_update(model, optimizer, batch: dict, gamma: float, s: EnvPPOSettings, g
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            for k, v in (("policy_loss", pl), ("value_loss", vl), ("entropy", ent), ("clipfrac", pinfo["clipfrac"]),
-                         ("approx_kl", pinfo["approx_kl"])):
+            for k, v in (
+                ("policy_loss", pl),
+                ("value_loss", vl),
+                ("entropy", ent),
+                ("clipfrac", pinfo["clipfrac"]),
+                ("approx_kl", pinfo["approx_kl"]),
+            ):
                 sums[k] += float(v.detach()) / s.minibatches
         stats = sums
     return stats
@@ -137,7 +146,7 @@ def train_ppo_on_pomdp(pomdp: POMDP, settings: EnvPPOSettings | None = None, log
     model = BeliefActorCritic(pomdp.n_states, pomdp.n_actions, s.hidden)
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
     gen = torch.Generator().manual_seed(s.seed)
-    eval_seed = 10 ** 6 + s.seed
+    eval_seed = 10**6 + s.seed
     evals, eval_at, history = [evaluate(pomdp, model, s, eval_seed)], [0], []
     for it in range(1, s.iterations + 1):
         batch = collect(pomdp, model, s.n_envs, s.horizon, seed=s.seed * 100003 + it)
@@ -157,15 +166,32 @@ def run_env_ppo(cfg) -> dict:
     settings, against the point-based solver's optimum for the same horizon. Single process."""
     from .envs import make_env
     from .solver import point_based_value_iteration, reachable_beliefs, simplex_grid
+
     p = cfg.ppo
     pomdp = make_env(p.env)
-    s = EnvPPOSettings(iterations=p.env_iterations, n_envs=p.env_batch, horizon=p.env_horizon, epochs=max(p.epochs, 4),
-                       clip_eps=p.clip_eps, gae_lambda=p.lam, entropy_coef=max(p.entropy_coef, 0.01),
-                       eval_every=max(1, p.env_iterations // 4), seed=cfg.seed)
+    s = EnvPPOSettings(
+        iterations=p.env_iterations,
+        n_envs=p.env_batch,
+        horizon=p.env_horizon,
+        epochs=max(p.epochs, 4),
+        clip_eps=p.clip_eps,
+        gae_lambda=p.lam,
+        entropy_coef=max(p.entropy_coef, 0.01),
+        eval_every=max(1, p.env_iterations // 4),
+        seed=cfg.seed,
+    )
     beliefs = np.vstack([reachable_beliefs(pomdp, 8), simplex_grid(pomdp.n_states, 50)])
     V, _ = point_based_value_iteration(pomdp, beliefs, horizon=s.horizon)
     result = train_ppo_on_pomdp(pomdp, s)
     last = result["history"][-1]
-    return {"env": p.env, "env_return": result["eval_returns"][-1], "env_return_first": result["eval_returns"][0],
-            "solver_value": V.value(pomdp.b0), "horizon": s.horizon, "iterations": s.iterations,
-            "clipfrac": last["clipfrac"], "entropy": last["entropy"], "value_loss": last["value_loss"]}
+    return {
+        "env": p.env,
+        "env_return": result["eval_returns"][-1],
+        "env_return_first": result["eval_returns"][0],
+        "solver_value": V.value(pomdp.b0),
+        "horizon": s.horizon,
+        "iterations": s.iterations,
+        "clipfrac": last["clipfrac"],
+        "entropy": last["entropy"],
+        "value_loss": last["value_loss"],
+    }

@@ -10,6 +10,7 @@ Belief update after doing a and observing o (Kaelbling, Littman & Cassandra 1998
 
     b'(s') = eta * O(o | s', a) * sum_s T(s' | s, a) b(s),   1/eta = P(o | b, a)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -25,8 +26,10 @@ def _check_distribution(name: str, arr: np.ndarray, axis: int) -> None:
     sums = arr.sum(axis=axis)
     if not np.allclose(sums, 1.0, atol=1e-6):
         bad = np.argwhere(~np.isclose(sums, 1.0, atol=1e-6))[0]
-        raise ValueError(f"POMDP.{name}: the distribution at index {tuple(int(i) for i in bad)} sums to "
-                         f"{float(sums[tuple(bad)]):.6g}, not 1")
+        raise ValueError(
+            f"POMDP.{name}: the distribution at index {tuple(int(i) for i in bad)} sums to "
+            f"{float(sums[tuple(bad)]):.6g}, not 1"
+        )
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,10 @@ class POMDP:
         expected = {"T": (A, S, S), "R": (S, A), "O": (A, S, Z), "b0": (S,)}
         for attr, shape in expected.items():
             if getattr(self, attr).shape != shape:
-                raise ValueError(f"POMDP.{attr} has shape {getattr(self, attr).shape}, expected {shape} "
-                                 f"(|S|={S}, |A|={A}, |Omega|={Z})")
+                raise ValueError(
+                    f"POMDP.{attr} has shape {getattr(self, attr).shape}, expected {shape} "
+                    f"(|S|={S}, |A|={A}, |Omega|={Z})"
+                )
         _check_distribution("T", self.T, axis=2)
         _check_distribution("O", self.O, axis=2)
         _check_distribution("b0", self.b0, axis=0)
@@ -84,8 +89,10 @@ class POMDP:
         unnorm = self.O[a, :, o] * self.predict(b, a)
         z = unnorm.sum()
         if z <= 0.0:
-            raise ValueError(f"observation {self.observations[o]!r} has probability 0 after action "
-                             f"{self.actions[a]!r} from this belief")
+            raise ValueError(
+                f"observation {self.observations[o]!r} has probability 0 after action "
+                f"{self.actions[a]!r} from this belief"
+            )
         return unnorm / z
 
     def belief_update_batch(self, b: np.ndarray, a: np.ndarray, o: np.ndarray) -> np.ndarray:

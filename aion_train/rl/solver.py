@@ -11,6 +11,7 @@ Cassandra, Littman & Zhang 1997):
 `exact_value_iteration` repeats it (a horizon, or until the values stop moving);
 `point_based_value_iteration` (PBVI, Pineau, Gordon & Thrun 2003) backs up only at a finite
 set of beliefs, which scales past what exact enumeration can hold."""
+
 from __future__ import annotations
 
 import itertools
@@ -25,8 +26,9 @@ from .pomdp import POMDP
 @dataclass
 class AlphaVectors:
     """V(b) = max_k alphas[k] . b; acting greedily = the action of the maximising vector."""
-    alphas: np.ndarray      # [K, S]
-    actions: np.ndarray     # [K] (-1 for the horizon-0 zero vector)
+
+    alphas: np.ndarray  # [K, S]
+    actions: np.ndarray  # [K] (-1 for the horizon-0 zero vector)
 
     def values(self, beliefs: np.ndarray) -> np.ndarray:
         return (np.atleast_2d(beliefs) @ self.alphas.T).max(1)
@@ -52,10 +54,17 @@ def _strictly_best_somewhere(v: np.ndarray, others: np.ndarray, eps: float) -> b
     # variables x = (b_1..b_S, d); minimise -d
     c = np.zeros(S + 1)
     c[-1] = -1.0
-    A_ub = np.hstack([-(v - others), np.ones((len(others), 1))])   # d - b.(v - w) <= 0
+    A_ub = np.hstack([-(v - others), np.ones((len(others), 1))])  # d - b.(v - w) <= 0
     A_eq = np.hstack([np.ones((1, S)), np.zeros((1, 1))])
-    res = linprog(c, A_ub=A_ub, b_ub=np.zeros(len(others)), A_eq=A_eq, b_eq=[1.0],
-                  bounds=[(0, 1)] * S + [(None, None)], method="highs")
+    res = linprog(
+        c,
+        A_ub=A_ub,
+        b_ub=np.zeros(len(others)),
+        A_eq=A_eq,
+        b_eq=[1.0],
+        bounds=[(0, 1)] * S + [(None, None)],
+        method="highs",
+    )
     if not res.success:
         raise RuntimeError(f"alpha-vector pruning LP failed: {res.message}")
     return -res.fun > eps
@@ -104,8 +113,9 @@ def simplex_grid(n_states: int, resolution: int) -> np.ndarray:
     return np.array([list(c) + [resolution - sum(c)] for c in pts], dtype=np.float64) / resolution
 
 
-def exact_value_iteration(pomdp: POMDP, horizon: int | None = None, tol: float = 1e-6, max_iter: int = 2000,
-                          check_resolution: int = 40) -> tuple[AlphaVectors, dict]:
+def exact_value_iteration(
+    pomdp: POMDP, horizon: int | None = None, tol: float = 1e-6, max_iter: int = 2000, check_resolution: int = 40
+) -> tuple[AlphaVectors, dict]:
     """Exact value iteration from V_0 = 0. With `horizon` h: V_h, the optimal value of h decisions.
     Without: iterate until the values on a simplex grid change by less than `tol`.
     Returns (alpha-vectors, {"iterations", "residual", "n_vectors"})."""
@@ -147,8 +157,9 @@ def reachable_beliefs(pomdp: POMDP, depth: int, max_points: int = 500, decimals:
     return np.vstack(points + list(np.eye(pomdp.n_states)))
 
 
-def point_based_value_iteration(pomdp: POMDP, beliefs: np.ndarray, horizon: int | None = None,
-                                tol: float = 1e-6, max_iter: int = 5000) -> tuple[AlphaVectors, dict]:
+def point_based_value_iteration(
+    pomdp: POMDP, beliefs: np.ndarray, horizon: int | None = None, tol: float = 1e-6, max_iter: int = 5000
+) -> tuple[AlphaVectors, dict]:
     """PBVI backups at `beliefs` [N, S]: one alpha-vector per belief per iteration. From V_0 = 0
     with a horizon; otherwise from the lower bound min R / (1 - gamma) until the values at the
     beliefs move by less than `tol`. A lower bound of the exact value everywhere."""
@@ -163,15 +174,15 @@ def point_based_value_iteration(pomdp: POMDP, beliefs: np.ndarray, horizon: int 
     residual, n = float("inf"), 0
     limit = horizon if horizon is not None else max_iter
     while n < limit:
-        g = projections(pomdp, V.alphas)                               # [A, Z, K, S]
-        scores = np.einsum("ns,aoks->naok", beliefs, g)                # b . g_{a,o,k}
-        best = scores.argmax(-1)                                       # [N, A, Z]
+        g = projections(pomdp, V.alphas)  # [A, Z, K, S]
+        scores = np.einsum("ns,aoks->naok", beliefs, g)  # b . g_{a,o,k}
+        best = scores.argmax(-1)  # [N, A, Z]
         a_idx, o_idx = np.meshgrid(np.arange(pomdp.n_actions), np.arange(pomdp.n_observations), indexing="ij")
-        chosen = g[a_idx[None], o_idx[None], best]                     # [N, A, Z, S]
-        cand = pomdp.R.T[None] + chosen.sum(2)                         # [N, A, S]
+        chosen = g[a_idx[None], o_idx[None], best]  # [N, A, Z, S]
+        cand = pomdp.R.T[None] + chosen.sum(2)  # [N, A, S]
         act = np.einsum("nas,ns->na", cand, beliefs).argmax(1)
         vecs = cand[np.arange(len(beliefs)), act]
-        _, first = np.unique(np.round(vecs, 12), axis=0, return_index=True)   # many beliefs share a vector
+        _, first = np.unique(np.round(vecs, 12), axis=0, return_index=True)  # many beliefs share a vector
         new = AlphaVectors(vecs[first], act[first])
         residual = float(np.max(np.abs(new.values(beliefs) - V.values(beliefs))))
         V, n = new, n + 1

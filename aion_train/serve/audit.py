@@ -21,6 +21,7 @@ first, and on close. A crash can lose the records since the last fsync, never co
 ones before it; a torn last line is reported by `verify`, and a new writer refuses to
 append after a damaged last record.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,8 +44,7 @@ class AuditError(Exception):
 
 
 def canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
 def record_hash(record: dict) -> str:
@@ -60,8 +60,8 @@ def utc_now() -> str:
 class VerifyResult:
     ok: bool
     records: int
-    head: str                      # sha256 of the last good record
-    bad_line: int | None = None    # 1-based
+    head: str  # sha256 of the last good record
+    bad_line: int | None = None  # 1-based
     reason: str = ""
 
 
@@ -69,8 +69,10 @@ def verify(path: str | os.PathLike) -> VerifyResult:
     prev, n = GENESIS, 0
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, start=1):
+
             def bad(msg: str) -> VerifyResult:
                 return VerifyResult(False, n, prev, lineno, msg)
+
             if not line.endswith(b"\n"):
                 return bad("the last line is incomplete (a torn write?)")
             try:
@@ -82,8 +84,9 @@ def verify(path: str | os.PathLike) -> VerifyResult:
             if record_hash(rec) != rec["sha256"]:
                 return bad("the record does not match its sha256 (edited)")
             if rec.get("prev_sha256") != prev:
-                return bad("prev_sha256 does not match the record before it "
-                           "(a record was removed, inserted or reordered)")
+                return bad(
+                    "prev_sha256 does not match the record before it (a record was removed, inserted or reordered)"
+                )
             prev, n = rec["sha256"], n + 1
     return VerifyResult(True, n, prev)
 
@@ -103,7 +106,7 @@ def _last_line(path: Path) -> bytes | None:
             body = buf[:-1] if buf.endswith(b"\n") else buf
             i = body.rfind(b"\n")
             if i >= 0:
-                return buf[i + 1:]
+                return buf[i + 1 :]
         return buf
 
 
@@ -124,8 +127,10 @@ class AuditLog:
                 except ValueError:
                     ok = False
                 if not ok:
-                    raise AuditError(f"{self.path}: the last record is damaged; refusing to append "
-                                     f"(run `aion-train audit verify {self.path}`)")
+                    raise AuditError(
+                        f"{self.path}: the last record is damaged; refusing to append "
+                        f"(run `aion-train audit verify {self.path}`)"
+                    )
                 self.head = rec["sha256"]
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         self._unsynced = 0

@@ -6,10 +6,11 @@ raw text and the stream shows prefixes of the same enforced string (policy_runti
     engine row: sink=c.push, on_finish=lambda row: c.finish(row.finish_reason)
     c.result -> ChoiceResult (text, token ids, finish_reason, enforcement, actions)
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from aion_train.policy import EnforcementResult
 
@@ -20,25 +21,36 @@ from .text import Detokenizer, StopStrings, stable_prefix
 @dataclass
 class ChoiceResult:
     index: int
-    text: str                        # the enforced output (what the client gets)
-    token_ids: list[int]             # every generated id (the stop string's too; no eos)
-    finish_reason: str               # stop | length | content_filter | cancelled | error
+    text: str  # the enforced output (what the client gets)
+    token_ids: list[int]  # every generated id (the stop string's too; no eos)
+    finish_reason: str  # stop | length | content_filter | cancelled | error
     enforcement: EnforcementResult
     actions: dict = field(default_factory=dict)
     raw_chars: int = 0
 
     def aion(self) -> dict:
         e = self.enforcement
-        return {"index": self.index, "blocked": e.blocked, "blocked_by": e.blocked_by,
-                "flags": [{"rule": f.rule_id, "category": f.category, "matches": f.matches}
-                          for f in e.flags],
-                "redactions": e.redactions, "truncated": e.truncated}
+        return {
+            "index": self.index,
+            "blocked": e.blocked,
+            "blocked_by": e.blocked_by,
+            "flags": [{"rule": f.rule_id, "category": f.category, "matches": f.matches} for f in e.flags],
+            "redactions": e.redactions,
+            "truncated": e.truncated,
+        }
 
 
 class ChoiceState:
-    def __init__(self, index: int, tokenizer, context_ids: Sequence[int], stops: Sequence[str],
-                 policy: RequestPolicy, on_delta: Callable[[int, str], None] | None = None,
-                 cancelled: Callable[[], bool] | None = None):
+    def __init__(
+        self,
+        index: int,
+        tokenizer,
+        context_ids: Sequence[int],
+        stops: Sequence[str],
+        policy: RequestPolicy,
+        on_delta: Callable[[int, str], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ):
         self.index = index
         self.detok = Detokenizer(tokenizer, context_ids)
         self.stops = StopStrings(stops)
@@ -85,8 +97,13 @@ class ChoiceState:
             self.on_delta(self.index, delta)
         if res.blocked:
             reason = "content_filter"
-        self.result = ChoiceResult(index=self.index, text=res.text, token_ids=list(self.ids),
-                                   finish_reason=reason, enforcement=res,
-                                   actions=rule_actions(self.policy.policy, raw, res),
-                                   raw_chars=len(raw))
+        self.result = ChoiceResult(
+            index=self.index,
+            text=res.text,
+            token_ids=list(self.ids),
+            finish_reason=reason,
+            enforcement=res,
+            actions=rule_actions(self.policy.policy, raw, res),
+            raw_chars=len(raw),
+        )
         return self.result

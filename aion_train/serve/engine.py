@@ -15,11 +15,12 @@ stop the row (a stop string, a cancelled request), and its end to `on_finish(row
 it ends (not when the whole batch does). End-of-sequence ids end a row without being
 reported. The engine holds no lock: one thread runs it (see scheduler.py).
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -41,13 +42,13 @@ class Row:
     max_new: int
     generator: torch.Generator | None = None
     sink: Callable[[int, TokenInfo | None], bool] | None = None
-    on_finish: Callable[["Row"], None] | None = None   # called once, when the row ends
-    prompt_logprobs: bool = False          # echo with logprobs: score the prompt tokens too
+    on_finish: Callable[[Row], None] | None = None  # called once, when the row ends
+    prompt_logprobs: bool = False  # echo with logprobs: score the prompt tokens too
     # results
     tokens: list[int] = field(default_factory=list)
     infos: list[TokenInfo | None] = field(default_factory=list)
     prompt_infos: list[TokenInfo | None] = field(default_factory=list)
-    finish_reason: str | None = None       # "stop" | "length" | "cancelled"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     first_token_at: float | None = None
 
 
@@ -64,7 +65,7 @@ class Engine:
     def _mask(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         if self.vocab_size < self.model_vocab:
-            logits[..., self.vocab_size:] = float("-inf")
+            logits[..., self.vocab_size :] = float("-inf")
         return logits
 
     @torch.no_grad()
@@ -85,19 +86,18 @@ class Engine:
         pos = torch.zeros((b, t), dtype=torch.long, device=self.device)
         for i, r in enumerate(active):
             n = lengths[i]
-            ids[i, t - n:] = torch.tensor(r.prompt_ids, dtype=torch.long)
-            seg[i, t - n:] = 1
-            pos[i, t - n:] = torch.arange(n)
+            ids[i, t - n :] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            seg[i, t - n :] = 1
+            pos[i, t - n :] = torch.arange(n)
         cache = KVCache(len(self.model.blocks))
-        out = self.model(ids, kv_cache=cache, segment_ids=seg if ragged else None,
-                         position_ids=pos if ragged else None)
+        out = self.model(ids, kv_cache=cache, segment_ids=seg if ragged else None, position_ids=pos if ragged else None)
         logits = out.logits
         for i, r in enumerate(active):
             if r.prompt_logprobs:
-                self._score_prompt(r, logits[i, t - lengths[i]:])
+                self._score_prompt(r, logits[i, t - lengths[i] :])
         last = self._mask(logits[:, -1])
         next_pos = torch.tensor(lengths, dtype=torch.long, device=self.device)
-        rows_idx = list(range(b))     # position in the batch -> index into `active`
+        rows_idx = list(range(b))  # position in the batch -> index into `active`
         while True:
             keep: list[int] = []
             nxt = torch.zeros((len(rows_idx), 1), dtype=torch.long, device=self.device)
@@ -147,8 +147,12 @@ class Engine:
                         cache.values[layer] = cache.values[layer][:, first:]
                 ragged = bool((seg == 0).any())
             seg = torch.cat([seg, torch.ones((len(rows_idx), 1), dtype=torch.long, device=self.device)], dim=1)
-            out = self.model(nxt, kv_cache=cache, segment_ids=seg if ragged else None,
-                             position_ids=next_pos.unsqueeze(1) if ragged else None)
+            out = self.model(
+                nxt,
+                kv_cache=cache,
+                segment_ids=seg if ragged else None,
+                position_ids=next_pos.unsqueeze(1) if ragged else None,
+            )
             next_pos = next_pos + 1
             last = self._mask(out.logits[:, -1])
         return rows

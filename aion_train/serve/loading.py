@@ -21,6 +21,7 @@ Weights are loaded as saved and cast to `dtype` (fp32 or bf16); nothing else abo
 changes, except that MoE layers run dropless at inference (`capacity_factor` is a training
 device: with it, a token's output would depend on the other tokens of the batch).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,7 @@ from typing import Any
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
 class LoadError(Exception):
@@ -40,15 +40,15 @@ class LoadError(Exception):
 
 @dataclass
 class LoadedModel:
-    model: Any                      # aion_train.model.Transformer, eval mode
-    tokenizer: Any                  # Tokenizer or ChatTokenizer
-    kind: str                       # "pretrain" | "sft" | "ppo"
-    checkpoint: str                 # the weights folder that was read
+    model: Any  # aion_train.model.Transformer, eval mode
+    tokenizer: Any  # Tokenizer or ChatTokenizer
+    kind: str  # "pretrain" | "sft" | "ppo"
+    checkpoint: str  # the weights folder that was read
     model_id: str
     max_seq_len: int
     dtype: str
-    chat: bool                      # has the post-training chat template (role tokens)
-    eos_ids: tuple[int, ...]        # generation stops at any of them
+    chat: bool  # has the post-training chat template (role tokens)
+    eos_ids: tuple[int, ...]  # generation stops at any of them
     info: dict = field(default_factory=dict)
 
     @property
@@ -57,9 +57,12 @@ class LoadedModel:
 
     def render_chat(self, messages) -> list[int]:
         if not self.chat:
-            raise LoadError(f"model {self.model_id!r} is a {self.kind} checkpoint without the "
-                            "post-training chat template; use completions")
+            raise LoadError(
+                f"model {self.model_id!r} is a {self.kind} checkpoint without the "
+                "post-training chat template; use completions"
+            )
         from aion_train.posttrain.chat_template import render_chat
+
         return render_chat(messages, self.tokenizer, add_generation_prompt=True)
 
     def encode_prompt(self, text: str) -> list[int]:
@@ -67,8 +70,9 @@ class LoadedModel:
         return [int(self.tokenizer.bos_id), *self.tokenizer.encode(text)]
 
 
-def load_for_serving(checkpoint: str, *, tokenizer: str | None = None, dtype: str = "fp32",
-                     model_id: str | None = None) -> LoadedModel:
+def load_for_serving(
+    checkpoint: str, *, tokenizer: str | None = None, dtype: str = "fp32", model_id: str | None = None
+) -> LoadedModel:
     if dtype not in DTYPES:
         raise LoadError(f"dtype {dtype!r}: must be one of fp32, bf16")
     path = Path(checkpoint)
@@ -87,17 +91,27 @@ def load_for_serving(checkpoint: str, *, tokenizer: str | None = None, dtype: st
     for p in model.parameters():
         p.requires_grad_(False)
     if tok.vocab_size > model.cfg.vocab_size:
-        raise LoadError(f"the tokenizer has {tok.vocab_size} ids but the model's vocabulary is "
-                        f"{model.cfg.vocab_size}: not this model's tokenizer")
+        raise LoadError(
+            f"the tokenizer has {tok.vocab_size} ids but the model's vocabulary is "
+            f"{model.cfg.vocab_size}: not this model's tokenizer"
+        )
     if chat:
         eos = (int(tok.end_id), int(tok.sp.eos_id))
     else:
         eos = (int(tok.eos_id),)
     name = model_id or _default_model_id(path, run_dir, kind)
-    return LoadedModel(model=model, tokenizer=tok, kind=kind, checkpoint=str(weights),
-                       model_id=name, max_seq_len=int(model.cfg.max_seq_len),
-                       dtype="bf16" if DTYPES[dtype] is torch.bfloat16 else "fp32",
-                       chat=chat, eos_ids=eos, info=info)
+    return LoadedModel(
+        model=model,
+        tokenizer=tok,
+        kind=kind,
+        checkpoint=str(weights),
+        model_id=name,
+        max_seq_len=int(model.cfg.max_seq_len),
+        dtype="bf16" if DTYPES[dtype] is torch.bfloat16 else "fp32",
+        chat=chat,
+        eos_ids=eos,
+        info=info,
+    )
 
 
 # ----------------------------------------------------------------------------- detection
@@ -138,21 +152,26 @@ def _resolve(p: str, run_dir: Path) -> Path:
 def _build_text_model(model_cfg_dict: dict, full: dict, where: str):
     from aion_train.checkpoint import model_config_from_dict
     from aion_train.model import build_model
+
     mcfg = model_config_from_dict(model_cfg_dict)
     if mcfg.multimodal.enabled:
-        raise LoadError(f"{where}: a multimodal checkpoint; serving multimodal models (content "
-                        "parts with images/audio) is not supported yet")
+        raise LoadError(
+            f"{where}: a multimodal checkpoint; serving multimodal models (content "
+            "parts with images/audio) is not supported yet"
+        )
     model = build_model(mcfg, seed=0)
     missing, unexpected = model.load_state_dict(full, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
-        raise LoadError(f"{where}: weights do not match the model (missing {missing[:4]}, "
-                        f"unexpected {list(unexpected)[:4]})")
+        raise LoadError(
+            f"{where}: weights do not match the model (missing {missing[:4]}, unexpected {list(unexpected)[:4]})"
+        )
     return model
 
 
 def _load_pretrain(path: Path, tokenizer: str | None):
     from aion_train.checkpoint import CheckpointError, find_checkpoint, load_full_state_dict, read_manifest
+
     try:
         folder = find_checkpoint(path)
         cfg_dict, full = load_full_state_dict(folder)
@@ -167,12 +186,14 @@ def _load_pretrain(path: Path, tokenizer: str | None):
 
 def _pretrain_tokenizer(folder: Path, path: Path, tokenizer: str | None):
     from aion_train.data import Tokenizer
+
     if tokenizer:
         return Tokenizer(tokenizer)
     for parent in (folder.parent.parent, folder.parent, path):
         cfg_file = parent / "config.yaml"
         if cfg_file.is_file():
             import yaml
+
             data = yaml.safe_load(cfg_file.read_text()) or {}
             d = data.get("data") or {}
             cands = [d.get("tokenizer")] if d.get("tokenizer") else []
@@ -182,10 +203,8 @@ def _pretrain_tokenizer(folder: Path, path: Path, tokenizer: str | None):
                     p = (base / c) if not Path(c).is_absolute() else Path(c)
                     if p.is_file():
                         return Tokenizer(str(p))
-            raise LoadError(f"{cfg_file} names the tokenizer {cands[0]!r}, which was not found; "
-                            "pass --tokenizer")
-    raise LoadError(f"{folder}: no config.yaml in its run folder to find the tokenizer; "
-                    "pass --tokenizer")
+            raise LoadError(f"{cfg_file} names the tokenizer {cands[0]!r}, which was not found; pass --tokenizer")
+    raise LoadError(f"{folder}: no config.yaml in its run folder to find the tokenizer; pass --tokenizer")
 
 
 # ----------------------------------------------------------------------------- SFT / PPO
@@ -198,6 +217,7 @@ def _read_done(run_dir: Path, phase: str) -> dict:
 
 def _chat_tokenizer(run_dir: Path, tokenizer: str | None):
     from aion_train.posttrain.chat_template import ChatTokenizer
+
     p = Path(tokenizer) if tokenizer else run_dir / "task" / "tokenizer.model"
     if not p.is_file():
         raise LoadError(f"{p}: no task tokenizer (a run with sft.tokenizer set: pass --tokenizer)")
@@ -209,6 +229,7 @@ def _sft_state(run_dir: Path) -> tuple[dict, dict, dict, Path]:
     from aion_train.checkpoint import load_full_state_dict
     from aion_train.posttrain.common import load_tensors
     from aion_train.posttrain.lora import merge_into_state_dict
+
     done = _read_done(run_dir, "sft")
     info: dict = {}
     if done.get("adapters"):
@@ -227,6 +248,7 @@ def _sft_state(run_dir: Path) -> tuple[dict, dict, dict, Path]:
 
 def _adapter_meta(path: Path) -> tuple[int, float]:
     from safetensors import safe_open
+
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     try:
@@ -244,6 +266,7 @@ def _load_sft(run_dir: Path, tokenizer: str | None):
 def _load_ppo(run_dir: Path, tokenizer: str | None):
     from aion_train.checkpoint import CheckpointManager, model_config_from_dict
     from aion_train.posttrain.lora import merge_into_state_dict
+
     _read_done(run_dir, "ppo")
     cfg_dict, full, info, _ = _sft_state(run_dir)
     root = run_dir / "ppo" / "checkpoints"
@@ -262,7 +285,7 @@ def _load_ppo(run_dir: Path, tokenizer: str | None):
             raise LoadError(f"{latest}: the PPO actor has LoRA adapters but the SFT run has none")
         full = merge_into_state_dict(_sft_base_only(run_dir), lora, info["lora_alpha"] / info["lora_r"])
         info = {**info, "ppo_lora_tensors": len(lora)}
-    for k, v in weights.items():          # full-weight PPO: the actor's weights replace SFT's
+    for k, v in weights.items():  # full-weight PPO: the actor's weights replace SFT's
         if k not in full:
             raise LoadError(f"{latest}: actor tensor {k!r} is not a weight of the model")
         full[k] = v
@@ -273,6 +296,7 @@ def _load_ppo(run_dir: Path, tokenizer: str | None):
 
 def _sft_base_only(run_dir: Path) -> dict:
     from aion_train.checkpoint import load_full_state_dict
+
     done = _read_done(run_dir, "sft")
     _, full = load_full_state_dict(_resolve(done["base_checkpoint"], run_dir))
     return full
@@ -282,8 +306,8 @@ def _gather_actor(folder: Path, mcfg, tp: int, ep: int) -> dict:
     """The actor's trainable tensors of every (tp_rank, ep_rank) -> full tensors."""
     from aion_train.checkpoint import load_rank, saver_rank, shard_spec_for
     from aion_train.parallel.parallelize import full_slice
-    shards = {(t, e): load_rank(folder, saver_rank(tp, t, e), "actor")
-              for e in range(ep) for t in range(tp)}
+
+    shards = {(t, e): load_rank(folder, saver_rank(tp, t, e), "actor") for e in range(ep) for t in range(tp)}
     specs = {k: _with_lora_specs(shard_spec_for(mcfg, tp, ep, *k)) for k in shards}
     first = shards[(0, 0)]
     out: dict = {}

@@ -4,6 +4,7 @@ Label values are bounded: endpoints are the fixed routes, a jurisdiction label i
 bundle defines or "unknown" (so a client cannot grow the label set), rule ids come from the
 bundle.
 """
+
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -18,21 +19,41 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.known = set(jurisdictions)
         r = self.registry
-        self.requests = Counter("aion_requests", "HTTP requests by endpoint, status and jurisdiction",
-                                ["endpoint", "status", "jurisdiction"], registry=r)
+        self.requests = Counter(
+            "aion_requests",
+            "HTTP requests by endpoint, status and jurisdiction",
+            ["endpoint", "status", "jurisdiction"],
+            registry=r,
+        )
         self.prompt_tokens = Counter("aion_prompt_tokens", "prompt tokens processed", ["endpoint"], registry=r)
         self.completion_tokens = Counter("aion_completion_tokens", "tokens generated", ["endpoint"], registry=r)
-        self.latency = Histogram("aion_request_latency_seconds", "request latency (to the last byte)",
-                                 ["endpoint", "stream"], buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("aion_time_to_first_token_seconds", "time to the first generated token",
-                              ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
-        self.policy_actions = Counter("aion_policy_actions", "policy actions (matches) by jurisdiction and rule",
-                                      ["jurisdiction", "rule", "action"], registry=r)
-        self.blocked = Counter("aion_policy_blocked_choices", "choices replaced by the refusal notice",
-                               ["jurisdiction"], registry=r)
+        self.latency = Histogram(
+            "aion_request_latency_seconds",
+            "request latency (to the last byte)",
+            ["endpoint", "stream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "aion_time_to_first_token_seconds",
+            "time to the first generated token",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.policy_actions = Counter(
+            "aion_policy_actions",
+            "policy actions (matches) by jurisdiction and rule",
+            ["jurisdiction", "rule", "action"],
+            registry=r,
+        )
+        self.blocked = Counter(
+            "aion_policy_blocked_choices", "choices replaced by the refusal notice", ["jurisdiction"], registry=r
+        )
         self.in_flight = Gauge("aion_requests_in_flight", "requests being served", registry=r)
-        self.batch_rows = Histogram("aion_batch_rows", "rows per engine batch",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.batch_rows = Histogram(
+            "aion_batch_rows", "rows per engine batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
+        )
 
     def jurisdiction_label(self, j: str | None) -> str:
         if j is None:

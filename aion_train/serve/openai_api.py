@@ -26,6 +26,7 @@ context_length_exceeded), a body over the limit (413), an unknown model (404,
 model_not_found), an unknown jurisdiction (400, unknown_jurisdiction, naming the known
 ones), a missing or wrong API key (401).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,8 +36,9 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,8 +56,7 @@ from .loading import LoadError
 from .metrics import Metrics
 from .protocol import APIError, ChatRequest, CompletionRequest, validation_error
 from .sampling import SamplingParams
-from .service import (ContextError, PromptSpec, Service, aion_object, merged_actions, plan_max_tokens,
-                      token_str)
+from .service import ContextError, PromptSpec, Service, aion_object, merged_actions, plan_max_tokens, token_str
 from .text import Detokenizer
 
 log = logging.getLogger("aion_train.serve")
@@ -67,9 +68,15 @@ MAX_BODY_DEPTH = 64
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
-def create_app(service: Service, *, api_keys: list[str] | None = None, audit: AuditLog | None = None,
-               metrics: Metrics | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
-               retrieval=None) -> FastAPI:
+def create_app(
+    service: Service,
+    *,
+    api_keys: list[str] | None = None,
+    audit: AuditLog | None = None,
+    metrics: Metrics | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
+    retrieval=None,
+) -> FastAPI:
     """`retrieval`: a RetrievalContext whose best chunks for each text prompt (the last user
     message in chat) go before it as <CTX> ... </CTX>, as many whole chunks as leave room for
     the request's max_tokens; `aion.retrieval` in the response names them."""
@@ -90,8 +97,9 @@ def create_app(service: Service, *, api_keys: list[str] | None = None, audit: Au
             auth = request.headers.get("authorization", "")
             given = auth[7:] if auth.lower().startswith("bearer ") else ""
             if not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
-                resp = _error_response(APIError(401, "Incorrect or missing API key (Authorization: "
-                                                "Bearer KEY)", code="invalid_api_key"))
+                resp = _error_response(
+                    APIError(401, "Incorrect or missing API key (Authorization: Bearer KEY)", code="invalid_api_key")
+                )
                 _access(request, resp.status_code, t0)
                 return resp
         metrics.in_flight.inc()
@@ -104,9 +112,21 @@ def create_app(service: Service, *, api_keys: list[str] | None = None, audit: Au
         return resp
 
     def _access(request: Request, status: int, t0: float) -> None:
-        access_log.info("%s %s %d", request.method, request.url.path, status, extra={"aion": {
-            "request_id": getattr(request.state, "request_id", None), "method": request.method,
-            "path": request.url.path, "status": status, "ms": round((time.monotonic() - t0) * 1000, 2)}})
+        access_log.info(
+            "%s %s %d",
+            request.method,
+            request.url.path,
+            status,
+            extra={
+                "aion": {
+                    "request_id": getattr(request.state, "request_id", None),
+                    "method": request.method,
+                    "path": request.url.path,
+                    "status": status,
+                    "ms": round((time.monotonic() - t0) * 1000, 2),
+                }
+            },
+        )
 
     # ------------------------------------------------------------------ errors
     @app.exception_handler(APIError)
@@ -130,13 +150,22 @@ def create_app(service: Service, *, api_keys: list[str] | None = None, audit: Au
 
     # ------------------------------------------------------------------ routes
     def model_card() -> dict:
-        return {"id": loaded.model_id, "object": "model", "created": created, "owned_by": "aion-train",
-                "aion": {"kind": loaded.kind, "checkpoint": Path(loaded.checkpoint).name,
-                         "max_seq_len": loaded.max_seq_len,
-                         "dtype": loaded.dtype, "chat_template": loaded.chat,
-                         "jurisdictions": service.policy.jurisdictions,
-                         "fallback_jurisdiction": service.policies.fallback_jurisdiction,
-                         "bundle_sha256": service.policies.bundle_sha256}}
+        return {
+            "id": loaded.model_id,
+            "object": "model",
+            "created": created,
+            "owned_by": "aion-train",
+            "aion": {
+                "kind": loaded.kind,
+                "checkpoint": Path(loaded.checkpoint).name,
+                "max_seq_len": loaded.max_seq_len,
+                "dtype": loaded.dtype,
+                "chat_template": loaded.chat,
+                "jurisdictions": service.policy.jurisdictions,
+                "fallback_jurisdiction": service.policies.fallback_jurisdiction,
+                "bundle_sha256": service.policies.bundle_sha256,
+            },
+        }
 
     @app.get("/health")
     async def health():
@@ -168,8 +197,15 @@ def create_app(service: Service, *, api_keys: list[str] | None = None, audit: Au
     async def _handle(request: Request, endpoint: str):
         t0 = time.monotonic()
         rid = ("cmpl-" if endpoint == "completions" else "chatcmpl-") + request.state.request_id
-        ctx: dict[str, Any] = {"endpoint": endpoint, "request_id": rid, "t0": t0, "policy": None,
-                               "jurisdiction": None, "prompt_tokens": 0, "stream": False}
+        ctx: dict[str, Any] = {
+            "endpoint": endpoint,
+            "request_id": rid,
+            "t0": t0,
+            "policy": None,
+            "jurisdiction": None,
+            "prompt_tokens": 0,
+            "stream": False,
+        }
         try:
             body = await _read_json(request, max_body_bytes)
             try:
@@ -182,20 +218,33 @@ def create_app(service: Service, *, api_keys: list[str] | None = None, audit: Au
                 raise _unknown_model(req.model, loaded.model_id)
             header_j = request.headers.get("x-jurisdiction")
             if header_j is not None and req.jurisdiction is not None and header_j != req.jurisdiction:
-                raise APIError(400, f"the jurisdiction field ({req.jurisdiction!r}) and the X-Jurisdiction "
-                               f"header ({header_j[:90]!r}) disagree", param="jurisdiction",
-                               code="conflicting_jurisdiction")
+                raise APIError(
+                    400,
+                    f"the jurisdiction field ({req.jurisdiction!r}) and the X-Jurisdiction "
+                    f"header ({header_j[:90]!r}) disagree",
+                    param="jurisdiction",
+                    code="conflicting_jurisdiction",
+                )
             j = req.jurisdiction if req.jurisdiction is not None else header_j
             ctx["jurisdiction"] = j
             try:
                 policy = service.policy.resolve(j)
             except UnknownJurisdiction:
-                raise APIError(400, f"unknown jurisdiction {str(j)[:90]!r}; known jurisdictions: "
-                               f"{', '.join(service.policy.jurisdictions)}", param="jurisdiction",
-                               code="unknown_jurisdiction") from None
+                raise APIError(
+                    400,
+                    f"unknown jurisdiction {str(j)[:90]!r}; known jurisdictions: "
+                    f"{', '.join(service.policy.jurisdictions)}",
+                    param="jurisdiction",
+                    code="unknown_jurisdiction",
+                ) from None
             except ModerationUnavailable as e:
-                raise APIError(503, str(e.issues[0].message), type="server_error", param="jurisdiction",
-                               code="moderation_unavailable") from None
+                raise APIError(
+                    503,
+                    str(e.issues[0].message),
+                    type="server_error",
+                    param="jurisdiction",
+                    code="moderation_unavailable",
+                ) from None
             ctx["policy"] = policy
             plan = _plan(req, endpoint, policy)
             ctx["prompt_tokens"] = sum(len(p.ids) for p in plan["prompts"])
@@ -203,8 +252,11 @@ def create_app(service: Service, *, api_keys: list[str] | None = None, audit: Au
             _record(ctx, e.status, [], error=e.code or e.type)
             raise
         if req.stream:
-            return StreamingResponse(_stream(req, endpoint, plan, ctx), media_type="text/event-stream",
-                                     headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+            return StreamingResponse(
+                _stream(req, endpoint, plan, ctx),
+                media_type="text/event-stream",
+                headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+            )
         return await _complete(req, endpoint, plan, ctx)
 
     def _plan(req, endpoint: str, policy) -> dict:
@@ -218,14 +270,17 @@ def create_app(service: Service, *, api_keys: list[str] | None = None, audit: Au
             max_tokens, mparam, pparam = req.max_tokens, "max_tokens", "prompt"
         else:
             if not loaded.chat:
-                raise APIError(400, f"model {loaded.model_id!r} is a {loaded.kind} checkpoint without the "
-                               "post-training chat template; use /v1/completions", param="messages",
-                               code="chat_template_unavailable")
+                raise APIError(
+                    400,
+                    f"model {loaded.model_id!r} is a {loaded.kind} checkpoint without the "
+                    "post-training chat template; use /v1/completions",
+                    param="messages",
+                    code="chat_template_unavailable",
+                )
             try:
                 msgs = req.plain_messages()
                 if retrieval is not None:
-                    msgs = _with_context(msgs, ctx_len - (req.max_completion_tokens or req.max_tokens or 1),
-                                         retrieved)
+                    msgs = _with_context(msgs, ctx_len - (req.max_completion_tokens or req.max_tokens or 1), retrieved)
                 ids = loaded.render_chat(msgs)
             except (ValueError, LoadError) as e:
                 raise APIError(400, str(e), param="messages") from None
@@ -237,31 +292,38 @@ def create_app(service: Service, *, api_keys: list[str] | None = None, audit: Au
             if req.max_completion_tokens is not None:
                 mparam = "max_completion_tokens"
         if want_lp and not policy.is_identity:
-            raise APIError(400, f"logprobs are not available under the {policy.jurisdiction!r} policy "
-                           "(they would show the unenforced tokens)", param="logprobs",
-                           code="logprobs_unavailable_under_policy")
+            raise APIError(
+                400,
+                f"logprobs are not available under the {policy.jurisdiction!r} policy "
+                "(they would show the unenforced tokens)",
+                param="logprobs",
+                code="logprobs_unavailable_under_policy",
+            )
         if want_lp and req.stream:
             raise APIError(400, "logprobs with stream: true are not supported yet", param="logprobs")
         try:
-            max_new = [plan_max_tokens(len(p.ids), max_tokens, default, ctx_len, mparam, pparam)
-                       for p in prompts]
+            max_new = [plan_max_tokens(len(p.ids), max_tokens, default, ctx_len, mparam, pparam) for p in prompts]
         except ContextError as e:
             raise APIError(400, str(e), param=e.param, code="context_length_exceeded") from None
         if len(prompts) * req.n > 64:
-            raise APIError(400, f"{len(prompts)} prompts x n={req.n} is over the limit of 64 choices",
-                           param="n")
+            raise APIError(400, f"{len(prompts)} prompts x n={req.n} is over the limit of 64 choices", param="n")
         if endpoint == "completions":
             k = req.logprobs
             echo = req.echo
         else:
             k = (req.top_logprobs or 0) if req.logprobs else None
             echo = False
-        params = SamplingParams(temperature=req.temperature, top_p=req.top_p,
-                                top_k=req.top_k if req.top_k > 0 else 0,
-                                max_tokens=max(max_new), stop=req.stops(), seed=req.seed,
-                                logprobs=k, echo=echo)
-        return {"prompts": prompts, "max_new": max_new, "params": params, "policy": policy,
-                "retrieved": retrieved}
+        params = SamplingParams(
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k if req.top_k > 0 else 0,
+            max_tokens=max(max_new),
+            stop=req.stops(),
+            seed=req.seed,
+            logprobs=k,
+            echo=echo,
+        )
+        return {"prompts": prompts, "max_new": max_new, "params": params, "policy": policy, "retrieved": retrieved}
 
     def _with_context(msgs: list[dict], room: int, retrieved: list) -> list[dict]:
         users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
@@ -270,10 +332,11 @@ def create_app(service: Service, *, api_keys: list[str] | None = None, audit: Au
         last = users[-1]
 
         def n_tokens(text: str) -> int:
-            return len(loaded.render_chat(msgs[:last] + [{**msgs[last], "content": text}] + msgs[last + 1:]))
+            return len(loaded.render_chat(msgs[:last] + [{**msgs[last], "content": text}] + msgs[last + 1 :]))
+
         aug = retrieval.augment(msgs[last]["content"], n_tokens, room)
         retrieved.append(aug.hits)
-        return msgs[:last] + [{**msgs[last], "content": aug.text}] + msgs[last + 1:]
+        return msgs[:last] + [{**msgs[last], "content": aug.text}] + msgs[last + 1 :]
 
     def _aion(plan: dict, rid: str, results, seed) -> dict:
         out = aion_object(rid, plan["policy"], results, seed)
@@ -304,10 +367,11 @@ def create_app(service: Service, *, api_keys: list[str] | None = None, audit: Au
                 raise APIError(400, "prompt: token id lists must not be empty", param="prompt")
             bad = [i for i in b if not 0 <= i < loaded.vocab_size]
             if bad:
-                raise APIError(400, f"prompt: token ids must be in [0, {loaded.vocab_size}), got {bad[0]}",
-                               param="prompt")
+                raise APIError(
+                    400, f"prompt: token ids must be in [0, {loaded.vocab_size}), got {bad[0]}", param="prompt"
+                )
             if retrieved is not None:
-                retrieved.append([])           # token ids: no text to retrieve for
+                retrieved.append([])  # token ids: no text to retrieve for
             out.append(PromptSpec(ids=list(b), context=list(b), text=loaded.tokenizer.decode(list(b))))
         return out
 
@@ -339,15 +403,26 @@ def create_app(service: Service, *, api_keys: list[str] | None = None, audit: Au
             if endpoint == "completions":
                 text = (prompt.text + r.text) if req.echo else r.text
                 lp = _completion_logprobs(row, r, prompt, req.echo) if req.logprobs is not None else None
-                out_choices.append({"index": r.index, "text": text, "logprobs": lp,
-                                    "finish_reason": r.finish_reason})
+                out_choices.append({"index": r.index, "text": text, "logprobs": lp, "finish_reason": r.finish_reason})
             else:
                 lp = {"content": _chat_logprobs(row, r, prompt)} if req.logprobs else None
-                out_choices.append({"index": r.index, "message": {"role": "assistant", "content": r.text},
-                                    "logprobs": lp, "finish_reason": r.finish_reason})
-        return {"id": ctx["request_id"], "object": "text_completion" if endpoint == "completions" else "chat.completion",
-                "created": int(time.time()), "model": loaded.model_id, "choices": out_choices,
-                "usage": _usage(ctx, results), "aion": _aion(plan, ctx["request_id"], results, ctx["seed"])}
+                out_choices.append(
+                    {
+                        "index": r.index,
+                        "message": {"role": "assistant", "content": r.text},
+                        "logprobs": lp,
+                        "finish_reason": r.finish_reason,
+                    }
+                )
+        return {
+            "id": ctx["request_id"],
+            "object": "text_completion" if endpoint == "completions" else "chat.completion",
+            "created": int(time.time()),
+            "model": loaded.model_id,
+            "choices": out_choices,
+            "usage": _usage(ctx, results),
+            "aion": _aion(plan, ctx["request_id"], results, ctx["seed"]),
+        }
 
     def _kept_tokens(row: Row, r: ChoiceResult, detok: Detokenizer) -> tuple[list[int], list[str]]:
         """The generated tokens that make up the text (a stop string's tokens are cut)."""
@@ -390,15 +465,22 @@ def create_app(service: Service, *, api_keys: list[str] | None = None, audit: Au
         out = []
         for tid, info in zip(ids, row.infos):
             s = token_str(tok, tid)
-            out.append({"token": s, "logprob": info.logprob, "bytes": list(s.encode("utf-8")),
-                        "top_logprobs": [{"token": token_str(tok, a), "logprob": v,
-                                          "bytes": list(token_str(tok, a).encode("utf-8"))} for a, v in info.top]})
+            out.append(
+                {
+                    "token": s,
+                    "logprob": info.logprob,
+                    "bytes": list(s.encode("utf-8")),
+                    "top_logprobs": [
+                        {"token": token_str(tok, a), "logprob": v, "bytes": list(token_str(tok, a).encode("utf-8"))}
+                        for a, v in info.top
+                    ],
+                }
+            )
         return out
 
     def _usage(ctx: dict, results: list[ChoiceResult]) -> dict:
         c = sum(len(r.token_ids) for r in results)
-        return {"prompt_tokens": ctx["prompt_tokens"], "completion_tokens": c,
-                "total_tokens": ctx["prompt_tokens"] + c}
+        return {"prompt_tokens": ctx["prompt_tokens"], "completion_tokens": c, "total_tokens": ctx["prompt_tokens"] + c}
 
     def _ttft(ctx: dict, rows: list[Row]) -> None:
         firsts = [r.first_token_at for r in rows if r.first_token_at is not None]
@@ -413,21 +495,32 @@ def create_app(service: Service, *, api_keys: list[str] | None = None, audit: Au
         def put(item):
             try:
                 loop.call_soon_threadsafe(q.put_nowait, item)
-            except RuntimeError:          # the event loop is gone (shutdown): stop generating
+            except RuntimeError:  # the event loop is gone (shutdown): stop generating
                 cancelled["flag"] = True
 
         rows, choices, seed = service.build(
-            plan["prompts"], req.n, plan["params"], plan["max_new"], plan["policy"],
+            plan["prompts"],
+            req.n,
+            plan["params"],
+            plan["max_new"],
+            plan["policy"],
             on_delta=lambda i, text: put(("delta", i, text)),
             on_choice=lambda res: put(("choice", res.index, res)),
-            cancelled=lambda: cancelled["flag"])
+            cancelled=lambda: cancelled["flag"],
+        )
         ctx["seed"], ctx["rows"] = seed, rows
         rid, created_at = ctx["request_id"], int(time.time())
         obj = "text_completion" if endpoint == "completions" else "chat.completion.chunk"
 
         def chunk(choices_: list, **extra) -> bytes:
-            body = {"id": rid, "object": obj, "created": created_at, "model": loaded.model_id,
-                    "choices": choices_, **extra}
+            body = {
+                "id": rid,
+                "object": obj,
+                "created": created_at,
+                "model": loaded.model_id,
+                "choices": choices_,
+                **extra,
+            }
             return b"data: " + json.dumps(body, ensure_ascii=False).encode("utf-8") + b"\n\n"
 
         def delta_choice(i: int, text: str | None, finish: str | None = None, role: bool = False) -> dict:
@@ -448,8 +541,9 @@ def create_app(service: Service, *, api_keys: list[str] | None = None, audit: Au
                     yield chunk([delta_choice(i, None, role=True)])
                 elif req.echo:
                     yield chunk([delta_choice(i, plan["prompts"][i // req.n].text)])
-            job = service.submit(rows, on_error=lambda e: put(("error", None, e)),
-                                 on_done=lambda: put(("done", None, None)))
+            job = service.submit(
+                rows, on_error=lambda e: put(("error", None, e)), on_done=lambda: put(("done", None, None))
+            )
             finished: dict[int, ChoiceResult] = {}
             while True:
                 kind, i, item = await q.get()
@@ -474,12 +568,16 @@ def create_app(service: Service, *, api_keys: list[str] | None = None, audit: Au
                 yield chunk([], **extra)
             yield b"data: [DONE]\n\n"
         except (asyncio.CancelledError, GeneratorExit):
-            cancelled["flag"] = True          # the client went away: stop generating
+            cancelled["flag"] = True  # the client went away: stop generating
             status = 499
             raise
         finally:
-            _record(ctx, status, results, error=None if status == 200 else
-                    ("client_disconnected" if status == 499 else "generation_failed"))
+            _record(
+                ctx,
+                status,
+                results,
+                error=None if status == 200 else ("client_disconnected" if status == 499 else "generation_failed"),
+            )
 
     # ------------------------------------------------------------------ audit + metrics
     def _record(ctx: dict, status: int, results: list[ChoiceResult], error: str | None = None) -> None:
@@ -488,7 +586,7 @@ def create_app(service: Service, *, api_keys: list[str] | None = None, audit: Au
         j = policy.jurisdiction if policy is not None else ctx.get("jurisdiction")
         if results:
             completion = sum(len(r.token_ids) for r in results)
-        else:                          # ended early (client gone, failure): what was generated
+        else:  # ended early (client gone, failure): what was generated
             completion = sum(len(r.tokens) for r in ctx.get("rows", ()))
         metrics.observe_request(endpoint, status, j)
         metrics.latency.labels(endpoint, str(bool(ctx.get("stream")))).observe(time.monotonic() - ctx["t0"])
@@ -500,18 +598,25 @@ def create_app(service: Service, *, api_keys: list[str] | None = None, audit: Au
             metrics.observe_actions(policy.jurisdiction, actions)
         if audit is None:
             return
-        rec = {"request_id": ctx["request_id"], "endpoint": endpoint, "model": loaded.model_id,
-               "status": status, "stream": bool(ctx.get("stream")),
-               "jurisdiction": j if (policy is not None or j is None) else str(j)[:90],
-               "known_jurisdiction": policy is not None or j is None,
-               "policy_sha256": policy.policy.sha256 if policy is not None else None,
-               "policy_version": policy.policy.version if policy is not None else None,
-               "bundle_sha256": service.policies.bundle_sha256,
-               "actions": actions, "blocked": sum(1 for r in results if r.enforcement.blocked),
-               "choices": len(results), "prompt_tokens": ctx["prompt_tokens"],
-               "completion_tokens": completion,
-               "finish_reasons": [r.finish_reason for r in results],
-               "latency_ms": round((time.monotonic() - ctx["t0"]) * 1000, 2)}
+        rec = {
+            "request_id": ctx["request_id"],
+            "endpoint": endpoint,
+            "model": loaded.model_id,
+            "status": status,
+            "stream": bool(ctx.get("stream")),
+            "jurisdiction": j if (policy is not None or j is None) else str(j)[:90],
+            "known_jurisdiction": policy is not None or j is None,
+            "policy_sha256": policy.policy.sha256 if policy is not None else None,
+            "policy_version": policy.policy.version if policy is not None else None,
+            "bundle_sha256": service.policies.bundle_sha256,
+            "actions": actions,
+            "blocked": sum(1 for r in results if r.enforcement.blocked),
+            "choices": len(results),
+            "prompt_tokens": ctx["prompt_tokens"],
+            "completion_tokens": completion,
+            "finish_reasons": [r.finish_reason for r in results],
+            "latency_ms": round((time.monotonic() - ctx["t0"]) * 1000, 2),
+        }
         if error:
             rec["error"] = error
         try:
@@ -523,8 +628,12 @@ def create_app(service: Service, *, api_keys: list[str] | None = None, audit: Au
 
 
 def _unknown_model(asked: str, have: str) -> APIError:
-    return APIError(404, f"The model {str(asked)[:200]!r} does not exist; this server serves {have!r}",
-                    param="model", code="model_not_found")
+    return APIError(
+        404,
+        f"The model {str(asked)[:200]!r} does not exist; this server serves {have!r}",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def _error_response(e: APIError) -> JSONResponse:
@@ -538,8 +647,7 @@ def _no_constant(name: str):
 async def _read_json(request: Request, limit: int) -> Any:
     cl = request.headers.get("content-length")
     if cl is not None and cl.isdigit() and int(cl) > limit:
-        raise APIError(413, f"request body is {cl} bytes, over the {limit}-byte limit",
-                       code="request_too_large")
+        raise APIError(413, f"request body is {cl} bytes, over the {limit}-byte limit", code="request_too_large")
     chunks, size = [], 0
     async for part in request.stream():
         size += len(part)
@@ -550,13 +658,15 @@ async def _read_json(request: Request, limit: int) -> Any:
     if not raw.strip():
         raise APIError(400, "the request body is empty; expected a JSON object", code="invalid_json")
     if json_depth(raw, stop_at=MAX_BODY_DEPTH) > MAX_BODY_DEPTH:
-        raise APIError(400, f"the JSON body is nested more than {MAX_BODY_DEPTH} levels deep",
-                       code="invalid_json")
+        raise APIError(400, f"the JSON body is nested more than {MAX_BODY_DEPTH} levels deep", code="invalid_json")
     try:
         obj = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:
-        raise APIError(400, f"We could not parse the JSON body of your request ({e}). The body must be "
-                       "a JSON object.", code="invalid_json") from None
+        raise APIError(
+            400,
+            f"We could not parse the JSON body of your request ({e}). The body must be a JSON object.",
+            code="invalid_json",
+        ) from None
     if not isinstance(obj, dict):
         raise APIError(400, f"the JSON body must be an object, got {type(obj).__name__}", code="invalid_json")
     return obj

@@ -26,28 +26,29 @@ before the end, by the kind of policy (`StreamEnforcer.mode`):
   multi-word term of unbounded width such as `[0-9]+` or `a b` with `\\s+` between):
   nothing is shown until the enforcement of the full text is known, then all of it at once.
 """
+
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 
-from aion_train.policy import (EnforcementResult, ModerationUnavailable, Policy, PolicyIssue,
-                               PolicySet, enforce)
+from aion_train.policy import EnforcementResult, ModerationUnavailable, Policy, PolicyIssue, PolicySet, enforce
 from aion_train.policy.patterns import pattern_spans, term_spans
 
 log = logging.getLogger(__name__)
 
-MARGIN_BYTES = 8          # context bytes either side of a match (one UTF-8 character and more)
-UNBOUNDED = 10_000        # a width over this many characters counts as unbounded
+MARGIN_BYTES = 8  # context bytes either side of a match (one UTF-8 character and more)
+UNBOUNDED = 10_000  # a width over this many characters counts as unbounded
 
 
 @dataclass(frozen=True)
 class RequestPolicy:
     """What one request is enforced with (all from one bundle snapshot)."""
+
     policy: Policy
-    requested: str | None            # the jurisdiction the client asked for (None: none)
+    requested: str | None  # the jurisdiction the client asked for (None: none)
     bundle_sha256: str
-    fallback: bool = False           # an unknown jurisdiction served under the bundle's fallback
+    fallback: bool = False  # an unknown jurisdiction served under the bundle's fallback
 
     @property
     def jurisdiction(self) -> str:
@@ -58,12 +59,15 @@ class RequestPolicy:
         return self.policy.is_identity
 
     def describe(self) -> dict:
-        return {"jurisdiction": self.policy.jurisdiction, "policy_version": self.policy.version,
-                "policy_sha256": self.policy.sha256, "bundle_sha256": self.bundle_sha256,
-                **({"requested_jurisdiction": self.requested, "fallback": True}
-                   if self.fallback else {})}
+        return {
+            "jurisdiction": self.policy.jurisdiction,
+            "policy_version": self.policy.version,
+            "policy_sha256": self.policy.sha256,
+            "bundle_sha256": self.bundle_sha256,
+            **({"requested_jurisdiction": self.requested, "fallback": True} if self.fallback else {}),
+        }
 
-    def stream(self) -> "StreamEnforcer":
+    def stream(self) -> StreamEnforcer:
         return StreamEnforcer(self.policy)
 
 
@@ -81,14 +85,20 @@ class PolicyRuntime:
         if jurisdiction is None:
             pol = snap.default
         else:
-            pol = snap.lookup(jurisdiction, where)     # raises UnknownJurisdiction
+            pol = snap.lookup(jurisdiction, where)  # raises UnknownJurisdiction
         if pol.moderation.get("enabled"):
-            raise ModerationUnavailable([PolicyIssue(
-                where, "$.output_moderation", f"jurisdiction {pol.jurisdiction!r} requires output "
-                "moderation, and this server has no moderator: refused rather than served unmoderated")])
+            raise ModerationUnavailable(
+                [
+                    PolicyIssue(
+                        where,
+                        "$.output_moderation",
+                        f"jurisdiction {pol.jurisdiction!r} requires output "
+                        "moderation, and this server has no moderator: refused rather than served unmoderated",
+                    )
+                ]
+            )
         fallback = jurisdiction is not None and jurisdiction not in snap.policies
-        return RequestPolicy(policy=pol, requested=jurisdiction, bundle_sha256=snap.bundle_sha256,
-                             fallback=fallback)
+        return RequestPolicy(policy=pol, requested=jurisdiction, bundle_sha256=snap.bundle_sha256, fallback=fallback)
 
 
 # ------------------------------------------------------------------------ rule actions
@@ -144,6 +154,7 @@ def _splice_all(data: bytes, spans, repl: bytes) -> tuple[bytes, int]:
 def pattern_width(pattern: str) -> int | None:
     """Most characters a policy pattern can match (None: unbounded or unknown)."""
     from aion_train.policy.patterns import _P, _translate_re2
+
     try:
         translated, _ = _translate_re2(pattern)
         hi = _P.parse(translated).getwidth()[1]
@@ -226,7 +237,7 @@ class StreamEnforcer:
             data = b"".join(out)
             settled = min(new_settled, len(data))
         while settled > 0 and settled < len(data) and (data[settled] & 0xC0) == 0x80:
-            settled -= 1          # not inside a UTF-8 character
+            settled -= 1  # not inside a UTF-8 character
         body = data[:settled].decode("utf-8", "replace")
         limit = self.policy.max_output_chars
         return body[:limit] if limit is not None else body
@@ -235,7 +246,7 @@ class StreamEnforcer:
         """New text that can be shown, given that the raw output starts with `raw_prefix`."""
         s = self.settled(raw_prefix)
         if len(s) > len(self.emitted) and s.startswith(self.emitted):
-            delta = s[len(self.emitted):]
+            delta = s[len(self.emitted) :]
             self.emitted = s
             return delta
         return ""
@@ -243,10 +254,13 @@ class StreamEnforcer:
     def finish(self, raw: str) -> tuple[str, EnforcementResult]:
         """(the rest of the output, the enforcement of the full raw text)."""
         res = enforce(raw, self.policy)
-        if not res.text.startswith(self.emitted):      # would be a bug in `settled`
-            log.error("streamed text is not a prefix of the enforced output (policy %s %s)",
-                      self.policy.jurisdiction, self.policy.sha256[:12])
+        if not res.text.startswith(self.emitted):  # would be a bug in `settled`
+            log.error(
+                "streamed text is not a prefix of the enforced output (policy %s %s)",
+                self.policy.jurisdiction,
+                self.policy.sha256[:12],
+            )
             raise AssertionError("stream enforcement diverged from the enforced output")
-        delta = res.text[len(self.emitted):]
+        delta = res.text[len(self.emitted) :]
         self.emitted = res.text
         return delta, res

@@ -1,5 +1,6 @@
 """Request bodies of the OpenAI-compatible API (pydantic, unknown fields refused) and the
 errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`."""
+
 from __future__ import annotations
 
 from typing import Literal, Optional, Union
@@ -11,14 +12,19 @@ MAX_N = 16
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 class _Strict(BaseModel):
@@ -34,7 +40,7 @@ class _Sampling(_Strict):
     max_tokens: Optional[StrictInt] = Field(None, ge=0)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: StrictInt = Field(0, ge=-1)                      # extension (as vLLM): 0/-1 = off
+    top_k: StrictInt = Field(0, ge=-1)  # extension (as vLLM): 0/-1 = off
     n: StrictInt = Field(1, ge=1, le=MAX_N)
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
@@ -43,7 +49,7 @@ class _Sampling(_Strict):
     user: Optional[str] = Field(None, max_length=256)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    jurisdiction: Optional[str] = Field(None, max_length=90)   # extension (or X-Jurisdiction)
+    jurisdiction: Optional[str] = Field(None, max_length=90)  # extension (or X-Jurisdiction)
 
     def stops(self) -> tuple[str, ...]:
         s = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -108,8 +114,11 @@ class ChatRequest(_Sampling):
         for i, m in enumerate(self.messages):
             role = "system" if m.role == "developer" else m.role
             if role not in ("system", "user", "assistant"):
-                raise APIError(400, f"messages[{i}].role {m.role!r} is not supported (system, "
-                               "developer, user, assistant)", param=f"messages.{i}.role")
+                raise APIError(
+                    400,
+                    f"messages[{i}].role {m.role!r} is not supported (system, developer, user, assistant)",
+                    param=f"messages.{i}.role",
+                )
             if isinstance(m.content, list):
                 texts = []
                 for k, part in enumerate(m.content):
@@ -117,9 +126,11 @@ class ChatRequest(_Sampling):
                         texts.append(TextPart.model_validate(part).text)
                     except ValidationError:
                         kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                        raise APIError(400, f"messages[{i}].content[{k}]: content parts of type "
-                                       f"{kind!r} are not supported (text only)",
-                                       param=f"messages.{i}.content.{k}") from None
+                        raise APIError(
+                            400,
+                            f"messages[{i}].content[{k}]: content parts of type {kind!r} are not supported (text only)",
+                            param=f"messages.{i}.content.{k}",
+                        ) from None
                 content = "".join(texts)
             else:
                 content = m.content or ""
@@ -132,10 +143,7 @@ def validation_error(e: ValidationError) -> APIError:
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err.get("loc", ()))
     if err.get("type") == "extra_forbidden":
-        return APIError(400, f"Unrecognized request argument supplied: {loc}", param=loc,
-                        code="unknown_parameter")
+        return APIError(400, f"Unrecognized request argument supplied: {loc}", param=loc, code="unknown_parameter")
     if err.get("type") == "missing":
-        return APIError(400, f"Missing required parameter: {loc}", param=loc,
-                        code="missing_required_parameter")
-    return APIError(400, f"Invalid value for {loc}: {err.get('msg')}", param=loc,
-                    code="invalid_value")
+        return APIError(400, f"Missing required parameter: {loc}", param=loc, code="missing_required_parameter")
+    return APIError(400, f"Invalid value for {loc}: {err.get('msg')}", param=loc, code="invalid_value")

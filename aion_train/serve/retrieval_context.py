@@ -5,6 +5,7 @@ Only whole chunks go in, and only as many as leave room in the model's context f
 and the tokens to generate; the hits that went in are reported (index, chunk ids, sources,
 scores) so that an answer can be traced to what it was shown.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -17,8 +18,8 @@ class RetrievalError(ValueError):
 
 @dataclass
 class Augmented:
-    text: str                   # the prompt with its context block (the prompt alone if none fit)
-    hits: list[dict]            # what went in: {"id", "source", "score"}, best first
+    text: str  # the prompt with its context block (the prompt alone if none fit)
+    hits: list[dict]  # what went in: {"id", "source", "score"}, best first
 
 
 class RetrievalContext:
@@ -27,8 +28,9 @@ class RetrievalContext:
             raise RetrievalError("--k must be >= 1")
         try:
             from aion_train.retrieval.store import Retriever
+
             self.retriever = Retriever(index_dir)
-            _ = self.retriever.embedder              # load (and check) the index's embedder now
+            _ = self.retriever.embedder  # load (and check) the index's embedder now
         except (OSError, ValueError, ImportError) as e:
             raise RetrievalError(f"cannot use the index {index_dir}: {e}") from e
         self.index_dir = index_dir
@@ -36,17 +38,21 @@ class RetrievalContext:
 
     def describe(self) -> dict:
         m = self.retriever.manifest
-        return {"index": self.index_dir, "embedder": m.get("embedder"), "k": self.k,
-                "chunks": m.get("counts", {}).get("chunks")}
+        return {
+            "index": self.index_dir,
+            "embedder": m.get("embedder"),
+            "k": self.k,
+            "chunks": m.get("counts", {}).get("chunks"),
+        }
 
     def augment(self, prompt: str, n_tokens: Callable[[str], int], budget: int) -> Augmented:
         """`prompt` with the best chunks that keep `n_tokens(text) <= budget` (whole chunks,
         best first; none when even the best one does not fit)."""
         from aion_train.retrieval.hybrid import build_context
+
         hits = self.retriever.search(prompt, k=self.k)
         for n in range(len(hits), 0, -1):
             text = build_context([h.text for h in hits[:n]], prompt)
             if n_tokens(text) <= budget:
-                return Augmented(text, [{"id": h.id, "source": h.source, "score": round(h.score, 6)}
-                                        for h in hits[:n]])
+                return Augmented(text, [{"id": h.id, "source": h.source, "score": round(h.score, 6)} for h in hits[:n]])
         return Augmented(prompt, [])

@@ -6,6 +6,7 @@ Sampling draws one uniform number per step from the choice's `torch.Generator` a
 the CDF of the filtered distribution (fp32 probabilities, fp64 cumulative sum); greedy is
 `argmax` (first maximum), as in `aion_train.model.generate`.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -13,19 +14,19 @@ from dataclasses import dataclass
 
 import torch
 
-GREEDY_BELOW = 1e-5     # a temperature under this is greedy
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0                  # 0 or -1: off
+    top_k: int = 0  # 0 or -1: off
     max_tokens: int = 16
     stop: tuple[str, ...] = ()
     seed: int | None = None
-    logprobs: int | None = None     # None: none; k >= 0: the chosen token's and the top k
-    echo: bool = False              # completions: prompt text (and logprobs) first
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top k
+    echo: bool = False  # completions: prompt text (and logprobs) first
 
     @property
     def greedy(self) -> bool:
@@ -55,7 +56,7 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     if params.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True, stable=True)
         cum = torch.cumsum(sorted_p.double(), dim=-1)
-        drop = (cum - sorted_p.double()) >= params.top_p       # keeps the first token always
+        drop = (cum - sorted_p.double()) >= params.top_p  # keeps the first token always
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
     cdf = torch.cumsum(probs.double(), dim=-1)

@@ -5,13 +5,14 @@ their rows fit in `max_batch` (a job's rows always run together), and runs them 
 batch (rows of different lengths share it: engine.py). Jobs that arrive while a batch runs
 wait for the next one (continuous batching, joining a running batch, is not done yet).
 """
+
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .engine import Engine, Row
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 class Job:
     rows: list[Row]
     on_error: Callable[[BaseException], None] | None = None
-    on_done: Callable[[], None] | None = None       # after the batch, error or not
+    on_done: Callable[[], None] | None = None  # after the batch, error or not
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
 
@@ -36,10 +37,10 @@ class Scheduler:
         self._q: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._pending: Job | None = None
-        self.batches = 0              # how many engine runs (for tests and metrics)
+        self.batches = 0  # how many engine runs (for tests and metrics)
         self.last_batch_rows = 0
 
-    def start(self) -> "Scheduler":
+    def start(self) -> Scheduler:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="aion-serve-engine", daemon=True)
             self._thread.start()

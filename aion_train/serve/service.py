@@ -2,10 +2,11 @@
 (openai_api.py) and `aion-train generate` both go through `Service.build`, so the same
 request gives the same tokens and text through either (same seed, same rows, same code).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from aion_train.policy import PolicySet
 
@@ -30,25 +31,36 @@ class ContextError(ValueError):
 @dataclass
 class PromptSpec:
     ids: list[int]
-    context: list[int]             # ids before the generated text, for detokenizing
-    text: str = ""                 # the prompt as text (echo)
+    context: list[int]  # ids before the generated text, for detokenizing
+    text: str = ""  # the prompt as text (echo)
 
 
-def plan_max_tokens(prompt_len: int, requested: int | None, default: int | None, context: int,
-                    param: str = "max_tokens", prompt_param: str = "prompt") -> int:
+def plan_max_tokens(
+    prompt_len: int,
+    requested: int | None,
+    default: int | None,
+    context: int,
+    param: str = "max_tokens",
+    prompt_param: str = "prompt",
+) -> int:
     """The number of tokens to generate, or ContextError (OpenAI's context_length_exceeded)."""
     if prompt_len > context or (prompt_len == context and requested != 0):
-        raise ContextError(f"This model's maximum context length is {context} tokens. However, "
-                           f"your prompt is {prompt_len} tokens long, which leaves no room for a "
-                           "completion.", prompt_param)
+        raise ContextError(
+            f"This model's maximum context length is {context} tokens. However, "
+            f"your prompt is {prompt_len} tokens long, which leaves no room for a "
+            "completion.",
+            prompt_param,
+        )
     room = context - prompt_len
     if requested is None:
         return room if default is None else min(default, room)
     if prompt_len + requested > context:
-        raise ContextError(f"This model's maximum context length is {context} tokens. However, you "
-                           f"requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
-                           f"{requested} in the completion). Please reduce the prompt or max_tokens.",
-                           param)
+        raise ContextError(
+            f"This model's maximum context length is {context} tokens. However, you "
+            f"requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
+            f"{requested} in the completion). Please reduce the prompt or max_tokens.",
+            param,
+        )
     return requested
 
 
@@ -64,37 +76,61 @@ class Service:
     def tokenizer(self):
         return self.loaded.tokenizer
 
-    def build(self, prompts: Sequence[PromptSpec], n: int, params: SamplingParams, max_new: Sequence[int],
-              policy: RequestPolicy, *, on_delta: Callable[[int, str], None] | None = None,
-              on_choice: Callable[[ChoiceResult], None] | None = None,
-              cancelled: Callable[[], bool] | None = None) -> tuple[list[Row], list[ChoiceState], int]:
+    def build(
+        self,
+        prompts: Sequence[PromptSpec],
+        n: int,
+        params: SamplingParams,
+        max_new: Sequence[int],
+        policy: RequestPolicy,
+        *,
+        on_delta: Callable[[int, str], None] | None = None,
+        on_choice: Callable[[ChoiceResult], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> tuple[list[Row], list[ChoiceState], int]:
         """(rows, choices, seed): choice i = prompt i // n, sample i % n, its random stream
         seeded from (seed, i); the seed is the request's or a fresh random one."""
         if len(prompts) * n > MAX_ROWS_PER_REQUEST:
-            raise ValueError(f"{len(prompts)} prompts x n={n} choices is over the limit of "
-                             f"{MAX_ROWS_PER_REQUEST} per request")
+            raise ValueError(
+                f"{len(prompts)} prompts x n={n} choices is over the limit of {MAX_ROWS_PER_REQUEST} per request"
+            )
         seed = params.seed if params.seed is not None else new_seed()
         rows, choices = [], []
         for p_i, prompt in enumerate(prompts):
             for j in range(n):
                 idx = p_i * n + j
-                c = ChoiceState(idx, self.tokenizer, prompt.context, params.stop, policy,
-                                on_delta=on_delta, cancelled=cancelled)
+                c = ChoiceState(
+                    idx, self.tokenizer, prompt.context, params.stop, policy, on_delta=on_delta, cancelled=cancelled
+                )
 
                 def finished(row, c=c):
                     res = c.finish(row.finish_reason)
                     if on_choice is not None:
                         on_choice(res)
 
-                rows.append(Row(prompt_ids=list(prompt.ids), params=params, max_new=int(max_new[p_i]),
-                                generator=None if params.greedy else choice_generator(seed, idx),
-                                sink=c.push, on_finish=finished,
-                                prompt_logprobs=bool(params.echo and params.logprobs is not None)))
+                rows.append(
+                    Row(
+                        prompt_ids=list(prompt.ids),
+                        params=params,
+                        max_new=int(max_new[p_i]),
+                        generator=None if params.greedy else choice_generator(seed, idx),
+                        sink=c.push,
+                        on_finish=finished,
+                        prompt_logprobs=bool(params.echo and params.logprobs is not None),
+                    )
+                )
                 choices.append(c)
         return rows, choices, seed
 
-    def generate(self, prompts: Sequence[PromptSpec], n: int, params: SamplingParams,
-                 max_new: Sequence[int], policy: RequestPolicy, on_delta=None):
+    def generate(
+        self,
+        prompts: Sequence[PromptSpec],
+        n: int,
+        params: SamplingParams,
+        max_new: Sequence[int],
+        policy: RequestPolicy,
+        on_delta=None,
+    ):
         """Run in the calling thread (no scheduler): (rows, results, seed)."""
         rows, choices, seed = self.build(prompts, n, params, max_new, policy, on_delta=on_delta)
         self.scheduler.run_now(rows)
@@ -111,12 +147,15 @@ def aion_object(request_id: str, policy: RequestPolicy, results: Sequence[Choice
         for f in r.enforcement.flags:
             e = flags.setdefault(f.rule_id, {"rule": f.rule_id, "category": f.category, "matches": 0})
             e["matches"] += f.matches
-    return {"request_id": request_id, **policy.describe(),
-            "blocked": any(r.enforcement.blocked for r in results),
-            "flags": list(flags.values()),
-            "redactions": sum(r.enforcement.redactions for r in results),
-            "seed": seed,
-            "choices": [r.aion() for r in sorted(results, key=lambda r: r.index)]}
+    return {
+        "request_id": request_id,
+        **policy.describe(),
+        "blocked": any(r.enforcement.blocked for r in results),
+        "flags": list(flags.values()),
+        "redactions": sum(r.enforcement.redactions for r in results),
+        "seed": seed,
+        "choices": [r.aion() for r in sorted(results, key=lambda r: r.index)],
+    }
 
 
 def merged_actions(results: Sequence[ChoiceResult]) -> dict:
@@ -133,6 +172,7 @@ def token_str(tokenizer, token_id: int) -> str:
     sp = getattr(tokenizer, "sp", tokenizer)
     if token_id >= sp.vocab_size:
         from aion_train.posttrain.chat_template import ROLE_TOKENS
+
         k = token_id - sp.vocab_size
         return ROLE_TOKENS[k] if k < len(ROLE_TOKENS) else f"<id {token_id}>"
     return sp.id_to_piece(int(token_id)).replace("\u2581", " ")

@@ -8,9 +8,10 @@ While streaming, trailing U+FFFD (an incomplete UTF-8 sequence of byte pieces th
 piece may complete) and the end of the text that could be the start of a stop string are
 held back; `stable_prefix` is what can be shown.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 CONTEXT_IDS = 8
 
@@ -26,7 +27,7 @@ class Detokenizer:
             return self.tok.decode(list(ids))
         full = self.tok.decode(self.context + list(ids))
         if full.startswith(self.base):
-            return full[len(self.base):]
+            return full[len(self.base) :]
         return self.tok.decode(list(ids))
 
     def token_texts(self, ids: Sequence[int]) -> list[str]:
@@ -43,7 +44,7 @@ class Detokenizer:
                 n += 1
             bounds.append(max(bounds[-1], n))
         bounds.append(len(final))
-        return [final[bounds[i]:bounds[i + 1]] for i in range(len(ids))] if ids else []
+        return [final[bounds[i] : bounds[i + 1]] for i in range(len(ids))] if ids else []
 
 
 class StopStrings:
@@ -77,4 +78,4 @@ def stable_prefix(text: str, stops: StopStrings) -> str:
         end -= 1
     text = text[:end]
     hold = stops.holdback(text)
-    return text[:len(text) - hold] if hold else text
+    return text[: len(text) - hold] if hold else text

@@ -9,6 +9,7 @@ Importing this package is cheap: mlflow and matplotlib are imported on first use
     tracker.log_loss_curve({"loss": [(1, 2.9), (2, 2.5)]})
     tracker.end("FINISHED")
 """
+
 from .mlflow_tracker import (
     RUN_INFO_FILE,
     Tracker,

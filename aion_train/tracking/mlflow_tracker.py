@@ -8,6 +8,7 @@ Resuming: `start(params, run_id=...)` continues an existing run (status back to 
 new params added, metrics appended). The run id is also written to
 `<run_dir>/mlflow_run.json`, and `load_run_info(run_dir)` reads it back.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,8 +20,9 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from aion_train.config.load import flatten
 from aion_train.fsutil import atomic_write_text
@@ -59,7 +61,7 @@ def default_artifact_location(tracking_uri: str) -> str | None:
     (http/https) or any other store, None = let the store decide (a server proxies uploads).
     """
     if tracking_uri.startswith("sqlite:///") and ":memory:" not in tracking_uri:
-        db = Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
+        db = Path(tracking_uri[len("sqlite:///") :].split("?", 1)[0])
         return (db.parent / "mlartifacts").resolve().as_uri()
     return None
 
@@ -98,7 +100,7 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any
 
 def _chunks(items: list, size: int) -> Iterable[list]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
 def load_run_info(run_dir: str | Path) -> dict | None:
@@ -126,8 +128,10 @@ def _guarded(method):
             self.errors += 1
             if method.__name__ not in self._warned:
                 self._warned.add(method.__name__)
-                log.exception("tracking: %s failed (further failures of it are counted "
-                              "in Tracker.errors, not logged)", method.__name__)
+                log.exception(
+                    "tracking: %s failed (further failures of it are counted in Tracker.errors, not logged)",
+                    method.__name__,
+                )
             return None
 
     return wrapper
@@ -144,8 +148,7 @@ class Tracker:
         strict: raise tracking errors instead of logging them (tests); `start` always raises.
     """
 
-    def __init__(self, tracking_cfg: Any, run_dir: str | Path, active: bool = True,
-                 strict: bool = False):
+    def __init__(self, tracking_cfg: Any, run_dir: str | Path, active: bool = True, strict: bool = False):
         self.cfg = tracking_cfg
         self.run_dir = Path(run_dir)
         enabled = bool(getattr(tracking_cfg, "enabled", True))
@@ -186,24 +189,24 @@ class Tracker:
         """The underlying `mlflow.MlflowClient` (None when inactive)."""
         if self._client is None and self._active:
             from mlflow import MlflowClient
+
             if self._tracking_uri.startswith("sqlite:///"):
-                Path(self._tracking_uri[len("sqlite:///"):].split("?", 1)[0]).parent.mkdir(
-                    parents=True, exist_ok=True)
+                Path(self._tracking_uri[len("sqlite:///") :].split("?", 1)[0]).parent.mkdir(parents=True, exist_ok=True)
             self._client = MlflowClient(tracking_uri=self._tracking_uri)
         return self._client
 
     # ---------------------------------------------------------------- lifecycle
     def _get_or_create_experiment(self) -> str:
-        from mlflow.exceptions import MlflowException
         from mlflow.entities import LifecycleStage
+        from mlflow.exceptions import MlflowException
 
         client = self.client
         exp = client.get_experiment_by_name(self._experiment_name)
         if exp is None:
             try:
                 return client.create_experiment(
-                    self._experiment_name,
-                    artifact_location=default_artifact_location(self._tracking_uri))
+                    self._experiment_name, artifact_location=default_artifact_location(self._tracking_uri)
+                )
             except MlflowException:
                 # Another job created it between our get and create.
                 exp = client.get_experiment_by_name(self._experiment_name)
@@ -213,8 +216,9 @@ class Tracker:
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
 
-    def start(self, params: Mapping[str, Any] | None = None, run_id: str | None = None,
-              tags: Mapping[str, Any] | None = None) -> str | None:
+    def start(
+        self, params: Mapping[str, Any] | None = None, run_id: str | None = None, tags: Mapping[str, Any] | None = None
+    ) -> str | None:
         """Create the run (or continue `run_id`) and log `params`; returns the run id.
 
         `params` may be nested (e.g. `config_to_dict(cfg)`) or already flat; keys are
@@ -236,8 +240,9 @@ class Tracker:
             try:
                 existing = client.get_run(run_id)
             except MlflowException as e:
-                log.warning("tracking: cannot resume run %s at %s (%s); starting a new run",
-                            run_id, self._tracking_uri, e)
+                log.warning(
+                    "tracking: cannot resume run %s at %s (%s); starting a new run", run_id, self._tracking_uri, e
+                )
         run_tags = {"aion.run_dir": str(self.run_dir.resolve())}
         run_tags.update({str(k): v for k, v in (tags or {}).items()})
         if existing is not None:
@@ -271,8 +276,12 @@ class Tracker:
     def _write_run_info(self) -> None:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            info = {"run_id": self._run_id, "experiment_id": self._experiment_id,
-                    "tracking_uri": self._tracking_uri, "experiment": self._experiment_name}
+            info = {
+                "run_id": self._run_id,
+                "experiment_id": self._experiment_id,
+                "tracking_uri": self._tracking_uri,
+                "experiment": self._experiment_name,
+            }
             atomic_write_text(self.run_dir / RUN_INFO_FILE, json.dumps(info, indent=1) + "\n")
         except OSError as e:
             log.warning("tracking: could not write %s: %s", self.run_dir / RUN_INFO_FILE, e)
@@ -302,8 +311,7 @@ class Tracker:
     def _log_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(sanitize_key(k), truncate_value(str(v), MAX_TAG_VAL_LENGTH))
-                 for k, v in tags.items()]
+        items = [RunTag(sanitize_key(k), truncate_value(str(v), MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
         for batch in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self._run_id, tags=batch, synchronous=True)
 
@@ -327,7 +335,7 @@ class Tracker:
         self.client.set_terminated(self._run_id, status=status)
         self._ended = True
 
-    def __enter__(self) -> "Tracker":
+    def __enter__(self) -> Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -362,9 +370,13 @@ class Tracker:
                 self.skipped_metrics += 1
                 if key not in self._warned_keys:
                     self._warned_keys.add(key)
-                    log.warning("tracking: skipping non-finite/non-numeric metric %r=%r at "
-                                "step %d (further skips of this key are not logged)",
-                                key, value, step)
+                    log.warning(
+                        "tracking: skipping non-finite/non-numeric metric %r=%r at "
+                        "step %d (further skips of this key are not logged)",
+                        key,
+                        value,
+                        step,
+                    )
                 continue
             batch.append(Metric(sanitize_key(key), v, ts, step))
         for chunk in _chunks(batch, MAX_METRICS_PER_BATCH):
@@ -390,8 +402,9 @@ class Tracker:
         self.client.log_text(self._run_id, text, name)
 
     @_guarded
-    def log_loss_curve(self, history: Mapping[str, Iterable[tuple[int, float]]],
-                       name: str = "loss_curve.png", title: str | None = None) -> str | None:
+    def log_loss_curve(
+        self, history: Mapping[str, Iterable[tuple[int, float]]], name: str = "loss_curve.png", title: str | None = None
+    ) -> str | None:
         """Plot each series of `history` ({name: [(step, value), ...]}) vs step as a PNG
         artifact `name` (may contain a folder). Returns the artifact path."""
         if self._run_id is None:
@@ -400,12 +413,13 @@ class Tracker:
 
         rel = Path(name)
         with tempfile.TemporaryDirectory(prefix="aion-plot-") as tmp:
-            png = plot_curves(history, Path(tmp) / rel.name,
-                              title=title if title is not None else self._run_name)
+            png = plot_curves(history, Path(tmp) / rel.name, title=title if title is not None else self._run_name)
             subdir = str(rel.parent) if str(rel.parent) not in ("", ".") else None
             self.client.log_artifact(self._run_id, str(png), artifact_path=subdir)
         return rel.as_posix()
 
     def __repr__(self) -> str:
-        return (f"Tracker(active={self._active}, uri={self._tracking_uri!r}, "
-                f"experiment={self._experiment_name!r}, run_id={self._run_id!r})")
+        return (
+            f"Tracker(active={self._active}, uri={self._tracking_uri!r}, "
+            f"experiment={self._experiment_name!r}, run_id={self._run_id!r})"
+        )

@@ -1,9 +1,10 @@
 """Loss-curve PNGs with matplotlib's Agg canvas (no pyplot global state, no display)."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 
 def _finite_points(points: Iterable[Sequence[float]]) -> tuple[list[float], list[float]]:
@@ -21,8 +22,13 @@ def _finite_points(points: Iterable[Sequence[float]]) -> tuple[list[float], list
     return xs, ys
 
 
-def plot_curves(history: Mapping[str, Iterable[Sequence[float]]], path: str | Path,
-                title: str | None = None, logy: bool | str = "auto", dpi: int = 100) -> Path:
+def plot_curves(
+    history: Mapping[str, Iterable[Sequence[float]]],
+    path: str | Path,
+    title: str | None = None,
+    logy: bool | str = "auto",
+    dpi: int = 100,
+) -> Path:
     """Write a PNG with one panel per series (value vs step) and return its path.
 
     `history` maps a series name to (step, value) pairs. Non-finite points are dropped.
@@ -42,8 +48,7 @@ def plot_curves(history: Mapping[str, Iterable[Sequence[float]]], path: str | Pa
         xs, ys = _finite_points(history[name])
         if xs:
             ax.plot(xs, ys, marker="." if len(xs) <= 50 else None, linewidth=1.2, label=name)
-            use_log = logy is True or (
-                logy == "auto" and min(ys) > 0 and max(ys) / min(ys) > 100.0)
+            use_log = logy is True or (logy == "auto" and min(ys) > 0 and max(ys) / min(ys) > 100.0)
             if use_log:
                 ax.set_yscale("log")
         else:

@@ -4,6 +4,7 @@ Lean settings: one worker and no job runner (a fraction of the default server's 
 docs/notes.md), bound to 127.0.0.1, telemetry off. The server runs in
 its own process group so that `stop_server` stops it and its worker together, by PID.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,11 +44,23 @@ def server_env(base: dict | None = None) -> dict:
     return env
 
 
-def server_command(backend_uri: str, port: int, artifacts_dir: str | Path | None,
-                   host: str = "127.0.0.1", workers: int = 1) -> list[str]:
-    cmd = [sys.executable, "-m", "mlflow", "server",
-           "--backend-store-uri", backend_uri,
-           "--host", host, "--port", str(port), "--workers", str(workers)]
+def server_command(
+    backend_uri: str, port: int, artifacts_dir: str | Path | None, host: str = "127.0.0.1", workers: int = 1
+) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        backend_uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
     if artifacts_dir is not None:
         cmd += ["--serve-artifacts", "--artifacts-destination", str(Path(artifacts_dir).resolve())]
     return cmd
@@ -70,7 +83,8 @@ def wait_for_health(url: str, timeout: float = 90.0, proc: subprocess.Popen | No
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(
                 f"mlflow server exited with code {proc.returncode} before it was ready:\n"
-                + _tail(getattr(proc, "aion_log_path", None)))
+                + _tail(getattr(proc, "aion_log_path", None))
+            )
         try:
             with _OPENER.open(url.rstrip("/") + "/health", timeout=2) as resp:
                 if resp.status == 200:
@@ -78,14 +92,22 @@ def wait_for_health(url: str, timeout: float = 90.0, proc: subprocess.Popen | No
         except (urllib.error.URLError, OSError) as e:  # not listening yet
             last_err = e
         time.sleep(0.3)
-    raise TimeoutError(f"mlflow server at {url} not healthy after {timeout:.0f}s ({last_err})\n"
-                       + _tail(getattr(proc, "aion_log_path", None)))
+    raise TimeoutError(
+        f"mlflow server at {url} not healthy after {timeout:.0f}s ({last_err})\n"
+        + _tail(getattr(proc, "aion_log_path", None))
+    )
 
 
-def start_mlflow_server(backend_uri: str, port: int = 0, artifacts_dir: str | Path | None = None,
-                        host: str = "127.0.0.1", timeout: float = 90.0, workers: int = 1,
-                        log_path: str | Path | None = None,
-                        foreground_output: bool = False) -> tuple[subprocess.Popen, str]:
+def start_mlflow_server(
+    backend_uri: str,
+    port: int = 0,
+    artifacts_dir: str | Path | None = None,
+    host: str = "127.0.0.1",
+    timeout: float = 90.0,
+    workers: int = 1,
+    log_path: str | Path | None = None,
+    foreground_output: bool = False,
+) -> tuple[subprocess.Popen, str]:
     """Start `mlflow server` and wait until `/health` answers. Returns (process, base URL).
 
     port=0 picks a free port. `artifacts_dir` turns on proxied artifact serving into that
@@ -100,7 +122,7 @@ def start_mlflow_server(backend_uri: str, port: int = 0, artifacts_dir: str | Pa
     if artifacts_dir is not None:
         Path(artifacts_dir).mkdir(parents=True, exist_ok=True)
     if backend_uri.startswith("sqlite:///"):
-        Path(backend_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        Path(backend_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     cmd = server_command(backend_uri, port, artifacts_dir, host=host, workers=workers)
     log_file = None
     if foreground_output:
@@ -116,8 +138,9 @@ def start_mlflow_server(backend_uri: str, port: int = 0, artifacts_dir: str | Pa
         log_file = open(log_name, "ab")
         stdout, stderr = log_file, subprocess.STDOUT
     try:
-        proc = subprocess.Popen(cmd, env=server_env(), stdout=stdout, stderr=stderr,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=server_env(), stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, start_new_session=True
+        )
     finally:
         if log_file is not None:
             log_file.close()  # the child holds its own descriptor

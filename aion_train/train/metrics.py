@@ -1,4 +1,5 @@
 """Throughput, model FLOPs utilisation and MoE load statistics."""
+
 from __future__ import annotations
 
 import functools
@@ -10,8 +11,17 @@ from aion_train.config import ModelConfig
 from aion_train.model.transformer import is_moe_layer
 
 # dense bf16 peak FLOP/s per GPU (no sparsity), by device-name substring
-GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
-                 "V100": 125e12, "L4": 121e12, "4090": 165e12, "MI300X": 1307e12}
+GPU_PEAK_BF16 = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10": 125e12,
+    "V100": 125e12,
+    "L4": 121e12,
+    "4090": 165e12,
+    "MI300X": 1307e12,
+}
 
 
 def active_params(cfg: ModelConfig) -> dict:
@@ -33,8 +43,10 @@ def active_params(cfg: ModelConfig) -> dict:
             ffn_active += glu * d * cfg.d_ff
             total_ffn += glu * d * cfg.d_ff
     head = d * cfg.vocab_size
-    return {"active": cfg.n_layers * attn + ffn_active + head,
-            "total": cfg.n_layers * attn + total_ffn + head + (0 if cfg.tie_embeddings else d * cfg.vocab_size)}
+    return {
+        "active": cfg.n_layers * attn + ffn_active + head,
+        "total": cfg.n_layers * attn + total_ffn + head + (0 if cfg.tie_embeddings else d * cfg.vocab_size),
+    }
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -43,7 +55,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * active_params(cfg)["active"] + 6.0 * cfg.n_layers * seq_len * cfg.d_model
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def peak_flops(device_type: str, dtype: torch.dtype = torch.float32) -> float:
     """GPU: the vendor's dense bf16 peak from the table. CPU: a measured matmul rate."""
     if device_type == "cuda":

@@ -1,4 +1,5 @@
 """AdamW parameter groups and the warmup + cosine learning-rate schedule (the seed's)."""
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,11 @@ def param_groups(model, weight_decay: float, plan: ParallelPlan) -> list[dict]:
         expert = plan.is_expert(name)
         key = (decay, expert)
         if key not in groups:
-            g = {"params": [], "weight_decay": weight_decay if decay else 0.0,
-                 "name": ("expert" if expert else "dense") + ("_decay" if decay else "_no_decay")}
+            g = {
+                "params": [],
+                "weight_decay": weight_decay if decay else 0.0,
+                "name": ("expert" if expert else "dense") + ("_decay" if decay else "_no_decay"),
+            }
             if expert:
                 g.update(moe=True, name=expert_group_name(plan.ep))
             groups[key] = g

@@ -1,5 +1,6 @@
 """The pretraining loop: DeepSpeed engine over our TP/EP model, packed WebDataset text,
 held-out perplexity, MLflow, crash-safe exact-resume checkpoints, non-finite step guard."""
+
 from __future__ import annotations
 
 import logging
@@ -10,6 +11,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from aion_train.checkpoint import CheckpointError, CheckpointManager
+from aion_train.checkpoint.training_job import load_job, load_weights_only, save_job
 from aion_train.config import Config, config_to_dict, dump_yaml, validate_config
 from aion_train.parallel import build_groups, get_device
 from aion_train.parallel.collectives import all_reduce_
@@ -19,13 +22,10 @@ from aion_train.parallel.grad_sync import global_grad_norm
 from aion_train.parallel.plan import ParallelPlan
 from aion_train.runtime import apply_model_execution, apply_runtime, show_progress_bar
 
-from aion_train.checkpoint import CheckpointError, CheckpointManager
-from aion_train.checkpoint.training_job import load_job, load_weights_only, save_job
-
 from .engine import build_engine
 from .metrics import expert_load, flops_per_token, peak_flops
-from .tasks import make_task
 from .optim import lr_at
+from .tasks import make_task
 
 log = logging.getLogger("aion_train.train")
 
@@ -73,22 +73,30 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.task = make_task(cfg, self.rank, self.groups)
-        model = apply_model_execution(self.task.build_model().to(self.device.torch_device),
-                                      self.device.torch_device, cfg.runtime)
+        model = apply_model_execution(
+            self.task.build_model().to(self.device.torch_device), self.device.torch_device, cfg.runtime
+        )
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.train.keep_last)
         try:
             self.initialised_from = load_weights_only(self.ckpt, cfg, model, self.groups)
         except CheckpointError as e:
             raise ResumeError(f"cannot start from {self.ckpt.latest()}: {_one_line(e)}") from e
-        self.plan = ParallelPlan.for_model(model, cfg.model, cfg.parallel.tp, cfg.parallel.ep,
-                                           cfg.parallel.sequence_parallel)
+        self.plan = ParallelPlan.for_model(
+            model, cfg.model, cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.sequence_parallel
+        )
         self.engine, self.optimizer = build_engine(model, cfg, self.groups)
         self.model = self.engine.module
-        self.batch_device = module_device(self.engine)   # where DeepSpeed put the model
+        self.batch_device = module_device(self.engine)  # where DeepSpeed put the model
         self.loader = self.task.train_loader()
-        self.state = {"step": 0, "skipped_steps": 0, "history": {"loss": [], "val": []},
-                      "mlflow_run_id": None, "tokens_seen": 0}
+        self.state = {
+            "step": 0,
+            "skipped_steps": 0,
+            "history": {"loss": [], "val": []},
+            "mlflow_run_id": None,
+            "tokens_seen": 0,
+        }
         from aion_train.tracking import Tracker
+
         self.tracker = Tracker(cfg.tracking, str(self.run_dir), active=self.rank == 0)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
@@ -104,7 +112,8 @@ class Trainer:
         except CheckpointError as e:
             raise ResumeError(
                 f"cannot resume from {self.ckpt.latest()}: {_one_line(e)}. The checkpoint was not modified; "
-                f"run with its config, or choose another run_dir for a new run") from e
+                f"run with its config, or choose another run_dir for a new run"
+            ) from e
         if saved is None:
             return False
         saved.pop("checkpoint", None)
@@ -126,13 +135,13 @@ class Trainer:
         self.state["skipped_steps"] += 1
         self.state["consecutive_bad"] = self.state.get("consecutive_bad", 0) + 1
         n, step = self.state["consecutive_bad"], self.state["step"] + 1
-        log.warning("step %d: %s skipped (%d in a row, %d skipped in all)", step, what, n,
-                    self.state["skipped_steps"])
+        log.warning("step %d: %s skipped (%d in a row, %d skipped in all)", step, what, n, self.state["skipped_steps"])
         if n >= cfg.train.max_bad_steps:
             self.tracker.log_metrics({"train/skipped_steps": float(self.state["skipped_steps"])}, step=step)
             raise NonFiniteLossError(
                 f"stopping at step {step}: {n} non-finite losses/gradients in a row "
-                f"(train.max_bad_steps={cfg.train.max_bad_steps}); last checkpoint: {self.ckpt.latest()}")
+                f"(train.max_bad_steps={cfg.train.max_bad_steps}); last checkpoint: {self.ckpt.latest()}"
+            )
 
     def train_step(self, it) -> dict:
         """Micro-batches until DeepSpeed has taken one optimizer step. A micro-batch whose loss
@@ -195,6 +204,7 @@ class Trainer:
         bar = None
         if self.rank == 0 and show_progress_bar(self.cfg.runtime):
             from tqdm import tqdm
+
             bar = tqdm(total=t.steps, initial=self.state["step"], desc="pretrain", unit="step", dynamic_ncols=True)
         try:
             end = t.steps if t.stop_at_step is None else min(t.steps, t.stop_at_step)
@@ -207,22 +217,33 @@ class Trainer:
                 self.device.synchronize()
                 dt = time.perf_counter() - t0
                 self.state["step"] = step = step + 1
-                tokens = int(_all_reduce(torch.tensor([result.pop("tokens")], dtype=torch.float64),
-                                         self.groups.dp_group if self.groups.dp > 1 else None).item())
+                tokens = int(
+                    _all_reduce(
+                        torch.tensor([result.pop("tokens")], dtype=torch.float64),
+                        self.groups.dp_group if self.groups.dp > 1 else None,
+                    ).item()
+                )
                 self.state["tokens_seen"] += tokens
                 tok_s = tokens / dt
                 result.pop("skipped")
                 metrics = {f"train/{k}": v for k, v in result.items()}
-                metrics.update({"train/perplexity": math.exp(min(result["loss"], 50)),
-                           "train/lr": lr, "train/grad_norm": self.grad_norm(),
-                           "perf/tokens_per_s": tok_s, "perf/mfu": self.flops_per_token * tok_s / self.peak,
-                           "perf/memory_bytes": float(self.device.memory_allocated()),
-                           "train/skipped_steps": float(self.state["skipped_steps"]),
-                           "data/skipped_samples": float(self.loader.skipped)})
+                metrics.update(
+                    {
+                        "train/perplexity": math.exp(min(result["loss"], 50)),
+                        "train/lr": lr,
+                        "train/grad_norm": self.grad_norm(),
+                        "perf/tokens_per_s": tok_s,
+                        "perf/mfu": self.flops_per_token * tok_s / self.peak,
+                        "perf/memory_bytes": float(self.device.memory_allocated()),
+                        "train/skipped_steps": float(self.state["skipped_steps"]),
+                        "data/skipped_samples": float(self.loader.skipped),
+                    }
+                )
                 metrics.update(expert_load(self.model))
                 self.state["history"]["loss"].append([step, result["loss"]])
                 self.state["history"].setdefault("train", []).append(
-                    [step, {k: v for k, v in result.items() if "loss" in k}])
+                    [step, {k: v for k, v in result.items() if "loss" in k}]
+                )
                 if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
                     metrics.update(self._evaluate(step, log=False))
                 if step % t.log_every == 0 or self.task.headline in metrics:
@@ -261,11 +282,17 @@ class Trainer:
         self.tracker.end("FINISHED")
         head = self.task.headline
         vals = [m[head] for _, m in hist["val"] if head in m]
-        out = {"final_step": self.state["step"], "checkpoint": str(latest) if latest else None,
-               "skipped_steps": self.state["skipped_steps"], "mlflow_run_id": self.state["mlflow_run_id"],
-               "tracking_uri": self.tracker.tracking_uri, "losses": [x[1] for x in hist["loss"]],
-               "run_dir": str(self.run_dir), "skipped_samples": int(self.loader.skipped),
-               "final_val": hist["val"][-1][1] if hist["val"] else {}}
+        out = {
+            "final_step": self.state["step"],
+            "checkpoint": str(latest) if latest else None,
+            "skipped_steps": self.state["skipped_steps"],
+            "mlflow_run_id": self.state["mlflow_run_id"],
+            "tracking_uri": self.tracker.tracking_uri,
+            "losses": [x[1] for x in hist["loss"]],
+            "run_dir": str(self.run_dir),
+            "skipped_samples": int(self.loader.skipped),
+            "final_val": hist["val"][-1][1] if hist["val"] else {},
+        }
         if head == "val/perplexity":
             out["initial_val_ppl"] = vals[0] if vals else None
             out["final_val_ppl"] = vals[-1] if vals else None

@@ -7,6 +7,7 @@ decided by TRITON_INTERPRET *at that moment*, so set it before the first import.
 registry (`aion_train.kernels.select`) rather than importing this package directly: it only
 imports it when Triton can actually run.
 """
+
 from __future__ import annotations
 
 from ._common import INTERPRET, supports
@@ -16,5 +17,14 @@ from .rms_norm import rms_norm
 from .rope import rope
 from .swiglu import swiglu
 
-__all__ = ["INTERPRET", "supports", "rms_norm", "rope", "swiglu", "moe_permute", "moe_unpermute",
-           "cross_entropy", "linear_cross_entropy"]
+__all__ = [
+    "INTERPRET",
+    "supports",
+    "rms_norm",
+    "rope",
+    "swiglu",
+    "moe_permute",
+    "moe_unpermute",
+    "cross_entropy",
+    "linear_cross_entropy",
+]

@@ -1,4 +1,5 @@
 """Shared helpers: interpreter detection and block sizes."""
+
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ import triton
 # Frozen at import: triton.jit decorates with the interpreter iff this was set at that time.
 try:
     from triton import knobs
+
     INTERPRET: bool = bool(knobs.runtime.interpret)
 except ImportError:  # triton < 3.4 has no knobs
     INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")

@@ -10,6 +10,7 @@ recomputes each chunk's logits, turns them into the gradient in place and feeds 
 (dhidden += dlogits_c @ W_c, dW_c = dlogits_c^T @ hidden). Peak extra memory is one [N, chunk]
 block instead of the [N, V] logits plus their fp32 copy and softmax.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,7 @@ from ._common import block_for
 
 
 @triton.jit
-def _ce_fwd_partial(LOGITS, LABELS, M_OUT, S_OUT, TGT_OUT, V, stride_row, label_offset,
-                    BLOCK_V: tl.constexpr):
+def _ce_fwd_partial(LOGITS, LABELS, M_OUT, S_OUT, TGT_OUT, V, stride_row, label_offset, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     local = tl.load(LABELS + row).to(tl.int64) - label_offset
     base = LOGITS + row * stride_row
@@ -42,8 +42,7 @@ def _ce_fwd_partial(LOGITS, LABELS, M_OUT, S_OUT, TGT_OUT, V, stride_row, label_
 
 
 @triton.jit
-def _ce_bwd(LOGITS, LABELS, LSE, GSCALE, DLOGITS, V, stride_row, stride_drow, label_offset,
-            BLOCK_V: tl.constexpr):
+def _ce_bwd(LOGITS, LABELS, LSE, GSCALE, DLOGITS, V, stride_row, stride_drow, label_offset, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask = cols < V
@@ -67,8 +66,18 @@ def _partials(logits2: torch.Tensor, labels: torch.Tensor, label_offset: int):
     tgt = torch.empty_like(m)
     if N:
         BLOCK_V = _block_v(V)
-        _ce_fwd_partial[(N,)](logits2, labels, m, s, tgt, V, logits2.stride(0), label_offset,
-                              BLOCK_V=BLOCK_V, num_warps=8 if BLOCK_V >= 2048 else 4)
+        _ce_fwd_partial[(N,)](
+            logits2,
+            labels,
+            m,
+            s,
+            tgt,
+            V,
+            logits2.stride(0),
+            label_offset,
+            BLOCK_V=BLOCK_V,
+            num_warps=8 if BLOCK_V >= 2048 else 4,
+        )
     return m, s, tgt
 
 
@@ -77,9 +86,19 @@ def _grad_into(out: torch.Tensor, logits2: torch.Tensor, labels, lse, gscale, la
     N, V = logits2.shape
     if N and V:
         BLOCK_V = _block_v(V)
-        _ce_bwd[(N, triton.cdiv(V, BLOCK_V))](logits2, labels, lse, gscale, out, V, logits2.stride(0),
-                                              out.stride(0), label_offset, BLOCK_V=BLOCK_V,
-                                              num_warps=8 if BLOCK_V >= 2048 else 4)
+        _ce_bwd[(N, triton.cdiv(V, BLOCK_V))](
+            logits2,
+            labels,
+            lse,
+            gscale,
+            out,
+            V,
+            logits2.stride(0),
+            out.stride(0),
+            label_offset,
+            BLOCK_V=BLOCK_V,
+            num_warps=8 if BLOCK_V >= 2048 else 4,
+        )
     return out
 
 
@@ -131,7 +150,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         s = torch.zeros(N, dtype=torch.float32, device=h2.device)
         tgt = torch.zeros_like(s)
         for c0 in range(0, V, C):
-            logits_c = h2 @ weight[c0:c0 + C].t()
+            logits_c = h2 @ weight[c0 : c0 + C].t()
             m_c, s_c, t_c = _partials(logits_c, lab, c0)
             m_new = torch.maximum(m, m_c)
             s = s * torch.exp(m - m_new) + s_c * torch.exp(m_c - m_new)
@@ -154,13 +173,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh = torch.zeros(h2.shape, dtype=torch.float32, device=h2.device) if need_h else None
         dw = torch.empty_like(weight) if need_w else None
         for c0 in range(0, V, C):
-            w_c = weight[c0:c0 + C]
+            w_c = weight[c0 : c0 + C]
             logits_c = h2 @ w_c.t()
-            _grad_into(logits_c, logits_c, lab, lse, g, c0)   # in place: logits_c is now dlogits_c
+            _grad_into(logits_c, logits_c, lab, lse, g, c0)  # in place: logits_c is now dlogits_c
             if need_h:
                 dh += (logits_c @ w_c).float()
             if need_w:
-                dw[c0:c0 + C] = logits_c.t() @ h2
+                dw[c0 : c0 + C] = logits_c.t() @ h2
             del logits_c
         dh = dh.to(h2.dtype).reshape(ctx.hidden_shape) if need_h else None
         return dh, dw, None, None, None
@@ -171,7 +190,12 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     return _CrossEntropy.apply(logits, labels, int(ignore_index))
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         ignore_index: int = -100, chunk_size: int | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     """LM head + cross-entropy chunked over V; same contract as `reference.linear_cross_entropy`."""
     return _LinearCrossEntropy.apply(hidden, weight, labels, int(ignore_index), chunk_size)

@@ -10,6 +10,7 @@ also runs in the Triton interpreter for bf16.
     unpermute:  fwd out[t] = sum_{idx[m]=t} g[m] * e[m]   bwd de[m] = g[m] * dout[idx[m]],
                                                               dg[m] = <e[m], dout[idx[m]]>
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,7 @@ def _gather_rows(X, IDX, Y, D, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _segment_sum_rows(SRC, ORDER, OFFSETS, GATES, OUT, D, HAS_GATES: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
+def _segment_sum_rows(SRC, ORDER, OFFSETS, GATES, OUT, D, HAS_GATES: tl.constexpr, BLOCK_D: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = cols < D
@@ -48,8 +48,9 @@ def _segment_sum_rows(SRC, ORDER, OFFSETS, GATES, OUT, D, HAS_GATES: tl.constexp
 
 
 @triton.jit
-def _unpermute_bwd(DOUT, SRC, IDX, GATES, DSRC, DGATES, D, HAS_GATES: tl.constexpr,
-                   GATE_GRAD: tl.constexpr, BLOCK_D: tl.constexpr):
+def _unpermute_bwd(
+    DOUT, SRC, IDX, GATES, DSRC, DGATES, D, HAS_GATES: tl.constexpr, GATE_GRAD: tl.constexpr, BLOCK_D: tl.constexpr
+):
     m = tl.program_id(0).to(tl.int64)
     t = tl.load(IDX + m).to(tl.int64)
     g = 1.0
@@ -83,15 +84,25 @@ def _segment_sum(src: torch.Tensor, order, offsets, gates, n_tokens: int) -> tor
     BLOCK_D = block_for(D, 1024, 256)
     if n_tokens and D:
         grid = (n_tokens, triton.cdiv(D, BLOCK_D))
-        _segment_sum_rows[grid](src, order, offsets, gates if gates is not None else src, out, D,
-                                HAS_GATES=gates is not None, BLOCK_D=BLOCK_D, num_warps=4)
+        _segment_sum_rows[grid](
+            src,
+            order,
+            offsets,
+            gates if gates is not None else src,
+            out,
+            D,
+            HAS_GATES=gates is not None,
+            BLOCK_D=BLOCK_D,
+            num_warps=4,
+        )
     return out
 
 
 def _check(rows: torch.Tensor, token_index: torch.Tensor, what: str):
     if rows.dim() != 2 or token_index.dim() != 1:
-        raise ValueError(f"{what}: expected [rows, d] and a 1-D index, got {tuple(rows.shape)}, "
-                         f"{tuple(token_index.shape)}")
+        raise ValueError(
+            f"{what}: expected [rows, d] and a 1-D index, got {tuple(rows.shape)}, {tuple(token_index.shape)}"
+        )
 
 
 class _Permute(torch.autograd.Function):
@@ -140,9 +151,19 @@ class _Unpermute(torch.autograd.Function):
         dg = torch.empty(M, dtype=torch.float32, device=e.device) if gate_grad else None
         BLOCK_D = block_for(D, 1024, 256)
         if M:
-            _unpermute_bwd[(M,)](dout.contiguous(), e, idx, g if g is not None else e, de,
-                                 dg if dg is not None else e, D, HAS_GATES=g is not None,
-                                 GATE_GRAD=gate_grad, BLOCK_D=BLOCK_D, num_warps=4)
+            _unpermute_bwd[(M,)](
+                dout.contiguous(),
+                e,
+                idx,
+                g if g is not None else e,
+                de,
+                dg if dg is not None else e,
+                D,
+                HAS_GATES=g is not None,
+                GATE_GRAD=gate_grad,
+                BLOCK_D=BLOCK_D,
+                num_warps=4,
+            )
         return de, None, (dg.to(g.dtype) if gate_grad else None), None
 
 
@@ -151,7 +172,8 @@ def moe_permute(x: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
     return _Permute.apply(x, token_index)
 
 
-def moe_unpermute(expert_out: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor | None,
-                  n_tokens: int) -> torch.Tensor:
+def moe_unpermute(
+    expert_out: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor | None, n_tokens: int
+) -> torch.Tensor:
     """Triton gate-weighted combine; same contract as `reference.moe_unpermute`."""
     return _Unpermute.apply(expert_out, token_index, gates, int(n_tokens))

@@ -1,6 +1,7 @@
 """Fused RMSNorm: one program per row in the forward (saves rstd [N] fp32); the backward
 recomputes x_hat from x and rstd, and accumulates the weight grad in per-program fp32
 partials ([G, D], reduced by torch) instead of atomics, so it is deterministic."""
+
 from __future__ import annotations
 
 import torch
@@ -34,7 +35,7 @@ def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, N, D, G, BLOCK_D: tl.constexpr):
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_D], dtype=tl.float32)
     for r in range(pid, N, G):
-        row = pid64 + (r - pid)   # int64 row (range yields python ints in the interpreter)
+        row = pid64 + (r - pid)  # int64 row (range yields python ints in the interpreter)
         x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + row)
@@ -78,8 +79,7 @@ class _RMSNorm(torch.autograd.Function):
         dw_part = torch.zeros(G, D, dtype=torch.float32, device=x2.device)
         BLOCK_D = next_pow2(D)
         if N:
-            _rms_norm_bwd[(G,)](dy2, x2, w, rstd, dx, dw_part, N, D, G, BLOCK_D=BLOCK_D,
-                                num_warps=warps_for(BLOCK_D))
+            _rms_norm_bwd[(G,)](dy2, x2, w, rstd, dx, dw_part, N, D, G, BLOCK_D=BLOCK_D, num_warps=warps_for(BLOCK_D))
         dw = dw_part.sum(0).to(w.dtype) if ctx.needs_input_grad[1] else None
         return dx.reshape(ctx.shape), dw, None
 

@@ -1,6 +1,7 @@
 """RoPE apply, interleaved pairs (x_2i, x_2i+1), as in `model/rope.py`. One program per
 (batch, position) row and block of heads; cos/sin are loaded once per row and broadcast over
 heads. The backward is the inverse rotation (sin -> -sin) of the incoming gradient."""
+
 from __future__ import annotations
 
 import torch
@@ -11,9 +12,8 @@ from ._common import next_pow2
 
 
 @triton.jit
-def _rope_kernel(X, COS, SIN, Y, T, H, P, SIGN: tl.constexpr, BLOCK_H: tl.constexpr,
-                 BLOCK_P: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)      # b * T + t
+def _rope_kernel(X, COS, SIN, Y, T, H, P, SIGN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # b * T + t
     h0 = tl.program_id(1) * BLOCK_H
     t = row % T
     h = h0 + tl.arange(0, BLOCK_H)[:, None]
@@ -36,8 +36,7 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) 
     BLOCK_H = max(1, min(next_pow2(H), 4096 // BLOCK_P))
     grid = (B * T, triton.cdiv(H, BLOCK_H))
     if x.numel():
-        _rope_kernel[grid](x, cos, sin, y, T, H, P, SIGN=sign, BLOCK_H=BLOCK_H, BLOCK_P=BLOCK_P,
-                           num_warps=4)
+        _rope_kernel[grid](x, cos, sin, y, T, H, P, SIGN=sign, BLOCK_H=BLOCK_H, BLOCK_P=BLOCK_P, num_warps=4)
     return y
 
 

@@ -1,6 +1,7 @@
 """SwiGLU activation silu(a) * b, elementwise in fp32 registers. The backward recomputes
 sigmoid(a) rather than saving the activation:
     da = dy * b * s * (1 + a * (1 - s)),  db = dy * a * s,  s = sigmoid(a)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """The experts' weights as stacked tensors and one grouped matmul per projection."""
+
 from __future__ import annotations
 
 import functools
@@ -11,7 +12,6 @@ from torch import nn
 from aion_train.kernels import select
 
 from ..execution import ExecutionPolicy, policy_for
-
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -33,7 +33,7 @@ def _log_once(key, msg: str, *args) -> None:
         log.info(msg, *args)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def grouped_mm_status(device_type: str, dtype: torch.dtype = torch.float32) -> tuple[bool, str]:
     """(torch's grouped GEMM works on this device and dtype, forward and backward; why not)."""
     if not hasattr(F, "grouped_mm"):
@@ -41,7 +41,7 @@ def grouped_mm_status(device_type: str, dtype: torch.dtype = torch.float32) -> t
     if dtype not in GROUPED_MM_DTYPES:
         return False, f"dtype {dtype} is not one of {GROUPED_MM_DTYPES}"
     try:
-        with torch.inference_mode(False), torch.enable_grad():   # the first call may come from generate()
+        with torch.inference_mode(False), torch.enable_grad():  # the first call may come from generate()
             if _probe_grouped_mm(device_type, dtype):
                 return True, "probe passed"
             return False, "the probe's result differs from per-expert matmuls"
@@ -53,18 +53,31 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype = torch.float32, mode
     """Whether grouped_linear takes torch's grouped GEMM on this device and dtype (see
     GROUPED_MM_KEY); logs the choice and its reason once; `grouped` that cannot run raises."""
     if mode == "per_expert":
-        _log_once(("per_expert", device_type, dtype), "MoE experts on %s %s: one matmul per expert (%s=per_expert)",
-                  device_type, dtype, GROUPED_MM_KEY)
+        _log_once(
+            ("per_expert", device_type, dtype),
+            "MoE experts on %s %s: one matmul per expert (%s=per_expert)",
+            device_type,
+            dtype,
+            GROUPED_MM_KEY,
+        )
         return False
     ok, why = grouped_mm_status(device_type, dtype)
     if not ok and mode == "grouped":
-        raise RuntimeError(f"{GROUPED_MM_KEY}=grouped but torch's grouped GEMM cannot run on {device_type} {dtype}: {why}")
+        raise RuntimeError(
+            f"{GROUPED_MM_KEY}=grouped but torch's grouped GEMM cannot run on {device_type} {dtype}: {why}"
+        )
     if ok:
-        _log_once((mode, device_type, dtype, True), "MoE experts on %s %s: torch grouped GEMM (%s)",
-                  device_type, dtype, why)
+        _log_once(
+            (mode, device_type, dtype, True), "MoE experts on %s %s: torch grouped GEMM (%s)", device_type, dtype, why
+        )
     else:
-        _log_once((mode, device_type, dtype, False), "MoE experts on %s %s: one matmul per expert "
-                  "(grouped GEMM unavailable: %s)", device_type, dtype, why)
+        _log_once(
+            (mode, device_type, dtype, False),
+            "MoE experts on %s %s: one matmul per expert (grouped GEMM unavailable: %s)",
+            device_type,
+            dtype,
+            why,
+        )
     return ok
 
 
@@ -83,19 +96,26 @@ def _aligned(t: torch.Tensor) -> bool:
     return (t.shape[-1] * t.element_size()) % 16 == 0
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
-                   counts_list: list[int] | None = None, mode: str = "auto") -> torch.Tensor:
+def grouped_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    counts: torch.Tensor,
+    counts_list: list[int] | None = None,
+    mode: str = "auto",
+) -> torch.Tensor:
     """x: [M, in] rows grouped by expert (counts[E] rows each); weight: [E, in, out]; `mode`
     the grouped GEMM choice (GROUPED_MM_KEY)."""
     fits = x.dtype == weight.dtype and _aligned(x) and _aligned(weight)
     if not fits and mode == "grouped":
-        raise RuntimeError(f"{GROUPED_MM_KEY}=grouped but these experts cannot take the grouped GEMM: x {x.dtype} "
-                           f"[{x.shape[-1]}] and weight {weight.dtype} [{weight.shape[-1]}] need one dtype and "
-                           "16-byte aligned rows")
+        raise RuntimeError(
+            f"{GROUPED_MM_KEY}=grouped but these experts cannot take the grouped GEMM: x {x.dtype} "
+            f"[{x.shape[-1]}] and weight {weight.dtype} [{weight.shape[-1]}] need one dtype and "
+            "16-byte aligned rows"
+        )
     if fits and _grouped_mm_works(x.device.type, x.dtype, mode):
         offs = torch.cumsum(counts, 0).to(torch.int32)
         out = F.grouped_mm(x.contiguous(), weight, offs=offs)
-        if out.requires_grad:   # its backward needs a dense incoming gradient
+        if out.requires_grad:  # its backward needs a dense incoming gradient
             out.register_hook(lambda g: g.contiguous())
         return out
     counts_list = counts.tolist() if counts_list is None else counts_list
@@ -106,16 +126,22 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
 class GroupedExperts(nn.Module):
     """E SwiGLU (or GeLU/ReLU) experts: w1/w3 [E, d, ff], w2 [E, ff, d]."""
 
-    def __init__(self, n_experts: int, d_model: int, d_ff: int, activation: str = "swiglu",
-                 init_std: float = 0.02, kernels: str = "auto"):
+    def __init__(
+        self,
+        n_experts: int,
+        d_model: int,
+        d_ff: int,
+        activation: str = "swiglu",
+        init_std: float = 0.02,
+        kernels: str = "auto",
+    ):
         super().__init__()
         self.activation = activation
-        self.execution: ExecutionPolicy | None = None   # apply_execution_policy; None: the device's
+        self.execution: ExecutionPolicy | None = None  # apply_execution_policy; None: the device's
         self._swiglu = select("swiglu", kernels)
         self.w1 = nn.Parameter(torch.randn(n_experts, d_model, d_ff) * init_std)
         self.w2 = nn.Parameter(torch.randn(n_experts, d_ff, d_model) * init_std)
-        self.w3 = (nn.Parameter(torch.randn(n_experts, d_model, d_ff) * init_std)
-                   if activation == "swiglu" else None)
+        self.w3 = nn.Parameter(torch.randn(n_experts, d_model, d_ff) * init_std) if activation == "swiglu" else None
 
     @property
     def n_local_experts(self) -> int:

@@ -1,4 +1,5 @@
 """MoE FFN = router -> token dispatcher -> experts -> dispatcher.combine (+ shared expert)."""
+
 from __future__ import annotations
 
 import torch
@@ -11,17 +12,27 @@ from .token_dispatcher import LocalDispatcher
 
 
 class MoELayer(nn.Module):
-    def __init__(self, d_model: int, n_experts: int, top_k: int, d_ff_expert: int,
-                 activation: str = "swiglu", capacity_factor: float | None = None,
-                 balance_coef: float = 0.01, z_loss_coef: float = 0.0, shared_expert_d_ff: int = 0,
-                 normalize_gates: bool = True, init_std: float = 0.02, kernels: str = "auto"):
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        top_k: int,
+        d_ff_expert: int,
+        activation: str = "swiglu",
+        capacity_factor: float | None = None,
+        balance_coef: float = 0.01,
+        z_loss_coef: float = 0.0,
+        shared_expert_d_ff: int = 0,
+        normalize_gates: bool = True,
+        init_std: float = 0.02,
+        kernels: str = "auto",
+    ):
         super().__init__()
         self.n_experts, self.top_k = n_experts, top_k
         self.router = TopKRouter(d_model, n_experts, top_k, balance_coef, z_loss_coef, normalize_gates)
         self.experts = GroupedExperts(n_experts, d_model, d_ff_expert, activation, init_std, kernels)
         self.dispatcher = LocalDispatcher(n_experts, capacity_factor, kernels)
-        self.shared_expert = (DenseFFN(d_model, shared_expert_d_ff, activation, kernels)
-                              if shared_expert_d_ff else None)
+        self.shared_expert = DenseFFN(d_model, shared_expert_d_ff, activation, kernels) if shared_expert_d_ff else None
         self.last_stats: dict[str, torch.Tensor | int] = {}
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor | None = None):

@@ -1,4 +1,5 @@
 """Softmax top-k router (k=1 is Switch routing) with the load-balancing and z losses."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,10 +11,10 @@ from torch import nn
 
 @dataclass
 class Routing:
-    indices: torch.Tensor      # [N, k] expert ids
-    gates: torch.Tensor        # [N, k] gate weights (renormalised over the top-k if asked)
-    probs: torch.Tensor        # [N, E] full softmax
-    aux_loss: torch.Tensor     # balance loss + z-loss (scalar)
+    indices: torch.Tensor  # [N, k] expert ids
+    gates: torch.Tensor  # [N, k] gate weights (renormalised over the top-k if asked)
+    probs: torch.Tensor  # [N, E] full softmax
+    aux_loss: torch.Tensor  # balance loss + z-loss (scalar)
     balance_loss: torch.Tensor
     z_loss: torch.Tensor
 
@@ -45,8 +46,15 @@ def modality_expert_mask(reserved: dict[int, list[int]], n_experts: int, n_modal
 
 
 class TopKRouter(nn.Module):
-    def __init__(self, d_model: int, n_experts: int, top_k: int, balance_coef: float = 0.01,
-                 z_loss_coef: float = 0.0, normalize_gates: bool = True):
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        top_k: int,
+        balance_coef: float = 0.01,
+        z_loss_coef: float = 0.0,
+        normalize_gates: bool = True,
+    ):
         super().__init__()
         self.n_experts, self.top_k = n_experts, top_k
         self.balance_coef, self.z_loss_coef = balance_coef, z_loss_coef

@@ -4,6 +4,7 @@ experts, no dense one-hot einsum.
 
 `LocalDispatcher` keeps all experts on this rank; the expert-parallel dispatcher in
 `aion_train.parallel.expert_parallel` has the same interface and adds the all-to-all."""
+
 from __future__ import annotations
 
 import math
@@ -18,11 +19,11 @@ from ..execution import ExecutionPolicy, policy_for
 
 @dataclass
 class DispatchState:
-    token_index: torch.Tensor    # [M] source token of each kept copy, in expert order
-    gates: torch.Tensor          # [M] gate weight of each kept copy
+    token_index: torch.Tensor  # [M] source token of each kept copy, in expert order
+    gates: torch.Tensor  # [M] gate weight of each kept copy
     n_tokens: int
     dropped: int
-    extra: object = None         # what an expert-parallel dispatcher needs to undo its exchange
+    extra: object = None  # what an expert-parallel dispatcher needs to undo its exchange
 
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float | None) -> int | None:
@@ -50,8 +51,9 @@ def sort_by_expert(indices: torch.Tensor, gates: torch.Tensor, n_experts: int, c
     return order // top_k, gates.reshape(-1)[order], counts, dropped
 
 
-def pad_to_equal_groups(token_index: torch.Tensor, gates: torch.Tensor, counts: torch.Tensor,
-                        max_waste: float, max_rows: int):
+def pad_to_equal_groups(
+    token_index: torch.Tensor, gates: torch.Tensor, counts: torch.Tensor, max_waste: float, max_rows: int
+):
     """Lay the expert-ordered copies out as E equal groups of C = max(counts) rows, for one
     batched expert GEMM. Padding rows repeat token 0 with gate 0: the combine scales their
     outputs by 0, so they add nothing and get zero gradients. Returns (token_index, gates,
@@ -71,8 +73,9 @@ def pad_to_equal_groups(token_index: torch.Tensor, gates: torch.Tensor, counts: 
     return padded_index, padded_gates, torch.full_like(counts, group)
 
 
-def combine(expert_out: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor,
-            n_tokens: int, kernels: str = "auto") -> torch.Tensor:
+def combine(
+    expert_out: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor, n_tokens: int, kernels: str = "auto"
+) -> torch.Tensor:
     """sum_k gate_k * expert_k(x) per token (tokens with every copy dropped get zeros)."""
     return select("moe_unpermute", kernels)(expert_out, token_index, gates, n_tokens)
 
@@ -86,7 +89,7 @@ class LocalDispatcher:
         self.n_experts = n_experts
         self.capacity_factor = capacity_factor
         self.kernels = kernels
-        self.execution: ExecutionPolicy | None = None   # apply_execution_policy; None: the device's
+        self.execution: ExecutionPolicy | None = None  # apply_execution_policy; None: the device's
         self._permute = select("moe_permute", kernels)
 
     exchanges_tokens = False
@@ -97,8 +100,11 @@ class LocalDispatcher:
         cap = expert_capacity(x.shape[0], indices.shape[1], self.n_experts, self.capacity_factor)
         token_index, kept_gates, counts, dropped = sort_by_expert(indices, gates, self.n_experts, cap)
         policy = policy_for(self.execution, x.device)
-        padded = pad_to_equal_groups(token_index, kept_gates, counts, policy.pad_max_waste,
-                                     policy.pad_max_rows) if policy.pad_expert_groups else None
+        padded = (
+            pad_to_equal_groups(token_index, kept_gates, counts, policy.pad_max_waste, policy.pad_max_rows)
+            if policy.pad_expert_groups
+            else None
+        )
         if padded is not None:
             token_index, kept_gates, counts = padded
         state = DispatchState(token_index, kept_gates, x.shape[0], dropped)

@@ -5,6 +5,7 @@ x <- x + tanh(g) * Attn(LN(x), media), with g = 0 at init so the trunk starts un
 The layers run as forward pre-hooks of the trunk's blocks, so the trunk's forward (and its
 TP/EP sharding) is untouched; the model sets `context` before each trunk call. They stay
 replicated under tensor/expert parallelism (their input is the replicated residual stream)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,13 +22,14 @@ class MediaContext:
     """Keys/values for one trunk call. kv: [B, K, D] media tokens per row; kv_seg / kv_pos:
     [B, K] their segment and the position of their item's first placeholder (-1 = empty slot);
     q_seg: [B, Tq] query segments; q_pos: [Tq] or [B, Tq] query positions in the row."""
+
     kv: torch.Tensor
     kv_seg: torch.Tensor
     kv_pos: torch.Tensor
     q_seg: torch.Tensor
     q_pos: torch.Tensor
 
-    def for_queries(self, q_seg: torch.Tensor, q_pos: torch.Tensor, repeat: int = 1) -> "MediaContext":
+    def for_queries(self, q_seg: torch.Tensor, q_pos: torch.Tensor, repeat: int = 1) -> MediaContext:
         """The same media for other queries (e.g. decoding steps); `repeat` copies each row
         that many times (consecutively), for scoring several continuations of one prompt."""
         rep = (lambda x: x.repeat_interleave(repeat, dim=0)) if repeat > 1 else (lambda x: x)  # noqa: E731
@@ -41,15 +43,21 @@ class MediaContext:
         return (same & before & (self.kv_pos >= 0).unsqueeze(1)).unsqueeze(1)
 
 
-def build_context(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], batch: int,
-                  d_model: int, q_seg: torch.Tensor, q_pos: torch.Tensor, device) -> MediaContext:
+def build_context(
+    items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    batch: int,
+    d_model: int,
+    q_seg: torch.Tensor,
+    q_pos: torch.Tensor,
+    device,
+) -> MediaContext:
     """items: per kind (tokens [N, R, D], rows [N], segs [N], first positions [N]) -> the
     per-row padded MediaContext."""
     toks = [t for t, *_ in items if t.shape[0]]
     if not toks:
         empty = torch.full((batch, 1), -1, device=device, dtype=torch.long)
         return MediaContext(torch.zeros(batch, 1, d_model, device=device), empty, empty, q_seg, q_pos)
-    tokens = torch.cat(toks)                                           # [M, R, D]
+    tokens = torch.cat(toks)  # [M, R, D]
     rows, segs, pos = (torch.cat([x[i] for x in items if x[0].shape[0]]) for i in (1, 2, 3))
     r = tokens.shape[1]
     order = torch.argsort(rows, stable=True)
@@ -73,17 +81,17 @@ class GatedCrossAttention(nn.Module):
         self.q = nn.Linear(d_model, d_model, bias=False)
         self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
-        self.gate = nn.Parameter(torch.zeros(1))           # tanh(0) = 0: no effect at init
+        self.gate = nn.Parameter(torch.zeros(1))  # tanh(0) = 0: no effect at init
         self.context: MediaContext | None = None
-        self.execution: ExecutionPolicy | None = None   # apply_execution_policy; None: the device's
+        self.execution: ExecutionPolicy | None = None  # apply_execution_policy; None: the device's
 
     def forward(self, x: torch.Tensor, ctx: MediaContext) -> torch.Tensor:
         b, t, d = x.shape
         h = self.heads
         q = self.q(self.norm(x)).view(b, t, h, -1)
         k, v = self.kv(ctx.kv.to(x.dtype)).view(b, -1, 2, h, d // h).unbind(2)
-        mask = ctx.mask()                                    # [B, 1, T, Tk]
-        visible = mask.any(-1, keepdim=True)                # queries with no media: output 0, no NaN
+        mask = ctx.mask()  # [B, 1, T, Tk]
+        visible = mask.any(-1, keepdim=True)  # queries with no media: output 0, no NaN
         out = attention(q, k, v, causal=False, attn_mask=mask | ~visible, execution=self.execution)
         out = (out * visible.transpose(1, 2)).reshape(b, t, d)
         return x + torch.tanh(self.gate).to(x.dtype) * self.out(out)

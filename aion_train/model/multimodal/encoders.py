@@ -10,6 +10,7 @@ plus a padding mask, ready for the resampler and for contrastive pooling.
 All use pre-norm `nn.TransformerEncoderLayer`s. Encoders stay replicated under tensor/expert
 parallelism: every rank runs them in full on its own batch (they are small next to the trunk).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,9 +35,11 @@ class TransformerStack(nn.Module):
     def __init__(self, dim: int, layers: int, heads: int):
         super().__init__()
         self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu",
-                                       batch_first=True, norm_first=True)
-            for _ in range(layers))
+            nn.TransformerEncoderLayer(
+                dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            )
+            for _ in range(layers)
+        )
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -64,8 +67,10 @@ class ImageEncoder(nn.Module):
     def forward(self, patches: torch.Tensor):
         _check_items(patches, "image patches", self.patch_dim)
         if patches.shape[1] != self.n_patches:
-            raise ValueError(f"image patches: expected {self.n_patches} patches per image "
-                             f"(model.multimodal.image_size / patch_size squared), got {patches.shape[1]}")
+            raise ValueError(
+                f"image patches: expected {self.n_patches} patches per image "
+                f"(model.multimodal.image_size / patch_size squared), got {patches.shape[1]}"
+            )
         x = self.embed(patches.to(self.embed.weight.dtype)) + self.pos
         return self.stack(x), None
 
@@ -90,10 +95,10 @@ class AudioEncoder(nn.Module):
         frames = torch.full((n,), f, device=mel.device) if frames is None else frames.to(mel.device)
         if frames.shape != (n,) or bool((frames < 1).any()) or bool((frames > f).any()):
             raise ValueError(f"audio_frames must be [N]={n} counts in 1..{f}, got {frames.tolist()}")
-        valid = torch.arange(f, device=mel.device)[None, :] < frames[:, None]           # [N, F]
+        valid = torch.arange(f, device=mel.device)[None, :] < frames[:, None]  # [N, F]
         x = mel.to(self.conv1.weight.dtype) * valid[..., None]
         h = F.gelu(self.conv1(x.transpose(1, 2))) * valid[:, None, :]
-        h = F.gelu(self.conv2(h)).transpose(1, 2)                                          # [N, ceil(F/2), dim]
+        h = F.gelu(self.conv2(h)).transpose(1, 2)  # [N, ceil(F/2), dim]
         out_len = (frames + 1) // 2
         pad = torch.arange(h.shape[1], device=mel.device)[None, :] >= out_len[:, None]
         h = h + sinusoidal_positions(h.shape[1], h.shape[2], mel.device).to(h.dtype)
@@ -115,8 +120,10 @@ class VideoEncoder(nn.Module):
         per_frame = n_tubelets // self.n_time
         side = math.isqrt(per_frame)
         if per_frame * self.n_time != n_tubelets or side * side != per_frame:
-            raise ValueError(f"video: {n_tubelets} tubelets is not {self.n_time} time steps "
-                             "(model.multimodal.video_frames / tubelet_frames) x a square grid")
+            raise ValueError(
+                f"video: {n_tubelets} tubelets is not {self.n_time} time steps "
+                "(model.multimodal.video_frames / tubelet_frames) x a square grid"
+            )
         dim = self.time_pos.shape[1]
         axis = sinusoidal_positions(side, dim // 2, device)
         spatial = torch.cat([axis[:, None, :].expand(side, side, -1), axis[None, :, :].expand(side, side, -1)], -1)

@@ -5,6 +5,7 @@ The batch marks placeholders with `modality` (1 image, 2 audio, 3 video, 0 text/
 media item j of a kind fills the j-th run of R placeholders of that kind in row-major order.
 `modality_from_ids` rebuilds that tensor from the delimiter tokens (for hand-made prompts).
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,10 @@ def placeholder_runs(modality: torch.Tensor, kind_id: int, run_len: int) -> torc
     row-major order. Raises when their count is not a multiple of run_len."""
     pos = (modality.reshape(-1) == kind_id).nonzero().squeeze(1)
     if pos.numel() % run_len:
-        raise ValueError(f"modality id {kind_id}: {pos.numel()} placeholder tokens is not a multiple "
-                         f"of model.multimodal.resampler_queries={run_len}")
+        raise ValueError(
+            f"modality id {kind_id}: {pos.numel()} placeholder tokens is not a multiple "
+            f"of model.multimodal.resampler_queries={run_len}"
+        )
     return pos.view(-1, run_len)
 
 
@@ -53,8 +56,10 @@ def scatter_media(embeds: torch.Tensor, modality: torch.Tensor, media: dict[str,
     for kind, tokens in media.items():
         runs = placeholder_runs(modality, KIND_ID[kind], tokens.shape[1])
         if runs.shape[0] != tokens.shape[0]:
-            raise ValueError(f"{kind}: the batch has {tokens.shape[0]} items but {runs.shape[0]} runs of "
-                             f"{tokens.shape[1]} placeholders with modality={KIND_ID[kind]}")
+            raise ValueError(
+                f"{kind}: the batch has {tokens.shape[0]} items but {runs.shape[0]} runs of "
+                f"{tokens.shape[1]} placeholders with modality={KIND_ID[kind]}"
+            )
         flat = flat.index_put((runs.reshape(-1),), tokens.reshape(-1, d).to(flat.dtype))
     for kind, kid in KIND_ID.items():
         if kind not in media and bool((modality == kid).any()):

@@ -8,6 +8,7 @@
   with s_i = log sigma_i learned.
 - `masked_token_loss`: the trunk's (possibly vocab-parallel) cross-entropy on one loss kind.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,9 @@ def same_caption_targets(caption_ids: torch.Tensor) -> torch.Tensor:
     return same / same.sum(1, keepdim=True)
 
 
-def clip_loss(media: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-              targets: torch.Tensor | None = None) -> torch.Tensor:
+def clip_loss(
+    media: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, targets: torch.Tensor | None = None
+) -> torch.Tensor:
     """media, text: [N, C] L2-normalised embeddings of matching pairs; logit_scale = log(1/tau)."""
     if media.shape != text.shape or media.shape[0] < 2:
         raise ValueError(f"clip_loss needs >= 2 matching pairs, got {list(media.shape)} and {list(text.shape)}")
@@ -39,7 +41,7 @@ class LogitScale(nn.Module):
 
     def __init__(self, tau0: float = 0.07, max_scale: float = 100.0):
         super().__init__()
-        self.value = nn.Parameter(torch.full((1,), math.log(1.0 / tau0)))   # [1]: see GatedProjection.alpha
+        self.value = nn.Parameter(torch.full((1,), math.log(1.0 / tau0)))  # [1]: see GatedProjection.alpha
         self.max_log = math.log(max_scale)
 
     def forward(self) -> torch.Tensor:
@@ -82,8 +84,9 @@ class UncertaintyWeighting(nn.Module):
         return total, extras
 
 
-def masked_token_loss(loss_fn, logits: torch.Tensor, labels: torch.Tensor, loss_kind: torch.Tensor,
-                      kind: int) -> torch.Tensor | None:
+def masked_token_loss(
+    loss_fn, logits: torch.Tensor, labels: torch.Tensor, loss_kind: torch.Tensor, kind: int
+) -> torch.Tensor | None:
     """Mean cross-entropy over the tokens of `loss_kind == kind` (None when there are none)."""
     keep = (loss_kind == kind) & (labels != -100)
     if not bool(keep.any()):

@@ -10,6 +10,7 @@ through the engine); encoders, resamplers, projections, contrastive heads and cr
 stay replicated (every rank runs them on its own batch; their gradients are complete on every
 TP rank because the trunk's input and loss are replicated there).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -32,18 +33,18 @@ from .resampler import PerceiverResampler
 
 @dataclass
 class MultimodalOutput:
-    loss: torch.Tensor                     # uncertainty-weighted joint loss + MoE aux
-    losses: dict[str, torch.Tensor]        # "lm", "caption", "clip" (those present in the batch), "aux"
-    logits: torch.Tensor                   # [B, T, V] (the local vocab shard under TP)
-    extras: dict[str, float] = field(default_factory=dict)   # sigmas, weights, gates, temperature
+    loss: torch.Tensor  # uncertainty-weighted joint loss + MoE aux
+    losses: dict[str, torch.Tensor]  # "lm", "caption", "clip" (those present in the batch), "aux"
+    logits: torch.Tensor  # [B, T, V] (the local vocab shard under TP)
+    extras: dict[str, float] = field(default_factory=dict)  # sigmas, weights, gates, temperature
     aux_loss: torch.Tensor | None = None
-    lm_loss: torch.Tensor | None = None    # mean CE over every labelled token (no grad), for perplexity
+    lm_loss: torch.Tensor | None = None  # mean CE over every labelled token (no grad), for perplexity
 
 
 @dataclass
 class EncodedMedia:
-    tokens: torch.Tensor    # [N, R, d_model] resampled, projected, gated: what enters the sequence
-    pooled: torch.Tensor    # [N, encoder_dim] mean encoder output (the contrastive media side)
+    tokens: torch.Tensor  # [N, R, d_model] resampled, projected, gated: what enters the sequence
+    pooled: torch.Tensor  # [N, encoder_dim] mean encoder output (the contrastive media side)
 
 
 class MultimodalModel(nn.Module):
@@ -53,20 +54,25 @@ class MultimodalModel(nn.Module):
         self.cfg, self.mm = cfg, mm
         self.lm = Transformer(cfg)
         de, p, heads, layers = mm.encoder_dim, mm.patch_size, mm.encoder_heads, mm.encoder_layers
-        self.encoders = nn.ModuleDict({
-            "image": ImageEncoder(3 * p * p, (mm.image_size // p) ** 2, de, layers, heads),
-            "audio": AudioEncoder(mm.n_mels, de, layers, heads, mm.max_audio_frames),
-            "video": VideoEncoder(3 * mm.tubelet_frames * p * p, mm.video_frames // mm.tubelet_frames,
-                                  de, layers, heads),
-        })
+        self.encoders = nn.ModuleDict(
+            {
+                "image": ImageEncoder(3 * p * p, (mm.image_size // p) ** 2, de, layers, heads),
+                "audio": AudioEncoder(mm.n_mels, de, layers, heads, mm.max_audio_frames),
+                "video": VideoEncoder(
+                    3 * mm.tubelet_frames * p * p, mm.video_frames // mm.tubelet_frames, de, layers, heads
+                ),
+            }
+        )
         self.resamplers = nn.ModuleDict(
-            {k: PerceiverResampler(de, mm.resampler_queries, mm.resampler_layers, heads) for k in KINDS})
+            {k: PerceiverResampler(de, mm.resampler_queries, mm.resampler_layers, heads) for k in KINDS}
+        )
         self.projections = nn.ModuleDict({k: GatedProjection(de, cfg.d_model, mm.gate_init) for k in KINDS})
         self.clip_media = nn.ModuleDict({k: nn.Linear(de, mm.clip_dim, bias=False) for k in KINDS})
         self.clip_text = nn.Linear(cfg.d_model, mm.clip_dim, bias=False)
         self.logit_scale = LogitScale(mm.clip_temperature, mm.clip_max_logit_scale)
         self.loss_weighting = UncertaintyWeighting(
-            {"lm": mm.lm_weight, "caption": mm.caption_weight, "clip": mm.clip_weight}, mm.uncertainty_weighting)
+            {"lm": mm.lm_weight, "caption": mm.caption_weight, "clip": mm.clip_weight}, mm.uncertainty_weighting
+        )
         self.cross_attn = nn.ModuleList()
         if mm.cross_attention:
             for i, block in enumerate(self.lm.blocks):
@@ -100,8 +106,9 @@ class MultimodalModel(nn.Module):
         """Embedded sequence [B, T, D] with the media tokens at their placeholder positions."""
         return scatter_media(self.lm.embed_tokens(input_ids), modality, {k: m.tokens for k, m in media.items()})
 
-    def set_media_context(self, media: dict[str, EncodedMedia] | None, modality=None, segment_ids=None,
-                          q_seg=None, q_pos=None) -> None:
+    def set_media_context(
+        self, media: dict[str, EncodedMedia] | None, modality=None, segment_ids=None, q_seg=None, q_pos=None
+    ) -> None:
         """Give the cross-attention layers (if any) the media of this trunk call; None = none."""
         if not len(self.cross_attn):
             return
@@ -121,8 +128,13 @@ class MultimodalModel(nn.Module):
         seg, pos = batch.get("segment_ids"), batch.get("position_ids")
         q_seg = torch.ones_like(ids) if seg is None else seg
         self.set_media_context(media, modality, seg, q_seg, torch.arange(ids.shape[1], device=ids.device))
-        return self.lm(inputs_embeds=self.fuse(ids, modality, media), modality=modality, kv_cache=kv_cache,
-                       segment_ids=seg, position_ids=pos)
+        return self.lm(
+            inputs_embeds=self.fuse(ids, modality, media),
+            modality=modality,
+            kv_cache=kv_cache,
+            segment_ids=seg,
+            position_ids=pos,
+        )
 
     # -- contrastive embeddings -------------------------------------------------------------
     def _experts_exchange_tokens(self) -> bool:
@@ -167,14 +179,15 @@ class MultimodalModel(nn.Module):
             if int(has.sum()) >= 2:
                 picked.append((kind, enc.pooled[has], caps[has]))
         if not picked:
-            if self._experts_exchange_tokens():   # expert all-to-all needs the same calls on every rank
-                feats, aux = self.text_features(torch.full((1, 1), pad + 1, dtype=torch.long,
-                                                           device=self.clip_text.weight.device))
+            if self._experts_exchange_tokens():  # expert all-to-all needs the same calls on every rank
+                feats, aux = self.text_features(
+                    torch.full((1, 1), pad + 1, dtype=torch.long, device=self.clip_text.weight.device)
+                )
                 return None, {}, aux + 0.0 * feats.sum()
             return None, {}, None
         width = max(c.shape[1] for _, _, c in picked)
         caps = torch.cat([F.pad(c, (0, width - c.shape[1]), value=pad) for _, _, c in picked])
-        width = int((caps != pad).any(0).nonzero().max()) + 1            # drop all-pad columns
+        width = int((caps != pad).any(0).nonzero().max()) + 1  # drop all-pad columns
         caps = caps[:, :width]
         text, aux = self.text_features(caps)
         text = F.normalize(text.float(), dim=-1)
@@ -182,8 +195,8 @@ class MultimodalModel(nn.Module):
         for kind, pooled, c in picked:
             n = c.shape[0]
             m = F.normalize(self.clip_media[kind](pooled).float(), dim=-1)
-            targets = same_caption_targets(caps[start:start + n])
-            loss = clip_loss(m, text[start:start + n], scale, targets)
+            targets = same_caption_targets(caps[start : start + n])
+            loss = clip_loss(m, text[start : start + n], scale, targets)
             extras[f"clip_{kind}"] = float(loss.detach())
             losses.append(loss)
             start += n
@@ -200,8 +213,11 @@ class MultimodalModel(nn.Module):
         # which activation checkpointing reads again when it recomputes the blocks in backward
         clip, extras, text_aux = self.contrastive_loss(batch, media)
         out = self.run_trunk(batch, media)
-        losses = {"lm": masked_token_loss(self.lm.loss_fn, out.logits, labels, kinds, 1),
-                  "caption": masked_token_loss(self.lm.loss_fn, out.logits, labels, kinds, 2), "clip": clip}
+        losses = {
+            "lm": masked_token_loss(self.lm.loss_fn, out.logits, labels, kinds, 1),
+            "caption": masked_token_loss(self.lm.loss_fn, out.logits, labels, kinds, 2),
+            "clip": clip,
+        }
         total, weights = self.loss_weighting(losses)
         aux = out.aux_loss if text_aux is None else out.aux_loss + text_aux
         with torch.no_grad():
@@ -211,8 +227,9 @@ class MultimodalModel(nn.Module):
         extras["clip_temperature"] = float(1.0 / self.logit_scale().detach().exp())
         present = {k: v for k, v in losses.items() if v is not None}
         present["aux"] = aux
-        return MultimodalOutput(loss=total + aux, losses=present, logits=out.logits, extras=extras,
-                                aux_loss=aux, lm_loss=lm_loss)
+        return MultimodalOutput(
+            loss=total + aux, losses=present, logits=out.logits, extras=extras, aux_loss=aux, lm_loss=lm_loss
+        )
 
     # -- helpers the trainer and evals use ----------------------------------------------------
     def moe_layers(self):
@@ -229,11 +246,13 @@ class MultimodalModel(nn.Module):
     def answer_logprobs(self, batch_prompt: dict, candidates: list[list[int]], gather_logits=None) -> torch.Tensor:
         """[B, C] summed log-probabilities of each candidate answer after each prompt (see generate.py)."""
         from .generate import score_candidates
+
         return score_candidates(self, batch_prompt, candidates, gather_logits)
 
     def generate(self, batch_prompt: dict, max_new_tokens: int, **kw) -> torch.Tensor:
         """KV-cached generation after a media prompt (see generate.py)."""
         from .generate import generate_multimodal
+
         return generate_multimodal(self, batch_prompt, max_new_tokens, **kw)
 
 

@@ -1,6 +1,7 @@
 """Perceiver resampler (Flamingo): R learned queries cross-attend to a media item's encoder
 tokens, so any number of patches / frames / tubelets becomes exactly R tokens,
 r_j = Attn(Q_j, K = [Z; r], V = [Z; r]), e.g. 196 ViT patches -> 8 tokens."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """What the training loop trains on (see base.Task): text (text.TextTask) or multimodal
 (multimodal.MultimodalTask), chosen by `model.multimodal.enabled`."""
+
 from __future__ import annotations
 
 from aion_train.config import Config

@@ -3,9 +3,11 @@
 A task owns the data (shards, tokenizer, loader), the model it builds, how a batch is fed to
 the engine, which losses are logged, and the held-out evaluation. The loop in trainer.py
 (engine, checkpoints, fault handling, MLflow) is shared."""
+
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch.distributed as dist
 
@@ -13,11 +15,11 @@ from aion_train.config import Config
 
 
 class Task(Protocol):
-    headline: str                       # the metric evaluate() reports that the run is judged by
+    headline: str  # the metric evaluate() reports that the run is judged by
 
-    def build_model(self): ...           # the model, parallelized over the task's groups
-    def train_loader(self): ...          # an endless iterator of batches of this DP rank
-    def forward(self, engine, batch, device): ...   # the model's output for a batch
+    def build_model(self): ...  # the model, parallelized over the task's groups
+    def train_loader(self): ...  # an endless iterator of batches of this DP rank
+    def forward(self, engine, batch, device): ...  # the model's output for a batch
     def metrics(self, out) -> dict: ...  # floats to average over the micro-batches ("loss" first)
     def tokens(self, batch) -> int: ...  # tokens a batch trains on (throughput)
     def evaluate(self, engine) -> dict: ...  # held-out metrics, averaged over the DP ranks
@@ -28,6 +30,7 @@ def prepare_data(cfg: Config, rank: int, build_demo: Callable[[str, int, int], d
     tokenizer), or the demo set that `build_demo(dir, vocab_size, seed)` builds in data.dir
     (once, by rank 0, the others waiting) when none are given."""
     from aion_train.data import Tokenizer, expand_shards
+
     if cfg.data.train_shards:
         train, val = expand_shards(cfg.data.train_shards), expand_shards(cfg.data.val_shards or [])
         tok = cfg.data.tokenizer
@@ -40,6 +43,7 @@ def prepare_data(cfg: Config, rank: int, build_demo: Callable[[str, int, int], d
         train, val, tok = paths["train"], paths["val"], cfg.data.tokenizer or paths["tokenizer"]
     tokenizer = Tokenizer(tok)
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"data.tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
-                         f"{cfg.model.vocab_size}")
+        raise ValueError(
+            f"data.tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}"
+        )
     return train, val, tokenizer

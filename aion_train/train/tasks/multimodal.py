@@ -1,5 +1,6 @@
 """The multimodal task: WebDataset shards of images, speech, video and text, the fusion model
 (aion_train/model/multimodal) and its joint losses, each logged on its own."""
+
 from __future__ import annotations
 
 import torch
@@ -16,10 +17,12 @@ LOSSES = ("lm", "caption", "clip", "aux")
 def prepare_multimodal_data(cfg: Config, rank: int):
     """`prepare_data` with the multimodal demo set; the tokenizer's pad id must be the model's."""
     from aion_train.data.multimodal import ensure_multimodal_demo
+
     train, val, tokenizer = prepare_data(cfg, rank, ensure_multimodal_demo)
     if tokenizer.pad_id != cfg.model.multimodal.pad_id:
-        raise ValueError(f"model.multimodal.pad_id={cfg.model.multimodal.pad_id} but the tokenizer's pad id is "
-                         f"{tokenizer.pad_id}")
+        raise ValueError(
+            f"model.multimodal.pad_id={cfg.model.multimodal.pad_id} but the tokenizer's pad id is {tokenizer.pad_id}"
+        )
     return train, val, tokenizer
 
 
@@ -40,14 +43,17 @@ class MultimodalTask:
     def build_model(self):
         from aion_train.model.multimodal import build_multimodal_model
         from aion_train.parallel import parallelize_multimodal
+
         model = build_multimodal_model(self.cfg, seed=self.cfg.seed)
         model.activation_checkpointing = self.cfg.train.activation_checkpointing
         return parallelize_multimodal(model, self.groups, self.cfg.parallel.sequence_parallel)
 
     def _loader(self, shards, loop: bool):
         from aion_train.data.multimodal import MultimodalLoader
-        return MultimodalLoader.from_config(self.cfg, shards, self.tokenizer, dp_rank=self.groups.dp_rank,
-                                            dp_size=self.groups.dp, loop=loop)
+
+        return MultimodalLoader.from_config(
+            self.cfg, shards, self.tokenizer, dp_rank=self.groups.dp_rank, dp_size=self.groups.dp, loop=loop
+        )
 
     def train_loader(self):
         return self._loader(self.train_shards, loop=True)
@@ -84,5 +90,8 @@ class MultimodalTask:
                     sums[2 * j + 1] += 1
         engine.train()
         all_reduce_(sums, group=self.groups.dp_group if self.groups.dp > 1 else None)
-        return {f"val/loss_{name}": sums[2 * j].item() / sums[2 * j + 1].item()
-                for j, name in enumerate(LOSSES) if sums[2 * j + 1] > 0}
+        return {
+            f"val/loss_{name}": sums[2 * j].item() / sums[2 * j + 1].item()
+            for j, name in enumerate(LOSSES)
+            if sums[2 * j + 1] > 0
+        }

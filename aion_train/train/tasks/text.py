@@ -1,4 +1,5 @@
 """Causal language modelling on packed text shards: the MoE transformer, held-out perplexity."""
+
 from __future__ import annotations
 
 import math
@@ -32,16 +33,26 @@ class TextTask:
     def build_model(self):
         from aion_train.model import build_model
         from aion_train.parallel import parallelize
+
         model = build_model(self.cfg.model, seed=self.cfg.seed)
         model.activation_checkpointing = self.cfg.train.activation_checkpointing
         return parallelize(model, self.groups, self.cfg.parallel.sequence_parallel)
 
     def _loader(self, shards, **kw):
         from aion_train.data import TokenLoader
+
         c = self.cfg
-        return TokenLoader(shards, self.tokenizer, c.data.seq_len, c.data.micro_batch_size,
-                           dp_rank=self.groups.dp_rank, dp_size=self.groups.dp, seed=c.seed,
-                           document_mask=c.data.document_mask, **kw)
+        return TokenLoader(
+            shards,
+            self.tokenizer,
+            c.data.seq_len,
+            c.data.micro_batch_size,
+            dp_rank=self.groups.dp_rank,
+            dp_size=self.groups.dp,
+            seed=c.seed,
+            document_mask=c.data.document_mask,
+            **kw,
+        )
 
     def train_loader(self):
         c = self.cfg.data
@@ -59,8 +70,11 @@ class TextTask:
 
     def metrics(self, out) -> dict:
         """Floats to average over the micro-batches of a step; "loss" is the headline."""
-        return {"loss": out.lm_loss.detach().float().item(), "total_loss": out.loss.detach().float().item(),
-                "aux_loss": out.aux_loss.detach().float().item()}
+        return {
+            "loss": out.lm_loss.detach().float().item(),
+            "total_loss": out.loss.detach().float().item(),
+            "aux_loss": out.aux_loss.detach().float().item(),
+        }
 
     def tokens(self, batch) -> int:
         return batch["input_ids"].numel()
