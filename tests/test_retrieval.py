@@ -554,3 +554,41 @@ def test_gpu_move_falls_back_only_when_faiss_has_no_gpu_version(monkeypatch):
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # no longer read as "no GPU"
         dense.to_gpu_if_available(index)
+
+
+def test_build_index_keeps_its_embedding_cache_where_told(tmp_path, capsys):
+    """--cache-dir: the embeddings land there once (keyed by the embedder and the texts); a
+    second build reads them back, equal to the first."""
+    import glob
+
+    import numpy as np
+
+    from aion_train.cli import main
+
+    cache = tmp_path / "cache"
+    args = [
+        "build-index",
+        "--corpus",
+        "pydoc",
+        "--embedder",
+        "hash-64",
+        "--max-chunks-per-doc",
+        "1",
+        "--factory",
+        "Flat",
+        "--cache-dir",
+        str(cache),
+        "--json",
+    ]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    files = glob.glob(str(cache / "emb-*.npy"))
+    assert len(files) == 1
+    first, written = np.load(files[0]), os.stat(files[0]).st_mtime_ns
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert glob.glob(str(cache / "emb-*.npy")) == files
+    assert os.stat(files[0]).st_mtime_ns == written  # read, not embedded and written again
+    assert np.array_equal(np.load(files[0]), first)
+    a = json.load(open(tmp_path / "a" / "manifest.json"))
+    b = json.load(open(tmp_path / "b" / "manifest.json"))
+    assert a["counts"] == b["counts"] and a["counts"]["chunks"] == first.shape[0]

@@ -16,8 +16,8 @@ from this machine (man pages, /usr/share/doc, pydoc topics).
   of the exact dense top-100 and the BM25 top-100; ``mrr_dense`` is alpha 0, ``mrr_bm25``
   alpha 1, and the hybrid's alpha is tuned on a separate tuning split of pages.
 
-Embeddings are cached on disk (``~/.cache/aion-train/retrieval`` or
-``$AION_RETRIEVAL_CACHE``) keyed by the corpus hash: the first run embeds ~21.7k chunks with
+Embeddings are cached on disk (``~/.cache/aion-train/retrieval``, the cache `build-index`
+uses by default) keyed by the corpus hash: the first run embeds ~21.7k chunks with
 MiniLM (~30 min on two shared cores), later runs take about a minute.
 """
 

@@ -33,6 +33,7 @@ def add_arguments(p):
     p.add_argument("--overlap", type=int, default=50)
     p.add_argument("--max-chunks-per-doc", type=int, default=None)
     p.add_argument("--no-cache", action="store_true", help="do not use the embedding cache")
+    p.add_argument("--cache-dir", default=None, help="the embedding cache (default ~/.cache/aion-train/retrieval)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     add_overwrite_argument(p)
 
@@ -60,6 +61,7 @@ def run(args) -> int:
             max_chunks_per_doc=args.max_chunks_per_doc,
             params=params,
             use_cache=not args.no_cache,
+            cache_dir=args.cache_dir,
             log=stderr_log,
             overwrite=args.overwrite,
         )

@@ -108,6 +108,7 @@ class PipelineConfig:
     index_embedder: str = "minilm"  # minilm | hash-DIM | model:...
     index_factory: str = "HNSW32"
     index_max_chunks_per_doc: int = 0  # 0 = no limit
+    index_cache_dir: str = ""  # the embedding cache; "" = ~/.cache/aion-train/retrieval
     # build-policy phase (the library behind `aion-train build-policy`)
     policy_files: list = field(default_factory=lambda: ["configs/policies"])
 

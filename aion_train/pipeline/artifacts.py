@@ -49,6 +49,7 @@ def run_build_index(cfg) -> dict:
         factory=p.index_factory,
         max_chunks_per_doc=p.index_max_chunks_per_doc or None,
         params=default_params(p.index_factory),
+        cache_dir=p.index_cache_dir or None,
         log=stderr_log,
     )
     print(f"build-index: {m['counts']} {m['embedder']} -> {index_dir}", file=sys.stderr)

@@ -32,6 +32,7 @@ def build_index(
     max_chunks_per_doc: int | None = None,
     params: dict | None = None,
     use_cache: bool = True,
+    cache_dir: str | None = None,
     log=None,
     overwrite: bool = False,
 ) -> dict:
@@ -51,7 +52,7 @@ def build_index(
     emb = embedder or make_embedder(embedder_spec)
     texts = [c.text for c in chunks]
     if use_cache:
-        X, _ = cached_embeddings(texts, emb, log=log)
+        X, _ = cached_embeddings(texts, emb, directory=cache_dir, log=log)
     else:
         X = emb.encode(texts)
     if pca and pca >= X.shape[1]:

@@ -18,10 +18,6 @@ from aion_train.fsutil import atomic_write
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "aion-train", "retrieval")
 
 
-def cache_dir() -> str:
-    return os.environ.get("AION_RETRIEVAL_CACHE", DEFAULT_CACHE_DIR)
-
-
 def corpus_key(texts, embedder_name: str) -> str:
     h = hashlib.sha256(embedder_name.encode() + b"\0")
     for t in texts:
@@ -40,8 +36,9 @@ def cached_embeddings(
     texts, embedder, directory: str | None = None, block: int = 1024, log=None
 ) -> tuple[np.ndarray, bool]:
     """Embeddings of ``texts`` with ``embedder`` (float32 [N, dim]); computed once and then
-    read from the cache. Returns ``(embeddings, was_cached)``."""
-    directory = directory or cache_dir()
+    read from the cache in ``directory`` (default DEFAULT_CACHE_DIR). Returns
+    ``(embeddings, was_cached)``."""
+    directory = directory or DEFAULT_CACHE_DIR
     os.makedirs(directory, exist_ok=True)
     key = corpus_key(texts, embedder.name)
     path = os.path.join(directory, f"emb-{key}.npy")
