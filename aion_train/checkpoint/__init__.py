@@ -24,7 +24,7 @@ Imports only go down: config, model, parallel, fsutil (never train, posttrain, i
 
 from __future__ import annotations
 
-from .compat import check_compatible, flatten_config
+from .compat import check_compatible, flatten_config, latest_compatible
 from .errors import CheckpointError, TreeFormatError
 from .locate import find_checkpoint, read_manifest
 from .optimizer_state import load_optimizer_state, optimizer_state
@@ -51,6 +51,7 @@ __all__ = [
     "TreeFormatError",
     "capture_rng_state",
     "check_compatible",
+    "latest_compatible",
     "find_checkpoint",
     "flatten_config",
     "list_ranks",

@@ -72,3 +72,16 @@ def check_compatible(
             f"{what} of the checkpoint is incompatible with the current run "
             f"({len(lines)} {'key differs' if len(lines) == 1 else 'keys differ'}):\n" + "\n".join(lines)
         )
+
+
+def latest_compatible(mgr, model_config: Mapping[str, Any], layout: Mapping[str, Any], what: str):
+    """The latest checkpoint of `mgr` as (path, manifest) after checking that its model config
+    and its layout are this run's (`what` names the layout in the error); None when there is
+    no checkpoint."""
+    path = mgr.latest()
+    if path is None:
+        return None
+    manifest = mgr.read_manifest(path)
+    check_compatible({"model": manifest["model_config"]}, {"model": model_config})
+    check_compatible({"layout": manifest["layout"]}, {"layout": layout}, what=what)
+    return path, manifest

@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from aion_train.config import config_to_dict
 
-from .compat import check_compatible
+from .compat import check_compatible, latest_compatible
 from .optimizer_state import load_optimizer_state, optimizer_state
 from .protocol import save_checkpoint
 from .rank_files import load_rank, save_rank
@@ -55,16 +55,15 @@ def save_job(mgr: CheckpointManager, step: int, cfg, groups, engine, loader, tra
 
 def load_job(mgr: CheckpointManager, cfg, groups, engine, loader):
     """Restore the latest checkpoint; returns its trainer state, or None for a fresh run."""
-    path = mgr.latest()
-    if path is None:
-        return None
-    manifest = mgr.read_manifest(path)
-    check_compatible({"model": manifest["model_config"]}, {"model": config_to_dict(cfg)["model"]})
-    check_compatible(
-        {"layout": manifest["layout"]},
-        {"layout": layout_of(cfg, groups)},
-        what="parallel layout (reshard with export/import to change it)",
+    found = latest_compatible(
+        mgr,
+        config_to_dict(cfg)["model"],
+        layout_of(cfg, groups),
+        "parallel layout (reshard with export/import to change it)",
     )
+    if found is None:
+        return None
+    path, _ = found
     engine.module.load_state_dict(load_rank(path, saver_rank(groups.tp, groups.tp_rank, groups.ep_rank), "model"))
     load_optimizer_state(engine, load_rank(path, groups.rank, "optim"), groups.dp_rank, groups.dp)
     saved = load_rank(path, groups.rank, "trainer")

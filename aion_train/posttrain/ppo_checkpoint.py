@@ -13,7 +13,7 @@ import json
 from aion_train.checkpoint import (
     CheckpointManager,
     capture_rng_state,
-    check_compatible,
+    latest_compatible,
     load_optimizer_state,
     load_rank,
     optimizer_state,
@@ -75,16 +75,15 @@ def save_ppo(mgr: CheckpointManager, iteration: int, cfg, groups, actor_engine, 
 
 def load_ppo(mgr: CheckpointManager, cfg, groups, actor_engine, critic_engine) -> dict | None:
     """Restore the latest checkpoint into the engines; returns its loop state (None: fresh run)."""
-    path = mgr.latest()
-    if path is None:
-        return None
-    manifest = mgr.read_manifest(path)
-    check_compatible({"model": manifest["model_config"]}, {"model": config_to_dict(cfg)["model"]})
-    check_compatible(
-        {"layout": manifest["layout"]},
-        {"layout": _layout(cfg, groups)},
-        what="PPO layout (ranks, TP/EP, ZeRO stage, LoRA, critic init)",
+    found = latest_compatible(
+        mgr,
+        config_to_dict(cfg)["model"],
+        _layout(cfg, groups),
+        "PPO layout (ranks, TP/EP, ZeRO stage, LoRA, critic init)",
     )
+    if found is None:
+        return None
+    path, manifest = found
     actor_sd = load_rank(path, groups.rank, "actor")
     expected = set(trainable_state(actor_engine.module))
     if set(actor_sd) != expected:
