@@ -180,6 +180,61 @@ def test_scheduler_batches_queued_jobs_and_each_gets_its_own_result(model, one_t
     assert sched.batches == 2
 
 
+def test_jobs_join_a_running_batch_between_steps_and_each_equals_its_solo_run(model, one_thread):
+    """Continuous batching: B arrives while A decodes (A's third token submits it), C while
+    both do; all three then decode in one batch (ragged widths merged by left padding), B
+    leaves first; each equals its run alone (fp32, greedy)."""
+    engine = Engine(model, eos_ids=())
+    greedy = SamplingParams(temperature=0.0)
+    pa, pb, pc = [4, 5, 6], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [17, 18]
+    alone = {k: _run(engine, [p], greedy, n)[0] for k, p, n in (("a", pa, 14), ("b", pb, 4), ("c", pc, 9))}
+    sched = Scheduler(engine, max_batch=4)
+    seen_rows: list[int] = []
+
+    def sink_b(tok, info):
+        seen_rows.append(sched.last_batch_rows)
+        if len(jobs["b"].rows[0].tokens) == 2:
+            jobs["c"] = sched.submit(Job(rows=[Row(prompt_ids=pc, params=greedy, max_new=9)]))
+        return False
+
+    def sink_a(tok, info):
+        if len(jobs["a"].rows[0].tokens) == 3:
+            jobs["b"] = sched.submit(Job(rows=[Row(prompt_ids=pb, params=greedy, max_new=4, sink=sink_b)]))
+        return False
+
+    jobs: dict[str, Job] = {}
+    sched.start()
+    jobs["a"] = sched.submit(Job(rows=[Row(prompt_ids=pa, params=greedy, max_new=14, sink=sink_a)]))
+    assert jobs["a"].done.wait(60)
+    for k in "bc":
+        assert jobs[k].done.wait(60)
+    sched.stop()
+    assert {k: j.rows[0].tokens for k, j in jobs.items()} == alone
+    assert 3 in seen_rows  # a, b and c decoded in one step
+    assert sched.batches == 3  # three prefills, one running batch
+    assert all(j.error is None for j in jobs.values())
+
+
+def test_kv_cache_edits_keep_each_rows_keys():
+    from aion_train.model import KVCache
+
+    g = torch.Generator().manual_seed(0)
+    k = [torch.randn(2, 5, 1, 3, generator=g) for _ in range(2)]
+    cache = KVCache.from_tensors(k, [x + 1 for x in k])
+    step = torch.randn(2, 1, 1, 3, generator=g)
+    full_k, _ = cache.update(0, step, step)
+    cache.update(1, step, step)
+    assert torch.equal(full_k, torch.cat([k[0], step], 1)) and cache.length == 6
+    cache.left_pad(2)
+    assert cache.length == 8 and torch.equal(cache.keys[0][:, 2:], full_k) and not cache.keys[0][:, :2].any()
+    cache.drop_leading(3)
+    assert torch.equal(cache.keys[0], full_k[:, 1:])
+    cache.select_rows(torch.tensor([1]))
+    other = KVCache.from_tensors([x[:1] * 2 for x in cache.keys], [x[:1] for x in cache.values])
+    cache.cat_rows(other)
+    assert torch.equal(cache.keys[0], torch.cat([full_k[1:, 1:], full_k[1:, 1:] * 2]))
+
+
 # ------------------------------------------------------------------------- streaming enforcement
 def pol(rules=(), **kw) -> Policy:
     doc = default_policy()

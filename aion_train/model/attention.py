@@ -16,6 +16,7 @@ from torch import nn
 
 from .attention_backend import PackedSegments, attention, segment_causal_mask, varlen_from_segments  # noqa: F401
 from .execution import ExecutionPolicy
+from .packed_weights import packed_linear
 from .rope import RotaryEmbedding
 
 
@@ -39,6 +40,7 @@ class Attention(nn.Module):
         self.rope = rope
         self.backend = backend
         self.execution: ExecutionPolicy | None = None  # apply_execution_policy; None: the device's
+        self.packed_qkv: torch.Tensor | None = None  # q, k, v weights packed as one (packed_weights.py)
 
     def forward(
         self,
@@ -52,12 +54,20 @@ class Attention(nn.Module):
         (packed rows) or a boolean [B, 1, T, T_keys] mask (run through SDPA)."""
         # shapes come from the projections' outputs: a parallel projection may change the head
         # count (tensor parallel) or the sequence length (sequence parallel gathers it)
-        q, k, v = (proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        b, t = x.shape[0], x.shape[1]
+        if self.packed_qkv is not None and not torch.is_grad_enabled() and x.dtype == self.q_proj.weight.dtype:
+            # generation: q, k and v as one matmul, RoPE on q and k as one call (same numbers)
+            hq, hk = self.q_proj.weight.shape[0] // self.head_dim, self.k_proj.weight.shape[0] // self.head_dim
+            qkv = packed_linear(x, self.packed_qkv).view(b, t, hq + 2 * hk, self.head_dim)
+            qk = apply_rope(self.rope, qkv[:, :, : hq + hk], positions)
+            q, k, v = qk[:, :, :hq], qk[:, :, hq:], qkv[:, :, hq + hk :]
+        else:
+            q, k, v = (proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj))
+            q = q.view(b, q.shape[1], -1, self.head_dim)
+            k = k.view(b, k.shape[1], -1, self.head_dim)
+            v = v.view(b, v.shape[1], -1, self.head_dim)
+            q, k = apply_rope(self.rope, q, positions), apply_rope(self.rope, k, positions)
         b, t = q.shape[0], q.shape[1]
-        q = q.view(b, t, -1, self.head_dim)
-        k = k.view(b, t, -1, self.head_dim)
-        v = v.view(b, t, -1, self.head_dim)
-        q, k = apply_rope(self.rope, q, positions), apply_rope(self.rope, k, positions)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)
         out = attention(q, k, v, causal=True, backend=self.backend, attn_mask=attn_mask, execution=self.execution)

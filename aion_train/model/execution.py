@@ -10,6 +10,7 @@ behind the CPU choices are in docs/notes.md (bench moe, bench train)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -30,6 +31,12 @@ class ExecutionPolicy:
     batched_equal_groups: bool  # equal expert groups as one torch.bmm per projection
     attention_fp32: bool  # bf16/fp16 attention computed in fp32 (its output cast back)
     grouped_mm: str = "auto"  # auto | grouped | per_expert (experts.grouped_linear)
+    # generation (serving): the router's balance / z losses and per-layer stats are skipped
+    # (nothing trains on them), and at most this many expert rows (decode steps) run one matmul
+    # per expert that has rows, skipping the empty ones and the group padding (0: never)
+    routing_stats: bool = True
+    sparse_expert_rows: int = 0
+    packed_weights: bool = False  # bf16 CPU weights packed once for oneDNN (packed_weights.py)
 
     def __post_init__(self):
         if self.grouped_mm not in GROUPED_MM_MODES:
@@ -48,6 +55,14 @@ class ExecutionPolicy:
             batched_equal_groups=cpu,
             attention_fp32=cpu,
             grouped_mm=grouped_mm,
+        )
+
+    def for_generation(self) -> ExecutionPolicy:
+        """The same device choices for serving / `generate`: no routing losses or stats, decode
+        steps run only the experts their tokens picked, and on the CPU (where equal expert
+        groups are batched) the bf16 weights are packed once for oneDNN."""
+        return dataclasses.replace(
+            self, routing_stats=False, sparse_expert_rows=256, packed_weights=self.batched_equal_groups
         )
 
 

@@ -136,6 +136,7 @@ class Transformer(nn.Module):
         segment_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         return_logits: bool = True,
+        logits_to_keep: int | None = None,
     ) -> ModelOutput:
         """`return_logits=False` with labels (training): the LM head and the loss run as one
         kernel that never stores the [B, T, V] logits (`logits` is then None).
@@ -145,7 +146,7 @@ class Transformer(nn.Module):
         (SDPA's block-diagonal causal mask, or flash-attn's varlen kernel), `position_ids` [B, T]
         the RoPE positions (restarting per sample). A packed row then gives every sample the
         logits it gets alone. Without them: plain causal attention, positions 0..T-1 after the
-        cached ones."""
+        cached ones. `logits_to_keep=n` (generation): logits for the last n positions only."""
         seq_len = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         start = 0 if kv_cache is None else kv_cache.length
@@ -173,7 +174,7 @@ class Transformer(nn.Module):
         if labels is not None and not return_logits and self._plain_head():
             out.lm_loss = reference.mean_loss(self.head_loss(h, self.lm_head.weight, labels), labels)
         else:
-            out.logits = self.lm_head(h)
+            out.logits = self.lm_head(h if logits_to_keep is None else h[:, -logits_to_keep:])
             if labels is not None:
                 out.lm_loss = self.loss_fn(out.logits, labels)
         if labels is not None:

@@ -68,6 +68,7 @@ class TensorParallelExperts(GroupedExperts):
         torch.nn.Module.__init__(self)
         self.activation = full.activation
         self.execution = full.execution
+        self.packed_experts = None
         self._swiglu = full._swiglu
         self.tp_group = tp_group
         ep, tp = group_size(ep_group), group_size(tp_group)

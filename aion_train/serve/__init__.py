@@ -9,7 +9,7 @@ refused (fails closed) unless the bundle declares a fallback.
     loading.py         checkpoint (pretrain / SFT / PPO, any TP/EP layout) -> model + tokenizer
     sampling.py        greedy / temperature / top-k / top-p, one random stream per choice
     engine.py          batched KV-cached generation (ragged prompts through segment ids)
-    scheduler.py       the worker thread that owns the model; static batching of queued jobs
+    scheduler.py       the worker thread that owns the model; continuous batching of queued jobs
     text.py            incremental detokenizing and stop strings
     policy_runtime.py  per-request policy snapshot, fail-closed lookup, streaming hold-back
     choice.py          one choice: ids -> raw text -> enforced text (streamed or not)

@@ -1,9 +1,11 @@
 """One worker thread owns the model and runs the engine; requests queue jobs for it.
 
-Batching is static: the worker takes the oldest job, adds the jobs queued behind it while
-their rows fit in `max_batch` (a job's rows always run together), and runs them as one
-batch (rows of different lengths share it: engine.py). Jobs that arrive while a batch runs
-wait for the next one (continuous batching, joining a running batch, is not done yet).
+Continuous batching: between two decode steps the worker admits the queued jobs whose rows
+still fit in `max_batch` (a job's rows always join together), prefills their prompts as one
+pass and merges them into the running batch (engine.py); a finished row leaves the batch at
+the step it ends, and a job is done when its last row is. A job that does not fit waits at
+the head of the queue (first come, first served). An error in a prefill fails the jobs of
+that prefill only; an error in a decode step fails every job of the batch.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .engine import Engine, Row
+from .engine import Batch, Engine, Row, fail_rows
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,8 @@ class Scheduler:
         self._q: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._pending: Job | None = None
-        self.batches = 0  # how many engine runs (for tests and metrics)
+        self.batches = 0  # prefills: groups of jobs admitted together (for tests and metrics)
+        self.steps = 0  # decode steps
         self.last_batch_rows = 0
 
     def start(self) -> Scheduler:
@@ -62,50 +65,74 @@ class Scheduler:
         """Run rows in the calling thread (the `generate` command: no server, no queue)."""
         return self.engine.run_guarded(rows)
 
-    def _take(self) -> list[Job] | None:
-        first = self._pending or self._q.get()
-        self._pending = None
-        if first is None:
-            return None
-        jobs, n = [first], len(first.rows)
-        while n < self.max_batch:
-            try:
-                nxt = self._q.get_nowait()
-            except queue.Empty:
-                break
+    def _admit(self, room: int, block: bool) -> list[Job] | None:
+        """Jobs from the queue whose rows fit in `room` (None: stop was asked)."""
+        jobs: list[Job] = []
+        while True:
+            if self._pending is not None:
+                nxt, self._pending = self._pending, None
+            else:
+                try:
+                    nxt = self._q.get() if block and not jobs else self._q.get_nowait()
+                except queue.Empty:
+                    return jobs
             if nxt is None:
-                self._q.put(None)
-                break
-            if n + len(nxt.rows) > self.max_batch:
+                return None
+            if jobs and len(nxt.rows) > room:
                 self._pending = nxt
-                break
+                return jobs
             jobs.append(nxt)
-            n += len(nxt.rows)
-        return jobs
+            room -= len(nxt.rows)  # a job larger than max_batch still runs, alone
+            if room <= 0:
+                return jobs
 
     def _loop(self) -> None:
+        batch: Batch | None = None
+        running: list[Job] = []
         while True:
-            jobs = self._take()
-            if jobs is None:
+            size = 0 if batch is None else len(batch.rows)
+            new = self._admit(self.max_batch - size, block=batch is None) if size < self.max_batch else []
+            if new is None:
+                fail_rows([r for j in running for r in j.rows])
+                self._finish(running, RuntimeError("the server is stopping"))
                 return
-            rows = [r for j in jobs for r in j.rows]
-            self.batches += 1
-            self.last_batch_rows = len(rows)
-            try:
-                self.engine.run_guarded(rows)
-            except BaseException as e:  # noqa: BLE001 - reported to every request of the batch
-                log.exception("generation failed")
-                for j in jobs:
-                    j.error = e
-                    if j.on_error is not None:
-                        try:
-                            j.on_error(e)
-                        except Exception:  # noqa: BLE001 - the worker must keep running
-                            log.exception("on_error callback failed")
-            for j in jobs:
-                j.done.set()
-                if j.on_done is not None:
+            if new:
+                rows = [r for j in new for r in j.rows]
+                try:
+                    batch = self.engine.merge(batch, self.engine.prefill(rows))
+                    running += new
+                    self.batches += 1
+                except BaseException as e:  # noqa: BLE001 - reported to the jobs of this prefill
+                    log.exception("prefill failed")
+                    fail_rows(rows)
+                    self._finish(new, e)
+            if batch is not None:
+                self.last_batch_rows = len(batch.rows)
+                try:
+                    batch = self.engine.step(batch)
+                    self.steps += 1
+                except BaseException as e:  # noqa: BLE001 - reported to every request of the batch
+                    log.exception("generation failed")
+                    fail_rows([r for j in running for r in j.rows])
+                    self._finish(running, e)
+                    batch, running = None, []
+            done = [j for j in running if all(r.finish_reason is not None for r in j.rows)]
+            if done:
+                running = [j for j in running if j not in done]
+                self._finish(done, None)
+
+    def _finish(self, jobs: list[Job], error: BaseException | None) -> None:
+        for j in jobs:
+            if error is not None:
+                j.error = error
+                if j.on_error is not None:
                     try:
-                        j.on_done()
-                    except Exception:  # noqa: BLE001 - a closed event loop must not stop the worker
-                        log.exception("on_done callback failed")
+                        j.on_error(error)
+                    except Exception:  # noqa: BLE001 - the worker must keep running
+                        log.exception("on_error callback failed")
+            j.done.set()
+            if j.on_done is not None:
+                try:
+                    j.on_done()
+                except Exception:  # noqa: BLE001 - a closed event loop must not stop the worker
+                    log.exception("on_done callback failed")

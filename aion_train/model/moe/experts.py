@@ -12,6 +12,7 @@ from torch import nn
 from aion_train.kernels import select
 
 from ..execution import ExecutionPolicy, policy_for
+from ..packed_weights import packed_linear
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -123,6 +124,21 @@ def grouped_linear(
     return torch.cat([c @ weight[e] for e, c in enumerate(chunks)], dim=0)
 
 
+def _nonempty_expert_linear(
+    x: torch.Tensor, weight: torch.Tensor, counts_list: list[int], packed: dict | None = None, name: str = ""
+) -> torch.Tensor:
+    """grouped_linear's result from one matmul per expert with rows (x grouped by expert);
+    `packed`: the experts' packed weights (model/packed_weights.py), used when given."""
+    outs, start = [], 0
+    pw = packed.get(name) if packed else None
+    for e, n in enumerate(counts_list):
+        if n:
+            rows = x[start : start + n]
+            outs.append(rows @ weight[e] if pw is None or rows.dtype != weight.dtype else packed_linear(rows, pw[e]))
+            start += n
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0) if outs else x.new_empty(0, weight.shape[-1])
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU (or GeLU/ReLU) experts: w1/w3 [E, d, ff], w2 [E, ff, d]."""
 
@@ -142,6 +158,7 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.randn(n_experts, d_model, d_ff) * init_std)
         self.w2 = nn.Parameter(torch.randn(n_experts, d_ff, d_model) * init_std)
         self.w3 = nn.Parameter(torch.randn(n_experts, d_model, d_ff) * init_std) if activation == "swiglu" else None
+        self.packed_experts: dict[str, list[torch.Tensor]] | None = None  # packed_weights.pack_weights
 
     @property
     def n_local_experts(self) -> int:
@@ -151,17 +168,26 @@ class GroupedExperts(nn.Module):
         """x: [M, d] rows grouped by expert, counts[e] rows each."""
         counts_list = counts.tolist()
         policy = policy_for(self.execution, x.device)
+        if x.shape[0] <= policy.sparse_expert_rows:
+            # a few rows (decode): one matmul per expert that has rows, the empty ones skipped
+            packed = None if torch.is_grad_enabled() else self.packed_experts
+            return self._mlp(
+                x, lambda a, name: _nonempty_expert_linear(a, getattr(self, name), counts_list, packed, name)
+            )
         if policy.batched_equal_groups and x.shape[0] and len(set(counts_list)) == 1:
             # equal groups (padded by the dispatcher, or all at capacity): one batched GEMM per
             # projection, which MKL splits over the threads by whole experts
             groups = x.reshape(len(counts_list), counts_list[0], x.shape[-1])
-            return self._mlp(groups, torch.bmm).reshape(x.shape[0], -1)
-        return self._mlp(x, lambda a, w: grouped_linear(a, w, counts, counts_list, policy.grouped_mm))
+            return self._mlp(groups, lambda a, name: torch.bmm(a, getattr(self, name))).reshape(x.shape[0], -1)
+        return self._mlp(
+            x, lambda a, name: grouped_linear(a, getattr(self, name), counts, counts_list, policy.grouped_mm)
+        )
 
     def _mlp(self, x: torch.Tensor, linear) -> torch.Tensor:
-        h = linear(x, self.w1)
+        """linear(rows, projection name) -> rows through that projection."""
+        h = linear(x, "w1")
         if self.w3 is not None:
-            h = self._swiglu(h, linear(x, self.w3))
+            h = self._swiglu(h, linear(x, "w3"))
         else:
             h = F.gelu(h) if self.activation == "gelu" else F.relu(h)
-        return linear(h, self.w2)
+        return linear(h, "w2")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..execution import ExecutionPolicy, policy_for
 from ..ffn import DenseFFN
 from .experts import GroupedExperts
 from .router import TopKRouter
@@ -34,16 +35,20 @@ class MoELayer(nn.Module):
         self.dispatcher = LocalDispatcher(n_experts, capacity_factor, kernels)
         self.shared_expert = DenseFFN(d_model, shared_expert_d_ff, activation, kernels) if shared_expert_d_ff else None
         self.last_stats: dict[str, torch.Tensor | int] = {}
+        self.execution: ExecutionPolicy | None = None  # apply_execution_policy; None: the device's
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor | None = None):
         """x: [B, T, d] -> (y [B, T, d], aux loss scalar)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        routing = self.router(flat, None if modality is None else modality.reshape(-1))
+        stats = policy_for(self.execution, x.device).routing_stats
+        routing = self.router(flat, None if modality is None else modality.reshape(-1), losses=stats)
         tokens, counts, state = self.dispatcher.dispatch(flat, routing.indices, routing.gates)
         out = self.dispatcher.combine(self.experts(tokens, counts), state)
         if self.shared_expert is not None:
             out = out + self.shared_expert(flat)
+        if not stats:
+            return out.reshape(shape).to(x.dtype), routing.aux_loss
         self.last_stats = {
             "tokens_per_expert": torch.bincount(routing.indices.reshape(-1), minlength=self.n_experts).detach(),
             "dropped": state.dropped,

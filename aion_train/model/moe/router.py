@@ -64,8 +64,9 @@ class TopKRouter(nn.Module):
         # optional [E] additive mask per modality id (set by the multimodal model); -inf blocks an expert
         self.modality_mask: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, modality: torch.Tensor | None = None) -> Routing:
-        """x: [N, d]. Routing runs in fp32 whatever the activation dtype."""
+    def forward(self, x: torch.Tensor, modality: torch.Tensor | None = None, losses: bool = True) -> Routing:
+        """x: [N, d]. Routing runs in fp32 whatever the activation dtype. `losses=False`
+        (generation): the balance and z losses are zero, not computed."""
         logits = F.linear(x.float(), self.weight.float())
         if modality is not None and self.modality_mask is not None:
             logits = logits + self.modality_mask.to(logits.device)[modality]
@@ -74,6 +75,6 @@ class TopKRouter(nn.Module):
         if self.normalize_gates and self.top_k > 1:
             gates = gates / gates.sum(dim=-1, keepdim=True)
         zero = logits.new_zeros(())
-        bal = balance_loss(probs, indices, self.n_experts, self.balance_coef) if self.balance_coef else zero
-        zl = z_loss(logits, self.z_loss_coef) if self.z_loss_coef else zero
+        bal = balance_loss(probs, indices, self.n_experts, self.balance_coef) if losses and self.balance_coef else zero
+        zl = z_loss(logits, self.z_loss_coef) if losses and self.z_loss_coef else zero
         return Routing(indices, gates, probs, bal + zl, bal, zl)

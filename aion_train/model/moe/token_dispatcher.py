@@ -102,7 +102,7 @@ class LocalDispatcher:
         policy = policy_for(self.execution, x.device)
         padded = (
             pad_to_equal_groups(token_index, kept_gates, counts, policy.pad_max_waste, policy.pad_max_rows)
-            if policy.pad_expert_groups
+            if policy.pad_expert_groups and token_index.numel() > policy.sparse_expert_rows
             else None
         )
         if padded is not None:

@@ -82,10 +82,10 @@ def generate_multimodal(
 
 
 def _expand_cache(cache: KVCache, repeat: int) -> KVCache:
-    out = KVCache(len(cache.keys))
-    out.keys = [k.repeat_interleave(repeat, dim=0) for k in cache.keys]
-    out.values = [v.repeat_interleave(repeat, dim=0) for v in cache.values]
-    return out
+    return KVCache.from_tensors(
+        [k.repeat_interleave(repeat, dim=0) for k in cache.keys],
+        [v.repeat_interleave(repeat, dim=0) for v in cache.values],
+    )
 
 
 @torch.no_grad()
