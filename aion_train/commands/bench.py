@@ -12,6 +12,7 @@ BENCHES = {
     "train": "aion_train.bench.train",
     "retrieval": "aion_train.bench.retrieval",
     "data": "aion_train.bench.data",
+    "serve": "aion_train.bench.serve",
     "gpu": "aion_train.bench.gpu",  # CUDA only: exits 2 without a GPU
 }
 

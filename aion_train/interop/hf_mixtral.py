@@ -425,29 +425,42 @@ def export_hf(
     check_writable(out_dir, "export-hf", overwrite)
     cfg_dict, sd = load_full_state_dict(checkpoint)
     cfg = model_config_from_dict(cfg_dict)
-    notes = check_exportable(cfg)
+    check_exportable(cfg)  # raises NotExpressibleError before anything is written
     if dtype is None:
         dtype = sd["embed.weight"].dtype
-    hf = to_hf_state_dict(cfg, sd, expert_layout, dtype)
     final = Path(out_dir).absolute()
     out = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     out.mkdir(parents=True)
     try:
-        files = save_safetensors_sharded(hf, out, parse_size(max_shard_size))
-        hc = to_hf_config(cfg, dtype)
-        hc.save_pretrained(str(out))
-        # transformers < 5 and other readers (vLLM, llama.cpp converters) look for a top-level rope_theta
-        cpath = out / "config.json"
-        doc = json.loads(cpath.read_text())
-        doc.setdefault("rope_theta", float(cfg.rope_theta))
-        doc["aion_train"] = {"expert_layout": expert_layout, "notes": notes}
-        cpath.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        written = write_hf_folder(cfg, sd, out, dtype=dtype, expert_layout=expert_layout, max_shard_size=max_shard_size)
         publish_dir(out, final, "export-hf", overwrite=overwrite, last=("config.json",))
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    out = Path(out_dir)
+    return {"out": str(Path(out_dir)), **written}
+
+
+def write_hf_folder(
+    cfg: ModelConfig,
+    sd: dict[str, torch.Tensor],
+    out: Path,
+    *,
+    dtype: torch.dtype,
+    expert_layout: str = "per-expert",
+    max_shard_size: str | int = "5GB",
+) -> dict:
+    """Our full state dict as HF Mixtral files (safetensors shards + config.json) in the
+    existing folder `out`, which `MixtralForCausalLM.from_pretrained` reads."""
+    notes = check_exportable(cfg)
+    hf = to_hf_state_dict(cfg, sd, expert_layout, dtype)
+    files = save_safetensors_sharded(hf, out, parse_size(max_shard_size))
+    to_hf_config(cfg, dtype).save_pretrained(str(out))
+    # transformers < 5 and other readers (vLLM, llama.cpp converters) look for a top-level rope_theta
+    cpath = out / "config.json"
+    doc = json.loads(cpath.read_text())
+    doc.setdefault("rope_theta", float(cfg.rope_theta))
+    doc["aion_train"] = {"expert_layout": expert_layout, "notes": notes}
+    cpath.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     return {
-        "out": str(out),
         "files": files + ["config.json"],
         "dtype": _DTYPE_NAMES.get(dtype, str(dtype)),
         "parameters": sum(t.numel() for t in hf.values()),

@@ -21,6 +21,7 @@ from torch import nn
 log = logging.getLogger("aion_train.model")
 
 GROUPED_MM_MODES = ("auto", "grouped", "per_expert")
+ALL_ROWS = 1 << 62  # sparse_expert_rows: every step
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,15 @@ class ExecutionPolicy:
     def for_generation(self) -> ExecutionPolicy:
         """The same device choices for serving / `generate`: no routing losses or stats, decode
         steps run only the experts their tokens picked, and on the CPU (where equal expert
-        groups are batched) the bf16 weights are packed once for oneDNN."""
+        groups are batched) the bf16 weights are packed once (packed_weights.py)."""
+        cpu = self.batched_equal_groups
         return dataclasses.replace(
-            self, routing_stats=False, sparse_expert_rows=256, packed_weights=self.batched_equal_groups
+            self,
+            routing_stats=False,
+            # on the CPU every step (prefill too) takes one matmul per expert with rows, on the
+            # packed weights; CUDA keeps the grouped GEMM for prefills
+            sparse_expert_rows=ALL_ROWS if cpu else 256,
+            packed_weights=cpu,
         )
 
 

@@ -1,12 +1,16 @@
-"""Weights laid out once for oneDNN's CPU matmul, for generation (`ExecutionPolicy.packed_weights`).
+"""bf16 weights laid out once for the CPU's matmul, for generation (`ExecutionPolicy.packed_weights`).
 
-A bf16 linear on the CPU reorders its weight into oneDNN's blocked layout at every call; a
-weight reordered once (`torch.ops.mkldnn._reorder_linear_weight`, what PyTorch's own inductor
-does when it freezes a model for CPU inference) runs the same kernel without that work: the
-outputs are bitwise the same, the decode step faster (docs/notes.md, bench serve). The packed
-copy is derived from the parameter when `pack_weights` runs and used only where no gradient is
-recorded; the parameter itself stays, so `state_dict`, training and every other path are
-unchanged. The copy costs the memory of the packed weights once more."""
+On a CPU with native bf16 matmul (oneDNN reports it: AVX512-BF16 / AMX), a bf16 linear
+reorders its weight into oneDNN's blocked layout at every call; a weight reordered once
+(`torch.ops.mkldnn._reorder_linear_weight`, what PyTorch's own inductor does when it freezes a
+model for CPU inference) runs the same kernel without that work, with bitwise the same outputs.
+On a CPU without it (AVX2 only), a bf16 GEMM is emulated and many times slower than fp32, so
+the copy is the weight in fp32, in oneDNN's layout, and the product is computed in fp32 from
+the same bf16 values and rounded to bf16 once (closer to the exact product than the bf16
+kernel, not bitwise equal to it). Measurements: docs/notes.md (bench serve). The copy is derived from the parameter when
+`pack_weights` runs and used only where no gradient is recorded; the parameter itself stays, so
+`state_dict`, training and every other path are unchanged. The copy costs the memory of the
+packed weights once more (twice in fp32)."""
 
 from __future__ import annotations
 
@@ -21,27 +25,46 @@ log = logging.getLogger("aion_train.model")
 
 
 @functools.cache
+def native_bf16() -> bool:
+    """oneDNN runs bf16 matmuls natively on this CPU."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@functools.cache
 def packing_works(dtype: torch.dtype = torch.bfloat16) -> bool:
-    """The CPU build has oneDNN's packed linear and it matches F.linear bitwise on a probe."""
-    ops = getattr(torch.ops, "mkldnn", None)
-    if dtype != torch.bfloat16 or ops is None or not torch.backends.mkldnn.is_available():
+    """bf16 weights can be packed here: always (fp32 copies) without native bf16; with it, when
+    the build has oneDNN's packed linear and it matches F.linear bitwise on a probe."""
+    if dtype != torch.bfloat16 or getattr(torch.ops, "mkldnn", None) is None:
+        return False
+    if not torch.backends.mkldnn.is_available():
         return False
     try:
         g = torch.Generator().manual_seed(0)
         w = torch.randn(48, 32, generator=g).to(dtype)
         x = torch.randn(3, 32, generator=g).to(dtype)
-        return bool(torch.equal(packed_linear(x, pack(w)), F.linear(x, w)))
+        got = packed_linear(x, pack(w))
+        if native_bf16():
+            return bool(torch.equal(got, F.linear(x, w)))
+        return bool(torch.allclose(got.float(), F.linear(x.float(), w.float()), rtol=2**-7, atol=1e-5))
     except Exception:  # an op missing from this build
         return False
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """[out, in] weight -> oneDNN's layout for F.linear-like products."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+    """[out, in] bf16 weight -> oneDNN's layout (native bf16), else its fp32 copy."""
+    w = weight.detach() if native_bf16() else weight.detach().float()
+    return torch.ops.mkldnn._reorder_linear_weight(w, 1)
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    """F.linear(x, weight, bias) for the packed copy of weight."""
+    if packed.dtype == x.dtype:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    b = None if bias is None else bias.to(packed.dtype)
+    return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, b, "none", [], "").to(x.dtype)
 
 
 class PackedLinear(nn.Module):
@@ -74,8 +97,9 @@ def pack_weights(model: nn.Module) -> int:
             # attention: q, k, v as one [q; k; v] weight (each output the same dot product)
             parent.packed_qkv = pack(torch.cat([getattr(parent, f"{c}_proj").weight for c in "qkv"]))
             n += 1
-            continue  # its projections keep their plain weights (training, grad-enabled calls)
         for name, child in list(parent.named_children()):
+            if getattr(parent, "packed_qkv", None) is not None and name in ("q_proj", "k_proj", "v_proj"):
+                continue  # used through packed_qkv; kept plain for grad-enabled calls
             if type(child) is nn.Linear and _packable(child.weight):
                 setattr(parent, name, PackedLinear(child))
                 n += 1
@@ -87,7 +111,8 @@ def pack_weights(model: nn.Module) -> int:
                 if getattr(parent, p) is not None
             }
             n += sum(len(v) for v in parent.packed_experts.values())
-    log.info("packed %d weights for oneDNN's CPU matmul", n)
+    how = "oneDNN's bf16 layout" if native_bf16() else "fp32 copies (no native bf16 matmul on this CPU)"
+    log.info("packed %d weights for generation: %s", n, how)
     return n
 
 

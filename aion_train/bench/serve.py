@@ -1,0 +1,279 @@
+"""bench serve: `aion-train serve` over loopback HTTP against `transformers`' `generate` on the
+same weights exported to HF format, side by side in one run.
+
+Our side is the real server (Service + the FastAPI app under uvicorn on 127.0.0.1) with C
+concurrent clients in another process, each sending its requests one after the other as
+streamed completions (token-id prompts, greedy, `max_tokens` new tokens, no stop). The
+reference generates the same prompts with `MixtralForCausalLM.generate`, C sequences per
+batch, exactly `max_tokens` new tokens each. Rounds interleave the two at every C, and a
+ratio is the median of the per-round ratios (`timing.paired_ratio`).
+
+The weights are random (seeded). The served tokenizer is a small SentencePiece model trained
+on the packaged demo texts; it only turns generated ids into text (prompts are ids), and
+ids past its vocabulary are never sampled (the logits are still computed over the model's
+whole vocabulary, so the work is the same as with a full-size tokenizer). No eos: every
+request runs to `max_tokens`, which the bench checks."""
+
+from __future__ import annotations
+
+import multiprocessing
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from .timing import paired_ratio
+
+# the mid-size config of the serving issue: 113M parameters
+MID_MODEL = [
+    "model.vocab_size=32000",
+    "model.d_model=512",
+    "model.n_layers=6",
+    "model.n_heads=8",
+    "model.n_kv_heads=4",
+    "model.moe.n_experts=8",
+    "model.moe.top_k=2",
+    "model.moe.d_ff_expert=1024",
+    "model.max_seq_len=512",
+    "model.tie_embeddings=false",
+]
+CLIENTS = (1, 8, 32)
+REQUESTS_PER_CLIENT = {1: 2, 8: 1, 32: 1}
+POLICY_JURISDICTION = "eu-de"
+TOKENIZER_VOCAB = 2048
+QUICK = {"mid": False, "rounds": 2, "clients": (1, 4), "prompt_tokens": 16, "new_tokens": 8, "policy_clients": 4}
+
+
+def _config(mid: bool, config: str | None):
+    from aion_train.config import load_config
+
+    from .train import _config_path
+
+    return load_config(_config_path(config), MID_MODEL if mid else [])
+
+
+def _hf_model(cfg, model, dtype: torch.dtype, folder: Path):
+    """Our weights written as an HF Mixtral folder and read back by transformers."""
+    from transformers import MixtralForCausalLM
+
+    from aion_train.interop.hf_mixtral import write_hf_folder
+
+    sd = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    folder.mkdir()
+    write_hf_folder(cfg, sd, folder, dtype=dtype)
+    hf = MixtralForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="sdpa")
+    return hf.eval()
+
+
+def _loaded(model, cfg, tokenizer_path: str):
+    from aion_train.data.demo import demo_documents
+    from aion_train.data.tokenizer import Tokenizer, train_tokenizer
+    from aion_train.serve.loading import LoadedModel
+
+    train_tokenizer(demo_documents(), tokenizer_path, min(TOKENIZER_VOCAB, cfg.vocab_size))
+    return LoadedModel(
+        model=model,
+        tokenizer=Tokenizer(tokenizer_path),
+        kind="pretrain",
+        checkpoint="<random weights>",
+        model_id="bench-serve",
+        max_seq_len=cfg.max_seq_len,
+        dtype="bf16" if next(model.parameters()).dtype == torch.bfloat16 else "fp32",
+        chat=False,
+        eos_ids=(),
+    )
+
+
+class _LoopbackServer:
+    """uvicorn on 127.0.0.1 (a free port) in a thread of this process."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the bench server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+class _Clients:
+    """The client process (spawned: no torch state shared with the server)."""
+
+    def __enter__(self):
+        from .serve_clients import client_worker
+
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=client_worker, args=(child,), daemon=True)
+        self.proc.start()
+        return self
+
+    def run(self, **job) -> dict:
+        self.conn.send(job)
+        status, out = self.conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"bench serve clients: {out}")
+        return out
+
+    def __exit__(self, *exc):
+        self.conn.send(None)
+        self.proc.join(10)
+
+
+def _served(clients: _Clients, url, prompts, c, per_client, new_tokens, jurisdiction=None) -> dict:
+    body = {
+        "model": "bench-serve",
+        "max_tokens": new_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if jurisdiction:
+        body["jurisdiction"] = jurisdiction
+    out = clients.run(base_url=url, prompts=prompts, clients=c, per_client=per_client, body=body)
+    reqs = out["requests"]
+    bad = [r for r in reqs if r["tokens"] != new_tokens or r["finish"] != "length"]
+    if bad:
+        raise RuntimeError(f"{len(bad)} of {len(reqs)} requests did not generate {new_tokens} tokens: {bad[0]}")
+    return {
+        "tokens_per_s": sum(r["tokens"] for r in reqs) / out["wall_s"],
+        "ttft_ms": [r["chunk_s"][0] * 1e3 for r in reqs if r["chunk_s"]],
+        "itl_ms": [(b - a) * 1e3 for r in reqs for a, b in zip(r["chunk_s"], r["chunk_s"][1:])],
+    }
+
+
+def _hf_generate(hf, prompts, c, per_client, new_tokens) -> float:
+    """tokens/s of `generate` on per_client batches of c prompts (the clients' prompts)."""
+    n = c * per_client
+    ids = torch.tensor([prompts[i % len(prompts)] for i in range(n)])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for b in range(per_client):
+            batch = ids[b * c : (b + 1) * c]
+            out = hf.generate(
+                input_ids=batch,
+                attention_mask=torch.ones_like(batch),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=0,
+            )
+            assert out.shape[1] == batch.shape[1] + new_tokens
+    return n * new_tokens / (time.perf_counter() - t0)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def run_bench(
+    config: str | None = None,
+    mid: bool = True,
+    rounds: int = 3,
+    clients=CLIENTS,
+    requests: dict | None = None,
+    prompt_tokens: int = 64,
+    new_tokens: int = 64,
+    policy_clients: int = 8,
+    threads: int | None = None,
+    dtype: str = "bf16",
+    seed: int = 0,
+) -> dict:
+    from aion_train.model import build_model
+    from aion_train.policy import PolicySet, build_bundle
+    from aion_train.serve.openai_api import create_app
+    from aion_train.serve.service import Service
+
+    if threads:
+        torch.set_num_threads(threads)
+    clients = tuple(int(c) for c in clients)
+    per_client = {c: (requests or REQUESTS_PER_CLIENT).get(c, 1) for c in clients}
+    cfg = _config(mid, config).model
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    model = build_model(cfg, seed=seed).eval().to(torch_dtype)
+    params = sum(p.numel() for p in model.parameters())
+    policy_files = sorted((Path(__file__).resolve().parents[2] / "configs" / "policies").glob("*.json"))
+    policies = PolicySet(build_bundle(policy_files))
+    gen = torch.Generator().manual_seed(seed)
+    vocab = min(TOKENIZER_VOCAB, cfg.vocab_size)
+    n_prompts = max(c * per_client[c] for c in (*clients, policy_clients))
+    prompts = torch.randint(4, vocab, (n_prompts, prompt_tokens), generator=gen).tolist()
+
+    with tempfile.TemporaryDirectory(prefix="aion-bench-serve-") as tmp:
+        hf = _hf_model(cfg, model, torch_dtype, Path(tmp) / "hf")
+        service = Service(_loaded(model, cfg, str(Path(tmp) / "tok.model")), policies, max_batch=max(clients))
+        app = create_app(service)
+        service.scheduler.start()
+        samples: dict = {"ours": {c: [] for c in clients}, "hf": {c: [] for c in clients}}
+        ttft: dict = {c: [] for c in clients}
+        itl: dict = {c: [] for c in clients}
+        policy_rounds: dict = {"default": [], POLICY_JURISDICTION: []}
+        try:
+            with _LoopbackServer(app) as server, _Clients() as cl:
+                for c in clients:  # warm-up: allocator, kernels, connections
+                    _served(cl, server.url, prompts, c, 1, new_tokens)
+                    _hf_generate(hf, prompts, c, 1, new_tokens)
+                for _ in range(rounds):
+                    for c in clients:
+                        ours = _served(cl, server.url, prompts, c, per_client[c], new_tokens)
+                        samples["ours"][c].append(ours["tokens_per_s"])
+                        ttft[c] += ours["ttft_ms"]
+                        itl[c] += ours["itl_ms"]
+                        samples["hf"][c].append(_hf_generate(hf, prompts, c, per_client[c], new_tokens))
+                    pc = policy_clients
+                    for jur in ("default", POLICY_JURISDICTION):
+                        j = None if jur == "default" else jur
+                        r = _served(cl, server.url, prompts, pc, per_client.get(pc, 1), new_tokens, j)
+                        policy_rounds[jur].append(r["tokens_per_s"])
+        finally:
+            service.scheduler.stop()
+
+    def per_c(fn) -> dict:
+        return {str(c): fn(c) for c in clients}
+
+    return {
+        "tokens_per_s": per_c(lambda c: round(statistics.median(samples["ours"][c]), 1)),
+        "hf_tokens_per_s": per_c(lambda c: round(statistics.median(samples["hf"][c]), 1)),
+        "ratio_vs_hf": per_c(lambda c: round(paired_ratio(samples["ours"][c], samples["hf"][c]), 3)),
+        "ttft_ms_p50": per_c(lambda c: round(_pct(ttft[c], 0.5), 2)),
+        "ttft_ms_p99": per_c(lambda c: round(_pct(ttft[c], 0.99), 2)),
+        "itl_ms_p50": per_c(lambda c: round(_pct(itl[c], 0.5), 2)),
+        "policy_overhead": round(paired_ratio(policy_rounds[POLICY_JURISDICTION], policy_rounds["default"]), 3),
+        "params": params,
+        "policy_jurisdiction": POLICY_JURISDICTION,
+        "policy_clients": policy_clients,
+        "rounds_tokens_per_s": {
+            "ours": per_c(lambda c: samples["ours"][c]),
+            "hf": per_c(lambda c: samples["hf"][c]),
+            "policy": policy_rounds,
+        },
+        "requests_per_client": per_c(lambda c: per_client[c]),
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "d_model": cfg.d_model,
+        "vocab_size": cfg.vocab_size,
+        "tokenizer_vocab": vocab,
+    }
