@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 STATE_FILE = ".make-shards.tmp-state.sqlite"
 BUILD_VERSION = 1
 CHECKPOINT_RECORDS = 5000
-BATCH = 256
+BATCH = 256  # records a batch, at most
+BATCH_CHARS = 1 << 22  # and about this many characters (a batch is the memory bound)
 KIND = "make-shards"
 
 
@@ -194,14 +195,15 @@ def _batches(sources: list[Source], args: BuildArgs, start_source: int, start_re
     for si in range(start_source, len(sources)):
         src = sources[si]
         skip = start_record if si == start_source else 0
-        raws, first = [], skip
+        raws, first, size = [], skip, 0
         for ri, raw in enumerate(iter_raw(src, args.text_field)):
             if ri < skip:
                 continue
             raws.append(raw)
-            if len(raws) == BATCH:
+            size += len(raw) if isinstance(raw, (str, bytes)) else 0
+            if len(raws) == BATCH or size >= BATCH_CHARS:
                 yield (si, first), (src.format, args.text_field, raws)
-                raws, first = [], ri + 1
+                raws, first, size = [], ri + 1, 0
         if raws:
             yield (si, first), (src.format, args.text_field, raws)
         yield (si, -1), (src.format, args.text_field, [])  # end of this source

@@ -11,7 +11,7 @@ worker processes with ``--workers``).
 Formats (``auto`` picks one per file by its name): ``text`` (``.txt .md .rst``, files without a
 known extension; ``.gz`` read transparently; a file with NUL bytes in its first 8 KB is skipped
 as binary), ``jsonl`` (``.jsonl .ndjson .json``, one JSON object a line), ``csv`` (``.csv``,
-``.tsv``), ``parquet`` (``.parquet``), ``hf`` (a folder with ``dataset_info.json`` or
+``.tsv``), ``parquet`` (``.parquet``); in a folder, ``.json`` files are read as text, ``hf`` (a folder with ``dataset_info.json`` or
 ``state.json``, or a ``DatasetDict`` folder with ``dataset_dict.json``: every split, in name
 order). A text file is one document; a file longer than ``max_doc_chars`` is cut at blank
 lines into documents of about that size (bounded memory).
@@ -59,9 +59,12 @@ def _is_hf_dir(path: str) -> bool:
     return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, m)) for m in _HF_MARKERS)
 
 
-def _format_of(path: str) -> str:
+def _format_of(path: str, walked: bool = False) -> str:
+    """The format of a file by its name; in a folder walk a ``.json`` file (often one JSON
+    document, not JSONL) is read as text."""
     name = path[:-3] if path.endswith(".gz") else path
-    return _EXT.get(os.path.splitext(name)[1].lower(), "text")
+    ext = os.path.splitext(name)[1].lower()
+    return "text" if walked and ext == ".json" else _EXT.get(ext, "text")
 
 
 def _walk(folder: str) -> list[str]:
@@ -88,7 +91,7 @@ def resolve_sources(paths: list[str], fmt: str = "auto") -> list[Source]:
                 raise SourceError(f"--from {p}: not a folder written by datasets' save_to_disk ({', '.join(_HF_MARKERS)})")
             files = [(os.path.abspath(p), "hf")]
         elif os.path.isdir(p):
-            files = [(os.path.abspath(f), fmt if fmt != "auto" else _format_of(f)) for f in _walk(p)]
+            files = [(os.path.abspath(f), fmt if fmt != "auto" else _format_of(f, walked=True)) for f in _walk(p)]
             if not files:
                 raise SourceError(f"--from {p}: the folder holds no files")
         else:
