@@ -77,6 +77,12 @@ def _write_marker(path: Path, kind: str, files: Optional[Iterable[str]] = None) 
     atomic_write_text(path / MARKER, json.dumps(marker, indent=1, sort_keys=True) + "\n")
 
 
+def record_outputs(path: PathLike, kind: str, files: Iterable[str]) -> None:
+    """Record `files` (top-level entries of `path`) as written by the command `kind`, for a
+    command that builds in place (a resumable build) instead of publishing a temp folder."""
+    _write_marker(Path(path), kind, files)
+
+
 def refusal(path: PathLike, what: str, entries: list[str]) -> ForeignFolderError:
     shown = ", ".join(repr(n) for n in entries[:3]) + (", ..." if len(entries) > 3 else "")
     return ForeignFolderError(

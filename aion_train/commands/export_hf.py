@@ -1,4 +1,8 @@
-"""aion-train export-hf --checkpoint C --out DIR [--dtype D] [--expert-layout per-expert|fused]
+"""aion-train export-hf --checkpoint C --out DIR [--family F] [--dtype D] [--expert-layout per-expert|fused]
+
+--family: mixtral | llama | mistral | qwen2 | qwen2_moe; default: the family the run was imported
+from (RUN/hf_source), else the one the model implies (dense: llama; MoE: mixtral). Tokenizer files and generation_config.json are written too
+(aion_train.interop.hf). The Mixtral case:
 
 C is a step folder, a checkpoints folder or a run folder (its latest checkpoint), written with
 any TP/EP layout. DIR gets config.json + safetensors that `MixtralForCausalLM.from_pretrained(DIR)`
@@ -30,6 +34,7 @@ def add_arguments(p):
         help="per-expert: experts.J.w1/w2/w3 (every published Mixtral; default); "
         "fused: transformers 5's mlp.experts.gate_up_proj/down_proj",
     )
+    p.add_argument("--family", default=None, help="mixtral|llama|mistral|qwen2|qwen2_moe (default: see above)")
     p.add_argument("--max-shard-size", default="5GB", help="split the safetensors above this size")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     add_overwrite_argument(p)
@@ -38,13 +43,15 @@ def add_arguments(p):
 def run(args) -> int:
     from aion_train.checkpoint import CheckpointError
     from aion_train.config import ConfigError
-    from aion_train.interop.hf_mixtral import DTYPES, NotExpressibleError, export_hf
+    from aion_train.interop.hf import export_any
+    from aion_train.interop.hf_mixtral import DTYPES, NotExpressibleError
     from aion_train.ownership import ForeignFolderError
 
     try:
-        summary = export_hf(
+        summary = export_any(
             args.checkpoint,
             args.out,
+            family=args.family,
             dtype=None if args.dtype == "keep" else DTYPES[args.dtype],
             expert_layout=args.expert_layout,
             max_shard_size=args.max_shard_size,

@@ -1,6 +1,7 @@
 """aion-train import-hf --hf DIR --out RUN_DIR [--tp T --ep E] [--config F [overrides]]
 
-Writes a Hugging Face Mixtral folder (config.json + safetensors, read locally) as
+Writes a Hugging Face Mixtral, Llama, Mistral, Qwen2 or Qwen2-MoE folder (config.json +
+safetensors, read locally; aion_train.interop.hf) as
 RUN_DIR/checkpoints/step_00000000 in our layout: a manifest with model_config and layout
 {tp, ep, world, zero_stage} and the model payloads of the ranks that save the model for
 that TP/EP layout. There is no optimizer or trainer state (manifest field
@@ -8,7 +9,10 @@ that TP/EP layout. There is no optimizer or trainer state (manifest field
 
 With --config, the model keys that do not change the forward pass (init_std, balance/z-loss
 coefficients, attention backend) and --tp/--ep/world/zero_stage defaults come from that
-training config, so the manifest matches the config it will be trained with."""
+training config, so the manifest matches the config it will be trained with.
+
+The source's config.json, tokenizer files and generation config are kept in RUN_DIR/hf_source;
+the summary names the tokenizer to train with (data.tokenizer=RUN_DIR/hf_source/tokenizer.json)."""
 
 from __future__ import annotations
 
@@ -43,7 +47,8 @@ def add_arguments(p):
 def run(args) -> int:
     from aion_train.checkpoint import CheckpointError
     from aion_train.config import ConfigError, load_config
-    from aion_train.interop.hf_mixtral import DTYPES, NotExpressibleError, import_hf
+    from aion_train.interop.hf import import_any as import_hf
+    from aion_train.interop.hf_mixtral import DTYPES, NotExpressibleError
 
     base, tp, ep, world, zero = None, args.tp or 1, args.ep or 1, args.world, 1
     if args.config or args.overrides:
@@ -75,6 +80,6 @@ def run(args) -> int:
         summary,
         args.json,
         f"wrote {summary['checkpoint']} (tp={tp}, ep={ep}, "
-        f"{summary['parameters']:,} parameters, {summary['dtype']}); no optimizer "
-        "state: training from it starts a fresh optimizer",
+        f"{summary['parameters']:,} parameters, {summary['dtype']}, {summary['family']}); no optimizer "
+        f"state: training from it starts a fresh optimizer; tokenizer: {summary['tokenizer']}",
     )

@@ -24,9 +24,15 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 TRAIN_SEED = 1234
 
 
+MODEL_TYPES = ("bpe", "unigram")
+
+
 def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int,
-                    seed: int = TRAIN_SEED, max_sentence_length: int = 1 << 16) -> str:
-    """Train a SentencePiece BPE model on ``texts`` and write it to ``out_path``.
+                    seed: int = TRAIN_SEED, max_sentence_length: int = 1 << 16,
+                    model_type: str = "bpe", control_symbols: Sequence[str] = ()) -> str:
+    """Train a SentencePiece model (``model_type`` bpe, the default, or unigram) on ``texts``
+    and write it to ``out_path``. ``control_symbols`` (e.g. the chat role tokens) get reserved
+    ids right after the delimiter tokens that no text ever encodes to.
 
     Every text is written to a temporary file (one line per text line, empty lines
     dropped) and all of it is used (no sentence sampling, no shuffling, one thread), so the
@@ -34,7 +40,9 @@ def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int,
     ``vocab_size`` pieces (SentencePiece fails rather than return fewer). The model is
     written atomically (temp name in the same directory, then rename). Returns out_path.
     """
-    n_reserved = 4 + len(SPECIAL_TOKENS) + 256
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type={model_type!r}: must be one of {', '.join(MODEL_TYPES)}")
+    n_reserved = 4 + len(SPECIAL_TOKENS) + len(control_symbols) + 256
     if vocab_size <= n_reserved:
         raise ValueError(f"vocab_size must exceed the {n_reserved} reserved/byte pieces, got {vocab_size}")
     out_path = os.fspath(out_path)
@@ -56,7 +64,7 @@ def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int,
         spm.SentencePieceTrainer.train(
             input=corpus,
             model_prefix=prefix,
-            model_type="bpe",
+            model_type=model_type,
             vocab_size=vocab_size,
             character_coverage=1.0,
             byte_fallback=True,
@@ -66,6 +74,7 @@ def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int,
             allow_whitespace_only_pieces=True,
             split_digits=True,
             user_defined_symbols=list(SPECIAL_TOKENS),
+            control_symbols=list(control_symbols),
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
             pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
             num_threads=1,
@@ -144,3 +153,26 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+def is_hf_tokenizer(path: str) -> bool:
+    path = os.fspath(path)
+    return path.endswith(".json") or (os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.json")))
+
+
+def load_tokenizer(path: str):
+    """Our SentencePiece model (a ``.model`` file), or a Hugging Face ``tokenizer.json`` (the
+    file or its folder) as :class:`aion_train.data.hf_tokenizer.HFTokenizer`; same interface."""
+    path = os.fspath(path)
+    if is_hf_tokenizer(path):
+        from .hf_tokenizer import HFTokenizer
+
+        return HFTokenizer(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer {path}: no such file (a SentencePiece .model or a tokenizer.json)")
+    return Tokenizer(path)
+
+
+def run_tokenizer_path(cfg) -> str:
+    """The tokenizer a run trains with: data.tokenizer, else data.dir/tokenizer.model."""
+    return cfg.data.tokenizer or os.path.join(cfg.data.dir, "tokenizer.model")

@@ -416,12 +416,15 @@ def export_hf(
     expert_layout: str = "per-expert",
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
+    extra_files=None,
 ) -> dict:
     """Write a checkpoint of ours (any TP/EP layout) as a HF Mixtral folder; returns a summary
     with the notes of `check_exportable`. Raises NotExpressibleError for other models, and
     ForeignFolderError for a non-empty `out_dir` aion-train did not write (unless `overwrite`).
     The folder is written beside `out_dir` and moved into place; an earlier export's files
-    that this one does not write (e.g. more shards) are removed, other files are kept."""
+    that this one does not write (e.g. more shards) are removed, other files are kept.
+    `extra_files(folder) -> names` writes more files (tokenizer, generation config) into the
+    folder before it is published."""
     check_writable(out_dir, "export-hf", overwrite)
     cfg_dict, sd = load_full_state_dict(checkpoint)
     cfg = model_config_from_dict(cfg_dict)
@@ -433,6 +436,8 @@ def export_hf(
     out.mkdir(parents=True)
     try:
         written = write_hf_folder(cfg, sd, out, dtype=dtype, expert_layout=expert_layout, max_shard_size=max_shard_size)
+        if extra_files is not None:
+            written["files"] += extra_files(out)
         publish_dir(out, final, "export-hf", overwrite=overwrite, last=("config.json",))
     finally:
         shutil.rmtree(out, ignore_errors=True)

@@ -29,7 +29,8 @@ def prepare_data(cfg: Config, rank: int, build_demo: Callable[[str, int, int], d
     """(train shards, val shards, tokenizer): the user's (data.train_shards / val_shards /
     tokenizer), or the demo set that `build_demo(dir, vocab_size, seed)` builds in data.dir
     (once, by rank 0, the others waiting) when none are given."""
-    from aion_train.data import Tokenizer, expand_shards
+    from aion_train.data import expand_shards
+    from aion_train.data.tokenizer import load_tokenizer
 
     if cfg.data.train_shards:
         train, val = expand_shards(cfg.data.train_shards), expand_shards(cfg.data.val_shards or [])
@@ -41,7 +42,7 @@ def prepare_data(cfg: Config, rank: int, build_demo: Callable[[str, int, int], d
             dist.barrier()
         paths = build_demo(cfg.data.dir, cfg.model.vocab_size, cfg.seed)
         train, val, tok = paths["train"], paths["val"], cfg.data.tokenizer or paths["tokenizer"]
-    tokenizer = Tokenizer(tok)
+    tokenizer = load_tokenizer(tok)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(
             f"data.tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}"
