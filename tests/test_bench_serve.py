@@ -47,6 +47,8 @@ def test_fields_and_ratios_follow_from_the_rounds(result):
         assert result["tokens_per_s"][c] == round(statistics.median(ours), 1)
         assert result["hf_tokens_per_s"][c] == round(statistics.median(hf), 1)
         assert result["ratio_vs_hf"][c] == round(statistics.median(a / b for a, b in zip(ours, hf)), 3)
+        hf32 = rounds["hf_fp32"][c]
+        assert result["ratio_vs_hf_fp32"][c] == round(statistics.median(a / b for a, b in zip(ours, hf32)), 3)
         assert 0 < result["ttft_ms_p50"][c] <= result["ttft_ms_p99"][c]
         assert result["itl_ms_p50"][c] > 0
     pol = rounds["policy"]

@@ -5,8 +5,9 @@ Our side is the real server (Service + the FastAPI app under uvicorn on 127.0.0.
 concurrent clients in another process, each sending its requests one after the other as
 streamed completions (token-id prompts, greedy, `max_tokens` new tokens, no stop). The
 reference generates the same prompts with `MixtralForCausalLM.generate`, C sequences per
-batch, exactly `max_tokens` new tokens each. Rounds interleave the two at every C, and a
-ratio is the median of the per-round ratios (`timing.paired_ratio`).
+batch, exactly `max_tokens` new tokens each, in bf16 and (as `hf_fp32_*`) with the same
+weights in fp32. Rounds interleave them at every C, and a ratio is the median of the
+per-round ratios (`timing.paired_ratio`).
 
 The weights are random (seeded). The served tokenizer is a small SentencePiece model trained
 on the packaged demo texts; it only turns generated ids into text (prompts are ids), and
@@ -199,6 +200,7 @@ def run_bench(
     threads: int | None = None,
     dtype: str = "bf16",
     seed: int = 0,
+    compare_fp32: bool = True,
 ) -> dict:
     from aion_train.model import build_model
     from aion_train.policy import PolicySet, build_bundle
@@ -222,10 +224,13 @@ def run_bench(
 
     with tempfile.TemporaryDirectory(prefix="aion-bench-serve-") as tmp:
         hf = _hf_model(cfg, model, torch_dtype, Path(tmp) / "hf")
+        # the same bf16 weights computed in fp32 by transformers: where the CPU has no native
+        # bf16 matmul this is the faster way to run them there, shown beside the bf16 reference
+        hf32 = _hf_model(cfg, model, torch.float32, Path(tmp) / "hf32") if compare_fp32 and dtype == "bf16" else None
         service = Service(_loaded(model, cfg, str(Path(tmp) / "tok.model")), policies, max_batch=max(clients))
         app = create_app(service)
         service.scheduler.start()
-        samples: dict = {"ours": {c: [] for c in clients}, "hf": {c: [] for c in clients}}
+        samples: dict = {k: {c: [] for c in clients} for k in ("ours", "hf", "hf_fp32")}
         ttft: dict = {c: [] for c in clients}
         itl: dict = {c: [] for c in clients}
         policy_rounds: dict = {"default": [], POLICY_JURISDICTION: []}
@@ -233,7 +238,8 @@ def run_bench(
             with _LoopbackServer(app) as server, _Clients() as cl:
                 for c in clients:  # warm-up: allocator, kernels, connections
                     _served(cl, server.url, prompts, c, 1, new_tokens)
-                    _hf_generate(hf, prompts, c, 1, new_tokens)
+                    for m in (hf, hf32) if hf32 is not None else (hf,):
+                        _hf_generate(m, prompts, c, 1, new_tokens)
                 for _ in range(rounds):
                     for c in clients:
                         ours = _served(cl, server.url, prompts, c, per_client[c], new_tokens)
@@ -241,6 +247,8 @@ def run_bench(
                         ttft[c] += ours["ttft_ms"]
                         itl[c] += ours["itl_ms"]
                         samples["hf"][c].append(_hf_generate(hf, prompts, c, per_client[c], new_tokens))
+                        if hf32 is not None:
+                            samples["hf_fp32"][c].append(_hf_generate(hf32, prompts, c, per_client[c], new_tokens))
                     pc = policy_clients
                     for jur in ("default", POLICY_JURISDICTION):
                         j = None if jur == "default" else jur
@@ -259,6 +267,14 @@ def run_bench(
         "ttft_ms_p50": per_c(lambda c: round(_pct(ttft[c], 0.5), 2)),
         "ttft_ms_p99": per_c(lambda c: round(_pct(ttft[c], 0.99), 2)),
         "itl_ms_p50": per_c(lambda c: round(_pct(itl[c], 0.5), 2)),
+        **(
+            {
+                "hf_fp32_tokens_per_s": per_c(lambda c: round(statistics.median(samples["hf_fp32"][c]), 1)),
+                "ratio_vs_hf_fp32": per_c(lambda c: round(paired_ratio(samples["ours"][c], samples["hf_fp32"][c]), 3)),
+            }
+            if hf32 is not None
+            else {}
+        ),
         "policy_overhead": round(paired_ratio(policy_rounds[POLICY_JURISDICTION], policy_rounds["default"]), 3),
         "params": params,
         "policy_jurisdiction": POLICY_JURISDICTION,
@@ -266,6 +282,7 @@ def run_bench(
         "rounds_tokens_per_s": {
             "ours": per_c(lambda c: samples["ours"][c]),
             "hf": per_c(lambda c: samples["hf"][c]),
+            **({"hf_fp32": per_c(lambda c: samples["hf_fp32"][c])} if hf32 is not None else {}),
             "policy": policy_rounds,
         },
         "requests_per_client": per_c(lambda c: per_client[c]),
