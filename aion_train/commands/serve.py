@@ -1,5 +1,6 @@
 """aion-train serve --checkpoint C [--policy BUNDLE] [--host 127.0.0.1] [--port 8000]
     [--api-key-file F] [--audit-log FILE] [--max-batch N] [--json-logs]
+    [--policy-poll SECONDS] [--allow-unauthenticated-admin]
 
 An OpenAI-compatible HTTP server (FastAPI + uvicorn) for one checkpoint: GET /v1/models,
 POST /v1/completions, POST /v1/chat/completions (streaming as server-sent events),
@@ -11,6 +12,12 @@ and lines starting with # skipped); every request but /health then needs
 pick a jurisdiction with the `jurisdiction` field or the X-Jurisdiction header, none means
 the default policy, an unknown one is refused with 400. --audit-log: one hash-chained JSONL
 record per request (`aion-train audit verify FILE` checks it).
+
+Policy hot reload (serve/policy_reload.py): the bundle file is polled every --policy-poll
+seconds (default 2; 0: off) and `POST /admin/reload` re-reads it on demand; a new bundle is
+validated before it is served, a broken one is refused and the running one stays. The admin
+route needs an API key; without --api-key-file it is refused unless
+--allow-unauthenticated-admin.
 
 Exit codes: 0 stopped cleanly; 1 the checkpoint, bundle, key file or audit log cannot be
 used; 2 bad arguments.
@@ -42,6 +49,18 @@ def add_arguments(p):
     p.add_argument("--k", type=int, default=3, metavar="K", help="chunks to retrieve with --index (default 3)")
     p.add_argument("--max-batch", type=int, default=8, metavar="N", help="rows per engine batch (default 8)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="B", help="request body limit")
+    p.add_argument(
+        "--policy-poll",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="re-read the --policy bundle when its file changes, polled this often (default 2; 0: off)",
+    )
+    p.add_argument(
+        "--allow-unauthenticated-admin",
+        action="store_true",
+        help="serve POST /admin/reload without an API key (refused by default when no --api-key-file)",
+    )
     p.add_argument("--json-logs", action="store_true", help="log one JSON object a line (access log too)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -96,19 +115,31 @@ def build_server(args):
     keys = read_api_keys(args.api_key_file) if args.api_key_file else None
     loaded = load_for_serving(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype, model_id=args.model_name)
     service = Service(loaded, policies, max_batch=args.max_batch)
+    poll = getattr(args, "policy_poll", 0.0) or 0.0
+    if args.policy and poll > 0:
+        from aion_train.serve.policy_reload import PolicyWatcher
+
+        service.policy_watcher = PolicyWatcher(service, poll)
     audit = AuditLog(args.audit_log) if args.audit_log else None
     retrieval = None
     if getattr(args, "index", None):
         from aion_train.serve.retrieval_context import RetrievalContext
 
         retrieval = RetrievalContext(args.index, args.k)
-    app = create_app(service, api_keys=keys, audit=audit, max_body_bytes=args.max_body_bytes, retrieval=retrieval)
+    app = create_app(
+        service,
+        api_keys=keys,
+        audit=audit,
+        max_body_bytes=args.max_body_bytes,
+        retrieval=retrieval,
+        allow_unauthenticated_admin=bool(getattr(args, "allow_unauthenticated_admin", False)),
+    )
     return app, service, audit
 
 
 def run(args) -> int:
-    if args.max_batch < 1 or not 0 < args.port < 65536:
-        print("serve: --max-batch must be >= 1 and --port in 1..65535", file=sys.stderr)
+    if args.max_batch < 1 or not 0 < args.port < 65536 or args.policy_poll < 0:
+        print("serve: --max-batch must be >= 1, --port in 1..65535 and --policy-poll >= 0", file=sys.stderr)
         return 2
     setup_logging(args.json_logs, args.log_level)
     log = logging.getLogger("aion_train.serve")
@@ -123,7 +154,7 @@ def run(args) -> int:
         return 1
     import uvicorn
 
-    service.scheduler.start()
+    service.start()
     log.info(
         "serving %s (%s, %s) on http://%s:%d; jurisdictions: %s",
         service.loaded.model_id,
@@ -144,7 +175,7 @@ def run(args) -> int:
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False, log_level=args.log_level)
     finally:
-        service.scheduler.stop()
+        service.stop()
         if audit is not None:
             audit.close()
     return 0
