@@ -38,6 +38,7 @@ setup(
             "openai",
             "httpx",
             "hypothesis",
+            "schemathesis",  # fuzzing the server from its own OpenAPI schema (tests/test_serve_fuzz.py)
             "ruff",  # make lint: the formatter and linter (ruff.toml), run before the tests
         ],
         # `aion-train serve`: the OpenAI-compatible HTTP server

@@ -62,7 +62,7 @@ from .choice import ChoiceResult
 from .engine import Row
 from .loading import LoadError
 from .metrics import Metrics
-from .protocol import APIError, ChatRequest, CompletionRequest, validation_error
+from .protocol import APIError, ChatRequest, CompletionRequest, openapi_body, validation_error
 from .sampling import SamplingParams
 from .service import (
     ContextError,
@@ -125,6 +125,27 @@ def create_app(
             )
 
     service.reload_listeners.append(_on_reload)
+
+    base_openapi = app.openapi
+
+    def openapi_now() -> dict:
+        """FastAPI's schema, with the jurisdictions of the bundle served now (reloads change them)."""
+        app.openapi_schema = None
+        schema = base_openapi()
+        names = None if service.policies.fallback_jurisdiction else service.policy.jurisdictions
+        j = {"type": "string", "maxLength": 90, **({"enum": names} if names else {})}
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            op = schema["paths"][path]["post"]
+            op["requestBody"]["content"]["application/json"]["schema"]["properties"]["jurisdiction"] = {
+                "anyOf": [j, {"type": "null"}],
+                "description": "selects the policy (an unknown one: 400, unless the bundle has a fallback)",
+            }
+            for p in op.get("parameters", []):
+                if p["name"] == "X-Jurisdiction":
+                    p["schema"] = j
+        return schema
+
+    app.openapi = openapi_now
     keys = [k for k in (api_keys or []) if k]
     loaded = service.loaded
     created = int(time.time())
@@ -267,11 +288,27 @@ def create_app(
             "jurisdictions": new.jurisdictions,
         }
 
-    @app.post("/v1/completions")
+    served = {"model": {"type": "string", "enum": [loaded.model_id], "description": "the served model"}}
+
+    jurisdiction_header = {
+        "name": "X-Jurisdiction",
+        "in": "header",
+        "required": False,
+        "description": "the policy's jurisdiction (or the body's `jurisdiction`; both and different: 400)",
+        "schema": {"type": "string", "maxLength": 90},
+    }
+
+    @app.post(
+        "/v1/completions",
+        openapi_extra={**openapi_body(CompletionRequest, served), "parameters": [jurisdiction_header]},
+    )
     async def completions(request: Request):
         return await _handle(request, "completions")
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra={**openapi_body(ChatRequest, served), "parameters": [jurisdiction_header]},
+    )
     async def chat_completions(request: Request):
         return await _handle(request, "chat")
 
