@@ -18,5 +18,5 @@ refused (fails closed) unless the bundle declares a fallback.
     protocol.py        request bodies (unknown fields refused) and OpenAI-shaped errors
     openai_api.py      the FastAPI app
     audit.py           hash-chained JSONL audit log + verify
-    metrics.py         Prometheus metrics
+    metrics.py         Prometheus metrics (requests, tokens, latency, policy actions, reloads, open jobs)
 """

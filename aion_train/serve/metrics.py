@@ -51,6 +51,9 @@ class Metrics:
             "aion_policy_blocked_choices", "choices replaced by the refusal notice", ["jurisdiction"], registry=r
         )
         self.in_flight = Gauge("aion_requests_in_flight", "requests being served", registry=r)
+        self.engine_jobs = Gauge(
+            "aion_engine_jobs", "generation jobs submitted and not finished (queued or running)", registry=r
+        )
         self.batch_rows = Histogram(
             "aion_batch_rows", "rows per engine batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
         )

@@ -102,6 +102,7 @@ def create_app(
     app = FastAPI(title="aion-train serve", version="1", docs_url=None, redoc_url=None)
     metrics = metrics or Metrics(service.policy.jurisdictions)
     metrics.set_bundle(service.policies.bundle_sha256, service.policy.jurisdictions)
+    metrics.engine_jobs.set_function(lambda: service.open_jobs)
     app.state.service, app.state.metrics, app.state.audit = service, metrics, audit
 
     def _on_reload(ev: ReloadEvent) -> None:

@@ -95,6 +95,8 @@ class Service:
         self.reload_listeners: list[Callable[[ReloadEvent], None]] = []
         self.policy_watcher = None  # a policy_reload.PolicyWatcher, started with the service
         self._reload_lock = threading.Lock()
+        self._jobs_lock = threading.Lock()
+        self._open_jobs = 0
 
     @property
     def tokenizer(self):
@@ -204,8 +206,26 @@ class Service:
         self.scheduler.run_now(rows)
         return rows, [c.result for c in choices], seed
 
+    @property
+    def open_jobs(self) -> int:
+        """Jobs submitted and not finished yet (queued or running): 0 when the server is idle."""
+        return self._open_jobs
+
     def submit(self, rows: list[Row], on_error=None, on_done=None) -> Job:
-        return self.scheduler.submit(Job(rows=rows, on_error=on_error, on_done=on_done))
+        def done():
+            with self._jobs_lock:
+                self._open_jobs -= 1
+            if on_done is not None:
+                on_done()
+
+        with self._jobs_lock:
+            self._open_jobs += 1
+        try:
+            return self.scheduler.submit(Job(rows=rows, on_error=on_error, on_done=done))
+        except BaseException:
+            with self._jobs_lock:
+                self._open_jobs -= 1
+            raise
 
 
 def aion_object(request_id: str, policy: RequestPolicy, results: Sequence[ChoiceResult], seed: int) -> dict:
