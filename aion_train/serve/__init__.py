@@ -17,6 +17,8 @@ refused (fails closed) unless the bundle declares a fallback.
     service.py         requests -> rows -> results; the `aion` response object
     protocol.py        request bodies (unknown fields refused) and OpenAI-shaped errors
     openai_api.py      the FastAPI app
+    server.py          the parsed `serve` arguments -> app, service, audit log (one place)
+    ray_deployment.py  the same app as a Ray Serve deployment (`serve --ray --replicas N`)
     audit.py           hash-chained JSONL audit log + verify
     metrics.py         Prometheus metrics (requests, tokens, latency, policy actions, reloads, open jobs)
 """
