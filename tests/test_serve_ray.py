@@ -66,12 +66,21 @@ def test_two_ray_serve_replicas_serve_the_same_app(runs, bundle, tmp_path):
             )
             answers.append((raw.headers["x-aion-replica"], raw.parse().choices[0].text))
 
-        threads = [threading.Thread(target=one) for _ in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert len(answers) == 16
+        def wave(n: int) -> None:
+            threads = [threading.Thread(target=one) for _ in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+
+        # the proxy learns of the replicas shortly after the deployment is up: warm up until
+        # both have answered (bounded), then a wave of 16 at once
+        deadline = time.time() + 60
+        while len({r for r, _ in answers}) < 2 and time.time() < deadline:
+            wave(4)
+        warm = len(answers)
+        wave(16)
+        assert len(answers) == warm + 16
         assert len({r for r, _ in answers}) == 2, answers
         assert len({t for _, t in answers}) == 1 and answers[0][1]
         # streaming under a policy, through the proxy
@@ -109,4 +118,4 @@ def test_two_ray_serve_replicas_serve_the_same_app(runs, bundle, tmp_path):
     for f in logs:
         assert cli("audit", "verify", str(f)).returncode == 0
         n += len([json.loads(ln) for ln in f.read_text().splitlines()])
-    assert n == 16 + 1 + 1  # the completions, the stream, the refused jurisdiction
+    assert n == warm + 16 + 1 + 1  # the completions, the stream, the refused jurisdiction
