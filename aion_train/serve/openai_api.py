@@ -2,6 +2,7 @@
 
     GET  /health                 {"status": "ok", "model": id}          (no API key needed)
     GET  /metrics                Prometheus text
+    GET  /openapi.json           the OpenAPI schema (request bodies documented: protocol.openapi_body)
     GET  /v1/models              the one served model
     GET  /v1/models/{id}
     POST /v1/completions         prompt: str | [str] | [ids] | [[ids]]; echo, logprobs
