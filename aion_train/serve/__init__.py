@@ -12,10 +12,13 @@ refused (fails closed) unless the bundle declares a fallback.
     scheduler.py       the worker thread that owns the model; continuous batching of queued jobs
     text.py            incremental detokenizing and stop strings
     policy_runtime.py  per-request policy snapshot, fail-closed lookup, streaming hold-back
+    policy_reload.py   bundle hot reload: the file watcher (Service.reload_policies does the swap)
     choice.py          one choice: ids -> raw text -> enforced text (streamed or not)
     service.py         requests -> rows -> results; the `aion` response object
     protocol.py        request bodies (unknown fields refused) and OpenAI-shaped errors
     openai_api.py      the FastAPI app
+    server.py          the parsed `serve` arguments -> app, service, audit log (one place)
+    ray_deployment.py  the same app as a Ray Serve deployment (`serve --ray --replicas N`)
     audit.py           hash-chained JSONL audit log + verify
-    metrics.py         Prometheus metrics
+    metrics.py         Prometheus metrics (requests, tokens, latency, policy actions, reloads, open jobs)
 """

@@ -17,9 +17,15 @@ valid shorter chain: compare `head` (the last record's sha256, printed by
 
 Writes: every record is written to the OS at once (one `write` of one line, O_APPEND);
 `fsync` runs every `fsync_every` records or `fsync_interval` seconds, whichever comes
-first, and on close. A crash can lose the records since the last fsync, never corrupt the
-ones before it; a torn last line is reported by `verify`, and a new writer refuses to
-append after a damaged last record.
+first, and on close (a new file's folder is fsynced once, so the file itself survives).
+A killed process loses nothing that was written; a machine crash can lose the records since
+the last fsync, never the ones before it (each write only appends after them). What a crash
+can leave is a torn tail: an incomplete last line (part of a record, or zeros where the file
+grew but its data never reached the disk). `verify` reports it as `torn_tail` with the count
+of good records before it; a new writer refuses to append after it, and `repair` (`aion-train
+audit repair LOG`) moves the torn bytes to `LOG.torn-<time>` and cuts the log back to its last
+good record. Any other damage (an edited, removed or reordered record) is evidence: `repair`
+refuses it.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aion_train.fsutil import fsync_file
+from aion_train.fsutil import atomic_write, fsync_dir, fsync_file
 
 GENESIS = "0" * 64
 VERSION = 1
@@ -63,18 +69,24 @@ class VerifyResult:
     head: str  # sha256 of the last good record
     bad_line: int | None = None  # 1-based
     reason: str = ""
+    torn_tail: bool = False  # the only damage: an incomplete last line (a crash mid-write)
+    good_bytes: int = 0  # bytes up to the end of the last good record
 
 
 def verify(path: str | os.PathLike) -> VerifyResult:
-    prev, n = GENESIS, 0
+    prev, n, good = GENESIS, 0, 0
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, start=1):
 
-            def bad(msg: str) -> VerifyResult:
-                return VerifyResult(False, n, prev, lineno, msg)
+            def bad(msg: str, torn: bool = False) -> VerifyResult:
+                return VerifyResult(False, n, prev, lineno, msg, torn_tail=torn, good_bytes=good)
 
             if not line.endswith(b"\n"):
-                return bad("the last line is incomplete (a torn write?)")
+                return bad(
+                    f"the last {len(line)} bytes are an incomplete record (a write torn by a crash); "
+                    f"the {n} records before it verify (`aion-train audit repair` cuts the torn tail off)",
+                    torn=True,
+                )
             try:
                 rec = json.loads(line)
             except ValueError as e:
@@ -87,8 +99,36 @@ def verify(path: str | os.PathLike) -> VerifyResult:
                 return bad(
                     "prev_sha256 does not match the record before it (a record was removed, inserted or reordered)"
                 )
-            prev, n = rec["sha256"], n + 1
-    return VerifyResult(True, n, prev)
+            prev, n, good = rec["sha256"], n + 1, good + len(line)
+    return VerifyResult(True, n, prev, good_bytes=good)
+
+
+@dataclass
+class RepairResult:
+    records: int  # good records kept
+    head: str
+    torn_bytes: int  # bytes cut off (0: nothing to repair)
+    saved_to: Path | None  # where the cut bytes were kept
+
+
+def repair(path: str | os.PathLike) -> RepairResult:
+    """Cut a torn tail (see the module docstring) off the log, keeping the cut bytes in
+    `LOG.torn-<time>`; AuditError for any other damage, which is never repaired."""
+    path = Path(path)
+    res = verify(path)
+    if res.ok:
+        return RepairResult(res.records, res.head, 0, None)
+    if not res.torn_tail:
+        raise AuditError(f"{path}: line {res.bad_line}: {res.reason}; not a torn tail, so not repaired")
+    with open(path, "r+b") as f:
+        f.seek(res.good_bytes)
+        torn = f.read()
+        saved = path.with_name(f"{path.name}.torn-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+        with atomic_write(saved) as out:
+            out.write(torn)
+        f.truncate(res.good_bytes)
+        fsync_file(f)
+    return RepairResult(res.records, res.head, len(torn), saved)
 
 
 def _last_line(path: Path) -> bytes | None:
@@ -129,10 +169,14 @@ class AuditLog:
                 if not ok:
                     raise AuditError(
                         f"{self.path}: the last record is damaged; refusing to append "
-                        f"(run `aion-train audit verify {self.path}`)"
+                        f"(`aion-train audit verify {self.path}` says what it is; a torn tail from a crash "
+                        f"is cut off by `aion-train audit repair {self.path}`)"
                     )
                 self.head = rec["sha256"]
+        created = not self.path.exists()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        if created:
+            fsync_dir(self.path.parent)
         self._unsynced = 0
         self._last_sync = time.monotonic()
         self._closed = False

@@ -7,7 +7,7 @@ bundle.
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -51,9 +51,27 @@ class Metrics:
             "aion_policy_blocked_choices", "choices replaced by the refusal notice", ["jurisdiction"], registry=r
         )
         self.in_flight = Gauge("aion_requests_in_flight", "requests being served", registry=r)
+        self.engine_jobs = Gauge(
+            "aion_engine_jobs", "generation jobs submitted and not finished (queued or running)", registry=r
+        )
         self.batch_rows = Histogram(
             "aion_batch_rows", "rows per engine batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
         )
+        self.policy_reloads = Counter(
+            "aion_policy_reloads",
+            "policy bundle reloads (ok: validated and served; failed: refused, the running bundle stays)",
+            ["result"],
+            registry=r,
+        )
+        for result in ("ok", "failed"):
+            self.policy_reloads.labels(result)
+        self.policy_bundle = Info("aion_policy_bundle", "the policy bundle served now", registry=r)
+
+    def set_bundle(self, bundle_sha256: str, jurisdictions) -> None:
+        """The bundle served now (after start-up or a reload): its hash as an info metric, and
+        its jurisdictions as the known label values."""
+        self.known = set(jurisdictions)
+        self.policy_bundle.info({"bundle_sha256": bundle_sha256})
 
     def jurisdiction_label(self, j: str | None) -> str:
         if j is None:

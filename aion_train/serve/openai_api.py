@@ -2,10 +2,12 @@
 
     GET  /health                 {"status": "ok", "model": id}          (no API key needed)
     GET  /metrics                Prometheus text
+    GET  /openapi.json           the OpenAPI schema (request bodies documented: protocol.openapi_body)
     GET  /v1/models              the one served model
     GET  /v1/models/{id}
     POST /v1/completions         prompt: str | [str] | [ids] | [[ids]]; echo, logprobs
     POST /v1/chat/completions    messages in the post-training chat template
+    POST /admin/reload           re-read the policy bundle file (policy_reload.py)
 
 Sampling: temperature, top_p, top_k, max_tokens (chat: max_completion_tokens too), stop, n,
 seed (same seed, same output; without one a random seed is drawn and returned in `aion`).
@@ -25,6 +27,13 @@ fields (400, code unknown_parameter), a prompt too long for the context (400,
 context_length_exceeded), a body over the limit (413), an unknown model (404,
 model_not_found), an unknown jurisdiction (400, unknown_jurisdiction, naming the known
 ones), a missing or wrong API key (401).
+
+`POST /admin/reload` takes no body (or `{}`): it re-reads the bundle the server was started
+with (`--policy`), validates it and serves it; the answer names the new and the previous
+bundle sha256. It needs an API key like every route but /health; with no API keys
+configured it is refused (403, admin_requires_api_key) unless the server was started with
+`allow_unauthenticated_admin`. A broken bundle: 422 (invalid_policy_bundle, the message names
+the file, JSON path and problem), the running bundle stays; no bundle configured: 409.
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from aion_train.policy import ModerationUnavailable, UnknownJurisdiction
+from aion_train.policy import ModerationUnavailable, PolicyError, UnknownJurisdiction
 from aion_train.policy.loader import json_depth
 
 from .audit import AuditLog
@@ -54,9 +63,18 @@ from .choice import ChoiceResult
 from .engine import Row
 from .loading import LoadError
 from .metrics import Metrics
-from .protocol import APIError, ChatRequest, CompletionRequest, validation_error
+from .protocol import APIError, ChatRequest, CompletionRequest, openapi_body, validation_error
 from .sampling import SamplingParams
-from .service import ContextError, PromptSpec, Service, aion_object, merged_actions, plan_max_tokens, token_str
+from .service import (
+    ContextError,
+    PromptSpec,
+    ReloadEvent,
+    Service,
+    aion_object,
+    merged_actions,
+    plan_max_tokens,
+    token_str,
+)
 from .text import Detokenizer
 
 log = logging.getLogger("aion_train.serve")
@@ -76,13 +94,60 @@ def create_app(
     metrics: Metrics | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
     retrieval=None,
+    allow_unauthenticated_admin: bool = False,
 ) -> FastAPI:
     """`retrieval`: a RetrievalContext whose best chunks for each text prompt (the last user
     message in chat) go before it as <CTX> ... </CTX>, as many whole chunks as leave room for
-    the request's max_tokens; `aion.retrieval` in the response names them."""
+    the request's max_tokens; `aion.retrieval` in the response names them.
+    `allow_unauthenticated_admin`: serve /admin/* when no API keys are configured (else 403)."""
     app = FastAPI(title="aion-train serve", version="1", docs_url=None, redoc_url=None)
     metrics = metrics or Metrics(service.policy.jurisdictions)
+    metrics.set_bundle(service.policies.bundle_sha256, service.policy.jurisdictions)
+    metrics.engine_jobs.set_function(lambda: service.open_jobs)
     app.state.service, app.state.metrics, app.state.audit = service, metrics, audit
+
+    def _on_reload(ev: ReloadEvent) -> None:
+        metrics.policy_reloads.labels("ok" if ev.ok else "failed").inc()
+        info = {"path": ev.path, "previous_sha256": ev.previous_sha256, "bundle_sha256": ev.bundle_sha256}
+        if ev.ok:
+            metrics.set_bundle(ev.bundle_sha256, service.policy.jurisdictions)
+            log.info(
+                "policy bundle %s: serving %s (was %s)",
+                "reloaded" if ev.changed else "re-read, unchanged",
+                ev.bundle_sha256[:12],
+                ev.previous_sha256[:12],
+                extra={"aion": {"event": "policy_reload", "ok": True, "changed": ev.changed, **info}},
+            )
+        else:
+            log.error(
+                "policy bundle refused, still serving %s: %s",
+                ev.previous_sha256[:12],
+                ev.error,
+                extra={"aion": {"event": "policy_reload", "ok": False, "error": str(ev.error), **info}},
+            )
+
+    service.reload_listeners.append(_on_reload)
+
+    base_openapi = app.openapi
+
+    def openapi_now() -> dict:
+        """FastAPI's schema, with the jurisdictions of the bundle served now (reloads change them)."""
+        app.openapi_schema = None
+        schema = base_openapi()
+        names = None if service.policies.fallback_jurisdiction else service.policy.jurisdictions
+        j = {"type": "string", "maxLength": 90, **({"enum": names} if names else {})}
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            op = schema["paths"][path]["post"]
+            op["requestBody"]["content"]["application/json"]["schema"]["properties"]["jurisdiction"] = {
+                "anyOf": [j, {"type": "null"}],
+                "description": "selects the policy (an unknown one: 400, unless the bundle has a fallback)",
+            }
+            for p in op.get("parameters", []):
+                if p["name"] == "X-Jurisdiction":
+                    p["schema"] = j
+        return schema
+
+    app.openapi = openapi_now
     keys = [k for k in (api_keys or []) if k]
     loaded = service.loaded
     created = int(time.time())
@@ -185,11 +250,67 @@ def create_app(
             raise _unknown_model(model_id, loaded.model_id)
         return model_card()
 
-    @app.post("/v1/completions")
+    @app.post("/admin/reload")
+    async def admin_reload(request: Request):
+        if not keys and not allow_unauthenticated_admin:
+            raise APIError(
+                403,
+                "admin routes need an API key: start the server with --api-key-file "
+                "(or --allow-unauthenticated-admin on a trusted host)",
+                type="permission_error",
+                code="admin_requires_api_key",
+            )
+        raw = b""
+        async for part in request.stream():
+            raw += part
+            if len(raw) > 1024:
+                break
+        if raw.strip() not in (b"", b"{}"):
+            raise APIError(
+                400,
+                "POST /admin/reload takes no body: it re-reads the bundle file the server was started with",
+                code="unknown_parameter",
+            )
+        if service.policies.path is None:
+            raise APIError(
+                409, "no policy bundle to reload: the server was started without --policy", code="no_policy_bundle"
+            )
+        before = service.policies.bundle_sha256
+        try:
+            new = await asyncio.to_thread(service.reload_policies)
+        except PolicyError as e:
+            raise APIError(
+                422, f"policy bundle refused, the running one stays: {e}", code="invalid_policy_bundle"
+            ) from None
+        return {
+            "reloaded": True,
+            "changed": new.bundle_sha256 != before,
+            "bundle_sha256": new.bundle_sha256,
+            "previous_bundle_sha256": before,
+            "jurisdictions": new.jurisdictions,
+        }
+
+    served = {"model": {"type": "string", "enum": [loaded.model_id], "description": "the served model"}}
+
+    jurisdiction_header = {
+        "name": "X-Jurisdiction",
+        "in": "header",
+        "required": False,
+        "description": "the policy's jurisdiction (or the body's `jurisdiction`; both and different: 400)",
+        "schema": {"type": "string", "maxLength": 90},
+    }
+
+    @app.post(
+        "/v1/completions",
+        openapi_extra={**openapi_body(CompletionRequest, served), "parameters": [jurisdiction_header]},
+    )
     async def completions(request: Request):
         return await _handle(request, "completions")
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra={**openapi_body(ChatRequest, served), "parameters": [jurisdiction_header]},
+    )
     async def chat_completions(request: Request):
         return await _handle(request, "chat")
 
@@ -608,7 +729,7 @@ def create_app(
             "known_jurisdiction": policy is not None or j is None,
             "policy_sha256": policy.policy.sha256 if policy is not None else None,
             "policy_version": policy.policy.version if policy is not None else None,
-            "bundle_sha256": service.policies.bundle_sha256,
+            "bundle_sha256": policy.bundle_sha256 if policy is not None else service.policies.bundle_sha256,
             "actions": actions,
             "blocked": sum(1 for r in results if r.enforcement.blocked),
             "choices": len(results),

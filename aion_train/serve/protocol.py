@@ -3,9 +3,9 @@ errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`."""
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, WithJsonSchema
 
 MAX_STOP = 4
 MAX_N = 16
@@ -25,6 +25,13 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# What the OpenAPI schema says of the OpenAI fields this server takes but does not implement
+# (check_unsupported refuses other values with a 400 naming the field).
+_ONLY_ZERO = {"enum": [0]}
+_EMPTY_OR_NULL = {"anyOf": [{"type": "null"}, {"type": "string", "maxLength": 0}]}
+_NO_BIAS = {"anyOf": [{"type": "null"}, {"type": "object", "maxProperties": 0}]}
 
 
 class _Strict(BaseModel):
@@ -47,8 +54,8 @@ class _Sampling(_Strict):
     stop: Optional[Union[str, list[str]]] = None
     seed: Optional[StrictInt] = None
     user: Optional[str] = Field(None, max_length=256)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, json_schema_extra=_ONLY_ZERO)
+    frequency_penalty: float = Field(0.0, json_schema_extra=_ONLY_ZERO)
     jurisdiction: Optional[str] = Field(None, max_length=90)  # extension (or X-Jurisdiction)
 
     def stops(self) -> tuple[str, ...]:
@@ -70,8 +77,8 @@ class CompletionRequest(_Sampling):
     echo: StrictBool = False
     logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
     best_of: Optional[StrictInt] = None
-    suffix: Optional[str] = None
-    logit_bias: Optional[dict] = None
+    suffix: Annotated[Optional[str], WithJsonSchema(_EMPTY_OR_NULL)] = None
+    logit_bias: Annotated[Optional[dict], WithJsonSchema(_NO_BIAS)] = None
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
@@ -88,9 +95,19 @@ class TextPart(_Strict):
     text: str
 
 
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+_CONTENT_SCHEMA = {  # what plain_messages accepts (the field itself takes any parts, to name a bad one)
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": TextPart.model_json_schema()},
+        {"type": "null"},
+    ]
+}
+
+
 class ChatMessage(_Strict):
-    role: str
-    content: Union[str, list[dict], None] = None
+    role: str = Field(json_schema_extra={"enum": list(CHAT_ROLES)})
+    content: Annotated[Union[str, list[dict], None], WithJsonSchema(_CONTENT_SCHEMA)] = None
     name: Optional[str] = Field(None, max_length=64)
 
 
@@ -99,7 +116,7 @@ class ChatRequest(_Sampling):
     max_completion_tokens: Optional[StrictInt] = Field(None, ge=0)
     logprobs: StrictBool = False
     top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
-    logit_bias: Optional[dict] = None
+    logit_bias: Annotated[Optional[dict], WithJsonSchema(_NO_BIAS)] = None
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
@@ -113,10 +130,10 @@ class ChatRequest(_Sampling):
         out = []
         for i, m in enumerate(self.messages):
             role = "system" if m.role == "developer" else m.role
-            if role not in ("system", "user", "assistant"):
+            if m.role not in CHAT_ROLES:
                 raise APIError(
                     400,
-                    f"messages[{i}].role {m.role!r} is not supported (system, developer, user, assistant)",
+                    f"messages[{i}].role {m.role!r} is not supported ({', '.join(CHAT_ROLES)})",
                     param=f"messages.{i}.role",
                 )
             if isinstance(m.content, list):
@@ -136,6 +153,28 @@ class ChatRequest(_Sampling):
                 content = m.content or ""
             out.append({"role": role, "content": content})
         return out
+
+
+def openapi_body(body: type[BaseModel], properties: dict | None = None) -> dict:
+    """A route's `openapi_extra` that documents its JSON body: `model`'s JSON schema (nested
+    models inlined), with `properties` replaced (the served model id as the only
+    `model`, say). The routes read and validate bodies themselves (for OpenAI-shaped errors);
+    this only makes the app's OpenAPI schema say what they accept."""
+    schema = body.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(x):
+        if isinstance(x, dict):
+            if "$ref" in x:
+                return inline(defs[x["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [inline(v) for v in x]
+        return x
+
+    schema = inline(schema)
+    schema["properties"].update(properties or {})
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def validation_error(e: ValidationError) -> APIError:

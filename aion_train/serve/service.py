@@ -5,10 +5,13 @@ request gives the same tokens and text through either (same seed, same rows, sam
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from aion_train.policy import PolicySet
+from aion_train.policy import PolicyError, PolicySet
 
 from .choice import ChoiceResult, ChoiceState
 from .engine import Engine, Row
@@ -18,6 +21,7 @@ from .sampling import SamplingParams, choice_generator, new_seed
 from .scheduler import Job, Scheduler
 
 MAX_ROWS_PER_REQUEST = 64
+log = logging.getLogger(__name__)
 
 
 class ContextError(ValueError):
@@ -64,17 +68,83 @@ def plan_max_tokens(
     return requested
 
 
+@dataclass(frozen=True)
+class ReloadEvent:
+    """One policy reload attempt, as the reload listeners (metrics, logs) hear of it."""
+
+    path: str | None
+    previous_sha256: str
+    bundle_sha256: str | None = None  # the set now served (None: refused)
+    error: PolicyError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def changed(self) -> bool:
+        return self.ok and self.bundle_sha256 != self.previous_sha256
+
+
 class Service:
     def __init__(self, loaded: LoadedModel, policies: PolicySet | None = None, max_batch: int = 8):
         self.loaded = loaded
-        self.policies = policies if policies is not None else PolicySet.default_only()
-        self.policy = PolicyRuntime(self.policies)
+        self.policy = PolicyRuntime(policies if policies is not None else PolicySet.default_only())
         self.engine = Engine(loaded.model, loaded.eos_ids, loaded.vocab_size)
         self.scheduler = Scheduler(self.engine, max_batch)
+        self.reload_listeners: list[Callable[[ReloadEvent], None]] = []
+        self.policy_watcher = None  # a policy_reload.PolicyWatcher, started with the service
+        self._reload_lock = threading.Lock()
+        self._jobs_lock = threading.Lock()
+        self._open_jobs = 0
 
     @property
     def tokenizer(self):
         return self.loaded.tokenizer
+
+    @property
+    def policies(self) -> PolicySet:
+        """The policy set served now (swapped as a whole by `reload_policies`)."""
+        return self.policy.policy_set
+
+    def start(self) -> Service:
+        self.scheduler.start()
+        if self.policy_watcher is not None:
+            self.policy_watcher.start()
+        return self
+
+    def stop(self) -> None:
+        if self.policy_watcher is not None:
+            self.policy_watcher.stop()
+        self.scheduler.stop()
+
+    def reload_policies(self, bundle_path: str | os.PathLike | None = None) -> PolicySet:
+        """Load, validate and compile the bundle at `bundle_path` (default: the file the served
+        set came from), then serve it: one assignment swaps the whole set, so a request
+        resolves its policy from the old set or the new one, never a mix, and a request
+        already running keeps the RequestPolicy it started with. A broken bundle raises
+        PolicyError (naming the file, the JSON path and the problem) and the served set stays.
+        Every attempt is passed to `reload_listeners`."""
+        with self._reload_lock:
+            old = self.policies
+            path = bundle_path if bundle_path is not None else old.path
+            try:
+                if path is None:
+                    raise PolicyError("no policy bundle to reload: the server was started without one (--policy)")
+                new = PolicySet.load(path)
+            except PolicyError as e:
+                self._tell(ReloadEvent(str(path) if path else None, old.bundle_sha256, error=e))
+                raise
+            self.policy.policy_set = new
+            self._tell(ReloadEvent(str(new.path), old.bundle_sha256, new.bundle_sha256))
+            return new
+
+    def _tell(self, event: ReloadEvent) -> None:
+        for listener in list(self.reload_listeners):
+            try:
+                listener(event)
+            except Exception:  # noqa: BLE001 - a listener must not undo a validated swap
+                log.exception("policy reload listener failed")
 
     def build(
         self,
@@ -136,8 +206,26 @@ class Service:
         self.scheduler.run_now(rows)
         return rows, [c.result for c in choices], seed
 
+    @property
+    def open_jobs(self) -> int:
+        """Jobs submitted and not finished yet (queued or running): 0 when the server is idle."""
+        return self._open_jobs
+
     def submit(self, rows: list[Row], on_error=None, on_done=None) -> Job:
-        return self.scheduler.submit(Job(rows=rows, on_error=on_error, on_done=on_done))
+        def done():
+            with self._jobs_lock:
+                self._open_jobs -= 1
+            if on_done is not None:
+                on_done()
+
+        with self._jobs_lock:
+            self._open_jobs += 1
+        try:
+            return self.scheduler.submit(Job(rows=rows, on_error=on_error, on_done=done))
+        except BaseException:
+            with self._jobs_lock:
+                self._open_jobs -= 1
+            raise
 
 
 def aion_object(request_id: str, policy: RequestPolicy, results: Sequence[ChoiceResult], seed: int) -> dict:

@@ -1,0 +1,47 @@
+"""The parsed `serve` arguments -> (FastAPI app, Service, AuditLog): the one place the server
+is put together, by `aion-train serve`, by each Ray Serve replica (ray_deployment.py) and by
+the tests. Heavy imports happen inside `build_server`."""
+
+from __future__ import annotations
+
+
+def read_api_keys(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        keys = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    if not keys:
+        raise ValueError(f"{path}: no API keys in the file")
+    return keys
+
+
+def build_server(args):
+    """(app, service, audit) from the parsed arguments (also used by tests)."""
+    from aion_train.policy import PolicySet
+    from aion_train.serve.audit import AuditLog
+    from aion_train.serve.loading import load_for_serving
+    from aion_train.serve.openai_api import create_app
+    from aion_train.serve.service import Service
+
+    policies = PolicySet.load(args.policy) if args.policy else PolicySet.default_only()
+    keys = read_api_keys(args.api_key_file) if args.api_key_file else None
+    loaded = load_for_serving(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype, model_id=args.model_name)
+    service = Service(loaded, policies, max_batch=args.max_batch)
+    poll = getattr(args, "policy_poll", 0.0) or 0.0
+    if args.policy and poll > 0:
+        from aion_train.serve.policy_reload import PolicyWatcher
+
+        service.policy_watcher = PolicyWatcher(service, poll)
+    audit = AuditLog(args.audit_log) if args.audit_log else None
+    retrieval = None
+    if getattr(args, "index", None):
+        from aion_train.serve.retrieval_context import RetrievalContext
+
+        retrieval = RetrievalContext(args.index, args.k)
+    app = create_app(
+        service,
+        api_keys=keys,
+        audit=audit,
+        max_body_bytes=args.max_body_bytes,
+        retrieval=retrieval,
+        allow_unauthenticated_admin=bool(getattr(args, "allow_unauthenticated_admin", False)),
+    )
+    return app, service, audit
