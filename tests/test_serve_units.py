@@ -639,3 +639,36 @@ def test_generate_with_an_index_puts_the_best_whole_chunks_first(tmp_path, token
     # a folder that is not an index is refused, naming it
     assert main(["generate", "--checkpoint", str(run), prompt, "--index", str(docs)]) == 1
     assert str(docs) in capsys.readouterr().err
+
+
+def test_coalesced_stream_items_keep_each_choices_text_and_the_order_of_ends():
+    import random
+
+    from aion_train.serve.openai_api import coalesce_deltas
+
+    rng = random.Random(0)
+    for _ in range(200):
+        items = [
+            ("delta", rng.randrange(3), rng.choice(["a", "bc", "", "é", " "])) if rng.random() < 0.8
+            else ("choice", rng.randrange(3), None)
+            for _ in range(rng.randrange(1, 30))
+        ]  # fmt: skip
+        out = coalesce_deltas(items)
+        for c in range(3):  # each choice's text between its ends is unchanged
+
+            def segments(xs, c=c):
+                segs, cur = [], ""
+                for kind, i, item in xs:
+                    if i != c:
+                        continue
+                    if kind == "delta":
+                        cur += item
+                    else:
+                        segs.append(cur)
+                        cur = ""
+                return segs + [cur]
+
+            assert segments(out) == segments(items)
+        assert [x for x in out if x[0] != "delta"] == [x for x in items if x[0] != "delta"]
+        # no two consecutive deltas of one choice are left
+        assert not any(a[0] == b[0] == "delta" and a[1] == b[1] for a, b in zip(out, out[1:]))

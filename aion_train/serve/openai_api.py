@@ -667,17 +667,25 @@ def create_app(
             )
             finished: dict[int, ChoiceResult] = {}
             while True:
-                kind, i, item = await q.get()
-                if kind == "delta":
-                    yield chunk([delta_choice(i, item)])
-                elif kind == "choice":
-                    finished[i] = item
-                    yield chunk([delta_choice(i, None, finish=item.finish_reason)])
-                elif kind == "error":
-                    status = 500
-                    err = APIError(500, f"generation failed: {type(item).__name__}", type="server_error")
-                    yield b"data: " + json.dumps(err.body()).encode() + b"\n\n"
-                elif kind == "done":
+                # everything queued since the last send goes out in one write; a choice's
+                # consecutive deltas become one chunk (the concatenated text is the same)
+                items, out, done = coalesce_deltas(await drain(q)), [], False
+                for kind, i, item in items:
+                    if kind == "delta":
+                        out.append(chunk([delta_choice(i, item)]))
+                    elif kind == "choice":
+                        finished[i] = item
+                        out.append(chunk([delta_choice(i, None, finish=item.finish_reason)]))
+                    elif kind == "error":
+                        status = 500
+                        err = APIError(500, f"generation failed: {type(item).__name__}", type="server_error")
+                        out.append(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
+                    elif kind == "done":
+                        done = True
+                        break
+                if out:
+                    yield b"".join(out)
+                if done:
                     break
             del job
             results = [finished[k] for k in sorted(finished)]
@@ -746,6 +754,26 @@ def create_app(
             log.exception("audit log write failed")
 
     return app
+
+
+async def drain(q: asyncio.Queue) -> list:
+    """The next item of `q` (waiting for it) and every item already queued behind it."""
+    items = [await q.get()]
+    while not q.empty():
+        items.append(q.get_nowait())
+    return items
+
+
+def coalesce_deltas(items: list) -> list:
+    """(kind, choice, payload) items with each run of one choice's consecutive "delta"
+    texts joined into one item; order and every other item kept."""
+    out: list = []
+    for kind, i, item in items:
+        if kind == "delta" and out and out[-1][0] == "delta" and out[-1][1] == i:
+            out[-1] = ("delta", i, out[-1][2] + item)
+        else:
+            out.append((kind, i, item))
+    return out
 
 
 def _unknown_model(asked: str, have: str) -> APIError:
