@@ -206,6 +206,33 @@ def test_served_completions_with_an_index_equal_generate_with_it(runs, tmp_path)
             "/v1/completions",
             json={"model": s.model, "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True},
         )
+        # per request: k and MMR; all three documents come back
+        three = s.client.completions.create(
+            model=s.model,
+            prompt=prompt,
+            max_tokens=2,
+            temperature=0,
+            extra_body={"retrieval": {"k": 3, "mmr_lambda": 1.0}},
+        )
+        # a context budget that leaves room for the question and a few tokens of context only:
+        # the chunks are cut, the question is kept whole, and the block fits
+        ctx_len = s.http.get("/v1/models").json()["data"][0]["aion"]["max_seq_len"]
+        q_tokens = len(
+            s.http.post(
+                "/v1/completions",
+                json={"model": s.model, "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 0},
+            ).json()["choices"][0]["logprobs"]["tokens"]
+        )
+        tight = s.client.completions.create(
+            model=s.model, prompt=prompt, max_tokens=ctx_len - q_tokens - 12, temperature=0, echo=True,
+            extra_body={"retrieval": {"k": 3}},
+        )  # fmt: skip
+        bad = s.http.post("/v1/completions", json={"model": s.model, "prompt": prompt, "retrieval": {"k": 0}})
+    assert bad.status_code == 400
+    assert len(three.model_extra["aion"]["retrieval"]["hits"][0]) == 3
+    cut_hits = tight.model_extra["aion"]["retrieval"]["hits"][0]
+    assert cut_hits and any("cut_to_chars" in h for h in cut_hits)
+    assert tight.choices[0].text.startswith("<CTX> ") and (" </CTX> " + prompt) in tight.choices[0].text
     hits = r.model_extra["aion"]["retrieval"]["hits"]
     assert len(hits) == 1 and hits[0] and hits[0][0]["source"].endswith("loops.txt")
     events = sse_events(streamed)

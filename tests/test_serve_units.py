@@ -672,3 +672,25 @@ def test_coalesced_stream_items_keep_each_choices_text_and_the_order_of_ends():
         assert [x for x in out if x[0] != "delta"] == [x for x in items if x[0] != "delta"]
         # no two consecutive deltas of one choice are left
         assert not any(a[0] == b[0] == "delta" and a[1] == b[1] for a, b in zip(out, out[1:]))
+
+
+def test_fit_chunks_cuts_the_longest_first_to_the_largest_cap_that_fits():
+    from aion_train.serve.retrieval_context import _cut, fit_chunks
+
+    chunks = ["a" * 50, "b b b b b b b b b b", "c" * 200]
+
+    def cost(cs):
+        return 10 + sum(len(c) + 2 for c in cs)  # the markers and the question: 10
+
+    assert fit_chunks(chunks, cost, 10_000) == chunks  # everything fits: unchanged
+    for budget in (10, 11, 40, 75, 120, 200, 280):
+        got = fit_chunks(chunks, cost, budget)
+        kept = [c for c in got if c]
+        assert cost(kept) <= budget
+        cap = max(len(c) for c in got)
+        # the cap is the largest that fits: one more character is over budget (or changes nothing)
+        bigger = [c for c in (_cut(x, cap + 1) for x in chunks) if c]
+        assert cost(bigger) > budget or bigger == kept
+        for orig, c in zip(chunks, got):  # each chunk is a prefix of itself, short ones untouched
+            assert orig.startswith(c) and (len(orig) <= cap) <= (c == orig)
+    assert fit_chunks(chunks, cost, 9) is None  # not even the question with empty markers

@@ -64,6 +64,7 @@ from .engine import Row
 from .loading import LoadError
 from .metrics import Metrics
 from .protocol import APIError, ChatRequest, CompletionRequest, openapi_body, validation_error
+from .retrieval_context import RetrievalOptions
 from .sampling import SamplingParams
 from .service import (
     ContextError,
@@ -383,9 +384,12 @@ def create_app(
     def _plan(req, endpoint: str, policy) -> dict:
         ctx_len = loaded.max_seq_len
         retrieved: list[list[dict]] | None = [] if retrieval is not None else None
+        if req.retrieval is not None and retrieval is None:
+            raise APIError(400, "this server has no retrieval index (start it with --index DIR)", param="retrieval")
+        ropts = RetrievalOptions(**req.retrieval.model_dump()) if req.retrieval is not None else None
         if endpoint == "completions":
             room = ctx_len - (req.max_tokens if req.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS)
-            prompts = _completion_prompts(req.prompt, room, retrieved)
+            prompts = _completion_prompts(req.prompt, room, retrieved, ropts)
             want_lp = req.logprobs is not None
             default = COMPLETION_DEFAULT_MAX_TOKENS
             max_tokens, mparam, pparam = req.max_tokens, "max_tokens", "prompt"
@@ -401,7 +405,8 @@ def create_app(
             try:
                 msgs = req.plain_messages()
                 if retrieval is not None:
-                    msgs = _with_context(msgs, ctx_len - (req.max_completion_tokens or req.max_tokens or 1), retrieved)
+                    room = ctx_len - (req.max_completion_tokens or req.max_tokens or 1)
+                    msgs = _with_context(msgs, room, retrieved, ropts)
                 ids = loaded.render_chat(msgs)
             except (ValueError, LoadError) as e:
                 raise APIError(400, str(e), param="messages") from None
@@ -446,7 +451,7 @@ def create_app(
         )
         return {"prompts": prompts, "max_new": max_new, "params": params, "policy": policy, "retrieved": retrieved}
 
-    def _with_context(msgs: list[dict], room: int, retrieved: list) -> list[dict]:
+    def _with_context(msgs: list[dict], room: int, retrieved: list, ropts) -> list[dict]:
         users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
         if not users:
             return msgs
@@ -455,7 +460,7 @@ def create_app(
         def n_tokens(text: str) -> int:
             return len(loaded.render_chat(msgs[:last] + [{**msgs[last], "content": text}] + msgs[last + 1 :]))
 
-        aug = retrieval.augment(msgs[last]["content"], n_tokens, room)
+        aug = retrieval.augment(msgs[last]["content"], n_tokens, room, ropts)
         retrieved.append(aug.hits)
         return msgs[:last] + [{**msgs[last], "content": aug.text}] + msgs[last + 1 :]
 
@@ -465,7 +470,7 @@ def create_app(
             out["retrieval"] = {**retrieval.describe(), "hits": plan["retrieved"]}
         return out
 
-    def _completion_prompts(prompt, room: int = 0, retrieved: list | None = None) -> list[PromptSpec]:
+    def _completion_prompts(prompt, room: int = 0, retrieved: list | None = None, ropts=None) -> list[PromptSpec]:
         if isinstance(prompt, str):
             prompt = [prompt]
         if not prompt:
@@ -476,7 +481,7 @@ def create_app(
                 if not isinstance(p, str):
                     raise APIError(400, "prompt: a list must be all strings or all token ids", param="prompt")
                 if retrieved is not None:
-                    aug = retrieval.augment(p, lambda t: len(loaded.encode_prompt(t)), room)
+                    aug = retrieval.augment(p, lambda t: len(loaded.encode_prompt(t)), room, ropts)
                     retrieved.append(aug.hits)
                     p = aug.text
                 ids = loaded.encode_prompt(p)

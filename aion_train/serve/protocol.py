@@ -42,6 +42,14 @@ class StreamOptions(_Strict):
     include_usage: StrictBool = False
 
 
+class RetrievalRequest(_Strict):
+    """Extension: per-request retrieval settings (the server needs --index)."""
+
+    k: Optional[StrictInt] = Field(None, ge=1, le=32)
+    alpha: Optional[float] = Field(None, ge=0.0, le=1.0)
+    mmr_lambda: Optional[float] = Field(None, ge=0.0, le=1.0)
+
+
 class _Sampling(_Strict):
     model: str
     max_tokens: Optional[StrictInt] = Field(None, ge=0)
@@ -57,6 +65,7 @@ class _Sampling(_Strict):
     presence_penalty: float = Field(0.0, json_schema_extra=_ONLY_ZERO)
     frequency_penalty: float = Field(0.0, json_schema_extra=_ONLY_ZERO)
     jurisdiction: Optional[str] = Field(None, max_length=90)  # extension (or X-Jurisdiction)
+    retrieval: Optional[RetrievalRequest] = None  # extension
 
     def stops(self) -> tuple[str, ...]:
         s = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
