@@ -87,31 +87,17 @@ def load_bench_config(
 
 
 def mixtral_config(model_cfg):
-    """A MixtralConfig with our model's dimensions."""
-    from transformers import MixtralConfig
+    """A MixtralConfig with our model's dimensions (the export's), returning router logits for
+    the balance loss, without a KV cache (training)."""
+    from aion_train.interop.hf_mixtral import to_hf_config
 
     m = model_cfg
     if m.activation != "swiglu" or m.norm != "rmsnorm" or m.moe.every != 1 or m.moe.shared_expert_d_ff:
         raise ValueError("the Mixtral reference needs swiglu, rmsnorm and an MoE FFN in every layer")
-    return MixtralConfig(
-        vocab_size=m.vocab_size,
-        hidden_size=m.d_model,
-        intermediate_size=m.moe.d_ff_expert,
-        num_hidden_layers=m.n_layers,
-        num_attention_heads=m.n_heads,
-        num_key_value_heads=m.n_kv_heads or m.n_heads,
-        head_dim=m.d_model // m.n_heads,
-        max_position_embeddings=m.max_seq_len,
-        rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
-        rms_norm_eps=m.norm_eps,
-        tie_word_embeddings=m.tie_embeddings,
-        num_local_experts=m.moe.n_experts,
-        num_experts_per_tok=m.moe.top_k,
-        output_router_logits=True,
-        router_aux_loss_coef=m.moe.balance_coef,
-        initializer_range=m.init_std,
-        use_cache=False,
-    )
+    hc = to_hf_config(m)
+    hc.output_router_logits = True
+    hc.use_cache = False
+    return hc
 
 
 def build_hf_model(model_cfg, seed: int = 0, dtype: torch.dtype = torch.float32):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from aion_train.checkpoint import find_checkpoint, load_full_state_dict, model_config_from_dict, model_config_to_dict
+from aion_train.checkpoint import find_checkpoint, load_full_state_dict, model_config_from_dict
 from aion_train.config import ModelConfig
 from aion_train.ownership import check_writable, looks_like_run_dir, publish_dir
 
@@ -52,9 +52,6 @@ def _family(hc: dict) -> str:
 def import_any(hf_dir, run_dir, tp: int = 1, ep: int = 1, **kw) -> dict:
     """Import a local HF folder of any family we map into `run_dir` (see hf_mixtral.import_hf
     for the keyword arguments); the source's tokenizer/config files go to RUN/hf_source."""
-    from aion_train.checkpoint import save_sharded_checkpoint
-    from aion_train.ownership import claim_run_dir
-
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir}: no config.json (a Hugging Face model folder)")
@@ -69,31 +66,10 @@ def import_any(hf_dir, run_dir, tp: int = 1, ep: int = 1, **kw) -> dict:
         if kw.get("max_seq_len") is not None:
             cfg = replace(cfg, max_seq_len=kw["max_seq_len"])
         sd = hf_families.state_from_hf(family, cfg, hf_mixtral.load_hf_tensors(hf_dir))
-        if kw.get("dtype") is not None:
-            sd = {k: v.to(kw["dtype"]) for k, v in sd.items()}
-            if cfg.tie_embeddings:
-                sd["lm_head.weight"] = sd["embed.weight"]
-        claim_run_dir(run_dir, "import-hf", overwrite)
-        folder = save_sharded_checkpoint(
-            run_dir,
-            cfg,
-            sd,
-            tp,
-            ep,
-            step=0,
-            world=kw.get("world"),
-            zero_stage=kw.get("zero_stage", 1),
-            extra_manifest={"source": {"format": f"hf-{family}", "path": str(hf_dir.resolve())}, "notes": notes},
-        )
-        summary = {
-            "checkpoint": str(folder),
-            "model_config": model_config_to_dict(cfg),
-            "tp": tp,
-            "ep": ep,
-            "dtype": _DTYPE_NAMES.get(sd["embed.weight"].dtype, str(sd["embed.weight"].dtype)),
-            "notes": notes,
-            "parameters": sum(t.numel() for k, t in sd.items() if not (cfg.tie_embeddings and k == "lm_head.weight")),
-        }
+        summary = hf_mixtral.save_imported(
+            hf_dir, run_dir, cfg, sd, notes, f"hf-{family}", tp, ep,
+            world=kw.get("world"), zero_stage=kw.get("zero_stage", 1), dtype=kw.get("dtype"), overwrite=overwrite,
+        )  # fmt: skip
     src = Path(run_dir) / SOURCE_DIR
     src.mkdir(exist_ok=True)
     for name in KEEP:

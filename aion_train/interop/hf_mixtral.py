@@ -496,6 +496,29 @@ def import_hf(
     if max_seq_len is not None:
         cfg = replace(cfg, max_seq_len=max_seq_len)
     sd = from_hf_state_dict(cfg, load_hf_tensors(hf_dir))
+    return save_imported(
+        hf_dir, run_dir, cfg, sd, notes, "hf-mixtral", tp, ep,
+        world=world, zero_stage=zero_stage, dtype=dtype, overwrite=overwrite,
+    )  # fmt: skip
+
+
+def save_imported(
+    hf_dir: Path,
+    run_dir,
+    cfg: ModelConfig,
+    sd: dict[str, torch.Tensor],
+    notes: list[str],
+    source_format: str,
+    tp: int = 1,
+    ep: int = 1,
+    *,
+    world: int | None = None,
+    zero_stage: int = 1,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Our full state dict of an imported HF model, saved as step 0 of `run_dir` in the
+    (tp, ep) layout; the import's summary."""
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
         if cfg.tie_embeddings:
@@ -510,7 +533,7 @@ def import_hf(
         step=0,
         world=world,
         zero_stage=zero_stage,
-        extra_manifest={"source": {"format": "hf-mixtral", "path": str(hf_dir.resolve())}, "notes": notes},
+        extra_manifest={"source": {"format": source_format, "path": str(Path(hf_dir).resolve())}, "notes": notes},
     )
     return {
         "checkpoint": str(folder),
