@@ -6,6 +6,7 @@ entries the build writes replace those it wrote before, and everything else in t
 (e.g. the multimodal set in ``data/demo/multimodal`` next to the text demo, a user's notes)
 stays. A non-empty folder that is not ours is refused (:mod:`aion_train.ownership`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +14,9 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from ..ownership import check_writable, publish_dir
 
@@ -43,9 +45,15 @@ def remove(path: str) -> None:
         os.remove(path)
 
 
-def ensure_built(data_dir: str, is_complete: Callable[[str], bool], build: Callable[[str], object],
-                 what: str, overwrite: bool = False, recognise: Optional[Callable[[Path], bool]] = None,
-                 last: tuple = ()) -> None:
+def ensure_built(
+    data_dir: str,
+    is_complete: Callable[[str], bool],
+    build: Callable[[str], object],
+    what: str,
+    overwrite: bool = False,
+    recognise: Optional[Callable[[Path], bool]] = None,
+    last: tuple = (),
+) -> None:
     """Make ``is_complete(data_dir)`` true, calling ``build(tmp_dir)`` when it is not.
 
     Only a folder that is absent, empty or ours (:mod:`aion_train.ownership`; `recognise`

@@ -14,6 +14,7 @@ leaves either nothing or a directory that reads as incomplete; a demo directory 
 "demo" entry or checksums do not match is rebuilt, a folder that is not ours never
 (:mod:`aion_train.data.build_once`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,9 +39,11 @@ TOKENIZER = "tokenizer.model"
 
 
 def _paths(data_dir: str) -> dict:
-    return {"train": manifest_shards(data_dir, "train"),
-            "val": manifest_shards(data_dir, "val"),
-            "tokenizer": os.path.join(data_dir, TOKENIZER)}
+    return {
+        "train": manifest_shards(data_dir, "train"),
+        "val": manifest_shards(data_dir, "val"),
+        "tokenizer": os.path.join(data_dir, TOKENIZER),
+    }
 
 
 def _is_complete(data_dir: str, vocab_size: int, seed: int) -> bool:
@@ -80,18 +83,24 @@ def build_demo_data(out_dir: str, vocab_size: int, seed: int = 1234) -> dict:
     docs = demo_documents()
     train, val = split_documents(docs, seed)
     os.makedirs(out_dir, exist_ok=True)
-    write_shards(({"__key__": f"doc{i:06d}", "txt": t} for i, t in enumerate(train)),
-                 out_dir, "train", TRAIN_SAMPLES_PER_SHARD)
-    write_shards(({"__key__": f"val{i:06d}", "txt": t} for i, t in enumerate(val)),
-                 out_dir, "val", VAL_SAMPLES_PER_SHARD)
+    write_shards(
+        ({"__key__": f"doc{i:06d}", "txt": t} for i, t in enumerate(train)), out_dir, "train", TRAIN_SAMPLES_PER_SHARD
+    )
+    write_shards(
+        ({"__key__": f"val{i:06d}", "txt": t} for i, t in enumerate(val)), out_dir, "val", VAL_SAMPLES_PER_SHARD
+    )
     train_tokenizer(train, os.path.join(out_dir, TOKENIZER), vocab_size)
     manifest = read_manifest(out_dir)
     manifest["sources"] = {"documents": len(docs), "train": len(train), "val": len(val)}
-    manifest["demo"] = {"version": DEMO_VERSION, "vocab_size": vocab_size, "seed": seed,
-                        "complete": True}
+    manifest["demo"] = {"version": DEMO_VERSION, "vocab_size": vocab_size, "seed": seed, "complete": True}
     write_manifest(out_dir, manifest)
-    log.info("demo data: %d train + %d val documents, vocab %d, built in %.1fs",
-             len(train), len(val), vocab_size, time.perf_counter() - t0)
+    log.info(
+        "demo data: %d train + %d val documents, vocab %d, built in %.1fs",
+        len(train),
+        len(val),
+        vocab_size,
+        time.perf_counter() - t0,
+    )
     return _paths(out_dir)
 
 
@@ -102,7 +111,13 @@ def ensure_demo_data(data_dir: str, vocab_size: int, seed: int = 1234, overwrite
     `overwrite` (:mod:`aion_train.ownership`). Idempotent, crash-safe and safe for concurrent
     callers."""
     data_dir = os.path.normpath(os.fspath(data_dir))
-    ensure_built(data_dir, lambda d: _is_complete(d, vocab_size, seed),
-                 lambda tmp: build_demo_data(tmp, vocab_size, seed), "demo data", overwrite=overwrite,
-                 recognise=holds_demo_manifest, last=(MANIFEST,))
+    ensure_built(
+        data_dir,
+        lambda d: _is_complete(d, vocab_size, seed),
+        lambda tmp: build_demo_data(tmp, vocab_size, seed),
+        "demo data",
+        overwrite=overwrite,
+        recognise=holds_demo_manifest,
+        last=(MANIFEST,),
+    )
     return _paths(data_dir)

@@ -13,6 +13,8 @@ import json
 import os
 from collections.abc import Sequence
 
+from .tokenizer_file import PathBackedTokenizer
+
 _BOS = ("<s>", "<|begin_of_text|>", "<|im_start|>", "<|endoftext|>", "<bos>")
 _EOS = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<|im_end|>", "<eos>")
 
@@ -23,7 +25,7 @@ def _token_text(v) -> str | None:
     return v if isinstance(v, str) else None
 
 
-class HFTokenizer:
+class HFTokenizer(PathBackedTokenizer):
     """`tokenizer.json` (a file, or the folder holding it). Picklable (by path)."""
 
     def __init__(self, path: str):
@@ -56,7 +58,9 @@ class HFTokenizer:
         self.unk_id = -1 if unk is None else unk
         pad = pick("pad_token", ("<pad>",))
         self.pad_id = self.eos_id if pad is None else pad
-        self._special = {int(t.id if hasattr(t, "id") else k) for k, t in self._tk.get_added_tokens_decoder().items() if t.special}
+        self._special = {
+            int(t.id if hasattr(t, "id") else k) for k, t in self._tk.get_added_tokens_decoder().items() if t.special
+        }
 
     @staticmethod
     def _special_names(folder: str) -> dict:
@@ -91,15 +95,3 @@ class HFTokenizer:
         if i is None:
             raise KeyError(f"{name!r} is not a token of {self.file}")
         return int(i)
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
-    def __getstate__(self):
-        return {"path": self.path}
-
-    def __setstate__(self, state):
-        self.__init__(state["path"])
-
-    def __repr__(self) -> str:
-        return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"

@@ -39,6 +39,7 @@ loader given :meth:`TokenLoader.state_dict` continues with the very same batches
 resume the workers are rotated so that the DataLoader's round-robin continues with the
 worker whose turn it was.
 """
+
 from __future__ import annotations
 
 import glob
@@ -46,7 +47,8 @@ import hashlib
 import logging
 import os
 from collections import defaultdict
-from typing import Any, Iterator, Optional, Sequence, Union
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -69,6 +71,7 @@ def expand_shards(spec: Union[str, Sequence[str]]) -> list[str]:
         item = os.fspath(item)
         try:
             from braceexpand import braceexpand  # a webdataset dependency
+
             expanded = list(braceexpand(item))
         except ImportError:
             expanded = [item]
@@ -96,8 +99,9 @@ def _rng(seed: int, epoch: int, split: int, purpose: int) -> np.random.Generator
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, split, purpose])))
 
 
-def document_segments(input_ids: torch.Tensor, bos_id: Optional[int], eos_id: Optional[int]
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def document_segments(
+    input_ids: torch.Tensor, bos_id: Optional[int], eos_id: Optional[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(segment_ids, position_ids), both [B, T] long, of packed rows: a new segment starts at
     column 0, at every `bos_id` and right after every `eos_id` (either may be None or < 0:
     not used); segment ids count 1, 2, ... from the left, positions restart at 0 in each."""
@@ -118,9 +122,19 @@ def document_segments(input_ids: torch.Tensor, bos_id: Optional[int], eos_id: Op
 class _Stream:
     """One split: reader -> shuffle buffer -> packing, with an explicit, savable state."""
 
-    def __init__(self, shards: Sequence[str], tokenizer, seq_len: int, split: int,
-                 n_splits: int, seed: int, shuffle_buffer: int, loop: bool, field: str,
-                 document_mask: bool = False):
+    def __init__(
+        self,
+        shards: Sequence[str],
+        tokenizer,
+        seq_len: int,
+        split: int,
+        n_splits: int,
+        seed: int,
+        shuffle_buffer: int,
+        loop: bool,
+        field: str,
+        document_mask: bool = False,
+    ):
         self.shards = list(shards)
         self.document_mask = bool(document_mask)
         self.tok = tokenizer
@@ -212,8 +226,10 @@ class _Stream:
                     self.done = True
                     break
                 if self.epoch_samples == 0:
-                    raise RuntimeError(f"data split {self.split}/{self.n_splits}: an epoch over "
-                                       f"{len(self.order)} shards gave no readable sample")
+                    raise RuntimeError(
+                        f"data split {self.split}/{self.n_splits}: an epoch over "
+                        f"{len(self.order)} shards gave no readable sample"
+                    )
                 self._start_epoch(self.epoch + 1)
                 continue
             j = int(self.rng.integers(len(self.buffer))) if self.shuffle and len(self.buffer) > 1 else 0
@@ -252,7 +268,8 @@ class _Stream:
         batch = {"input_ids": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous()}
         if self.document_mask:
             batch["segment_ids"], batch["position_ids"] = document_segments(
-                batch["input_ids"], self.tok.bos_id, self.tok.eos_id)
+                batch["input_ids"], self.tok.bos_id, self.tok.eos_id
+            )
         return batch
 
     # ---- state
@@ -297,15 +314,17 @@ class _Stream:
                     break
         missing = [r for r in refs if r not in found]
         if missing:
-            raise ValueError(f"cannot resume: buffered samples {missing[:4]} are no longer "
-                             "readable (did the shards change since the state was saved?)")
+            raise ValueError(
+                f"cannot resume: buffered samples {missing[:4]} are no longer "
+                "readable (did the shards change since the state was saved?)"
+            )
         return [(sid, idx, *found[(sid, idx)]) for sid, idx in refs]
 
 
 class _WorkerStreams(IterableDataset):
     """What each DataLoader worker runs: the stream of its (rotated) logical worker id."""
 
-    def __init__(self, loader: "TokenLoader", offset: int, states: list):
+    def __init__(self, loader: TokenLoader, offset: int, states: list):
         super().__init__()
         self.loader, self.offset, self.states = loader, offset, states
 
@@ -343,10 +362,21 @@ class TokenLoader:
     module doc); the rows, labels and state are the same either way.
     """
 
-    def __init__(self, shard_paths: Union[str, Sequence[str]], tokenizer, seq_len: int,
-                 micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
-                 shuffle_buffer: int = 256, num_workers: int = 0, loop: bool = True,
-                 field: str = "txt", document_mask: bool = False):
+    def __init__(
+        self,
+        shard_paths: Union[str, Sequence[str]],
+        tokenizer,
+        seq_len: int,
+        micro_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 256,
+        num_workers: int = 0,
+        loop: bool = True,
+        field: str = "txt",
+        document_mask: bool = False,
+    ):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
         if seq_len < 1 or micro_batch_size < 1 or num_workers < 0 or seed < 0:
@@ -357,7 +387,7 @@ class TokenLoader:
         self.dp_rank, self.dp_size = int(dp_rank), int(dp_size)
         self.seed, self.shuffle_buffer = int(seed), int(shuffle_buffer)
         self.num_workers, self.loop, self.field = int(num_workers), bool(loop), field
-        self.document_mask = bool(document_mask)   # batch keys only: not part of the state
+        self.document_mask = bool(document_mask)  # batch keys only: not part of the state
         self._n_streams = max(1, self.num_workers)
         self._fingerprint = _fingerprint(self.shards)
         self._states: list[Optional[dict]] = [None] * self._n_streams
@@ -371,11 +401,18 @@ class TokenLoader:
         return self.dp_size * self._n_streams
 
     def _make_stream(self, logical_worker: int) -> _Stream:
-        return _Stream(self.shards, self.tokenizer, self.seq_len,
-                       split=self.dp_rank * self._n_streams + logical_worker,
-                       n_splits=self.n_splits, seed=self.seed,
-                       shuffle_buffer=self.shuffle_buffer, loop=self.loop, field=self.field,
-                       document_mask=self.document_mask)
+        return _Stream(
+            self.shards,
+            self.tokenizer,
+            self.seq_len,
+            split=self.dp_rank * self._n_streams + logical_worker,
+            n_splits=self.n_splits,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            loop=self.loop,
+            field=self.field,
+            document_mask=self.document_mask,
+        )
 
     def _fresh_pass(self) -> bool:
         """Finite mode: a new iter() starts over unless a loaded state awaits."""
@@ -407,8 +444,7 @@ class TokenLoader:
 
     def _iter_workers(self) -> Iterator[dict[str, torch.Tensor]]:
         ds = _WorkerStreams(self, offset=self._batches % self.num_workers, states=list(self._states))
-        dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                        persistent_workers=False, pin_memory=False)
+        dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, persistent_workers=False, pin_memory=False)
         for batch in dl:
             w = int(batch.pop("_worker"))
             self._states[w] = batch.pop("_state")
@@ -441,18 +477,25 @@ class TokenLoader:
         return min((s["epoch"] for s in self._states if s is not None), default=0)
 
     def _settings(self) -> dict:
-        return {"seq_len": self.seq_len, "micro_batch_size": self.micro_batch_size,
-                "dp_rank": self.dp_rank, "dp_size": self.dp_size, "seed": self.seed,
-                "shuffle_buffer": self.shuffle_buffer, "num_workers": self.num_workers,
-                "loop": self.loop, "field": self.field, "shards": self._fingerprint}
+        return {
+            "seq_len": self.seq_len,
+            "micro_batch_size": self.micro_batch_size,
+            "dp_rank": self.dp_rank,
+            "dp_size": self.dp_size,
+            "seed": self.seed,
+            "shuffle_buffer": self.shuffle_buffer,
+            "num_workers": self.num_workers,
+            "loop": self.loop,
+            "field": self.field,
+            "shards": self._fingerprint,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position of this rank's data (valid between batches)."""
         streams = list(self._states)
         if self.num_workers == 0 and self._stream is not None:
             streams = [self._stream.state_dict()]
-        return {"version": STATE_VERSION, "settings": self._settings(),
-                "batches": self._batches, "streams": streams}
+        return {"version": STATE_VERSION, "settings": self._settings(), "batches": self._batches, "streams": streams}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:

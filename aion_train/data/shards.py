@@ -22,6 +22,7 @@ Reading uses WebDataset's own tar iteration (``tar_file_iterator`` + ``group_by_
 index, and a truncated or corrupt tar ending the shard with an error marker instead of an
 exception.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,7 +30,8 @@ import json
 import logging
 import os
 import re
-from typing import Any, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_iterator
@@ -65,8 +67,10 @@ def _as_bytes(field: str, value: Any) -> bytes:
         return bytes(value)
     if isinstance(value, str):
         return value.encode("utf-8")
-    raise TypeError(f"field {field!r}: expected bytes or str, got {type(value).__name__} "
-                    "(encode images/audio/json to bytes before writing)")
+    raise TypeError(
+        f"field {field!r}: expected bytes or str, got {type(value).__name__} "
+        "(encode images/audio/json to bytes before writing)"
+    )
 
 
 def _check_sample(sample: Mapping[str, Any], default_key: str) -> tuple[str, dict[str, bytes]]:
@@ -94,8 +98,7 @@ class _ShardFile:
         self.path = os.path.join(out_dir, name)
         self._out = AtomicOutput(self.path)
         self._f = open(self._out.tmp, "wb")
-        self._w = TarWriter(self._f, encoder=False, mtime=FIXED_MTIME,
-                            user="aion", group="aion", mode=0o444)
+        self._w = TarWriter(self._f, encoder=False, mtime=FIXED_MTIME, user="aion", group="aion", mode=0o444)
         self.num_samples = 0
         self.fields: dict[str, int] = {}
 
@@ -109,9 +112,13 @@ class _ShardFile:
         self._w.close()  # writes the tar end blocks; the file object is ours to close
         self._f.close()
         self._out.commit()
-        return {"name": self.name, "num_samples": self.num_samples,
-                "bytes": os.path.getsize(self.path), "sha256": sha256_file(self.path),
-                "fields": dict(sorted(self.fields.items()))}
+        return {
+            "name": self.name,
+            "num_samples": self.num_samples,
+            "bytes": os.path.getsize(self.path),
+            "sha256": sha256_file(self.path),
+            "fields": dict(sorted(self.fields.items())),
+        }
 
     def abort(self) -> None:
         try:
@@ -120,8 +127,7 @@ class _ShardFile:
             self._out.abort()
 
 
-def write_shards(samples: Iterable[Mapping[str, Any]], out_dir: str, prefix: str,
-                 samples_per_shard: int) -> list[str]:
+def write_shards(samples: Iterable[Mapping[str, Any]], out_dir: str, prefix: str, samples_per_shard: int) -> list[str]:
     """Write ``samples`` (dicts of field -> bytes/str, optional ``__key__``) as
     ``{prefix}-{i:05d}.tar`` shards of at most ``samples_per_shard`` samples in
     ``out_dir`` and record them under ``prefix`` in ``out_dir/manifest.json``. Samples
@@ -165,9 +171,13 @@ def write_shards(samples: Iterable[Mapping[str, Any]], out_dir: str, prefix: str
     for e in entries:
         for k, v in e["fields"].items():
             fields[k] = fields.get(k, 0) + v
-    split = {"num_shards": len(entries), "num_samples": sum(e["num_samples"] for e in entries),
-             "fields": dict(sorted(fields.items())), "samples_per_shard": samples_per_shard,
-             "shards": entries}
+    split = {
+        "num_shards": len(entries),
+        "num_samples": sum(e["num_samples"] for e in entries),
+        "fields": dict(sorted(fields.items())),
+        "samples_per_shard": samples_per_shard,
+        "shards": entries,
+    }
     manifest.setdefault("format", FORMAT)
     manifest.setdefault("splits", {})[prefix] = split
     write_manifest(out_dir, manifest)
@@ -205,7 +215,7 @@ def verify_manifest(out_dir: str, checksums: bool = True) -> list[str]:
         manifest = read_manifest(out_dir)
     except (OSError, ValueError) as e:
         return [f"manifest: {e}"]
-    for prefix, split in manifest.get("splits", {}).items():
+    for split in manifest.get("splits", {}).values():
         for e in split.get("shards", []):
             path = os.path.join(out_dir, e["name"])
             if not os.path.isfile(path):
@@ -222,8 +232,9 @@ def summarize_manifest(manifest: dict) -> str:
     for prefix, s in sorted(manifest.get("splits", {}).items()):
         nbytes = sum(e["bytes"] for e in s["shards"])
         fields = ", ".join(f"{k}={v}" for k, v in s["fields"].items())
-        lines.append(f"{prefix}: {s['num_shards']} shards, {s['num_samples']} samples, "
-                     f"{nbytes / 1e6:.2f} MB, fields: {fields}")
+        lines.append(
+            f"{prefix}: {s['num_shards']} shards, {s['num_samples']} samples, {nbytes / 1e6:.2f} MB, fields: {fields}"
+        )
     return "\n".join(lines)
 
 

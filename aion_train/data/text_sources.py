@@ -13,11 +13,12 @@ Paragraphs already seen (the licences repeat each other word for word) are dropp
 a held-out split does not contain verbatim copies of training text. Everything is
 deterministic: same machine content, same documents in the same order.
 """
+
 from __future__ import annotations
 
 import os
 import re
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 LICENSES_DIR = "/usr/share/common-licenses"
 
@@ -35,8 +36,7 @@ def split_paragraphs(text: str) -> list[str]:
     return [p.strip("\n") for p in _BLANK_LINES.split(_clean(text)) if p.strip()]
 
 
-def pack_paragraphs(paragraphs: Iterable[str], target_chars: int = 1000,
-                    min_chars: int = 200) -> list[str]:
+def pack_paragraphs(paragraphs: Iterable[str], target_chars: int = 1000, min_chars: int = 200) -> list[str]:
     """Join consecutive paragraphs (with a blank line) into documents of >= target_chars
     characters; a short remainder (< min_chars) is appended to the previous document."""
     docs: list[str] = []

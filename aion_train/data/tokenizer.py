@@ -7,19 +7,31 @@ learned merges. Normalisation is the identity and whitespace is kept, so
 ``decode(encode(text)) == text`` for any text (bytes the vocabulary lacks fall back to byte
 pieces; nothing becomes ``<unk>``).
 """
+
 from __future__ import annotations
 
 import os
 import tempfile
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
 
 from aion_train.fsutil import atomic_write
 
+from .tokenizer_file import PathBackedTokenizer
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_TOKENS: tuple[str, ...] = (
-    "<I>", "</I>", "<A>", "</A>", "<V>", "</V>", "<T>", "</T>", "<CTX>", "</CTX>",
+    "<I>",
+    "</I>",
+    "<A>",
+    "</A>",
+    "<V>",
+    "</V>",
+    "<T>",
+    "</T>",
+    "<CTX>",
+    "</CTX>",
 )
 TRAIN_SEED = 1234
 
@@ -27,9 +39,15 @@ TRAIN_SEED = 1234
 MODEL_TYPES = ("bpe", "unigram")
 
 
-def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int,
-                    seed: int = TRAIN_SEED, max_sentence_length: int = 1 << 16,
-                    model_type: str = "bpe", control_symbols: Sequence[str] = ()) -> str:
+def train_tokenizer(
+    texts: Iterable[str],
+    out_path: str,
+    vocab_size: int,
+    seed: int = TRAIN_SEED,
+    max_sentence_length: int = 1 << 16,
+    model_type: str = "bpe",
+    control_symbols: Sequence[str] = (),
+) -> str:
     """Train a SentencePiece model (``model_type`` bpe, the default, or unigram) on ``texts``
     and write it to ``out_path``. ``control_symbols`` (e.g. the chat role tokens) get reserved
     ids right after the delimiter tokens that no text ever encodes to.
@@ -75,8 +93,14 @@ def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int,
             split_digits=True,
             user_defined_symbols=list(SPECIAL_TOKENS),
             control_symbols=list(control_symbols),
-            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-            pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_piece="<pad>",
+            unk_piece="<unk>",
+            bos_piece="<s>",
+            eos_piece="</s>",
             num_threads=1,
             input_sentence_size=0,
             shuffle_input_sentence=False,
@@ -106,7 +130,7 @@ def _strip_paths(blob: bytes) -> bytes:
     return proto.SerializeToString()
 
 
-class Tokenizer:
+class Tokenizer(PathBackedTokenizer):
     """A trained SentencePiece model (see :func:`train_tokenizer`). Picklable (by path)."""
 
     def __init__(self, path: str):
@@ -141,18 +165,6 @@ class Tokenizer:
         if (i == self.unk_id and name != "<unk>") or self._sp.id_to_piece(i) != name:
             raise KeyError(f"{name!r} is not a piece of {self.path}")
         return i
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
-    def __getstate__(self):
-        return {"path": self.path}
-
-    def __setstate__(self, state):
-        self.__init__(state["path"])
-
-    def __repr__(self) -> str:
-        return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
 
 def is_hf_tokenizer(path: str) -> bool:

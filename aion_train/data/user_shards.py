@@ -33,7 +33,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 
 from ..ownership import check_writable, claim_dir, record_outputs
-from .shards import MANIFEST, FORMAT, _ShardFile, read_manifest, shard_name, write_manifest
+from .shards import FORMAT, MANIFEST, _ShardFile, read_manifest, shard_name, write_manifest
 from .user_sources import Source, check_sources, fingerprint, iter_raw, record_text, resolve_sources
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 FORMATS = ("auto", "text", "jsonl", "parquet", "csv", "hf")
 _EXT = {
@@ -88,7 +88,9 @@ def resolve_sources(paths: list[str], fmt: str = "auto") -> list[Source]:
             raise SourceError(f"--from {p}: no such file or folder")
         if _is_hf_dir(p) or fmt == "hf":
             if not _is_hf_dir(p):
-                raise SourceError(f"--from {p}: not a folder written by datasets' save_to_disk ({', '.join(_HF_MARKERS)})")
+                raise SourceError(
+                    f"--from {p}: not a folder written by datasets' save_to_disk ({', '.join(_HF_MARKERS)})"
+                )
             files = [(os.path.abspath(p), "hf")]
         elif os.path.isdir(p):
             files = [(os.path.abspath(f), fmt if fmt != "auto" else _format_of(f, walked=True)) for f in _walk(p)]
@@ -219,7 +221,9 @@ def iter_raw(src: Source, text_field: str, max_doc_chars: int = MAX_DOC_CHARS) -
     elif src.format == "csv":
         with open(src.path, newline="", encoding="utf-8", errors="replace") as f:
             csv.field_size_limit(1 << 30)
-            yield from (r.get(text_field) for r in csv.DictReader(f, delimiter="\t" if src.path.endswith(".tsv") else ","))
+            yield from (
+                r.get(text_field) for r in csv.DictReader(f, delimiter="\t" if src.path.endswith(".tsv") else ",")
+            )
     elif src.format == "parquet":
         import pyarrow.parquet as pq
 

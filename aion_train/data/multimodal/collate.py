@@ -21,6 +21,7 @@ left of a row starts the next row (the rest of the row is padding). Batch tensor
 a list of {"row", "answer_start", "answer", "question"} (answer_start: the position of the
 first answer token in the row, so the answer is predicted from position answer_start - 1).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -33,8 +34,7 @@ from .sample import MEDIA_ORDER, MediaSpec, Sample
 IGNORE = -100
 LOSS_NONE, LOSS_LM, LOSS_COND = 0, 1, 2
 MODALITY_ID = {"text": 0, "image": 1, "audio": 2, "video": 3}
-DELIMITERS = {"image": ("<I>", "</I>"), "audio": ("<A>", "</A>"), "video": ("<V>", "</V>"),
-              "text": ("<T>", "</T>")}
+DELIMITERS = {"image": ("<I>", "</I>"), "audio": ("<A>", "</A>"), "video": ("<V>", "</V>"), "text": ("<T>", "</T>")}
 
 
 def min_seq_len(spec: MediaSpec) -> int:
@@ -45,11 +45,11 @@ def min_seq_len(spec: MediaSpec) -> int:
 @dataclass
 class Segment:
     ids: list[int] = field(default_factory=list)
-    kinds: list[int] = field(default_factory=list)       # loss kind of each token as a target
+    kinds: list[int] = field(default_factory=list)  # loss kind of each token as a target
     modality: list[int] = field(default_factory=list)
     media: dict = field(default_factory=lambda: {m: [] for m in MEDIA_ORDER})
     captions: dict = field(default_factory=lambda: {m: [] for m in MEDIA_ORDER})
-    vqa: list = field(default_factory=list)              # (answer_start, answer, question)
+    vqa: list = field(default_factory=list)  # (answer_start, answer, question)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -107,7 +107,7 @@ class SegmentRenderer:
             self._text_block(seg, [], self.tok.encode(meta["text"]), LOSS_LM)
         if len(seg) > self.max_len:
             for name in ("ids", "kinds", "modality"):
-                del getattr(seg, name)[self.max_len:]
+                del getattr(seg, name)[self.max_len :]
             seg.vqa = [v for v in seg.vqa if v[0] < self.max_len]
         return seg
 
@@ -150,24 +150,26 @@ def collate_rows(rows: list[list[Segment]], seq_len: int, pad_id: int, spec: Med
             modality[row_i, sl] = seg.modality
             segment_ids[row_i, sl] = k
             position_ids[row_i, sl] = np.arange(n)
-            target = kinds[1:] > 0                       # token t+1 is a target of position t
+            target = kinds[1:] > 0  # token t+1 is a target of position t
             lab = np.where(target, seg_ids[1:], IGNORE)
-            labels[row_i, off: off + n - 1] = lab
-            loss_kind[row_i, off: off + n - 1] = np.where(target, kinds[1:], 0)
+            labels[row_i, off : off + n - 1] = lab
+            loss_kind[row_i, off : off + n - 1] = np.where(target, kinds[1:], 0)
             for m in MEDIA_ORDER:
                 media[m].extend(seg.media[m])
                 captions[m].extend(seg.captions[m])
-            vqa.extend({"row": row_i, "answer_start": off + s, "answer": a, "question": q}
-                       for s, a, q in seg.vqa)
+            vqa.extend({"row": row_i, "answer_start": off + s, "answer": a, "question": q} for s, a, q in seg.vqa)
             off += n
     audio_frames = [a.shape[0] for a in media["audio"]]
     f_max = max(audio_frames, default=0)
     audio = [np.pad(a, ((0, f_max - a.shape[0]), (0, 0))) for a in media["audio"]]
-    c = 3 * spec.patch_size ** 2
+    c = 3 * spec.patch_size**2
     return {
-        "input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
-        "loss_kind": torch.from_numpy(loss_kind), "modality": torch.from_numpy(modality),
-        "segment_ids": torch.from_numpy(segment_ids), "position_ids": torch.from_numpy(position_ids),
+        "input_ids": torch.from_numpy(ids),
+        "labels": torch.from_numpy(labels),
+        "loss_kind": torch.from_numpy(loss_kind),
+        "modality": torch.from_numpy(modality),
+        "segment_ids": torch.from_numpy(segment_ids),
+        "position_ids": torch.from_numpy(position_ids),
         "image": _stack(media["image"], (spec.image_patches, c)),
         "video": _stack(media["video"], (spec.video_tubelets, c * spec.tubelet_frames)),
         "audio": _stack(audio, (0, 80)),

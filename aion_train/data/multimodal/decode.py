@@ -18,6 +18,7 @@ computes by default), ``log10(max(mel, 1e-10))``, floored at 8 below the clip's 
 then ``(x + 4) / 4``. The last STFT frame is dropped, so a clip of N samples has N // 160
 frames.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -181,8 +182,14 @@ def mel_to_hz(m):
     return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), f_sp * m)
 
 
-def mel_filterbank(sr: int = SAMPLE_RATE, n_fft: int = N_FFT, n_mels: int = N_MELS,
-                   fmin: float = 0.0, fmax: float | None = None, norm: bool = True) -> np.ndarray:
+def mel_filterbank(
+    sr: int = SAMPLE_RATE,
+    n_fft: int = N_FFT,
+    n_mels: int = N_MELS,
+    fmin: float = 0.0,
+    fmax: float | None = None,
+    norm: bool = True,
+) -> np.ndarray:
     """``[n_mels, n_fft // 2 + 1]`` triangular filters: filter m rises linearly from the mel
     point m to m+1 and falls to m+2 (n_mels + 2 points equally spaced on the mel scale);
     ``norm`` scales each to unit area in Hz (``2 / (f[m+2] - f[m])``, Slaney)."""
@@ -241,10 +248,11 @@ def _log_mel(x: np.ndarray, max_frames: int | None) -> np.ndarray:
     if x.size < N_FFT // 2 + 1:  # reflect padding needs more samples than half a window
         x = np.pad(x, (0, N_FFT // 2 + 1 - x.size))
     audio = torch.from_numpy(x)
-    spec = torch.stft(audio, N_FFT, HOP, window=torch.hann_window(N_FFT), center=True,
-                      pad_mode="reflect", return_complex=True)
-    power = spec[:, :-1].abs() ** 2                     # [freq, frames], last frame dropped
-    mel = _mel_tensor(SAMPLE_RATE) @ power              # [80, frames]
+    spec = torch.stft(
+        audio, N_FFT, HOP, window=torch.hann_window(N_FFT), center=True, pad_mode="reflect", return_complex=True
+    )
+    power = spec[:, :-1].abs() ** 2  # [freq, frames], last frame dropped
+    mel = _mel_tensor(SAMPLE_RATE) @ power  # [80, frames]
     logm = torch.clamp(mel, min=1e-10).log10()
     logm = torch.maximum(logm, logm.max() - 8.0)
     return ((logm + 4.0) / 4.0).T.contiguous().numpy()

@@ -8,6 +8,7 @@
   their answers). Captions repeat (10 digit captions, <= 24 shape captions): score an
   image->caption retrieval over the distinct captions, where chance is 1 / their number.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,9 @@ def _patches(item: dict, image_size: int, patch_size: int) -> torch.Tensor:
     return torch.from_numpy(patchify(load_rgb(item["png"], image_size), patch_size))
 
 
-def load_vqa_eval(data_dir: str, split: str = "val", image_size: int = 64, patch_size: int = 8,
-                  limit: int | None = None) -> tuple[list[dict], list[str]]:
+def load_vqa_eval(
+    data_dir: str, split: str = "val", image_size: int = 64, patch_size: int = 8, limit: int | None = None
+) -> tuple[list[dict], list[str]]:
     """([{"image": [P, 3pp] patches, "question", "answer", "key"}, ...], answer vocabulary)."""
     items = []
     for item, meta in _image_samples(data_dir, split):
@@ -56,14 +58,16 @@ def load_vqa_eval(data_dir: str, split: str = "val", image_size: int = 64, patch
     return items, list(answers)
 
 
-def load_caption_eval(data_dir: str, split: str = "val", image_size: int = 64, patch_size: int = 8,
-                      limit: int | None = None) -> list[dict]:
+def load_caption_eval(
+    data_dir: str, split: str = "val", image_size: int = 64, patch_size: int = 8, limit: int | None = None
+) -> list[dict]:
     """[{"image": [P, 3pp] patches, "caption": str, "key"}] of the split's captioned images."""
     out = []
     for item, meta in _image_samples(data_dir, split):
         if meta.get("caption"):
-            out.append({"image": _patches(item, image_size, patch_size), "caption": meta["caption"],
-                        "key": item["__key__"]})
+            out.append(
+                {"image": _patches(item, image_size, patch_size), "caption": meta["caption"], "key": item["__key__"]}
+            )
             if limit is not None and len(out) >= limit:
                 break
     return out

@@ -15,11 +15,13 @@ read further (truncated, corrupt), each count once in ``.skipped`` and log a war
 the shard and key; the incomplete sample a truncation cuts in half is part of that shard's
 error, not counted again. Training goes on with the next sample.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, fields
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 from ..loader import TokenLoader, _Stream
 from ..shards import ShardError, iter_shard_samples
@@ -34,10 +36,8 @@ class _MultimodalStream(_Stream):
     """One split of the multimodal loader: TokenLoader's reader and shuffle buffer with
     decoding in ``_decode`` and sample packing in ``next_batch``."""
 
-    def __init__(self, shards, tokenizer, seq_len, split, n_splits, seed, shuffle_buffer, loop,
-                 spec: MediaSpec):
-        super().__init__(shards, tokenizer, seq_len, split, n_splits, seed, shuffle_buffer, loop,
-                         field="json")
+    def __init__(self, shards, tokenizer, seq_len, split, n_splits, seed, shuffle_buffer, loop, spec: MediaSpec):
+        super().__init__(shards, tokenizer, seq_len, split, n_splits, seed, shuffle_buffer, loop, field="json")
         self.seq_len = int(seq_len)
         self.spec = spec
         self.renderer = SegmentRenderer(tokenizer, spec, self.seq_len)
@@ -103,7 +103,7 @@ class _MultimodalStream(_Stream):
         self.pending = None
         if st.get("pending") is not None:
             sid, idx = (int(v) for v in st["pending"])
-            (_, _, _key, sample), = self._refetch([(sid, idx)])
+            ((_, _, _key, sample),) = self._refetch([(sid, idx)])
             self.pending = (sample, self.renderer.render(sample))
 
 
@@ -112,43 +112,94 @@ class MultimodalLoader(TokenLoader):
     :mod:`.collate` for the batch). ``loop``/``num_workers``/``shuffle_buffer``/state
     behave as in :class:`TokenLoader`; ``skipped`` counts undecodable samples and shards."""
 
-    def __init__(self, shard_paths: Union[str, Sequence[str]], tokenizer, seq_len: int,
-                 micro_batch_size: int, *, resampler_queries: int = 8, image_size: int = 64,
-                 patch_size: int = 8, video_frames: int = 8, video_size: int = 32,
-                 tubelet_frames: int = 2, max_audio_frames: int = 300, caption_len: int = 32,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, num_workers: int = 0,
-                 shuffle_buffer: int = 256, loop: bool = True):
-        super().__init__(shard_paths, tokenizer, seq_len, micro_batch_size, dp_rank=dp_rank,
-                         dp_size=dp_size, seed=seed, shuffle_buffer=shuffle_buffer,
-                         num_workers=num_workers, loop=loop, field="json")
-        self.spec = MediaSpec(resampler_queries, image_size, patch_size, video_frames, video_size,
-                              tubelet_frames, max_audio_frames, caption_len)
+    def __init__(
+        self,
+        shard_paths: Union[str, Sequence[str]],
+        tokenizer,
+        seq_len: int,
+        micro_batch_size: int,
+        *,
+        resampler_queries: int = 8,
+        image_size: int = 64,
+        patch_size: int = 8,
+        video_frames: int = 8,
+        video_size: int = 32,
+        tubelet_frames: int = 2,
+        max_audio_frames: int = 300,
+        caption_len: int = 32,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        num_workers: int = 0,
+        shuffle_buffer: int = 256,
+        loop: bool = True,
+    ):
+        super().__init__(
+            shard_paths,
+            tokenizer,
+            seq_len,
+            micro_batch_size,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            seed=seed,
+            shuffle_buffer=shuffle_buffer,
+            num_workers=num_workers,
+            loop=loop,
+            field="json",
+        )
+        self.spec = MediaSpec(
+            resampler_queries,
+            image_size,
+            patch_size,
+            video_frames,
+            video_size,
+            tubelet_frames,
+            max_audio_frames,
+            caption_len,
+        )
         self.spec.validate()
         if self.seq_len < min_seq_len(self.spec):
-            raise ValueError(f"data.seq_len {self.seq_len} is too short for {resampler_queries} "
-                             f"placeholders per media item: at least {min_seq_len(self.spec)}")
+            raise ValueError(
+                f"data.seq_len {self.seq_len} is too short for {resampler_queries} "
+                f"placeholders per media item: at least {min_seq_len(self.spec)}"
+            )
         for name in ("<I>", "</I>", "<A>", "</A>", "<V>", "</V>", "<T>", "</T>"):
             self.tokenizer.special_id(name)  # KeyError naming the token when the model lacks it
 
     @classmethod
-    def from_config(cls, cfg, shard_paths, tokenizer, dp_rank: int = 0, dp_size: int = 1,
-                    loop: bool = True, **overrides) -> "MultimodalLoader":
+    def from_config(
+        cls, cfg, shard_paths, tokenizer, dp_rank: int = 0, dp_size: int = 1, loop: bool = True, **overrides
+    ) -> MultimodalLoader:
         """A loader with ``cfg.data`` sizes and the media sizes of ``cfg.model.multimodal``
         (fields named like :class:`MediaSpec`'s; missing ones keep their defaults)."""
         mm = getattr(cfg.model, "multimodal", None)
         media = {f.name: getattr(mm, f.name) for f in fields(MediaSpec) if hasattr(mm, f.name)}
-        kw = dict(seq_len=cfg.data.seq_len, micro_batch_size=cfg.data.micro_batch_size,
-                  seed=cfg.seed, num_workers=cfg.data.num_workers,
-                  shuffle_buffer=cfg.data.shuffle_buffer, dp_rank=dp_rank, dp_size=dp_size, loop=loop)
+        kw = dict(
+            seq_len=cfg.data.seq_len,
+            micro_batch_size=cfg.data.micro_batch_size,
+            seed=cfg.seed,
+            num_workers=cfg.data.num_workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            loop=loop,
+        )
         kw.update(media)
         kw.update(overrides)
         return cls(shard_paths, tokenizer, **kw)
 
     def _make_stream(self, logical_worker: int) -> _MultimodalStream:
-        return _MultimodalStream(self.shards, self.tokenizer, self.seq_len,
-                                 split=self.dp_rank * self._n_streams + logical_worker,
-                                 n_splits=self.n_splits, seed=self.seed,
-                                 shuffle_buffer=self.shuffle_buffer, loop=self.loop, spec=self.spec)
+        return _MultimodalStream(
+            self.shards,
+            self.tokenizer,
+            self.seq_len,
+            split=self.dp_rank * self._n_streams + logical_worker,
+            n_splits=self.n_splits,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            loop=self.loop,
+            spec=self.spec,
+        )
 
     def _settings(self) -> dict:
         return {**super()._settings(), "media": asdict(self.spec)}

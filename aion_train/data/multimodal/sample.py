@@ -26,11 +26,13 @@ image's contrastive pair, like captions and transcripts everywhere.
 Large corpora of one's own are written the same way: build samples with
 :func:`make_sample` and pass them to :func:`aion_train.data.shards.write_shards`.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -43,14 +45,15 @@ MEDIA_ORDER = ("image", "video", "audio")
 @dataclass(frozen=True)
 class MediaSpec:
     """Shapes the decoders produce and the packer lays out (one per loader)."""
-    resampler_queries: int = 8      # R placeholder tokens per media item
+
+    resampler_queries: int = 8  # R placeholder tokens per media item
     image_size: int = 64
     patch_size: int = 8
     video_frames: int = 8
     video_size: int = 32
     tubelet_frames: int = 2
-    max_audio_frames: int = 300     # 3 s at 10 ms per frame; longer clips are cut
-    caption_len: int = 32           # tokens per entry of *_caption_ids
+    max_audio_frames: int = 300  # 3 s at 10 ms per frame; longer clips are cut
+    caption_len: int = 32  # tokens per entry of *_caption_ids
 
     @property
     def image_patches(self) -> int:
@@ -64,32 +67,47 @@ class MediaSpec:
         if self.resampler_queries < 1 or self.caption_len < 1 or self.max_audio_frames < 1:
             raise ValueError("resampler_queries, caption_len and max_audio_frames must be >= 1")
         if self.image_size % self.patch_size or self.video_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} and video_size {self.video_size} must be "
-                             f"multiples of patch_size {self.patch_size}")
+            raise ValueError(
+                f"image_size {self.image_size} and video_size {self.video_size} must be "
+                f"multiples of patch_size {self.patch_size}"
+            )
         if self.video_frames % self.tubelet_frames:
-            raise ValueError(f"video_frames {self.video_frames} must be a multiple of "
-                             f"tubelet_frames {self.tubelet_frames}")
+            raise ValueError(
+                f"video_frames {self.video_frames} must be a multiple of tubelet_frames {self.tubelet_frames}"
+            )
 
 
 @dataclass
 class Sample:
     """A decoded sample: metadata plus media arrays (what the shuffle buffer holds)."""
+
     key: str
-    ref: tuple[int, int]                    # (shard id, index in shard), for resumption
+    ref: tuple[int, int]  # (shard id, index in shard), for resumption
     meta: dict
-    image: Optional[np.ndarray] = None      # [P, 3 p p]
-    video: Optional[np.ndarray] = None      # [N_tub, 3 t p p]
-    audio: Optional[np.ndarray] = None      # [frames, 80]
+    image: Optional[np.ndarray] = None  # [P, 3 p p]
+    video: Optional[np.ndarray] = None  # [N_tub, 3 t p p]
+    audio: Optional[np.ndarray] = None  # [frames, 80]
     extra: dict = field(default_factory=dict)
 
 
-def make_sample(key: str, *, image: bytes | None = None, video: bytes | None = None,
-                frames: int | None = None, audio: bytes | None = None, caption: str | None = None,
-                transcript: str | None = None, qa: Iterable[tuple[str, str]] | None = None,
-                text: str | None = None, source: str = "") -> dict:
+def make_sample(
+    key: str,
+    *,
+    image: bytes | None = None,
+    video: bytes | None = None,
+    frames: int | None = None,
+    audio: bytes | None = None,
+    caption: str | None = None,
+    transcript: str | None = None,
+    qa: Iterable[tuple[str, str]] | None = None,
+    text: str | None = None,
+    source: str = "",
+) -> dict:
     """A sample dict for :func:`write_shards` (encoded media bytes in, JSON metadata built)."""
-    meta: dict = {"media": [m for m, v in (("image", image), ("video", video), ("audio", audio))
-                            if v is not None], "source": source}
+    meta: dict = {
+        "media": [m for m, v in (("image", image), ("video", video), ("audio", audio)) if v is not None],
+        "source": source,
+    }
     if video is not None:
         if not frames:
             raise ValueError(f"sample {key!r}: a video needs its number of frames")
@@ -144,11 +162,17 @@ def decode_sample(item: dict, spec: MediaSpec, ref: tuple[int, int] = (0, 0)) ->
     if "image" in meta["media"]:
         s.image = patchify(load_rgb(item["png"], spec.image_size), spec.patch_size)
     if "video" in meta["media"]:
-        s.video = decode_video(item["video.png"], int(meta.get("frames", spec.video_frames)),
-                               spec.video_size, spec.tubelet_frames, spec.patch_size)
+        s.video = decode_video(
+            item["video.png"],
+            int(meta.get("frames", spec.video_frames)),
+            spec.video_size,
+            spec.tubelet_frames,
+            spec.patch_size,
+        )
         if s.video.shape[0] != spec.video_tubelets:
-            raise DecodeError(f"video has {s.video.shape[0]} tubelets, {spec.video_tubelets} expected "
-                              f"({spec.video_frames} frames)")
+            raise DecodeError(
+                f"video has {s.video.shape[0]} tubelets, {spec.video_tubelets} expected ({spec.video_frames} frames)"
+            )
     if "audio" in meta["media"]:
         s.audio = decode_audio(item["wav"], spec.max_audio_frames)
     if not meta["media"] and not meta.get("text"):

@@ -14,14 +14,15 @@ sample dicts of :func:`.sample.make_sample`. Everything is deterministic given i
   extended), downscaled to 32x32, stored as a film strip; caption "a red circle moves left".
 * text: chatterbot-corpus English dialogs (question and answers), plain text.
 """
+
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -71,6 +72,7 @@ def easy_vqa_records(split: str) -> list[dict]:
 
 def easy_vqa_answers() -> list[str]:
     import easy_vqa
+
     return sorted(easy_vqa.get_answers())
 
 
@@ -78,8 +80,7 @@ def _caption(rec: dict) -> str | None:
     return f"a {rec['color']} {rec['shape']}" if rec["color"] and rec["shape"] else None
 
 
-def vqa_samples(records: Sequence[dict], split: str, rng: np.random.Generator,
-                max_questions: int = 3) -> list[dict]:
+def vqa_samples(records: Sequence[dict], split: str, rng: np.random.Generator, max_questions: int = 3) -> list[dict]:
     """One sample per image with 1..max_questions of its questions (seeded choice)."""
     out = []
     for rec in records:
@@ -87,13 +88,21 @@ def vqa_samples(records: Sequence[dict], split: str, rng: np.random.Generator,
         pick = sorted(rng.choice(len(rec["qa"]), size=min(k, len(rec["qa"])), replace=False))
         with open(rec["path"], "rb") as f:
             png = f.read()
-        out.append(make_sample(f"vqa-{split}-{rec['id']:05d}", image=png, caption=_caption(rec),
-                               qa=[rec["qa"][j] for j in pick], source=f"easy-vqa/{split}/{rec['id']}"))
+        out.append(
+            make_sample(
+                f"vqa-{split}-{rec['id']:05d}",
+                image=png,
+                caption=_caption(rec),
+                qa=[rec["qa"][j] for j in pick],
+                source=f"easy-vqa/{split}/{rec['id']}",
+            )
+        )
     return out
 
 
-def video_samples(records: Sequence[dict], split: str, rng: np.random.Generator, frames: int = 8,
-                  step: int = 3, size: int = 32) -> list[dict]:
+def video_samples(
+    records: Sequence[dict], split: str, rng: np.random.Generator, frames: int = 8, step: int = 3, size: int = 32
+) -> list[dict]:
     """Videos of easy-vqa images (with known colour and shape) moving in a random direction."""
     out = []
     for rec in records:
@@ -109,12 +118,18 @@ def video_samples(records: Sequence[dict], split: str, rng: np.random.Generator,
         clip = []
         for k in range(frames):  # the content moves by (dx, dy): the window moves the other way
             y0, x0 = pad - dy * step * k, pad - dx * step * k
-            fr = Image.fromarray(big[y0: y0 + h, x0: x0 + w]).resize((size, size), Image.BILINEAR)
+            fr = Image.fromarray(big[y0 : y0 + h, x0 : x0 + w]).resize((size, size), Image.BILINEAR)
             clip.append(np.asarray(fr))
         strip = encode_png(join_strip(np.stack(clip)))
-        out.append(make_sample(f"video-{split}-{rec['id']:05d}", video=strip, frames=frames,
-                               caption=f"{cap} moves {direction}",
-                               source=f"easy-vqa/{split}/{rec['id']}+translate-{direction}"))
+        out.append(
+            make_sample(
+                f"video-{split}-{rec['id']:05d}",
+                video=strip,
+                frames=frames,
+                caption=f"{cap} moves {direction}",
+                source=f"easy-vqa/{split}/{rec['id']}+translate-{direction}",
+            )
+        )
     return out
 
 
@@ -137,9 +152,14 @@ def digit_samples(indices: Iterable[int], split: str, size: int = 64) -> list[di
         ink = np.clip(d.images[i] / 16.0, 0, 1)
         gray = (255 * (1 - ink)).astype(np.uint8)
         img = Image.fromarray(gray).resize((size, size), Image.BILINEAR)
-        out.append(make_sample(f"digit-{split}-{i:04d}", image=_to_square_rgb(img, size),
-                               caption=f"a handwritten digit {DIGIT_WORDS[int(d.target[i])]}",
-                               source=f"sklearn/digits/{i}"))
+        out.append(
+            make_sample(
+                f"digit-{split}-{i:04d}",
+                image=_to_square_rgb(img, size),
+                caption=f"a handwritten digit {DIGIT_WORDS[int(d.target[i])]}",
+                source=f"sklearn/digits/{i}",
+            )
+        )
     return out
 
 
@@ -150,8 +170,10 @@ def _photo_sources() -> list[tuple[str, Image.Image, str]]:
     photos = []
     with cbook.get_sample_data("grace_hopper.jpg") as f:
         photos.append(("grace_hopper", Image.open(f).copy(), "a portrait of grace hopper in navy uniform"))
-    for name, cap in (("logo2.png", "the matplotlib logo"),
-                      ("Minduka_Present_Blue_Pack.png", "a blue gift box with a silver ribbon")):
+    for name, cap in (
+        ("logo2.png", "the matplotlib logo"),
+        ("Minduka_Present_Blue_Pack.png", "a blue gift box with a silver ribbon"),
+    ):
         with cbook.get_sample_data(name) as f:
             im = Image.open(f).convert("RGBA")
         white = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -176,9 +198,14 @@ def photo_samples(size: int = 64, crops: int = 3) -> list[dict]:
             cy = img.height / 2
             box = tuple(int(round(v)) for v in (cx - z / 2, cy - z / 2, cx + z / 2, cy + z / 2))
             box = (max(0, box[0]), max(0, box[1]), min(img.width, box[2]), min(img.height, box[3]))
-            out.append(make_sample(f"photo-{name.replace('_', '-').lower()}-{c}",
-                                   image=_to_square_rgb(img, size, box), caption=cap,
-                                   source=f"sample-image/{name}/crop{c}"))
+            out.append(
+                make_sample(
+                    f"photo-{name.replace('_', '-').lower()}-{c}",
+                    image=_to_square_rgb(img, size, box),
+                    caption=cap,
+                    source=f"sample-image/{name}/crop{c}",
+                )
+            )
     return out
 
 
@@ -191,11 +218,16 @@ def speak(text: str, workdir: str, voice: str = "en-us") -> bytes:
     os.close(fd)
     out = raw[:-4] + "-16k.wav"
     try:
-        subprocess.run(["espeak-ng", "-v", voice, "-w", raw, text], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        subprocess.run(
+            ["espeak-ng", "-v", voice, "-w", raw, text], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         if shutil.which("sox"):
-            subprocess.run(["sox", "-D", raw, "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", out],
-                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            subprocess.run(
+                ["sox", "-D", raw, "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", out],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
             with open(out, "rb") as f:
                 return f.read()
         with open(raw, "rb") as f:
@@ -212,8 +244,10 @@ def speech_samples(texts: Sequence[str], split: str, threads: int = 2) -> list[d
     with tempfile.TemporaryDirectory(prefix="aion-speech-") as tmp:
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             wavs = list(pool.map(lambda t: speak(t, tmp), texts))
-    return [make_sample(f"speech-{split}-{i:04d}", audio=w, transcript=t, source="espeak-ng/en-us")
-            for i, (t, w) in enumerate(zip(texts, wavs))]
+    return [
+        make_sample(f"speech-{split}-{i:04d}", audio=w, transcript=t, source="espeak-ng/en-us")
+        for i, (t, w) in enumerate(zip(texts, wavs))
+    ]
 
 
 # ------------------------------------------------------------------ text
@@ -249,5 +283,7 @@ def speakable_lines(dialogs: Sequence[Sequence[str]], min_words: int = 3, max_wo
 
 
 def text_samples(dialogs: Sequence[Sequence[str]], split: str) -> list[dict]:
-    return [make_sample(f"text-{split}-{i:05d}", text="\n".join(d), source="chatterbot-corpus/english")
-            for i, d in enumerate(dialogs)]
+    return [
+        make_sample(f"text-{split}-{i:05d}", text="\n".join(d), source="chatterbot-corpus/english")
+        for i, d in enumerate(dialogs)
+    ]
