@@ -1,6 +1,6 @@
 """aion-train serve --checkpoint C [--policy BUNDLE] [--host 127.0.0.1] [--port 8000]
     [--api-key-file F] [--audit-log FILE] [--max-batch N] [--json-logs]
-    [--policy-poll SECONDS] [--allow-unauthenticated-admin]
+    [--policy-poll SECONDS] [--allow-unauthenticated-admin] [--admin-token-file F]
     [--ray --replicas N [--num-cpus-per-replica X] [--ray-address HOST:PORT]]
 
 An OpenAI-compatible HTTP server (FastAPI + uvicorn) for one checkpoint: GET /v1/models,
@@ -69,6 +69,13 @@ def add_arguments(p):
         "--allow-unauthenticated-admin",
         action="store_true",
         help="serve POST /admin/reload without an API key (refused by default when no --api-key-file)",
+    )
+    p.add_argument(
+        "--admin-token-file",
+        default=None,
+        metavar="F",
+        help="turn on the admin dashboard under /admin (needs --policy): admin tokens, one a line "
+        "(or $AION_ADMIN_TOKEN_FILE / $AION_ADMIN_TOKEN)",
     )
     p.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment (see --replicas)")
     p.add_argument("--replicas", type=int, default=1, metavar="N", help="with --ray: replicas (default 1)")
