@@ -233,3 +233,106 @@ def test_admin_refused_without_token(runs, admin_bundle, tmp_path):
     finally:
         server.should_exit = True
         th.join(10)
+
+
+def test_api_keys_do_not_open_the_admin(runs, admin_bundle, tmp_path):
+    bundle_dir, tok = admin_bundle
+    keys = tmp_path / "keys"
+    keys.write_text("serving-key-0123456789\n")
+    with serving(
+        runs["sft"], policy=bundle_dir / "policy_bundle.json", api_key_file=str(keys), admin_token_file=tok
+    ) as s:
+        bearer = {"Authorization": "Bearer serving-key-0123456789"}
+        assert s.http.get("/admin/api/jurisdictions", headers=bearer).status_code == 401
+        assert s.http.post("/admin/login", json={"token": "serving-key-0123456789"}).status_code == 401
+        assert s.http.get("/v1/models").status_code == 401  # the serving API still needs its key
+        login(s.http)  # no API key needed for the admin side
+        assert s.http.get("/admin/api/jurisdictions").status_code == 200
+
+
+def test_sessions_expire_and_failed_logins_slow_down():
+    from aion_train.admin.auth import Auth
+
+    now = [1000.0]
+    a = Auth([("alice", TOKEN)], ttl=60, clock=lambda: now[0])
+    s = a.new_session("alice", "127.0.0.1")
+    assert a.session(s.sid) is s and a.check_token(TOKEN) == "alice" and a.check_token(TOKEN[:-1]) is None
+    now[0] += 61
+    assert a.session(s.sid) is None
+    delays = []
+    for _ in range(5):
+        delays.append(a.failure_delay("1.2.3.4"))
+        a.record_failure("1.2.3.4")
+    assert delays[0] == 0 and delays == sorted(delays) and delays[-1] > delays[1]
+    assert Auth([]).check_token("") is None and not Auth([]).enabled
+
+
+def test_standalone_admin_command(admin_bundle, tmp_path):
+    """`aion-train admin --bundle DIR` on its own: publish rewrites the bundle file (what a
+    server's file watcher picks up), admin actions go to the audit log."""
+    import os
+    import subprocess
+    import sys
+
+    from serve_fixtures import REPO, _env, free_port
+
+    bundle_dir, tok = admin_bundle
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "aion_train.cli",
+            "admin",
+            "--bundle",
+            str(bundle_dir),
+            "--admin-token-file",
+            str(tok),
+            "--port",
+            str(port),
+        ],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, trust_env=False) as c:
+            deadline = time.time() + 60
+            while True:
+                try:
+                    if c.get("/admin/login").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "slow"
+                time.sleep(0.2)
+            assert c.get("/admin/api/jurisdictions").status_code == 401
+            csrf = login(c)
+            doc = {**eu_de_doc(), "version": "1.5.0"}
+            r = c.post("/admin/api/policies/eu-de", json={"policy": doc}, headers={"X-CSRF-Token": csrf})
+            assert r.status_code == 200 and "reload" not in r.json(), r.text  # no serving process here
+            on_disk = json.loads((bundle_dir / "policy_bundle.json").read_text())
+            assert on_disk["jurisdictions"]["eu-de"]["policy"]["version"] == "1.5.0"
+            t = c.post("/admin/api/try", json={"jurisdiction": "eu-de", "prompt": "hi"}, headers={"X-CSRF-Token": csrf})
+            assert t.status_code == 409
+            au = c.get("/admin/api/audit").json()
+            assert au["verify"]["ok"] and [x["admin_action"] for x in au["records"]][:2] == ["publish", "login"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert os.path.exists(bundle_dir / "admin" / "audit.jsonl")
+    # no token: refuses to start
+    env = _env()
+    env.pop("AION_ADMIN_TOKEN", None)
+    env.pop("AION_ADMIN_TOKEN_FILE", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "aion_train.cli", "admin", "--bundle", str(bundle_dir)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "no admin token" in r.stderr
