@@ -12,6 +12,7 @@ import pytest
 from serve_fixtures import EXAMPLE_POLICIES, cli, serving
 
 pytest.importorskip("jinja2")
+pytestmark = pytest.mark.slow  # real servers on loopback (and the trained tiny checkpoints)
 
 TOKEN = "test-admin-token-0123456789abcdef"
 VOWELS_RULE = {"id": "vowels", "action": "redact", "patterns": ["[aeiou]"], "replacement": "*"}

@@ -17,7 +17,7 @@ import pytest
 from serve_fixtures import serving
 from test_admin_api import TOKEN, admin_bundle, chat, eu_de_doc  # noqa: F401 - admin_bundle: fixture
 
-pytestmark = pytest.mark.requires_binary("chromium", "chromedriver")
+pytestmark = [pytest.mark.slow, pytest.mark.requires_binary("chromium", "chromedriver")]
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs the selenium package (pip install selenium)")
 
 from conftest import find_binary  # noqa: E402

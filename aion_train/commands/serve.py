@@ -20,6 +20,10 @@ validated before it is served, a broken one is refused and the running one stays
 route needs an API key; without --api-key-file it is refused unless
 --allow-unauthenticated-admin.
 
+--admin-token-file F (or $AION_ADMIN_TOKEN_FILE / $AION_ADMIN_TOKEN): the admin dashboard under
+/admin (aion_train/admin: its own sessions and CSRF tokens; the API keys do not open it), which
+publishes into the --policy bundle's folder and hot-reloads what it publishes.
+
 --ray: the same app as a Ray Serve deployment of --replicas replicas (serve/ray_deployment.py),
 each with --num-cpus-per-replica CPUs, behind Ray Serve's HTTP proxy on --host/--port. It runs
 on the Ray cluster at --ray-address, or else on a private head on loopback started (and
@@ -129,6 +133,12 @@ def run(args) -> int:
         return 2
     if getattr(args, "ray", False) and (args.replicas < 1 or args.num_cpus_per_replica <= 0):
         print("serve: --replicas must be >= 1 and --num-cpus-per-replica > 0", file=sys.stderr)
+        return 2
+    if getattr(args, "ray", False) and getattr(args, "admin_token_file", None):
+        print(
+            "serve: the admin dashboard is not served under --ray (run `aion-train admin --bundle DIR`)",
+            file=sys.stderr,
+        )
         return 2
     setup_logging(args.json_logs, args.log_level)
     log = logging.getLogger("aion_train.serve")

@@ -8,6 +8,7 @@
     POST /v1/completions         prompt: str | [str] | [ids] | [[ids]]; echo, logprobs
     POST /v1/chat/completions    messages in the post-training chat template
     POST /admin/reload           re-read the policy bundle file (policy_reload.py)
+    /admin/...                   the admin dashboard when create_app(admin=AdminSite) (aion_train/admin)
 
 Sampling: temperature, top_p, top_k, max_tokens (chat: max_completion_tokens too), stop, n,
 seed (same seed, same output; without one a random seed is drawn and returned in `aion`).

@@ -36,11 +36,11 @@ def build_server(args):
         from aion_train.serve.retrieval_context import RetrievalContext
 
         retrieval = RetrievalContext(args.index, args.k)
-    admin = None
-    tokens_file = getattr(args, "admin_token_file", None)
-    from aion_train.admin.auth import tokens_from
+    admin, tokens = None, []
+    if hasattr(args, "admin_token_file"):  # `serve` and the tests; not the Ray Serve replicas
+        from aion_train.admin.auth import tokens_from
 
-    tokens = tokens_from(tokens_file)  # the file, else $AION_ADMIN_TOKEN_FILE / $AION_ADMIN_TOKEN
+        tokens = tokens_from(args.admin_token_file)  # the file, else $AION_ADMIN_TOKEN_FILE / $AION_ADMIN_TOKEN
     if tokens:
         if not args.policy:
             raise ValueError("the admin dashboard (--admin-token-file) needs --policy: the bundle it publishes")
