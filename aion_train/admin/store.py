@@ -76,7 +76,7 @@ def pretty(doc: Any) -> str:
 
 class PolicyStore:
     def __init__(self, bundle_dir: str | os.PathLike):
-        d = Path(bundle_dir)
+        d = Path(bundle_dir).resolve()  # the bundle's `sources` name files by absolute path
         if d.name == BUNDLE_FILE:
             d = d.parent
         self.dir = d
