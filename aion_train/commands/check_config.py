@@ -19,9 +19,12 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    from aion_train.posttrain.user_data import check_phase_files, named_phases
+
     try:
         cfg = load_config(args.config, args.overrides, world_size=args.world_size)
-    except ConfigError as e:
+        check_phase_files(cfg, named_phases(cfg))  # the post-training files it names, record by record
+    except (ConfigError, ValueError) as e:
         print(str(e), file=sys.stderr)
         return 2
     print(dump_yaml(cfg), end="")

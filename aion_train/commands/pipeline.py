@@ -86,8 +86,11 @@ def _terminate(signum, frame):
 
 def run(args) -> int:
     config = args.config or (DEFAULT_CONFIG if os.path.isfile(DEFAULT_CONFIG) else None)
+    from aion_train.posttrain.user_data import check_phase_files
+
     try:
-        load_config(config, args.overrides)  # bad config fails here, before any job or cluster
+        cfg = load_config(config, args.overrides)  # bad config fails here, before any job or cluster
+        check_phase_files(cfg, tuple(p for p in cfg.pipeline.phases if p in ("sft", "rm", "ppo")))
     except (ConfigError, ValueError) as e:
         print(str(e), file=sys.stderr)
         return 2
