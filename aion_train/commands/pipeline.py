@@ -90,6 +90,10 @@ def run(args) -> int:
 
     try:
         cfg = load_config(config, args.overrides)  # bad config fails here, before any job or cluster
+        from aion_train.config import validate_config
+        from aion_train.interop.hf_init import apply_hf_init
+
+        validate_config(apply_hf_init(cfg, "posttrain"))  # sft.init_from: an HF folder's architecture
         check_phase_files(cfg, tuple(p for p in cfg.pipeline.phases if p in ("sft", "rm", "ppo")))
     except (ConfigError, ValueError) as e:
         print(str(e), file=sys.stderr)

@@ -41,6 +41,10 @@ def run_phase(args, command: str, fn_path: str, headline, phases=None) -> int:
     world = int(os.environ.get("WORLD_SIZE", args.nproc))
     try:
         cfg = load_config(args.config, args.overrides, world_size=world)
+        from aion_train.config import validate_config
+        from aion_train.interop.hf_init import apply_hf_init
+
+        validate_config(apply_hf_init(cfg, "posttrain"))  # sft.init_from: an HF folder's architecture
         if phases != ():
             check_phase_files(cfg, phases or (command,))  # every bad record named, before any rank starts
     except (ConfigError, ValueError) as e:

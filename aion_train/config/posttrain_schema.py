@@ -4,6 +4,7 @@ model (`rm`). See aion_train/posttrain/ for what each key drives."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # every linear of attention and of the dense FFNs (incl. an MoE layer's shared expert);
 # the routed experts are fused [E, in, out] tensors and get no adapters
@@ -25,7 +26,8 @@ class LoRAConfig:
 
 @dataclass
 class SFTConfig:
-    init_from: str = ""  # checkpoint / run folder of a pretrained base LM; "" = train one here
+    init_from: str = ""  # checkpoint / run folder of a pretrained base LM, or a Hugging Face model
+    # folder (its architecture fills model.*, its tokenizer.json sft.tokenizer); "" = train one here
     tokenizer: str = ""  # SentencePiece model of that base LM; "" = train the task tokenizer
     base_steps: int = 300  # full-weight LM steps on the task text when init_from is ""
     base_lr: float = 3e-3
@@ -104,8 +106,13 @@ def check(cfg, errors: list[str]) -> None:
             errors.append(f"{key}={val}: must be > 0")
     if not s.init_from and s.base_steps < 1:
         errors.append("sft.base_steps=0 with sft.init_from empty: there is no base LM to fine-tune")
-    if s.init_from and not s.tokenizer:
-        errors.append(f"sft.init_from={s.init_from!r} needs sft.tokenizer (the base LM's SentencePiece model)")
+    if s.init_from and not Path(s.init_from).exists():
+        errors.append(f"sft.init_from={s.init_from!r}: no such folder (a checkpoint, run or Hugging Face model folder)")
+    elif s.init_from and not s.tokenizer and not (Path(s.init_from) / "tokenizer.json").is_file():
+        errors.append(
+            f"sft.init_from={s.init_from!r} needs sft.tokenizer (the base LM's SentencePiece model or "
+            "tokenizer.json; a Hugging Face folder's own tokenizer.json is used when it has one)"
+        )
     for key, val in (
         ("sft.data_files", s.data_files),
         ("sft.train_files", s.train_files),
