@@ -67,7 +67,8 @@ def _human(rec: dict) -> None:
     elif "warning" in rec:
         print(f"warning: {rec['warning']}", file=sys.stderr, flush=True)
     else:
-        keys = [k for k in ("sft_accuracy", "rm_pair_accuracy", "ppo_accuracy", "ppo_kl") if k in rec]
+        keys = ("sft_accuracy", "sft_eval_loss", "rm_pair_accuracy", "ppo_accuracy", "ppo_eval_reward", "ppo_kl")
+        keys = [k for k in keys if isinstance(rec.get(k), (int, float))]
         print(
             f"pipeline {rec['status']} in {rec['pipeline_seconds']:.0f} s: "
             + " ".join(f"{k}={rec[k]:.4g}" for k in keys)

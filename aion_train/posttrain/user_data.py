@@ -174,7 +174,10 @@ def _turn(role: str, content: str) -> dict:
 def _response(value, where: str, name: str, errors: list[str]) -> str | None:
     """A chosen/rejected side: text, or a list holding one assistant message."""
     if isinstance(value, str):
-        return value if value.strip() else errors.append(f"{where}: {name}: must be non-empty text")
+        if not value.strip():
+            errors.append(f"{where}: {name}: must be non-empty text")
+            return None
+        return value
     msgs = _messages(value, where, name, errors)
     if msgs is None:
         return None
@@ -188,7 +191,10 @@ def _response(value, where: str, name: str, errors: list[str]) -> str | None:
 
 def _prompt_messages(value, where: str, name: str, errors: list[str]) -> list | None:
     if isinstance(value, str):
-        return [_turn("user", value)] if value.strip() else errors.append(f"{where}: {name}: must be non-empty text")
+        if not value.strip():
+            errors.append(f"{where}: {name}: must be non-empty text")
+            return None
+        return [_turn("user", value)]
     msgs = _messages(value, where, name, errors)
     if msgs is not None and msgs[-1]["role"] != "user":
         errors.append(f"{where}: {name}: must end with a user message (got {msgs[-1]['role']!r})")
