@@ -392,6 +392,9 @@ def test_pipeline_and_phase_commands_refuse_bad_files_before_starting(tmp_path, 
     assert "rm.train_files is empty" in capsys.readouterr().err and not run.exists()
     assert main(["check-config", "--config", "configs/sft_tiny.yaml", f"sft.train_files=[{bad}]"]) == 2
     assert f"{bad}:2: messages" in capsys.readouterr().err
+    # chat files mixed into the built-in task are checked before it starts too
+    assert main(["sft", "--config", "configs/sft_tiny.yaml", f"run_dir={run}", f"sft.data_files=[{bad}]"]) == 2
+    assert f"sft.data_files: {bad}:2: messages" in capsys.readouterr().err and not run.exists()
 
 
 @pytest.mark.slow

@@ -290,7 +290,8 @@ def uses_files(cfg) -> bool:
 
 def check_phase_files(cfg, phases=("sft", "rm", "ppo")) -> None:
     """Read and check every file the given phases name (raises UserDataError listing every bad
-    record, or ValueError naming the missing key). No-op for the built-in task."""
+    record, or ValueError naming the missing key). For the built-in task: `sft.data_files` and a
+    reward function only."""
     errors: list[str] = []
     if "ppo" in phases and cfg.ppo.reward != "rm" and not cfg.ppo.env:
         from .rewards import resolve_reward
@@ -299,7 +300,12 @@ def check_phase_files(cfg, phases=("sft", "rm", "ppo")) -> None:
             resolve_reward(cfg.ppo.reward)
         except ValueError as e:
             errors.append(str(e))
-    if not uses_files(cfg):
+    if not uses_files(cfg):  # the built-in task: only the chat files mixed into it
+        if "sft" in phases and cfg.sft.data_files:
+            try:
+                read_conversations("sft.data_files", cfg.sft.data_files)
+            except UserDataError as e:
+                errors += [m if m.startswith("sft.data_files") else f"sft.data_files: {m}" for m in e.errors]
         if errors:
             raise UserDataError(errors)
         return
