@@ -178,6 +178,8 @@ def test_config_keys_are_checked_up_front(tmp_path):
         "ppo.eval_prompts=0: must be >= 1",
     ):
         assert msg in text, text
+    with pytest.raises(ConfigError, match=r"ppo.reward_model='/no/run': no done.json of a finished rm phase"):
+        load_config("configs/rlhf_tiny.yaml", ["ppo.reward_model=/no/run"])
     with pytest.raises(ConfigError, match="ppo.critic_init=rm needs a reward model"):
         load_config("configs/rlhf_tiny.yaml", ["ppo.reward=aion_train.posttrain.rewards:exact_match"])
     cfg = load_config(
@@ -316,6 +318,18 @@ def test_sft_rm_ppo_from_user_files_end_to_end(tmp_path, capsys, monkeypatch):
     for k in ("ppo_eval_reward", "sft_eval_reward", "ppo_kl", "reward_first", "ppo_accuracy"):
         assert np.isfinite(ppo[k]), k
 
+    # the reward-model checkpoint of another run (here: the first one), in a run without an rm phase
+    import shutil
+
+    other = tmp_path / "run_other_rm"
+    shutil.copytree(run / "sft", other / "sft")
+    shutil.copytree(run / "task", other / "task")
+    assert main(["ppo", "--config", "configs/rlhf_tiny.yaml", "--json", *over, f"run_dir={other}",
+                 f"ppo.reward_model={run}", "ppo.steps=1"]) == 0  # fmt: skip
+    borrowed = last()
+    assert not (other / "rm").exists() and borrowed["iterations"] == 1
+    assert borrowed["sft_eval_reward"] == pytest.approx(ppo["sft_eval_reward"], abs=1e-6)  # same SFT, same RM
+
     # PPO again, rewards from a function named module:function (the critic from the SFT model)
     (tmp_path / "my_reward.py").write_text(REWARD_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -327,8 +341,6 @@ def test_sft_rm_ppo_from_user_files_end_to_end(tmp_path, capsys, monkeypatch):
         "ppo.critic_init=sft",
         "tracking.enabled=true",
     ]
-    import shutil
-
     shutil.copytree(run / "sft", tmp_path / "run_fn" / "sft")
     shutil.copytree(run / "task", tmp_path / "run_fn" / "task")
     assert main(["ppo", "--config", "configs/rlhf_tiny.yaml", "--json", *fn_over, "ppo.steps=3"]) == 0

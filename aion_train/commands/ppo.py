@@ -41,7 +41,7 @@ def rlhf(cfg) -> dict:
         from aion_train.posttrain.sft import run_sft
 
         run_sft(cfg)
-    if cfg.ppo.reward == "rm" and read_done(cfg, "rm") is None:
+    if cfg.ppo.reward == "rm" and not cfg.ppo.reward_model and read_done(cfg, "rm") is None:
         from aion_train.posttrain.reward import run_rm
 
         run_rm(cfg)
@@ -72,7 +72,7 @@ def run(args) -> int:
             "ppo",
             "aion_train.commands.ppo:rlhf",
             HEADLINE,
-            phases=("sft", "rm", "ppo") if pcfg.reward == "rm" else ("sft", "ppo"),
+            phases=("sft", "rm", "ppo") if pcfg.reward == "rm" and not pcfg.reward_model else ("sft", "ppo"),
         )
     return run_phase(args, "ppo", "aion_train.posttrain.ppo:run_ppo", HEADLINE)
 

@@ -7,6 +7,7 @@ See aion_train/posttrain/ppo.py."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from .posttrain_schema import check_file_list
@@ -41,6 +42,7 @@ class PPOConfig:
     # function called as fn(prompts, completions, **columns) -> list of floats (TRL's form;
     # aion_train.posttrain.rewards:exact_match / regex_match for checkable tasks)
     reward: str = "rm"
+    reward_model: str = ""  # with reward=rm: "" = this run's rm phase, else another run (or its rm/ folder)
     prompt_files: list = field(default_factory=list)  # your prompts JSONL ({"prompt", ...}); [] = built-in task
     eval_files: list = field(default_factory=list)  # held-out prompts; [] = the first eval_prompts train prompts
     eval_prompts: int = 64  # held-out prompts scored at the end when eval_files is empty
@@ -93,6 +95,12 @@ def check(cfg, errors: list[str]) -> None:
     check_file_list("ppo.eval_files", p.eval_files, errors)
     if p.eval_files and not p.prompt_files:
         errors.append("ppo.eval_files needs ppo.prompt_files (held-out prompts of your own prompt data)")
+    if p.reward_model and p.reward != "rm":
+        errors.append(f"ppo.reward_model={p.reward_model!r} is only read with ppo.reward=rm (got {p.reward!r})")
+    elif p.reward_model and not any(
+        os.path.isfile(os.path.join(p.reward_model, *sub, "done.json")) for sub in ((), ("rm",))
+    ):
+        errors.append(f"ppo.reward_model={p.reward_model!r}: no done.json of a finished rm phase there (or in its rm/)")
     if p.reward != "rm":
         mod, _, fn = p.reward.partition(":")
         if not mod or not fn or any(not part.isidentifier() for part in mod.split(".") + fn.split(".")):

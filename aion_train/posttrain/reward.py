@@ -265,12 +265,27 @@ def run_rm(cfg) -> dict:
     return metrics
 
 
+def reward_model_done(cfg) -> tuple[dict | None, str]:
+    """(done.json, its folder) of the reward model PPO uses: `ppo.reward_model` (a run folder of
+    ours or its rm/ folder: a reward model trained elsewhere with the same tokenizer and model
+    config) or this run's rm phase."""
+    import json
+    from pathlib import Path
+
+    if not cfg.ppo.reward_model:
+        return read_done(cfg, "rm"), str(phase_dir(cfg, "rm"))
+    root = Path(cfg.ppo.reward_model)
+    folder = root / "rm" if (root / "rm" / "done.json").is_file() else root
+    p = folder / "done.json"
+    return (json.loads(p.read_text()) if p.is_file() else None), str(folder)
+
+
 def load_reward_model(cfg, groups=None) -> RewardModel:
     """The trained reward model on this rank's shards: frozen, in eval mode."""
     groups = groups or setup_distributed(cfg)
-    done = read_done(cfg, "rm")
+    done, where = reward_model_done(cfg)
     if done is None:
-        raise FileNotFoundError(f"{phase_dir(cfg, 'rm')}/done.json is missing: run the rm phase first")
+        raise FileNotFoundError(f"{where}/done.json is missing: run the rm phase first")
     backbone = build_parallel_model(cfg, groups)
     load_weights(backbone, done["backbone_checkpoint"], groups)
     model = RewardModel(backbone, cfg.model.d_model)
@@ -285,6 +300,7 @@ def load_reward_model(cfg, groups=None) -> RewardModel:
 
 __all__ = [
     "RewardModel",
+    "reward_model_done",
     "file_pairs",
     "load_reward_model",
     "pair_accuracy",
