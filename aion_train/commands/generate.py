@@ -29,7 +29,10 @@ def add_model_arguments(p) -> None:
         help="a pretraining run / checkpoints folder / step folder, or an SFT/PPO run folder",
     )
     p.add_argument(
-        "--tokenizer", default=None, metavar="MODEL", help="SentencePiece model (default: found from the run)"
+        "--tokenizer",
+        default=None,
+        metavar="MODEL",
+        help="SentencePiece .model or tokenizer.json (default: found from the run)",
     )
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--model-name", default=None, help="the model id clients use (default: from the run folder)")

@@ -67,7 +67,8 @@ def _human(rec: dict) -> None:
     elif "warning" in rec:
         print(f"warning: {rec['warning']}", file=sys.stderr, flush=True)
     else:
-        keys = [k for k in ("sft_accuracy", "rm_pair_accuracy", "ppo_accuracy", "ppo_kl") if k in rec]
+        keys = ("sft_accuracy", "sft_eval_loss", "rm_pair_accuracy", "ppo_accuracy", "ppo_eval_reward", "ppo_kl")
+        keys = [k for k in keys if isinstance(rec.get(k), (int, float))]
         print(
             f"pipeline {rec['status']} in {rec['pipeline_seconds']:.0f} s: "
             + " ".join(f"{k}={rec[k]:.4g}" for k in keys)
@@ -86,8 +87,15 @@ def _terminate(signum, frame):
 
 def run(args) -> int:
     config = args.config or (DEFAULT_CONFIG if os.path.isfile(DEFAULT_CONFIG) else None)
+    from aion_train.posttrain.user_data import check_phase_files
+
     try:
-        load_config(config, args.overrides)  # bad config fails here, before any job or cluster
+        cfg = load_config(config, args.overrides)  # bad config fails here, before any job or cluster
+        from aion_train.config import validate_config
+        from aion_train.interop.hf_init import apply_hf_init
+
+        validate_config(apply_hf_init(cfg, "posttrain"))  # sft.init_from: an HF folder's architecture
+        check_phase_files(cfg, tuple(p for p in cfg.pipeline.phases if p in ("sft", "rm", "ppo")))
     except (ConfigError, ValueError) as e:
         print(str(e), file=sys.stderr)
         return 2

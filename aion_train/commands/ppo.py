@@ -34,14 +34,14 @@ def default_config() -> str:
 
 
 def rlhf(cfg) -> dict:
-    """SFT and RM when missing (SPMD like them), then PPO."""
+    """SFT and RM (unless the reward is a function) when missing (SPMD like them), then PPO."""
     from aion_train.posttrain.common import read_done
 
     if read_done(cfg, "sft") is None:
         from aion_train.posttrain.sft import run_sft
 
         run_sft(cfg)
-    if read_done(cfg, "rm") is None:
+    if cfg.ppo.reward == "rm" and not cfg.ppo.reward_model and read_done(cfg, "rm") is None:
         from aion_train.posttrain.reward import run_rm
 
         run_rm(cfg)
@@ -58,14 +58,23 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")  # progress on stderr
     args.config = args.config or default_config()
     try:
-        env = load_config(args.config, args.overrides).ppo.env
+        pcfg = load_config(args.config, args.overrides).ppo
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
-    if env:
-        return run_phase(args, "ppo", "aion_train.rl.env_rollout:run_env_ppo", "env_return")
+    if pcfg.env:
+        return run_phase(args, "ppo", "aion_train.rl.env_rollout:run_env_ppo", "env_return", phases=())
     if args.run_missing_phases:
         if wants_local_ranks(args):
             return launch_local_ranks(args, "ppo", "--run-missing-phases")
-        return run_phase(args, "ppo", "aion_train.commands.ppo:rlhf", "ppo_accuracy")
-    return run_phase(args, "ppo", "aion_train.posttrain.ppo:run_ppo", "ppo_accuracy")
+        return run_phase(
+            args,
+            "ppo",
+            "aion_train.commands.ppo:rlhf",
+            HEADLINE,
+            phases=("sft", "rm", "ppo") if pcfg.reward == "rm" and not pcfg.reward_model else ("sft", "ppo"),
+        )
+    return run_phase(args, "ppo", "aion_train.posttrain.ppo:run_ppo", HEADLINE)
+
+
+HEADLINE = ("ppo_accuracy", "ppo_eval_reward")

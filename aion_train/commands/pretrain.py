@@ -38,7 +38,11 @@ def run(args) -> int:
     try:
         world = int(os.environ.get("WORLD_SIZE", args.nproc))
         cfg = load_config(args.config, args.overrides, world_size=world)
-    except ConfigError as e:
+        from aion_train.config import validate_config
+        from aion_train.interop.hf_init import apply_hf_init
+
+        validate_config(apply_hf_init(cfg, "pretrain"))  # train.init_from: refused now if not expressible
+    except (ConfigError, ValueError) as e:
         print(str(e), file=sys.stderr)
         return 2
     from aion_train.ownership import ForeignFolderError

@@ -31,15 +31,23 @@ def default_config() -> str:
     return str(here if here.is_file() else Path(__file__).resolve().parents[2] / DEFAULT_CONFIG)
 
 
-def run_phase(args, command: str, fn_path: str, headline: str) -> int:
-    """Load the config, launch N ranks or run this rank, print rank 0's metrics."""
+def run_phase(args, command: str, fn_path: str, headline, phases=None) -> int:
+    """Load the config and check the files of `phases` (default: the command's), launch N
+    ranks or run this rank, print rank 0's metrics (`headline`: the first of its names present)."""
     from aion_train.config import ConfigError, load_config
+    from aion_train.posttrain.user_data import check_phase_files
 
     args.config = args.config or default_config()
     world = int(os.environ.get("WORLD_SIZE", args.nproc))
     try:
         cfg = load_config(args.config, args.overrides, world_size=world)
-    except ConfigError as e:
+        from aion_train.config import validate_config
+        from aion_train.interop.hf_init import apply_hf_init
+
+        validate_config(apply_hf_init(cfg, "posttrain"))  # sft.init_from: an HF folder's architecture
+        if phases != ():
+            check_phase_files(cfg, phases or (command,))  # every bad record named, before any rank starts
+    except (ConfigError, ValueError) as e:
         print(str(e), file=sys.stderr)
         return 2
     from aion_train.ownership import ForeignFolderError
@@ -64,9 +72,12 @@ def run_phase(args, command: str, fn_path: str, headline: str) -> int:
         else:
             for k, v in sorted(metrics.items()):
                 print(f"{k}: {v}")
-            print(f"\n{headline}: {metrics[headline]:.3f}")
+            names = (headline,) if isinstance(headline, str) else headline
+            shown = next((h for h in names if isinstance(metrics.get(h), (int, float))), None)
+            if shown:
+                print(f"\n{shown}: {metrics[shown]:.3f}")
     return 0
 
 
 def run(args) -> int:
-    return run_phase(args, "sft", "aion_train.posttrain.sft:run_sft", "sft_accuracy")
+    return run_phase(args, "sft", "aion_train.posttrain.sft:run_sft", ("sft_accuracy", "sft_eval_loss", "sft_loss"))

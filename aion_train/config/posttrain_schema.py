@@ -4,6 +4,7 @@ model (`rm`). See aion_train/posttrain/ for what each key drives."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # every linear of attention and of the dense FFNs (incl. an MoE layer's shared expert);
 # the routed experts are fused [E, in, out] tensors and get no adapters
@@ -25,7 +26,8 @@ class LoRAConfig:
 
 @dataclass
 class SFTConfig:
-    init_from: str = ""  # checkpoint / run folder of a pretrained base LM; "" = train one here
+    init_from: str = ""  # checkpoint / run folder of a pretrained base LM, or a Hugging Face model
+    # folder (its architecture fills model.*, its tokenizer.json sft.tokenizer); "" = train one here
     tokenizer: str = ""  # SentencePiece model of that base LM; "" = train the task tokenizer
     base_steps: int = 300  # full-weight LM steps on the task text when init_from is ""
     base_lr: float = 3e-3
@@ -34,7 +36,11 @@ class SFTConfig:
     batch_size: int = 32
     max_examples: int = 2000  # easy-vqa training examples used by SFT (0 = all); keeps SFT imperfect
     chat_examples: int = 400  # chatterbot dialogs mixed in (0 = none)
-    data_files: list = field(default_factory=list)  # extra JSON/JSONL chat records (datasets "json")
+    data_files: list = field(default_factory=list)  # extra chat JSONL mixed into the built-in task
+    # your own chat JSONL ({"messages": [...]}, loss on every assistant turn): non-empty = SFT on
+    # these files instead of the built-in task (so do rm.train_files / ppo.prompt_files)
+    train_files: list = field(default_factory=list)
+    eval_files: list = field(default_factory=list)  # held-out chat JSONL (eval loss); "" = none
     eval_examples: int = 300  # held-out easy-vqa test prompts scored by generation
     max_new_tokens: int = 4
 
@@ -49,7 +55,9 @@ class RewardConfig:
     eval_pairs: int = 400  # held-out pairs from the easy-vqa test split
     use_lora: bool = False  # true: adapters (cfg.lora) + head; false: full backbone + head
     malformed_fraction: float = 0.4  # training pairs whose rejected side is a malformed response
-    # (empty, two answers, cut off, random pieces): no reward hacking
+    # (empty, two answers, cut off, random pieces): no reward hacking (built-in task only)
+    train_files: list = field(default_factory=list)  # preference JSONL (prompt, chosen, rejected)
+    eval_files: list = field(default_factory=list)  # held-out pairs; empty = accuracy on the train pairs
 
 
 def check(cfg, errors: list[str]) -> None:
@@ -98,9 +106,38 @@ def check(cfg, errors: list[str]) -> None:
             errors.append(f"{key}={val}: must be > 0")
     if not s.init_from and s.base_steps < 1:
         errors.append("sft.base_steps=0 with sft.init_from empty: there is no base LM to fine-tune")
-    if s.init_from and not s.tokenizer:
-        errors.append(f"sft.init_from={s.init_from!r} needs sft.tokenizer (the base LM's SentencePiece model)")
-    if not isinstance(s.data_files, list) or not all(isinstance(f, str) for f in s.data_files):
-        errors.append(f"sft.data_files={s.data_files!r}: must be a list of JSON/JSONL paths or globs")
+    if s.init_from and not Path(s.init_from).exists():
+        errors.append(f"sft.init_from={s.init_from!r}: no such folder (a checkpoint, run or Hugging Face model folder)")
+    elif s.init_from and not s.tokenizer and not (Path(s.init_from) / "tokenizer.json").is_file():
+        errors.append(
+            f"sft.init_from={s.init_from!r} needs sft.tokenizer (the base LM's SentencePiece model or "
+            "tokenizer.json; a Hugging Face folder's own tokenizer.json is used when it has one)"
+        )
+    for key, val in (
+        ("sft.data_files", s.data_files),
+        ("sft.train_files", s.train_files),
+        ("sft.eval_files", s.eval_files),
+        ("rm.train_files", rm.train_files),
+        ("rm.eval_files", rm.eval_files),
+    ):
+        check_file_list(key, val, errors)
+    if not s.train_files and (s.eval_files or rm.train_files or cfg.ppo.prompt_files):
+        errors.append(
+            "sft.train_files is empty: post-training on your files (sft.eval_files, rm.train_files or "
+            "ppo.prompt_files set) starts with SFT on your chat JSONL; name it in sft.train_files"
+        )
+    if rm.eval_files and not rm.train_files:
+        errors.append("rm.eval_files needs rm.train_files (held-out pairs of your own preference data)")
     if rm.init not in RM_INIT:
         errors.append(f"rm.init={rm.init!r}: must be one of {', '.join(RM_INIT)}")
+
+
+def check_file_list(key: str, val, errors: list[str]) -> None:
+    """A list of .jsonl/.json paths or globs (their contents are checked when a phase starts:
+    aion_train.posttrain.user_data)."""
+    if not isinstance(val, list) or not all(isinstance(f, str) and f for f in val):
+        errors.append(f"{key}={val!r}: must be a list of .jsonl/.json paths or globs")
+        return
+    for f in val:
+        if not f.endswith((".jsonl", ".json", "*")):
+            errors.append(f"{key}: {f!r}: must name .jsonl or .json files")

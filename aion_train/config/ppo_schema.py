@@ -7,7 +7,10 @@ See aion_train/posttrain/ppo.py."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+
+from .posttrain_schema import check_file_list
 
 PRECISIONS = ("fp32", "bf16")
 CRITIC_INIT = ("rm", "sft")
@@ -35,6 +38,14 @@ class PPOConfig:
     precision: str = "fp32"  # the PPO engines' precision (log-prob ratios want fp32 on CPU)
     save_every: int = 5  # checkpoint under {run_dir}/ppo/checkpoints every N iterations
     keep_last: int = 2
+    # reward: "rm" = the reward model of this run's rm phase; "package.module:function" = a
+    # function called as fn(prompts, completions, **columns) -> list of floats (TRL's form;
+    # aion_train.posttrain.rewards:exact_match / regex_match for checkable tasks)
+    reward: str = "rm"
+    reward_model: str = ""  # with reward=rm: "" = this run's rm phase, else another run (or its rm/ folder)
+    prompt_files: list = field(default_factory=list)  # your prompts JSONL ({"prompt", ...}); [] = built-in task
+    eval_files: list = field(default_factory=list)  # held-out prompts; [] = the first eval_prompts train prompts
+    eval_prompts: int = 64  # held-out prompts scored at the end when eval_files is empty
     # POMDP environments (aion_train/rl): `aion-train ppo ppo.env=tiger` trains a belief policy
     env: str = ""  # "" = RLHF on the task; tiger | crying_baby
     env_iterations: int = 40
@@ -56,6 +67,7 @@ def check(cfg, errors: list[str]) -> None:
         "env_iterations",
         "env_horizon",
         "env_batch",
+        "eval_prompts",
     ):
         if getattr(p, key) < 1:
             errors.append(f"ppo.{key}={getattr(p, key)}: must be >= 1")
@@ -79,6 +91,25 @@ def check(cfg, errors: list[str]) -> None:
         errors.append(f"ppo.critic_init={p.critic_init!r}: must be one of {', '.join(CRITIC_INIT)}")
     if p.env and p.env not in POMDP_ENVS:
         errors.append(f"ppo.env={p.env!r}: must be empty or one of {', '.join(POMDP_ENVS)}")
+    check_file_list("ppo.prompt_files", p.prompt_files, errors)
+    check_file_list("ppo.eval_files", p.eval_files, errors)
+    if p.eval_files and not p.prompt_files:
+        errors.append("ppo.eval_files needs ppo.prompt_files (held-out prompts of your own prompt data)")
+    if p.reward_model and p.reward != "rm":
+        errors.append(f"ppo.reward_model={p.reward_model!r} is only read with ppo.reward=rm (got {p.reward!r})")
+    elif p.reward_model and not any(
+        os.path.isfile(os.path.join(p.reward_model, *sub, "done.json")) for sub in ((), ("rm",))
+    ):
+        errors.append(f"ppo.reward_model={p.reward_model!r}: no done.json of a finished rm phase there (or in its rm/)")
+    if p.reward != "rm":
+        mod, _, fn = p.reward.partition(":")
+        if not mod or not fn or any(not part.isidentifier() for part in mod.split(".") + fn.split(".")):
+            errors.append(f"ppo.reward={p.reward!r}: must be 'rm' or 'package.module:function'")
+        elif p.critic_init == "rm":
+            errors.append(
+                f"ppo.critic_init=rm needs a reward model, but ppo.reward={p.reward!r} is a function: "
+                "use ppo.critic_init=sft"
+            )
     world = cfg.parallel.world_size
     if world and cfg.parallel.tp and not p.env:
         dp = world // cfg.parallel.tp

@@ -97,6 +97,10 @@ class TrainConfig:
     keep_last: int = 2
     max_bad_steps: int = 3  # non-finite losses in a row before stopping
     log_every: int = 1
+    # starting weights of a fresh run: a Hugging Face model folder (config.json + safetensors; its
+    # architecture fills model.*, its tokenizer.json data.tokenizer) or a checkpoint of ours; fresh
+    # optimizer at step 0. "" = random init (or the run folder's import-hf checkpoint)
+    init_from: str = ""
     stop_at_step: Optional[int] = None  # end this run early (with a checkpoint), e.g. to fit a Slurm
     # time slot; the schedule still follows `steps`
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from . import multimodal_schema, pipeline_schema, posttrain_schema, ppo_schema
 from .errors import ConfigError, require_divisible
 from .schema import Config
@@ -125,6 +127,8 @@ def validate_config(cfg: Config) -> Config:
         )
     if t.zero_stage not in (0, 1, 2, 3):
         errors.append(f"train.zero_stage={t.zero_stage}: must be 0, 1, 2 or 3")
+    if t.init_from and not Path(t.init_from).exists():
+        errors.append(f"train.init_from={t.init_from!r}: no such folder (a Hugging Face model folder or a checkpoint)")
     if not 0 <= t.min_lr_ratio <= 1:
         errors.append(f"train.min_lr_ratio={t.min_lr_ratio}: must be in [0, 1]")
     for section in (multimodal_schema, posttrain_schema, ppo_schema, pipeline_schema):

@@ -14,12 +14,15 @@ lora.py      apply_lora(model, lora_cfg, seed=0) -> list[str]   wrap target line
 qlora.py     quantize_base_nf4(model, block_size=64) -> {"nf4_bytes","bf16_bytes","ratio","layers"}
              (after apply_lora: the adapted layers' frozen bases become torchao NF4, dequantised in forward)
 task.py      build_task_data(cfg) -> TaskData(tokenizer: ChatTokenizer, splits)
-             TaskData.prompts(split) -> list[Example]   splits: "train", "test" (held-out), "chat", "extra"
+             TaskData.prompts(split) -> list[Example]   splits: "train", "test" (held-out), "chat"
+             TaskData.records: the user's files (user_data.py): "sft_train", "sft_eval", "sft_extra"
+                 (Conversation), "rm_train", "rm_eval" (Preference); PPO prompts are "train" / "test"
              Example: .messages, .prompt_ids, .answer, .candidates, .kind ("yes_no"|"color"|"shape"|"chat"),
                       .conversation(response=None)
              is_correct(example, generated_text) -> bool
              render_chat(messages, tokenizer, add_generation_prompt=True) -> list[int]   (chat_template.py)
              render_example(messages, tokenizer) -> (ids, response_mask)
+             render_conversation(messages, tokenizer) -> (ids, mask of every assistant turn)
              ChatTokenizer: .encode/.decode, .end_id (= eos, stops generation), .pad_id, .vocab_size
 common.py    setup_distributed(cfg) -> ParallelGroups         (deepspeed_adapter.init_comm)
              build_parallel_model(cfg, groups) -> Transformer (seeded, parallelized, not yet loaded)
@@ -44,6 +47,10 @@ reward.py    RewardModel(backbone, d_model)  forward(input_ids, attention_mask) 
                  (right-padded; the score is read at the last token where attention_mask == 1)
              run_rm(cfg) -> dict {"rm_pair_accuracy", ...}; writes {run_dir}/rm/done.json
              load_reward_model(cfg, groups=None) -> RewardModel (frozen, eval mode)
+rewards.py   FunctionReward("pkg.module:function"): ppo.reward as fn(prompts, completions, **columns)
+             exact_match, regex_match (checkable rewards)
+user_data.py read_conversations / read_preferences / read_prompts(key, patterns): the user's
+                 JSONL, every bad record named FILE:LINE: field; check_phase_files(cfg, phases)
 
 Every run_* is SPMD (one call per rank, torch.distributed initialised through
 `aion_train.parallel.deepspeed_adapter.init_comm` when WORLD_SIZE > 1); only rank 0 writes files

@@ -5,23 +5,26 @@
 The role tokens are ids appended after the SentencePiece vocabulary (`ChatTokenizer`), so
 each is always one id and no text can produce it. A prompt ends with the assistant header;
 generation stops at <|end|>. Only the response tokens and its closing <|end|> are trained
-on in SFT (`render_example` returns the 0/1 response mask)."""
+on in SFT (`render_example` returns the 0/1 response mask; `render_conversation` the mask of
+every assistant turn of a multi-turn conversation). The base tokenizer is a SentencePiece
+`.model` or a Hugging Face `tokenizer.json` (`data.tokenizer.load_tokenizer`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from aion_train.data.tokenizer import Tokenizer
+from aion_train.data.tokenizer import load_tokenizer
 
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 ROLES = ("system", "user", "assistant")
 
 
 class ChatTokenizer:
-    """A SentencePiece `Tokenizer` plus the role tokens as ids vocab..vocab+3. Picklable."""
+    """A base tokenizer (SentencePiece or tokenizer.json) plus the role tokens as ids
+    vocab..vocab+3. Picklable."""
 
     def __init__(self, path: str):
-        self.sp = Tokenizer(path)
+        self.sp = load_tokenizer(path)
         self.path = self.sp.path
         base = self.sp.vocab_size
         self.role_ids = {tok: base + i for i, tok in enumerate(ROLE_TOKENS)}
@@ -82,3 +85,24 @@ def render_example(messages, tokenizer: ChatTokenizer) -> tuple[list[int], list[
     prompt = render_chat(messages[:-1], tokenizer, add_generation_prompt=True)
     response = tokenizer.encode(messages[-1]["content"]) + [tokenizer.end_id]
     return prompt + response, [0] * len(prompt) + [1] * len(response)
+
+
+def render_conversation(messages, tokenizer: ChatTokenizer) -> tuple[list[int], list[int]]:
+    """(ids, mask) of a whole conversation in the template: the mask is 1 on the content tokens
+    of every assistant turn and on its closing <|end|> (what the model must produce), 0 on the
+    bos, every role header and every system / user turn. Needs at least one assistant turn."""
+    _check_messages(messages)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("an SFT conversation needs at least one assistant message")
+    ids, mask = [tokenizer.bos_id], [0]
+    for m in messages:
+        body = [*tokenizer.encode(m["content"]), tokenizer.end_id]
+        ids += [tokenizer.header_id(m["role"]), *body]
+        mask += [0] + [int(m["role"] == "assistant")] * len(body)
+    return ids, mask
+
+
+def render_response(prompt_messages, response: str, tokenizer: ChatTokenizer) -> list[int]:
+    """The ids of a prompt (ending with the assistant header) followed by one response and its
+    <|end|>: what the reward model scores (a PPO rollout has the same layout)."""
+    return render_chat(prompt_messages, tokenizer, True) + tokenizer.encode(response) + [tokenizer.end_id]

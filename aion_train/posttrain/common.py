@@ -56,7 +56,9 @@ def setup_distributed(cfg):
         phase_device()  # NCCL binds to the current GPU: make it LOCAL_RANK's first
         init_comm(resolve_backend(cfg.parallel.backend), cfg.parallel.timeout_s, shm_op=cfg.runtime.deepspeed_shm_op)
     cfg.parallel.world_size = world
-    validate_config(cfg)
+    from aion_train.interop.hf_init import apply_hf_init
+
+    validate_config(apply_hf_init(cfg, "posttrain"))  # sft.init_from: an HF folder's architecture
     key = (cfg.parallel.tp, cfg.parallel.ep, dist.is_initialized() and id(dist.group.WORLD))
     if key not in _GROUPS:
         _GROUPS[key] = build_groups(cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.timeout_s)
@@ -281,16 +283,17 @@ def save_weights(model, cfg, groups, folder) -> Path:
 def load_weights(
     model, folder, groups, seed: int = 0, merge_adapters: dict | None = None, scaling: float = 1.0
 ) -> None:
-    """Base weights from a checkpoint of any layout into this rank's shards; with
+    """Base weights from a checkpoint of any layout (or a Hugging Face model folder) into this rank's shards; with
     `merge_adapters` (full LoRA tensors) the weights are W0 + scaling * B A. A checkpoint with
     a smaller vocabulary (a pretrained LM before the role tokens were added) gets new rows
     drawn N(0, init_std) for the added ids."""
-    from aion_train.checkpoint import load_full_state_dict, shard_state_dict
+    from aion_train.checkpoint import shard_state_dict
+    from aion_train.interop.hf_init import load_init_weights
 
     from .lora import _unwrap, merge_into_state_dict
 
     model = _unwrap(model)
-    _, full = load_full_state_dict(folder)
+    _, full = load_init_weights(folder, model.cfg)  # a checkpoint of ours or a Hugging Face folder
     if merge_adapters:
         full = merge_into_state_dict(full, merge_adapters, scaling)
     vocab, std = model.cfg.vocab_size, model.cfg.init_std

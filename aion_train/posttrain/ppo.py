@@ -14,7 +14,13 @@ the actor, clipped value loss for the critic. Reward, KL, clip fraction, entropy
 loss go to MLflow every iteration; a checkpoint every ppo.save_every iterations lets a killed
 run resume (aion_train/posttrain/ppo_checkpoint.py). At the end: held-out exact-answer
 accuracy of the PPO policy and, on the same prompts, of the SFT reference (greedy), and the
-sequence-level KL(pi || pi_ref) on sampled held-out responses. Writes {run_dir}/ppo/done.json
+sequence-level KL(pi || pi_ref) on sampled held-out responses.
+
+The reward is the reward model (`ppo.reward=rm`) or a Python function of the decoded
+completions (`ppo.reward=package.module:function`, aion_train/posttrain/rewards.py). On the
+user's prompts (`ppo.prompt_files`) the held-out measure is the mean reward of greedy responses
+to `ppo.eval_files` (`ppo_eval_reward` against the SFT model's `sft_eval_reward`; accuracies
+too when every prompt record has an `answer`). Writes {run_dir}/ppo/done.json
 last. SPMD: one call per rank, same result on every rank."""
 
 from __future__ import annotations
@@ -35,7 +41,14 @@ from .common import build_phase_engine, evaluate_accuracy, phase_config, phase_t
 from .critic import build_critic
 from .ppo_checkpoint import load_ppo, ppo_checkpoints, save_ppo
 from .reward import load_reward_model
-from .rollout import RolloutBatch, make_experience, response_logprobs, response_values, sample_responses
+from .rollout import (
+    RolloutBatch,
+    make_experience,
+    response_logprobs,
+    response_values,
+    sample_responses,
+    score_responses,
+)
 from .sft import load_policy
 
 log = logging.getLogger("aion_train.ppo")
@@ -117,6 +130,27 @@ def heldout_kl(actor, reference, task, examples, pcfg, groups, seed: int) -> dic
     return {"ppo_kl": float(t[0] / t[2]), "ppo_kl_k3": float(t[1] / t[2])}
 
 
+@torch.no_grad()
+def evaluate_reward(model, task, examples, scorer, max_new_tokens: int, groups) -> dict:
+    """Greedy responses to `examples` (split over the data-parallel ranks) scored by `scorer`
+    (the reward model or function): {"reward", "accuracy" (None unless every example has an
+    answer), "n"}."""
+    from .task import is_correct
+
+    mine = examples[groups.dp_rank :: groups.dp]
+    tok = task.tokenizer
+    device = module_device(model)
+    prompts = [e.prompt_ids for e in mine]
+    responses = sample_responses(model, prompts, max_new_tokens, tok.end_id, 0.0, None, groups)  # greedy
+    scores = score_responses(scorer, mine, prompts, responses, tok, device) if mine else torch.zeros(0)
+    right = [float(is_correct(e, tok.decode(r))) for e, r in zip(mine, responses)]
+    t = torch.tensor([float(scores.sum()), sum(right), float(len(mine))], dtype=torch.float64)
+    if groups.dp > 1:
+        all_reduce_(t, group=groups.dp_group)
+    has_answers = all(e.answer for e in examples)
+    return {"reward": float(t[0] / t[2]), "accuracy": float(t[1] / t[2]) if has_answers else None, "n": int(t[2])}
+
+
 def _engine(model, cfg, groups, lr: float, batch: int):
     pcfg = phase_config(cfg, lr=lr, steps=cfg.ppo.steps, batch_size=batch)
     pcfg.train.precision = cfg.ppo.precision
@@ -134,7 +168,12 @@ def build_models(cfg, groups):
     for p in reference.parameters():
         p.requires_grad_(False)
     reference.eval()
-    reward_model = load_reward_model(cfg, groups)
+    if cfg.ppo.reward == "rm":
+        reward_model = load_reward_model(cfg, groups)
+    else:
+        from .rewards import FunctionReward
+
+        reward_model = FunctionReward(cfg.ppo.reward)
     critic = build_critic(cfg, groups)
     per_rank = cfg.ppo.rollout_prompts // groups.dp
     mb = max(1, per_rank // cfg.ppo.minibatches)
@@ -150,6 +189,8 @@ def run_ppo(cfg) -> dict:
     groups = setup_distributed(cfg)
     pc = cfg.ppo
     actor, critic, reference, reward_model, task = build_models(cfg, groups)
+    if not task.prompts("train"):
+        raise ValueError("ppo.prompt_files is empty but the run post-trains on your files: give a prompts JSONL")
     mgr = ppo_checkpoints(cfg)
     state = load_ppo(mgr, cfg, groups, actor, critic) or {"iteration": 0, "history": [], "mlflow_run_id": None}
     if state.get("checkpoint"):
@@ -213,17 +254,23 @@ def run_ppo(cfg) -> dict:
                     critic,
                     {k: v for k, v in state.items() if k != "checkpoint"},
                 )
-        n_tok = cfg.sft.max_new_tokens
-        ppo_ev = evaluate_accuracy(actor.module, task, test, n_tok, groups)
-        sft_ev = evaluate_accuracy(reference, task, test, n_tok, groups)
-        metrics = {
-            "ppo_accuracy": ppo_ev["accuracy"],
-            "sft_accuracy": sft_ev["accuracy"],
-            "ppo_accuracy_by_kind": ppo_ev["by_kind"],
-            "sft_accuracy_by_kind": sft_ev["by_kind"],
-            "eval_examples": ppo_ev["n"],
-            "iterations": state["iteration"],
-        }
+        if cfg.ppo.prompt_files:
+            ppo_ev = evaluate_reward(actor.module, task, test, reward_model, pc.max_new_tokens, groups)
+            sft_ev = evaluate_reward(reference, task, test, reward_model, pc.max_new_tokens, groups)
+            metrics = {"ppo_eval_reward": ppo_ev["reward"], "sft_eval_reward": sft_ev["reward"]}
+            if ppo_ev["accuracy"] is not None:
+                metrics.update(ppo_accuracy=ppo_ev["accuracy"], sft_accuracy=sft_ev["accuracy"])
+        else:
+            n_tok = cfg.sft.max_new_tokens
+            ppo_ev = evaluate_accuracy(actor.module, task, test, n_tok, groups)
+            sft_ev = evaluate_accuracy(reference, task, test, n_tok, groups)
+            metrics = {
+                "ppo_accuracy": ppo_ev["accuracy"],
+                "sft_accuracy": sft_ev["accuracy"],
+                "ppo_accuracy_by_kind": ppo_ev["by_kind"],
+                "sft_accuracy_by_kind": sft_ev["by_kind"],
+            }
+        metrics.update(eval_examples=ppo_ev["n"], iterations=state["iteration"], reward=cfg.ppo.reward)
         metrics.update(heldout_kl(actor.module, reference, task, test, pc, groups, cfg.seed + 99))
         hist = state["history"]
         if hist:
@@ -243,4 +290,4 @@ def run_ppo(cfg) -> dict:
     return metrics
 
 
-__all__ = ["heldout_kl", "mean_over_dp", "ppo_update", "run_ppo"]
+__all__ = ["evaluate_reward", "heldout_kl", "mean_over_dp", "ppo_update", "run_ppo"]

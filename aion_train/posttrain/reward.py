@@ -5,7 +5,10 @@ Default pairs come from the checkable task: an easy-vqa prompt with the right an
 preferred over the same prompt with a wrong answer from its closed set. The backbone starts
 from the SFT model (adapters merged; `rm.init=sft`) or its base (`rm.init=base`) and is
 trained in full (`rm.use_lora=false`) or through LoRA adapters. Held-out pair accuracy is
-measured on pairs from the easy-vqa test split.
+measured on pairs from the easy-vqa test split. On the user's files (`rm.train_files`:
+preference JSONL, `user_data.read_preferences`) the pairs are theirs, rendered in the chat
+template as prompt + response + <|end|> (the layout PPO scores), held out on `rm.eval_files`
+(else measured on the training pairs: `rm_eval_split` says which).
 
 Writes {run_dir}/rm/: backbone/ (weights-only checkpoint, adapters merged), head.safetensors,
 done.json (last)."""
@@ -116,6 +119,42 @@ def preference_pairs(
     return pairs
 
 
+def file_pairs(preferences, tokenizer) -> list:
+    """[(chosen ids, rejected ids)] of user preference records (`user_data.Preference`)."""
+    from .chat_template import render_response
+
+    return [
+        (render_response(p.prompt, p.chosen, tokenizer), render_response(p.prompt, p.rejected, tokenizer))
+        for p in preferences
+    ]
+
+
+def task_pairs(cfg, task) -> tuple[list, list, str]:
+    """(train pairs, held-out pairs, the held-out split's name) of the built-in task or the user's files."""
+    tok = task.tokenizer
+    if cfg.rm.train_files:
+        train = file_pairs(task.records["rm_train"], tok)
+        held = file_pairs(task.records["rm_eval"], tok)
+        too_long = [
+            p.where
+            for p, (c, r) in zip(task.records["rm_train"] + task.records["rm_eval"], train + held)
+            if max(len(c), len(r)) > cfg.model.max_seq_len
+        ]
+        if too_long:
+            raise ValueError(f"preference pairs longer than model.max_seq_len={cfg.model.max_seq_len}: {too_long[:5]}")
+        return train, held or train, "eval_files" if held else "train_files"
+    if task.records.get("sft_train") is not None:
+        raise ValueError(
+            "rm.train_files is empty but the run post-trains on your files: give preference JSONL "
+            "(prompt, chosen, rejected), or leave the rm phase out (ppo.reward=module:function)"
+        )
+    n_train = cfg.rm.train_pairs or len(task.prompts("train"))
+    train = preference_pairs(
+        task.prompts("train"), tok, n_train, cfg.seed + 11, cfg.rm.malformed_fraction, cfg.ppo.max_new_tokens
+    )
+    return train, preference_pairs(task.prompts("test_all"), tok, cfg.rm.eval_pairs, cfg.seed + 12), "easy-vqa test"
+
+
 def pair_batch(pairs, pad_id: int):
     """(ids [2B, T], mask [2B, T]): the B chosen rows, then the B rejected rows."""
     return pad_right([p[0] for p in pairs] + [p[1] for p in pairs], pad_id)
@@ -187,11 +226,7 @@ def run_rm(cfg) -> dict:
         if cfg.rm.use_lora:
             apply_lora(backbone, cfg.lora, seed=cfg.seed)
         model = RewardModel(backbone, cfg.model.d_model)
-        n_train = cfg.rm.train_pairs or len(task.prompts("train"))
-        train_pairs = preference_pairs(
-            task.prompts("train"), tok, n_train, cfg.seed + 11, cfg.rm.malformed_fraction, cfg.ppo.max_new_tokens
-        )
-        eval_pairs = preference_pairs(task.prompts("test_all"), tok, cfg.rm.eval_pairs, cfg.seed + 12)
+        train_pairs, eval_pairs, eval_split = task_pairs(cfg, task)
         before = pair_accuracy(model, eval_pairs, tok.pad_id)["rm_pair_accuracy"]
         pcfg = phase_config(cfg, lr=cfg.rm.lr, steps=cfg.rm.steps, batch_size=cfg.rm.batch_size)
         engine, opt = build_phase_engine(model, pcfg, groups)
@@ -211,6 +246,7 @@ def run_rm(cfg) -> dict:
             rm_loss=mean_over_ranks(sum(losses[-10:]) / len(losses[-10:])),
             rm_train_pairs=len(train_pairs),
             rm_eval_pairs=len(eval_pairs),
+            rm_eval_split=eval_split,
         )
         if cfg.rm.use_lora:
             merge_lora(model.backbone)  # saved weights = W0 + (alpha/r) B A
@@ -229,12 +265,27 @@ def run_rm(cfg) -> dict:
     return metrics
 
 
+def reward_model_done(cfg) -> tuple[dict | None, str]:
+    """(done.json, its folder) of the reward model PPO uses: `ppo.reward_model` (a run folder of
+    ours or its rm/ folder: a reward model trained elsewhere with the same tokenizer and model
+    config) or this run's rm phase."""
+    import json
+    from pathlib import Path
+
+    if not cfg.ppo.reward_model:
+        return read_done(cfg, "rm"), str(phase_dir(cfg, "rm"))
+    root = Path(cfg.ppo.reward_model)
+    folder = root / "rm" if (root / "rm" / "done.json").is_file() else root
+    p = folder / "done.json"
+    return (json.loads(p.read_text()) if p.is_file() else None), str(folder)
+
+
 def load_reward_model(cfg, groups=None) -> RewardModel:
     """The trained reward model on this rank's shards: frozen, in eval mode."""
     groups = groups or setup_distributed(cfg)
-    done = read_done(cfg, "rm")
+    done, where = reward_model_done(cfg)
     if done is None:
-        raise FileNotFoundError(f"{phase_dir(cfg, 'rm')}/done.json is missing: run the rm phase first")
+        raise FileNotFoundError(f"{where}/done.json is missing: run the rm phase first")
     backbone = build_parallel_model(cfg, groups)
     load_weights(backbone, done["backbone_checkpoint"], groups)
     model = RewardModel(backbone, cfg.model.d_model)
@@ -247,4 +298,13 @@ def load_reward_model(cfg, groups=None) -> RewardModel:
     return model.eval()
 
 
-__all__ = ["RewardModel", "load_reward_model", "pair_accuracy", "preference_pairs", "run_rm"]
+__all__ = [
+    "RewardModel",
+    "reward_model_done",
+    "file_pairs",
+    "load_reward_model",
+    "pair_accuracy",
+    "preference_pairs",
+    "run_rm",
+    "task_pairs",
+]

@@ -131,13 +131,26 @@ def response_values(critic, input_ids, resp_pos) -> torch.Tensor:
 
 
 @torch.no_grad()
+def score_responses(reward_model, examples, prompts, responses, tok, device) -> torch.Tensor:
+    """[B] scores of prompt + response: a reward model at the last token, or (a
+    `rewards.FunctionReward`) a function of the decoded completions."""
+    from .common import pad_right
+
+    if getattr(reward_model, "scores_text", False):
+        return reward_model.score(examples, [tok.decode(r) for r in responses]).to(device)
+    rm_ids, rm_mask = to_device(
+        pad_right([list(p) + list(r) for p, r in zip(prompts, responses)], tok.pad_id), module_device(reward_model)
+    )
+    return reward_model(rm_ids, rm_mask).float().to(device)
+
+
+@torch.no_grad()
 def make_experience(
     examples: list, actor, reference, critic, reward_model, task, pcfg, generator, groups=None, dp_group=None
 ) -> RolloutBatch:
     """Sample one response per example, then log-probs (actor, reference), values, reward
     model scores, per-token KL-penalised rewards, GAE advantages (whitened over every
     data-parallel rank's batch when `dp_group` is given) and returns. `pcfg` = cfg.ppo."""
-    from .common import pad_right
     from .task import is_correct
 
     tok = task.tokenizer
@@ -152,10 +165,7 @@ def make_experience(
     logp_old = response_logprobs(actor, input_ids, resp_pos, resp_tokens, groups)
     logp_ref = response_logprobs(reference, input_ids, resp_pos, resp_tokens, groups)
     values = response_values(critic, input_ids, resp_pos) * resp_mask
-    rm_ids, rm_mask = to_device(
-        pad_right([list(p) + list(r) for p, r in zip(prompts, responses)], tok.pad_id), module_device(reward_model)
-    )
-    scores = reward_model(rm_ids, rm_mask).float().to(device)
+    scores = score_responses(reward_model, examples, prompts, responses, tok, device)
     rewards, kl = ppo_math.kl_penalty_rewards(scores, logp_old, logp_ref, resp_mask, pcfg.beta)
     advantages, returns = ppo_math.gae(rewards, values, resp_mask, pcfg.gamma, pcfg.lam)
     if pcfg.whiten_advantages:

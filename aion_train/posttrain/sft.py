@@ -10,6 +10,10 @@ on easy-vqa instructions (`sft.max_examples` of them: good but not perfect, leav
 chatterbot dialogs and any `sft.data_files`. Held-out accuracy: greedy KV-cached answers to
 the easy-vqa test prompts, checked exactly.
 
+On the user's files (`sft.train_files`: chat JSONL) SFT trains on those conversations alone,
+the loss on every assistant turn; the base LM (without `sft.init_from`) reads their text; the
+held-out measure is the response loss on `sft.eval_files` (`base_eval_loss`, `sft_eval_loss`).
+
 Writes {run_dir}/sft/: base/ (weights-only checkpoint), adapters.safetensors (full, unsharded)
 or model/ (full fine-tuning), done.json (metrics + paths, last)."""
 
@@ -18,9 +22,11 @@ from __future__ import annotations
 import random
 import time
 
+import torch
+
 from aion_train.config import config_to_dict
 
-from .chat_template import render_example
+from .chat_template import render_conversation, render_example
 from .common import (
     build_parallel_model,
     build_phase_engine,
@@ -77,10 +83,69 @@ def base_documents(task) -> list:
     return [(d, [1] * len(d)) for d in docs]
 
 
-def sft_records(cfg, task) -> list:
-    """(ids, response_mask) of the SFT mixture: easy-vqa instructions, chat, extra files."""
-    rng = random.Random(cfg.seed + 1)
+def render_conversations(conversations, tok, max_seq_len: int) -> list:
+    """(ids, mask) of user-file conversations (`render_conversation`: every assistant turn);
+    a conversation longer than the model's context is an error naming its file and line."""
+    out, too_long = [], []
+    for c in conversations:
+        ids, mask = render_conversation(c.messages, tok)
+        if len(ids) > max_seq_len + 1:
+            too_long.append(f"{c.where}: {len(ids)} tokens")
+        out.append((ids, mask))
+    if too_long:
+        raise ValueError(
+            f"conversations longer than model.max_seq_len={max_seq_len} tokens (+1): " + "; ".join(too_long[:5])
+        )
+    return out
+
+
+def file_base_documents(task, max_seq_len: int) -> list:
+    """(ids, mask) of the base LM's text on the user's files: every conversation's messages as
+    plain text (no chat template), every token a target, cut to the model's context."""
     tok = task.tokenizer
+    docs = []
+    for c in task.records["sft_train"] + task.records["sft_extra"]:
+        text = "\n".join(m["content"] for m in c.messages)
+        d = [tok.bos_id, *tok.encode(text), tok.sp.eos_id][: max_seq_len + 1]
+        docs.append((d, [1] * len(d)))
+    return docs
+
+
+@torch.no_grad()
+def response_loss(model, records, pad_id: int, groups, batch_size: int = 16) -> dict:
+    """Token-weighted mean cross-entropy over the masked (assistant) tokens of `records`, split
+    over the data-parallel ranks and summed over them: {"loss", "tokens"}."""
+    import torch.nn.functional as F
+
+    from .common import full_logits
+
+    dp, dp_rank = (1, 0) if groups is None else (groups.dp, groups.dp_rank)
+    mine = records[dp_rank::dp]
+    was = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for s in range(0, len(mine), batch_size):
+        chunk = mine[s : s + batch_size]
+        ids, labels = to_model(lm_batch([r[0] for r in chunk], [r[1] for r in chunk], pad_id), model)
+        logits = full_logits(model(ids).logits, groups).float()
+        nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        total += torch.tensor([float(nll), float((labels != -100).sum())], dtype=torch.float64)
+    model.train(was)
+    if groups is not None and dp > 1:
+        from aion_train.parallel.collectives import all_reduce_
+
+        all_reduce_(total, group=groups.dp_group)
+    return {"loss": float(total[0] / max(total[1], 1)), "tokens": int(total[1])}
+
+
+def sft_records(cfg, task) -> list:
+    """(ids, response_mask) of the SFT mixture: easy-vqa instructions, chat, extra files; or,
+    on the user's files, their conversations (every assistant turn) and sft.data_files."""
+    tok = task.tokenizer
+    extra = render_conversations(task.records.get("sft_extra", []), tok, cfg.model.max_seq_len)
+    if "sft_train" in task.records:
+        return render_conversations(task.records["sft_train"], tok, cfg.model.max_seq_len) + extra
+    rng = random.Random(cfg.seed + 1)
     vqa = task.prompts("train")
     if cfg.sft.max_examples:
         vqa = rng.sample(vqa, min(cfg.sft.max_examples, len(vqa)))
@@ -88,12 +153,6 @@ def sft_records(cfg, task) -> list:
         r for r in (render_example(e.conversation(), tok) for e in task.prompts("chat")) if len(r[0]) <= MAX_CHAT_TOKENS
     ]
     chat = rng.sample(chat, min(cfg.sft.chat_examples, len(chat)))
-    extra = [render_example(e.conversation(), tok) for e in task.prompts("extra")]
-    too_long = [i for i, r in enumerate(extra) if len(r[0]) > cfg.model.max_seq_len + 1]
-    if too_long:
-        raise ValueError(
-            f"sft.data_files: records {too_long[:5]} are longer than model.max_seq_len={cfg.model.max_seq_len} tokens"
-        )
     return [render_example(e.conversation(), tok) for e in vqa] + chat + extra
 
 
@@ -112,7 +171,7 @@ def train_base_lm(model, cfg, groups, task, tracker) -> float:
     """sft.base_steps full-weight LM steps on the task text; returns the last loss."""
     pcfg = phase_config(cfg, lr=cfg.sft.base_lr, steps=cfg.sft.base_steps, batch_size=cfg.sft.batch_size)
     engine, opt = build_phase_engine(model, pcfg, groups)
-    docs = base_documents(task)
+    docs = file_base_documents(task, cfg.model.max_seq_len) if "sft_train" in task.records else base_documents(task)
     log = lambda m, s: tracker.log_metrics({f"base/{k}": v for k, v in m.items()}, step=s)  # noqa: E731
     losses = train_steps(
         engine,
@@ -131,6 +190,7 @@ def run_sft(cfg) -> dict:
     t0 = time.time()
     groups = setup_distributed(cfg)
     task = build_task_data(cfg)
+    records = sft_records(cfg, task)  # before any training: a too-long record fails now
     out = phase_dir(cfg, "sft")
     tracker = phase_tracker(cfg, "sft", groups)
     tracker.start(config_to_dict(cfg))
@@ -143,8 +203,14 @@ def run_sft(cfg) -> dict:
             metrics["base_loss"] = train_base_lm(model, cfg, groups, task, tracker)
             model = _unwrap(model)
         base_ckpt = save_weights(model, cfg, groups, out / "base")
-        test = task.prompts("test")
-        metrics["base_accuracy"] = evaluate_accuracy(model, task, test, cfg.sft.max_new_tokens, groups)["accuracy"]
+        on_files = "sft_train" in task.records
+        if on_files:
+            held = render_conversations(task.records["sft_eval"], task.tokenizer, cfg.model.max_seq_len)
+            if held:
+                metrics["base_eval_loss"] = response_loss(model, held, task.tokenizer.pad_id, groups)["loss"]
+        else:
+            test = task.prompts("test")
+            metrics["base_accuracy"] = evaluate_accuracy(model, task, test, cfg.sft.max_new_tokens, groups)["accuracy"]
         if cfg.lora.enabled:
             metrics["lora_modules"] = len(apply_lora(model, cfg.lora, seed=cfg.seed))
             if cfg.lora.quantize == "nf4":
@@ -155,7 +221,6 @@ def run_sft(cfg) -> dict:
         metrics["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         pcfg = phase_config(cfg, lr=cfg.sft.lr, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size)
         engine, opt = build_phase_engine(model, pcfg, groups)
-        records = sft_records(cfg, task)
         log = lambda m, s: tracker.log_metrics({f"sft/{k}": v for k, v in m.items()}, step=s)  # noqa: E731
         losses = train_steps(
             engine,
@@ -167,14 +232,18 @@ def run_sft(cfg) -> dict:
             log,
         )
         model = engine.module
-        ev = evaluate_accuracy(model, task, test, cfg.sft.max_new_tokens, groups)
+        if on_files:
+            if held:
+                ev = response_loss(model, held, task.tokenizer.pad_id, groups)
+                metrics.update(sft_eval_loss=ev["loss"], eval_tokens=ev["tokens"], eval_examples=len(held))
+        else:
+            ev = evaluate_accuracy(model, task, test, cfg.sft.max_new_tokens, groups)
+            metrics.update(sft_accuracy=ev["accuracy"], sft_accuracy_by_kind=ev["by_kind"], eval_examples=ev["n"])
         metrics.update(
-            sft_accuracy=ev["accuracy"],
-            sft_accuracy_by_kind=ev["by_kind"],
-            eval_examples=ev["n"],
             sft_loss=mean_over_ranks(sum(losses[-10:]) / len(losses[-10:])),
             sft_examples=len(records),
             base_checkpoint=str(base_ckpt),
+            tokenizer=str(task.tokenizer.path),
         )
         if cfg.lora.enabled:
             adapters = gather_lora_state_dict(model)
@@ -221,4 +290,4 @@ def load_policy(cfg, stage: str = "sft", merge: bool = False, groups=None):
     return model, task
 
 
-__all__ = ["lm_batch", "load_policy", "run_sft", "sft_records"]
+__all__ = ["lm_batch", "load_policy", "render_conversations", "response_loss", "run_sft", "sft_records"]

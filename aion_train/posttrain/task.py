@@ -12,7 +12,12 @@ system turn; the question is the user turn; the answer is one word from a closed
 `is_correct` checks a generated answer exactly (case and trailing punctuation ignored). The
 held-out set is a fixed seeded sample of the easy-vqa *test* split (other images). Chatterbot
 corpus dialogs (PyPI chatterbot-corpus, YAML inside the package) add chat variety to SFT, and
-extra JSON/JSONL chat records can be given (`sft.data_files`, read with HF `datasets`)."""
+extra chat JSONL records can be mixed in (`sft.data_files`).
+
+With `sft.train_files` (and `rm.train_files`, `ppo.prompt_files`) the run post-trains on the
+user's files instead (`user_data.py`): the task tokenizer is trained on their text, the splits
+"train" / "test" are the PPO prompts and `TaskData.records` holds the SFT conversations and the
+preference pairs."""
 
 from __future__ import annotations
 
@@ -40,7 +45,9 @@ class Example:
     prompt_ids: list  # chat-templated ids ending with the assistant header
     answer: str  # reference answer text
     candidates: tuple = ()  # the closed answer set (empty for free chat)
-    kind: str = "chat"  # yes_no | color | shape | chat
+    kind: str = "chat"  # yes_no | color | shape | chat | file
+    prompt: object = None  # a user file's prompt as written (text or messages): for reward functions
+    columns: dict = field(default_factory=dict)  # a user file's other fields (e.g. answer)
 
     def conversation(self, response: str | None = None) -> list:
         return self.messages + [{"role": "assistant", "content": self.answer if response is None else response}]
@@ -49,7 +56,10 @@ class Example:
 @dataclass
 class TaskData:
     tokenizer: ChatTokenizer
-    splits: dict = field(default_factory=dict)  # name -> list[Example]: train, test, chat, extra
+    splits: dict = field(default_factory=dict)  # name -> list[Example]: train, test, chat
+    # user files / sft.data_files: sft_train, sft_eval, sft_extra (user_data.Conversation),
+    # rm_train, rm_eval (user_data.Preference)
+    records: dict = field(default_factory=dict)
 
     def prompts(self, split: str) -> list:
         if split not in self.splits:
@@ -173,7 +183,7 @@ def corpus_texts(vqa: list[dict], chat: list[tuple[str, str]]) -> list[str]:
     return texts + list(COLORS + SHAPES + YES_NO)
 
 
-def ensure_tokenizer(cfg, texts: list[str]) -> str:
+def ensure_tokenizer(cfg, texts) -> str:
     """sft.tokenizer, or the task tokenizer trained (rank 0, deterministic) into
     {run_dir}/task/tokenizer.model with model.vocab_size minus the role tokens."""
     from aion_train.data.tokenizer import train_tokenizer
@@ -186,7 +196,15 @@ def ensure_tokenizer(cfg, texts: list[str]) -> str:
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0 and not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        train_tokenizer(texts, str(path), cfg.model.vocab_size - len(ROLE_TOKENS), seed=cfg.seed)
+        n = cfg.model.vocab_size - len(ROLE_TOKENS)
+        try:
+            train_tokenizer(texts() if callable(texts) else texts, str(path), n, seed=cfg.seed)
+        except RuntimeError as e:  # SentencePiece: too few distinct pieces in the text
+            raise ValueError(
+                f"cannot train a {n}-piece task tokenizer (model.vocab_size={cfg.model.vocab_size} minus "
+                f"{len(ROLE_TOKENS)} role tokens) on this text: {str(e).strip().splitlines()[-1]}; "
+                "lower model.vocab_size, give more text, or name a tokenizer in sft.tokenizer"
+            ) from None
     if dist.is_initialized():
         dist.barrier()
     return str(path)
@@ -195,7 +213,11 @@ def ensure_tokenizer(cfg, texts: list[str]) -> str:
 def build_task_data(cfg) -> TaskData:
     """Tokenizer + splits: train (easy-vqa train), test (held-out: `sft.eval_examples` seeded
     easy-vqa test prompts), test_all (every easy-vqa test prompt), chat (chatterbot), extra
-    (`sft.data_files`)."""
+    (`sft.data_files`). With the user's files: see `build_file_task`."""
+    from .user_data import uses_files
+
+    if uses_files(cfg):
+        return build_file_task(cfg)
     vqa_train, vqa_test = easy_vqa_records("train"), easy_vqa_records("test")
     chat = chatterbot_pairs()
     tok_path = ensure_tokenizer(cfg, corpus_texts(vqa_train, chat))
@@ -230,12 +252,69 @@ def _build(cfg, tok, vqa_train, vqa_test, chat) -> TaskData:
         "test_all": [_example(tok, r["system"], r["user"], r["answer"], r["kind"], r["candidates"]) for r in vqa_test],
         "chat": [_example(tok, SYSTEM_CHAT, q, a, "chat", ()) for q, a in chat],
     }
-    extra = []
-    for conv in load_chat_files(cfg.sft.data_files):
-        ids, _ = render_example(conv, tok)  # validates roles and the final assistant turn
-        extra.append(Example(conv[:-1], render_chat(conv[:-1], tok, True), conv[-1]["content"], (), "chat"))
-    splits["extra"] = extra
-    return TaskData(tok, splits)
+    from .user_data import read_conversations
+
+    extra = read_conversations("sft.data_files", cfg.sft.data_files) if cfg.sft.data_files else []
+    return TaskData(tok, splits, {"sft_extra": extra})
+
+
+def _file_key(cfg) -> tuple:
+    stamp = []
+    for pats in (cfg.sft.train_files, cfg.sft.eval_files, cfg.sft.data_files, cfg.rm.train_files):
+        stamp.append(tuple(pats))
+    stamp += [tuple(cfg.rm.eval_files), tuple(cfg.ppo.prompt_files), tuple(cfg.ppo.eval_files), cfg.ppo.eval_prompts]
+    return tuple(stamp)
+
+
+def _prompt_example(tok: ChatTokenizer, p) -> Example:
+    answer = p.columns.get("answer")
+    return Example(
+        p.messages,
+        render_chat(p.messages, tok, True),
+        "" if answer is None else str(answer),
+        (),
+        "file",
+        p.prompt,
+        p.columns,
+    )
+
+
+def build_file_task(cfg) -> TaskData:
+    """The user's files (`user_data`): the task tokenizer (sft.tokenizer, or trained on every
+    message text of the files), the PPO prompts as splits "train" / "test" (ppo.eval_files, or
+    the first ppo.eval_prompts train prompts), SFT conversations and preference pairs in
+    `records`. Each file is read and checked once per process."""
+    from . import user_data as ud
+
+    tok_path = ensure_tokenizer(cfg, lambda: ud.texts_of(cfg))
+    key = ("files", os.path.abspath(tok_path), os.path.getmtime(tok_path), cfg.model.vocab_size, _file_key(cfg))
+    if key in _CACHE:
+        return _CACHE[key]
+    tok = ChatTokenizer(tok_path)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ValueError(
+            f"the task tokenizer has {tok.vocab_size} ids (with {len(tok.role_ids)} role tokens) "
+            f"but model.vocab_size={cfg.model.vocab_size}"
+        )
+    s, r, p = cfg.sft, cfg.rm, cfg.ppo
+    records = {
+        "sft_train": ud.read_conversations("sft.train_files", s.train_files),
+        "sft_extra": ud.read_conversations("sft.data_files", s.data_files) if s.data_files else [],
+        "sft_eval": ud.read_conversations("sft.eval_files", s.eval_files) if s.eval_files else [],
+        "rm_train": ud.read_preferences("rm.train_files", r.train_files) if r.train_files else [],
+        "rm_eval": ud.read_preferences("rm.eval_files", r.eval_files) if r.eval_files else [],
+    }
+    train = (
+        [_prompt_example(tok, q) for q in ud.read_prompts("ppo.prompt_files", p.prompt_files)] if p.prompt_files else []
+    )
+    test = (
+        [_prompt_example(tok, q) for q in ud.read_prompts("ppo.eval_files", p.eval_files)]
+        if p.eval_files
+        else train[: p.eval_prompts]
+    )
+    _CACHE.clear()
+    _CACHE[key] = TaskData(tok, {"train": train, "test": test}, records)
+    return _CACHE[key]
 
 
 def normalise_answer(text: str) -> str:
@@ -253,6 +332,7 @@ __all__ = [
     "YES_NO",
     "Example",
     "TaskData",
+    "build_file_task",
     "build_task_data",
     "chatterbot_pairs",
     "corpus_texts",

@@ -4,14 +4,15 @@ Accepted `--checkpoint` paths:
 
 * a text **pretraining** run: the run folder, its `checkpoints/` or one `step_XXXXXXXX`
   folder, saved in any TP/EP layout (`checkpoint.reshard.load_full_state_dict` gathers it). The
-  model is built from the manifest's `model_config`; the tokenizer is `--tokenizer`, else the
-  run's `config.yaml` (`data.tokenizer`, or `data.dir`/tokenizer.model). No chat template:
+  model is built from the manifest's `model_config`; the tokenizer (a SentencePiece `.model` or a
+  Hugging Face `tokenizer.json`) is `--tokenizer`, else the run's `config.yaml` (`data.tokenizer`,
+  or `data.dir`/tokenizer.model). No chat template:
   such a model serves completions only.
 * an **SFT** run (the run folder or its `sft/` folder, which holds `done.json`): the base
   weights (`done["base_checkpoint"]`, any layout) with the LoRA adapters of
   `done["adapters"]` merged in (W0 + alpha/r B A, alpha and r from the adapter file's
   metadata), or the full fine-tuned `done["model_checkpoint"]`. Tokenizer: `--tokenizer`,
-  else the task tokenizer `{run}/task/tokenizer.model`, wrapped in the post-training
+  else the task tokenizer `{run}/task/tokenizer.model` (or the one done.json names), wrapped in the post-training
   `ChatTokenizer` (role tokens), so chat requests use `posttrain.chat_template.render_chat`.
 * a **PPO** run (the run folder or its `ppo/` folder): the SFT model above, then the PPO
   actor's trained tensors from the latest `ppo/checkpoints/` step (its LoRA adapters, merged
@@ -185,7 +186,7 @@ def _load_pretrain(path: Path, tokenizer: str | None):
 
 
 def _pretrain_tokenizer(folder: Path, path: Path, tokenizer: str | None):
-    from aion_train.data import Tokenizer
+    from aion_train.data.tokenizer import load_tokenizer as Tokenizer  # SentencePiece or tokenizer.json
 
     if tokenizer:
         return Tokenizer(tokenizer)
@@ -201,7 +202,7 @@ def _pretrain_tokenizer(folder: Path, path: Path, tokenizer: str | None):
             for c in cands:
                 for base in (Path("."), parent.parent, parent):
                     p = (base / c) if not Path(c).is_absolute() else Path(c)
-                    if p.is_file():
+                    if p.is_file() or (p / "tokenizer.json").is_file():
                         return Tokenizer(str(p))
             raise LoadError(f"{cfg_file} names the tokenizer {cands[0]!r}, which was not found; pass --tokenizer")
     raise LoadError(f"{folder}: no config.yaml in its run folder to find the tokenizer; pass --tokenizer")
@@ -219,7 +220,10 @@ def _chat_tokenizer(run_dir: Path, tokenizer: str | None):
     from aion_train.posttrain.chat_template import ChatTokenizer
 
     p = Path(tokenizer) if tokenizer else run_dir / "task" / "tokenizer.model"
-    if not p.is_file():
+    named = _read_done(run_dir, "sft").get("tokenizer")  # sft.tokenizer, e.g. an imported tokenizer.json
+    if not tokenizer and not p.is_file() and named:
+        p = _resolve(named, run_dir)
+    if not p.exists():
         raise LoadError(f"{p}: no task tokenizer (a run with sft.tokenizer set: pass --tokenizer)")
     return ChatTokenizer(str(p))
 

@@ -66,7 +66,9 @@ class Trainer:
         init_comm(resolve_backend(cfg.parallel.backend), cfg.parallel.timeout_s, shm_op=cfg.runtime.deepspeed_shm_op)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         cfg.parallel.world_size = self.world
-        validate_config(cfg)
+        from aion_train.interop.hf_init import apply_hf_init, load_start_weights
+
+        validate_config(apply_hf_init(cfg, "pretrain"))  # train.init_from: an HF folder's architecture
         if cfg.train.precision == "fp16" and not torch.cuda.is_available():
             raise ValueError("train.precision=fp16 needs a GPU (dynamic loss scaling); use bf16 or fp32 on CPU")
         self.groups = build_groups(cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.timeout_s)
@@ -79,8 +81,10 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.train.keep_last)
         try:
             self.initialised_from = load_weights_only(self.ckpt, cfg, model, self.groups)
+            if self.initialised_from is None and cfg.train.init_from and self.ckpt.latest() is None:
+                self.initialised_from = load_start_weights(cfg.train.init_from, cfg, model, self.groups)
         except CheckpointError as e:
-            raise ResumeError(f"cannot start from {self.ckpt.latest()}: {_one_line(e)}") from e
+            raise ResumeError(f"cannot start from {cfg.train.init_from or self.ckpt.latest()}: {_one_line(e)}") from e
         self.plan = ParallelPlan.for_model(
             model, cfg.model, cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.sequence_parallel
         )
