@@ -546,6 +546,7 @@ def test_generate_with_an_index_puts_the_best_whole_chunks_first(tmp_path, token
     from aion_train.retrieval.hybrid import build_context
     from aion_train.retrieval.store import Retriever
     from aion_train.serve.loading import load_for_serving
+    from aion_train.serve.retrieval_context import fit_chunks
 
     ref, run = _save_pretrain(tmp_path, tiny_model_cfg(), tokenizer, 1, 1)
     docs = tmp_path / "docs"
@@ -601,18 +602,15 @@ def test_generate_with_an_index_puts_the_best_whole_chunks_first(tmp_path, token
     out = json.loads(capsys.readouterr().out)
     lm = load_for_serving(str(run))
     hits = Retriever(str(idx)).search(prompt, k=2)
-    fits = [
-        n
-        for n in (1, 2)
-        if len(lm.encode_prompt(build_context([h.text for h in hits[:n]], prompt))) <= lm.max_seq_len - 4
-    ]
-    assert fits, "the test's chunks must fit the tiny model's context"
-    hits = hits[: max(fits)]
+    texts = fit_chunks(
+        [h.text.strip() for h in hits], lambda cs: len(lm.encode_prompt(build_context(cs, prompt))), lm.max_seq_len - 4
+    )
+    assert texts and texts[0], "the test's best chunk must fit the tiny model's context"
     got = out["aion"]["retrieval"]
-    assert [h["id"] for h in got["hits"]] == [h.id for h in hits]  # best first, whole chunks
+    assert [h["id"] for h in got["hits"]] == [h.id for h, t in zip(hits, texts) if t]  # best first
     assert got["hits"][0]["source"].endswith("loops.txt")
     # the tokens are the model's greedy continuation of exactly that augmented prompt
-    ids = torch.tensor([lm.encode_prompt(build_context([h.text for h in hits], prompt))])
+    ids = torch.tensor([lm.encode_prompt(build_context([t for t in texts if t], prompt))])
     expect = generate(ref, ids, 4, temperature=0.0)[0, ids.shape[1] :].tolist()
     assert out["token_ids"][: len(expect)] == expect[: len(out["token_ids"])] and out["token_ids"]
     # no room left for any chunk: the prompt alone, and the answer says so
