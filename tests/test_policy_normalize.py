@@ -202,3 +202,45 @@ def test_window_streams_progressively_on_non_ascii_text():
     assert sum(map(len, shown)) > len(text) // 2  # not held to the end
     assert "ｓｅｃｒｅｔ" not in "".join(shown)
     assert StreamEnforcer(POLICIES["block"]).mode == StreamEnforcer(POLICIES["unbounded"]).mode == "hold"
+
+
+# ------------------------------------------------------------------------ bundle
+def test_bundle_records_which_jurisdictions_hold_the_whole_output(tmp_path):
+    import json
+    from pathlib import Path
+
+    from aion_train.policy import PolicySet, build_bundle, bundle_hash
+
+    examples = Path(__file__).resolve().parents[1] / "configs" / "policies"
+    streamable = tmp_path / "xx.json"
+    streamable.write_text(
+        json.dumps({"jurisdiction": "xx", "version": "1.0.0", "rules": EVASIVE.document["rules"]}), encoding="utf-8"
+    )
+    bundle = build_bundle([*sorted(examples.glob("*.json")), streamable])
+    holds = {j: e["holds_whole_output"] for j, e in bundle["jurisdictions"].items()}
+    # eu-de has a block rule, eu an e-mail pattern of unbounded width; xx is all bounded
+    assert holds == {"default": False, "eu": True, "eu-de": True, "xx": False}
+    ps = PolicySet(bundle)
+    assert {j: ps[j].holds_whole_output for j in ps.jurisdictions} == holds
+    assert {j: StreamEnforcer(ps[j]).mode == "hold" for j in ps.jurisdictions if j != "default"} == {
+        "eu": True,
+        "eu-de": True,
+        "xx": False,
+    }
+
+    lied = json.loads(json.dumps(bundle))
+    lied["jurisdictions"]["eu-de"]["holds_whole_output"] = False
+    with pytest.raises(PolicyError, match=r"holds_whole_output.*says False"):
+        PolicySet(lied)
+    dropped = json.loads(json.dumps(bundle))
+    del dropped["jurisdictions"]["eu"]["holds_whole_output"]
+    with pytest.raises(PolicyError, match="missing"):
+        PolicySet(dropped)
+    # a bundle from before the field (none has it, hashed without it) still loads
+    legacy = json.loads(json.dumps(bundle))
+    for e in legacy["jurisdictions"].values():
+        del e["holds_whole_output"]
+    with pytest.raises(PolicyError, match="bundle hash mismatch"):
+        PolicySet(legacy)  # the field is covered by the bundle hash
+    legacy["bundle_sha256"] = bundle_hash({j: e["sha256"] for j, e in legacy["jurisdictions"].items()})
+    assert PolicySet(legacy).bundle_sha256 == legacy["bundle_sha256"] != bundle["bundle_sha256"]

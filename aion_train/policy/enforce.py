@@ -30,6 +30,7 @@ first (only when the policy has rules).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import threading
@@ -42,7 +43,7 @@ from .bundle import bundle_hash, content_hash, normalize_policy
 from .errors import ModerationUnavailable, PolicyError, PolicyIssue, UnknownJurisdiction, json_path
 from .loader import read_json_limited, rule_casefold, rule_issues, schema_issues
 from .normalize import View, normalized_view
-from .patterns import pattern_spans, term_spans
+from .patterns import holds_whole_output, pattern_spans, term_spans
 from .schema import (
     BUNDLE_FORMAT,
     DEFAULT_JURISDICTION,
@@ -128,6 +129,12 @@ class Policy:
     moderation: Mapping[str, Any]
     lineage: tuple = ()
     document: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    @functools.cached_property
+    def holds_whole_output(self) -> bool:
+        """Whether streaming under this policy holds the whole output to the end (see
+        `patterns.holds_whole_output`; the bundle records it per jurisdiction)."""
+        return holds_whole_output(self.document)
 
     @property
     def is_identity(self) -> bool:
@@ -446,6 +453,7 @@ def _compile_bundle(bundle: Any, name: str) -> _Snapshot:
     issues: list[PolicyIssue] = []
     policies: dict[str, Policy] = {}
     hashes: dict[str, str] = {}
+    holds: dict[str, bool] = {}
     for j, entry in entries.items():
         where = ["jurisdictions", j]
         if not isinstance(entry, Mapping) or not isinstance(entry.get("policy"), Mapping):
@@ -472,6 +480,19 @@ def _compile_bundle(bundle: Any, name: str) -> _Snapshot:
                 )
             )
             continue
+        if "holds_whole_output" in entry:
+            if entry["holds_whole_output"] is not pol.holds_whole_output:
+                issues.append(
+                    PolicyIssue(
+                        name,
+                        json_path(where + ["holds_whole_output"]),
+                        f"says {entry['holds_whole_output']!r}, but the policy's rules give "
+                        f"{pol.holds_whole_output!r} (a block rule, output moderation or a redact rule of "
+                        "unbounded width holds the whole output)",
+                    )
+                )
+                continue
+            holds[j] = pol.holds_whole_output
         policies[j] = pol
         hashes[j] = pol.sha256
     if issues:
@@ -482,7 +503,13 @@ def _compile_bundle(bundle: Any, name: str) -> _Snapshot:
             ["fallback_jurisdiction"],
             f"fallback jurisdiction {fallback_j!r} is not one of the bundle's jurisdictions ({', '.join(policies)})",
         )
-    expected = bundle_hash(hashes, SCHEMA_VERSION, fallback=fallback_j)
+    if holds and len(holds) != len(policies):
+        missing = [j for j in policies if j not in holds]
+        raise fail(
+            ["jurisdictions", missing[0], "holds_whole_output"],
+            "missing (every jurisdiction of a bundle has it, or none does, as in older bundles)",
+        )
+    expected = bundle_hash(hashes, SCHEMA_VERSION, fallback=fallback_j, holds=holds or None)
     if bundle.get("bundle_sha256") != expected:
         raise fail(["bundle_sha256"], f"bundle hash mismatch: content hashes to {expected}")
     default_j = bundle.get("default_jurisdiction", DEFAULT_JURISDICTION)
