@@ -224,12 +224,10 @@ def enforce(text: str, policy: Policy | None = None, *, moderator: Moderator | N
 
     if policy.rules:
         text = _SURROGATES.sub("\ufffd", text)
-    views: dict[bool, View] = {}  # the views of the raw text, by casefold
+    views: dict = {}  # {casefold: (text, its view)}, reused while the text is unchanged
 
     def view(rule: CompiledRule) -> View:
-        if rule.casefold not in views:
-            views[rule.casefold] = normalized_view(text, rule.casefold)
-        return views[rule.casefold]
+        return view_of(text, rule.casefold, views)
 
     for rule in policy.rules:
         if rule.action == "block" and blocked_by is None:
@@ -249,7 +247,7 @@ def enforce(text: str, policy: Policy | None = None, *, moderator: Moderator | N
         for rule in policy.rules:
             if rule.action != "redact":
                 continue
-            body, n = redact_rule(rule, body)
+            body, n = redact_rule(rule, body, views)
             redactions += n
         limit = policy.max_output_chars
         if limit is not None and len(body) > limit:
@@ -269,12 +267,25 @@ def enforce(text: str, policy: Policy | None = None, *, moderator: Moderator | N
     )
 
 
-def redact_rule(rule: CompiledRule, text: str) -> tuple[str, int]:
+def view_of(text: str, casefold: bool, cache: dict | None = None) -> View:
+    """normalized_view(text, casefold), taken from / kept in `cache` ({casefold: (text,
+    view)}) while the text is the same object (a pass without matches returns its input)."""
+    hit = cache.get(casefold) if cache is not None else None
+    if hit is not None and hit[0] is text:
+        return hit[1]
+    view = normalized_view(text, casefold)
+    if cache is not None:
+        cache[casefold] = (text, view)
+    return view
+
+
+def redact_rule(rule: CompiledRule, text: str, views: dict | None = None) -> tuple[str, int]:
     """`text` with every match of `rule` replaced, pass by pass (its term list, then each
-    pattern, each pass on the output of the one before); (new text, number of matches)."""
+    pattern, each pass on the output of the one before); (new text, number of matches).
+    `views`: a cache for `view_of`."""
     n = 0
     for kind, rx in rule.passes():
-        view = normalized_view(text, rule.casefold)
+        view = view_of(text, rule.casefold, views)
         spans = (view.orig_span(s, e) for s, e in pass_spans(kind, rx, view.data))
         text, k = splice(text, spans, rule.replacement)
         n += k

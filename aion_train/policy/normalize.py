@@ -86,6 +86,8 @@ def _tables() -> tuple[frozenset[int], frozenset[int]]:
         c = chr(cp)
         if unicodedata.category(c) == "Cf":
             ignorable.add(cp)
+        if unicodedata.combining(c):
+            joins.add(cp)
         d = unicodedata.decomposition(c)
         if d and not d.startswith("<"):
             parts = d.split()
@@ -98,6 +100,28 @@ def _tables() -> tuple[frozenset[int], frozenset[int]]:
     ignorable -= set(_ranges(_NOT_DI))
     ignorable -= _WHITE_SPACE
     return frozenset(ignorable), frozenset(joins)
+
+
+@functools.cache
+def _special() -> re.Pattern:
+    """A character class of every non-ASCII character that is ignorable or does not start a
+    segment: a text without any is cut before every character."""
+    ignorable, joins = _tables()
+    cps = sorted(ignorable | joins)
+    parts, i = [], 0
+    while i < len(cps):
+        j = i
+        while j + 1 < len(cps) and cps[j + 1] == cps[j] + 1:
+            j += 1
+        parts.append(f"\\U{cps[i]:08x}" + (f"-\\U{cps[j]:08x}" if j > i else ""))
+        i = j + 1
+    return re.compile("[" + "".join(parts) + "]")
+
+
+@functools.lru_cache(maxsize=16384)
+def _segment_view(seg: str, casefold: bool) -> bytes:
+    v = _strip_ignorable(unicodedata.normalize("NFKC", seg))
+    return (v.casefold() if casefold else v).encode("utf-8")
 
 
 def default_ignorable(cp: int) -> bool:
@@ -140,9 +164,22 @@ class View:
     _os: list[int] | None = None
     _oe: list[int] | None = None
     _run: list[bool] | None = None
+    #: every character is a segment whose view is one character (view character i is
+    #: original character i); [byte, char] of the last lookup, as a cursor
+    _chars: list[int] | None = None
+
+    def _char_at(self, b: int) -> int:
+        cur = self._chars
+        if b < cur[0]:
+            cur[0] = cur[1] = 0
+        cur[1] += len(self.data[cur[0] : b].decode("utf-8"))
+        cur[0] = b
+        return cur[1]
 
     def orig_span(self, s: int, e: int) -> tuple[int, int]:
         """Original character span of the view bytes [s, e) (e > s)."""
+        if self._chars is not None:
+            return self._char_at(s), self._char_at(e)
         if self._vb is None:
             return s, e
         i = bisect_right(self._vb, s) - 1
@@ -158,6 +195,8 @@ class View:
             return 0
         if b >= len(self.data):
             return len(self.text)
+        if self._chars is not None:
+            return self._char_at(b)
         if self._vb is None:
             return b
         i = bisect_right(self._vb, b) - 1
@@ -168,6 +207,8 @@ class View:
         final): those before the last segment that starts before `settled`."""
         if settled <= 0:
             return 0
+        if self._chars is not None:
+            return len(self.data.decode("utf-8")[: min(settled, len(self.text)) - 1].encode("utf-8"))
         if self._vb is None:
             return min(settled, len(self.text)) - 1
         # last piece starting before `settled`
@@ -184,6 +225,11 @@ def normalized_view(text: str, casefold: bool = False) -> View:
     """See the module docstring. `text` must have no lone surrogates."""
     if text.isascii():
         return View(text, (text.lower() if casefold else text).encode("ascii"))
+    if _special().search(text) is None and unicodedata.is_normalized("NFKC", text):
+        # every character is a segment of its own and normalises to itself
+        folded = text.casefold() if casefold else text
+        if len(folded) == len(text):
+            return View(text, folded.encode("utf-8"), _chars=[0, 0])
     vb: list[int] = []
     os_: list[int] = []
     oe: list[int] = []
@@ -197,11 +243,7 @@ def normalized_view(text: str, casefold: bool = False) -> View:
         nonlocal nbytes, seg
         if not seg:
             return
-        v = unicodedata.normalize("NFKC", "".join(seg))
-        v = _strip_ignorable(v)
-        if casefold:
-            v = v.casefold()
-        b = v.encode("utf-8")
+        b = _segment_view("".join(seg), casefold)
         vb.append(nbytes)
         os_.append(seg_start)
         oe.append(seg_end)

@@ -40,8 +40,7 @@ import logging
 from dataclasses import dataclass
 
 from aion_train.policy import EnforcementResult, ModerationUnavailable, Policy, PolicyIssue, PolicySet, enforce
-from aion_train.policy.enforce import _SURROGATES, pass_spans, redact_rule
-from aion_train.policy.normalize import normalized_view
+from aion_train.policy.enforce import _SURROGATES, pass_spans, redact_rule, view_of
 from aion_train.policy.patterns import holds_whole_output, pattern_width, rule_widths, terms_width  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -179,8 +178,9 @@ class StreamEnforcer:
             return ""
         text = _SURROGATES.sub("\ufffd", raw)
         settled = len(text)  # text[:settled] is the same whatever follows
+        views: dict = {}
         for kind, rx, width, repl, casefold in self._passes:
-            view = normalized_view(text, casefold)
+            view = view_of(text, casefold, views)
             # view bytes before `known` are final; a match starting before `cut` is final
             cut = _chars_back(view.data, view.final_bytes(settled), width + MARGIN_CHARS)
             keep = view.orig_at(cut)  # the original text before it is final too
@@ -198,8 +198,9 @@ class StreamEnforcer:
                 last = e
             if new_settled is None:
                 new_settled = out_len + max(0, keep - last)
-            out.append(text[last:])
-            text = "".join(out)
+            if out:
+                out.append(text[last:])
+                text = "".join(out)
             settled = min(new_settled, len(text))
         body = text[:settled]
         limit = self.policy.max_output_chars
