@@ -41,6 +41,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.ttfb = Histogram(
+            "aion_time_to_first_byte_seconds",
+            "streaming: time to the first byte of output text sent, by policy (a jurisdiction whose "
+            "policy holds the whole output sends it only when generation ends)",
+            ["endpoint", "jurisdiction"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.policy_actions = Counter(
             "aion_policy_actions",
             "policy actions (matches) by jurisdiction and rule",
@@ -80,6 +88,9 @@ class Metrics:
 
     def observe_request(self, endpoint: str, status: int, jurisdiction: str | None) -> None:
         self.requests.labels(endpoint, str(status), self.jurisdiction_label(jurisdiction)).inc()
+
+    def observe_ttfb(self, endpoint: str, jurisdiction: str, seconds: float) -> None:
+        self.ttfb.labels(endpoint, self.jurisdiction_label(jurisdiction)).observe(max(0.0, seconds))
 
     def observe_actions(self, jurisdiction: str, actions: dict) -> None:
         j = self.jurisdiction_label(jurisdiction)
