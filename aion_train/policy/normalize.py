@@ -124,6 +124,12 @@ def _segment_view(seg: str, casefold: bool) -> bytes:
     return (v.casefold() if casefold else v).encode("utf-8")
 
 
+def warm_up() -> None:
+    """Build the tables now (about half a second, once per process) rather than on the first
+    non-ASCII text a policy sees."""
+    _special()
+
+
 def default_ignorable(cp: int) -> bool:
     return cp in _tables()[0]
 

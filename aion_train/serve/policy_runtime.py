@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 from aion_train.policy import EnforcementResult, ModerationUnavailable, Policy, PolicyIssue, PolicySet, enforce
 from aion_train.policy.enforce import _SURROGATES, pass_spans, redact_rule, view_of
+from aion_train.policy.normalize import warm_up
 from aion_train.policy.patterns import holds_whole_output, pattern_width, rule_widths, terms_width  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class RequestPolicy:
 class PolicyRuntime:
     def __init__(self, policy_set: PolicySet):
         self.policy_set = policy_set
+        warm_up()  # the normalisation tables, before the first request rather than during it
 
     @property
     def jurisdictions(self) -> list[str]:
