@@ -111,6 +111,16 @@ def test_terms_casefold_false_is_case_sensitive_and_the_field_is_validated():
         validate_policy_doc(doc, "p.json")
 
 
+def test_rule_spans_are_original_characters_or_utf8_bytes():
+    rule = EVASIVE.rules[0]
+    text = f"é ｓｅｃｒｅｔ se{ZWSP}cret"
+    chars = list(rule.spans(text))
+    assert [text[s:e] for s, e in chars] == ["ｓｅｃｒｅｔ", f"se{ZWSP}cret"]
+    data = text.encode("utf-8")
+    assert [data[s:e].decode("utf-8") for s, e in rule.spans(data)] == ["ｓｅｃｒｅｔ", f"se{ZWSP}cret"]
+    assert rule.matches(data) and rule.matches(text) and not rule.matches("secrets")
+
+
 def test_rule_actions_count_matches_on_the_normalised_view():
     text = f"ｓｅｃｒｅｔ, se{ZWSP}cret and pass12"
     res = enforce(text, EVASIVE)

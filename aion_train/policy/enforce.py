@@ -102,13 +102,19 @@ class CompiledRule:
         for kind, rx in self.passes():
             yield from pass_spans(kind, rx, view.data)
 
-    def spans(self, text: str):
-        """Original character spans of the matches in `text`."""
-        view = normalized_view(text, self.casefold)
+    def spans(self, text: str | bytes):
+        """Spans of the matches (found on the normalised view) in the original: character
+        spans of a str; byte spans of UTF-8 `bytes` (as before matching was normalised)."""
+        if isinstance(text, (bytes, bytearray)):
+            t = _SURROGATES.sub("\ufffd", bytes(text).decode("utf-8", "replace"))
+            for s, e in self.spans(t):
+                yield len(t[:s].encode("utf-8")), len(t[:e].encode("utf-8"))
+            return
+        view = normalized_view(_SURROGATES.sub("\ufffd", text), self.casefold)
         for s, e in self.view_spans(view):
             yield view.orig_span(s, e)
 
-    def matches(self, text: str) -> bool:
+    def matches(self, text: str | bytes) -> bool:
         return next(iter(self.spans(text)), None) is not None
 
 
