@@ -530,6 +530,14 @@ def test_health_metrics_and_api_keys(runs, bundle, tmp_path):
             assert (
                 f'aion_policy_actions_total{{action="redact",jurisdiction="xx-novowel",rule="vowels"}} {float(n)}' in m
             )
+        # streamed: time to first byte of text, per policy (xx-block holds the whole output)
+        list(ok.completions.create(model=s.model, prompt="scene: a", max_tokens=12, seed=2, stream=True,
+                                   extra_body={"jurisdiction": "xx-block"}))  # fmt: skip
+        list(ok.chat.completions.create(model=s.model, messages=CHAT, max_tokens=12, seed=2, stream=True,
+                                        extra_body={"jurisdiction": "xx-novowel"}))  # fmt: skip
+        m = s.http.get("/metrics", headers={"authorization": "Bearer secret-key-1"}).text
+        for e, j in (("completions", "xx-block"), ("chat", "xx-novowel")):
+            assert f'aion_time_to_first_byte_seconds_count{{endpoint="{e}",jurisdiction="{j}"}} 1.0' in m
 
 
 # ---------------------------------------------------------------------------- audit

@@ -1,7 +1,9 @@
 """Per-jurisdiction output policies: versioned artifacts enforced apart from the weights.
 
 A policy file (JSON, see `schema.POLICY_SCHEMA`) lists block/redact/flag rules (RE2 patterns
-or case-insensitive terms), a length limit, required notices and output-moderation settings
+or case-insensitive terms, matched on a normalised view of the output: NFKC, default-ignorable
+characters removed, case-folded per rule; see normalize.py), a length limit, required notices
+and output-moderation settings
 for one jurisdiction, optionally inheriting from a parent jurisdiction. `aion-train
 build-policy` validates files, resolves inheritance and writes one hashed bundle; at
 inference `PolicySet` applies the bundle to model outputs. Changing a policy never changes

@@ -14,11 +14,18 @@ Missing parents and cycles are errors that name the files involved.
 Bundle layout (`policy_bundle.json`):
 
     {"format": "aion-policy-bundle", "schema_version": 1, "policy_schema": <$id>,
-     "bundle_sha256": sha256 of canonical {"schema_version", "policies": {j: sha256}},
+     "bundle_sha256": sha256 of canonical {"schema_version", "policies": {j: sha256},
+                                           "holds_whole_output": {j: bool}},
      "default_jurisdiction": "default",
      ["fallback_jurisdiction": j,]   only when declared (make_bundle(..., fallback=j)): the
                                      policy applied to a jurisdiction the bundle does not have
      "jurisdictions": {j: {"sha256": sha256 of canonical(policy),
+                           "holds_whole_output": bool, whether streaming must hold the
+                                     whole output to the end (a block rule or output
+                                     moderation can withdraw everything; a redact rule of
+                                     unbounded width can reach back over any text);
+                                     derived from the policy, checked when loading,
+                                     covered by bundle_sha256,
                            "policy": <resolved policy, valid against the policy schema>,
                            "lineage": [{"jurisdiction", "version", "sha256", "rules"}, ...],
                            "sources": [file, ...]}}}
@@ -29,7 +36,8 @@ gives the same hashes. The built-in default policy is added when no file defines
 Unknown jurisdictions fail closed: `PolicySet[j]` raises `UnknownJurisdiction` for a j the
 bundle does not define, unless the bundle declares `fallback_jurisdiction` (which must name
 one of its jurisdictions). The fallback is covered by `bundle_sha256` (a bundle without one
-hashes exactly as before), so it cannot be switched on by editing the file.
+hashes exactly as before), so it cannot be switched on by editing the file. A bundle written
+before `holds_whole_output` existed (no entry has it) still loads and hashes as it did.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from aion_train.ownership import claim_dir
 
 from .errors import PolicyError, PolicyIssue
 from .loader import PolicyFile, canonical_json
+from .patterns import holds_whole_output
 from .schema import (
     BUNDLE_FORMAT,
     DEFAULT_JURISDICTION,
@@ -81,8 +90,18 @@ class ResolvedPolicy:
     def sha256(self) -> str:
         return content_hash(self.policy)
 
+    @property
+    def holds_whole_output(self) -> bool:
+        return holds_whole_output(self.policy)
+
     def to_entry(self) -> dict[str, Any]:
-        return {"sha256": self.sha256, "policy": self.policy, "lineage": self.lineage, "sources": self.sources}
+        return {
+            "sha256": self.sha256,
+            "holds_whole_output": self.holds_whole_output,
+            "policy": self.policy,
+            "lineage": self.lineage,
+            "sources": self.sources,
+        }
 
 
 def normalize_policy(doc: dict[str, Any]) -> dict[str, Any]:
@@ -268,11 +287,17 @@ def _rule_origin(parent: ResolvedPolicy, rule_id: str) -> str:
 
 # ----------------------------------------------------------------------------- bundle
 def bundle_hash(
-    policy_hashes: dict[str, str], schema_version: int = SCHEMA_VERSION, fallback: str | None = None
+    policy_hashes: dict[str, str],
+    schema_version: int = SCHEMA_VERSION,
+    fallback: str | None = None,
+    holds: dict[str, bool] | None = None,
 ) -> str:
+    """`holds`: {j: holds_whole_output} (None: a bundle from before that field)."""
     doc: dict[str, Any] = {"schema_version": schema_version, "policies": policy_hashes}
     if fallback is not None:
         doc["fallback_jurisdiction"] = fallback
+    if holds is not None:
+        doc["holds_whole_output"] = holds
     return content_hash(doc)
 
 
@@ -281,6 +306,7 @@ def make_bundle(resolved: dict[str, ResolvedPolicy], fallback: str | None = None
     (None, the default: unknown jurisdictions are refused)."""
     entries = {j: r.to_entry() for j, r in sorted(resolved.items())}
     hashes = {j: e["sha256"] for j, e in entries.items()}
+    holds = {j: e["holds_whole_output"] for j, e in entries.items()}
     if fallback is not None and fallback not in entries:
         raise PolicyError.one(
             "<bundle>",
@@ -291,7 +317,7 @@ def make_bundle(resolved: dict[str, ResolvedPolicy], fallback: str | None = None
         "format": BUNDLE_FORMAT,
         "schema_version": SCHEMA_VERSION,
         "policy_schema": POLICY_SCHEMA_ID,
-        "bundle_sha256": bundle_hash(hashes, fallback=fallback),
+        "bundle_sha256": bundle_hash(hashes, fallback=fallback, holds=holds),
         "default_jurisdiction": DEFAULT_JURISDICTION,
         "jurisdictions": entries,
     }

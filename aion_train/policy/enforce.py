@@ -20,13 +20,17 @@ bundle and swaps it in atomically; a request holds on to the `Policy` it selecte
 6. `required_notices` appended, each after a blank line (never truncated).
 
 Under the default policy (no rules, no notices, no limit, moderation off) the text comes back
-unchanged, character for character. Patterns match the UTF-8 bytes of the text with RE2
-(linear time); lone surrogates, which have no UTF-8 form, become U+FFFD first (only when the
-policy has rules).
+unchanged, character for character. Patterns and term lists match, with RE2 (linear time),
+the UTF-8 bytes of a normalised view of the text (normalize.py: NFKC, default-ignorable
+characters removed, case-folded when the rule asks), so a term in fullwidth letters or with
+a zero-width space inside is still found; a redaction replaces exactly the original
+characters the match came from. Lone surrogates, which have no UTF-8 form, become U+FFFD
+first (only when the policy has rules).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import threading
@@ -37,8 +41,9 @@ from typing import Any
 
 from .bundle import bundle_hash, content_hash, normalize_policy
 from .errors import ModerationUnavailable, PolicyError, PolicyIssue, UnknownJurisdiction, json_path
-from .loader import read_json_limited, rule_issues, schema_issues
-from .patterns import pattern_spans, term_spans
+from .loader import read_json_limited, rule_casefold, rule_issues, schema_issues
+from .normalize import View, normalized_view
+from .patterns import holds_whole_output, pattern_spans, term_spans
 from .schema import (
     BUNDLE_FORMAT,
     DEFAULT_JURISDICTION,
@@ -83,15 +88,38 @@ class CompiledRule:
     replacement: str
     regexes: tuple  # RE2 regexes (patterns)
     terms_regex: Any  # RE2 regex of the term list, or None
+    casefold: bool = False  # matched on the case-folded view
 
-    def spans(self, data: bytes):
+    def passes(self):
+        """(kind, regex) in the order matching and redaction run them."""
         if self.terms_regex is not None:
-            yield from term_spans(self.terms_regex, data)
+            yield "terms", self.terms_regex
         for rx in self.regexes:
-            yield from pattern_spans(rx, data)
+            yield "pattern", rx
 
-    def matches(self, data: bytes) -> bool:
-        return next(iter(self.spans(data)), None) is not None
+    def view_spans(self, view: View):
+        """Byte spans of the matches in `view.data`, pass by pass."""
+        for kind, rx in self.passes():
+            yield from pass_spans(kind, rx, view.data)
+
+    def spans(self, text: str | bytes):
+        """Spans of the matches (found on the normalised view) in the original: character
+        spans of a str; byte spans of UTF-8 `bytes` (as before matching was normalised)."""
+        if isinstance(text, (bytes, bytearray)):
+            t = _SURROGATES.sub("\ufffd", bytes(text).decode("utf-8", "replace"))
+            for s, e in self.spans(t):
+                yield len(t[:s].encode("utf-8")), len(t[:e].encode("utf-8"))
+            return
+        view = normalized_view(_SURROGATES.sub("\ufffd", text), self.casefold)
+        for s, e in self.view_spans(view):
+            yield view.orig_span(s, e)
+
+    def matches(self, text: str | bytes) -> bool:
+        return next(iter(self.spans(text)), None) is not None
+
+
+def pass_spans(kind: str, rx, data: bytes):
+    return term_spans(rx, data) if kind == "terms" else pattern_spans(rx, data)
 
 
 @dataclass(frozen=True)
@@ -107,6 +135,12 @@ class Policy:
     moderation: Mapping[str, Any]
     lineage: tuple = ()
     document: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    @functools.cached_property
+    def holds_whole_output(self) -> bool:
+        """Whether streaming under this policy holds the whole output to the end (see
+        `patterns.holds_whole_output`; the bundle records it per jurisdiction)."""
+        return holds_whole_output(self.document)
 
     @property
     def is_identity(self) -> bool:
@@ -136,6 +170,7 @@ class Policy:
                     replacement=r.get("replacement", DEFAULT_REDACTION),
                     regexes=tuple(compiled[(i, k)] for k in range(len(r.get("patterns", [])))),
                     terms_regex=compiled[(i, "terms")] if "terms" in r else None,
+                    casefold=rule_casefold(r),
                 )
             )
         return cls(
@@ -194,19 +229,18 @@ def enforce(text: str, policy: Policy | None = None, *, moderator: Moderator | N
                     blocked_by = f"moderation:{cat}"
 
     if policy.rules:
-        try:
-            data = text.encode("utf-8")
-        except UnicodeEncodeError:
-            text = _SURROGATES.sub("\ufffd", text)
-            data = text.encode("utf-8")
-    else:
-        data = b""
+        text = _SURROGATES.sub("\ufffd", text)
+    views: dict = {}  # {casefold: (text, its view)}, reused while the text is unchanged
+
+    def view(rule: CompiledRule) -> View:
+        return view_of(text, rule.casefold, views)
 
     for rule in policy.rules:
-        if rule.action == "block" and blocked_by is None and rule.matches(data):
-            blocked_by = rule.id
+        if rule.action == "block" and blocked_by is None:
+            if next(iter(rule.view_spans(view(rule))), None) is not None:
+                blocked_by = rule.id
         elif rule.action == "flag":
-            n = sum(1 for _ in rule.spans(data))
+            n = sum(1 for _ in rule.view_spans(view(rule)))
             if n:
                 flags.append(Flag(rule.id, rule.category, n))
 
@@ -215,12 +249,12 @@ def enforce(text: str, policy: Policy | None = None, *, moderator: Moderator | N
     if blocked_by is not None:
         body = REFUSAL_NOTICE.format(jurisdiction=policy.jurisdiction)
     else:
+        body = text
         for rule in policy.rules:
             if rule.action != "redact":
                 continue
-            data, n = _redact(rule, data)
+            body, n = redact_rule(rule, body, views)
             redactions += n
-        body = data.decode("utf-8") if policy.rules else text
         limit = policy.max_output_chars
         if limit is not None and len(body) > limit:
             body = body[:limit]
@@ -239,31 +273,46 @@ def enforce(text: str, policy: Policy | None = None, *, moderator: Moderator | N
     )
 
 
-def _redact(rule: CompiledRule, data: bytes) -> tuple[bytes, int]:
-    repl = rule.replacement.encode("utf-8")
+def view_of(text: str, casefold: bool, cache: dict | None = None) -> View:
+    """normalized_view(text, casefold), taken from / kept in `cache` ({casefold: (text,
+    view)}) while the text is the same object (a pass without matches returns its input)."""
+    hit = cache.get(casefold) if cache is not None else None
+    if hit is not None and hit[0] is text:
+        return hit[1]
+    view = normalized_view(text, casefold)
+    if cache is not None:
+        cache[casefold] = (text, view)
+    return view
+
+
+def redact_rule(rule: CompiledRule, text: str, views: dict | None = None) -> tuple[str, int]:
+    """`text` with every match of `rule` replaced, pass by pass (its term list, then each
+    pattern, each pass on the output of the one before); (new text, number of matches).
+    `views`: a cache for `view_of`."""
     n = 0
-    if rule.terms_regex is not None:
-        data, k = _splice(data, term_spans(rule.terms_regex, data), repl)
+    for kind, rx in rule.passes():
+        view = view_of(text, rule.casefold, views)
+        spans = (view.orig_span(s, e) for s, e in pass_spans(kind, rx, view.data))
+        text, k = splice(text, spans, rule.replacement)
         n += k
-    for rx in rule.regexes:
-        data, k = _splice(data, pattern_spans(rx, data), repl)
-        n += k
-    return data, n
+    return text, n
 
 
-def _splice(data: bytes, spans, repl: bytes) -> tuple[bytes, int]:
+def splice(text: str, spans, repl: str) -> tuple[str, int]:
+    """Replace the original-character spans (left to right; one starting inside the one
+    before is skipped)."""
     out, last, n = [], 0, 0
     for s, e in spans:
         if s < last:
             continue
-        out.append(data[last:s])
+        out.append(text[last:s])
         out.append(repl)
         last = e
         n += 1
     if not n:
-        return data, 0
-    out.append(data[last:])
-    return b"".join(out), n
+        return text, 0
+    out.append(text[last:])
+    return "".join(out), n
 
 
 # ---------------------------------------------------------------------------- PolicySet
@@ -421,6 +470,7 @@ def _compile_bundle(bundle: Any, name: str) -> _Snapshot:
     issues: list[PolicyIssue] = []
     policies: dict[str, Policy] = {}
     hashes: dict[str, str] = {}
+    holds: dict[str, bool] = {}
     for j, entry in entries.items():
         where = ["jurisdictions", j]
         if not isinstance(entry, Mapping) or not isinstance(entry.get("policy"), Mapping):
@@ -447,6 +497,19 @@ def _compile_bundle(bundle: Any, name: str) -> _Snapshot:
                 )
             )
             continue
+        if "holds_whole_output" in entry:
+            if entry["holds_whole_output"] is not pol.holds_whole_output:
+                issues.append(
+                    PolicyIssue(
+                        name,
+                        json_path(where + ["holds_whole_output"]),
+                        f"says {entry['holds_whole_output']!r}, but the policy's rules give "
+                        f"{pol.holds_whole_output!r} (a block rule, output moderation or a redact rule of "
+                        "unbounded width holds the whole output)",
+                    )
+                )
+                continue
+            holds[j] = pol.holds_whole_output
         policies[j] = pol
         hashes[j] = pol.sha256
     if issues:
@@ -457,7 +520,13 @@ def _compile_bundle(bundle: Any, name: str) -> _Snapshot:
             ["fallback_jurisdiction"],
             f"fallback jurisdiction {fallback_j!r} is not one of the bundle's jurisdictions ({', '.join(policies)})",
         )
-    expected = bundle_hash(hashes, SCHEMA_VERSION, fallback=fallback_j)
+    if holds and len(holds) != len(policies):
+        missing = [j for j in policies if j not in holds]
+        raise fail(
+            ["jurisdictions", missing[0], "holds_whole_output"],
+            "missing (every jurisdiction of a bundle has it, or none does, as in older bundles)",
+        )
+    expected = bundle_hash(hashes, SCHEMA_VERSION, fallback=fallback_j, holds=holds or None)
     if bundle.get("bundle_sha256") != expected:
         raise fail(["bundle_sha256"], f"bundle hash mismatch: content hashes to {expected}")
     default_j = bundle.get("default_jurisdiction", DEFAULT_JURISDICTION)

@@ -333,7 +333,8 @@ def rule_issues(
                 over_budget = True
                 break
             try:
-                rx = compile_terms(value) if key == "terms" else compile_pattern(value)
+                cf = rule_casefold(rule)
+                rx = compile_terms(value, cf) if key == "terms" else compile_pattern(value, cf)
             except PatternIssue as e:
                 issues.append(PolicyIssue(name, json_path(where), str(e)))
                 program += TOO_LARGE_COST if is_too_large(e) else 0
@@ -357,6 +358,13 @@ def rule_issues(
     if doc.get("jurisdiction") == "default":
         issues.extend(_default_issues(doc, name))
     return issues
+
+
+def rule_casefold(rule: dict[str, Any]) -> bool:
+    """Whether a rule matches the case-folded view: its `casefold` field, by default true for
+    term lists (terms have always ignored case) and false for patterns (case-sensitive unless
+    the pattern says `(?i)`)."""
+    return bool(rule.get("casefold", "terms" in rule))
 
 
 def _default_issues(doc: dict[str, Any], name: str) -> list[PolicyIssue]:

@@ -19,10 +19,11 @@ refuses them because policies get ported to backtracking engines.
 Compile cost is bounded too: one pattern gets at most PATTERN_MAX_MEM of RE2 program
 (`\\pL{1000}` is refused), and `loader.rule_issues` caps a policy's total program size.
 
-Terms are literal strings: `compile_terms` builds one case-insensitive RE2 alternation whose
-matches must not touch a letter, digit, mark or `_` on either side (a Unicode-aware word
-boundary; RE2's own `\\b` is ASCII-only), and whitespace inside a term matches any run of
-whitespace.
+Terms are literal strings: `compile_terms` builds one RE2 alternation (case-insensitive
+unless the rule sets `casefold: false`) whose matches must not touch a letter, digit, mark
+or `_` on either side (a Unicode-aware word boundary; RE2's own `\\b` is ASCII-only), and
+whitespace inside a term matches any run of whitespace. Both are matched on the normalised
+view of the text (normalize.py), so terms are normalised the same way before compiling.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ try:  # Python >= 3.11
 except ImportError:  # pragma: no cover - Python 3.10
     import sre_constants as _C  # type: ignore[no-redef]
     import sre_parse as _P  # type: ignore[no-redef]
+
+from .normalize import normalize_text
 
 RE2Error = _re2.error
 
@@ -91,10 +94,13 @@ def _re2_message(err: Exception) -> str:
     return str(msg)
 
 
-def compile_pattern(pattern: str):
-    """Check and compile one policy pattern; raises PatternIssue with a clear message."""
+def compile_pattern(pattern: str, casefold: bool = False):
+    """Check and compile one policy pattern; raises PatternIssue with a clear message.
+
+    `casefold`: the rule matches a case-folded view, and the pattern ignores case too (so
+    that `[A-Z]` still means letters)."""
     try:
-        rx = _re2.compile(pattern, _options())
+        rx = _re2.compile(("(?i)" if casefold else "") + pattern, _options())
     except RE2Error as e:
         msg = _re2_message(e)
         hint = ""
@@ -106,18 +112,35 @@ def compile_pattern(pattern: str):
                 "counted repeats, e.g. \\pL{1,20} rather than \\pL{1000})"
             )
         raise PatternIssue(f"not a valid RE2 pattern: {msg}{hint}") from None
-    check_pattern(pattern)
+    check_pattern(("(?i)" if casefold else "") + pattern)
     return rx
 
 
-def compile_terms(terms: list[str]):
+def normalized_terms(terms: list[str], casefold: bool = True) -> list[str]:
+    """The terms as matched: normalised like the text (NFKC, ignorables removed, case-folded
+    unless `casefold` is false), whitespace runs as one space; raises PatternIssue for a term
+    that normalises to nothing."""
+    out = []
+    for t in terms:
+        n = " ".join(normalize_text(t, casefold).split())
+        if not n:
+            raise PatternIssue(
+                f"term {t[:40]!r} is empty once normalised (only default-ignorable characters "
+                "such as zero-width spaces or soft hyphens); remove it"
+            )
+        out.append(n)
+    return out
+
+
+def compile_terms(terms: list[str], casefold: bool = True):
     """One RE2 regex for a term list; group 1 of a match is the term itself."""
     alts = []
-    for t in sorted(set(terms), key=lambda s: (-len(s), s)):
+    for t in sorted(set(normalized_terms(terms, casefold)), key=lambda s: (-len(s), s)):
         parts = [_re2.escape(p) for p in t.split()]
         alts.append(r"\s+".join(parts))
     body = "|".join(alts)
-    pattern = rf"(?i)(?:^|[^{_WORD_CLASS}])({body})(?:[^{_WORD_CLASS}]|$)"
+    flags = "(?i)" if casefold else ""
+    pattern = rf"{flags}(?:^|[^{_WORD_CLASS}])({body})(?:[^{_WORD_CLASS}]|$)"
     try:
         return _re2.compile(pattern, _options(TERMS_MAX_MEM))
     except RE2Error as e:
@@ -145,6 +168,58 @@ def pattern_spans(rx, data: bytes) -> Iterator[tuple[int, int]]:
         s, e = m.span()
         if e > s:
             yield s, e
+
+
+# --------------------------------------------------------------------------- widths
+#: A width over this many characters counts as unbounded.
+UNBOUNDED = 10_000
+
+
+def pattern_width(pattern: str) -> int | None:
+    """Most characters (of the normalised view) a policy pattern can match (None: unbounded
+    or unknown)."""
+    try:
+        translated, _ = _translate_re2(pattern)
+        hi = _P.parse(translated).getwidth()[1]
+    except Exception:  # noqa: BLE001 - anything the parser cannot read counts as unbounded
+        return None
+    return None if hi > UNBOUNDED else int(hi)
+
+
+def terms_width(terms, casefold: bool = True) -> int | None:
+    """A term list's regex consumes a boundary character either side of the term; a term of
+    several words matches any run of whitespace between them (unbounded). Measured on the
+    normalised terms (case folding can lengthen a term: "ß" -> "ss")."""
+    norm = normalized_terms(list(terms), casefold)
+    if any(len(t.split()) > 1 for t in norm):
+        return None
+    return max(len(t) for t in norm) + 2
+
+
+def rule_widths(rule: dict) -> list[int | None]:
+    """The widths of a rule document's passes (its term list, then each pattern)."""
+    cf = bool(rule.get("casefold", "terms" in rule))
+    out: list[int | None] = []
+    if "terms" in rule:
+        out.append(terms_width(rule["terms"], cf))
+    out.extend(pattern_width(p) for p in rule.get("patterns", []))
+    return out
+
+
+def holds_whole_output(policy: dict) -> bool:
+    """Whether streaming under this (resolved) policy document must hold the whole output
+    until generation ends: output moderation or a block rule (either can withdraw
+    everything), or a redact rule of unbounded width (`[0-9]+`, a multi-word term) whose
+    match could reach back over any amount of text. Otherwise text is held back only while a
+    rule could still match it."""
+    if (policy.get("output_moderation") or {}).get("enabled"):
+        return True
+    for rule in policy.get("rules", []):
+        if rule.get("action") == "block":
+            return True
+        if rule.get("action") == "redact" and any(w is None for w in rule_widths(rule)):
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- static check

@@ -8,7 +8,14 @@ touches the weights. Fields:
     parent             optional jurisdiction to inherit from (child rules are appended after
                        the parent's; scalar fields override; notices are appended)
     rules              [{id, action: block|redact|flag, patterns: [RE2 regex] | terms: [str],
-                         category?, replacement? (redact only)}]
+                         category?, replacement? (redact only), casefold?}]
+                       Patterns and terms match a normalised view of the output (NFKC,
+                       default-ignorable characters such as zero-width spaces and soft
+                       hyphens removed); a redaction removes the original characters.
+                       `casefold` (boolean, optional): also case-fold the view (and ignore
+                       case in the pattern); default true for terms, false for patterns.
+                       Write patterns in NFKC form (a decomposed "e" + U+0301 in a pattern
+                       never matches, the view has the composed character).
     max_output_chars   null (no limit) or the most characters of model output kept
     required_notices   strings appended to every output
     output_moderation  {"enabled": bool, "categories": [str], "threshold": 0..1}
@@ -109,6 +116,8 @@ POLICY_SCHEMA: dict[str, Any] = {
                     },
                 },
                 "replacement": {"type": "string", "maxLength": 200},
+                # match the case-folded view; default true for terms, false for patterns
+                "casefold": {"type": "boolean"},
             },
             # exactly one of patterns / terms
             "oneOf": [{"required": ["patterns"]}, {"required": ["terms"]}],

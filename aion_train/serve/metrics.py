@@ -88,6 +88,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.ttfb = Histogram(
+            "aion_time_to_first_byte_seconds",
+            "streaming: time to the first byte of output text sent, by policy (a jurisdiction whose "
+            "policy holds the whole output sends it only when generation ends)",
+            ["endpoint", "jurisdiction"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.policy_actions = Counter(
             "aion_policy_actions",
             "policy actions (matches) by jurisdiction and rule",
@@ -130,6 +138,9 @@ class Metrics:
         j = self.jurisdiction_label(jurisdiction)
         self.requests.labels(endpoint, str(status), j).inc()
         self.recent.add(j, requests=1)
+
+    def observe_ttfb(self, endpoint: str, jurisdiction: str, seconds: float) -> None:
+        self.ttfb.labels(endpoint, self.jurisdiction_label(jurisdiction)).observe(max(0.0, seconds))
 
     def observe_actions(self, jurisdiction: str, actions: dict) -> None:
         j = self.jurisdiction_label(jurisdiction)

@@ -680,6 +680,7 @@ def create_app(
                 rows, on_error=lambda e: put(("error", None, e)), on_done=lambda: put(("done", None, None))
             )
             finished: dict[int, ChoiceResult] = {}
+            first_text = True  # time to first byte of output text, per policy
             while True:
                 # everything queued since the last send goes out in one write; a choice's
                 # consecutive deltas become one chunk (the concatenated text is the same)
@@ -687,6 +688,9 @@ def create_app(
                 for kind, i, item in items:
                     if kind == "delta":
                         out.append(chunk([delta_choice(i, item)]))
+                        if first_text and item:
+                            first_text = False
+                            metrics.observe_ttfb(endpoint, plan["policy"].jurisdiction, time.monotonic() - ctx["t0"])
                     elif kind == "choice":
                         finished[i] = item
                         out.append(chunk([delta_choice(i, None, finish=item.finish_reason)]))

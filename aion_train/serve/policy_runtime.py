@@ -14,17 +14,24 @@ before the end, by the kind of policy (`StreamEnforcer.mode`):
 
 * "passthrough": the policy leaves text unchanged (the default policy): the raw text as it
   becomes stable (see text.py).
-* "window": every rule is a redact or flag rule whose patterns/terms match at most W bytes
+* "window": every rule is a redact or flag rule whose patterns/terms match at most W characters
   (a bounded width, computed from the pattern). Redaction passes run left to right (as in
   `policy.enforce`: per rule, its term list then each pattern); a match that starts more than
-  W + 8 bytes before the end of the text known so far depends only on known bytes (the match
-  itself plus one character of context either side for boundaries), so it and everything
-  before it are final. The settled prefix of each pass is the input of the next; the shown
+  W + 2 characters before the end of the text known so far depends only on known text (the
+  match itself plus one character of context either side for boundaries), so it and everything
+  before it are final. Matching runs on the normalised view (NFKC, ignorables removed,
+  case-folded per rule; aion_train.policy.normalize), and W is counted in view characters: only
+  the view of the segments before the last one that starts in the final text is final (a
+  character still to come may compose with that segment), and the original text before the
+  segment holding the cut is final too, so the hold-back stays exact. The settled prefix of
+  each pass is the input of the next; the shown
   text is the settled prefix of the last pass (cut to `max_output_chars`). Flags only count
   (they are reported at the end); notices come at the end.
 * "hold": anything else (a block rule: a later match replaces the whole output; a pattern or
   multi-word term of unbounded width such as `[0-9]+` or `a b` with `\\s+` between):
   nothing is shown until the enforcement of the full text is known, then all of it at once.
+  The bundle records this per jurisdiction (`holds_whole_output`, from
+  `aion_train.policy.patterns.holds_whole_output`, the same test as here).
 """
 
 from __future__ import annotations
@@ -33,12 +40,23 @@ import logging
 from dataclasses import dataclass
 
 from aion_train.policy import EnforcementResult, ModerationUnavailable, Policy, PolicyIssue, PolicySet, enforce
-from aion_train.policy.patterns import pattern_spans, term_spans
+from aion_train.policy.enforce import _SURROGATES, pass_spans, redact_rule, view_of
+from aion_train.policy.normalize import warm_up
+from aion_train.policy.patterns import holds_whole_output, pattern_width, rule_widths, terms_width  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-MARGIN_BYTES = 8  # context bytes either side of a match (one UTF-8 character and more)
-UNBOUNDED = 10_000  # a width over this many characters counts as unbounded
+MARGIN_CHARS = 2  # context characters after a match (one for a boundary, and one more)
+
+
+def _chars_back(data: bytes, end: int, n: int) -> int:
+    """The byte offset n UTF-8 characters before `end` in `data` (can be negative)."""
+    i = end
+    while n > 0 and i > 0:
+        i -= 1
+        if (data[i] & 0xC0) != 0x80:
+            n -= 1
+    return i - n
 
 
 @dataclass(frozen=True)
@@ -74,6 +92,7 @@ class RequestPolicy:
 class PolicyRuntime:
     def __init__(self, policy_set: PolicySet):
         self.policy_set = policy_set
+        warm_up()  # the normalisation tables, before the first request rather than during it
 
     @property
     def jurisdictions(self) -> list[str]:
@@ -111,14 +130,11 @@ def rule_actions(policy: Policy, raw: str, res: EnforcementResult) -> dict[str, 
     if res.blocked:
         out[str(res.blocked_by)] = {"action": "block", "matches": 1}
     elif policy.rules:
-        data = raw.encode("utf-8", "replace")
+        text = _SURROGATES.sub("\ufffd", raw)
         for rule in policy.rules:
             if rule.action != "redact":
                 continue
-            n = 0
-            for kind, rx in _rule_passes(rule):
-                data, k = _splice_all(data, _spans(kind, rx, data), rule.replacement.encode("utf-8"))
-                n += k
+            text, n = redact_rule(rule, text)
             if n:
                 out[rule.id] = {"action": "redact", "matches": n}
     if res.truncated:
@@ -126,74 +142,20 @@ def rule_actions(policy: Policy, raw: str, res: EnforcementResult) -> dict[str, 
     return out
 
 
-def _rule_passes(rule):
-    if rule.terms_regex is not None:
-        yield "terms", rule.terms_regex
-    for rx in rule.regexes:
-        yield "pattern", rx
-
-
-def _spans(kind: str, rx, data: bytes):
-    return term_spans(rx, data) if kind == "terms" else pattern_spans(rx, data)
-
-
-def _splice_all(data: bytes, spans, repl: bytes) -> tuple[bytes, int]:
-    out, last, n = [], 0, 0
-    for s, e in spans:
-        if s < last:
-            continue
-        out += [data[last:s], repl]
-        last, n = e, n + 1
-    if not n:
-        return data, 0
-    out.append(data[last:])
-    return b"".join(out), n
-
-
-# ------------------------------------------------------------------------ widths
-def pattern_width(pattern: str) -> int | None:
-    """Most characters a policy pattern can match (None: unbounded or unknown)."""
-    from aion_train.policy.patterns import _P, _translate_re2
-
-    try:
-        translated, _ = _translate_re2(pattern)
-        hi = _P.parse(translated).getwidth()[1]
-    except Exception:  # noqa: BLE001 - anything the parser cannot read counts as unbounded
-        return None
-    return None if hi > UNBOUNDED else int(hi)
-
-
-def terms_width(terms) -> int | None:
-    """A term list's regex consumes a boundary character either side of the term; a term of
-    several words matches any run of whitespace between them (unbounded)."""
-    if any(len(t.split()) > 1 for t in terms):
-        return None
-    return max(len(t) for t in terms) + 2
-
-
-def _passes(policy: Policy) -> list[tuple[str, object, int, bytes]] | None:
-    """[(kind, regex, width in bytes, replacement)] of the redaction passes, in the order
-    enforce() runs them; None when the policy cannot be streamed before the end."""
-    if policy.moderation.get("enabled"):
+# ------------------------------------------------------------------------ streaming
+def _passes(policy: Policy) -> list[tuple[str, object, int, str, bool]] | None:
+    """[(kind, regex, width in view characters, replacement, casefold)] of the redaction passes,
+    in the order enforce() runs them; None when the policy holds the whole output."""
+    if holds_whole_output(policy.document):
         return None
     docs = policy.document.get("rules", [])
     passes = []
     for rule, doc in zip(policy.rules, docs):
-        if rule.action == "block":
-            return None
         if rule.action != "redact":
             continue
-        repl = rule.replacement.encode("utf-8")
-        if rule.terms_regex is not None:
-            w = terms_width(doc.get("terms", []))
-            if w is None:
-                return None
-            passes.append(("terms", rule.terms_regex, 4 * w, repl))
-        for rx, pat in zip(rule.regexes, doc.get("patterns", [])):
-            w = pattern_width(pat)
-            if w is None:
-                return None
-            passes.append(("pattern", rx, 4 * w, repl))
+        widths = rule_widths(doc)
+        for (kind, rx), w in zip(rule.passes(), widths):
+            passes.append((kind, rx, w, rule.replacement, rule.casefold))
     return passes
 
 
@@ -216,29 +178,33 @@ class StreamEnforcer:
             return raw
         if self.mode == "hold":
             return ""
-        data = raw.encode("utf-8", "replace")
-        settled = len(data)
-        for kind, rx, width, repl in self._passes:
-            cut = settled - width - MARGIN_BYTES
-            out: list[bytes] = []
+        text = _SURROGATES.sub("\ufffd", raw)
+        settled = len(text)  # text[:settled] is the same whatever follows
+        views: dict = {}
+        for kind, rx, width, repl, casefold in self._passes:
+            view = view_of(text, casefold, views)
+            # view bytes before `known` are final; a match starting before `cut` is final
+            cut = _chars_back(view.data, view.final_bytes(settled), width + MARGIN_CHARS)
+            keep = view.orig_at(cut)  # the original text before it is final too
+            out: list[str] = []
             out_len = last = 0
             new_settled = None
-            for s, e in _spans(kind, rx, data):
+            for bs, be in pass_spans(kind, rx, view.data):
+                s, e = view.orig_span(bs, be)
                 if s < last:
                     continue
-                if new_settled is None and s >= cut:
-                    new_settled = out_len + max(0, max(cut, last) - last)
-                out += [data[last:s], repl]
+                if new_settled is None and bs >= cut:
+                    new_settled = out_len + max(0, keep - last)
+                out += [text[last:s], repl]
                 out_len += (s - last) + len(repl)
                 last = e
             if new_settled is None:
-                new_settled = out_len + max(0, max(cut, last) - last)
-            out.append(data[last:])
-            data = b"".join(out)
-            settled = min(new_settled, len(data))
-        while settled > 0 and settled < len(data) and (data[settled] & 0xC0) == 0x80:
-            settled -= 1  # not inside a UTF-8 character
-        body = data[:settled].decode("utf-8", "replace")
+                new_settled = out_len + max(0, keep - last)
+            if out:
+                out.append(text[last:])
+                text = "".join(out)
+            settled = min(new_settled, len(text))
+        body = text[:settled]
         limit = self.policy.max_output_chars
         return body[:limit] if limit is not None else body
 
