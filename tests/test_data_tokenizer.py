@@ -115,3 +115,25 @@ def test_decode_drops_control_ids_and_pickles(tok):
     assert tok.decode([tok.bos_id, *ids, tok.eos_id, tok.pad_id]) == "hello world"
     clone = pickle.loads(pickle.dumps(tok))
     assert clone.encode("hello world") == ids and clone.vocab_size == VOCAB
+
+
+def test_piece_text_of_byte_level_tokens_is_their_text(tmp_path):
+    """Logprob display strings: a byte-level BPE piece (`Ġworld`) shows as its text (" world");
+    the pieces of an ASCII text join to the decoded text."""
+    from tokenizers import Tokenizer as Fast
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from aion_train.data.hf_tokenizer import HFTokenizer
+
+    fast = Fast(models.BPE())
+    fast.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    fast.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False)
+    fast.train_from_iterator(["hello world, hello there", "the world is wide"] * 20, trainer)
+    path = tmp_path / "tokenizer.json"
+    fast.save(str(path))
+    tok = HFTokenizer(str(path))
+    text = "hello world, the wide world"
+    ids = tok.encode(text)
+    assert any(tok.id_to_piece(i).startswith("\u0120") for i in ids)  # raw pieces carry the Ġ mark
+    assert "".join(tok.piece_text(i) for i in ids) == tok.decode(ids) == text

@@ -90,6 +90,11 @@ class HFTokenizer(PathBackedTokenizer):
     def id_to_piece(self, i: int) -> str:
         return self._tk.id_to_token(int(i)) or ""
 
+    def piece_text(self, i: int) -> str:
+        """One token as text for display (logprobs): decoded on its own (a byte-level piece
+        such as `Ġthe` is " the"; a partial UTF-8 sequence shows as U+FFFD)."""
+        return self._tk.decode([int(i)], skip_special_tokens=False)
+
     def special_id(self, name: str) -> int:
         i = self._tk.token_to_id(name)
         if i is None:

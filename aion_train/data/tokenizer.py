@@ -159,6 +159,10 @@ class Tokenizer(PathBackedTokenizer):
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
 
+    def piece_text(self, i: int) -> str:
+        """One token as text for display (logprobs): its piece, the word-start mark a space."""
+        return self.id_to_piece(i).replace("\u2581", " ")
+
     def special_id(self, name: str) -> int:
         """Id of a reserved token: one of SPECIAL_TOKENS or <pad>/<unk>/<s>/</s>."""
         i = self._sp.piece_to_id(name)

@@ -256,11 +256,11 @@ def merged_actions(results: Sequence[ChoiceResult]) -> dict:
 
 
 def token_str(tokenizer, token_id: int) -> str:
-    """A token's display string (SentencePiece piece with its word-start mark as a space)."""
+    """A token's display string (the tokenizer's `piece_text`; the chat role tokens by name)."""
     sp = getattr(tokenizer, "sp", tokenizer)
     if token_id >= sp.vocab_size:
         from aion_train.posttrain.chat_template import ROLE_TOKENS
 
         k = token_id - sp.vocab_size
         return ROLE_TOKENS[k] if k < len(ROLE_TOKENS) else f"<id {token_id}>"
-    return sp.id_to_piece(int(token_id)).replace("\u2581", " ")
+    return sp.piece_text(int(token_id))
