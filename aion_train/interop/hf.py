@@ -52,6 +52,7 @@ def _family(hc: dict) -> str:
 def import_any(hf_dir, run_dir, tp: int = 1, ep: int = 1, **kw) -> dict:
     """Import a local HF folder of any family we map into `run_dir` (see hf_mixtral.import_hf
     for the keyword arguments); the source's tokenizer/config files go to RUN/hf_source."""
+    check_writable(run_dir, "import-hf", kw.get("overwrite", False), recognise=looks_like_run_dir)  # before reading
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir}: no config.json (a Hugging Face model folder)")
@@ -61,7 +62,6 @@ def import_any(hf_dir, run_dir, tp: int = 1, ep: int = 1, **kw) -> dict:
         summary = hf_mixtral.import_hf(hf_dir, run_dir, tp, ep, **kw)
     else:
         overwrite = kw.get("overwrite", False)
-        check_writable(run_dir, "import-hf", overwrite, recognise=looks_like_run_dir)
         cfg, notes = hf_families.config_from_hf(hc, kw.get("base"))
         if kw.get("max_seq_len") is not None:
             cfg = replace(cfg, max_seq_len=kw["max_seq_len"])
@@ -153,6 +153,7 @@ def _write_extras(folder: Path, source: Path | None, run: Path, source_hc: dict)
 def export_any(checkpoint, out_dir, *, family: str | None = None, dtype: torch.dtype | None = None, **kw) -> dict:
     """Export `checkpoint` as `family` (default: the family it was imported from, else the one
     its shape implies) with tokenizer files and a generation config."""
+    check_writable(out_dir, "export-hf", kw.get("overwrite", False))  # before anything is read
     source, run = _source_of(checkpoint)
     source_hc = json.loads((source / "config.json").read_text()) if source is not None else {}
     if family is None:

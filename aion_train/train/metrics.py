@@ -57,13 +57,20 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 @functools.cache
 def peak_flops(device_type: str, dtype: torch.dtype = torch.float32) -> float:
-    """GPU: the vendor's dense bf16 peak from the table. CPU: a measured matmul rate."""
+    """GPU: the vendor's dense bf16 peak from the table. CPU: the measured matmul rate, the
+    better of `dtype`'s and fp32's (a CPU without native bf16 emulates bf16 GEMMs several times
+    slower than fp32, and a bf16 step's kernels need not be the emulated ones)."""
     if device_type == "cuda":
         name = torch.cuda.get_device_name()
         for key, val in GPU_PEAK_BF16.items():
             if key in name:
                 return val if dtype in (torch.bfloat16, torch.float16) else val / 2
         return 100e12
+    rate = _cpu_matmul_rate(dtype)
+    return rate if dtype == torch.float32 else max(rate, _cpu_matmul_rate(torch.float32))
+
+
+def _cpu_matmul_rate(dtype: torch.dtype) -> float:
     n = 1024
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
