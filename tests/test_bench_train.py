@@ -100,3 +100,39 @@ def test_paired_ratio_is_the_median_of_round_ratios():
     # a slow second round (both 2x) leaves the round ratios, and so the result, unchanged
     assert paired_ratio([10.0, 20.0, 11.0], [5.0, 10.0, 5.0]) == 2.0
     assert paired_ratio([3.0, 9.0, 4.0, 8.0], [1.0, 3.0, 1.0, 2.0]) == 3.5  # median of 3, 3, 4, 4
+
+
+def _check_size_entry(entry: dict, tokens: int):
+    ours, hf = entry["step_ms_rounds"]["ours"], entry["step_ms_rounds"]["hf"]
+    assert len(ours) == len(hf) > 0 and all(t > 0 for t in ours + hf)
+    assert entry["speedup_vs_hf"] == round(statistics.median(h / o for h, o in zip(hf, ours)), 3)
+    assert entry["tokens_per_s"] == round(_tokens_per_s(tokens, ours), 1)
+    assert entry["hf_tokens_per_s"] == round(_tokens_per_s(tokens, hf), 1)
+    fpt, peak = entry["flops_per_token"], entry["peak_flops"]
+    assert entry["mfu"] == round(fpt * entry["tokens_per_s"] / peak, 4)
+    assert entry["hf_mfu"] == round(fpt * entry["hf_tokens_per_s"] / peak, 4)
+
+
+def test_sweep_reports_the_tiny_size_as_the_top_level(result):
+    """The sweep's first size is the tiny config, in both precisions, with the top-level numbers."""
+    tiny = result["sizes"][0]
+    assert tiny["name"] == "tiny" and tiny["params"] == result["params"]
+    assert tiny["bf16"]["speedup_vs_hf"] == result["speedup_vs_hf"]
+    assert tiny["fp32"]["speedup_vs_hf"] == result["fp32"]["speedup_vs_hf"]
+    for precision in ("bf16", "fp32"):
+        _check_size_entry(tiny[precision], result["tokens_per_step"])
+    assert set(result["peak"]["tflops"]) == {"bf16", "fp32"} and "matmul" in result["peak"]["method"]
+
+
+def test_one_size_of_the_sweep_in_both_precisions(monkeypatch):
+    """measure_size times our step and Mixtral's of identical size in bf16 and fp32; the
+    parameter count is the model's own."""
+    monkeypatch.setitem(bench_train.SIZE_CONFIGS, "small", "configs/tiny_cpu.yaml")
+    entry = bench_train.measure_size("small", rounds=2, warmup=1, threads=None)
+    cfg = bench_train.load_bench_config("configs/tiny_cpu.yaml")
+    from aion_train.model import build_model
+
+    assert entry["params"] == bench_train.param_count(build_model(cfg.model, seed=0))
+    assert entry["tokens_per_step"] == cfg.data.micro_batch_size * cfg.data.seq_len
+    for precision in ("bf16", "fp32"):
+        _check_size_entry(entry[precision], entry["tokens_per_step"])

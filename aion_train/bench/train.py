@@ -60,10 +60,11 @@ DEFAULT_CONFIG = "configs/tiny_cpu.yaml"
 
 
 def _config_path(config: str | None) -> str:
-    if config:
-        return config
-    here = Path(DEFAULT_CONFIG)
-    return str(here if here.is_file() else Path(__file__).resolve().parents[2] / DEFAULT_CONFIG)
+    """`config`, or the default; a relative path missing here is looked up in the source tree."""
+    path = Path(config or DEFAULT_CONFIG)
+    if path.is_file() or path.is_absolute():
+        return str(path)
+    return str(Path(__file__).resolve().parents[2] / path)
 
 
 def load_bench_config(
@@ -499,6 +500,8 @@ def run_bench(
     zero: bool = True,
     zero_stages=(0, 1, 2, 3),
     zero_micro_batch_size: int = 2,
+    sizes=("mid",),
+    size_rounds: int = 6,
 ) -> dict:
     from aion_train.train.metrics import flops_per_token, peak_flops
 
@@ -563,6 +566,12 @@ def run_bench(
         }
     if profile:
         result["top_ops"] = tp["top_ops"]
+    result["peak"] = measured_peaks(tp["threads"])
+    tiny = {"name": "tiny", "params": tp["params"], "tokens_per_step": tok}
+    tiny[_precision_key(dtype)] = _size_entry(result, fpt, peak)
+    if "fp32" in result:
+        tiny["fp32"] = _size_entry(result["fp32"], fpt, peak_flops_at(torch.float32, tp["threads"]))
+    result["sizes"] = [tiny] + [measure_size(name, size_rounds, warmup, threads) for name in sizes]
     if zero:
         zcfg = copy.deepcopy(cfg)
         zcfg.data.micro_batch_size = zero_micro_batch_size
@@ -570,4 +579,88 @@ def run_bench(
     return result
 
 
-QUICK = {"rounds": 3, "warmup": 1, "micro_batch_size": 2, "seq_len": 64, "engine": False, "zero_micro_batch_size": 1}
+SIZE_CONFIGS = {"mid": "configs/mid_cpu.yaml"}  # the sweep's other sizes, next to the tiny default
+
+
+def _precision_key(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}[dtype]
+
+
+def peak_flops_at(dtype: torch.dtype, threads: int) -> float:
+    """The MFU denominator at `dtype` on `threads` CPU threads (train.metrics.peak_flops)."""
+    from aion_train.train.metrics import peak_flops
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return peak_flops("cpu", dtype)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def measured_peaks(threads: int) -> dict:
+    """The matmul rates behind every MFU of the report, and how they were measured."""
+    from aion_train.train.metrics import _cpu_matmul_rate
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rates = {
+            k: round(_cpu_matmul_rate(d) / 1e12, 4) for k, d in (("bf16", torch.bfloat16), ("fp32", torch.float32))
+        }
+    finally:
+        torch.set_num_threads(prev)
+    return {
+        "tflops": rates,
+        "method": f"1024x1024 @ 1024x1024 matmul repeated for 0.3 s on {threads} threads, 2*n^3 flops each; "
+        "the MFU of a precision divides by the better of its rate and fp32's",
+    }
+
+
+def _size_entry(r: dict, fpt: float, peak: float) -> dict:
+    tokens_per_s = r["tokens_per_s"]
+    return {
+        "speedup_vs_hf": r["speedup_vs_hf"],
+        "tokens_per_s": tokens_per_s,
+        "hf_tokens_per_s": r["hf_tokens_per_s"],
+        "mfu": round(fpt * tokens_per_s / peak, 4),
+        "hf_mfu": round(fpt * r["hf_tokens_per_s"] / peak, 4),
+        "flops_per_token": fpt,
+        "peak_flops": peak,
+        "step_ms": r["step_ms"],
+        "step_ms_rounds": r["step_ms_rounds"],
+    }
+
+
+def measure_size(name: str, rounds: int, warmup: int, threads: int | None) -> dict:
+    """One size of the sweep: our step and Mixtral's of identical size, in bf16 and in fp32,
+    in this process (the DeepSpeed engine is timed for the tiny size only)."""
+    from aion_train.train.metrics import flops_per_token
+
+    out: dict = {"name": name}
+    for precision in ("bf16", "fp32"):
+        cfg = load_bench_config(SIZE_CONFIGS[name], precision=precision)
+        tp = _in_process(cfg, rounds, warmup, threads, details=False)
+        ours_tps, hf_tps = _tokens_per_s(tp)
+        fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+        r = {
+            "speedup_vs_hf": round(tp["speedup_paired"], 3),
+            "tokens_per_s": round(ours_tps, 1),
+            "hf_tokens_per_s": round(hf_tps, 1),
+            "step_ms": {k: round(v, 2) for k, v in tp["ms"].items()},
+            "step_ms_rounds": tp["rounds_ms"],
+        }
+        out.update(params=tp["params"], tokens_per_step=tp["tokens_per_step"])
+        out[precision] = _size_entry(r, fpt, peak_flops_at(precision_dtype(precision), tp["threads"]))
+    return out
+
+
+QUICK = {
+    "sizes": (),
+    "rounds": 3,
+    "warmup": 1,
+    "micro_batch_size": 2,
+    "seq_len": 64,
+    "engine": False,
+    "zero_micro_batch_size": 1,
+}
