@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from aion_train.data import open_book as ob
+from aion_train.retrieval import open_book as ob
 
 pytestmark = pytest.mark.skipif(
-    not Path(ob.MAN_ROOT, "man1").is_dir() or shutil.which("whatis") is None or shutil.which("dpkg") is None,
+    not Path(ob.MAN_DIR, "man1").is_dir() or shutil.which("whatis") is None or shutil.which("dpkg") is None,
     reason="needs the manual pages, man-db and dpkg",
 )
 
@@ -42,7 +42,7 @@ def test_answers_agree_with_whatis_and_dpkg(pages):
     for p in sample:
         got = _whatis(p.name, p.section)
         agree += ob.normalize_answer(p.description) in {ob.normalize_answer(g) for g in got}
-        path = Path(ob.MAN_ROOT, f"man{p.section}", f"{p.name}.{p.section}.gz")
+        path = Path(ob.MAN_DIR, f"man{p.section}", f"{p.name}.{p.section}.gz")
         if path.exists():
             owner = subprocess.run(["dpkg", "-S", str(path)], capture_output=True, text=True).stdout
             assert owner.split(":")[0].strip() == p.package, (p.name, owner)

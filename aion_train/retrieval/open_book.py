@@ -1,0 +1,134 @@
+"""A checkable open-book task from the manual pages installed on this machine.
+
+Every page becomes one document that states its command's one-line description, its manual
+section and the Debian package that ships it; every document gives three questions with short
+answers written in it. Questions are split by document (a seeded hash of the page's name), so a
+held-out question is about a document the model never trained on: it can answer it only from a
+retrieved `<CTX>` block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import unicodedata
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .sources import MAN_DIR, man_page_paths, parse_man_page
+
+DPKG_INFO = "/var/lib/dpkg/info"
+MAX_DESCRIPTION_CHARS = 80  # a short, checkable answer
+MAX_BODY_CHARS = 400
+
+
+@dataclass(frozen=True)
+class OpenBookPage:
+    name: str
+    section: str
+    package: str
+    description: str
+    body: str  # the first paragraph of DESCRIPTION, plain text
+
+    @property
+    def doc_id(self) -> str:
+        return f"man:{self.name}.{self.section}"
+
+    def document(self) -> str:
+        head = f"{self.name}({self.section}) is shipped by the Debian package {self.package}."
+        line = f"{self.name} - {self.description}."
+        return " ".join(p for p in (head, line, self.body) if p)
+
+
+@dataclass(frozen=True)
+class Example:
+    doc_id: str
+    question: str
+    answer: str
+    kind: str  # description | section | package
+
+
+def task_page(page, section: str, package: str) -> OpenBookPage | None:
+    """A parsed page (`sources.ManPage`) as a task document; None when its NAME line is not one
+    command with a short description (aliases such as `gzip, gunzip, zcat` are left out)."""
+    name = page.names.strip()
+    description = " ".join(page.description.split()).rstrip(".")
+    if not name or "," in name or " " in name or not description or len(description) > MAX_DESCRIPTION_CHARS:
+        return None
+    body = ""
+    for part in page.body.split("\n\n"):
+        if part.startswith("DESCRIPTION\n"):
+            body = " ".join(part[len("DESCRIPTION\n") :].split())
+            break
+    if len(body) > MAX_BODY_CHARS:
+        body = body[:MAX_BODY_CHARS].rsplit(" ", 1)[0] + " ..."
+    return OpenBookPage(name, section, package, description, body)
+
+
+def package_of_paths(info_dir: str = DPKG_INFO) -> dict[str, str]:
+    """Installed file path -> the Debian package that ships it (dpkg's own file lists)."""
+    owners: dict[str, str] = {}
+    for lst in sorted(Path(info_dir).glob("*.list")):
+        pkg = lst.name[: -len(".list")].split(":")[0]
+        for path in lst.read_text(errors="replace").splitlines():
+            owners.setdefault(path, pkg)
+    return owners
+
+
+def read_man_pages(sections: str = "18", man_dir: str = MAN_DIR) -> list[OpenBookPage]:
+    """The task pages of `sections` (the installed, dpkg-owned pages), sorted by name; the first
+    section wins when a name is in several."""
+    owners = package_of_paths()
+    pages: dict[str, OpenBookPage] = {}
+    for path in man_page_paths(man_dir, sections):
+        pkg = owners.get(path)
+        if pkg is None:
+            continue
+        parsed = parse_man_page(path)
+        section = os.path.basename(os.path.dirname(path))[len("man") :]
+        page = task_page(parsed, section, pkg) if parsed is not None else None
+        if page is not None and page.name not in pages and os.path.basename(path).startswith(page.name + "."):
+            pages[page.name] = page
+    return [pages[k] for k in sorted(pages)]
+
+
+def examples_of(page: OpenBookPage) -> list[Example]:
+    n = page.name
+    return [
+        Example(page.doc_id, f"What does the command {n} do?", page.description, "description"),
+        Example(page.doc_id, f"In which manual section is {n}?", page.section, "section"),
+        Example(page.doc_id, f"Which Debian package ships {n}?", page.package, "package"),
+    ]
+
+
+def is_held_out(doc_id: str, fraction: float, seed: int = 0) -> bool:
+    """A seeded hash of the document's id: independent of order and of the other documents."""
+    h = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64 < fraction
+
+
+def split_pages(pages: Iterable[OpenBookPage], held_out_fraction: float = 0.2, seed: int = 0):
+    """(train pages, held-out pages): every question of a page lands on its page's side."""
+    train, held = [], []
+    for p in pages:
+        (held if is_held_out(p.doc_id, held_out_fraction, seed) else train).append(p)
+    return train, held
+
+
+def normalize_answer(text: str) -> str:
+    """Casefolded, NFKC, punctuation dropped, whitespace collapsed; the first line only."""
+    first = (text.strip().splitlines() or [""])[0]
+    s = unicodedata.normalize("NFKC", first).casefold()
+    s = re.sub(r"[^\w\s]", " ", s)
+    return " ".join(s.split())
+
+
+def is_correct(prediction: str, answer: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(answer)
+
+
+def iter_examples(pages: Iterable[OpenBookPage]) -> Iterator[Example]:
+    for p in pages:
+        yield from examples_of(p)
