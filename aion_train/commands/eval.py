@@ -4,14 +4,18 @@ or one step folder).
 
 aion-train eval --task perplexity --checkpoint C --data DIR_OR_FILES [--tokenizer T] --json:
 perplexity of any text checkpoint on a shard folder (its --split, default val), .tar shards,
-or text/JSONL/Parquet/CSV/HF files (:mod:`aion_train.eval.perplexity`)."""
+or text/JSONL/Parquet/CSV/HF files (:mod:`aion_train.eval.perplexity`).
+
+aion-train eval --task open-book --checkpoint C --index DIR [--k K] [--limit N] --json:
+held-out man-page questions closed-book, open-book (DIR: `build-index --corpus open-book`) and
+after the held-out documents are ingested into a continual memory (:mod:`aion_train.eval.open_book`)."""
 
 from __future__ import annotations
 
 import json
 import sys
 
-TASKS = ("easy-vqa", "retrieval", "perplexity")
+TASKS = ("easy-vqa", "retrieval", "perplexity", "open-book")
 
 
 def add_arguments(p):
@@ -26,6 +30,10 @@ def add_arguments(p):
     p.add_argument("--text-field", default="text", help="perplexity: the text field of JSONL/CSV/Parquet/HF data")
     p.add_argument("--seq-len", type=int, default=None, help="perplexity: window (default model.max_seq_len)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--index", default=None, help="open-book: the index folder of the task's documents")
+    p.add_argument("--k", type=int, default=3, help="open-book: retrieved chunks per question")
+    p.add_argument("--held-out-fraction", type=float, default=0.2, help="open-book: documents held out of training")
+    p.add_argument("--split-seed", type=int, default=0, help="open-book: the seed of the split by document")
 
 
 def evaluate_perplexity(args) -> dict:
@@ -47,6 +55,27 @@ def evaluate_perplexity(args) -> dict:
         raise ValueError(f"--seq-len {seq_len}: must be in [1, model.max_seq_len={cfg.model.max_seq_len}]")
     texts = iter_texts(args.data, args.split, text_field=args.text_field)
     return {"task": "perplexity", **perplexity(model, tok, texts, seq_len, args.batch_size, args.limit)}
+
+
+def evaluate_open_book_task(args) -> dict:
+    import tempfile
+
+    from aion_train.eval.open_book import evaluate_open_book, index_search, ingested_memory_search
+    from aion_train.retrieval.open_book import iter_examples, read_man_pages, split_pages
+    from aion_train.serve.loading import load_for_serving
+
+    if not args.index:
+        raise ValueError("--task open-book needs --index DIR (aion-train build-index --corpus open-book --out DIR)")
+    loaded = load_for_serving(args.checkpoint)
+    trained, held = split_pages(read_man_pages(), args.held_out_fraction, args.split_seed)
+    examples = list(iter_examples(held))[: args.limit]
+    open_search, embedder = index_search(args.index, args.k)
+    with tempfile.TemporaryDirectory(prefix="aion-open-book-memory-") as tmp:
+        memory_search = ingested_memory_search(tmp, embedder, trained, held, args.k)
+        result = evaluate_open_book(
+            loaded.model, loaded.tokenizer, loaded.chat, loaded.eos_ids, examples, open_search, memory_search
+        )
+    return {"task": "open-book", **result}
 
 
 def evaluate(
@@ -77,6 +106,8 @@ def run(args) -> int:
     try:
         if args.task == "perplexity":
             result = evaluate_perplexity(args)
+        elif args.task == "open-book":
+            result = evaluate_open_book_task(args)
         else:
             result = evaluate(args.task, args.checkpoint, args.config, args.split, args.limit)
     except (OSError, ValueError, KeyError) as e:

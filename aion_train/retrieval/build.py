@@ -10,12 +10,17 @@ from .store import write_index_dir
 
 def iter_corpus(patterns):
     """Documents of every pattern: a glob (``**`` ok; man pages rendered, .gz read) or
-    ``pydoc:`` for the Python reference topics."""
+    ``pydoc:`` for the Python reference topics, ``open-book`` for the open-book task's documents
+    (open_book.py: every installed command's page, training and held-out alike)."""
     from .sources import iter_files, iter_pydoc_topics
 
     for pat in patterns:
         if pat in ("pydoc", "pydoc:", "pydoc:topics"):
             yield from iter_pydoc_topics()
+        elif pat == "open-book":
+            from .open_book import read_man_pages, task_documents
+
+            yield from task_documents(read_man_pages())
         else:
             yield from iter_files(pat)
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .sources import MAN_DIR, man_page_paths, parse_man_page
+from .sources import MAN_DIR, Document, man_page_paths, parse_man_page
 
 DPKG_INFO = "/var/lib/dpkg/info"
 MAX_DESCRIPTION_CHARS = 80  # a short, checkable answer
@@ -127,6 +127,11 @@ def normalize_answer(text: str) -> str:
 
 def is_correct(prediction: str, answer: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(answer)
+
+
+def task_documents(pages: Iterable[OpenBookPage]) -> list[Document]:
+    """The pages as retrieval documents (source = the page's doc id)."""
+    return [Document(p.doc_id, p.document(), p.name) for p in pages]
 
 
 def iter_examples(pages: Iterable[OpenBookPage]) -> Iterator[Example]:

@@ -1,0 +1,100 @@
+"""Open-book evaluation: held-out questions about documents the model never trained on,
+answered closed-book (the question alone), open-book (the `<CTX>` block from the index) and
+after-ingest (the documents added to a continual memory after training, no retraining).
+
+A prediction is the greedy continuation up to its first line break, checked against the answer
+written in the document (`retrieval.open_book.is_correct`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from aion_train.retrieval.hybrid import build_context
+from aion_train.retrieval.open_book import Example, is_correct
+
+MAX_NEW_TOKENS = 24
+ANSWER_CUE = "\nAnswer:"
+
+Search = Callable[[str], list[str]]  # question -> retrieved chunk texts, best first
+
+
+def open_book_prompt(question: str, chunks: Sequence[str] = ()) -> str:
+    """The prompt text of one question: `<CTX> chunks </CTX> question` with the answer cue;
+    the question alone closed-book. SFT on the task renders its examples the same way."""
+    body = build_context(chunks, question) if chunks else question
+    return body + ANSWER_CUE
+
+
+def prompt_ids(text: str, tokenizer, chat: bool) -> list[int]:
+    if chat:
+        from aion_train.posttrain.chat_template import render_chat
+
+        return render_chat([{"role": "user", "content": text}], tokenizer)
+    return [int(tokenizer.bos_id), *tokenizer.encode(text)]
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: Sequence[list[int]], eos_ids, max_new: int = MAX_NEW_TOKENS) -> list[str]:
+    """Greedy continuation of every prompt (one at a time: no padding to reason about), cut at
+    its first line break."""
+    from aion_train.model.generate import generate
+
+    out = []
+    max_len = int(model.cfg.max_seq_len)
+    for ids in prompts:
+        ids = ids[-(max_len - max_new) :]
+        x = torch.tensor([ids], dtype=torch.long)
+        y = generate(model, x, max_new, eos_id=None)[0, len(ids) :].tolist()
+        stop = next((i for i, t in enumerate(y) if t in eos_ids), len(y))
+        text = tokenizer.decode(y[:stop])
+        out.append(text.strip().split("\n", 1)[0])
+    return out
+
+
+def accuracy(model, tokenizer, chat: bool, eos_ids, examples: Sequence[Example], search: Search | None) -> dict:
+    texts = [open_book_prompt(e.question, search(e.question) if search else ()) for e in examples]
+    preds = greedy_answers(model, tokenizer, [prompt_ids(t, tokenizer, chat) for t in texts], set(eos_ids))
+    right = [is_correct(p, e.answer) for p, e in zip(preds, examples)]
+    return {"accuracy": sum(right) / max(1, len(right)), "predictions": preds, "correct": right}
+
+
+def evaluate_open_book(
+    model, tokenizer, chat: bool, eos_ids, examples: Sequence[Example], open_search: Search, memory_search: Search
+) -> dict:
+    """The three accuracies on the same held-out examples."""
+    closed = accuracy(model, tokenizer, chat, eos_ids, examples, None)
+    opened = accuracy(model, tokenizer, chat, eos_ids, examples, open_search)
+    after = accuracy(model, tokenizer, chat, eos_ids, examples, memory_search)
+    return {
+        "closed_book_accuracy": round(closed["accuracy"], 4),
+        "open_book_accuracy": round(opened["accuracy"], 4),
+        "after_ingest_accuracy": round(after["accuracy"], 4),
+        "n": len(examples),
+    }
+
+
+def index_search(index_dir: str, k: int) -> tuple[Search, object]:
+    """Hybrid search over an index folder (`build-index --corpus open-book`); also its embedder."""
+    from aion_train.retrieval.store import Retriever
+
+    retriever = Retriever(index_dir)
+    return (lambda q: [h.text for h in retriever.search(q, k=k)]), retriever.embedder
+
+
+def ingested_memory_search(folder: str, embedder, trained, ingested, k: int) -> Search:
+    """A continual memory holding the training documents, then `ingested` added through the
+    background ingestor after training (the write-ahead-logged path), searched densely."""
+    from aion_train.retrieval.continual import ContinualIndex
+    from aion_train.retrieval.open_book import task_documents
+
+    memory = ContinualIndex(folder, embedder=embedder)
+    memory.put_many([(d.source, d.text, None) for d in task_documents(trained)])
+    ingestor = memory.start_ingestion()
+    tickets = [ingestor.submit(d.source, d.text) for d in task_documents(ingested)]
+    for t in tickets:
+        t.wait(timeout=600)
+    ingestor.stop()
+    return lambda q: [h.text for h in memory.search(q, k=k)]
