@@ -57,7 +57,8 @@ def add_arguments(p):
         "--index",
         default=None,
         metavar="DIR",
-        help="retrieval index (build-index): each text prompt gets its best --k chunks as <CTX> ... </CTX>",
+        help="retrieval index (build-index) or continual-memory folder: each text prompt gets its best --k "
+        "chunks as <CTX> ... </CTX>; a memory also takes POST /admin/ingest (API key) while serving",
     )
     p.add_argument("--k", type=int, default=3, metavar="K", help="chunks to retrieve with --index (default 3)")
     p.add_argument("--max-batch", type=int, default=8, metavar="N", help="rows per engine batch (default 8)")
