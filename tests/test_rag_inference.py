@@ -190,6 +190,9 @@ def test_memory_served_while_ingesting_reads_whole_batches(lm, tmp_path):
             "/v1/completions", json={"model": s.model, "prompt": "zebra quokka narwhal", "max_tokens": 1}
         ).json()
         bad = s.http.post("/admin/ingest", json={"documents": [{"text": "no id"}]})
+        no_alpha = s.http.post(
+            "/v1/completions", json={"model": s.model, "prompt": "doc", "max_tokens": 1, "retrieval": {"alpha": 0.5}}
+        )
     assert not errors, errors
     states = set()
     for hits in reads:
@@ -202,7 +205,7 @@ def test_memory_served_while_ingesting_reads_whole_batches(lm, tmp_path):
     assert len(states) >= 2  # the reads did see the memory change under them
     assert new.json()["seq"] == (batches + 1) * n + 1
     assert found["aion"]["retrieval"]["hits"][0][0]["id"] == "z"
-    assert bad.status_code == 400
+    assert bad.status_code == 400 and no_alpha.status_code == 400
     again = ContinualIndex(str(mem_dir), HashEmbedder(64))  # what was ingested is durable
     assert again.get("d0")["text"] == f"doc 0 version {batches} shared words" and "z" in again
 
@@ -217,6 +220,10 @@ def test_ingest_needs_an_api_key_or_the_flag(lm, tmp_path):
     with serving(run, index=tmp_path / "mem", k=1) as s:
         r = s.http.post("/admin/ingest", json={"documents": [{"id": "b", "text": "x"}]})
     assert r.status_code == 403 and r.json()["error"]["code"] == "admin_requires_api_key"
+    from aion_train.cli import main
+
+    # one writer: a memory is not served by several Ray replicas
+    assert main(["serve", "--checkpoint", str(run), "--index", str(tmp_path / "mem"), "--ray"]) == 2
 
 
 # ------------------------------------------------------------------ EMA update rule

@@ -141,6 +141,15 @@ def run(args) -> int:
             file=sys.stderr,
         )
         return 2
+    if getattr(args, "ray", False) and args.index:
+        from aion_train.retrieval.continual import is_memory_dir
+
+        if is_memory_dir(args.index):
+            print(
+                "serve: a continual memory has one writer; it is not served under --ray (each replica would write)",
+                file=sys.stderr,
+            )
+            return 2
     setup_logging(args.json_logs, args.log_level)
     log = logging.getLogger("aion_train.serve")
     if getattr(args, "ray", False):

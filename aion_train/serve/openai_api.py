@@ -418,6 +418,10 @@ def create_app(
         if req.retrieval is not None and retrieval is None:
             raise APIError(400, "this server has no retrieval index (start it with --index DIR)", param="retrieval")
         ropts = RetrievalOptions(**req.retrieval.model_dump()) if req.retrieval is not None else None
+        if ropts is not None and retrieval.memory is not None and (ropts.alpha, ropts.mmr_lambda) != (None, None):
+            raise APIError(
+                400, "a continual memory is searched by cosine: alpha and mmr_lambda do not apply", param="retrieval"
+            )
         if endpoint == "completions":
             room = ctx_len - (req.max_tokens if req.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS)
             prompts = _completion_prompts(req.prompt, room, retrieved, ropts)
