@@ -254,13 +254,14 @@ def test_ema_update_converges_in_expectation_as_one_minus_eta_to_the_t(tmp_path)
     mem.close()
 
 
-def test_ema_update_goes_through_the_log_and_survives_reopen(tmp_path):
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_ema_update_goes_through_the_log_and_survives_reopen(tmp_path, kind):
     from aion_train.retrieval.continual import _dec_vec
     from aion_train.retrieval.wal import WriteAheadLog
 
     path = str(tmp_path / "m")
     a, b, c = (np.array(v, np.float32) for v in ([1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 2, 0]))
-    mem = ContinualIndex(path, dim=4, update_rule="ema", eta=0.25)
+    mem = ContinualIndex(path, dim=4, update_rule="ema", eta=0.25, kind=kind)
     mem.add("d", "v1", vec=a)
     mem.add("d", "v2", vec=b)
     mem.put_many([("d", "v3", None), ("d", "v4", None)], np.stack([c, c]))  # twice in one batch: chained
@@ -271,12 +272,12 @@ def test_ema_update_goes_through_the_log_and_survives_reopen(tmp_path):
     mem.close()
     last = WriteAheadLog(path + "/wal.jsonl").records[-1]
     np.testing.assert_allclose(_dec_vec(last["vec"]), want, atol=1e-6)  # the log holds the blend
-    again = ContinualIndex(path, dim=4, update_rule="replace")  # replay reproduces it, whatever the rule
+    again = ContinualIndex(path, dim=4, update_rule="replace", kind=kind)  # replay reproduces it, whatever the rule
     np.testing.assert_allclose(again.vector("d"), want, atol=1e-6)
     assert again.get("d")["text"] == "v4" and again.replayed == 4
     again.checkpoint()
     again.close()
-    third = ContinualIndex(path, dim=4, update_rule="ema", eta=0.25)
+    third = ContinualIndex(path, dim=4, update_rule="ema", eta=0.25, kind=kind)
     np.testing.assert_allclose(third.vector("d"), want, atol=1e-6)
     third.add("d", "v5", vec=a)
     np.testing.assert_allclose(third.vector("d"), want + 0.25 * (a - want), atol=1e-6)
