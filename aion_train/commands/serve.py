@@ -14,6 +14,12 @@ pick a jurisdiction with the `jurisdiction` field or the X-Jurisdiction header, 
 the default policy, an unknown one is refused with 400. --audit-log: one hash-chained JSONL
 record per request (`aion-train audit verify FILE` checks it).
 
+--index DIR: an index folder (build-index) or a continual-memory folder (its memory.json);
+requests may set `retrieval: {"k", "alpha", "mmr_lambda", "rerank"}` (rerank: the served
+model's mean per-token log-likelihood of the prompt given each chunk reorders the best 2k).
+A memory takes `POST /admin/ingest` (`{"documents": [{"id", "text", "meta"}], "delete": [ids]}`,
+the admin route's API-key rule) while serving; each request reads one committed state.
+
 Policy hot reload (serve/policy_reload.py): the bundle file is polled every --policy-poll
 seconds (default 2; 0: off) and `POST /admin/reload` re-reads it on demand; a new bundle is
 validated before it is served, a broken one is refused and the running one stays. The admin
