@@ -29,10 +29,14 @@ def test_speedup_and_rates_follow_from_the_reported_timings(result):
 
 @pytest.mark.slow
 def test_fields_have_their_names_and_types(result):
-    for k in ("recall_at_10", "mrr_hybrid", "mrr_dense", "mrr_bm25", "mrr_hybrid_tune"):
+    for k in ("recall_at_10", "mrr_hybrid", "mrr_dense", "mrr_bm25", "mrr_hybrid_tune", "mrr_rerank"):
         assert isinstance(result[k], float) and 0 <= result[k] <= 1, k
     for k in ("n_chunks", "n_test_queries", "n_tune_queries", "dim", "ef_search", "ef_construction"):
         assert isinstance(result[k], int) and result[k] > 0, k
     assert result["dim"] == 384 and result["index"] == "HNSW32_SQ8"  # MiniLM, the default graph
     assert result["ef_search"] in bench_retrieval.EF_GRID and 0 <= result["alpha"] <= 1
     assert isinstance(result["embeddings_cached"], bool) and result["hnsw_build_s"] >= 0
+    # the LM rerank: the quick run's 30 test queries, an untrained tiny model by default
+    assert result["n_rerank_queries"] == min(30, result["n_test_queries"]) and result["rerank_depth"] == 10
+    assert result["rerank_model"] == "model:configs/tiny_cpu.yaml:seed0"
+    assert 0 <= result["mrr_hybrid_rerank_queries"] <= 1

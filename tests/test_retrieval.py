@@ -186,9 +186,10 @@ def test_mmr_picks_diverse_item_over_near_duplicate(minilm):
 def test_context_block_and_rerank_hook():
     assert build_context(["chunk one", "chunk two"], "q?") == "<CTX> chunk one\n\nchunk two </CTX> q?"
     assert build_context(["a" * 10, "b" * 10], "q", max_chars=15) == "<CTX> " + "a" * 10 + " </CTX> q"
-    texts, scores = ["x", "yy", "zzz"], [0.3, 0.2, 0.1]
-    assert rerank("q", texts, scores, lambda q, t: 0.2 * len(t)) == [2, 1, 0]  # 0.5 0.6 0.7
-    assert rerank("q", texts, scores, lambda q, t: 0.2 * len(t), weight=0.0) == [0, 1, 2]
+    texts = ["x", "yy", "zzz", "ww"]
+    # the LM score alone orders them (highest first); a tie keeps the incoming (hybrid) order
+    order, ll = rerank("q", texts, lambda q, t: -1.0 / len(t))
+    assert order == [2, 1, 3, 0] and ll == [-1.0, -0.5, -1 / 3, -0.5]
 
 
 def test_model_embedder_and_lm_rerank(tiny_cfg, tmp_path_factory):

@@ -75,8 +75,8 @@ class AdminSite:
     @staticmethod
     def owns(path: str) -> bool:
         """The paths the admin side authenticates itself (serving API keys do not open them);
-        POST /admin/reload is the serving API's own route (API key)."""
-        return (path == "/admin" or path.startswith("/admin/")) and path != "/admin/reload"
+        POST /admin/reload and /admin/ingest are the serving API's own routes (API key)."""
+        return (path == "/admin" or path.startswith("/admin/")) and path not in ("/admin/reload", "/admin/ingest")
 
     @property
     def router(self) -> APIRouter:

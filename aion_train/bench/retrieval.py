@@ -15,6 +15,14 @@ from this machine (man pages, /usr/share/doc, pydoc topics).
   page is a right answer; the NAME section itself is not indexed. Candidates are the union
   of the exact dense top-100 and the BM25 top-100; ``mrr_dense`` is alpha 0, ``mrr_bm25``
   alpha 1, and the hybrid's alpha is tuned on a separate tuning split of pages.
+* ``mrr_rerank``: the first ``n_rerank`` test queries, their hybrid top-``rerank_depth``
+  reordered by an LM's mean per-token log-likelihood of the query given the chunk
+  (:func:`aion_train.retrieval.hybrid.rerank`: LM score alone, no mixing with the hybrid
+  score), MRR@10; ``mrr_hybrid_rerank_queries`` is the hybrid MRR@10 on the same queries.
+  The model is ``rerank_model`` (``--config``: a run/checkpoint folder, or a config .yaml
+  for a fresh seed-0 model). The default is ``configs/tiny_cpu.yaml`` UNTRAINED (seed 0,
+  demo tokenizer): no trained checkpoint ships with the repository, so by default the number
+  measures the path (and an untrained model's ranking), not what a trained reranker gains.
 
 Embeddings are cached on disk (``~/.cache/aion-train/retrieval``, the cache `build-index`
 uses by default) keyed by the corpus hash: the first run embeds ~21.7k chunks with
@@ -32,7 +40,8 @@ CHUNK_CHARS = 400
 OVERLAP = 50
 MAN_CHUNKS_PER_PAGE = 6
 DOC_CHUNKS_PER_FILE = 4
-QUICK = {"quick": True}
+QUICK = {"quick": True, "n_rerank": 30}
+DEFAULT_RERANK_MODEL = "configs/tiny_cpu.yaml"
 EF_GRID = (8, 12, 14, 16, 18, 20, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
@@ -80,6 +89,44 @@ def mrr_at_k(ranked_sources: list[list[str]], answers: list[str], k: int = 10) -
     return total / max(len(answers), 1)
 
 
+def rerank_scorer(spec: str | None = None):
+    """``(loglik(query, chunk), name)`` from a run/checkpoint folder or a config .yaml (a fresh
+    seed-0 model; the tokenizer is the demo one, built in the user cache when absent)."""
+    import os
+
+    from aion_train.retrieval.embedders import make_embedder
+    from aion_train.retrieval.hybrid import lm_loglik
+
+    spec = spec or DEFAULT_RERANK_MODEL
+    if "@" not in spec and spec.endswith((".yaml", ".yml")):
+        from aion_train.config import load_config
+        from aion_train.data.demo import ensure_demo_data
+
+        cfg = load_config(spec)
+        tok = os.path.join(cfg.data.dir, "tokenizer.model")
+        if not os.path.isfile(tok):
+            cache = os.path.expanduser(f"~/.cache/aion-train/demo-{cfg.model.vocab_size}")
+            tok = ensure_demo_data(cache, cfg.model.vocab_size)["tokenizer"]
+        spec = f"{spec}@{tok}"
+    emb = make_embedder(f"model:{spec}")
+    return lm_loglik(emb.model, emb.tokenizer, max_len=int(emb.model.cfg.max_seq_len)), emb.name
+
+
+def rerank_mrr(cands, qs, texts, sources, alpha: float, scorer, depth: int = 10, k: int = 10) -> tuple[float, float]:
+    """``(MRR@k after LM rerank of the hybrid top-depth, hybrid MRR@k)`` on the same queries."""
+    from aion_train.retrieval.hybrid import hybrid_scores, rerank
+
+    ranked, plain = [], []
+    for (ids, b, c), (_, qtext, _) in zip(cands, qs):
+        s = hybrid_scores(b, c, alpha)
+        top = ids[np.lexsort((ids, -s))[:depth]]
+        order, _ = rerank(qtext, [texts[i] for i in top], scorer)
+        ranked.append([sources[top[i]] for i in order])
+        plain.append([sources[i] for i in top])
+    answers = [q[2] for q in qs]
+    return mrr_at_k(ranked, answers, k), mrr_at_k(plain, answers, k)
+
+
 def _time_search(index, q: np.ndarray, k: int, rounds: int) -> float:
     best = float("inf")
     for _ in range(rounds):
@@ -99,6 +146,9 @@ def run_bench(
     ef_search: int | None = None,
     tune_recall: float = 0.955,
     rounds: int = 15,
+    n_rerank: int = 100,
+    rerank_depth: int = 10,
+    config: str | None = None,
     **_ignored,
 ) -> dict:
     import faiss
@@ -177,6 +227,12 @@ def run_bench(
     mrr_dense = mrr(c_test, test, 0.0)
     mrr_bm25 = mrr(c_test, test, 1.0)
     mrr_hybrid = mrr(c_test, test, best_alpha)
+    t_rr = time.time()
+    scorer, rerank_model = rerank_scorer(config)
+    mrr_rerank, mrr_hybrid_rr = rerank_mrr(
+        c_test[:n_rerank], test[:n_rerank], texts, sources, best_alpha, scorer, rerank_depth, k
+    )
+    rerank_s = time.time() - t_rr
     n = len(Q_test)
     return {
         "recall_at_10": round(recall, 4),
@@ -186,6 +242,12 @@ def run_bench(
         "hnsw_search_s": t_hnsw,
         "exact_search_s": t_exact,  # best of `rounds`, the whole batch
         "mrr_hybrid": round(mrr_hybrid, 4),
+        "mrr_rerank": round(mrr_rerank, 4),
+        "mrr_hybrid_rerank_queries": round(mrr_hybrid_rr, 4),
+        "n_rerank_queries": min(n_rerank, len(test)),
+        "rerank_depth": rerank_depth,
+        "rerank_model": rerank_model,
+        "rerank_s": round(rerank_s, 1),
         "mrr_dense": round(mrr_dense, 4),
         "mrr_bm25": round(mrr_bm25, 4),
         "n_chunks": len(texts),

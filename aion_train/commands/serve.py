@@ -14,6 +14,12 @@ pick a jurisdiction with the `jurisdiction` field or the X-Jurisdiction header, 
 the default policy, an unknown one is refused with 400. --audit-log: one hash-chained JSONL
 record per request (`aion-train audit verify FILE` checks it).
 
+--index DIR: an index folder (build-index) or a continual-memory folder (its memory.json);
+requests may set `retrieval: {"k", "alpha", "mmr_lambda", "rerank"}` (rerank: the served
+model's mean per-token log-likelihood of the prompt given each chunk reorders the best 2k).
+A memory takes `POST /admin/ingest` (`{"documents": [{"id", "text", "meta"}], "delete": [ids]}`,
+the admin route's API-key rule) while serving; each request reads one committed state.
+
 Policy hot reload (serve/policy_reload.py): the bundle file is polled every --policy-poll
 seconds (default 2; 0: off) and `POST /admin/reload` re-reads it on demand; a new bundle is
 validated before it is served, a broken one is refused and the running one stays. The admin
@@ -57,7 +63,8 @@ def add_arguments(p):
         "--index",
         default=None,
         metavar="DIR",
-        help="retrieval index (build-index): each text prompt gets its best --k chunks as <CTX> ... </CTX>",
+        help="retrieval index (build-index) or continual-memory folder: each text prompt gets its best --k "
+        "chunks as <CTX> ... </CTX>; a memory also takes POST /admin/ingest (API key) while serving",
     )
     p.add_argument("--k", type=int, default=3, metavar="K", help="chunks to retrieve with --index (default 3)")
     p.add_argument("--max-batch", type=int, default=8, metavar="N", help="rows per engine batch (default 8)")
@@ -140,6 +147,15 @@ def run(args) -> int:
             file=sys.stderr,
         )
         return 2
+    if getattr(args, "ray", False) and args.index:
+        from aion_train.retrieval.continual import is_memory_dir
+
+        if is_memory_dir(args.index):
+            print(
+                "serve: a continual memory has one writer; it is not served under --ray (each replica would write)",
+                file=sys.stderr,
+            )
+            return 2
     setup_logging(args.json_logs, args.log_level)
     log = logging.getLogger("aion_train.serve")
     if getattr(args, "ray", False):

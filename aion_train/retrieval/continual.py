@@ -21,6 +21,17 @@ Index tiers
     ``kind="hnsw"``: ``IndexIDMap2(IndexHNSWFlat)``; HNSW cannot remove ids, so deletes and
     replaced vectors become tombstones filtered out of results, and ``compact()`` (run by
     ``checkpoint`` when tombstones pass ``tombstone_ratio``) rebuilds the graph.
+Update rule (``update_rule``)
+    ``"replace"`` (default): a put of a known document stores the new embedding ``E(d)``.
+    ``"ema"``: a put of a known document stores ``e + eta * (E(d) - e)`` (``e`` its stored
+    vector; a new document stores ``E(d)``). The blended vector is computed under the writer
+    mutex and is what the log record holds, so replay reproduces it exactly. Under
+    re-observations ``E(d) + noise`` (zero-mean) the stored vector's expectation moves to
+    the mean embedding with error ``(1 - eta)^t (e_0 - mean)`` after ``t`` updates. It is
+    not renormalised (the score is then the inner product, not exactly the cosine).
+Folder
+    ``memory.json`` (written once) names the format, the embedder (a spec ``make_embedder``
+    takes where there is one), dim, kind and update rule, so that a server can open it.
 RAM cache
     the durable state is the snapshot + log on disk; the index, document texts and the
     replay buffer are held in RAM and served from there (reads never touch disk).
@@ -60,6 +71,20 @@ class MemoryHit:
     score: float
     text: str
     meta: dict = field(default_factory=dict)
+    seq: int = 0  # the log record that wrote this version
+
+
+MEMORY_FORMAT = "aion-continual-memory"
+MEMORY_INFO = "memory.json"
+
+
+def is_memory_dir(path: str) -> bool:
+    """A continual-memory folder (its ``memory.json``)."""
+    try:
+        with open(os.path.join(path, MEMORY_INFO), encoding="utf-8") as f:
+            return json.load(f).get("format") == MEMORY_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class ContinualIndex:
@@ -76,9 +101,14 @@ class ContinualIndex:
         tombstone_ratio: float = 0.25,
         hnsw_m: int = 32,
         ef_search: int = 64,
+        update_rule: str = "replace",
+        eta: float = 0.1,
     ):
         if kind not in ("flat", "hnsw"):
             raise ValueError(f"kind must be 'flat' or 'hnsw', got {kind!r}")
+        if update_rule not in ("replace", "ema") or not 0.0 < eta <= 1.0:
+            raise ValueError(f"update_rule must be 'replace' or 'ema' and eta in (0, 1], got {update_rule!r}, {eta}")
+        self.update_rule, self.eta = update_rule, float(eta)
         self.path = os.path.abspath(path)
         os.makedirs(os.path.join(self.path, "snapshots"), exist_ok=True)
         self.embedder = embedder
@@ -110,6 +140,17 @@ class ContinualIndex:
                 self._apply(rec)
                 self.replayed += 1
         self.wal.records = []
+        self._write_info()
+
+    def _write_info(self) -> None:
+        p = os.path.join(self.path, MEMORY_INFO)
+        if os.path.exists(p):
+            return
+        name = getattr(self.embedder, "name", None)
+        spec = "minilm" if name and name.startswith("minilm") else name
+        info = {"format": MEMORY_FORMAT, "embedder": name, "embedder_spec": spec, "dim": self.dim, "kind": self.kind}
+        info.update(update_rule=self.update_rule, eta=self.eta)
+        atomic_write_text(p, json.dumps(info, sort_keys=True) + "\n")
 
     # ------------------------------------------------------------------ index plumbing
     def _new_index(self):
@@ -144,7 +185,7 @@ class ContinualIndex:
                 self.reservoir.offer(doc_id)
             vec = _dec_vec(rec["vec"]).reshape(1, -1)
             self.index.add_with_ids(vec, np.array([vid], dtype=np.int64))
-            self.docs[doc_id] = {"vid": vid, "text": rec["text"], "meta": rec.get("meta") or {}}
+            self.docs[doc_id] = {"vid": vid, "text": rec["text"], "meta": rec.get("meta") or {}, "seq": rec["seq"]}
             self.vid2doc[vid] = doc_id
             self.next_vid = max(self.next_vid, vid + 1)
         elif op == "del":
@@ -167,10 +208,19 @@ class ContinualIndex:
         with self._mutex:
             recs = []
             seq, vid = self.seq, self.next_vid  # the previous commit is fully applied
+            pending: dict[str, np.ndarray] = {}  # ema: a document put twice in this batch
             for op in ops:
                 seq += 1
                 if op[0] == "put":
                     _, doc_id, text, meta, vec = op
+                    if self.update_rule == "ema":
+                        prev = pending.get(str(doc_id))
+                        if prev is None and str(doc_id) in self.docs:
+                            prev = self.index.reconstruct(int(self.docs[str(doc_id)]["vid"]))
+                        vec = np.asarray(vec, np.float32)
+                        if prev is not None:
+                            vec = (prev + self.eta * (vec - prev)).astype(np.float32)
+                        pending[str(doc_id)] = vec
                     recs.append(
                         {
                             "seq": seq,
@@ -185,6 +235,7 @@ class ContinualIndex:
                     vid += 1
                 elif op[0] == "del":
                     recs.append({"seq": seq, "op": "del", "id": str(op[1])})
+                    pending.pop(str(op[1]), None)
                 else:
                     raise ValueError(f"unknown op {op[0]!r}")
             self.wal.append(recs)  # durable from here on
@@ -231,14 +282,26 @@ class ContinualIndex:
             d = self.docs.get(doc_id)
             return None if d is None else dict(d)
 
+    def vector(self, doc_id: str) -> np.ndarray:
+        """The stored embedding of a live document."""
+        with self.lock.read():
+            return self.index.reconstruct(int(self.docs[doc_id]["vid"]))
+
     def search(self, query: str | np.ndarray, k: int = 5) -> list[MemoryHit]:
         """Top-``k`` live documents by cosine; a consistent view (never half an update)."""
+        return self.search_at(query, k)[1]
+
+    def search_at(self, query: str | np.ndarray, k: int = 5) -> tuple[int, list[MemoryHit]]:
+        """``(seq, hits)``: the top-``k`` of the state after log record ``seq``, read under
+        the read lock (a committed batch is applied under one write lock: all or none of it
+        is seen). Each hit's ``seq`` is the log record that wrote the version it shows."""
         q = self._embed([query])[0] if isinstance(query, str) else np.asarray(query, np.float32)
         q = q.reshape(1, -1)
         with self.lock.read():
+            seen = self.seq
             n_live = len(self.docs)
             if n_live == 0:
-                return []
+                return seen, []
             kk = min(k + len(self.tombstones), int(self.index.ntotal))
             D, I = self.index.search(q, kk)
             hits = []
@@ -249,10 +312,10 @@ class ContinualIndex:
                 if doc_id is None:
                     continue
                 d = self.docs[doc_id]
-                hits.append(MemoryHit(doc_id, float(s), d["text"], d["meta"]))
+                hits.append(MemoryHit(doc_id, float(s), d["text"], d["meta"], int(d.get("seq", 0))))
                 if len(hits) == k:
                     break
-            return hits
+            return seen, hits
 
     def replay_sample(self, m: int) -> list[tuple[str, str]]:
         """``m`` (id, text) pairs from the reservoir replay buffer (live documents only)."""

@@ -1,4 +1,4 @@
-"""Hybrid scoring, MMR diversification, LM-likelihood rerank hook, context builder.
+"""Hybrid scoring, MMR diversification, LM-likelihood rerank, context builder.
 
 Hybrid score of candidate ``i`` over the union ``U`` of the dense and the BM25 candidates:
 
@@ -6,7 +6,12 @@ Hybrid score of candidate ``i`` over the union ``U`` of the dense and the BM25 c
 
 with ``b`` the BM25 score and ``cos`` the cosine between query and chunk embeddings
 (exact, from the stored vectors, for candidates of either list). When all BM25 scores in
-``U`` are equal the normalised BM25 term is 0."""
+``U`` are equal the normalised BM25 term is 0.
+
+LM rerank (:func:`rerank`): among the top hybrid candidates, order purely by the model's mean
+per-token log-likelihood of the query given the chunk, ``(1/|q|) sum_t log p(q_t | <CTX>
+chunk </CTX>, q_<t)`` (nats per token, <= 0); the hybrid score picks the candidates and
+breaks exact ties, it is not mixed with the log-likelihood."""
 
 from __future__ import annotations
 
@@ -93,13 +98,14 @@ def mmr(query_vec: np.ndarray, cand_vecs: np.ndarray, relevance: np.ndarray, k: 
     return picked
 
 
-def rerank(
-    query: str, texts: Sequence[str], scores: Sequence[float], loglik: Callable[[str, str], float], weight: float = 1.0
-) -> list[int]:
-    """Order of candidates by ``score + weight * loglik(query, text)``, where ``loglik`` is
-    a language-model likelihood of the query given the chunk (e.g. :func:`lm_loglik`)."""
-    total = [float(s) + weight * float(loglik(query, t)) for s, t in zip(scores, texts)]
-    return sorted(range(len(texts)), key=lambda i: -total[i])
+def rerank(query: str, texts: Sequence[str], loglik: Callable[[str, str], float]) -> tuple[list[int], list[float]]:
+    """LM rerank: the candidates ordered by ``loglik(query, text)`` alone (highest first; ties
+    keep the incoming, hybrid, order), and the scores. ``loglik`` is a mean per-token
+    log-probability of the query given the chunk (e.g. :func:`lm_loglik`), in nats/token,
+    <= 0. The hybrid score (in [0, 1]) only chose the candidates: it is never added to a
+    log-probability (the two scales are not comparable)."""
+    ll = [float(loglik(query, t)) for t in texts]
+    return sorted(range(len(texts)), key=lambda i: (-ll[i], i)), ll
 
 
 def build_context(chunks: Sequence[str], query: str, max_chars: int | None = None, sep: str = "\n\n") -> str:

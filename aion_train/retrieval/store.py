@@ -217,23 +217,27 @@ class Retriever:
         mmr_lambda: float | None = 0.7,
         mmr_pool: int | None = None,
         rerank=None,
-        rerank_weight: float = 1.0,
+        rerank_depth: int | None = None,
         qvec: np.ndarray | None = None,
     ) -> list[Hit]:
         """Hybrid top-``k``: union of dense and BM25 top-``depth``, hybrid score, then MMR
-        (``mmr_lambda``; None to skip) over the best ``mmr_pool`` (default 4k), then the
-        optional ``rerank(query, text) -> loglik`` hook."""
+        (``mmr_lambda``; None to skip) over the best ``mmr_pool`` (default 4k). With
+        ``rerank(query, text) -> mean log-likelihood`` the best ``rerank_depth`` (default 2k)
+        of that order are reordered by the LM score alone (:func:`~.hybrid.rerank`) and the
+        top ``k`` kept; each hit's ``extra["lm_loglik"]`` holds its score (nats/token) and
+        ``score`` stays the hybrid score."""
         alpha = self.manifest.get("default_alpha", DEFAULT_ALPHA) if alpha is None else alpha
         qvec = self.embed_query(query) if qvec is None else qvec
-        ids, b, c = candidates(query, qvec, self.X, self.bm25, depth, self.dense)
+        n = k if rerank is None else max(k, rerank_depth or 2 * k)
+        ids, b, c = candidates(query, qvec, self.X, self.bm25, max(depth, n), self.dense)
         s = hybrid_scores(b, c, alpha)
         order = np.lexsort((ids, -s))
-        pool = order[: (mmr_pool or 4 * k)] if mmr_lambda is not None else order[:k]
+        pool = order[: (mmr_pool or 4 * n)] if mmr_lambda is not None else order[:n]
         if mmr_lambda is not None and len(pool) > 1:
-            pick = mmr(qvec, self.X[ids[pool]], s[pool], k, mmr_lambda)
+            pick = mmr(qvec, self.X[ids[pool]], s[pool], n, mmr_lambda)
             sel = pool[pick]
         else:
-            sel = pool[:k]
+            sel = pool[:n]
         hits = [
             Hit(int(ids[i]), float(s[i]), self.texts[ids[i]], self.sources[ids[i]], float(b[i]), float(c[i]))
             for i in sel
@@ -241,6 +245,8 @@ class Retriever:
         if rerank is not None:
             from .hybrid import rerank as _rerank
 
-            new = _rerank(query, [h.text for h in hits], [h.score for h in hits], rerank, rerank_weight)
+            new, ll = _rerank(query, [h.text for h in hits], rerank)
+            for h, v in zip(hits, ll):
+                h.extra["lm_loglik"] = v
             hits = [hits[i] for i in new]
-        return hits
+        return hits[:k]

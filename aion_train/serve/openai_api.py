@@ -64,7 +64,7 @@ from .choice import ChoiceResult
 from .engine import Row
 from .loading import LoadError
 from .metrics import Metrics
-from .protocol import APIError, ChatRequest, CompletionRequest, openapi_body, validation_error
+from .protocol import APIError, ChatRequest, CompletionRequest, IngestRequest, openapi_body, validation_error
 from .retrieval_context import RetrievalOptions
 from .sampling import SamplingParams
 from .service import (
@@ -296,6 +296,28 @@ def create_app(
             "jurisdictions": new.jurisdictions,
         }
 
+    @app.post("/admin/ingest")
+    async def admin_ingest(request: Request):
+        """One batch of puts/deletes into the served continual memory (durable and visible
+        to later requests on return; a request sees all of the batch or none of it)."""
+        if not keys and not allow_unauthenticated_admin:
+            raise APIError(
+                403,
+                "admin routes need an API key: start the server with --api-key-file "
+                "(or --allow-unauthenticated-admin on a trusted host)",
+                type="permission_error",
+                code="admin_requires_api_key",
+            )
+        if retrieval is None or retrieval.memory is None:
+            raise APIError(409, "the server's --index is not a continual memory", code="no_memory")
+        try:
+            body = IngestRequest.model_validate(await _read_json(request, max_body_bytes))
+        except ValidationError as e:
+            raise validation_error(e) from None
+        docs = [d.model_dump() for d in body.documents]
+        seqs = await asyncio.to_thread(retrieval.ingest, docs, body.delete)
+        return {"seqs": seqs, "seq": seqs[-1] if seqs else retrieval.memory.stats()["seq"]}
+
     if admin is not None:  # the admin dashboard (aion_train/admin), its routes under /admin
         admin.attach(service=service, audit=audit, metrics=metrics)
         app.include_router(admin.router)
@@ -396,6 +418,10 @@ def create_app(
         if req.retrieval is not None and retrieval is None:
             raise APIError(400, "this server has no retrieval index (start it with --index DIR)", param="retrieval")
         ropts = RetrievalOptions(**req.retrieval.model_dump()) if req.retrieval is not None else None
+        if ropts is not None and retrieval.memory is not None and (ropts.alpha, ropts.mmr_lambda) != (None, None):
+            raise APIError(
+                400, "a continual memory is searched by cosine: alpha and mmr_lambda do not apply", param="retrieval"
+            )
         if endpoint == "completions":
             room = ctx_len - (req.max_tokens if req.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS)
             prompts = _completion_prompts(req.prompt, room, retrieved, ropts)

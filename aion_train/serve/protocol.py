@@ -48,6 +48,21 @@ class RetrievalRequest(_Strict):
     k: Optional[StrictInt] = Field(None, ge=1, le=32)
     alpha: Optional[float] = Field(None, ge=0.0, le=1.0)
     mmr_lambda: Optional[float] = Field(None, ge=0.0, le=1.0)
+    rerank: Optional[StrictBool] = None  # reorder the best 2k by the served model's log-likelihood
+
+
+class IngestDocument(_Strict):
+    id: str = Field(min_length=1, max_length=256)
+    text: str = Field(max_length=1 << 16)
+    meta: Optional[dict] = None
+
+
+class IngestRequest(_Strict):
+    """Body of POST /admin/ingest (a server whose --index is a continual memory): one batch,
+    applied all at once."""
+
+    documents: list[IngestDocument] = Field(default_factory=list, max_length=1024)
+    delete: list[str] = Field(default_factory=list, max_length=1024)
 
 
 class _Sampling(_Strict):

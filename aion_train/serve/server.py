@@ -33,9 +33,11 @@ def build_server(args):
     audit = AuditLog(args.audit_log) if args.audit_log else None
     retrieval = None
     if getattr(args, "index", None):
+        from aion_train.retrieval.hybrid import lm_loglik
         from aion_train.serve.retrieval_context import RetrievalContext
 
-        retrieval = RetrievalContext(args.index, args.k)
+        scorer = lm_loglik(loaded.model, loaded.tokenizer, max_len=loaded.max_seq_len)  # for rerank requests
+        retrieval = RetrievalContext(args.index, args.k, scorer=scorer)
     admin, tokens = None, []
     if hasattr(args, "admin_token_file"):  # `serve` and the tests; not the Ray Serve replicas
         from aion_train.admin.auth import tokens_from
