@@ -1,0 +1,83 @@
+"""eval --task open-book on a checkpoint trained here: the three accuracies from the command,
+and the predictions behind them equal a greedy loop written out over the model's full forward."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from aion_train.retrieval import open_book as ob
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not Path(ob.MAN_DIR, "man1").is_dir(), reason="needs the manual pages")
+
+
+def _cli(*args, timeout=300):
+    p = subprocess.run(
+        [sys.executable, "-m", "aion_train.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("open_book")
+    _cli(
+        "pretrain",
+        "train.steps=4",
+        "train.eval_every=4",
+        "train.save_every=4",
+        "data.micro_batch_size=2",
+        f"run_dir={root / 'pt'}",
+        "--json",
+    )
+    _cli("build-index", "--corpus", "open-book", "--out", str(root / "idx"), "--embedder", "hash-64", "--json")
+    return root
+
+
+def test_command_reports_the_three_accuracies(trained):
+    r = _cli(
+        "eval",
+        "--task",
+        "open-book",
+        "--checkpoint",
+        str(trained / "pt"),
+        "--index",
+        str(trained / "idx"),
+        "--limit",
+        "6",
+        "--json",
+    )
+    assert r["task"] == "open-book" and r["n"] == 6
+    for key in ("closed_book_accuracy", "open_book_accuracy", "after_ingest_accuracy"):
+        assert 0.0 <= r[key] <= 1.0 and r[key] * 6 == pytest.approx(round(r[key] * 6), abs=1e-3), key
+
+
+def test_predictions_are_the_models_greedy_answers(trained):
+    from aion_train.eval.open_book import accuracy, index_search, open_book_prompt, prompt_ids
+    from aion_train.serve.loading import load_for_serving
+
+    loaded = load_for_serving(str(trained / "pt"))
+    _, held = ob.split_pages(ob.read_man_pages())
+    examples = list(ob.iter_examples(held))[:3]
+    search, _ = index_search(str(trained / "idx"), 2)
+    got = accuracy(loaded.model, loaded.tokenizer, loaded.chat, loaded.eos_ids, examples, search)
+    for e, pred, right in zip(examples, got["predictions"], got["correct"]):
+        chunks = search(e.question)
+        text = open_book_prompt(e.question, chunks)
+        assert text.startswith("<CTX> ") and " </CTX> " + e.question in text and text.endswith("\nAnswer:")
+        ids = prompt_ids(text, loaded.tokenizer, loaded.chat)
+        out = []
+        with torch.no_grad():  # no KV cache: the whole sequence through the model every step
+            for _ in range(24):
+                nxt = int(loaded.model(torch.tensor([ids + out])).logits[0, -1].argmax())
+                if nxt in loaded.eos_ids:
+                    break
+                out.append(nxt)
+        expect = loaded.tokenizer.decode(out).strip().split("\n", 1)[0]
+        assert pred == expect
+        assert right == ob.is_correct(expect, e.answer)
