@@ -25,6 +25,7 @@ COMMANDS = {
     "plan": ("plan", "compute-optimal size and per-GPU memory plan"),
     "build-index": ("build_index", "chunk, embed and index a corpus (FAISS + BM25)"),
     "query": ("query", "hybrid search an index"),
+    "open-book-data": ("open_book_data", "the open-book task's SFT / PPO / held-out files from an index"),
     "build-policy": ("build_policy", "validate, resolve and bundle per-jurisdiction policy JSON"),
     "sft": ("sft", "supervised fine-tuning (LoRA / QLoRA) on the chat task; prints sft_accuracy"),
     "rm": ("rm", "train the reward model on preference pairs; prints rm_pair_accuracy"),

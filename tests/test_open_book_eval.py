@@ -58,7 +58,8 @@ def test_command_reports_the_three_accuracies(trained):
 
 
 def test_predictions_are_the_models_greedy_answers(trained):
-    from aion_train.eval.open_book import accuracy, index_search, open_book_prompt, prompt_ids
+    from aion_train.eval.open_book import accuracy, index_search, prompt_ids
+    from aion_train.retrieval.open_book import open_book_prompt
     from aion_train.serve.loading import load_for_serving
 
     loaded = load_for_serving(str(trained / "pt"))
@@ -81,3 +82,44 @@ def test_predictions_are_the_models_greedy_answers(trained):
         expect = loaded.tokenizer.decode(out).strip().split("\n", 1)[0]
         assert pred == expect
         assert right == ob.is_correct(expect, e.answer)
+
+
+def test_training_files_hold_the_own_document_and_distractors_never_held_out(trained, tmp_path):
+    r = _cli("open-book-data", "--index", str(trained / "idx"), "--out", str(tmp_path / "d"), "--noise", "2", "--json")
+    train_pages, held = ob.split_pages(ob.read_man_pages())
+    assert r["sft_records"] == 3 * len(train_pages) and r["held_out_questions"] == 3 * len(held)
+    sft = [json.loads(line) for line in (tmp_path / "d" / "sft_train.jsonl").read_text().splitlines()]
+    ppo = [json.loads(line) for line in (tmp_path / "d" / "ppo_prompts.jsonl").read_text().splitlines()]
+    held_heads = [p.document()[:80] for p in held]
+    by_question = {e.question: (p, e) for p in train_pages for e in ob.examples_of(p)}
+    for rec, prompt in zip(sft, ppo):
+        user, answer = rec["messages"][0]["content"], rec["messages"][1]["content"]
+        question = user.split(" </CTX> ", 1)[1][: -len(ob.ANSWER_CUE)]
+        page, example = by_question[question]
+        assert answer == example.answer and page.document() in user
+        assert user.count("\n\n") == 2  # the own document and two distractors
+        assert not any(h in user for h in held_heads)
+        assert prompt == {"prompt": user, "answer": answer}
+    held_rows = [json.loads(line) for line in (tmp_path / "d" / "held_out.jsonl").read_text().splitlines()]
+    assert {row["doc_id"] for row in held_rows} == {p.doc_id for p in held}
+
+
+def test_training_files_refuse_a_foreign_folder(trained, tmp_path):
+    (tmp_path / "mine.txt").write_text("keep")
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aion_train.cli",
+            "open-book-data",
+            "--index",
+            str(trained / "idx"),
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 1 and "--overwrite" in p.stderr and str(tmp_path) in p.stderr
+    assert (tmp_path / "mine.txt").read_text() == "keep"

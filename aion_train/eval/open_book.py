@@ -12,20 +12,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from aion_train.retrieval.hybrid import build_context
-from aion_train.retrieval.open_book import Example, is_correct
+from aion_train.retrieval.open_book import Example, is_correct, open_book_prompt
 
 MAX_NEW_TOKENS = 24
-ANSWER_CUE = "\nAnswer:"
 
 Search = Callable[[str], list[str]]  # question -> retrieved chunk texts, best first
-
-
-def open_book_prompt(question: str, chunks: Sequence[str] = ()) -> str:
-    """The prompt text of one question: `<CTX> chunks </CTX> question` with the answer cue;
-    the question alone closed-book. SFT on the task renders its examples the same way."""
-    body = build_context(chunks, question) if chunks else question
-    return body + ANSWER_CUE
 
 
 def prompt_ids(text: str, tokenizer, chat: bool) -> list[int]:

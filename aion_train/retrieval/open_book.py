@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .sources import MAN_DIR, Document, man_page_paths, parse_man_page
 
 DPKG_INFO = "/var/lib/dpkg/info"
+ANSWER_CUE = "\nAnswer:"
 MAX_DESCRIPTION_CHARS = 80  # a short, checkable answer
 MAX_BODY_CHARS = 400
 
@@ -132,6 +134,35 @@ def is_correct(prediction: str, answer: str) -> bool:
 def task_documents(pages: Iterable[OpenBookPage]) -> list[Document]:
     """The pages as retrieval documents (source = the page's doc id)."""
     return [Document(p.doc_id, p.document(), p.name) for p in pages]
+
+
+def open_book_prompt(question: str, chunks: Sequence[str] = ()) -> str:
+    """The prompt text of one question: `<CTX> chunks </CTX> question` with the answer cue;
+    the question alone closed-book. Training and evaluation render it the same way."""
+    from .hybrid import build_context
+
+    body = build_context(chunks, question) if chunks else question
+    return body + ANSWER_CUE
+
+
+def sft_records(
+    pages: Sequence[OpenBookPage], search, noise: int = 2, seed: int = 0, exclude=frozenset()
+) -> list[dict]:
+    """Chat SFT records (`{"messages": [...]}`, loss on the answer only) of the pages' questions:
+    the page's own document and `noise` distractors in a seeded order inside the `<CTX>` block.
+    `search(question)` gives (doc id, chunk text) pairs, best first: the distractors are the best
+    chunks of other documents (hard negatives), never of a document in `exclude` (held out)."""
+    rng = random.Random(seed)
+    out = []
+    for p in pages:
+        own = p.document()
+        for e in examples_of(p):
+            others = [t for doc, t in search(e.question) if doc != p.doc_id and doc not in exclude][:noise]
+            chunks = [own, *others]
+            rng.shuffle(chunks)
+            prompt = open_book_prompt(e.question, chunks)
+            out.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": e.answer}]})
+    return out
 
 
 def iter_examples(pages: Iterable[OpenBookPage]) -> Iterator[Example]:

@@ -1,0 +1,74 @@
+"""aion-train open-book-data --index DIR --out DIR [--noise N] [--held-out-fraction X] [--split-seed S]:
+the open-book task's training files from the man-page documents (retrieval/open_book.py):
+`sft_train.jsonl` (chat records: the question's own document and N retrieved distractors in the
+`<CTX>` block, the answer as the assistant turn), `ppo_prompts.jsonl` (the same prompts with
+their `answer`, for `ppo.reward=aion_train.posttrain.rewards:exact_match`) and
+`held_out.jsonl` (the held-out questions, never trained on)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .output_dirs import add_overwrite_argument
+
+
+def add_arguments(p):
+    p.add_argument("--index", required=True, help="the task's index (build-index --corpus open-book)")
+    p.add_argument("--out", required=True, help="folder to write (refused if another program's, unless --overwrite)")
+    p.add_argument("--noise", type=int, default=2, help="distractor chunks per question")
+    p.add_argument("--held-out-fraction", type=float, default=0.2)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the counts as one JSON line")
+    add_overwrite_argument(p)
+
+
+def _jsonl(records) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def write_open_book_files(index: str, out: str, noise: int = 2, fraction: float = 0.2, seed: int = 0, overwrite=False):
+    from aion_train.fsutil import atomic_write_text
+    from aion_train.ownership import claim_dir
+    from aion_train.retrieval.open_book import iter_examples, read_man_pages, sft_records, split_pages
+    from aion_train.retrieval.store import Retriever
+
+    folder = claim_dir(out, "open-book-data", overwrite)
+    if noise < 0:
+        raise ValueError(f"--noise {noise}: must be >= 0")
+    trained, held = split_pages(read_man_pages(), fraction, seed)
+    retriever = Retriever(index)
+    held_ids = frozenset(p.doc_id for p in held)
+
+    def search(question: str):
+        return [(h.source, h.text) for h in retriever.search(question, k=2 * noise + 4)]
+
+    sft = sft_records(trained, search, noise, seed, exclude=held_ids)
+    ppo = [{"prompt": r["messages"][0]["content"], "answer": r["messages"][1]["content"]} for r in sft]
+    held_q = [
+        {"doc_id": e.doc_id, "question": e.question, "answer": e.answer, "kind": e.kind} for e in iter_examples(held)
+    ]
+    for name, records in (("sft_train.jsonl", sft), ("ppo_prompts.jsonl", ppo), ("held_out.jsonl", held_q)):
+        atomic_write_text(folder / name, _jsonl(records))
+    return {
+        "out": str(folder),
+        "sft_records": len(sft),
+        "ppo_prompts": len(ppo),
+        "held_out_questions": len(held_q),
+        "train_documents": len(trained),
+        "held_out_documents": len(held),
+    }
+
+
+def run(args) -> int:
+    from aion_train.ownership import ForeignFolderError
+
+    try:
+        r = write_open_book_files(
+            args.index, args.out, args.noise, args.held_out_fraction, args.split_seed, args.overwrite
+        )
+    except (OSError, ValueError, ForeignFolderError) as e:
+        print(f"open-book-data: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(r) if args.json else "\n".join(f"{k}: {v}" for k, v in r.items()))
+    return 0
