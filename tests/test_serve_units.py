@@ -692,3 +692,49 @@ def test_fit_chunks_cuts_the_longest_first_to_the_largest_cap_that_fits():
         for orig, c in zip(chunks, got):  # each chunk is a prefix of itself, short ones untouched
             assert orig.startswith(c) and (len(orig) <= cap) <= (c == orig)
     assert fit_chunks(chunks, cost, 9) is None  # not even the question with empty markers
+
+
+def test_scheduler_tells_its_listeners_where_each_iteration_starts_and_ends(model, one_thread):
+    """Every sink call and every job end happens between a listener's hold() and release() on
+    the worker thread; one release per iteration (prefill and/or decode step)."""
+    import threading
+
+    engine = Engine(model, eos_ids=())
+    greedy = SamplingParams(temperature=0.0)
+    sched = Scheduler(engine, max_batch=4)
+    events: list[tuple[str, str]] = []
+
+    class Listener:
+        def hold(self):
+            events.append(("hold", threading.current_thread().name))
+
+        def release(self):
+            events.append(("release", threading.current_thread().name))
+
+    sched.listeners.append(Listener())
+
+    def sink(tok, info):
+        events.append(("sink", threading.current_thread().name))
+        return False
+
+    jobs = [Job(rows=[Row(prompt_ids=p, params=greedy, max_new=5, sink=sink)]) for p in ([4, 5], [6, 7, 8])]
+    for j in jobs:
+        j.on_done = lambda: events.append(("done", threading.current_thread().name))
+        sched._q.put(j)
+    sched.start()
+    for j in jobs:
+        assert j.done.wait(60)
+    sched.stop()
+    inside = False
+    for kind, thread in events:
+        assert thread == "aion-serve-engine"
+        if kind == "hold":
+            assert not inside
+            inside = True
+        elif kind == "release":
+            assert inside
+            inside = False
+        else:
+            assert inside, kind
+    assert events.count(("sink", "aion-serve-engine")) == 10
+    assert sum(k == "release" for k, _ in events) == sched.steps  # one prefill with its first step

@@ -63,6 +63,7 @@ from .audit import AuditLog
 from .choice import ChoiceResult
 from .engine import Row
 from .loading import LoadError
+from .loop_bridge import LoopBridge, LoopClosed
 from .metrics import Metrics
 from .protocol import APIError, ChatRequest, CompletionRequest, IngestRequest, openapi_body, validation_error
 from .retrieval_context import RetrievalOptions
@@ -648,15 +649,28 @@ def create_app(
         if firsts:
             metrics.ttft.labels(ctx["endpoint"]).observe(max(0.0, min(firsts) - ctx["t0"]))
 
+    bridges: dict = {}  # event loop -> its LoopBridge (one wake-up per engine iteration)
+
+    def _bridge(loop) -> LoopBridge:
+        b = bridges.get(loop)
+        if b is None or b.closed:
+            listeners = service.scheduler.listeners
+            listeners[:] = [x for x in listeners if not (x.closed or x.loop.is_closed())]
+            for old in [k for k, v in bridges.items() if v.closed or k.is_closed()]:
+                del bridges[old]
+            b = bridges[loop] = LoopBridge(loop)
+            listeners.append(b)
+        return b
+
     async def _stream(req, endpoint: str, plan: dict, ctx: dict) -> AsyncIterator[bytes]:
-        loop = asyncio.get_running_loop()
+        bridge = _bridge(asyncio.get_running_loop())
         q: asyncio.Queue = asyncio.Queue()
         cancelled = {"flag": False}
 
         def put(item):
             try:
-                loop.call_soon_threadsafe(q.put_nowait, item)
-            except RuntimeError:  # the event loop is gone (shutdown): stop generating
+                bridge.put(q, item)
+            except LoopClosed:  # the event loop is gone (shutdown): stop generating
                 cancelled["flag"] = True
 
         rows, choices, seed = service.build(

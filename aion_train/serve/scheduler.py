@@ -42,6 +42,8 @@ class Scheduler:
         self.batches = 0  # prefills: groups of jobs admitted together (for tests and metrics)
         self.steps = 0  # decode steps
         self.last_batch_rows = 0
+        # objects with hold() / release(), told when an iteration starts and ends (loop_bridge.py)
+        self.listeners: list = []
 
     def start(self) -> Scheduler:
         if self._thread is None:
@@ -96,30 +98,42 @@ class Scheduler:
                 fail_rows([r for j in running for r in j.rows])
                 self._finish(running, RuntimeError("the server is stopping"))
                 return
-            if new:
-                rows = [r for j in new for r in j.rows]
-                try:
-                    batch = self.engine.merge(batch, self.engine.prefill(rows))
-                    running += new
-                    self.batches += 1
-                except BaseException as e:  # noqa: BLE001 - reported to the jobs of this prefill
-                    log.exception("prefill failed")
-                    fail_rows(rows)
-                    self._finish(new, e)
-            if batch is not None:
-                self.last_batch_rows = len(batch.rows)
-                try:
-                    batch = self.engine.step(batch)
-                    self.steps += 1
-                except BaseException as e:  # noqa: BLE001 - reported to every request of the batch
-                    log.exception("generation failed")
-                    fail_rows([r for j in running for r in j.rows])
-                    self._finish(running, e)
-                    batch, running = None, []
-            done = [j for j in running if all(r.finish_reason is not None for r in j.rows)]
-            if done:
-                running = [j for j in running if j not in done]
-                self._finish(done, None)
+            listeners = list(self.listeners)
+            for li in listeners:
+                li.hold()
+            try:
+                batch, running = self._iteration(batch, running, new)
+            finally:
+                for li in listeners:
+                    li.release()
+
+    def _iteration(self, batch: Batch | None, running: list[Job], new: list[Job]):
+        """Admit `new` (one prefill merged into the batch), one decode step, end the jobs that are done."""
+        if new:
+            rows = [r for j in new for r in j.rows]
+            try:
+                batch = self.engine.merge(batch, self.engine.prefill(rows))
+                running += new
+                self.batches += 1
+            except BaseException as e:  # noqa: BLE001 - reported to the jobs of this prefill
+                log.exception("prefill failed")
+                fail_rows(rows)
+                self._finish(new, e)
+        if batch is not None:
+            self.last_batch_rows = len(batch.rows)
+            try:
+                batch = self.engine.step(batch)
+                self.steps += 1
+            except BaseException as e:  # noqa: BLE001 - reported to every request of the batch
+                log.exception("generation failed")
+                fail_rows([r for j in running for r in j.rows])
+                self._finish(running, e)
+                batch, running = None, []
+        done = [j for j in running if all(r.finish_reason is not None for r in j.rows)]
+        if done:
+            running = [j for j in running if j not in done]
+            self._finish(done, None)
+        return batch, running
 
     def _finish(self, jobs: list[Job], error: BaseException | None) -> None:
         for j in jobs:
