@@ -26,11 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from aion_train.model.execution import ExecutionPolicy, apply_execution_policy
 from aion_train.model.kv_cache import KVCache
 from aion_train.model.packed_weights import pack_weights
 
+from .media import MediaCache
 from .sampling import SamplingParams, sample_next, top_logprobs
 
 
@@ -55,6 +57,10 @@ class Row:
     prompt_infos: list[TokenInfo | None] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     first_token_at: float | None = None
+    # a multimodal prompt: per prompt token 0 (text) or 1/2/3 (a placeholder of image/audio/
+    # video), and its media (serve.media.MediaInput) in placeholder order
+    modality: list[int] | None = None
+    media: list | None = None
 
 
 @dataclass
@@ -67,6 +73,7 @@ class Batch:
     seg: torch.Tensor  # [B, L]
     next_pos: torch.Tensor  # [B]
     last: torch.Tensor  # [B, V] fp32, masked
+    media_ctx: tuple[torch.Tensor, torch.Tensor] | None = None  # cross-attention: kv [B, K, D], kv_pos [B, K]
 
     @property
     def ragged(self) -> bool:
@@ -78,6 +85,11 @@ class Engine:
         """`execution`: how the model computes (default: its device's policy for generation,
         `ExecutionPolicy.for_generation`); given to the model's modules here."""
         self.model = model
+        # a multimodal model: its text trunk runs the batch, media tokens enter at the prefill
+        self.trunk = getattr(model, "lm", model)
+        self.multimodal = hasattr(model, "encode_media")
+        self.cross_attn = list(getattr(model, "cross_attn", ()))
+        self.media_cache = MediaCache() if self.multimodal else None
         self.eos_ids = frozenset(int(i) for i in eos_ids)
         self.model_vocab = int(model.cfg.vocab_size)
         # ids the tokenizer cannot decode are never chosen
@@ -138,9 +150,13 @@ class Engine:
             pos[i, t - n :] = torch.arange(n)
         ids, seg, pos = (x.to(self.device) for x in (ids, seg, pos))
         scoring = any(r.prompt_logprobs for r in active)
-        cache = KVCache(len(self.model.blocks), self.cache_dtype)
-        out = self.model(
-            ids,
+        cache = KVCache(len(self.trunk.blocks), self.cache_dtype)
+        embeds, modality, media_ctx = self._media_inputs(active, ids, t)
+        self._set_cross(media_ctx, seg, pos)
+        out = self.trunk(
+            None if embeds is not None else ids,
+            inputs_embeds=embeds,
+            modality=modality,
             kv_cache=cache,
             segment_ids=seg if ragged else None,
             position_ids=pos if ragged else None,
@@ -151,7 +167,69 @@ class Engine:
             if r.prompt_logprobs:
                 self._score_prompt(r, logits[i, t - lengths[i] :])
         next_pos = torch.tensor(lengths, dtype=torch.long, device=self.device)
-        return Batch(active, cache, seg, next_pos, self._mask(logits[:, -1]))
+        return Batch(active, cache, seg, next_pos, self._mask(logits[:, -1]), media_ctx)
+
+    def _media_inputs(self, rows: list[Row], ids: torch.Tensor, t: int):
+        """(embeds [B, T, D] with each row's media tokens at its placeholders, modality [B, T],
+        cross-attention context) for a prefill with media; (None, None, ctx) without."""
+        if not any(r.media for r in rows):
+            return None, None, self._empty_ctx(len(rows))
+        if not self.multimodal:
+            raise ValueError("media sent to a text-only model")
+        embeds = self.trunk.embed_tokens(ids)
+        modality = torch.zeros_like(ids)
+        per_row: list[list[tuple[torch.Tensor, int]]] = []
+        for i, r in enumerate(rows):
+            items = []
+            if r.media:
+                n = len(r.prompt_ids)
+                mod = torch.tensor(r.modality, dtype=torch.long, device=self.device)
+                cols = (mod != 0).nonzero().squeeze(1)
+                toks = [self.media_cache.tokens(self.model, m) for m in r.media]
+                flat = torch.cat(toks).to(embeds.dtype)
+                if flat.shape[0] != cols.numel():
+                    raise ValueError(f"{len(r.media)} media items for {cols.numel()} placeholder tokens")
+                embeds[i, t - n + cols] = flat
+                modality[i, t - n :] = mod
+                start = 0
+                for tk in toks:  # the row position of each item's first placeholder
+                    items.append((tk, int(cols[start])))
+                    start += tk.shape[0]
+            per_row.append(items)
+        return embeds, modality, self._build_ctx(per_row, embeds.shape[-1])
+
+    def _empty_ctx(self, b: int):
+        if not self.cross_attn:
+            return None
+        d = int(self.model.cfg.d_model)
+        return torch.zeros(b, 1, d, device=self.device), torch.full((b, 1), -1, dtype=torch.long, device=self.device)
+
+    def _build_ctx(self, per_row, d: int):
+        """Each row's media tokens (padded to one width) and their item's first position (-1: none)."""
+        if not self.cross_attn:
+            return None
+        width = max([sum(tk.shape[0] for tk, _ in items) for items in per_row] + [1])
+        kv = torch.zeros(len(per_row), width, d, device=self.device)
+        kv_pos = torch.full((len(per_row), width), -1, dtype=torch.long, device=self.device)
+        for i, items in enumerate(per_row):
+            k = 0
+            for tk, first in items:
+                kv[i, k : k + tk.shape[0]] = tk.float()
+                kv_pos[i, k : k + tk.shape[0]] = first
+                k += tk.shape[0]
+        return kv, kv_pos
+
+    def _set_cross(self, ctx, q_seg: torch.Tensor, q_pos: torch.Tensor) -> None:
+        """Give the cross-attention layers (if any) each row's media for these queries."""
+        if not self.cross_attn:
+            return
+        from aion_train.model.multimodal.cross_attention import MediaContext
+
+        kv, kv_pos = ctx
+        kv_seg = torch.where(kv_pos >= 0, 1, -1)
+        c = MediaContext(kv, kv_seg, kv_pos, q_seg.clamp(max=1), q_pos)
+        for layer in self.cross_attn:
+            layer.context = c
 
     def merge(self, a: Batch | None, b: Batch | None) -> Batch | None:
         """One batch of the rows of both (a's first)."""
@@ -163,12 +241,24 @@ class Engine:
                 x.cache.left_pad(extra)
                 x.seg = torch.cat([x.seg.new_zeros((x.seg.shape[0], extra)), x.seg], dim=1)
         a.cache.cat_rows(b.cache)
+        ctx = None
+        if a.media_ctx is not None:
+            k = max(a.media_ctx[0].shape[1], b.media_ctx[0].shape[1])
+
+            def widen(c):
+                kv, pos = c
+                extra = k - kv.shape[1]
+                return F.pad(kv, (0, 0, 0, extra)), F.pad(pos, (0, extra), value=-1)
+
+            (ka, pa), (kb, pb) = widen(a.media_ctx), widen(b.media_ctx)
+            ctx = torch.cat([ka, kb]), torch.cat([pa, pb])
         return Batch(
             a.rows + b.rows,
             a.cache,
             torch.cat([a.seg, b.seg]),
             torch.cat([a.next_pos, b.next_pos]),
             torch.cat([a.last, b.last]),
+            ctx,
         )
 
     @torch.no_grad()
@@ -207,10 +297,12 @@ class Engine:
             nxt.append(tok)
         if not keep:
             return None
-        cache, seg, next_pos = batch.cache, batch.seg, batch.next_pos
+        cache, seg, next_pos, media_ctx = batch.cache, batch.seg, batch.next_pos, batch.media_ctx
         if len(keep) < len(rows):
             sel = torch.tensor(keep, dtype=torch.long, device=self.device)
             cache.select_rows(sel)
+            if media_ctx is not None:
+                media_ctx = tuple(x.index_select(0, sel) for x in media_ctx)
             seg, next_pos = seg.index_select(0, sel), next_pos.index_select(0, sel)
             # drop padding columns that no remaining row needs
             real = (seg != 0).any(0)
@@ -220,13 +312,14 @@ class Engine:
                 cache.drop_leading(first)
         seg = torch.cat([seg, seg.new_ones((len(keep), 1))], dim=1)
         ragged = bool((seg == 0).any())
-        out = self.model(
+        self._set_cross(media_ctx, seg.new_ones((len(keep), 1)), next_pos.unsqueeze(1))
+        out = self.trunk(
             torch.tensor(nxt, dtype=torch.long, device=self.device).unsqueeze(1),
             kv_cache=cache,
             segment_ids=seg if ragged else None,
             position_ids=next_pos.unsqueeze(1) if ragged else None,
         )
-        return Batch([rows[j] for j in keep], cache, seg, next_pos + 1, self._mask(out.logits[:, -1]))
+        return Batch([rows[j] for j in keep], cache, seg, next_pos + 1, self._mask(out.logits[:, -1]), media_ctx)
 
     def _score_prompt(self, r: Row, logits: torch.Tensor) -> None:
         """log p(prompt[t] | prompt[:t]) for t >= 1 (None for the first token)."""

@@ -64,6 +64,7 @@ from .choice import ChoiceResult
 from .engine import Row
 from .loading import LoadError
 from .loop_bridge import LoopBridge, LoopClosed
+from .media import MediaError
 from .metrics import Metrics
 from .protocol import APIError, ChatRequest, CompletionRequest, IngestRequest, openapi_body, validation_error
 from .retrieval_context import RetrievalOptions
@@ -110,6 +111,10 @@ def create_app(
     metrics = metrics or Metrics(service.policy.jurisdictions)
     metrics.set_bundle(service.policies.bundle_sha256, service.policy.jurisdictions)
     metrics.engine_jobs.set_function(lambda: service.open_jobs)
+    if service.engine.media_cache is not None:
+        service.engine.media_cache.listeners.append(
+            lambda kind, hit: metrics.media_cache.labels(kind, "hit" if hit else "miss").inc()
+        )
     app.state.service, app.state.metrics, app.state.audit = service, metrics, audit
 
     def _on_reload(ev: ReloadEvent) -> None:
@@ -429,8 +434,21 @@ def create_app(
             want_lp = req.logprobs is not None
             default = COMPLETION_DEFAULT_MAX_TOKENS
             max_tokens, mparam, pparam = req.max_tokens, "max_tokens", "prompt"
+        elif loaded.multimodal:
+            try:
+                mp = loaded.render_media_chat(req.part_messages())
+            except MediaError as e:
+                raise APIError(400, str(e), param=e.param or "messages", code=e.code) from None
+            except ValueError as e:
+                raise APIError(400, str(e), param="messages") from None
+            prompts = [PromptSpec(ids=mp.ids, context=[], text="", modality=mp.modality, media=mp.media or None)]
+            want_lp, default, mparam, pparam = bool(req.logprobs), None, "max_tokens", "messages"
+            max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            if req.max_completion_tokens is not None:
+                mparam = "max_completion_tokens"
         else:
             if not loaded.chat:
+                req.plain_messages()  # media parts: 400 media_unsupported (a text-only model)
                 raise APIError(
                     400,
                     f"model {loaded.model_id!r} is a {loaded.kind} checkpoint without the "
