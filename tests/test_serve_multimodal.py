@@ -157,7 +157,7 @@ def test_media_change_the_logits(loaded):
         p = loaded.render_media_chat(image_message(png(seed)))
         emb = loaded.model.lm.embed_tokens(torch.tensor([p.ids]))
         cols = torch.tensor(p.modality).nonzero().squeeze(1)
-        emb[0, cols] = encode_one(loaded.model, p.media[0])
+        emb[0, cols] = encode_one(loaded.model, p.media[0]).tokens
         outs.append(loaded.model.lm(inputs_embeds=emb).logits[0, -1])
     assert (outs[0] - outs[1]).abs().max() > 1e-2
 
@@ -196,9 +196,17 @@ def test_engine_batches_media_rows_with_text_rows_as_alone(tmp_path, cross):
         r = row(p)
         eng.run([r])
         alone.append(r.tokens)
+    kv_calls = []
+    hooks = [layer.kv.register_forward_hook(lambda *a: kv_calls.append(1)) for layer in ld.model.cross_attn]
     rows = [row(p) for p in prompts]
+    encodes = eng.media_cache.encodes
     eng.run(rows)
+    for h in hooks:
+        h.remove()
     assert [r.tokens for r in rows] == alone
+    # the media were encoded (and, with cross-attention, their K/V projected) in the runs alone
+    assert eng.media_cache.encodes == encodes == 3 and kv_calls == []
+    assert len(ld.model.cross_attn) == (2 if cross else 0)
     for conv, toks in zip(convs, alone):
         assert toks == reference_tokens(ld, conv, 10)
 

@@ -73,7 +73,8 @@ class Batch:
     seg: torch.Tensor  # [B, L]
     next_pos: torch.Tensor  # [B]
     last: torch.Tensor  # [B, V] fp32, masked
-    media_ctx: tuple[torch.Tensor, torch.Tensor] | None = None  # cross-attention: kv [B, K, D], kv_pos [B, K]
+    # cross-attention: (kv [B, K, D], kv_pos [B, K], then each layer's projected K/V [B, K, 2D])
+    media_ctx: tuple[torch.Tensor, ...] | None = None
 
     @property
     def ragged(self) -> bool:
@@ -178,23 +179,23 @@ class Engine:
             raise ValueError("media sent to a text-only model")
         embeds = self.trunk.embed_tokens(ids)
         modality = torch.zeros_like(ids)
-        per_row: list[list[tuple[torch.Tensor, int]]] = []
+        per_row: list[list[tuple]] = []
         for i, r in enumerate(rows):
             items = []
             if r.media:
                 n = len(r.prompt_ids)
                 mod = torch.tensor(r.modality, dtype=torch.long, device=self.device)
                 cols = (mod != 0).nonzero().squeeze(1)
-                toks = [self.media_cache.tokens(self.model, m) for m in r.media]
-                flat = torch.cat(toks).to(embeds.dtype)
+                enc = [self.media_cache.get(self.model, m) for m in r.media]
+                flat = torch.cat([e.tokens for e in enc]).to(embeds.dtype)
                 if flat.shape[0] != cols.numel():
                     raise ValueError(f"{len(r.media)} media items for {cols.numel()} placeholder tokens")
                 embeds[i, t - n + cols] = flat
                 modality[i, t - n :] = mod
                 start = 0
-                for tk in toks:  # the row position of each item's first placeholder
-                    items.append((tk, int(cols[start])))
-                    start += tk.shape[0]
+                for e in enc:  # the row position of each item's first placeholder
+                    items.append((e, int(cols[start])))
+                    start += e.tokens.shape[0]
             per_row.append(items)
         return embeds, modality, self._build_ctx(per_row, embeds.shape[-1])
 
@@ -202,22 +203,30 @@ class Engine:
         if not self.cross_attn:
             return None
         d = int(self.model.cfg.d_model)
-        return torch.zeros(b, 1, d, device=self.device), torch.full((b, 1), -1, dtype=torch.long, device=self.device)
+        kv_pos = torch.full((b, 1), -1, dtype=torch.long, device=self.device)
+        return (torch.zeros(b, 1, d, device=self.device), kv_pos) + tuple(
+            torch.zeros(b, 1, 2 * d, device=self.device) for _ in self.cross_attn
+        )
 
     def _build_ctx(self, per_row, d: int):
         """Each row's media tokens (padded to one width) and their item's first position (-1: none)."""
         if not self.cross_attn:
             return None
-        width = max([sum(tk.shape[0] for tk, _ in items) for items in per_row] + [1])
-        kv = torch.zeros(len(per_row), width, d, device=self.device)
-        kv_pos = torch.full((len(per_row), width), -1, dtype=torch.long, device=self.device)
+        width = max([sum(e.tokens.shape[0] for e, _ in items) for items in per_row] + [1])
+        b = len(per_row)
+        kv = torch.zeros(b, width, d, device=self.device)
+        kv_pos = torch.full((b, width), -1, dtype=torch.long, device=self.device)
+        proj = [torch.zeros(b, width, 2 * d, device=self.device) for _ in self.cross_attn]
         for i, items in enumerate(per_row):
             k = 0
-            for tk, first in items:
-                kv[i, k : k + tk.shape[0]] = tk.float()
-                kv_pos[i, k : k + tk.shape[0]] = first
-                k += tk.shape[0]
-        return kv, kv_pos
+            for e, first in items:
+                n = e.tokens.shape[0]
+                kv[i, k : k + n] = e.tokens.float()
+                kv_pos[i, k : k + n] = first
+                for p, lkv in zip(proj, e.layer_kv):
+                    p[i, k : k + n] = lkv.float()
+                k += n
+        return (kv, kv_pos, *proj)
 
     def _set_cross(self, ctx, q_seg: torch.Tensor, q_pos: torch.Tensor) -> None:
         """Give the cross-attention layers (if any) each row's media for these queries."""
@@ -225,9 +234,9 @@ class Engine:
             return
         from aion_train.model.multimodal.cross_attention import MediaContext
 
-        kv, kv_pos = ctx
+        kv, kv_pos, *proj = ctx
         kv_seg = torch.where(kv_pos >= 0, 1, -1)
-        c = MediaContext(kv, kv_seg, kv_pos, q_seg.clamp(max=1), q_pos)
+        c = MediaContext(kv, kv_seg, kv_pos, q_seg.clamp(max=1), q_pos, dict(zip(self.cross_attn, proj)))
         for layer in self.cross_attn:
             layer.context = c
 
@@ -246,12 +255,12 @@ class Engine:
             k = max(a.media_ctx[0].shape[1], b.media_ctx[0].shape[1])
 
             def widen(c):
-                kv, pos = c
-                extra = k - kv.shape[1]
-                return F.pad(kv, (0, 0, 0, extra)), F.pad(pos, (0, extra), value=-1)
+                extra = k - c[0].shape[1]
+                kv, pos, *proj = c
+                pads = [F.pad(x, (0, 0, 0, extra)) for x in proj]
+                return (F.pad(kv, (0, 0, 0, extra)), F.pad(pos, (0, extra), value=-1), *pads)
 
-            (ka, pa), (kb, pb) = widen(a.media_ctx), widen(b.media_ctx)
-            ctx = torch.cat([ka, kb]), torch.cat([pa, pb])
+            ctx = tuple(torch.cat([x, y]) for x, y in zip(widen(a.media_ctx), widen(b.media_ctx)))
         return Batch(
             a.rows + b.rows,
             a.cache,

@@ -7,9 +7,10 @@ Whisper-style log-mel of training (cut at `max_audio_frames`); a video is a list
 frames (data URLs), `video_frames` of them picked evenly, each resized, as tubelets.
 
 `MediaCache`: what the encoder + resampler + gated projection make of one item (the R tokens
-that enter the sequence), keyed by (kind, sha256 of the decoded bytes), least recently used
-first out when over `max_entries` or `max_bytes`. A second turn about the same image reuses
-its tokens: `encodes` counts the encoder runs, `hits` the reuses.
+that enter the sequence) and, for a model with gated cross-attention, each such layer's
+key/value projection of them, keyed by (kind, sha256 of the decoded bytes), least recently
+used first out when over `max_entries` or `max_bytes`. A second turn about the same image
+reuses them: `encodes` counts the encoder runs, `hits` the reuses.
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ class MediaError(ValueError):
     def __init__(self, message: str, param: str | None = None, code: str = "invalid_media"):
         super().__init__(message)
         self.param, self.code = param, code
+
+
+@dataclass
+class Encoded:
+    tokens: torch.Tensor  # [R, d_model]
+    layer_kv: list  # per cross-attention layer (model.cross_attn order): [R, 2 d_model]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [self.tokens, *self.layer_kv])
 
 
 @dataclass
@@ -115,7 +126,7 @@ class MediaCache:
 
     def __init__(self, max_entries: int = 256, max_bytes: int = 256 << 20):
         self.max_entries, self.max_bytes = int(max_entries), int(max_bytes)
-        self._d: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self._d: OrderedDict[tuple[str, str], Encoded] = OrderedDict()
         self._lock = threading.Lock()
         self.bytes = 0
         self.hits = 0
@@ -125,8 +136,8 @@ class MediaCache:
     def __len__(self) -> int:
         return len(self._d)
 
-    def tokens(self, model, item: MediaInput) -> torch.Tensor:
-        """The item's media tokens [R, D], from the cache or encoded now (and kept)."""
+    def get(self, model, item: MediaInput) -> Encoded:
+        """The item's media tokens [R, D] (and cross-attention K/V), from the cache or encoded now (and kept)."""
         key = (item.kind, item.sha256)
         with self._lock:
             hit = self._d.get(key)
@@ -141,10 +152,10 @@ class MediaCache:
             self.encodes += 1
             if key not in self._d:
                 self._d[key] = out
-                self.bytes += out.numel() * out.element_size()
+                self.bytes += out.nbytes
             while self._d and (len(self._d) > self.max_entries or self.bytes > self.max_bytes):
                 _, old = self._d.popitem(last=False)
-                self.bytes -= old.numel() * old.element_size()
+                self.bytes -= old.nbytes
         self._tell(item.kind, False)
         return out
 
@@ -154,11 +165,13 @@ class MediaCache:
 
 
 @torch.no_grad()
-def encode_one(model, item: MediaInput) -> torch.Tensor:
-    """encoder -> resampler -> gated projection of one item: [R, d_model]."""
+def encode_one(model, item: MediaInput) -> Encoded:
+    """encoder -> resampler -> gated projection of one item ([R, d_model]), and each
+    cross-attention layer's key/value projection of that."""
     dev = next(model.parameters()).device
     x = item.data.to(dev).unsqueeze(0)
     batch = {item.kind: x}
     if item.kind == "audio":
         batch["audio_frames"] = torch.tensor([x.shape[1]], device=dev)
-    return model.encode_media(batch)[item.kind].tokens[0]
+    tokens = model.encode_media(batch)[item.kind].tokens[0]
+    return Encoded(tokens, [layer.kv(tokens) for layer in getattr(model, "cross_attn", ())])
