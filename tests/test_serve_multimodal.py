@@ -143,8 +143,17 @@ def test_openai_client_image_part_equals_the_model_loop_and_the_cache_hits(mm_ru
         turn2 = msgs + [{"role": "assistant", "content": got}, {"role": "user", "content": "and its colour"}]
         s.client.chat.completions.create(model=s.model, messages=turn2, max_tokens=4, temperature=0)
         assert eng.media_cache.encodes == 1 and eng.media_cache.hits == 1
+        # streamed: the same text
+        chunks = s.client.chat.completions.create(
+            model=s.model, messages=msgs, max_tokens=12, temperature=0, stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == got
+        assert eng.media_cache.encodes == 1 and eng.media_cache.hits == 2
+        card = s.http.get(f"/v1/models/{s.model}").json()
+        assert card["aion"]["modalities"] == ["text", "image", "audio", "video"]
         metrics = s.http.get("/metrics").text
-        assert 'aion_media_cache_lookups_total{kind="image",result="hit"} 1.0' in metrics
+        assert 'aion_media_cache_lookups_total{kind="image",result="hit"} 2.0' in metrics
+    assert 'aion_media_cache_lookups_total{kind="image",result="miss"} 1.0' in metrics
     assert want != other  # the image changes the answer
 
 
@@ -314,3 +323,28 @@ def test_media_to_a_text_only_model(tmp_path):
         body = {"model": s.model, "messages": [{"role": "user", "content": parts}]}
         r = s.http.post("/v1/chat/completions", json=body)
         assert r.status_code == 400 and r.json()["error"]["code"] == "media_unsupported", r.text
+
+
+def test_media_cache_is_bounded_lru(loaded):
+    """By entries and by bytes, the least recently used item goes first; a hit refreshes it."""
+    from aion_train.serve.media import MediaCache, decode_image
+
+    mm = loaded.media_config
+    items = [decode_image(png(10 + i), mm) for i in range(4)]
+    c = MediaCache(max_entries=2)
+    for it in items[:2]:
+        c.get(loaded.model, it)
+    c.get(loaded.model, items[0])  # refresh 0: 1 is now the oldest
+    c.get(loaded.model, items[2])
+    assert len(c) == 2 and (c.encodes, c.hits) == (3, 1)
+    c.get(loaded.model, items[0])
+    assert (c.encodes, c.hits) == (3, 2)
+    c.get(loaded.model, items[1])  # evicted: encoded again
+    assert c.encodes == 4
+    one = c.get(loaded.model, items[3]).nbytes
+    small = MediaCache(max_bytes=2 * one)
+    for it in items:
+        small.get(loaded.model, it)
+    assert len(small) == 2 and small.bytes == 2 * one
+    same = decode_image(png(10), mm)  # the same bytes decoded again: the same key
+    assert same.sha256 == items[0].sha256 and c.get(loaded.model, same) is c.get(loaded.model, items[0])

@@ -6,7 +6,8 @@
     GET  /v1/models              the one served model
     GET  /v1/models/{id}
     POST /v1/completions         prompt: str | [str] | [ids] | [[ids]]; echo, logprobs
-    POST /v1/chat/completions    messages in the post-training chat template
+    POST /v1/chat/completions    messages in the post-training chat template; a multimodal model: content
+                                 parts text / image_url / input_audio / video (serve/mm_prompt.py)
     POST /admin/reload           re-read the policy bundle file (policy_reload.py)
     /admin/...                   the admin dashboard when create_app(admin=AdminSite) (aion_train/admin)
 
@@ -27,7 +28,9 @@ Errors are `{"error": {"message", "type", "param", "code"}}`: malformed JSON (40
 fields (400, code unknown_parameter), a prompt too long for the context (400,
 context_length_exceeded), a body over the limit (413), an unknown model (404,
 model_not_found), an unknown jurisdiction (400, unknown_jurisdiction, naming the known
-ones), a missing or wrong API key (401).
+ones), a missing or wrong API key (401); media parts (400): to a text-only model
+(media_unsupported), more than 8 (too_many_media), a URL that is not a base64 data: URL or
+bytes that are no image / 16-bit WAV (invalid_media), `param` naming the part.
 
 `POST /admin/reload` takes no body (or `{}`): it re-reads the bundle the server was started
 with (`--policy`), validates it and serves it; the answer names the new and the previous
@@ -238,6 +241,7 @@ def create_app(
                 "max_seq_len": loaded.max_seq_len,
                 "dtype": loaded.dtype,
                 "chat_template": loaded.chat,
+                "modalities": ["text", "image", "audio", "video"] if loaded.multimodal else ["text"],
                 "jurisdictions": service.policy.jurisdictions,
                 "fallback_jurisdiction": service.policies.fallback_jurisdiction,
                 "bundle_sha256": service.policies.bundle_sha256,
