@@ -409,7 +409,10 @@ def create_app(
                     code="moderation_unavailable",
                 ) from None
             ctx["policy"] = policy
-            plan = _plan(req, endpoint, policy)
+            if loaded.multimodal and endpoint == "chat":  # decoding media: off the event loop
+                plan = await asyncio.to_thread(_plan, req, endpoint, policy)
+            else:
+                plan = _plan(req, endpoint, policy)
             ctx["prompt_tokens"] = sum(len(p.ids) for p in plan["prompts"])
         except APIError as e:
             _record(ctx, e.status, [], error=e.code or e.type)
