@@ -99,7 +99,8 @@ def loaded(mm_run):
 
 
 def reference_tokens(loaded, messages, max_new: int) -> list[int]:
-    """The model's own KV-cached greedy loop on the fused prompt (no engine, no cache)."""
+    """The model's own greedy loop on the fused prompt, a full forward per token (no engine,
+    no KV cache, no media cache)."""
     from aion_train.model.multimodal.fusion import KINDS
 
     p = loaded.render_media_chat(messages)
@@ -110,10 +111,16 @@ def reference_tokens(loaded, messages, max_new: int) -> list[int]:
             batch[kind] = torch.stack(items)
             if kind == "audio":
                 batch["audio_frames"] = torch.tensor([x.shape[0] for x in items])
-    out = loaded.model.generate(batch, max_new)[0, len(p.ids) :].tolist()
-    for i, t in enumerate(out):
-        if t in loaded.eos_ids:
-            return out[:i]
+    out = []
+    with torch.no_grad():
+        media = loaded.model.encode_media(batch)
+        for _ in range(max_new):
+            ids = torch.tensor([p.ids + out])
+            full = dict(batch, input_ids=ids, modality=torch.tensor([p.modality + [0] * len(out)]))
+            nxt = int(loaded.model.run_trunk(full, media).logits[0, -1].argmax())
+            if nxt in loaded.eos_ids:
+                break
+            out.append(nxt)
     return out
 
 
@@ -169,6 +176,55 @@ def test_media_change_the_logits(loaded):
         emb[0, cols] = encode_one(loaded.model, p.media[0]).tokens
         outs.append(loaded.model.lm(inputs_embeds=emb).logits[0, -1])
     assert (outs[0] - outs[1]).abs().max() > 1e-2
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["fused", "cross-attention"])
+def engine_setup(request, tmp_path_factory):
+    from aion_train.serve.engine import Engine
+    from aion_train.serve.loading import load_for_serving
+
+    ld = load_for_serving(str(_make_run(tmp_path_factory.mktemp("eng"), request.param)))
+    return ld, Engine(ld.model, ld.eos_ids, ld.vocab_size), request.param
+
+
+def audio_message(seed: int) -> list[dict]:
+    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav(seed)).decode(), "format": "wav"}}
+    return [{"role": "user", "content": [part, {"type": "text", "text": "what sound"}]}]
+
+
+def test_rows_joining_a_running_batch_give_their_tokens_alone(engine_setup):
+    """Continuous batching: media rows prefilled and merged into a running text batch (and a
+    text row into a running media batch) decode as they do alone."""
+    from aion_train.serve.engine import Row
+    from aion_train.serve.sampling import SamplingParams
+
+    ld, eng, _ = engine_setup
+    greedy = SamplingParams(temperature=0.0, max_tokens=8)
+    convs = [
+        [{"role": "user", "content": "shapes and colours"}],
+        image_message(png(7)),
+        audio_message(2),
+        [{"role": "user", "content": "red"}],
+    ]
+    prompts = [ld.render_media_chat(m) for m in convs]
+
+    def row(p):
+        return Row(list(p.ids), greedy, 8, modality=p.modality, media=p.media or None)
+
+    alone = []
+    for p in prompts:
+        r = row(p)
+        eng.run([r])
+        alone.append(r.tokens)
+    rows = [row(p) for p in prompts]
+    batch = eng.prefill(rows[:1])
+    batch = eng.step(eng.step(batch))
+    batch = eng.merge(batch, eng.prefill(rows[1:3]))
+    batch = eng.step(batch)
+    batch = eng.merge(batch, eng.prefill(rows[3:]))
+    while batch is not None:
+        batch = eng.step(batch)
+    assert [r.tokens for r in rows] == alone
 
 
 @pytest.mark.parametrize("cross", [False, True])
