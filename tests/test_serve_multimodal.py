@@ -50,6 +50,13 @@ def png(seed: int, size: int = 20) -> bytes:
     return buf.getvalue()
 
 
+def huge_png() -> bytes:
+    """A 5000x5000 1-bit PNG: a few KB that would decode to 75 MB of RGB."""
+    buf = io.BytesIO()
+    Image.new("1", (5000, 5000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def wav(seed: int, seconds: float = 0.3) -> bytes:
     from aion_train.data.multimodal.decode import write_wav
 
@@ -342,6 +349,7 @@ def test_errors_in_openai_shape(mm_run):
         "mp3": [{"type": "input_audio", "input_audio": {"data": "aGVsbG8=", "format": "mp3"}}],
         "too_many_media": [good] * (MAX_MEDIA_PER_REQUEST + 1),
         "bad_frames": [{"type": "video", "video": ["data:image/png;base64,aGVsbG8="]}],
+        "huge": [{"type": "image_url", "image_url": {"url": data_url(huge_png())}}],
     }
     with serving(mm_run) as s:
         for name, parts in cases.items():
@@ -354,6 +362,8 @@ def test_errors_in_openai_shape(mm_run):
                 assert err["code"] == "too_many_media"
             if name == "invalid_media":
                 assert "fetches nothing" in err["message"]
+            if name == "huge":
+                assert "over the limit" in err["message"]
             if name == "undecodable":
                 assert "undecodable image" in err["message"]
         # a video clip of frames works

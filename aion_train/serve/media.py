@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 MAX_MEDIA_PER_REQUEST = 8
+MAX_IMAGE_PIXELS = 4096 * 4096  # refused before decoding: a small PNG can hold a huge image
+MAX_VIDEO_FRAMES = 64
 _DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)?((?:;[\w.+-]+=[\w.+-]+)*);base64,(.*)", re.S)
 
 
@@ -85,9 +87,25 @@ def _sha(*parts: bytes) -> str:
     return h.hexdigest()
 
 
+def _check_pixels(raw: bytes, param: str) -> None:
+    """Refuse an image over MAX_IMAGE_PIXELS from its header (before anything is decoded)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            w, h = im.size
+    except Exception:  # noqa: BLE001 - not an image: load_rgb says so
+        return
+    if w * h > MAX_IMAGE_PIXELS:
+        raise MediaError(f"{param}: a {w}x{h} image is over the limit of {MAX_IMAGE_PIXELS} pixels", param)
+
+
 def decode_image(raw: bytes, mm, param: str = "image") -> MediaInput:
     from aion_train.data.multimodal.decode import DecodeError, load_rgb, patchify
 
+    _check_pixels(raw, param)
     try:
         patches = patchify(load_rgb(raw, mm.image_size), mm.patch_size)
     except DecodeError as e:
@@ -110,8 +128,10 @@ def decode_wav(raw: bytes, mm, param: str = "audio") -> MediaInput:
 def decode_frames(frames: list[bytes], mm, param: str = "video") -> MediaInput:
     from aion_train.data.multimodal.decode import DecodeError, load_rgb, tubeletize
 
-    if not frames:
-        raise MediaError(f"{param}: a video needs at least one frame", param)
+    if not frames or len(frames) > MAX_VIDEO_FRAMES:
+        raise MediaError(f"{param}: a video needs 1 to {MAX_VIDEO_FRAMES} frames, got {len(frames)}", param)
+    for i, f in enumerate(frames):
+        _check_pixels(f, f"{param}.{i}")
     pick = np.linspace(0, len(frames) - 1, mm.video_frames).round().astype(int)
     try:
         rgb = {i: load_rgb(frames[i], mm.image_size) for i in set(pick.tolist())}
