@@ -414,3 +414,9 @@ def test_media_cache_is_bounded_lru(loaded):
     assert len(small) == 2 and small.bytes == 2 * one
     same = decode_image(png(10), mm)  # the same bytes decoded again: the same key
     assert same.sha256 == items[0].sha256 and c.get(loaded.model, same) is c.get(loaded.model, items[0])
+
+
+def test_no_retrieval_index_with_a_multimodal_checkpoint(mm_run, tmp_path):
+    with pytest.raises(ValueError, match="multimodal checkpoint"):
+        with serving(mm_run, index=tmp_path):
+            pass
