@@ -15,7 +15,12 @@ it token for token. `run(rows)` is prefill then steps until every row has ended.
 
 Each row reports every generated token to its `sink(token_id, info)`, which returns True to
 stop the row (a stop string, a cancelled request), and its end to `on_finish(row)` as soon as
-it ends. End-of-sequence ids end a row without being reported. The engine holds no lock: one
+it ends. End-of-sequence ids end a row without being reported.
+
+A multimodal model: a row may carry `modality` and `media`; the prefill then runs the text
+trunk on embeddings with each row's media tokens at its placeholders (media_rows.py; encoded
+once per content hash, media.py), next to text rows, with the same masking; decode steps are
+text tokens (cross-attention layers, if any, get each row's media at every step). The engine holds no lock: one
 thread runs it (see scheduler.py).
 """
 
@@ -26,13 +31,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from aion_train.model.execution import ExecutionPolicy, apply_execution_policy
 from aion_train.model.kv_cache import KVCache
 from aion_train.model.packed_weights import pack_weights
 
-from .media import MediaCache
+from .media_rows import MediaRows
 from .sampling import SamplingParams, sample_next, top_logprobs
 
 
@@ -88,15 +92,14 @@ class Engine:
         self.model = model
         # a multimodal model: its text trunk runs the batch, media tokens enter at the prefill
         self.trunk = getattr(model, "lm", model)
-        self.multimodal = hasattr(model, "encode_media")
-        self.cross_attn = list(getattr(model, "cross_attn", ()))
-        self.media_cache = MediaCache() if self.multimodal else None
         self.eos_ids = frozenset(int(i) for i in eos_ids)
         self.model_vocab = int(model.cfg.vocab_size)
         # ids the tokenizer cannot decode are never chosen
         self.vocab_size = self.model_vocab if vocab_size is None else min(int(vocab_size), self.model_vocab)
         p = next(model.parameters())
         self.device = p.device
+        self.media = MediaRows(model, p.device)
+        self.media_cache = self.media.cache  # None: a text-only model
         self.max_seq_len = int(model.cfg.max_seq_len)
         # keys/values kept in the precision the attention computes in (cast once, when written)
         self.execution = execution or ExecutionPolicy.for_device(p.device.type).for_generation()
@@ -152,8 +155,8 @@ class Engine:
         ids, seg, pos = (x.to(self.device) for x in (ids, seg, pos))
         scoring = any(r.prompt_logprobs for r in active)
         cache = KVCache(len(self.trunk.blocks), self.cache_dtype)
-        embeds, modality, media_ctx = self._media_inputs(active, ids, t)
-        self._set_cross(media_ctx, seg, pos)
+        embeds, modality, media_ctx = self.media.inputs(active, ids, self.trunk.embed_tokens)
+        self.media.set_context(media_ctx, seg, pos)
         out = self.trunk(
             None if embeds is not None else ids,
             inputs_embeds=embeds,
@@ -170,76 +173,6 @@ class Engine:
         next_pos = torch.tensor(lengths, dtype=torch.long, device=self.device)
         return Batch(active, cache, seg, next_pos, self._mask(logits[:, -1]), media_ctx)
 
-    def _media_inputs(self, rows: list[Row], ids: torch.Tensor, t: int):
-        """(embeds [B, T, D] with each row's media tokens at its placeholders, modality [B, T],
-        cross-attention context) for a prefill with media; (None, None, ctx) without."""
-        if not any(r.media for r in rows):
-            return None, None, self._empty_ctx(len(rows))
-        if not self.multimodal:
-            raise ValueError("media sent to a text-only model")
-        embeds = self.trunk.embed_tokens(ids)
-        modality = torch.zeros_like(ids)
-        per_row: list[list[tuple]] = []
-        for i, r in enumerate(rows):
-            items = []
-            if r.media:
-                n = len(r.prompt_ids)
-                mod = torch.tensor(r.modality, dtype=torch.long, device=self.device)
-                cols = (mod != 0).nonzero().squeeze(1)
-                enc = [self.media_cache.get(self.model, m) for m in r.media]
-                flat = torch.cat([e.tokens for e in enc]).to(embeds.dtype)
-                if flat.shape[0] != cols.numel():
-                    raise ValueError(f"{len(r.media)} media items for {cols.numel()} placeholder tokens")
-                embeds[i, t - n + cols] = flat
-                modality[i, t - n :] = mod
-                start = 0
-                for e in enc:  # the row position of each item's first placeholder
-                    items.append((e, int(cols[start])))
-                    start += e.tokens.shape[0]
-            per_row.append(items)
-        return embeds, modality, self._build_ctx(per_row, embeds.shape[-1])
-
-    def _empty_ctx(self, b: int):
-        if not self.cross_attn:
-            return None
-        d = int(self.model.cfg.d_model)
-        kv_pos = torch.full((b, 1), -1, dtype=torch.long, device=self.device)
-        return (torch.zeros(b, 1, d, device=self.device), kv_pos) + tuple(
-            torch.zeros(b, 1, 2 * d, device=self.device) for _ in self.cross_attn
-        )
-
-    def _build_ctx(self, per_row, d: int):
-        """Each row's media tokens (padded to one width) and their item's first position (-1: none)."""
-        if not self.cross_attn:
-            return None
-        width = max([sum(e.tokens.shape[0] for e, _ in items) for items in per_row] + [1])
-        b = len(per_row)
-        kv = torch.zeros(b, width, d, device=self.device)
-        kv_pos = torch.full((b, width), -1, dtype=torch.long, device=self.device)
-        proj = [torch.zeros(b, width, 2 * d, device=self.device) for _ in self.cross_attn]
-        for i, items in enumerate(per_row):
-            k = 0
-            for e, first in items:
-                n = e.tokens.shape[0]
-                kv[i, k : k + n] = e.tokens.float()
-                kv_pos[i, k : k + n] = first
-                for p, lkv in zip(proj, e.layer_kv):
-                    p[i, k : k + n] = lkv.float()
-                k += n
-        return (kv, kv_pos, *proj)
-
-    def _set_cross(self, ctx, q_seg: torch.Tensor, q_pos: torch.Tensor) -> None:
-        """Give the cross-attention layers (if any) each row's media for these queries."""
-        if not self.cross_attn:
-            return
-        from aion_train.model.multimodal.cross_attention import MediaContext
-
-        kv, kv_pos, *proj = ctx
-        kv_seg = torch.where(kv_pos >= 0, 1, -1)
-        c = MediaContext(kv, kv_seg, kv_pos, q_seg.clamp(max=1), q_pos, dict(zip(self.cross_attn, proj)))
-        for layer in self.cross_attn:
-            layer.context = c
-
     def merge(self, a: Batch | None, b: Batch | None) -> Batch | None:
         """One batch of the rows of both (a's first)."""
         if a is None or b is None:
@@ -250,17 +183,7 @@ class Engine:
                 x.cache.left_pad(extra)
                 x.seg = torch.cat([x.seg.new_zeros((x.seg.shape[0], extra)), x.seg], dim=1)
         a.cache.cat_rows(b.cache)
-        ctx = None
-        if a.media_ctx is not None:
-            k = max(a.media_ctx[0].shape[1], b.media_ctx[0].shape[1])
-
-            def widen(c):
-                extra = k - c[0].shape[1]
-                kv, pos, *proj = c
-                pads = [F.pad(x, (0, 0, 0, extra)) for x in proj]
-                return (F.pad(kv, (0, 0, 0, extra)), F.pad(pos, (0, extra), value=-1), *pads)
-
-            ctx = tuple(torch.cat([x, y]) for x, y in zip(widen(a.media_ctx), widen(b.media_ctx)))
+        ctx = MediaRows.merge(a.media_ctx, b.media_ctx)
         return Batch(
             a.rows + b.rows,
             a.cache,
@@ -310,8 +233,7 @@ class Engine:
         if len(keep) < len(rows):
             sel = torch.tensor(keep, dtype=torch.long, device=self.device)
             cache.select_rows(sel)
-            if media_ctx is not None:
-                media_ctx = tuple(x.index_select(0, sel) for x in media_ctx)
+            media_ctx = MediaRows.select(media_ctx, sel)
             seg, next_pos = seg.index_select(0, sel), next_pos.index_select(0, sel)
             # drop padding columns that no remaining row needs
             real = (seg != 0).any(0)
@@ -321,7 +243,7 @@ class Engine:
                 cache.drop_leading(first)
         seg = torch.cat([seg, seg.new_ones((len(keep), 1))], dim=1)
         ragged = bool((seg == 0).any())
-        self._set_cross(media_ctx, seg.new_ones((len(keep), 1)), next_pos.unsqueeze(1))
+        self.media.set_context(media_ctx, seg.new_ones((len(keep), 1)), next_pos.unsqueeze(1))
         out = self.trunk(
             torch.tensor(nxt, dtype=torch.long, device=self.device).unsqueeze(1),
             kv_cache=cache,
