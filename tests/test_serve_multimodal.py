@@ -107,7 +107,7 @@ def loaded(mm_run):
 
 def reference_tokens(loaded, messages, max_new: int) -> list[int]:
     """The model's own greedy loop on the fused prompt, a full forward per token (no engine,
-    no KV cache, no media cache)."""
+    no KV cache, no media cache); ids the tokenizer cannot decode are never picked (as served)."""
     from aion_train.model.multimodal.fusion import KINDS
 
     p = loaded.render_media_chat(messages)
@@ -124,7 +124,7 @@ def reference_tokens(loaded, messages, max_new: int) -> list[int]:
         for _ in range(max_new):
             ids = torch.tensor([p.ids + out])
             full = dict(batch, input_ids=ids, modality=torch.tensor([p.modality + [0] * len(out)]))
-            nxt = int(loaded.model.run_trunk(full, media).logits[0, -1].argmax())
+            nxt = int(loaded.model.run_trunk(full, media).logits[0, -1, : loaded.vocab_size].argmax())
             if nxt in loaded.eos_ids:
                 break
             out.append(nxt)
@@ -420,3 +420,43 @@ def test_no_retrieval_index_with_a_multimodal_checkpoint(mm_run, tmp_path):
     with pytest.raises(ValueError, match="multimodal checkpoint"):
         with serving(mm_run, index=tmp_path):
             pass
+
+
+def test_concurrent_requests_through_the_server_equal_alone(mm_run, loaded):
+    """Image, audio and text chats sent at once (the scheduler batches what arrives together)
+    each get the model loop's tokens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    convs = [image_message(png(20 + i)) for i in range(3)] + [audio_message(3)]
+    convs += [[{"role": "user", "content": "circle or square"}], image_message(png(20), "colour")]
+    want = [loaded.tokenizer.decode(reference_tokens(loaded, m, 8)) for m in convs]
+    with serving(mm_run, max_batch=4, max_body_bytes=1 << 20) as s:
+
+        def ask(m):
+            r = s.client.chat.completions.create(model=s.model, messages=m, max_tokens=8, temperature=0)
+            return r.choices[0].message.content
+
+        with ThreadPoolExecutor(6) as ex:
+            got = list(ex.map(ask, convs))
+        assert got == want
+        assert s.service.engine.media_cache.encodes == 4  # png(20) twice: encoded once
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_bf16_serving_runs(tmp_path, cross):
+    from aion_train.serve.engine import Engine, Row
+    from aion_train.serve.loading import load_for_serving
+    from aion_train.serve.sampling import SamplingParams
+
+    ld = load_for_serving(str(_make_run(tmp_path, cross)), dtype="bf16")
+    eng = Engine(ld.model, ld.eos_ids, ld.vocab_size)
+    prompts = [
+        ld.render_media_chat(m) for m in (image_message(png(1)), audio_message(1), [{"role": "user", "content": "hi"}])
+    ]
+    rows = [
+        Row(list(p.ids), SamplingParams(temperature=0.0, max_tokens=4), 4, modality=p.modality, media=p.media or None)
+        for p in prompts
+    ]
+    eng.run(rows)
+    assert all(r.finish_reason in ("length", "stop") for r in rows) and eng.media_cache.encodes == 2
+    assert next(iter(eng.media_cache._d.values())).tokens.dtype == torch.bfloat16
