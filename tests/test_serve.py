@@ -486,6 +486,7 @@ def test_errors_are_json_in_openais_shape(runs):
                 },
             ),
             400,
+            "media_unsupported",  # a text-only model
         )
         with pytest.raises(openai.NotFoundError):
             s.client.completions.create(model="nope", prompt="x")

@@ -1,6 +1,7 @@
 """aion-train generate --checkpoint C ("prompt" | --token-ids '[ids]') [--chat] [--max-tokens N]
     [--temperature T] [--top-p P] [--top-k K] [--seed S] [--stop S]... [-n N]
     [--policy BUNDLE --jurisdiction J] [--index DIR --k K] [--json]
+    [--image F.png]... [--audio F.wav]... [--video FRAME.png...]   (a multimodal checkpoint)
 
 Generates from a checkpoint in this process (no server), through the same engine, sampling
 and policy code as `aion-train serve`: the same request with the same seed gives the same
@@ -10,6 +11,10 @@ chunks, as many as leave room for --max-tokens) before it as `<CTX> ... </CTX>`;
 names them. --chat renders PROMPT as one user message in the post-training
 chat template (SFT/PPO checkpoints). --json prints one object
 {"text", "token_ids" (the generated ids), "finish_reason", "aion": {...}}; without it the text.
+
+A multimodal checkpoint: --image / --audio (16-bit PCM WAV) / --video (the frames of one clip,
+image files) put their media before PROMPT as the server puts a chat message's content parts
+(serve/mm_prompt.py): `<I> pad*R </I> ... <T> PROMPT`, the answer ending at `</T>`.
 
 Exit codes: 0 ok; 2 bad arguments, unknown jurisdiction, prompt too long; 1 the checkpoint or
 policy bundle cannot be loaded.
@@ -67,6 +72,9 @@ def add_arguments(p):
     )
     p.add_argument("--k", type=int, default=3, metavar="K", help="chunks to retrieve with --index (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--image", action="append", default=[], metavar="F", help="an image file (repeatable)")
+    p.add_argument("--audio", action="append", default=[], metavar="F", help="a 16-bit PCM WAV file (repeatable)")
+    p.add_argument("--video", nargs="+", default=None, metavar="FRAME", help="the frames of one video (image files)")
 
 
 def _err(msg: str, code: int) -> int:
@@ -78,6 +86,31 @@ def _chat_messages(args, user_text: str) -> list[dict]:
     return ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": user_text}
     ]
+
+
+def _read_media(args, mm) -> list:
+    """The --image / --video / --audio files as model inputs (in that order), or ValueError naming the file."""
+    from pathlib import Path
+
+    from aion_train.serve.media import MediaError, decode_frames, decode_image, decode_wav
+
+    def read(f: str) -> bytes:
+        try:
+            return Path(f).read_bytes()
+        except OSError as e:
+            raise ValueError(f"{f}: cannot read ({e.strerror or e})") from None
+
+    out = []
+    try:
+        for f in args.image:
+            out.append(decode_image(read(f), mm, f"--image {f}"))
+        if args.video:
+            out.append(decode_frames([read(f) for f in args.video], mm, f"--video {args.video[0]}..."))
+        for f in args.audio:
+            out.append(decode_wav(read(f), mm, f"--audio {f}"))
+    except MediaError as e:
+        raise ValueError(str(e)) from None
+    return out
 
 
 def load_policies(path: str | None):
@@ -130,6 +163,19 @@ def run(args) -> int:
             retrieval = RetrievalContext(args.index, args.k)
         except RetrievalError as e:
             return _err(str(e), 1 if args.k >= 1 else 2)
+    has_media = bool(args.image or args.audio or args.video)
+    if has_media and not loaded.multimodal:
+        return _err(f"{args.checkpoint} is a text-only checkpoint; --image/--audio/--video need a multimodal one", 2)
+    if has_media and args.token_ids is not None:
+        return _err("--image/--audio/--video need a text PROMPT (not --token-ids)", 2)
+    if loaded.multimodal and args.index:
+        return _err("--index is not supported with a multimodal checkpoint", 2)
+    media = []
+    if has_media:
+        try:
+            media = _read_media(args, loaded.media_config)
+        except (OSError, ValueError) as e:
+            return _err(str(e), 2)
     service = Service(loaded, policies)
     try:
         policy = service.policy.resolve(args.jurisdiction)
@@ -162,7 +208,18 @@ def run(args) -> int:
 
                 aug = retrieval.augment(args.prompt, n_tokens, room)
                 text, hits = aug.text, aug.hits
-            if args.chat:
+            if loaded.multimodal:
+                from aion_train.serve.mm_prompt import render
+
+                msgs = [{"role": "user", "text": text, "media": media}]
+                if args.system:
+                    msgs.insert(0, {"role": "system", "text": args.system, "media": []})
+                mp = render(loaded.tokenizer, loaded.media_config, msgs)
+                ctx_ids = [] if args.chat else mp.ids
+                prompt = PromptSpec(
+                    ids=mp.ids, context=ctx_ids, text=text, modality=mp.modality, media=mp.media or None
+                )
+            elif args.chat:
                 prompt = PromptSpec(ids=loaded.render_chat(_chat_messages(args, text)), context=[], text="")
             else:
                 ids = loaded.encode_prompt(text)

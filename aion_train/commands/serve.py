@@ -5,7 +5,9 @@
 
 An OpenAI-compatible HTTP server (FastAPI + uvicorn) for one checkpoint: GET /v1/models,
 POST /v1/completions, POST /v1/chat/completions (streaming as server-sent events),
-GET /health, GET /metrics. See aion_train/serve/openai_api.py for the API.
+GET /health, GET /metrics. See aion_train/serve/openai_api.py for the API. A multimodal
+checkpoint takes image / audio / video content parts in chat (serve/mm_prompt.py; base64 data
+only, nothing is fetched); each item is encoded once per content hash (serve/media.py).
 
 Binds 127.0.0.1 unless --host says otherwise. --api-key-file: one key per line (blank lines
 and lines starting with # skipped); every request but /health then needs

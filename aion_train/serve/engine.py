@@ -15,7 +15,12 @@ it token for token. `run(rows)` is prefill then steps until every row has ended.
 
 Each row reports every generated token to its `sink(token_id, info)`, which returns True to
 stop the row (a stop string, a cancelled request), and its end to `on_finish(row)` as soon as
-it ends. End-of-sequence ids end a row without being reported. The engine holds no lock: one
+it ends. End-of-sequence ids end a row without being reported.
+
+A multimodal model: a row may carry `modality` and `media`; the prefill then runs the text
+trunk on embeddings with each row's media tokens at its placeholders (media_rows.py; encoded
+once per content hash, media.py), next to text rows, with the same masking; decode steps are
+text tokens (cross-attention layers, if any, get each row's media at every step). The engine holds no lock: one
 thread runs it (see scheduler.py).
 """
 
@@ -31,6 +36,7 @@ from aion_train.model.execution import ExecutionPolicy, apply_execution_policy
 from aion_train.model.kv_cache import KVCache
 from aion_train.model.packed_weights import pack_weights
 
+from .media_rows import MediaRows
 from .sampling import SamplingParams, sample_next, top_logprobs
 
 
@@ -55,6 +61,10 @@ class Row:
     prompt_infos: list[TokenInfo | None] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     first_token_at: float | None = None
+    # a multimodal prompt: per prompt token 0 (text) or 1/2/3 (a placeholder of image/audio/
+    # video), and its media (serve.media.MediaInput) in placeholder order
+    modality: list[int] | None = None
+    media: list | None = None
 
 
 @dataclass
@@ -67,6 +77,8 @@ class Batch:
     seg: torch.Tensor  # [B, L]
     next_pos: torch.Tensor  # [B]
     last: torch.Tensor  # [B, V] fp32, masked
+    # cross-attention: (kv [B, K, D], kv_pos [B, K], then each layer's projected K/V [B, K, 2D])
+    media_ctx: tuple[torch.Tensor, ...] | None = None
 
     @property
     def ragged(self) -> bool:
@@ -78,12 +90,16 @@ class Engine:
         """`execution`: how the model computes (default: its device's policy for generation,
         `ExecutionPolicy.for_generation`); given to the model's modules here."""
         self.model = model
+        # a multimodal model: its text trunk runs the batch, media tokens enter at the prefill
+        self.trunk = getattr(model, "lm", model)
         self.eos_ids = frozenset(int(i) for i in eos_ids)
         self.model_vocab = int(model.cfg.vocab_size)
         # ids the tokenizer cannot decode are never chosen
         self.vocab_size = self.model_vocab if vocab_size is None else min(int(vocab_size), self.model_vocab)
         p = next(model.parameters())
         self.device = p.device
+        self.media = MediaRows(model, p.device)
+        self.media_cache = self.media.cache  # None: a text-only model
         self.max_seq_len = int(model.cfg.max_seq_len)
         # keys/values kept in the precision the attention computes in (cast once, when written)
         self.execution = execution or ExecutionPolicy.for_device(p.device.type).for_generation()
@@ -138,9 +154,13 @@ class Engine:
             pos[i, t - n :] = torch.arange(n)
         ids, seg, pos = (x.to(self.device) for x in (ids, seg, pos))
         scoring = any(r.prompt_logprobs for r in active)
-        cache = KVCache(len(self.model.blocks), self.cache_dtype)
-        out = self.model(
-            ids,
+        cache = KVCache(len(self.trunk.blocks), self.cache_dtype)
+        embeds, modality, media_ctx = self.media.inputs(active, ids, self.trunk.embed_tokens)
+        self.media.set_context(media_ctx, seg, pos)
+        out = self.trunk(
+            None if embeds is not None else ids,
+            inputs_embeds=embeds,
+            modality=modality,
             kv_cache=cache,
             segment_ids=seg if ragged else None,
             position_ids=pos if ragged else None,
@@ -151,7 +171,7 @@ class Engine:
             if r.prompt_logprobs:
                 self._score_prompt(r, logits[i, t - lengths[i] :])
         next_pos = torch.tensor(lengths, dtype=torch.long, device=self.device)
-        return Batch(active, cache, seg, next_pos, self._mask(logits[:, -1]))
+        return Batch(active, cache, seg, next_pos, self._mask(logits[:, -1]), media_ctx)
 
     def merge(self, a: Batch | None, b: Batch | None) -> Batch | None:
         """One batch of the rows of both (a's first)."""
@@ -163,12 +183,14 @@ class Engine:
                 x.cache.left_pad(extra)
                 x.seg = torch.cat([x.seg.new_zeros((x.seg.shape[0], extra)), x.seg], dim=1)
         a.cache.cat_rows(b.cache)
+        ctx = MediaRows.merge(a.media_ctx, b.media_ctx)
         return Batch(
             a.rows + b.rows,
             a.cache,
             torch.cat([a.seg, b.seg]),
             torch.cat([a.next_pos, b.next_pos]),
             torch.cat([a.last, b.last]),
+            ctx,
         )
 
     @torch.no_grad()
@@ -207,10 +229,11 @@ class Engine:
             nxt.append(tok)
         if not keep:
             return None
-        cache, seg, next_pos = batch.cache, batch.seg, batch.next_pos
+        cache, seg, next_pos, media_ctx = batch.cache, batch.seg, batch.next_pos, batch.media_ctx
         if len(keep) < len(rows):
             sel = torch.tensor(keep, dtype=torch.long, device=self.device)
             cache.select_rows(sel)
+            media_ctx = MediaRows.select(media_ctx, sel)
             seg, next_pos = seg.index_select(0, sel), next_pos.index_select(0, sel)
             # drop padding columns that no remaining row needs
             real = (seg != 0).any(0)
@@ -220,13 +243,14 @@ class Engine:
                 cache.drop_leading(first)
         seg = torch.cat([seg, seg.new_ones((len(keep), 1))], dim=1)
         ragged = bool((seg == 0).any())
-        out = self.model(
+        self.media.set_context(media_ctx, seg.new_ones((len(keep), 1)), next_pos.unsqueeze(1))
+        out = self.trunk(
             torch.tensor(nxt, dtype=torch.long, device=self.device).unsqueeze(1),
             kv_cache=cache,
             segment_ids=seg if ragged else None,
             position_ids=next_pos.unsqueeze(1) if ragged else None,
         )
-        return Batch([rows[j] for j in keep], cache, seg, next_pos + 1, self._mask(out.logits[:, -1]))
+        return Batch([rows[j] for j in keep], cache, seg, next_pos + 1, self._mask(out.logits[:, -1]), media_ctx)
 
     def _score_prompt(self, r: Row, logits: torch.Tensor) -> None:
         """log p(prompt[t] | prompt[:t]) for t >= 1 (None for the first token)."""

@@ -51,6 +51,12 @@ class LoadedModel:
     chat: bool  # has the post-training chat template (role tokens)
     eos_ids: tuple[int, ...]  # generation stops at any of them
     info: dict = field(default_factory=dict)
+    multimodal: bool = False  # a MultimodalModel: chat takes image/audio/video parts (mm_prompt.py)
+
+    @property
+    def media_config(self):
+        """The model's multimodal settings (None: a text-only model)."""
+        return self.model.mm if self.multimodal else None
 
     @property
     def vocab_size(self) -> int:
@@ -67,8 +73,18 @@ class LoadedModel:
         return render_chat(messages, self.tokenizer, add_generation_prompt=True)
 
     def encode_prompt(self, text: str) -> list[int]:
-        """A completion prompt: bos + the text's ids (documents were trained as bos ... eos)."""
+        """A completion prompt: bos + the text's ids (documents were trained as bos ... eos);
+        a multimodal model's: `<T>` + the text's ids (its text was trained as <T> ... </T>)."""
+        if self.multimodal:
+            return [int(self.tokenizer.special_id("<T>")), *self.tokenizer.encode(text)]
         return [int(self.tokenizer.bos_id), *self.tokenizer.encode(text)]
+
+    def render_media_chat(self, messages: list[dict]):
+        """Chat messages (content strings or parts) -> an MMPrompt (mm_prompt.py); a text-only
+        model refuses media parts (MediaError, code media_unsupported)."""
+        from .mm_prompt import parse_messages, render
+
+        return render(self.tokenizer, self.model.mm, parse_messages(messages, self.model.mm))
 
 
 def load_for_serving(
@@ -96,8 +112,13 @@ def load_for_serving(
             f"the tokenizer has {tok.vocab_size} ids but the model's vocabulary is "
             f"{model.cfg.vocab_size}: not this model's tokenizer"
         )
+    multimodal = hasattr(model, "encode_media")
     if chat:
         eos = (int(tok.end_id), int(tok.sp.eos_id))
+    elif multimodal:
+        from .mm_prompt import end_ids
+
+        eos = end_ids(tok)
     else:
         eos = (int(tok.eos_id),)
     name = model_id or _default_model_id(path, run_dir, kind)
@@ -112,6 +133,7 @@ def load_for_serving(
         chat=chat,
         eos_ids=eos,
         info=info,
+        multimodal=multimodal,
     )
 
 
@@ -150,17 +172,19 @@ def _resolve(p: str, run_dir: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- pretrain
-def _build_text_model(model_cfg_dict: dict, full: dict, where: str):
+def _build_text_model(model_cfg_dict: dict, full: dict, where: str, allow_multimodal: bool = False):
     from aion_train.checkpoint import model_config_from_dict
     from aion_train.model import build_model
 
     mcfg = model_config_from_dict(model_cfg_dict)
     if mcfg.multimodal.enabled:
-        raise LoadError(
-            f"{where}: a multimodal checkpoint; serving multimodal models (content "
-            "parts with images/audio) is not supported yet"
-        )
-    model = build_model(mcfg, seed=0)
+        if not allow_multimodal:
+            raise LoadError(f"{where}: a multimodal checkpoint; post-training runs of one are not served")
+        from aion_train.model.multimodal import build_multimodal_model
+
+        model = build_multimodal_model(mcfg, seed=0)
+    else:
+        model = build_model(mcfg, seed=0)
     missing, unexpected = model.load_state_dict(full, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
@@ -179,10 +203,20 @@ def _load_pretrain(path: Path, tokenizer: str | None):
     except CheckpointError as e:
         raise LoadError(str(e)) from None
     manifest = read_manifest(folder)
-    model = _build_text_model(cfg_dict, full, str(folder))
+    model = _build_text_model(cfg_dict, full, str(folder), allow_multimodal=True)
     tok = _pretrain_tokenizer(folder, path, tokenizer)
+    if hasattr(model, "encode_media"):
+        _check_media_tokens(tok, str(folder))
     info = {"step": folder.name, "layout": manifest.get("layout", {})}
     return model, tok, "pretrain", folder, False, info
+
+
+def _check_media_tokens(tok, where: str) -> None:
+    for name in ("<I>", "</I>", "<A>", "</A>", "<V>", "</V>", "<T>", "</T>"):
+        try:
+            tok.special_id(name)
+        except (KeyError, ValueError, AttributeError):
+            raise LoadError(f"{where}: a multimodal model, but the tokenizer has no {name} token") from None
 
 
 def _pretrain_tokenizer(folder: Path, path: Path, tokenizer: str | None):

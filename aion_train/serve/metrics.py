@@ -112,6 +112,12 @@ class Metrics:
         self.batch_rows = Histogram(
             "aion_batch_rows", "rows per engine batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
         )
+        self.media_cache = Counter(
+            "aion_media_cache_lookups",
+            "encoded media looked up by content hash (hit: reused; miss: encoded now)",
+            ["kind", "result"],
+            registry=r,
+        )
         self.policy_reloads = Counter(
             "aion_policy_reloads",
             "policy bundle reloads (ok: validated and served; failed: refused, the running bundle stays)",

@@ -6,7 +6,8 @@
     GET  /v1/models              the one served model
     GET  /v1/models/{id}
     POST /v1/completions         prompt: str | [str] | [ids] | [[ids]]; echo, logprobs
-    POST /v1/chat/completions    messages in the post-training chat template
+    POST /v1/chat/completions    messages in the post-training chat template; a multimodal model: content
+                                 parts text / image_url / input_audio / video (serve/mm_prompt.py)
     POST /admin/reload           re-read the policy bundle file (policy_reload.py)
     /admin/...                   the admin dashboard when create_app(admin=AdminSite) (aion_train/admin)
 
@@ -27,7 +28,9 @@ Errors are `{"error": {"message", "type", "param", "code"}}`: malformed JSON (40
 fields (400, code unknown_parameter), a prompt too long for the context (400,
 context_length_exceeded), a body over the limit (413), an unknown model (404,
 model_not_found), an unknown jurisdiction (400, unknown_jurisdiction, naming the known
-ones), a missing or wrong API key (401).
+ones), a missing or wrong API key (401); media parts (400): to a text-only model
+(media_unsupported), more than 8 (too_many_media), a URL that is not a base64 data: URL or
+bytes that are no image / 16-bit WAV (invalid_media), `param` naming the part.
 
 `POST /admin/reload` takes no body (or `{}`): it re-reads the bundle the server was started
 with (`--policy`), validates it and serves it; the answer names the new and the previous
@@ -64,6 +67,7 @@ from .choice import ChoiceResult
 from .engine import Row
 from .loading import LoadError
 from .loop_bridge import LoopBridge, LoopClosed
+from .media import MediaError
 from .metrics import Metrics
 from .protocol import APIError, ChatRequest, CompletionRequest, IngestRequest, openapi_body, validation_error
 from .retrieval_context import RetrievalOptions
@@ -110,6 +114,10 @@ def create_app(
     metrics = metrics or Metrics(service.policy.jurisdictions)
     metrics.set_bundle(service.policies.bundle_sha256, service.policy.jurisdictions)
     metrics.engine_jobs.set_function(lambda: service.open_jobs)
+    if service.engine.media_cache is not None:
+        service.engine.media_cache.listeners.append(
+            lambda kind, hit: metrics.media_cache.labels(kind, "hit" if hit else "miss").inc()
+        )
     app.state.service, app.state.metrics, app.state.audit = service, metrics, audit
 
     def _on_reload(ev: ReloadEvent) -> None:
@@ -233,6 +241,7 @@ def create_app(
                 "max_seq_len": loaded.max_seq_len,
                 "dtype": loaded.dtype,
                 "chat_template": loaded.chat,
+                "modalities": ["text", "image", "audio", "video"] if loaded.multimodal else ["text"],
                 "jurisdictions": service.policy.jurisdictions,
                 "fallback_jurisdiction": service.policies.fallback_jurisdiction,
                 "bundle_sha256": service.policies.bundle_sha256,
@@ -400,7 +409,10 @@ def create_app(
                     code="moderation_unavailable",
                 ) from None
             ctx["policy"] = policy
-            plan = _plan(req, endpoint, policy)
+            if loaded.multimodal and endpoint == "chat":  # decoding media: off the event loop
+                plan = await asyncio.to_thread(_plan, req, endpoint, policy)
+            else:
+                plan = _plan(req, endpoint, policy)
             ctx["prompt_tokens"] = sum(len(p.ids) for p in plan["prompts"])
         except APIError as e:
             _record(ctx, e.status, [], error=e.code or e.type)
@@ -429,8 +441,21 @@ def create_app(
             want_lp = req.logprobs is not None
             default = COMPLETION_DEFAULT_MAX_TOKENS
             max_tokens, mparam, pparam = req.max_tokens, "max_tokens", "prompt"
+        elif loaded.multimodal:
+            try:
+                mp = loaded.render_media_chat(req.part_messages())
+            except MediaError as e:
+                raise APIError(400, str(e), param=e.param or "messages", code=e.code) from None
+            except ValueError as e:
+                raise APIError(400, str(e), param="messages") from None
+            prompts = [PromptSpec(ids=mp.ids, context=[], text="", modality=mp.modality, media=mp.media or None)]
+            want_lp, default, mparam, pparam = bool(req.logprobs), None, "max_tokens", "messages"
+            max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            if req.max_completion_tokens is not None:
+                mparam = "max_completion_tokens"
         else:
             if not loaded.chat:
+                req.plain_messages()  # media parts: 400 media_unsupported (a text-only model)
                 raise APIError(
                     400,
                     f"model {loaded.model_id!r} is a {loaded.kind} checkpoint without the "

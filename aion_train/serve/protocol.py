@@ -120,10 +120,44 @@ class TextPart(_Strict):
 
 
 CHAT_ROLES = ("system", "developer", "user", "assistant")
-_CONTENT_SCHEMA = {  # what plain_messages accepts (the field itself takes any parts, to name a bad one)
+MEDIA_PART_TYPES = ("image_url", "input_audio", "video")
+
+
+def _part(kind: str, body: dict) -> dict:
+    return {
+        "type": "object",
+        "properties": {"type": {"type": "string", "enum": [kind]}, kind: body},
+        "required": ["type", kind],
+        "additionalProperties": False,
+    }
+
+
+_DATA_URL = {"type": "string", "description": "a base64 data: URL (data:image/png;base64,...); nothing is fetched"}
+_IMAGE_PART = _part(
+    "image_url",
+    {
+        "type": "object",
+        "properties": {"url": _DATA_URL, "detail": {"type": "string", "enum": ["auto", "low", "high"]}},
+        "required": ["url"],
+        "additionalProperties": False,
+    },
+)
+_AUDIO_PART = _part(
+    "input_audio",
+    {
+        "type": "object",
+        "properties": {"data": {"type": "string"}, "format": {"type": "string", "enum": ["wav"]}},
+        "required": ["data", "format"],
+        "additionalProperties": False,
+    },
+)
+_VIDEO_PART = _part("video", {"type": "array", "items": _DATA_URL, "minItems": 1, "maxItems": 64})
+# what the server accepts: text parts, and media parts for a multimodal model (serve/mm_prompt.py);
+# the field itself takes any parts, to name a bad one
+_CONTENT_SCHEMA = {
     "anyOf": [
         {"type": "string"},
-        {"type": "array", "items": TextPart.model_json_schema()},
+        {"type": "array", "items": {"anyOf": [TextPart.model_json_schema(), _IMAGE_PART, _AUDIO_PART, _VIDEO_PART]}},
         {"type": "null"},
     ]
 }
@@ -149,17 +183,27 @@ class ChatRequest(_Sampling):
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
 
-    def plain_messages(self) -> list[dict]:
-        """[{role, content: str}] for the chat template; content parts must be text."""
-        out = []
+    def _check_roles(self) -> None:
         for i, m in enumerate(self.messages):
-            role = "system" if m.role == "developer" else m.role
             if m.role not in CHAT_ROLES:
                 raise APIError(
                     400,
                     f"messages[{i}].role {m.role!r} is not supported ({', '.join(CHAT_ROLES)})",
                     param=f"messages.{i}.role",
                 )
+
+    def part_messages(self) -> list[dict]:
+        """[{role, content: str | parts | None}] as sent (roles checked), for a multimodal model."""
+        self._check_roles()
+        return [{"role": m.role, "content": m.content} for m in self.messages]
+
+    def plain_messages(self) -> list[dict]:
+        """[{role, content: str}] for the chat template; content parts must be text (a media
+        part: 400 media_unsupported, this is a text-only model)."""
+        self._check_roles()
+        out = []
+        for i, m in enumerate(self.messages):
+            role = "system" if m.role == "developer" else m.role
             if isinstance(m.content, list):
                 texts = []
                 for k, part in enumerate(m.content):
@@ -167,6 +211,14 @@ class ChatRequest(_Sampling):
                         texts.append(TextPart.model_validate(part).text)
                     except ValidationError:
                         kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                        if kind in MEDIA_PART_TYPES:
+                            raise APIError(
+                                400,
+                                f"messages[{i}].content[{k}]: a {kind!r} part was sent to a text-only model; "
+                                "media need a multimodal checkpoint",
+                                param=f"messages.{i}.content.{k}",
+                                code="media_unsupported",
+                            ) from None
                         raise APIError(
                             400,
                             f"messages[{i}].content[{k}]: content parts of type {kind!r} are not supported (text only)",

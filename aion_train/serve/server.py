@@ -33,6 +33,8 @@ def build_server(args):
     audit = AuditLog(args.audit_log) if args.audit_log else None
     retrieval = None
     if getattr(args, "index", None):
+        if loaded.multimodal:
+            raise ValueError("--index is not supported with a multimodal checkpoint (retrieval is for text models)")
         from aion_train.retrieval.hybrid import lm_loglik
         from aion_train.serve.retrieval_context import RetrievalContext
 

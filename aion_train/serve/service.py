@@ -37,6 +37,8 @@ class PromptSpec:
     ids: list[int]
     context: list[int]  # ids before the generated text, for detokenizing
     text: str = ""  # the prompt as text (echo)
+    modality: list[int] | None = None  # a multimodal prompt: per token 0 or the placeholder's kind id
+    media: list | None = None  # its media (serve.media.MediaInput), in placeholder order
 
 
 def plan_max_tokens(
@@ -187,6 +189,8 @@ class Service:
                         sink=c.push,
                         on_finish=finished,
                         prompt_logprobs=bool(params.echo and params.logprobs is not None),
+                        modality=prompt.modality,
+                        media=prompt.media,
                     )
                 )
                 choices.append(c)

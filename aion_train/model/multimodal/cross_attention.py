@@ -28,12 +28,16 @@ class MediaContext:
     kv_pos: torch.Tensor
     q_seg: torch.Tensor
     q_pos: torch.Tensor
+    # per layer (the GatedCrossAttention module): its key/value projection of kv, [B, K, 2D],
+    # computed once (a server caches it per media item); absent: projected at every call
+    projected: dict | None = None
 
     def for_queries(self, q_seg: torch.Tensor, q_pos: torch.Tensor, repeat: int = 1) -> MediaContext:
         """The same media for other queries (e.g. decoding steps); `repeat` copies each row
         that many times (consecutively), for scoring several continuations of one prompt."""
         rep = (lambda x: x.repeat_interleave(repeat, dim=0)) if repeat > 1 else (lambda x: x)  # noqa: E731
-        return MediaContext(rep(self.kv), rep(self.kv_seg), rep(self.kv_pos), q_seg, q_pos)
+        proj = None if self.projected is None else {k: rep(v) for k, v in self.projected.items()}
+        return MediaContext(rep(self.kv), rep(self.kv_seg), rep(self.kv_pos), q_seg, q_pos, proj)
 
     def mask(self) -> torch.Tensor:
         """[B, 1, Tq, K]: same segment and the media item starts before the query."""
@@ -89,7 +93,9 @@ class GatedCrossAttention(nn.Module):
         b, t, d = x.shape
         h = self.heads
         q = self.q(self.norm(x)).view(b, t, h, -1)
-        k, v = self.kv(ctx.kv.to(x.dtype)).view(b, -1, 2, h, d // h).unbind(2)
+        pre = None if ctx.projected is None else ctx.projected.get(self)
+        kv = self.kv(ctx.kv.to(x.dtype)) if pre is None else pre.to(x.dtype)
+        k, v = kv.view(b, -1, 2, h, d // h).unbind(2)
         mask = ctx.mask()  # [B, 1, T, Tk]
         visible = mask.any(-1, keepdim=True)  # queries with no media: output 0, no NaN
         out = attention(q, k, v, causal=False, attn_mask=mask | ~visible, execution=self.execution)
