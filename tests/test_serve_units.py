@@ -738,3 +738,35 @@ def test_scheduler_tells_its_listeners_where_each_iteration_starts_and_ends(mode
             assert inside, kind
     assert events.count(("sink", "aion-serve-engine")) == 10
     assert sum(k == "release" for k, _ in events) == sched.steps  # one prefill with its first step
+
+
+def test_the_engine_thread_computes_on_one_core_fewer_and_the_caller_keeps_its_threads(model):
+    """torch's intra-op thread count is per thread: the server's worker sets its own (by default
+    the execution policy's serving_threads, one fewer than the process's on the CPU; CUDA
+    leaves it alone), and the thread that built the scheduler keeps its count."""
+    from aion_train.model.execution import ExecutionPolicy
+
+    n0 = torch.get_num_threads()
+    greedy = SamplingParams(temperature=0.0)
+    try:
+        torch.set_num_threads(3)
+        engine = Engine(model, eos_ids=())
+        assert engine.execution.serving_threads == 2
+        assert ExecutionPolicy.for_device("cuda").for_generation().serving_threads == 0
+        for threads, expected in ((None, 2), (1, 1)):
+            seen: list[int] = []
+            sched = Scheduler(engine, max_batch=2, threads=threads).start()
+
+            def sink(tok, info, seen=seen):
+                seen.append(torch.get_num_threads())
+                return False
+
+            job = sched.submit(Job(rows=[Row(prompt_ids=[4, 5, 6], params=greedy, max_new=3, sink=sink)]))
+            assert job.done.wait(60) and job.error is None
+            sched.stop()
+            assert seen == [expected] * 3
+            assert torch.get_num_threads() == 3
+        with pytest.raises(ValueError, match="threads must be >= 1"):
+            Scheduler(engine, threads=0)
+    finally:
+        torch.set_num_threads(n0)

@@ -7,7 +7,10 @@ streamed completions (token-id prompts, greedy, `max_tokens` new tokens, no stop
 reference generates the same prompts with `MixtralForCausalLM.generate`, C sequences per
 batch, exactly `max_tokens` new tokens each, in bf16 and (as `hf_fp32_*`) with the same
 weights in fp32. Rounds interleave them at every C, and a ratio is the median of the
-per-round ratios (`timing.paired_ratio`).
+per-round ratios (`timing.paired_ratio`). The server's engine thread computes on
+`engine_threads` (the serving policy: one core fewer than `threads`, which `generate` uses);
+its thread pool exists only when it has more than one thread, so `transformers` in the main
+thread is never slowed by a second pool oversubscribing the cores (docs/notes.md).
 
 The weights are random (seeded). The served tokenizer is a small SentencePiece model trained
 on the packaged demo texts; it only turns generated ids into text (prompts are ids), and
@@ -57,17 +60,14 @@ def _config(mid: bool, config: str | None):
     return load_config(_config_path(config), MID_MODEL if mid else [])
 
 
-def _hf_model(cfg, model, dtype: torch.dtype, folder: Path):
-    """Our weights written as an HF Mixtral folder and read back by transformers."""
-    from transformers import MixtralForCausalLM
-
+def _hf_folder(cfg, model, dtype: torch.dtype, folder: Path) -> str:
+    """Our weights written as an HF Mixtral folder (read by the transformers process)."""
     from aion_train.interop.hf_mixtral import write_hf_folder
 
     sd = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     folder.mkdir()
     write_hf_folder(cfg, sd, folder, dtype=dtype)
-    hf = MixtralForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="sdpa")
-    return hf.eval()
+    return str(folder)
 
 
 def _loaded(model, cfg, tokenizer_path: str):
@@ -116,31 +116,45 @@ class _LoopbackServer:
         self.sock.close()
 
 
-class _Clients:
-    """The client process (spawned: no torch state shared with the server)."""
+class _Worker:
+    """A spawned process (no torch state shared with the server) answering jobs over a Pipe:
+    the clients (serve_clients.client_worker) or transformers (serve_hf.hf_worker)."""
+
+    def __init__(self, target, *args, ready: bool = False):
+        self.target, self.args, self.ready = target, args, ready
 
     def __enter__(self):
-        from .serve_clients import client_worker
-
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=client_worker, args=(child,), daemon=True)
+        self.proc = ctx.Process(target=self.target, args=(child, *self.args), daemon=True)
         self.proc.start()
+        if self.ready:  # the worker says when it has loaded
+            self._answer()
         return self
 
-    def run(self, **job) -> dict:
-        self.conn.send(job)
+    def _answer(self):
+        if not self.conn.poll(600):
+            raise RuntimeError(f"bench serve: the {self.target.__name__} process did not answer")
         status, out = self.conn.recv()
         if status != "ok":
-            raise RuntimeError(f"bench serve clients: {out}")
+            raise RuntimeError(f"bench serve, {self.target.__name__}: {out}")
         return out
 
+    def run(self, **job):
+        self.conn.send(job)
+        return self._answer()
+
     def __exit__(self, *exc):
-        self.conn.send(None)
+        try:
+            self.conn.send(None)
+        except (BrokenPipeError, OSError):
+            pass
         self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
 
 
-def _served(clients: _Clients, url, prompts, c, per_client, new_tokens, jurisdiction=None) -> dict:
+def _served(clients: _Worker, url, prompts, c, per_client, new_tokens, jurisdiction=None) -> dict:
     body = {
         "model": "bench-serve",
         "max_tokens": new_tokens,
@@ -160,27 +174,6 @@ def _served(clients: _Clients, url, prompts, c, per_client, new_tokens, jurisdic
         "ttft_ms": [r["chunk_s"][0] * 1e3 for r in reqs if r["chunk_s"]],
         "itl_ms": [(b - a) * 1e3 for r in reqs for a, b in zip(r["chunk_s"], r["chunk_s"][1:])],
     }
-
-
-def _hf_generate(hf, prompts, c, per_client, new_tokens) -> float:
-    """tokens/s of `generate` on per_client batches of c prompts (the clients' prompts)."""
-    n = c * per_client
-    ids = torch.tensor([prompts[i % len(prompts)] for i in range(n)])
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for b in range(per_client):
-            batch = ids[b * c : (b + 1) * c]
-            out = hf.generate(
-                input_ids=batch,
-                attention_mask=torch.ones_like(batch),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=0,
-            )
-            assert out.shape[1] == batch.shape[1] + new_tokens
-    return n * new_tokens / (time.perf_counter() - t0)
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -207,6 +200,9 @@ def run_bench(
     from aion_train.serve.openai_api import create_app
     from aion_train.serve.service import Service
 
+    from .serve_clients import client_worker
+    from .serve_hf import hf_worker
+
     if threads:
         torch.set_num_threads(threads)
     clients = tuple(int(c) for c in clients)
@@ -223,10 +219,12 @@ def run_bench(
     prompts = torch.randint(4, vocab, (n_prompts, prompt_tokens), generator=gen).tolist()
 
     with tempfile.TemporaryDirectory(prefix="aion-bench-serve-") as tmp:
-        hf = _hf_model(cfg, model, torch_dtype, Path(tmp) / "hf")
+        folders = {"hf": (_hf_folder(cfg, model, torch_dtype, Path(tmp) / "hf"), dtype)}
         # the same bf16 weights computed in fp32 by transformers: where the CPU has no native
         # bf16 matmul this is the faster way to run them there, shown beside the bf16 reference
-        hf32 = _hf_model(cfg, model, torch.float32, Path(tmp) / "hf32") if compare_fp32 and dtype == "bf16" else None
+        with_fp32 = compare_fp32 and dtype == "bf16"
+        if with_fp32:
+            folders["hf_fp32"] = (_hf_folder(cfg, model, torch.float32, Path(tmp) / "hf32"), "fp32")
         service = Service(_loaded(model, cfg, str(Path(tmp) / "tok.model")), policies, max_batch=max(clients))
         app = create_app(service)
         service.scheduler.start()
@@ -235,20 +233,27 @@ def run_bench(
         itl: dict = {c: [] for c in clients}
         policy_rounds: dict = {"default": [], POLICY_JURISDICTION: []}
         try:
-            with _LoopbackServer(app) as server, _Clients() as cl:
+            with (
+                _LoopbackServer(app) as server,
+                _Worker(client_worker) as cl,
+                _Worker(hf_worker, folders, torch.get_num_threads(), ready=True) as hfw,
+            ):
+
+                def hf_run(name, c, n):
+                    return hfw.run(model=name, prompts=prompts, clients=c, per_client=n, new_tokens=new_tokens)
+
                 for c in clients:  # warm-up: allocator, kernels, connections
                     _served(cl, server.url, prompts, c, 1, new_tokens)
-                    for m in (hf, hf32) if hf32 is not None else (hf,):
-                        _hf_generate(m, prompts, c, 1, new_tokens)
+                    for name in folders:
+                        hf_run(name, c, 1)
                 for _ in range(rounds):
                     for c in clients:
                         ours = _served(cl, server.url, prompts, c, per_client[c], new_tokens)
                         samples["ours"][c].append(ours["tokens_per_s"])
                         ttft[c] += ours["ttft_ms"]
                         itl[c] += ours["itl_ms"]
-                        samples["hf"][c].append(_hf_generate(hf, prompts, c, per_client[c], new_tokens))
-                        if hf32 is not None:
-                            samples["hf_fp32"][c].append(_hf_generate(hf32, prompts, c, per_client[c], new_tokens))
+                        for name in folders:
+                            samples[name][c].append(hf_run(name, c, per_client[c]))
                     pc = policy_clients
                     for jur in ("default", POLICY_JURISDICTION):
                         j = None if jur == "default" else jur
@@ -272,7 +277,7 @@ def run_bench(
                 "hf_fp32_tokens_per_s": per_c(lambda c: round(statistics.median(samples["hf_fp32"][c]), 1)),
                 "ratio_vs_hf_fp32": per_c(lambda c: round(paired_ratio(samples["ours"][c], samples["hf_fp32"][c]), 3)),
             }
-            if hf32 is not None
+            if with_fp32
             else {}
         ),
         "policy_overhead": round(paired_ratio(policy_rounds[POLICY_JURISDICTION], policy_rounds["default"]), 3),
@@ -282,7 +287,7 @@ def run_bench(
         "rounds_tokens_per_s": {
             "ours": per_c(lambda c: samples["ours"][c]),
             "hf": per_c(lambda c: samples["hf"][c]),
-            **({"hf_fp32": per_c(lambda c: samples["hf_fp32"][c])} if hf32 is not None else {}),
+            **({"hf_fp32": per_c(lambda c: samples["hf_fp32"][c])} if with_fp32 else {}),
             "policy": policy_rounds,
         },
         "requests_per_client": per_c(lambda c: per_client[c]),
@@ -290,6 +295,7 @@ def run_bench(
         "new_tokens": new_tokens,
         "dtype": dtype,
         "threads": torch.get_num_threads(),
+        "engine_threads": service.scheduler.threads or torch.get_num_threads(),
         "d_model": cfg.d_model,
         "vocab_size": cfg.vocab_size,
         "tokenizer_vocab": vocab,

@@ -70,6 +70,14 @@ def add_arguments(p):
     )
     p.add_argument("--k", type=int, default=3, metavar="K", help="chunks to retrieve with --index (default 3)")
     p.add_argument("--max-batch", type=int, default=8, metavar="N", help="rows per engine batch (default 8)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="intra-op threads of the engine (default on the CPU: one fewer than the process's, "
+        "leaving a core to the HTTP side)",
+    )
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="B", help="request body limit")
     p.add_argument(
         "--policy-poll",

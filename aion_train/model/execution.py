@@ -38,6 +38,10 @@ class ExecutionPolicy:
     routing_stats: bool = True
     sparse_expert_rows: int = 0
     packed_weights: bool = False  # bf16 CPU weights packed once for oneDNN (packed_weights.py)
+    # intra-op threads of a server's engine thread (0: the process's): the rest of the cores are
+    # left to the HTTP side (event loop, streams), whose bursts would otherwise stall every
+    # parallel region of the model at its barrier
+    serving_threads: int = 0
 
     def __post_init__(self):
         if self.grouped_mm not in GROUPED_MM_MODES:
@@ -61,10 +65,12 @@ class ExecutionPolicy:
     def for_generation(self) -> ExecutionPolicy:
         """The same device choices for serving / `generate`: no routing losses or stats, decode
         steps run only the experts their tokens picked, and on the CPU (where equal expert
-        groups are batched) the bf16 weights are packed once (packed_weights.py)."""
+        groups are batched) the bf16 weights are packed once (packed_weights.py) and a server's
+        engine thread computes on one core fewer than the process has (serving_threads)."""
         cpu = self.batched_equal_groups
         return dataclasses.replace(
             self,
+            serving_threads=max(1, torch.get_num_threads() - 1) if cpu else 0,
             routing_stats=False,
             # on the CPU every step (prefill too) takes one matmul per expert with rows, on the
             # packed weights; CUDA keeps the grouped GEMM for prefills

@@ -32,6 +32,7 @@ SERVER_FIELDS = (
     "index",
     "k",
     "max_batch",
+    "threads",
     "max_body_bytes",
     "policy_poll",
     "allow_unauthenticated_admin",

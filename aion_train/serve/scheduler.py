@@ -6,6 +6,10 @@ pass and merges them into the running batch (engine.py); a finished row leaves t
 the step it ends, and a job is done when its last row is. A job that does not fit waits at
 the head of the queue (first come, first served). An error in a prefill fails the jobs of
 that prefill only; an error in a decode step fails every job of the batch.
+
+The worker computes with `threads` intra-op threads (torch's thread count is per thread, so
+the rest of the process keeps its own): by default the engine's execution policy's
+`serving_threads`, which leaves a core to the HTTP side (docs/notes.md, bench serve).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import torch
 
 from .engine import Batch, Engine, Row, fail_rows
 
@@ -31,10 +37,14 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_batch: int = 8):
+    def __init__(self, engine: Engine, max_batch: int = 8, threads: int | None = None):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1 (got {threads})")
         self.engine = engine
+        # 0: the thread count the worker inherits (the execution policy leaves it alone)
+        self.threads = threads if threads is not None else engine.execution.serving_threads
         self.max_batch = max_batch
         self._q: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -89,6 +99,9 @@ class Scheduler:
                 return jobs
 
     def _loop(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        log.info("engine worker: %d intra-op threads", torch.get_num_threads())
         batch: Batch | None = None
         running: list[Job] = []
         while True:

@@ -89,11 +89,13 @@ class ReloadEvent:
 
 
 class Service:
-    def __init__(self, loaded: LoadedModel, policies: PolicySet | None = None, max_batch: int = 8):
+    def __init__(
+        self, loaded: LoadedModel, policies: PolicySet | None = None, max_batch: int = 8, threads: int | None = None
+    ):
         self.loaded = loaded
         self.policy = PolicyRuntime(policies if policies is not None else PolicySet.default_only())
         self.engine = Engine(loaded.model, loaded.eos_ids, loaded.vocab_size)
-        self.scheduler = Scheduler(self.engine, max_batch)
+        self.scheduler = Scheduler(self.engine, max_batch, threads)
         self.reload_listeners: list[Callable[[ReloadEvent], None]] = []
         self.policy_watcher = None  # a policy_reload.PolicyWatcher, started with the service
         self._reload_lock = threading.Lock()
