@@ -92,14 +92,22 @@ def test_training_files_hold_the_own_document_and_distractors_never_held_out(tra
     ppo = [json.loads(line) for line in (tmp_path / "d" / "ppo_prompts.jsonl").read_text().splitlines()]
     held_heads = [p.document()[:80] for p in held]
     by_question = {e.question: (p, e) for p in train_pages for e in ob.examples_of(p)}
+    first_chunk = {}  # the index's first chunk of every document: what retrieval gives at inference
+    for line in (trained / "idx" / "chunks.jsonl").read_text().splitlines():
+        c = json.loads(line)
+        first_chunk.setdefault(c["source"], c["text"])
+    cut = 0
     for rec, prompt in zip(sft, ppo):
         user, answer = rec["messages"][0]["content"], rec["messages"][1]["content"]
         question = user.split(" </CTX> ", 1)[1][: -len(ob.ANSWER_CUE)]
         page, example = by_question[question]
-        assert answer == example.answer and page.document() in user
+        own = first_chunk[page.doc_id]
+        assert answer == example.answer and own in user and page.document().startswith(own[:60])
+        cut += own != page.document()
         assert user.count("\n\n") == 2  # the own document and two distractors
         assert not any(h in user for h in held_heads)
         assert prompt == {"prompt": user, "answer": answer}
+    assert cut > 0  # some documents are longer than one chunk: the prompt holds the chunk, not the page
     held_rows = [json.loads(line) for line in (tmp_path / "d" / "held_out.jsonl").read_text().splitlines()]
     assert {row["doc_id"] for row in held_rows} == {p.doc_id for p in held}
 
@@ -123,3 +131,22 @@ def test_training_files_refuse_a_foreign_folder(trained, tmp_path):
     )
     assert p.returncode == 1 and "--overwrite" in p.stderr and str(tmp_path) in p.stderr
     assert (tmp_path / "mine.txt").read_text() == "keep"
+
+
+def test_the_memory_after_ingest_holds_the_chunks_the_index_holds(trained, tmp_path):
+    """After ingest, the continual memory holds every document cut as the index cut it (so
+    open-book and after-ingest prompts are made of the same pieces), the held-out documents'
+    chunks arrived through the ingestor."""
+    from aion_train.eval.open_book import index_chunking, index_search, ingested_memory_search
+    from aion_train.retrieval.continual import ContinualIndex
+
+    train_pages, held = ob.split_pages(ob.read_man_pages())
+    _, embedder = index_search(str(trained / "idx"), 2)
+    chunking = index_chunking(str(trained / "idx"))
+    assert chunking["chunk_chars"] == 400
+    ingested_memory_search(str(tmp_path / "mem"), embedder, train_pages, held, 2, chunking)
+    memory = ContinualIndex(str(tmp_path / "mem"), embedder=embedder)
+    index_chunks = [json.loads(line) for line in (trained / "idx" / "chunks.jsonl").read_text().splitlines()]
+    expect = {f"{c['source']}@{c['start']}": c["text"] for c in index_chunks}
+    stored = {doc: memory.get(doc)["text"] for doc in list(memory.docs)}
+    assert stored == expect and len(expect) > len(train_pages) + len(held)  # longer pages: several chunks

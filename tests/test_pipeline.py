@@ -213,6 +213,41 @@ def test_config_errors_name_the_key():
     ]
 
 
+def test_the_rag_pipeline_config_and_its_file_writing_phase(tmp_path):
+    """configs/pipeline_rag_tiny.yaml: its phases in order; the SFT / PPO files it names are
+    written by its open-book-data phase, so they are checked when those phases start (and the
+    same files are checked up front without that phase); bad open-book keys are named."""
+    from aion_train.posttrain.user_data import UserDataError, check_phase_files, checkable_now
+
+    cfg = load_config("configs/pipeline_rag_tiny.yaml")
+    assert [ph.name for ph in pipeline_phases(cfg)] == ["build-index", "open-book-data", "sft", "ppo", "eval-open-book"]
+    assert checkable_now(cfg, ("sft", "ppo")) == ()
+    check_phase_files(cfg, checkable_now(cfg, ("sft", "ppo")))  # nothing to read yet: no error
+    alone = load_config(
+        "configs/pipeline_rag_tiny.yaml",
+        [
+            "pipeline.phases=[sft,ppo]",
+            f"sft.train_files=[{tmp_path}/sft.jsonl]",
+            f"ppo.prompt_files=[{tmp_path}/p.jsonl]",
+        ],
+    )
+    assert checkable_now(alone, ("sft", "ppo")) == ("sft", "ppo")
+    with pytest.raises(UserDataError, match="sft.train_files: .* matches no file"):
+        check_phase_files(alone, checkable_now(alone, ("sft", "ppo")))
+    with pytest.raises(ConfigError) as e:
+        load_config(
+            "configs/pipeline_rag_tiny.yaml",
+            ["pipeline.index_chunk_overlap=300", "pipeline.open_book_k=0", "pipeline.open_book_models=[rm]"],
+        )
+    msg = "\n".join(e.value.errors)
+    for needle in (
+        "pipeline.index_chunk_chars=200, index_chunk_overlap=300",
+        "open_book_k=0",
+        "open_book_models=['rm']",
+    ):
+        assert needle in msg, msg
+
+
 def test_job_entrypoint(tmp_path):
     import shlex
 

@@ -19,7 +19,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from aion_train.posttrain.user_data import check_phase_files, named_phases
+    from aion_train.posttrain.user_data import check_phase_files, checkable_now, named_phases
 
     try:
         cfg = load_config(args.config, args.overrides, world_size=args.world_size)
@@ -28,7 +28,9 @@ def run(args) -> int:
 
         if cfg.train.init_from or cfg.sft.init_from:  # the architecture an HF folder gives
             validate_config(apply_hf_init(cfg, "posttrain" if cfg.sft.init_from else "pretrain"))
-        check_phase_files(cfg, named_phases(cfg))  # the post-training files it names, record by record
+        check_phase_files(
+            cfg, checkable_now(cfg, named_phases(cfg))
+        )  # the post-training files it names, record by record
     except (ConfigError, ValueError) as e:
         print(str(e), file=sys.stderr)
         return 2

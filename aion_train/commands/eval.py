@@ -60,7 +60,7 @@ def evaluate_perplexity(args) -> dict:
 def evaluate_open_book_task(args) -> dict:
     import tempfile
 
-    from aion_train.eval.open_book import evaluate_open_book, index_search, ingested_memory_search
+    from aion_train.eval.open_book import evaluate_open_book, index_chunking, index_search, ingested_memory_search
     from aion_train.retrieval.open_book import iter_examples, read_man_pages, split_pages
     from aion_train.serve.loading import load_for_serving
 
@@ -71,7 +71,7 @@ def evaluate_open_book_task(args) -> dict:
     examples = list(iter_examples(held))[: args.limit]
     open_search, embedder = index_search(args.index, args.k)
     with tempfile.TemporaryDirectory(prefix="aion-open-book-memory-") as tmp:
-        memory_search = ingested_memory_search(tmp, embedder, trained, held, args.k)
+        memory_search = ingested_memory_search(tmp, embedder, trained, held, args.k, index_chunking(args.index))
         result = evaluate_open_book(
             loaded.model, loaded.tokenizer, loaded.chat, loaded.eos_ids, examples, open_search, memory_search
         )

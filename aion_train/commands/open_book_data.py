@@ -27,6 +27,19 @@ def _jsonl(records) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
+def first_chunk(index: str):
+    """page -> the first chunk of its document as the index chunked it (manifest.json)."""
+    from aion_train.eval.open_book import index_chunking
+    from aion_train.retrieval.chunking import chunk_text
+
+    chunking = index_chunking(index)
+
+    def own(page) -> str:
+        return chunk_text(page.document(), chunking["chunk_chars"], chunking["overlap"])[0][1]
+
+    return own
+
+
 def write_open_book_files(index: str, out: str, noise: int = 2, fraction: float = 0.2, seed: int = 0, overwrite=False):
     from aion_train.fsutil import atomic_write_text
     from aion_train.ownership import claim_dir
@@ -43,7 +56,7 @@ def write_open_book_files(index: str, out: str, noise: int = 2, fraction: float 
     def search(question: str):
         return [(h.source, h.text) for h in retriever.search(question, k=2 * noise + 4)]
 
-    sft = sft_records(trained, search, noise, seed, exclude=held_ids)
+    sft = sft_records(trained, search, noise, seed, exclude=held_ids, own_text=first_chunk(index))
     ppo = [{"prompt": r["messages"][0]["content"], "answer": r["messages"][1]["content"]} for r in sft]
     held_q = [
         {"doc_id": e.doc_id, "question": e.question, "answer": e.answer, "kind": e.kind} for e in iter_examples(held)

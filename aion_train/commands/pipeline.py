@@ -87,7 +87,7 @@ def _terminate(signum, frame):
 
 def run(args) -> int:
     config = args.config or (DEFAULT_CONFIG if os.path.isfile(DEFAULT_CONFIG) else None)
-    from aion_train.posttrain.user_data import check_phase_files
+    from aion_train.posttrain.user_data import check_phase_files, checkable_now
 
     try:
         cfg = load_config(config, args.overrides)  # bad config fails here, before any job or cluster
@@ -95,7 +95,7 @@ def run(args) -> int:
         from aion_train.interop.hf_init import apply_hf_init
 
         validate_config(apply_hf_init(cfg, "posttrain"))  # sft.init_from: an HF folder's architecture
-        check_phase_files(cfg, tuple(p for p in cfg.pipeline.phases if p in ("sft", "rm", "ppo")))
+        check_phase_files(cfg, checkable_now(cfg, tuple(p for p in cfg.pipeline.phases if p in ("sft", "rm", "ppo"))))
     except (ConfigError, ValueError) as e:
         print(str(e), file=sys.stderr)
         return 2

@@ -55,6 +55,14 @@ BUILTIN = {
         world_size=1,
         out="artifacts/build-policy",
     ),
+    # the open-book task (configs/pipeline_rag_tiny.yaml): its training files from the index the
+    # build-index phase wrote, and the held-out evaluation of the post-trained models
+    "open-book-data": Phase(
+        "open-book-data", "aion_train.pipeline.open_book:run_open_book_data", num_cpus=1, world_size=1
+    ),
+    "eval-open-book": Phase(
+        "eval-open-book", "aion_train.pipeline.open_book:run_eval_open_book", num_cpus=1, world_size=1
+    ),
 }
 
 
@@ -86,7 +94,7 @@ def pipeline_phases(cfg) -> list[Phase]:
     return out
 
 
-DEFAULT_PHASES = list(BUILTIN)
+DEFAULT_PHASES = ["sft", "rm", "ppo", "build-index", "build-policy"]
 
 
 @dataclass
@@ -108,7 +116,17 @@ class PipelineConfig:
     index_embedder: str = "minilm"  # minilm | hash-DIM | model:...
     index_factory: str = "HNSW32"
     index_max_chunks_per_doc: int = 0  # 0 = no limit
+    index_chunk_chars: int = 400  # characters per chunk (the cut falls on a boundary)
+    index_chunk_overlap: int = 50
     index_cache_dir: str = ""  # the embedding cache; "" = ~/.cache/aion-train/retrieval
+    # the open-book phases: distractor chunks per SFT/PPO prompt, chunks retrieved per held-out
+    # question, held-out questions evaluated (0 = all), the split, and the phases evaluated
+    open_book_noise: int = 1
+    open_book_k: int = 2
+    open_book_eval_limit: int = 0
+    open_book_held_out_fraction: float = 0.2
+    open_book_split_seed: int = 0
+    open_book_models: list = field(default_factory=lambda: ["sft", "ppo"])
     # build-policy phase (the library behind `aion-train build-policy`)
     policy_files: list = field(default_factory=lambda: ["configs/policies"])
 
@@ -150,7 +168,7 @@ def _check_fields(cfg, errors: list[str]) -> None:
     extra = p.extra if isinstance(p.extra, dict) else {}
     if not isinstance(p.extra, dict):
         errors.append(f"pipeline.extra={p.extra!r}: must be a mapping name -> {{fn, num_cpus, world_size, out}}")
-    known = set(DEFAULT_PHASES) | set(extra)
+    known = set(BUILTIN) | set(extra)
     if not isinstance(p.phases, list) or not p.phases or not all(isinstance(x, str) for x in p.phases):
         errors.append(f"pipeline.phases={p.phases!r}: must be a non-empty list of phase names")
     else:
@@ -172,7 +190,7 @@ def _check_fields(cfg, errors: list[str]) -> None:
             _check_request(f"pipeline.resources.{name}", spec, errors, RESOURCE_KEYS)
     for name, spec in extra.items():
         key = f"pipeline.extra.{name}"
-        if name in DEFAULT_PHASES:
+        if name in BUILTIN:
             errors.append(f"{key}: {name!r} is a built-in phase; override its resources in pipeline.resources")
         _check_request(key, spec, errors, EXTRA_KEYS)
         fn = spec.get("fn") if isinstance(spec, dict) else None
@@ -191,5 +209,23 @@ def _check_fields(cfg, errors: list[str]) -> None:
         val = getattr(p, key)
         if not isinstance(val, list) or not val or not all(isinstance(x, str) and x for x in val):
             errors.append(f"pipeline.{key}={val!r}: must be a non-empty list of paths/globs")
+    if not 0 < p.index_chunk_chars or not 0 <= p.index_chunk_overlap < p.index_chunk_chars:
+        errors.append(
+            f"pipeline.index_chunk_chars={p.index_chunk_chars}, index_chunk_overlap={p.index_chunk_overlap}: "
+            "need chunk_chars > 0 and 0 <= overlap < chunk_chars"
+        )
+    if p.open_book_noise < 0 or p.open_book_k < 1 or p.open_book_eval_limit < 0:
+        errors.append(
+            f"pipeline.open_book_noise={p.open_book_noise} (>= 0), open_book_k={p.open_book_k} (>= 1), "
+            f"open_book_eval_limit={p.open_book_eval_limit} (>= 0): out of range"
+        )
+    if not 0 < p.open_book_held_out_fraction < 1:
+        errors.append(f"pipeline.open_book_held_out_fraction={p.open_book_held_out_fraction}: must be in (0, 1)")
+    if (
+        not isinstance(p.open_book_models, list)
+        or not set(p.open_book_models) <= {"sft", "ppo"}
+        or not p.open_book_models
+    ):
+        errors.append(f"pipeline.open_book_models={p.open_book_models!r}: a non-empty list of sft / ppo")
     if p.index_max_chunks_per_doc < 0:
         errors.append(f"pipeline.index_max_chunks_per_doc={p.index_max_chunks_per_doc}: must be >= 0")

@@ -75,16 +75,42 @@ def index_search(index_dir: str, k: int) -> tuple[Search, object]:
     return (lambda q: [h.text for h in retriever.search(q, k=k)]), retriever.embedder
 
 
-def ingested_memory_search(folder: str, embedder, trained, ingested, k: int) -> Search:
-    """A continual memory holding the training documents, then `ingested` added through the
-    background ingestor after training (the write-ahead-logged path), searched densely."""
-    from aion_train.retrieval.continual import ContinualIndex
+def index_chunking(index_dir: str) -> dict:
+    """How the index chunked its documents (its manifest's `chunking`)."""
+    import json
+
+    with open(f"{index_dir}/manifest.json", encoding="utf-8") as f:
+        return json.load(f)["chunking"]
+
+
+def _chunks(trained, ingested, chunking: dict | None) -> tuple[list, list]:
+    """(id, text) of every document of each group, cut as the index cut them (`chunk_documents`
+    over all of them, duplicates dropped as the index drops them; whole documents without
+    `chunking`). A chunk's id is `doc_id@start`."""
+    from aion_train.retrieval.chunking import chunk_documents
     from aion_train.retrieval.open_book import task_documents
 
+    docs = task_documents([*trained, *ingested])
+    if chunking is None:
+        pieces = [(d.source, d.source, d.text) for d in docs]
+    else:
+        cut = chunk_documents(docs, chunking["chunk_chars"], chunking["overlap"], chunking.get("max_chunks_per_doc"))
+        pieces = [(c.source, f"{c.source}@{c.start}", c.text) for c in cut]
+    later = {p.doc_id for p in ingested}
+    return [(i, t) for s, i, t in pieces if s not in later], [(i, t) for s, i, t in pieces if s in later]
+
+
+def ingested_memory_search(folder: str, embedder, trained, ingested, k: int, chunking: dict | None = None) -> Search:
+    """A continual memory holding the training documents, then `ingested` added through the
+    background ingestor after training (the write-ahead-logged path), searched densely; with
+    `chunking` (index_chunking) the memory holds the chunks the index holds."""
+    from aion_train.retrieval.continual import ContinualIndex
+
+    first, later = _chunks(trained, ingested, chunking)
     memory = ContinualIndex(folder, embedder=embedder)
-    memory.put_many([(d.source, d.text, None) for d in task_documents(trained)])
+    memory.put_many([(i, t, None) for i, t in first])
     ingestor = memory.start_ingestion()
-    tickets = [ingestor.submit(d.source, d.text) for d in task_documents(ingested)]
+    tickets = [ingestor.submit(i, t) for i, t in later]
     for t in tickets:
         t.wait(timeout=600)
     ingestor.stop()

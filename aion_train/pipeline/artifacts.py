@@ -48,6 +48,8 @@ def run_build_index(cfg) -> dict:
         p.index_embedder,
         factory=p.index_factory,
         max_chunks_per_doc=p.index_max_chunks_per_doc or None,
+        chunk_chars=p.index_chunk_chars,
+        overlap=p.index_chunk_overlap,
         params=default_params(p.index_factory),
         cache_dir=p.index_cache_dir or None,
         log=stderr_log,

@@ -349,6 +349,17 @@ def named_phases(cfg) -> tuple:
     return tuple(out)
 
 
+# phases of the pipeline that write the files the post-training phases read
+FILE_WRITING_PHASES = {"open-book-data": ("sft", "ppo")}
+
+
+def checkable_now(cfg, phases) -> tuple:
+    """`phases` less those whose files a phase of `pipeline.phases` writes first (they are read
+    and checked when they start)."""
+    later = {ph for writer, readers in FILE_WRITING_PHASES.items() if writer in cfg.pipeline.phases for ph in readers}
+    return tuple(ph for ph in phases if ph not in later)
+
+
 __all__ = [
     "Conversation",
     "Preference",
@@ -356,6 +367,7 @@ __all__ = [
     "UserDataError",
     "check_phase_files",
     "expand_files",
+    "checkable_now",
     "named_phases",
     "read_conversations",
     "read_preferences",

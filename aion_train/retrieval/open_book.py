@@ -146,16 +146,18 @@ def open_book_prompt(question: str, chunks: Sequence[str] = ()) -> str:
 
 
 def sft_records(
-    pages: Sequence[OpenBookPage], search, noise: int = 2, seed: int = 0, exclude=frozenset()
+    pages: Sequence[OpenBookPage], search, noise: int = 2, seed: int = 0, exclude=frozenset(), own_text=None
 ) -> list[dict]:
     """Chat SFT records (`{"messages": [...]}`, loss on the answer only) of the pages' questions:
     the page's own document and `noise` distractors in a seeded order inside the `<CTX>` block.
     `search(question)` gives (doc id, chunk text) pairs, best first: the distractors are the best
-    chunks of other documents (hard negatives), never of a document in `exclude` (held out)."""
+    chunks of other documents (hard negatives), never of a document in `exclude` (held out).
+    `own_text(page)` is the page's own text in the block (default: its whole document; the
+    index's first chunk of it, so training sees what retrieval gives at inference)."""
     rng = random.Random(seed)
     out = []
     for p in pages:
-        own = p.document()
+        own = own_text(p) if own_text is not None else p.document()
         for e in examples_of(p):
             others = [t for doc, t in search(e.question) if doc != p.doc_id and doc not in exclude][:noise]
             chunks = [own, *others]
