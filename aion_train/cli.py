@@ -26,6 +26,10 @@ COMMANDS = {
     "build-index": ("build_index", "chunk, embed and index a corpus (FAISS + BM25)"),
     "query": ("query", "hybrid search an index"),
     "open-book-data": ("open_book_data", "the open-book task's SFT / PPO / held-out files from an index"),
+    "distill-memory": (
+        "distill_memory",
+        "L_mem: distil the model's own embedder (LoRA + head) towards the memory's vectors; MRR@10",
+    ),
     "build-policy": ("build_policy", "validate, resolve and bundle per-jurisdiction policy JSON"),
     "sft": ("sft", "supervised fine-tuning (LoRA / QLoRA) on the chat task; prints sft_accuracy"),
     "rm": ("rm", "train the reward model on preference pairs; prints rm_pair_accuracy"),

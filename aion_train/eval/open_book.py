@@ -100,18 +100,25 @@ def _chunks(trained, ingested, chunking: dict | None) -> tuple[list, list]:
     return [(i, t) for s, i, t in pieces if s not in later], [(i, t) for s, i, t in pieces if s in later]
 
 
-def ingested_memory_search(folder: str, embedder, trained, ingested, k: int, chunking: dict | None = None) -> Search:
+def ingested_memory(folder: str, embedder, trained, ingested, chunking: dict | None = None, reservoir_k: int = 1024):
     """A continual memory holding the training documents, then `ingested` added through the
-    background ingestor after training (the write-ahead-logged path), searched densely; with
-    `chunking` (index_chunking) the memory holds the chunks the index holds."""
+    background ingestor after training (the write-ahead-logged path); with `chunking`
+    (index_chunking) the memory holds the chunks the index holds; its replay reservoir keeps
+    `reservoir_k` chunk ids of that stream."""
     from aion_train.retrieval.continual import ContinualIndex
 
     first, later = _chunks(trained, ingested, chunking)
-    memory = ContinualIndex(folder, embedder=embedder)
+    memory = ContinualIndex(folder, embedder=embedder, reservoir_k=reservoir_k)
     memory.put_many([(i, t, None) for i, t in first])
     ingestor = memory.start_ingestion()
     tickets = [ingestor.submit(i, t) for i, t in later]
     for t in tickets:
         t.wait(timeout=600)
     ingestor.stop()
+    return memory
+
+
+def ingested_memory_search(folder: str, embedder, trained, ingested, k: int, chunking: dict | None = None) -> Search:
+    """`ingested_memory`, searched densely (top k chunk texts)."""
+    memory = ingested_memory(folder, embedder, trained, ingested, chunking)
     return lambda q: [h.text for h in memory.search(q, k=k)]

@@ -11,8 +11,9 @@ chatterbot dialogs and any `sft.data_files`. Held-out accuracy: greedy KV-cached
 the easy-vqa test prompts, checked exactly.
 
 On the user's files (`sft.train_files`: chat JSONL) SFT trains on those conversations alone,
-the loss on every assistant turn; the base LM (without `sft.init_from`) reads their text; the
-held-out measure is the response loss on `sft.eval_files` (`base_eval_loss`, `sft_eval_loss`).
+the loss on every assistant turn; the base LM (without `sft.init_from`) reads them in the chat
+template, every token a target (file_base_documents); the held-out measure is the response
+loss on `sft.eval_files` (`base_eval_loss`, `sft_eval_loss`).
 
 Writes {run_dir}/sft/: base/ (weights-only checkpoint), adapters.safetensors (full, unsharded)
 or model/ (full fine-tuning), done.json (metrics + paths, last)."""
@@ -100,13 +101,15 @@ def render_conversations(conversations, tok, max_seq_len: int) -> list:
 
 
 def file_base_documents(task, max_seq_len: int) -> list:
-    """(ids, mask) of the base LM's text on the user's files: every conversation's messages as
-    plain text (no chat template), every token a target, cut to the model's context."""
+    """(ids, mask) of the base LM's text on the user's files: every conversation rendered in the
+    chat template (role headers and <|end|> included), every token a target, cut to the model's
+    context. The base must know the template's tokens: their output-head rows stay frozen
+    under LoRA, and a head row the base never trained leaves a LoRA-only SFT unable to end its
+    answers (<|end|> at ~0.01 probability after a correct answer, measured on the open-book task)."""
     tok = task.tokenizer
     docs = []
     for c in task.records["sft_train"] + task.records["sft_extra"]:
-        text = "\n".join(m["content"] for m in c.messages)
-        d = [tok.bos_id, *tok.encode(text), tok.sp.eos_id][: max_seq_len + 1]
+        d = render_conversation(c.messages, tok)[0][: max_seq_len + 1]
         docs.append((d, [1] * len(d)))
     return docs
 
