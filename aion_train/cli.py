@@ -30,6 +30,10 @@ COMMANDS = {
         "distill_memory",
         "L_mem: distil the model's own embedder (LoRA + head) towards the memory's vectors; MRR@10",
     ),
+    "continual-finetune": (
+        "continual_finetune",
+        "fine-tune on newly ingested documents with and without reservoir replay; forgetting",
+    ),
     "build-policy": ("build_policy", "validate, resolve and bundle per-jurisdiction policy JSON"),
     "sft": ("sft", "supervised fine-tuning (LoRA / QLoRA) on the chat task; prints sft_accuracy"),
     "rm": ("rm", "train the reward model on preference pairs; prints rm_pair_accuracy"),
