@@ -108,6 +108,35 @@ def test_training_files_hold_the_own_document_and_distractors_never_held_out(tra
         assert not any(h in user for h in held_heads)
         assert prompt == {"prompt": user, "answer": answer}
     assert cut > 0  # some documents are longer than one chunk: the prompt holds the chunk, not the page
+
+
+def test_ppo_fraction_keeps_a_seeded_share_of_the_training_pages_out_of_sft(trained, tmp_path):
+    idx, out = str(trained / "idx"), str(tmp_path / "d")
+    r = _cli("open-book-data", "--index", idx, "--out", out, "--noise", "1", "--ppo-fraction", "0.3", "--json")
+    train_pages, held = ob.split_pages(ob.read_man_pages())
+    sft_pages, ppo_pages = ob.split_pages(train_pages, 0.3, 1)  # the split seed + 1
+    assert (r["sft_documents"], r["ppo_documents"]) == (len(sft_pages), len(ppo_pages))
+    assert 0.2 < len(ppo_pages) / len(train_pages) < 0.4
+    assert r["sft_records"] == 3 * len(sft_pages) and r["ppo_prompts"] == 3 * len(ppo_pages)
+
+    def questions(name, key):
+        lines = (tmp_path / "d" / name).read_text().splitlines()
+        return {key(json.loads(x)).split(" </CTX> ", 1)[1][: -len(ob.ANSWER_CUE)] for x in lines}
+
+    sft_q = questions("sft_train.jsonl", lambda x: x["messages"][0]["content"])
+    ppo_q = questions("ppo_prompts.jsonl", lambda x: x["prompt"])
+    assert sft_q == {e.question for e in ob.iter_examples(sft_pages)}
+    assert ppo_q == {e.question for e in ob.iter_examples(ppo_pages)}
+    assert not sft_q & ppo_q
+    p = subprocess.run(
+        [sys.executable, "-m", "aion_train.cli", "open-book-data", "--index", idx, "--out", str(tmp_path / "e")]
+        + ["--ppo-fraction", "1.0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 1 and "--ppo-fraction 1.0: must be in [0, 1)" in p.stderr
     held_rows = [json.loads(line) for line in (tmp_path / "d" / "held_out.jsonl").read_text().splitlines()]
     assert {row["doc_id"] for row in held_rows} == {p.doc_id for p in held}
 

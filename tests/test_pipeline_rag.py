@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from aion_train.config import load_config
 from aion_train.retrieval import open_book as ob
 
 pytest.importorskip("ray")
@@ -54,7 +55,10 @@ def test_the_rag_pipeline_runs_and_reports_what_eval_reports(tmp_path):
     assert last["status"] == "ok", last
     assert [x["phase"] for x in lines[:-1]] == ["build-index", "open-book-data", "sft", "ppo", "eval-open-book"]
     train_pages, held = ob.split_pages(ob.read_man_pages())
-    assert last["open_book_sft_records"] == last["sft_examples"] == 3 * len(train_pages)
+    fraction = load_config("configs/pipeline_rag_tiny.yaml").pipeline.open_book_ppo_fraction
+    sft_pages, ppo_pages = ob.split_pages(train_pages, fraction, 1) if fraction else (train_pages, train_pages)
+    assert last["open_book_sft_records"] == last["sft_examples"] == 3 * len(sft_pages)
+    assert last["open_book_ppo_prompts"] == 3 * len(ppo_pages)
     assert last["n"] == LIMIT and last["open_book_models"] == "sft,ppo"
     got = _cli(
         "eval",
