@@ -22,6 +22,9 @@ class LoRAConfig:
     targets: list = field(default_factory=lambda: list(DEFAULT_TARGETS))  # module-name suffixes
     quantize: str = "none"  # none | nf4 (QLoRA: frozen base weights in 4-bit NF4, torchao)
     nf4_block_size: int = 64  # values per NF4 absmax block
+    # a multimodal model: false = the media encoders, resamplers and projections stay frozen
+    # (their output is computed once per item and reused); true = they get adapters too
+    encoders: bool = False
 
 
 @dataclass
@@ -43,6 +46,10 @@ class SFTConfig:
     eval_files: list = field(default_factory=list)  # held-out chat JSONL (eval loss); "" = none
     eval_examples: int = 300  # held-out easy-vqa test prompts scored by generation
     max_new_tokens: int = 4
+    # a multimodal model (model.multimodal.enabled): the media task of posttrain/multimodal/task.py
+    mm_kinds: list = field(default_factory=lambda: ["image", "spoken", "video"])
+    mm_train_per_kind: int = 600  # training prompts per kind (easy-vqa train images)
+    mm_eval_per_kind: int = 100  # held-out prompts per kind (easy-vqa test images)
 
 
 @dataclass
@@ -104,11 +111,25 @@ def check(cfg, errors: list[str]) -> None:
     for key, val in (("sft.lr", s.lr), ("sft.base_lr", s.base_lr), ("rm.lr", rm.lr)):
         if val <= 0:
             errors.append(f"{key}={val}: must be > 0")
-    if not s.init_from and s.base_steps < 1:
+    multimodal = cfg.model.multimodal.enabled
+    if multimodal:
+        from aion_train.posttrain.multimodal.task import KINDS
+
+        bad = [k for k in s.mm_kinds if k not in KINDS]
+        if bad or not s.mm_kinds:
+            errors.append(f"sft.mm_kinds={s.mm_kinds!r}: a non-empty list of {', '.join(KINDS)}")
+        for key in ("mm_train_per_kind", "mm_eval_per_kind"):
+            if getattr(s, key) < 1:
+                errors.append(f"sft.{key}={getattr(s, key)}: must be >= 1")
+        if s.train_files or rm.train_files or cfg.ppo.prompt_files:
+            errors.append("a multimodal model post-trains on the media task; sft/rm/ppo files are for text models")
+    if not s.init_from and s.base_steps < 1 and not multimodal:
         errors.append("sft.base_steps=0 with sft.init_from empty: there is no base LM to fine-tune")
     if s.init_from and not Path(s.init_from).exists():
         errors.append(f"sft.init_from={s.init_from!r}: no such folder (a checkpoint, run or Hugging Face model folder)")
-    elif s.init_from and not s.tokenizer and not (Path(s.init_from) / "tokenizer.json").is_file():
+    elif (
+        s.init_from and not multimodal and not s.tokenizer and not (Path(s.init_from) / "tokenizer.json").is_file()
+    ):
         errors.append(
             f"sft.init_from={s.init_from!r} needs sft.tokenizer (the base LM's SentencePiece model or "
             "tokenizer.json; a Hugging Face folder's own tokenizer.json is used when it has one)"

@@ -35,6 +35,9 @@ class PPOConfig:
     temperature: float = 1.0  # rollout sampling temperature
     max_new_tokens: int = 4  # response length cap (answers are 1-2 tokens + <|end|>)
     critic_init: str = "rm"  # rm: reward model's backbone and head | sft: SFT model + fresh head
+    # MoE: record the experts each token was routed to when the rollout is scored (log pi_old)
+    # and route the same tokens to the same experts in the updates (model/moe/router_replay.py)
+    router_replay: bool = False
     precision: str = "fp32"  # the PPO engines' precision (log-prob ratios want fp32 on CPU)
     save_every: int = 5  # checkpoint under {run_dir}/ppo/checkpoints every N iterations
     keep_last: int = 2

@@ -25,6 +25,7 @@ last. SPMD: one call per rank, same result on every rank."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import random
@@ -68,6 +69,15 @@ def mean_over_dp(values: dict, groups) -> dict:
     return dict(zip(keys, t.tolist()))
 
 
+def replaying(actor, routes):
+    """Route the actor's tokens to the recorded experts (ppo.router_replay), else nothing."""
+    if routes is None:
+        return contextlib.nullcontext()
+    from aion_train.model.moe.router_replay import RouterReplay
+
+    return RouterReplay(actor).replaying(routes)
+
+
 def ppo_update(actor, critic, batch: RolloutBatch, pcfg, groups, generator: torch.Generator) -> dict:
     """ppo.epochs x ppo.minibatches optimizer steps of both engines on one rollout batch;
     returns the means of the losses and diagnostics over all of them."""
@@ -77,16 +87,17 @@ def ppo_update(actor, critic, batch: RolloutBatch, pcfg, groups, generator: torc
         perm = torch.randperm(batch.input_ids.shape[0], generator=generator)
         for idx in perm.chunk(pcfg.minibatches):
             mb = batch.rows(idx)
-            logp, entropy = response_logprobs(
-                actor, mb.input_ids, mb.resp_pos, mb.resp_tokens, groups, with_entropy=True
-            )
+            with replaying(actor, mb.routes):
+                logp, entropy = response_logprobs(
+                    actor, mb.input_ids, mb.resp_pos, mb.resp_tokens, groups, with_entropy=True, context=mb.context
+                )
             policy_loss, info = ppo_math.clipped_surrogate(
                 logp, mb.logp_old, mb.advantages, mb.resp_mask, pcfg.clip_eps
             )
             ent = ppo_math.masked_mean(entropy, mb.resp_mask)
             actor.backward(policy_loss - pcfg.entropy_coef * ent)
             actor.step()
-            values = response_values(critic, mb.input_ids, mb.resp_pos)
+            values = response_values(critic, mb.input_ids, mb.resp_pos, mb.context)
             value_loss, vinfo = ppo_math.clipped_value_loss(
                 values, mb.values, mb.returns, mb.resp_mask, pcfg.value_clip
             )

@@ -98,25 +98,35 @@ def malformed_response(e, tokenizer, rng: random.Random, max_new_tokens: int = 4
     return [rng.randrange(3, tokenizer.sp.vocab_size) for _ in range(n)] + [tokenizer.end_id]
 
 
-def preference_pairs(
+def response_pairs(
     examples, tokenizer, n: int, seed: int, malformed_fraction: float = 0.0, max_new_tokens: int = 4
 ) -> list:
-    """[(chosen ids, rejected ids)]: n examples drawn (without replacement while possible),
-    each with its answer vs one wrong answer of its closed set, or (a `malformed_fraction` of
-    them) vs a malformed response (:func:`malformed_response`)."""
+    """[(example, chosen response ids, rejected response ids)]: n examples drawn (without
+    replacement while possible), each with its answer vs one wrong answer of its closed set,
+    or (a `malformed_fraction` of them) vs a malformed response (:func:`malformed_response`)."""
     rng = random.Random(seed)
     pool = [e for e in examples if len(e.candidates) > 1]
     picks = rng.sample(pool, n) if n <= len(pool) else [rng.choice(pool) for _ in range(n)]
     pairs = []
     for e in picks:
-        chosen = e.prompt_ids + tokenizer.encode(e.answer) + [tokenizer.end_id]
+        chosen = tokenizer.encode(e.answer) + [tokenizer.end_id]
         if rng.random() < malformed_fraction:
-            rejected = e.prompt_ids + malformed_response(e, tokenizer, rng, max_new_tokens)
+            rejected = malformed_response(e, tokenizer, rng, max_new_tokens)
         else:
             wrong = rng.choice([c for c in e.candidates if c != e.answer])
-            rejected = e.prompt_ids + tokenizer.encode(wrong) + [tokenizer.end_id]
-        pairs.append((chosen, rejected))
+            rejected = tokenizer.encode(wrong) + [tokenizer.end_id]
+        pairs.append((e, chosen, rejected))
     return pairs
+
+
+def preference_pairs(
+    examples, tokenizer, n: int, seed: int, malformed_fraction: float = 0.0, max_new_tokens: int = 4
+) -> list:
+    """[(chosen ids, rejected ids)]: prompt + response of :func:`response_pairs`."""
+    return [
+        (e.prompt_ids + c, e.prompt_ids + r)
+        for e, c, r in response_pairs(examples, tokenizer, n, seed, malformed_fraction, max_new_tokens)
+    ]
 
 
 def file_pairs(preferences, tokenizer) -> list:

@@ -37,18 +37,42 @@ class RolloutBatch:
     advantages: torch.Tensor  # [B, R] (whitened when ppo.whiten_advantages)
     returns: torch.Tensor  # [B, R] critic targets
     correct: torch.Tensor  # [B] 1.0 where the task checker accepts the response
+    # what else the model reads besides input_ids (a multimodal row's modality and media;
+    # posttrain/multimodal/models.py), None for text
+    context: dict | None = None
+    routes: dict | None = None  # {MoE layer: [B, L, k]} experts recorded when logp_old was scored
 
     def rows(self, idx: torch.Tensor) -> RolloutBatch:
         """The sub-batch of rows `idx` (a minibatch; the index may be on another device, e.g. a
         CPU permutation of a batch on the GPU)."""
-        out = {}
-        for f in fields(self):
-            t = getattr(self, f.name)
-            out[f.name] = t[idx.to(t.device)]
-        return RolloutBatch(**out)
+        return RolloutBatch(**{f.name: take_rows(getattr(self, f.name), idx) for f in fields(self)})
 
     def to(self, device) -> RolloutBatch:
-        return RolloutBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return RolloutBatch(
+            **{f.name: _to(getattr(self, f.name), device) for f in fields(self)},
+        )
+
+
+def take_rows(x, idx: torch.Tensor):
+    """Rows `idx` of a tensor, of a per-row list, or of every value of a dict of them."""
+    if x is None:
+        return None
+    if isinstance(x, dict):
+        return {k: take_rows(v, idx) for k, v in x.items()}
+    if isinstance(x, torch.Tensor):
+        return x[idx.to(x.device)]
+    return [x[i] for i in idx.tolist()]
+
+
+def _to(x, device):
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+def model_call(model, input_ids: torch.Tensor, context: dict | None):
+    """model(input_ids) for a text model, model(input_ids, context) for one that reads more."""
+    return model(input_ids) if context is None else model(input_ids, context)
 
 
 @torch.no_grad()
@@ -116,18 +140,35 @@ def _at_positions(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return x[torch.arange(x.shape[0], device=x.device).unsqueeze(1), pos]
 
 
-def response_logprobs(model, input_ids, resp_pos, resp_tokens, groups=None, with_entropy: bool = False):
+def response_logprobs(
+    model, input_ids, resp_pos, resp_tokens, groups=None, with_entropy: bool = False, context: dict | None = None
+):
     """log pi(response token | prefix) [B, R] (and the entropy of pi at those positions), on
     the model's device (the inputs are moved there)."""
     input_ids, resp_pos, resp_tokens = to_device((input_ids, resp_pos, resp_tokens), module_device(model))
-    logits = _at_positions(full_logits(model(input_ids).logits, groups), resp_pos)
+    logits = _at_positions(full_logits(model_call(model, input_ids, context).logits, groups), resp_pos)
     logp = ppo_math.token_logprobs(logits, resp_tokens)
     return (logp, ppo_math.entropy_from_logits(logits)) if with_entropy else logp
 
 
-def response_values(critic, input_ids, resp_pos) -> torch.Tensor:
+def response_values(critic, input_ids, resp_pos, context: dict | None = None) -> torch.Tensor:
     input_ids, resp_pos = to_device((input_ids, resp_pos), module_device(critic))
-    return _at_positions(critic(input_ids), resp_pos)
+    return _at_positions(model_call(critic, input_ids, context), resp_pos)
+
+
+def scored_logprobs(actor, batch_ids, resp_pos, resp_tokens, groups, pcfg, context=None):
+    """(logp_old, routes): the actor's log-probs of a fresh rollout and, with ppo.router_replay,
+    the experts each token was routed to in that pass (None otherwise)."""
+    if not getattr(pcfg, "router_replay", False):
+        return response_logprobs(actor, batch_ids, resp_pos, resp_tokens, groups, context=context), None
+    from aion_train.model.moe.router_replay import RouterReplay
+
+    replay = RouterReplay(actor)
+    if not replay.layers:
+        raise ValueError("ppo.router_replay=true but the policy has no MoE layer")
+    with replay.recording():
+        logp = response_logprobs(actor, batch_ids, resp_pos, resp_tokens, groups, context=context)
+    return logp, replay.take()
 
 
 @torch.no_grad()
@@ -159,18 +200,31 @@ def make_experience(
     # every tensor of the batch lives on the actor's device (the other models are put on the
     # same one: aion_train/posttrain/common.build_parallel_model)
     device = module_device(actor)
-    input_ids, resp_pos, resp_tokens, resp_mask = to_device(build_sequences(prompts, responses, tok.pad_id), device)
+    seqs = to_device(build_sequences(prompts, responses, tok.pad_id), device)
+    scores = score_responses(reward_model, examples, prompts, responses, tok, device)
+    correct = [float(is_correct(e, tok.decode(r))) for e, r in zip(examples, responses)]
+    return experience(seqs, scores, correct, actor, reference, critic, pcfg, groups, dp_group)
+
+
+@torch.no_grad()
+def experience(seqs, scores, correct, actor, reference, critic, pcfg, groups=None, dp_group=None, context=None):
+    """The RolloutBatch of sampled sequences `seqs` (build_sequences' four tensors, on the
+    actor's device) with their reward scores [B] and checker verdicts: log-probs of the actor
+    (its routes recorded with ppo.router_replay) and the reference, values, KL-penalised
+    per-token rewards, GAE advantages (whitened over every data-parallel rank's batch when
+    `dp_group` is given) and returns. `context`: what a multimodal model reads besides ids."""
+    input_ids, resp_pos, resp_tokens, resp_mask = seqs
+    device = input_ids.device
     for m in (actor, reference, critic):
         m.eval()  # and left so: PPO trains without dropout
-    logp_old = response_logprobs(actor, input_ids, resp_pos, resp_tokens, groups)
-    logp_ref = response_logprobs(reference, input_ids, resp_pos, resp_tokens, groups)
-    values = response_values(critic, input_ids, resp_pos) * resp_mask
-    scores = score_responses(reward_model, examples, prompts, responses, tok, device)
+    logp_old, routes = scored_logprobs(actor, input_ids, resp_pos, resp_tokens, groups, pcfg, context)
+    logp_ref = response_logprobs(reference, input_ids, resp_pos, resp_tokens, groups, context=context)
+    values = response_values(critic, input_ids, resp_pos, context) * resp_mask
+    scores = scores.float().to(device)
     rewards, kl = ppo_math.kl_penalty_rewards(scores, logp_old, logp_ref, resp_mask, pcfg.beta)
     advantages, returns = ppo_math.gae(rewards, values, resp_mask, pcfg.gamma, pcfg.lam)
     if pcfg.whiten_advantages:
         advantages = ppo_math.whiten(advantages, resp_mask, group=dp_group)
-    correct = torch.tensor([float(is_correct(e, tok.decode(r))) for e, r in zip(examples, responses)], device=device)
     return RolloutBatch(
         input_ids,
         resp_pos,
@@ -184,5 +238,7 @@ def make_experience(
         kl,
         advantages,
         returns,
-        correct,
+        torch.tensor(correct, device=device),
+        context=context,
+        routes=routes,
     )

@@ -110,17 +110,7 @@ def video_samples(
         if cap is None:
             continue
         direction = sorted(DIRECTIONS)[int(rng.integers(len(DIRECTIONS)))]
-        dx, dy = DIRECTIONS[direction]
-        img = np.asarray(Image.open(rec["path"]).convert("RGB"))
-        pad = step * (frames - 1)
-        big = np.pad(img, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
-        h, w = img.shape[:2]
-        clip = []
-        for k in range(frames):  # the content moves by (dx, dy): the window moves the other way
-            y0, x0 = pad - dy * step * k, pad - dx * step * k
-            fr = Image.fromarray(big[y0 : y0 + h, x0 : x0 + w]).resize((size, size), Image.BILINEAR)
-            clip.append(np.asarray(fr))
-        strip = encode_png(join_strip(np.stack(clip)))
+        strip = moving_strip(rec["path"], direction, frames, step, size)
         out.append(
             make_sample(
                 f"video-{split}-{rec['id']:05d}",
@@ -131,6 +121,22 @@ def video_samples(
             )
         )
     return out
+
+
+def moving_strip(path: str, direction: str, frames: int = 8, step: int = 3, size: int = 32) -> bytes:
+    """PNG film strip of the image at `path` translated `step` px per frame towards
+    `direction` (edges extended), each frame downscaled to size x size."""
+    dx, dy = DIRECTIONS[direction]
+    img = np.asarray(Image.open(path).convert("RGB"))
+    pad = step * (frames - 1)
+    big = np.pad(img, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+    h, w = img.shape[:2]
+    clip = []
+    for k in range(frames):  # the content moves by (dx, dy): the window moves the other way
+        y0, x0 = pad - dy * step * k, pad - dx * step * k
+        fr = Image.fromarray(big[y0 : y0 + h, x0 : x0 + w]).resize((size, size), Image.BILINEAR)
+        clip.append(np.asarray(fr))
+    return encode_png(join_strip(np.stack(clip)))
 
 
 # ------------------------------------------------------------------ still images

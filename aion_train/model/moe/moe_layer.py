@@ -36,6 +36,7 @@ class MoELayer(nn.Module):
         self.shared_expert = DenseFFN(d_model, shared_expert_d_ff, activation, kernels) if shared_expert_d_ff else None
         self.last_stats: dict[str, torch.Tensor | int] = {}
         self.execution: ExecutionPolicy | None = None  # apply_execution_policy; None: the device's
+        self.route_hook = None  # router_replay.RouterReplay: records or replaces the routing
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor | None = None):
         """x: [B, T, d] -> (y [B, T, d], aux loss scalar)."""
@@ -43,6 +44,8 @@ class MoELayer(nn.Module):
         flat = x.reshape(-1, shape[-1])
         stats = policy_for(self.execution, x.device).routing_stats
         routing = self.router(flat, None if modality is None else modality.reshape(-1), losses=stats)
+        if self.route_hook is not None:
+            routing = self.route_hook(routing, shape[:-1])
         tokens, counts, state = self.dispatcher.dispatch(flat, routing.indices, routing.gates)
         out = self.dispatcher.combine(self.experts(tokens, counts), state)
         if self.shared_expert is not None:

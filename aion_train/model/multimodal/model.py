@@ -120,8 +120,9 @@ class MultimodalModel(nn.Module):
         for layer in self.cross_attn:
             layer.context = ctx
 
-    def run_trunk(self, batch: dict, media: dict[str, EncodedMedia], kv_cache=None):
-        """Trunk forward over the fused prompt/batch; returns the trunk's ModelOutput."""
+    def run_trunk(self, batch: dict, media: dict[str, EncodedMedia], kv_cache=None, return_hidden: bool = False):
+        """Trunk forward over the fused prompt/batch; returns the trunk's ModelOutput (with the
+        final normed hidden states when `return_hidden`: reward and value heads read them)."""
         ids = batch["input_ids"]
         modality = batch.get("modality")
         modality = torch.zeros_like(ids) if modality is None else modality
@@ -134,6 +135,7 @@ class MultimodalModel(nn.Module):
             kv_cache=kv_cache,
             segment_ids=seg,
             position_ids=pos,
+            return_hidden=return_hidden,
         )
 
     # -- contrastive embeddings -------------------------------------------------------------
