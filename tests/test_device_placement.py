@@ -397,7 +397,7 @@ def test_sft_and_reward_batches_reach_the_model(monkeypatch):
     for run in (
         lambda m: lm_loss(m, lm_batch([[1, 2, 3], [4, 5]], [[0, 1, 1], [1, 1]], 0)),
         lambda m: pair_loss(m, pair_batch([([1, 2, 3], [1, 2])], 0)),
-        lambda m: pair_accuracy(m, [([1, 2, 3], [1, 2])], 0),
+        lambda m: pair_accuracy(m, [([1, 2, 3], [1, 2])], lambda p: pair_batch(p, 0)),
         lambda m: sequence_logprobs(m, torch.ones(1, 3, dtype=torch.long)),
     ):
         model = OnMeta()

@@ -127,9 +127,7 @@ def check(cfg, errors: list[str]) -> None:
         errors.append("sft.base_steps=0 with sft.init_from empty: there is no base LM to fine-tune")
     if s.init_from and not Path(s.init_from).exists():
         errors.append(f"sft.init_from={s.init_from!r}: no such folder (a checkpoint, run or Hugging Face model folder)")
-    elif (
-        s.init_from and not multimodal and not s.tokenizer and not (Path(s.init_from) / "tokenizer.json").is_file()
-    ):
+    elif s.init_from and not multimodal and not s.tokenizer and not (Path(s.init_from) / "tokenizer.json").is_file():
         errors.append(
             f"sft.init_from={s.init_from!r} needs sft.tokenizer (the base LM's SentencePiece model or "
             "tokenizer.json; a Hugging Face folder's own tokenizer.json is used when it has one)"

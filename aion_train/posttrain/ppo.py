@@ -116,22 +116,29 @@ def ppo_update(actor, critic, batch: RolloutBatch, pcfg, groups, generator: torc
     return {k: v / n for k, v in sums.items()}
 
 
-@torch.no_grad()
-def heldout_kl(actor, reference, task, examples, pcfg, groups, seed: int) -> dict:
-    """Sequence-level KL(pi || pi_ref) on responses sampled from pi for held-out prompts:
-    the mean over prompts of sum_t (log pi - log pi_ref) (k1, unbiased) and of sum_t k3 (>= 0)."""
+def sample_sequences(model, task, examples, pcfg, generator, groups):
+    """(responses, build_sequences' four tensors, context None): one sampled response per
+    example of the text task (the multimodal one: posttrain/multimodal/ppo.py)."""
     from .rollout import build_sequences
 
+    tok = task.tokenizer
+    prompts = [e.prompt_ids for e in examples]
+    responses = sample_responses(model, prompts, pcfg.max_new_tokens, tok.end_id, pcfg.temperature, generator, groups)
+    return responses, build_sequences(prompts, responses, tok.pad_id), None
+
+
+@torch.no_grad()
+def heldout_kl(actor, reference, task, examples, pcfg, groups, seed: int, sample_fn=sample_sequences) -> dict:
+    """Sequence-level KL(pi || pi_ref) on responses sampled from pi for held-out prompts:
+    the mean over prompts of sum_t (log pi - log pi_ref) (k1, unbiased) and of sum_t k3 (>= 0)."""
     mine = examples[groups.dp_rank :: groups.dp]
     gen = torch.Generator().manual_seed(seed)
-    tok = task.tokenizer
-    prompts = [e.prompt_ids for e in mine]
-    responses = sample_responses(actor, prompts, pcfg.max_new_tokens, tok.end_id, pcfg.temperature, gen, groups)
-    ids, pos, toks, mask = build_sequences(prompts, responses, tok.pad_id)
+    _, (ids, pos, toks, mask), ctx = sample_fn(actor, task, mine, pcfg, gen, groups)
     mask = mask.to(module_device(actor))  # the log-probs below come back on the actor's device
     actor.eval()
     est = ppo_math.kl_estimators(
-        response_logprobs(actor, ids, pos, toks, groups), response_logprobs(reference, ids, pos, toks, groups)
+        response_logprobs(actor, ids, pos, toks, groups, context=ctx),
+        response_logprobs(reference, ids, pos, toks, groups, context=ctx),
     )
     t = torch.tensor(
         [float((est["k1"] * mask).sum()), float((est["k3"] * mask).sum()), float(len(mine))], dtype=torch.float64
@@ -199,7 +206,24 @@ def run_ppo(cfg) -> dict:
     cfg = copy.deepcopy(cfg)
     groups = setup_distributed(cfg)
     pc = cfg.ppo
-    actor, critic, reference, reward_model, task = build_models(cfg, groups)
+    multimodal = cfg.model.multimodal.enabled
+    if multimodal:  # the media task: its models, rollouts and held-out checks
+        from .multimodal import ppo as mm
+
+        build, experience_fn, accuracy_fn, sample_fn = (
+            mm.build_mm_models,
+            mm.make_mm_experience,
+            mm.evaluate_accuracy,
+            mm.sample_mm_sequences,
+        )
+    else:
+        build, experience_fn, accuracy_fn, sample_fn = (
+            build_models,
+            make_experience,
+            evaluate_accuracy,
+            sample_sequences,
+        )
+    actor, critic, reference, reward_model, task = build(cfg, groups)
     if not task.prompts("train"):
         raise ValueError("ppo.prompt_files is empty but the run post-trains on your files: give a prompts JSONL")
     mgr = ppo_checkpoints(cfg)
@@ -218,7 +242,7 @@ def run_ppo(cfg) -> dict:
             examples = [train[rng.randrange(len(train))] for _ in range(per_rank)]
             # TP ranks of one DP rank must sample the same tokens: seed from the DP rank only
             gen = torch.Generator().manual_seed((cfg.seed * 7919 + it) * 64 + groups.dp_rank)
-            batch = make_experience(
+            batch = experience_fn(
                 examples,
                 actor.module,
                 reference,
@@ -273,8 +297,8 @@ def run_ppo(cfg) -> dict:
                 metrics.update(ppo_accuracy=ppo_ev["accuracy"], sft_accuracy=sft_ev["accuracy"])
         else:
             n_tok = cfg.sft.max_new_tokens
-            ppo_ev = evaluate_accuracy(actor.module, task, test, n_tok, groups)
-            sft_ev = evaluate_accuracy(reference, task, test, n_tok, groups)
+            ppo_ev = accuracy_fn(actor.module, task, test, n_tok, groups)
+            sft_ev = accuracy_fn(reference, task, test, n_tok, groups)
             metrics = {
                 "ppo_accuracy": ppo_ev["accuracy"],
                 "sft_accuracy": sft_ev["accuracy"],
@@ -282,7 +306,10 @@ def run_ppo(cfg) -> dict:
                 "sft_accuracy_by_kind": sft_ev["by_kind"],
             }
         metrics.update(eval_examples=ppo_ev["n"], iterations=state["iteration"], reward=cfg.ppo.reward)
-        metrics.update(heldout_kl(actor.module, reference, task, test, pc, groups, cfg.seed + 99))
+        metrics.update(heldout_kl(actor.module, reference, task, test, pc, groups, cfg.seed + 99, sample_fn))
+        metrics["router_replay"] = bool(pc.router_replay)
+        if multimodal:
+            metrics["modalities"] = mm.modalities_of(cfg.sft.mm_kinds)
         hist = state["history"]
         if hist:
             metrics.update(
@@ -290,6 +317,8 @@ def run_ppo(cfg) -> dict:
                 reward_first=hist[0]["reward"],
                 sample_accuracy_first=hist[0]["sample_accuracy"],
                 sample_accuracy_last=hist[-1]["sample_accuracy"],
+                clipfrac_mean=sum(h["clipfrac"] for h in hist) / len(hist),
+                approx_kl_mean=sum(h["approx_kl"] for h in hist) / len(hist),
             )
         metrics["seconds"] = round(time.time() - t0, 1)
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=pc.steps)

@@ -171,8 +171,9 @@ def pair_batch(pairs, pad_id: int):
 
 
 def pair_loss(model, batch):
-    ids, mask = to_model(batch, model)
-    r = model(ids, mask)
+    """Bradley-Terry loss of a batch of make_batch: (ids, mask) of a text model, (ids, context)
+    of a multimodal one; the B chosen rows first, then the B rejected."""
+    r = model(*to_model(batch, model))
     r_w, r_l = r.chunk(2)
     loss = -F.logsigmoid(r_w - r_l).mean()
     return loss, {
@@ -183,13 +184,14 @@ def pair_loss(model, batch):
 
 
 @torch.no_grad()
-def pair_accuracy(model, pairs, pad_id: int, batch_size: int = 64) -> dict:
-    """Held-out pair accuracy (ties count as wrong) and the reward statistics."""
+def pair_accuracy(model, pairs, make_batch, batch_size: int = 64) -> dict:
+    """Held-out pair accuracy (ties count as wrong) and the reward statistics; `make_batch`
+    turns a list of pairs into the model's inputs (pair_batch for a text model)."""
     was = model.training
     model.eval()
     wins, chosen, rejected = 0, [], []
     for s in range(0, len(pairs), batch_size):
-        r = model(*to_model(pair_batch(pairs[s : s + batch_size], pad_id), model))
+        r = model(*to_model(make_batch(pairs[s : s + batch_size]), model))
         r_w, r_l = r.chunk(2)
         wins += int((r_w > r_l).sum())
         chosen += r_w.tolist()
@@ -222,35 +224,44 @@ def _backbone(cfg, groups):
     return model, build_task_data(cfg)
 
 
+def text_reward_setup(cfg, groups):
+    """(reward model, train pairs, held-out pairs, held-out split name, make_batch) of a text model."""
+    backbone, task = _backbone(cfg, groups)
+    if cfg.rm.use_lora:
+        apply_lora(backbone, cfg.lora, seed=cfg.seed)
+    train_pairs, eval_pairs, eval_split = task_pairs(cfg, task)
+    pad = task.tokenizer.pad_id
+    return RewardModel(backbone, cfg.model.d_model), train_pairs, eval_pairs, eval_split, lambda p: pair_batch(p, pad)
+
+
 def run_rm(cfg) -> dict:
-    """SPMD: one call per rank; returns the same metrics on every rank (see module doc)."""
+    """SPMD: one call per rank; returns the same metrics on every rank (see module doc). A
+    multimodal model's pairs and head: posttrain/multimodal/reward.py."""
     t0 = time.time()
     groups = setup_distributed(cfg)
     if cfg.parallel.sequence_parallel:
         raise ValueError("parallel.sequence_parallel: the reward head reads whole sequences; turn it off for rm")
-    backbone, task = _backbone(cfg, groups)
-    tok, out = task.tokenizer, phase_dir(cfg, "rm")
+    if cfg.model.multimodal.enabled:
+        from .multimodal.reward import mm_reward_setup as setup
+    else:
+        setup = text_reward_setup
+    out = phase_dir(cfg, "rm")
     tracker = phase_tracker(cfg, "rm", groups)
     tracker.start(config_to_dict(cfg))
     try:
-        if cfg.rm.use_lora:
-            apply_lora(backbone, cfg.lora, seed=cfg.seed)
-        model = RewardModel(backbone, cfg.model.d_model)
-        train_pairs, eval_pairs, eval_split = task_pairs(cfg, task)
-        before = pair_accuracy(model, eval_pairs, tok.pad_id)["rm_pair_accuracy"]
+        model, train_pairs, eval_pairs, eval_split, make_batch = setup(cfg, groups)
+        before = pair_accuracy(model, eval_pairs, make_batch)["rm_pair_accuracy"]
         pcfg = phase_config(cfg, lr=cfg.rm.lr, steps=cfg.rm.steps, batch_size=cfg.rm.batch_size)
         engine, opt = build_phase_engine(model, pcfg, groups)
 
         def next_batch(step):
             rng = random.Random((cfg.seed * 7919 + step) * 64 + groups.dp_rank)
-            return pair_batch(
-                [train_pairs[rng.randrange(len(train_pairs))] for _ in range(cfg.rm.batch_size)], tok.pad_id
-            )
+            return make_batch([train_pairs[rng.randrange(len(train_pairs))] for _ in range(cfg.rm.batch_size)])
 
         log = lambda m, s: tracker.log_metrics({f"rm/{k}": v for k, v in m.items()}, step=s)  # noqa: E731
         losses = train_steps(engine, opt, pcfg.train, cfg.rm.steps, next_batch, pair_loss, log)
         model = _unwrap(engine)
-        metrics = pair_accuracy(model, eval_pairs, tok.pad_id)
+        metrics = pair_accuracy(model, eval_pairs, make_batch)
         metrics.update(
             rm_pair_accuracy_before=before,
             rm_loss=mean_over_ranks(sum(losses[-10:]) / len(losses[-10:])),
@@ -296,9 +307,14 @@ def load_reward_model(cfg, groups=None) -> RewardModel:
     done, where = reward_model_done(cfg)
     if done is None:
         raise FileNotFoundError(f"{where}/done.json is missing: run the rm phase first")
-    backbone = build_parallel_model(cfg, groups)
+    if cfg.model.multimodal.enabled:
+        from .multimodal.models import FusedRewardModel, build_mm_model
+
+        backbone, cls = build_mm_model(cfg, groups), FusedRewardModel
+    else:
+        backbone, cls = build_parallel_model(cfg, groups), RewardModel
     load_weights(backbone, done["backbone_checkpoint"], groups)
-    model = RewardModel(backbone, cfg.model.d_model)
+    model = cls(backbone, cfg.model.d_model)
     head = load_tensors(done["head"])
     with torch.no_grad():
         model.head.weight.copy_(head["weight"])
