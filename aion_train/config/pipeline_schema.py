@@ -38,6 +38,8 @@ class Phase:
 # The built-in phases. SFT, RM and PPO are the post-training SPMD entry points; the artifact
 # phases wrap the libraries behind `aion-train build-index` / `build-policy`.
 BUILTIN = {
+    # the base model (aion_train/pipeline/pretrain_phase.py): sft starts from it when sft.init_from is ""
+    "pretrain": Phase("pretrain", "aion_train.pipeline.pretrain_phase:run_pretrain", num_cpus=2, world_size=1),
     "sft": Phase("sft", "aion_train.posttrain.sft:run_sft", num_cpus=1, world_size=2, out="sft"),
     "rm": Phase("rm", "aion_train.posttrain.reward:run_rm", num_cpus=1, world_size=2, out="rm"),
     "ppo": Phase("ppo", "aion_train.posttrain.ppo:run_ppo", num_cpus=1, world_size=2, out="ppo"),

@@ -81,7 +81,10 @@ class MMTask:
         return self.tokenizer.encode(text) + [self.end_id]
 
     def decode(self, ids) -> str:
-        return self.tokenizer.decode([int(i) for i in ids if int(i) != self.end_id])
+        """Text of generated ids; </T> and ids past the tokenizer (a model vocabulary padded
+        beyond it) are not text."""
+        n = self.tokenizer.vocab_size
+        return self.tokenizer.decode([int(i) for i in ids if int(i) != self.end_id and int(i) < n])
 
 
 def _answers():
@@ -165,6 +168,10 @@ def build_mm_task(cfg) -> MMTask:
     if key in _CACHE:
         return _CACHE[key]
     tok, mm = task_tokenizer(cfg), cfg.model.multimodal
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ValueError(
+            f"the multimodal tokenizer {tok.path} has {tok.vocab_size} ids but model.vocab_size={cfg.model.vocab_size}"
+        )
     speech_dir = Path(cfg.run_dir) / "task" / "speech"
     splits = {}
     for split, n, salt in (("train", s.mm_train_per_kind, 0), ("test", s.mm_eval_per_kind, 1)):
