@@ -135,9 +135,7 @@ def test_sft_rm_ppo_on_media_prompts(base, tmp_path):
     (adapters merged) answering as the SFT phase's adapter model did, finite KL, and the
     rollouts' media encoded once per item and model, with router replay on."""
     from aion_train.posttrain.common import read_done
-    from aion_train.posttrain.ppo import run_ppo
-    from aion_train.posttrain.reward import run_rm
-    from aion_train.posttrain.sft import run_sft
+    from aion_train.posttrain.phases import run_ppo, run_rm, run_sft
 
     cfg = mm_cfg(base, tmp_path / "run", "ppo.router_replay=true")
     sft = run_sft(cfg)

@@ -261,7 +261,7 @@ def test_sft_rm_ppo_from_user_files_end_to_end(tmp_path, capsys, monkeypatch):
 
     from aion_train.cli import main
     from aion_train.posttrain.common import read_done
-    from aion_train.posttrain.reward import file_pairs, load_reward_model, pair_accuracy
+    from aion_train.posttrain.reward import file_pairs, load_reward_model, pair_accuracy, pair_batch
     from aion_train.posttrain.sft import load_policy, render_conversations, response_loss
 
     files = write_files(tmp_path)
@@ -303,9 +303,9 @@ def test_sft_rm_ppo_from_user_files_end_to_end(tmp_path, capsys, monkeypatch):
     assert rm["rm_train_pairs"] == 64 and rm["rm_eval_split"] == "train_files"
     reward = load_reward_model(cfg)
     pairs = file_pairs(read_preferences("k", [files["pairs"]]), task.tokenizer)
-    assert pair_accuracy(reward, pairs, task.tokenizer.pad_id)["rm_pair_accuracy"] == pytest.approx(
-        rm["rm_pair_accuracy"]
-    )
+    assert pair_accuracy(reward, pairs, lambda p: pair_batch(p, task.tokenizer.pad_id))[
+        "rm_pair_accuracy"
+    ] == pytest.approx(rm["rm_pair_accuracy"])
     with torch.no_grad():  # by hand: one pair at a time, the score at the last token
         r_w = torch.stack([reward(torch.tensor([c])).squeeze() for c, _ in pairs])
         r_l = torch.stack([reward(torch.tensor([r])).squeeze() for _, r in pairs])

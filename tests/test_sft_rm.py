@@ -147,7 +147,7 @@ def test_sft_and_rm_phases_end_to_end(tmp_path, capsys):
     from aion_train.cli import main
     from aion_train.posttrain.common import evaluate_accuracy, read_done
     from aion_train.posttrain.lora import lora_modules
-    from aion_train.posttrain.reward import load_reward_model, pair_accuracy, preference_pairs
+    from aion_train.posttrain.reward import load_reward_model, pair_accuracy, pair_batch, preference_pairs
     from aion_train.posttrain.sft import load_policy
 
     over = [
@@ -184,6 +184,6 @@ def test_sft_and_rm_phases_end_to_end(tmp_path, capsys):
     reward = load_reward_model(cfg)
     assert not any(p.requires_grad for p in reward.parameters()) and not reward.training
     pairs = preference_pairs(task.prompts("test_all"), task.tokenizer, 64, cfg.seed + 12)
-    assert pair_accuracy(reward, pairs, task.tokenizer.pad_id)["rm_pair_accuracy"] == pytest.approx(
-        rm["rm_pair_accuracy"]
-    )
+    assert pair_accuracy(reward, pairs, lambda p: pair_batch(p, task.tokenizer.pad_id))[
+        "rm_pair_accuracy"
+    ] == pytest.approx(rm["rm_pair_accuracy"])

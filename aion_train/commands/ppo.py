@@ -38,14 +38,14 @@ def rlhf(cfg) -> dict:
     from aion_train.posttrain.common import read_done
 
     if read_done(cfg, "sft") is None:
-        from aion_train.posttrain.sft import run_sft
+        from aion_train.posttrain.phases import run_sft
 
         run_sft(cfg)
     if cfg.ppo.reward == "rm" and not cfg.ppo.reward_model and read_done(cfg, "rm") is None:
-        from aion_train.posttrain.reward import run_rm
+        from aion_train.posttrain.phases import run_rm
 
         run_rm(cfg)
-    from aion_train.posttrain.ppo import run_ppo
+    from aion_train.posttrain.phases import run_ppo
 
     return run_ppo(cfg)
 
@@ -74,7 +74,7 @@ def run(args) -> int:
             HEADLINE,
             phases=("sft", "rm", "ppo") if pcfg.reward == "rm" and not pcfg.reward_model else ("sft", "ppo"),
         )
-    return run_phase(args, "ppo", "aion_train.posttrain.ppo:run_ppo", HEADLINE)
+    return run_phase(args, "ppo", "aion_train.posttrain.phases:run_ppo", HEADLINE)
 
 
 HEADLINE = ("ppo_accuracy", "ppo_eval_reward")

@@ -12,4 +12,4 @@ add_arguments = add_phase_arguments
 
 
 def run(args) -> int:
-    return run_phase(args, "rm", "aion_train.posttrain.reward:run_rm", "rm_pair_accuracy")
+    return run_phase(args, "rm", "aion_train.posttrain.phases:run_rm", "rm_pair_accuracy")

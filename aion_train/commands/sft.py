@@ -80,4 +80,4 @@ def run_phase(args, command: str, fn_path: str, headline, phases=None) -> int:
 
 
 def run(args) -> int:
-    return run_phase(args, "sft", "aion_train.posttrain.sft:run_sft", ("sft_accuracy", "sft_eval_loss", "sft_loss"))
+    return run_phase(args, "sft", "aion_train.posttrain.phases:run_sft", ("sft_accuracy", "sft_eval_loss", "sft_loss"))

@@ -40,9 +40,9 @@ class Phase:
 BUILTIN = {
     # the base model (aion_train/pipeline/pretrain_phase.py): sft starts from it when sft.init_from is ""
     "pretrain": Phase("pretrain", "aion_train.pipeline.pretrain_phase:run_pretrain", num_cpus=2, world_size=1),
-    "sft": Phase("sft", "aion_train.posttrain.sft:run_sft", num_cpus=1, world_size=2, out="sft"),
-    "rm": Phase("rm", "aion_train.posttrain.reward:run_rm", num_cpus=1, world_size=2, out="rm"),
-    "ppo": Phase("ppo", "aion_train.posttrain.ppo:run_ppo", num_cpus=1, world_size=2, out="ppo"),
+    "sft": Phase("sft", "aion_train.posttrain.phases:run_sft", num_cpus=1, world_size=2, out="sft"),
+    "rm": Phase("rm", "aion_train.posttrain.phases:run_rm", num_cpus=1, world_size=2, out="rm"),
+    "ppo": Phase("ppo", "aion_train.posttrain.phases:run_ppo", num_cpus=1, world_size=2, out="ppo"),
     "build-index": Phase(
         "build-index",
         "aion_train.pipeline.artifacts:run_build_index",

@@ -11,6 +11,8 @@ from pathlib import Path
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "w_gate", "w_up", "w_down"]
 QUANTIZE = ("none", "nf4")
 RM_INIT = ("sft", "base")
+# the multimodal task's kinds of question (aion_train/posttrain/multimodal/task.py)
+MM_KINDS = ("image", "spoken", "video")
 
 
 @dataclass
@@ -113,11 +115,9 @@ def check(cfg, errors: list[str]) -> None:
             errors.append(f"{key}={val}: must be > 0")
     multimodal = cfg.model.multimodal.enabled
     if multimodal:
-        from aion_train.posttrain.multimodal.task import KINDS
-
-        bad = [k for k in s.mm_kinds if k not in KINDS]
+        bad = [k for k in s.mm_kinds if k not in MM_KINDS]
         if bad or not s.mm_kinds:
-            errors.append(f"sft.mm_kinds={s.mm_kinds!r}: a non-empty list of {', '.join(KINDS)}")
+            errors.append(f"sft.mm_kinds={s.mm_kinds!r}: a non-empty list of {', '.join(MM_KINDS)}")
         for key in ("mm_train_per_kind", "mm_eval_per_kind"):
             if getattr(s, key) < 1:
                 errors.append(f"sft.{key}={getattr(s, key)}: must be >= 1")

@@ -30,35 +30,20 @@ class Critic(nn.Module):
 
 
 def build_critic(cfg, groups) -> Critic:
-    """The critic of cfg.ppo.critic_init on this rank's shards, every parameter trainable (a
-    multimodal model's: a value head on the fused sequence, its media path frozen unless
-    lora.encoders)."""
-    multimodal = cfg.model.multimodal.enabled
-    if multimodal:
-        from .multimodal.models import FusedCritic as cls
-    else:
-        cls = Critic
+    """The critic of cfg.ppo.critic_init on this rank's shards, every parameter trainable."""
     if cfg.ppo.critic_init == "rm":
         from .reward import load_reward_model
 
         rm = load_reward_model(cfg, groups)
-        critic = cls(rm.backbone, cfg.model.d_model)
+        critic = Critic(rm.backbone, cfg.model.d_model)
         with torch.no_grad():
             critic.value_head.weight.copy_(rm.head.weight)
             critic.value_head.bias.copy_(rm.head.bias)
-    elif multimodal:
-        from .multimodal.sft import load_mm_policy
-
-        critic = cls(load_mm_policy(cfg, merge=True, groups=groups)[0], cfg.model.d_model)
     else:
         from .sft import load_policy
 
         model, _ = load_policy(cfg, "sft", merge=True, groups=groups)
-        critic = cls(model, cfg.model.d_model)
+        critic = Critic(model, cfg.model.d_model)
     for p in critic.parameters():
         p.requires_grad_(True)
-    if multimodal and not cfg.lora.encoders:
-        from .multimodal.sft import freeze_media_path
-
-        freeze_media_path(critic.backbone)
     return critic.train()

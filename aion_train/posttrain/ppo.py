@@ -30,6 +30,8 @@ import copy
 import logging
 import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -200,29 +202,30 @@ def build_models(cfg, groups):
     return actor, critic_engine, reference, reward_model, task
 
 
-def run_ppo(cfg) -> dict:
-    """SPMD: one call per rank; returns the same metrics on every rank (see module doc)."""
+@dataclass(frozen=True)
+class PPOOps:
+    """What run_ppo drives, per kind of task: build(cfg, groups) -> (actor engine, critic
+    engine, reference, reward, task); experience(examples, actor, reference, critic, reward,
+    task, pcfg, generator, groups, dp_group) -> RolloutBatch; accuracy(model, task, examples,
+    max_new_tokens, groups) -> {"accuracy", "n", "by_kind"}; sample(model, task, examples, pcfg,
+    generator, groups) -> (responses, sequences, context); extra_metrics(cfg) -> dict."""
+
+    build: Callable
+    experience: Callable
+    accuracy: Callable
+    sample: Callable
+    extra_metrics: Callable = lambda cfg: {}
+
+
+def run_ppo(cfg, ops: PPOOps | None = None) -> dict:
+    """SPMD: one call per rank; returns the same metrics on every rank (see module doc).
+    `ops`: the text task's (TEXT_OPS) or a multimodal run's (posttrain/multimodal/ppo.py)."""
     t0 = time.time()
     cfg = copy.deepcopy(cfg)
     groups = setup_distributed(cfg)
     pc = cfg.ppo
-    multimodal = cfg.model.multimodal.enabled
-    if multimodal:  # the media task: its models, rollouts and held-out checks
-        from .multimodal import ppo as mm
-
-        build, experience_fn, accuracy_fn, sample_fn = (
-            mm.build_mm_models,
-            mm.make_mm_experience,
-            mm.evaluate_accuracy,
-            mm.sample_mm_sequences,
-        )
-    else:
-        build, experience_fn, accuracy_fn, sample_fn = (
-            build_models,
-            make_experience,
-            evaluate_accuracy,
-            sample_sequences,
-        )
+    ops = ops or TEXT_OPS
+    build, experience_fn, accuracy_fn, sample_fn = ops.build, ops.experience, ops.accuracy, ops.sample
     actor, critic, reference, reward_model, task = build(cfg, groups)
     if not task.prompts("train"):
         raise ValueError("ppo.prompt_files is empty but the run post-trains on your files: give a prompts JSONL")
@@ -308,8 +311,7 @@ def run_ppo(cfg) -> dict:
         metrics.update(eval_examples=ppo_ev["n"], iterations=state["iteration"], reward=cfg.ppo.reward)
         metrics.update(heldout_kl(actor.module, reference, task, test, pc, groups, cfg.seed + 99, sample_fn))
         metrics["router_replay"] = bool(pc.router_replay)
-        if multimodal:
-            metrics["modalities"] = mm.modalities_of(cfg.sft.mm_kinds)
+        metrics.update(ops.extra_metrics(cfg))
         hist = state["history"]
         if hist:
             metrics.update(
@@ -330,4 +332,6 @@ def run_ppo(cfg) -> dict:
     return metrics
 
 
-__all__ = ["evaluate_reward", "heldout_kl", "mean_over_dp", "ppo_update", "run_ppo"]
+TEXT_OPS = PPOOps(build_models, make_experience, evaluate_accuracy, sample_sequences)
+
+__all__ = ["PPOOps", "TEXT_OPS", "evaluate_reward", "heldout_kl", "mean_over_dp", "ppo_update", "run_ppo"]

@@ -234,17 +234,14 @@ def text_reward_setup(cfg, groups):
     return RewardModel(backbone, cfg.model.d_model), train_pairs, eval_pairs, eval_split, lambda p: pair_batch(p, pad)
 
 
-def run_rm(cfg) -> dict:
-    """SPMD: one call per rank; returns the same metrics on every rank (see module doc). A
-    multimodal model's pairs and head: posttrain/multimodal/reward.py."""
+def run_rm(cfg, setup=text_reward_setup) -> dict:
+    """SPMD: one call per rank; returns the same metrics on every rank (see module doc).
+    `setup(cfg, groups)` gives the model, the pairs and their batching (`text_reward_setup`;
+    a multimodal model's: posttrain/multimodal/reward.py)."""
     t0 = time.time()
     groups = setup_distributed(cfg)
     if cfg.parallel.sequence_parallel:
         raise ValueError("parallel.sequence_parallel: the reward head reads whole sequences; turn it off for rm")
-    if cfg.model.multimodal.enabled:
-        from .multimodal.reward import mm_reward_setup as setup
-    else:
-        setup = text_reward_setup
     out = phase_dir(cfg, "rm")
     tracker = phase_tracker(cfg, "rm", groups)
     tracker.start(config_to_dict(cfg))
@@ -301,18 +298,14 @@ def reward_model_done(cfg) -> tuple[dict | None, str]:
     return (json.loads(p.read_text()) if p.is_file() else None), str(folder)
 
 
-def load_reward_model(cfg, groups=None) -> RewardModel:
-    """The trained reward model on this rank's shards: frozen, in eval mode."""
+def load_reward_model(cfg, groups=None, build_backbone=build_parallel_model, cls=None) -> RewardModel:
+    """The trained reward model on this rank's shards: frozen, in eval mode. A multimodal run
+    passes its backbone builder and head class (posttrain/multimodal/ppo.py)."""
     groups = groups or setup_distributed(cfg)
     done, where = reward_model_done(cfg)
     if done is None:
         raise FileNotFoundError(f"{where}/done.json is missing: run the rm phase first")
-    if cfg.model.multimodal.enabled:
-        from .multimodal.models import FusedRewardModel, build_mm_model
-
-        backbone, cls = build_mm_model(cfg, groups), FusedRewardModel
-    else:
-        backbone, cls = build_parallel_model(cfg, groups), RewardModel
+    backbone, cls = build_backbone(cfg, groups), cls or RewardModel
     load_weights(backbone, done["backbone_checkpoint"], groups)
     model = cls(backbone, cfg.model.d_model)
     head = load_tensors(done["head"])

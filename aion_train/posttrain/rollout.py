@@ -201,15 +201,18 @@ def make_experience(
     # same one: aion_train/posttrain/common.build_parallel_model)
     device = module_device(actor)
     seqs = to_device(build_sequences(prompts, responses, tok.pad_id), device)
-    scores = score_responses(reward_model, examples, prompts, responses, tok, device)
-    correct = [float(is_correct(e, tok.decode(r))) for e, r in zip(examples, responses)]
-    return experience(seqs, scores, correct, actor, reference, critic, pcfg, groups, dp_group)
+
+    def outcome():
+        scores = score_responses(reward_model, examples, prompts, responses, tok, device)
+        return scores, [float(is_correct(e, tok.decode(r))) for e, r in zip(examples, responses)]
+
+    return experience(seqs, outcome, actor, reference, critic, pcfg, groups, dp_group)
 
 
 @torch.no_grad()
-def experience(seqs, scores, correct, actor, reference, critic, pcfg, groups=None, dp_group=None, context=None):
+def experience(seqs, outcome, actor, reference, critic, pcfg, groups=None, dp_group=None, context=None):
     """The RolloutBatch of sampled sequences `seqs` (build_sequences' four tensors, on the
-    actor's device) with their reward scores [B] and checker verdicts: log-probs of the actor
+    actor's device) and `outcome()` -> (reward scores [B], checker verdicts [B]): log-probs of the actor
     (its routes recorded with ppo.router_replay) and the reference, values, KL-penalised
     per-token rewards, GAE advantages (whitened over every data-parallel rank's batch when
     `dp_group` is given) and returns. `context`: what a multimodal model reads besides ids."""
@@ -220,6 +223,7 @@ def experience(seqs, scores, correct, actor, reference, critic, pcfg, groups=Non
     logp_old, routes = scored_logprobs(actor, input_ids, resp_pos, resp_tokens, groups, pcfg, context)
     logp_ref = response_logprobs(reference, input_ids, resp_pos, resp_tokens, groups, context=context)
     values = response_values(critic, input_ids, resp_pos, context) * resp_mask
+    scores, correct = outcome()
     scores = scores.float().to(device)
     rewards, kl = ppo_math.kl_penalty_rewards(scores, logp_old, logp_ref, resp_mask, pcfg.beta)
     advantages, returns = ppo_math.gae(rewards, values, resp_mask, pcfg.gamma, pcfg.lam)

@@ -189,12 +189,7 @@ def train_base_lm(model, cfg, groups, task, tracker) -> float:
 
 
 def run_sft(cfg) -> dict:
-    """SPMD: one call per rank. Returns the same metrics on every rank (see module doc). A
-    multimodal model post-trains on the media task (posttrain/multimodal/sft.py)."""
-    if cfg.model.multimodal.enabled:
-        from .multimodal.sft import run_mm_sft
-
-        return run_mm_sft(cfg)
+    """SPMD: one call per rank. Returns the same metrics on every rank (see module doc)."""
     t0 = time.time()
     groups = setup_distributed(cfg)
     task = build_task_data(cfg)

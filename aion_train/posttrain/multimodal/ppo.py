@@ -19,17 +19,42 @@ import torch
 
 from aion_train.parallel.device import module_device, to_device
 
+from ..ppo import PPOOps, run_ppo
 from ..rollout import experience
-from .models import FusedLM
+from .models import FusedCritic, FusedLM, FusedRewardModel, build_mm_model
 from .rollout import evaluate_accuracy, generate_responses, sequences
 from .task import is_correct, modalities_of
 
 
+def load_mm_reward_model(cfg, groups):
+    from ..reward import load_reward_model
+
+    return load_reward_model(cfg, groups, build_backbone=build_mm_model, cls=FusedRewardModel)
+
+
+def build_mm_critic(cfg, groups) -> FusedCritic:
+    """A value head on a copy of the reward model's backbone and head (ppo.critic_init=rm) or
+    on the SFT model with a zero head (sft); trainable but for a frozen media path."""
+    from .sft import freeze_media_path, load_mm_policy
+
+    if cfg.ppo.critic_init == "rm":
+        rm = load_mm_reward_model(cfg, groups)
+        critic = FusedCritic(rm.backbone, cfg.model.d_model)
+        with torch.no_grad():
+            critic.value_head.weight.copy_(rm.head.weight)
+            critic.value_head.bias.copy_(rm.head.bias)
+    else:
+        critic = FusedCritic(load_mm_policy(cfg, merge=True, groups=groups)[0], cfg.model.d_model)
+    for p in critic.parameters():
+        p.requires_grad_(True)
+    if not cfg.lora.encoders:
+        freeze_media_path(critic.backbone)
+    return critic.train()
+
+
 def build_mm_models(cfg, groups):
     """(actor engine, critic engine, reference, reward model, task): run_ppo's models."""
-    from ..critic import build_critic
     from ..ppo import _engine
-    from ..reward import load_reward_model
     from .sft import load_mm_policy
 
     if cfg.ppo.reward != "rm":
@@ -39,8 +64,8 @@ def build_mm_models(cfg, groups):
     for p in reference.parameters():
         p.requires_grad_(False)
     reference.eval()
-    reward_model = load_reward_model(cfg, groups)
-    critic = build_critic(cfg, groups)
+    reward_model = load_mm_reward_model(cfg, groups)
+    critic = build_mm_critic(cfg, groups)
     per_rank = cfg.ppo.rollout_prompts // groups.dp
     mb = max(1, per_rank // cfg.ppo.minibatches)
     actor = _engine(FusedLM(actor_model), cfg, groups, cfg.ppo.actor_lr, mb)
@@ -67,15 +92,25 @@ def make_mm_experience(
     device = module_device(actor)
     seqs = to_device(seqs, device)
     reward_model.eval()
-    scores = reward_model(seqs[0], ctx)
-    correct = [float(is_correct(e, task.decode(r))) for e, r in zip(examples, responses)]
-    return experience(seqs, scores, correct, actor, reference, critic, pcfg, groups, dp_group, ctx)
+
+    def outcome():
+        return reward_model(seqs[0], ctx), [float(is_correct(e, task.decode(r))) for e, r in zip(examples, responses)]
+
+    return experience(seqs, outcome, actor, reference, critic, pcfg, groups, dp_group, ctx)
 
 
-__all__ = [
-    "build_mm_models",
-    "evaluate_accuracy",
-    "make_mm_experience",
-    "modalities_of",
-    "sample_mm_sequences",
-]
+MM_OPS = PPOOps(
+    build_mm_models,
+    make_mm_experience,
+    evaluate_accuracy,
+    sample_mm_sequences,
+    lambda cfg: {"modalities": modalities_of(cfg.sft.mm_kinds)},
+)
+
+
+def run_mm_ppo(cfg) -> dict:
+    """SPMD: the PPO phase of `posttrain/ppo.py` on media prompts."""
+    return run_ppo(cfg, MM_OPS)
+
+
+__all__ = ["MM_OPS", "build_mm_critic", "build_mm_models", "make_mm_experience", "run_mm_ppo", "sample_mm_sequences"]

@@ -12,7 +12,7 @@ prompts (other images). The backbone starts from the SFT model (adapters merged,
 from __future__ import annotations
 
 from ..lora import apply_lora
-from ..reward import response_pairs
+from ..reward import response_pairs, run_rm
 from .models import FusedRewardModel, build_mm_model, media_lora_targets
 from .rollout import sequences
 from .sft import base_checkpoint, freeze_media_path, load_mm_policy
@@ -63,4 +63,9 @@ def mm_reward_setup(cfg, groups):
     return model, train, held, "easy-vqa test images", lambda p: mm_pair_batch(task, p)
 
 
-__all__ = ["mm_pair_batch", "mm_reward_setup"]
+def run_mm_rm(cfg) -> dict:
+    """SPMD: the reward-model phase of `posttrain/reward.py` on the media task's pairs."""
+    return run_rm(cfg, setup=mm_reward_setup)
+
+
+__all__ = ["mm_pair_batch", "mm_reward_setup", "run_mm_rm"]

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
+from aion_train.config.posttrain_schema import MM_KINDS
 from aion_train.fsutil import atomic_write
 
-KINDS = ("image", "spoken", "video")
+KINDS = MM_KINDS
 MODALITIES = {"image": ("image",), "spoken": ("image", "audio"), "video": ("video",)}
 DIRECTIONS = ("down", "left", "right", "up")
 VIDEO_QUESTION = "which way does the shape move?"
