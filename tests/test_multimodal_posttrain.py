@@ -130,28 +130,43 @@ def test_prompts_are_the_served_chat_layout_with_media_and_no_scene_text(task):
     assert all(torch.equal(a.data, b.data) for a, b in zip(served.media, spoken.prompt.media))
 
 
-def test_sft_rm_ppo_on_media_prompts(base, tmp_path):
-    """The three phases on media prompts (a few steps): what each writes, PPO's reference
-    (adapters merged) answering as the SFT phase's adapter model did, finite KL, and the
-    rollouts' media encoded once per item and model, with router replay on."""
+def test_sft_rm_ppo_commands_on_media_prompts(base, tmp_path, capsys):
+    """`aion-train sft / rm / ppo` on a multimodal config (a few steps): what each prints,
+    the SFT accuracy recomputed from the saved adapters, PPO's reference (adapters merged)
+    answering as the SFT phase's adapter model did, finite KL, router replay on."""
+    from aion_train.cli import main
     from aion_train.posttrain.common import read_done
-    from aion_train.posttrain.phases import run_ppo, run_rm, run_sft
+    from aion_train.posttrain.multimodal.rollout import evaluate_accuracy
+    from aion_train.posttrain.multimodal.sft import load_mm_policy
 
-    cfg = mm_cfg(base, tmp_path / "run", "ppo.router_replay=true")
-    sft = run_sft(cfg)
+    tok, ckpt = base
+    over = SMALL + [
+        f"run_dir={tmp_path / 'run'}",
+        f"data.tokenizer={tok}",
+        f"sft.init_from={ckpt}",
+        "model.vocab_size=304",
+        "ppo.router_replay=true",
+    ]
+    last = lambda: json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # noqa: E731
+    config = "configs/pipeline_multimodal_tiny.yaml"
+    assert main(["sft", "--config", config, "--json", *over]) == 0
+    sft = last()
     assert sft["modalities"] == ["audio", "image", "text", "video"]
     assert sft["eval_examples"] == 12 and set(sft["sft_accuracy_by_kind"]) == {"image", "spoken", "video"}
-    assert (tmp_path / "run" / "sft" / "adapters.safetensors").is_file()
-    rm = run_rm(cfg)
+    cfg = mm_cfg(base, tmp_path / "run", "ppo.router_replay=true")
+    model, task = load_mm_policy(cfg, merge=True)
+    again = evaluate_accuracy(model, task, task.prompts("test"), cfg.sft.max_new_tokens)
+    assert again["accuracy"] == pytest.approx(sft["sft_accuracy"]) and again["by_kind"] == sft["sft_accuracy_by_kind"]
+    assert main(["rm", "--config", config, "--json", *over]) == 0
+    rm = last()
     assert rm["rm_eval_pairs"] == 8 and 0.0 <= rm["rm_pair_accuracy"] <= 1.0
-    ppo = run_ppo(cfg)
+    assert main(["ppo", "--config", config, "--json", *over]) == 0
+    ppo = last()
     assert ppo["router_replay"] is True and ppo["iterations"] == 2
     assert ppo["sft_accuracy"] == pytest.approx(sft["sft_accuracy"])
     assert ppo["sft_accuracy_by_kind"] == pytest.approx(sft["sft_accuracy_by_kind"])
     assert torch.isfinite(torch.tensor(ppo["ppo_kl"])) and ppo["ppo_kl_k3"] >= 0
     assert read_done(cfg, "ppo")["modalities"] == ppo["modalities"]
-    hist = json.loads((tmp_path / "run" / "ppo" / "done.json").read_text())
-    assert hist["reward_first"] == pytest.approx(ppo["reward_first"])
 
 
 def test_rollout_media_are_encoded_once_per_item(base, task, tmp_path):
