@@ -41,6 +41,15 @@ def phase_device() -> torch.device:
     return torch.device("cpu")
 
 
+def refuse_multimodal(cfg, phase: str) -> None:
+    """The text task's phases on a multimodal config: a clear error, not a weight mismatch."""
+    if cfg.model.multimodal.enabled:
+        raise ValueError(
+            f"model.multimodal.enabled: the text {phase} phase does not take a multimodal model; "
+            f"run aion_train.posttrain.phases.run_{phase} (what `aion-train {phase}` and the pipeline call)"
+        )
+
+
 def setup_distributed(cfg):
     """Initialise torch.distributed through DeepSpeed's comm (a one-rank group without a
     launcher: DeepSpeed's engine needs one), validate the config for this world size and

@@ -40,7 +40,15 @@ from aion_train.parallel.collectives import all_reduce_
 from aion_train.parallel.device import module_device
 
 from . import ppo_math
-from .common import build_phase_engine, evaluate_accuracy, phase_config, phase_tracker, setup_distributed, write_done
+from .common import (
+    build_phase_engine,
+    evaluate_accuracy,
+    phase_config,
+    phase_tracker,
+    refuse_multimodal,
+    setup_distributed,
+    write_done,
+)
 from .critic import build_critic
 from .ppo_checkpoint import load_ppo, ppo_checkpoints, save_ppo
 from .reward import load_reward_model
@@ -183,6 +191,7 @@ def _engine(model, cfg, groups, lr: float, batch: int):
 
 def build_models(cfg, groups):
     """(actor engine, critic engine, reference, reward model, task data)."""
+    refuse_multimodal(cfg, "ppo")
     actor_model, task = load_policy(cfg, "sft", merge=False, groups=groups)
     reference, _ = load_policy(cfg, "sft", merge=True, groups=groups)
     for p in reference.parameters():

@@ -38,6 +38,7 @@ from .common import (
     phase_tracker,
     rank,
     read_done,
+    refuse_multimodal,
     save_tensors,
     save_weights,
     setup_distributed,
@@ -226,6 +227,7 @@ def _backbone(cfg, groups):
 
 def text_reward_setup(cfg, groups):
     """(reward model, train pairs, held-out pairs, held-out split name, make_batch) of a text model."""
+    refuse_multimodal(cfg, "rm")
     backbone, task = _backbone(cfg, groups)
     if cfg.rm.use_lora:
         apply_lora(backbone, cfg.lora, seed=cfg.seed)

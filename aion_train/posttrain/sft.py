@@ -41,6 +41,7 @@ from .common import (
     phase_tracker,
     rank,
     read_done,
+    refuse_multimodal,
     save_tensors,
     save_weights,
     setup_distributed,
@@ -190,6 +191,7 @@ def train_base_lm(model, cfg, groups, task, tracker) -> float:
 
 def run_sft(cfg) -> dict:
     """SPMD: one call per rank. Returns the same metrics on every rank (see module doc)."""
+    refuse_multimodal(cfg, "sft")
     t0 = time.time()
     groups = setup_distributed(cfg)
     task = build_task_data(cfg)
