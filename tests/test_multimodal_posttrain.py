@@ -18,6 +18,7 @@ from aion_train.parallel import run_ranks
 SMALL = [
     "sft.mm_train_per_kind=12",
     "sft.mm_eval_per_kind=4",
+    "sft.mm_ppo_per_kind=8",
     "sft.steps=4",
     "sft.batch_size=8",
     "rm.steps=4",
@@ -97,7 +98,7 @@ def test_prompts_are_the_served_chat_layout_with_media_and_no_scene_text(task):
     sha = lambda raw: hashlib.sha256(raw).hexdigest()  # noqa: E731
     pngs = {sha(b): b for b in (Path(r["path"]).read_bytes() for s in ("train", "test") for r in easy_vqa_records(s))}
     kinds = {}
-    for split in ("train", "test"):
+    for split in ("sft", "train", "test"):
         for e in t.prompts(split):
             kinds[e.kind] = kinds.get(e.kind, 0) + 1
             text_ids = [i for i, m in zip(e.prompt.ids, e.prompt.modality) if m == 0]
@@ -114,7 +115,10 @@ def test_prompts_are_the_served_chat_layout_with_media_and_no_scene_text(task):
             if e.kind == "video":
                 # the answer is the motion: the question names no colour, shape or direction
                 assert not set(text.split()) & {"left", "right", "up", "down"}
-    assert kinds["image"] == kinds["spoken"] == kinds["video"] == 16
+    assert kinds["image"] == kinds["spoken"] == kinds["video"] == 12 + 8 + 4
+    # PPO's prompts are about images that SFT and the reward model never see
+    seen = {e.prompt.media[0].sha256 for e in t.prompts("sft") if e.kind != "video"}
+    assert seen and not seen & {e.prompt.media[0].sha256 for e in t.prompts("train") if e.kind != "video"}
     # the same request through the serving layer's parser renders the same ids and media
     spoken = next(e for e in t.prompts("test") if e.kind == "spoken")
     png = pngs[spoken.prompt.media[0].sha256]
@@ -167,6 +171,33 @@ def test_sft_rm_ppo_commands_on_media_prompts(base, tmp_path, capsys):
     assert ppo["sft_accuracy_by_kind"] == pytest.approx(sft["sft_accuracy_by_kind"])
     assert torch.isfinite(torch.tensor(ppo["ppo_kl"])) and ppo["ppo_kl_k3"] >= 0
     assert read_done(cfg, "ppo")["modalities"] == ppo["modalities"]
+
+
+def says_yes(prompts, completions, **_):
+    """A rule reward for the learning check: 1 for the answer "yes", else 0."""
+    return [float(c.strip() == "yes") for c in completions]
+
+
+def test_multimodal_ppo_learns_a_rule_reward(base, tmp_path):
+    """PPO on media prompts climbs a reward it can reach: `says_yes` (the answer "yes" to any
+    prompt) from the short SFT's rate to most of the batch within 12 iterations."""
+    from aion_train.posttrain.phases import run_ppo, run_sft
+
+    cfg = mm_cfg(
+        base,
+        tmp_path / "run",
+        "ppo.reward=test_multimodal_posttrain:says_yes",
+        "ppo.critic_init=sft",
+        "ppo.steps=12",
+        "ppo.rollout_prompts=16",
+        "ppo.actor_lr=3e-3",
+        "ppo.temperature=1.0",
+        "ppo.router_replay=true",
+        "sft.steps=20",
+    )
+    run_sft(cfg)
+    out = run_ppo(cfg)
+    assert out["reward_first"] < 0.5 and out["reward_mean"] > out["reward_first"] + 0.4, out
 
 
 def test_rollout_media_are_encoded_once_per_item(base, task, tmp_path):

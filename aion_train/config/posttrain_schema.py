@@ -52,6 +52,10 @@ class SFTConfig:
     mm_kinds: list = field(default_factory=lambda: ["image", "spoken", "video"])
     mm_train_per_kind: int = 600  # training prompts per kind (easy-vqa train images)
     mm_eval_per_kind: int = 100  # held-out prompts per kind (easy-vqa test images)
+    # PPO's prompts come from a share of the easy-vqa train images that SFT and the reward model
+    # never see: where the SFT policy has memorised nothing, its samples carry a learning signal
+    mm_ppo_fraction: float = 0.25
+    mm_ppo_per_kind: int = 500
 
 
 @dataclass
@@ -118,7 +122,9 @@ def check(cfg, errors: list[str]) -> None:
         bad = [k for k in s.mm_kinds if k not in MM_KINDS]
         if bad or not s.mm_kinds:
             errors.append(f"sft.mm_kinds={s.mm_kinds!r}: a non-empty list of {', '.join(MM_KINDS)}")
-        for key in ("mm_train_per_kind", "mm_eval_per_kind"):
+        if not 0 < s.mm_ppo_fraction < 1:
+            errors.append(f"sft.mm_ppo_fraction={s.mm_ppo_fraction}: must be in (0, 1)")
+        for key in ("mm_train_per_kind", "mm_eval_per_kind", "mm_ppo_per_kind"):
             if getattr(s, key) < 1:
                 errors.append(f"sft.{key}={getattr(s, key)}: must be >= 1")
         if s.train_files or rm.train_files or cfg.ppo.prompt_files:

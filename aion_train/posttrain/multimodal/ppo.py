@@ -57,14 +57,17 @@ def build_mm_models(cfg, groups):
     from ..ppo import _engine
     from .sft import load_mm_policy
 
-    if cfg.ppo.reward != "rm":
-        raise ValueError(f"ppo.reward={cfg.ppo.reward!r}: a multimodal run is rewarded by its reward model (rm)")
     actor_model, task = load_mm_policy(cfg, merge=False, groups=groups)
     reference = FusedLM(load_mm_policy(cfg, merge=True, groups=groups)[0])
     for p in reference.parameters():
         p.requires_grad_(False)
     reference.eval()
-    reward_model = load_mm_reward_model(cfg, groups)
+    if cfg.ppo.reward == "rm":
+        reward_model = load_mm_reward_model(cfg, groups)
+    else:  # a function of the decoded answers (posttrain/rewards.py), e.g. rewards:exact_match
+        from ..rewards import FunctionReward
+
+        reward_model = FunctionReward(cfg.ppo.reward)
     critic = build_mm_critic(cfg, groups)
     per_rank = cfg.ppo.rollout_prompts // groups.dp
     mb = max(1, per_rank // cfg.ppo.minibatches)
@@ -91,10 +94,14 @@ def make_mm_experience(
     responses, seqs, ctx = sample_mm_sequences(actor, task, examples, pcfg, generator, groups)
     device = module_device(actor)
     seqs = to_device(seqs, device)
-    reward_model.eval()
 
     def outcome():
-        return reward_model(seqs[0], ctx), [float(is_correct(e, task.decode(r))) for e, r in zip(examples, responses)]
+        texts = [task.decode(r) for r in responses]
+        if getattr(reward_model, "scores_text", False):
+            scores = reward_model.score(examples, texts)
+        else:
+            scores = reward_model(seqs[0], ctx)
+        return scores, [float(is_correct(e, t)) for e, t in zip(examples, texts)]
 
     return experience(seqs, outcome, actor, reference, critic, pcfg, groups, dp_group, ctx)
 

@@ -51,9 +51,9 @@ def mm_reward_setup(cfg, groups):
     tok = task.answer_tokenizer
     n_new = cfg.ppo.max_new_tokens
     train = response_pairs(
-        task.prompts("train"),
+        task.prompts("sft"),
         tok,
-        cfg.rm.train_pairs or len(task.prompts("train")),
+        cfg.rm.train_pairs or len(task.prompts("sft")),
         cfg.seed + 11,
         cfg.rm.malformed_fraction,
         n_new,

@@ -94,7 +94,7 @@ def run_mm_sft(cfg) -> dict:
     try:
         model = build_mm_model(cfg, groups)
         load_weights(model, base, groups)
-        test, train = task.prompts("test"), task.prompts("train")
+        test, train = task.prompts("test"), task.prompts("sft")
         n_tok = cfg.sft.max_new_tokens
         ev = evaluate_accuracy(model, task, test, n_tok, groups)
         metrics: dict = {"base_accuracy": ev["accuracy"], "base_accuracy_by_kind": ev["by_kind"]}

@@ -12,15 +12,15 @@ here is byte for byte what `aion-train serve` builds from OpenAI content parts:
 
 No prompt carries a textual description of the media: what the model knows about the image
 it gets from the pixels. Answers are one word from a closed set followed by `</T>` (the end of
-a multimodal answer). Training prompts come from the easy-vqa *train* images, held-out ones
-from the *test* images (other images; spoken clips of other questions). Speech is synthesised
+a multimodal answer). SFT and reward-model prompts come from most of the easy-vqa *train*
+images, PPO's from the rest (images SFT never saw), held-out ones from the *test* images. Speech is synthesised
 once per text into {run_dir}/task/speech/ (deterministic, shared by the phases)."""
 
 from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,6 +42,7 @@ class MMExample:
     candidates: tuple
     kind: str  # image | spoken | video
     question: str  # what was asked (written or spoken)
+    columns: dict = field(default_factory=dict)  # for reward functions (they get `answer`)
 
     @property
     def prompt_ids(self) -> list:
@@ -159,13 +160,32 @@ def task_tokenizer(cfg):
     return multimodal_data(cfg)[1]
 
 
+def split_images(records: list[dict], fraction: float, seed: int) -> tuple[list, list]:
+    """(SFT / reward-model images, PPO images): a seeded `fraction` of the images kept apart."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    cut = int(round(fraction * len(records)))
+    ppo = set(order[:cut])
+    return [r for i, r in enumerate(records) if i not in ppo], [r for i, r in enumerate(records) if i in ppo]
+
+
 def build_mm_task(cfg) -> MMTask:
-    """Train / test examples of every kind in `sft.mm_kinds` (cached per process: the phases
-    of one process share it)."""
+    """Splits of every kind in `sft.mm_kinds` (cached per process: the phases of one process
+    share it): "sft" (SFT and reward-model prompts), "train" (PPO's prompts, on easy-vqa train
+    images kept out of "sft": `sft.mm_ppo_fraction` of them), "test" (easy-vqa test images)."""
     from aion_train.data.multimodal.sources import easy_vqa_records
 
     s = cfg.sft
-    key = (cfg.seed, tuple(s.mm_kinds), s.mm_train_per_kind, s.mm_eval_per_kind, cfg.data.dir, cfg.data.tokenizer)
+    key = (
+        cfg.seed,
+        tuple(s.mm_kinds),
+        s.mm_train_per_kind,
+        s.mm_eval_per_kind,
+        s.mm_ppo_fraction,
+        s.mm_ppo_per_kind,
+        cfg.data.dir,
+        cfg.data.tokenizer,
+    )
     if key in _CACHE:
         return _CACHE[key]
     tok, mm = task_tokenizer(cfg), cfg.model.multimodal
@@ -174,9 +194,14 @@ def build_mm_task(cfg) -> MMTask:
             f"the multimodal tokenizer {tok.path} has {tok.vocab_size} ids but model.vocab_size={cfg.model.vocab_size}"
         )
     speech_dir = Path(cfg.run_dir) / "task" / "speech"
+    sft_images, ppo_images = split_images(easy_vqa_records("train"), s.mm_ppo_fraction, cfg.seed + 5)
+    parts = (
+        ("sft", sft_images, s.mm_train_per_kind, 0),
+        ("train", ppo_images, s.mm_ppo_per_kind, 2),
+        ("test", easy_vqa_records("test"), s.mm_eval_per_kind, 1),
+    )
     splits = {}
-    for split, n, salt in (("train", s.mm_train_per_kind, 0), ("test", s.mm_eval_per_kind, 1)):
-        records = easy_vqa_records(split)
+    for split, records, n, salt in parts:
         examples = []
         for k, kind in enumerate(s.mm_kinds):
             rng = random.Random((cfg.seed * 31 + salt) * 8 + k)
