@@ -479,3 +479,15 @@ def test_multimodal_ppo_step_on_tp_ep_ranks_equals_the_single_process(tp, ep, ba
     assert r["lora"] > 8 and r["scale"] > 0
     assert r["loss"] < 1e-5 and r["vloss"] < 1e-5
     assert r["grad"] < 1e-5 and r["vgrad"] < 1e-5
+
+
+def test_the_pipelines_last_line_carries_the_modalities():
+    from aion_train.config.pipeline_schema import BUILTIN
+    from aion_train.pipeline.runner import summarize
+
+    done = {
+        "sft": {"sft_accuracy": 0.5, "modalities": ["audio", "image", "text", "video"], "by_kind": {"image": 0.8}},
+        "ppo": {"ppo_accuracy": 0.6, "sft_accuracy": 0.52, "ppo_kl": 0.3, "modalities": ["image", "text"]},
+    }
+    out = summarize([BUILTIN["sft"], BUILTIN["ppo"]], done, {"sft": "done", "ppo": "done"}, "/r", 1.0)
+    assert out["modalities"] == ["image", "text"] and out["sft_accuracy"] == 0.52 and "by_kind" not in out

@@ -243,13 +243,14 @@ def _short_error(e: BaseException) -> str:
 
 
 def summarize(phases: list[Phase], metrics: dict, statuses: dict, run_dir: str, seconds: float) -> dict:
-    """The last line: every phase's scalar metrics in phase order (a later phase's value wins,
-    so PPO's re-measured sft_accuracy on its held-out prompts is the one compared with
-    ppo_accuracy), then the pipeline's own keys."""
+    """The last line: every phase's scalar metrics (and lists of scalars, e.g. `modalities`)
+    in phase order (a later phase's value wins, so PPO's re-measured sft_accuracy on its
+    held-out prompts is the one compared with ppo_accuracy), then the pipeline's own keys."""
+    scalar = lambda v: isinstance(v, (int, float, str, bool)) or v is None  # noqa: E731
     out: dict = {}
     for ph in phases:
         for k, v in (metrics.get(ph.name) or {}).items():
-            if k != "seconds" and (isinstance(v, (int, float, str, bool)) or v is None):
+            if k != "seconds" and (scalar(v) or (isinstance(v, list) and all(scalar(x) for x in v))):
                 out[k] = v
     ok = all(s in ("done", "skipped") for s in statuses.values()) and len(statuses) == len(phases)
     out.update(
