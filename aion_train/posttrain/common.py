@@ -212,13 +212,19 @@ def evaluate_accuracy(model, task_data, examples, max_new_tokens: int, groups=No
     mine = examples[dp_rank::dp]
     tok = task_data.tokenizer
     gen = generate_answers(model, [e.prompt_ids for e in mine], max_new_tokens, tok.end_id, groups)
+    return accuracy_by_kind(examples, mine, [is_correct(e, tok.decode(ids)) for e, ids in zip(mine, gen)], groups)
+
+
+def accuracy_by_kind(examples, mine, verdicts, groups=None) -> dict:
+    """{"accuracy", "n", "by_kind"} of this rank's verdicts on `mine` (its share of `examples`),
+    the counts summed over the data-parallel ranks."""
     kinds = sorted({e.kind for e in examples})
     counts = torch.zeros(len(kinds), 2, dtype=torch.float64)
-    for e, ids in zip(mine, gen):
+    for e, ok in zip(mine, verdicts):
         k = kinds.index(e.kind)
-        counts[k, 0] += float(is_correct(e, tok.decode(ids)))
+        counts[k, 0] += float(ok)
         counts[k, 1] += 1
-    if groups is not None and dp > 1:
+    if groups is not None and groups.dp > 1:
         all_reduce_(counts, group=groups.dp_group)
     total = counts.sum(0)
     return {

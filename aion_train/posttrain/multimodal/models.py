@@ -17,6 +17,9 @@ from torch import nn
 
 from aion_train.parallel.device import module_device
 
+from ..critic import Critic
+from ..reward import RewardModel
+
 MEDIA_PATH = ("encoders.", "resamplers.", "projections.")
 
 
@@ -99,18 +102,9 @@ class FusedLM(nn.Module):
         return fused_trunk(self.mm, input_ids, context)
 
 
-class FusedRewardModel(nn.Module):
+class FusedRewardModel(RewardModel):
     """r(x) = w^T h_last + b at the last real token of each row of the fused sequence
-    (context["lengths"] [B]: real tokens per row)."""
-
-    def __init__(self, backbone, d_model: int):
-        super().__init__()
-        self.backbone = backbone
-        with torch.random.fork_rng(devices=[]):  # the same head on every rank
-            torch.manual_seed(0)
-            self.head = nn.Linear(d_model, 1)
-        nn.init.zeros_(self.head.bias)
-        self.head.to(module_device(backbone))
+    (context["lengths"] [B]: real tokens per row); the head is the text reward model's."""
 
     def forward(self, input_ids: torch.Tensor, context: dict) -> torch.Tensor:
         hidden = fused_trunk(self.backbone, input_ids, context, return_hidden=True).hidden
@@ -119,16 +113,8 @@ class FusedRewardModel(nn.Module):
         return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
 
 
-class FusedCritic(nn.Module):
-    """values[b, t] = w^T h[b, t] + c over the fused sequence (the PPO critic)."""
-
-    def __init__(self, backbone, d_model: int):
-        super().__init__()
-        self.backbone = backbone
-        self.value_head = nn.Linear(d_model, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
-        self.value_head.to(module_device(backbone))
+class FusedCritic(Critic):
+    """values[b, t] = w^T h[b, t] + c over the fused sequence (the PPO critic's value head)."""
 
     def forward(self, input_ids: torch.Tensor, context: dict) -> torch.Tensor:
         hidden = fused_trunk(self.backbone, input_ids, context, return_hidden=True).hidden

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from aion_train.parallel.collectives import all_reduce_, gather_last
+from aion_train.parallel.collectives import gather_last
 from aion_train.parallel.device import module_device
 
+from ..common import accuracy_by_kind
 from ..rollout import build_sequences
 from .models import _mm, media_tokens
 from .task import is_correct
@@ -80,17 +81,4 @@ def evaluate_accuracy(model, task, examples, max_new_tokens: int, groups=None) -
     dp, dp_rank = (1, 0) if groups is None else (groups.dp, groups.dp_rank)
     mine = examples[dp_rank::dp]
     gen = generate_responses(model, mine, max_new_tokens, task.end_id, groups)
-    kinds = sorted({e.kind for e in examples})
-    counts = torch.zeros(len(kinds), 2, dtype=torch.float64)
-    for e, ids in zip(mine, gen):
-        k = kinds.index(e.kind)
-        counts[k, 0] += float(is_correct(e, task.decode(ids)))
-        counts[k, 1] += 1
-    if groups is not None and dp > 1:
-        all_reduce_(counts, group=groups.dp_group)
-    total = counts.sum(0)
-    return {
-        "accuracy": float(total[0] / max(total[1], 1)),
-        "n": int(total[1]),
-        "by_kind": {k: float(counts[i, 0] / max(counts[i, 1], 1)) for i, k in enumerate(kinds)},
-    }
+    return accuracy_by_kind(examples, mine, [is_correct(e, task.decode(ids)) for e, ids in zip(mine, gen)], groups)
