@@ -452,3 +452,24 @@ def test_pipeline_runs_sft_rm_ppo_on_user_files(tmp_path, capsys):
     assert rm["rm_train_pairs"] == 64 and rm["rm_pair_accuracy"] >= 0.9
     assert ppo["reward"] == "rm" and ppo["iterations"] == 2 and ppo["eval_examples"] == 32
     assert json.loads((run / "ppo" / "done.json").read_text()) == ppo
+
+
+def test_weights_of_another_tokenizer_are_refused(tmp_path):
+    """A phase's done.json records the tokenizer its weights were trained with; loading them
+    against a rebuilt tokenizer (another seed's demo set) fails with both hashes, not garbage."""
+    import hashlib
+
+    from aion_train.data.tokenizer import train_tokenizer
+    from aion_train.posttrain.common import check_tokenizer, tokenizer_sha256
+
+    texts = [f"the {w} sat on the mat number {i}" for i, w in enumerate(["cat", "dog", "emu"] * 40)]
+    a = train_tokenizer(texts, str(tmp_path / "a.model"), 300)
+    b = train_tokenizer(texts[::-1][:60] + ["zebra quagga okapi"] * 30, str(tmp_path / "b.model"), 300)
+    assert tokenizer_sha256(a) == hashlib.sha256(open(a, "rb").read()).hexdigest()
+    done = {"tokenizer_sha256": tokenizer_sha256(a)}
+    check_tokenizer(done, a, "the SFT model")  # same file: accepted
+    check_tokenizer({}, b, "an older SFT model")  # nothing recorded: accepted
+    with pytest.raises(
+        ValueError, match=r"the SFT model was trained with a tokenizer of sha256 .*b\.model is now another"
+    ):
+        check_tokenizer(done, b, "the SFT model")

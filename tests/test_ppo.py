@@ -61,6 +61,9 @@ def test_whiten_uses_masked_statistics():
     assert torch.all(w[~mask.bool()] == 0)
     kept = ppo_math.whiten(x, mask, shift_mean=False)
     assert float(ppo_math.masked_mean(kept, mask)) == pytest.approx(sel.mean(), rel=1e-9)
+    scaled = ppo_math.unit_scale(x, mask)  # group-baselined advantages: scaled, not shifted
+    np.testing.assert_allclose(scaled[mask.bool()].numpy(), sel / np.sqrt(sel.var() + 1e-8), rtol=1e-10)
+    assert torch.all(scaled[~mask.bool()] == 0)
 
 
 def _whiten_on_ranks(rows):
@@ -161,6 +164,45 @@ def test_kl_penalty_rewards_put_the_score_on_the_last_valid_token():
         ppo_math.kl_penalty_rewards(torch.zeros(2), logp, logp_ref, mask * 0, 0.1)
 
 
+def test_group_advantages_against_rloo_and_grpo_formulas():
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randn(12, 3, generator=g)
+    mask = prefix_mask([3, 1, 2, 3, 2, 1, 3, 3, 1, 2, 2, 3], 3)
+    ret = (rewards * mask).sum(1).tolist()
+    G = 4
+    rloo, grpo = (
+        ppo_math.group_advantages(rewards, mask, G, "rloo"),
+        ppo_math.group_advantages(rewards, mask, G, "group_norm"),
+    )
+    for i in range(12):
+        group = ret[i // G * G : i // G * G + G]
+        others = [r for j, r in enumerate(group) if j != i % G]
+        want_rloo = ret[i] - sum(others) / (G - 1)
+        want_grpo = (ret[i] - np.mean(group)) / (np.std(group, ddof=1) + 1e-6)
+        n = int(mask[i].sum())
+        torch.testing.assert_close(rloo[i, :n], torch.full((n,), want_rloo), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grpo[i, :n], torch.full((n,), float(want_grpo)), rtol=1e-5, atol=1e-6)
+        assert float(rloo[i, n:].abs().sum()) == 0.0 and float(grpo[i, n:].abs().sum()) == 0.0
+    # RLOO's (and GRPO's) advantages of a group sum to 0 (read at each row's first token)
+    torch.testing.assert_close(rloo[:, 0].view(3, G).sum(1), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(grpo[:, 0].view(3, G).sum(1), torch.zeros(3), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="groups of 5"):
+        ppo_math.group_advantages(rewards, mask, 5, "rloo")
+    with pytest.raises(ValueError, match="unknown kind"):
+        ppo_math.group_advantages(rewards, mask, 4, "vtrace")
+
+
+def test_config_refuses_group_advantages_without_groups():
+    from aion_train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="samples_per_prompt=1 must be >= 2"):
+        load_config("configs/rlhf_tiny.yaml", ["ppo.advantage=rloo"])
+    with pytest.raises(ConfigError, match="ppo.advantage='ac'"):
+        load_config("configs/rlhf_tiny.yaml", ["ppo.advantage=ac", "ppo.samples_per_prompt=2"])
+    cfg = load_config("configs/rlhf_tiny.yaml", ["ppo.advantage=group_norm", "ppo.samples_per_prompt=4"])
+    assert cfg.ppo.samples_per_prompt == 4
+
+
 # -- rollouts on a tiny random transformer ---------------------------------------------------------
 def tiny_model_cfg(vocab=32):
     from aion_train.config.schema import ModelConfig, MoEConfig
@@ -239,8 +281,9 @@ class RuleTask:
             return " ".join(str(i) for i in ids if i != 31)
 
 
-def _ppo_on_rule_reward(iterations):
-    """2 ranks: LoRA actor + critic as DeepSpeed engines, frozen reference, rule reward."""
+def _ppo_on_rule_reward(iterations, advantage="gae"):
+    """2 ranks: LoRA actor + critic as DeepSpeed engines, frozen reference, rule reward; with
+    advantage rloo: no critic, 8 prompts x 4 samples per rank."""
     import copy
     import random
 
@@ -261,23 +304,26 @@ def _ppo_on_rule_reward(iterations):
     cfg.lora.enabled, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = True, 4, 8.0, 0.0
     cfg.lora.targets = ["q_proj", "v_proj", "w_up", "lm_head"]  # a random tiny LM needs the head adapted
     cfg.ppo.rollout_prompts, cfg.ppo.max_new_tokens, cfg.ppo.beta = 64, 2, 0.02
+    G = 1 if advantage == "gae" else 4
+    cfg.ppo.advantage, cfg.ppo.samples_per_prompt = advantage, G
     groups = setup_distributed(cfg)
     base = build_model(cfg.model, seed=0)
     reference = copy.deepcopy(base).eval().requires_grad_(False)
     apply_lora(base, cfg.lora, seed=0)
     critic = Critic(build_model(cfg.model, seed=1), cfg.model.d_model)
     actor = _engine(base, cfg, groups, 1e-2, 16)
-    critic_engine = _engine(critic, cfg, groups, 1e-3, 16)
+    critic_engine = _engine(critic, cfg, groups, 1e-3, 16) if advantage == "gae" else None
     scores = []
     for it in range(iterations):
         rng = random.Random(it * 2 + groups.dp_rank)
-        examples = [Example([], [rng.randrange(1, 31) for _ in range(4)], "7") for _ in range(32)]
+        prompts = [Example([], [rng.randrange(1, 31) for _ in range(4)], "7") for _ in range(32 // G)]
+        examples = [e for e in prompts for _ in range(G)]
         gen = torch.Generator().manual_seed(it * 2 + groups.dp_rank)
         batch = make_experience(
             examples,
             actor.module,
             reference,
-            critic_engine.module,
+            critic_engine.module if critic_engine else None,
             RuleReward(),
             RuleTask,
             cfg.ppo,
@@ -286,6 +332,9 @@ def _ppo_on_rule_reward(iterations):
             dp_group=groups.dp_group,
         )
         assert torch.all(batch.correct <= batch.scores)  # exactly "7" implies a first token 7
+        if critic_engine is None:  # the samples of one prompt: advantages centred within the group
+            group_sum = (batch.advantages[:, 0] * batch.resp_mask[:, 0]).view(-1, G).sum(1)
+            assert batch.values.abs().sum() == 0 and float(group_sum.abs().max()) < 5e-4 * G
         stats = ppo_update(actor, critic_engine, batch, cfg.ppo, groups, gen)
         scores.append(float(batch.scores.mean()))
     flat = torch.cat([p.detach().flatten() for p in actor.module.parameters() if p.requires_grad])
@@ -300,17 +349,19 @@ def _ppo_on_rule_reward(iterations):
     }
 
 
-def test_ppo_with_deepspeed_engines_learns_a_rule_reward_on_two_ranks():
+@pytest.mark.parametrize("advantage", ["gae", "rloo"])
+def test_ppo_with_deepspeed_engines_learns_a_rule_reward_on_two_ranks(advantage):
     from aion_train.parallel.spawn import run_ranks
 
-    out = run_ranks(_ppo_on_rule_reward, 2, 20, timeout_s=300)
+    out = run_ranks(_ppo_on_rule_reward, 2, 20, advantage, timeout_s=300)
     first, last = np.mean(out["scores"][:3]), np.mean(out["scores"][-3:])
     assert first < 0.15  # random init: ~1/32 of first tokens are 7
     assert last > 0.6, out["scores"]
     assert out["rank_diff"] == 0.0  # data-parallel ranks hold the same adapters
     assert out["n_trainable"] < out["n_total"] / 4  # only the adapters train
-    for k in ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl"):
+    for k in ("policy_loss", "entropy", "clipfrac", "approx_kl") + (("value_loss",) if advantage == "gae" else ()):
         assert np.isfinite(out["stats"][k])
+    assert ("value_loss" in out["stats"]) == (advantage == "gae")  # rloo trains no critic
 
 
 # -- run_ppo end to end (SFT and RM shrunk to seconds) --------------------------------------------

@@ -14,6 +14,10 @@ from .posttrain_schema import check_file_list
 
 PRECISIONS = ("fp32", "bf16")
 CRITIC_INIT = ("rm", "sft")
+# gae: a critic's values (Schulman et al. 2016); rloo: each response's return minus the mean of
+# the other samples of its prompt (Ahmadian et al. 2024); group_norm: the return standardised
+# within its prompt's samples (GRPO, Shao et al. 2024). rloo / group_norm train no critic.
+ADVANTAGES = ("gae", "rloo", "group_norm")
 POMDP_ENVS = ("crying_baby", "tiger")  # the environments of aion_train.rl.envs.ENVS
 
 
@@ -21,6 +25,8 @@ POMDP_ENVS = ("crying_baby", "tiger")  # the environments of aion_train.rl.envs.
 class PPOConfig:
     steps: int = 40  # PPO iterations (one rollout batch each)
     rollout_prompts: int = 64  # prompts per iteration, over all data-parallel ranks
+    samples_per_prompt: int = 1  # responses sampled per prompt and iteration (>= 2 for rloo / group_norm)
+    advantage: str = "gae"  # gae | rloo | group_norm (ADVANTAGES above)
     epochs: int = 2  # passes over each rollout batch
     minibatches: int = 2  # optimizer steps per epoch (per rank)
     actor_lr: float = 1e-3  # LoRA adapters (or full weights without lora.enabled)
@@ -62,6 +68,7 @@ def check(cfg, errors: list[str]) -> None:
     for key in (
         "steps",
         "rollout_prompts",
+        "samples_per_prompt",
         "epochs",
         "minibatches",
         "max_new_tokens",
@@ -92,6 +99,13 @@ def check(cfg, errors: list[str]) -> None:
         errors.append(f"ppo.precision={p.precision!r}: must be one of {', '.join(PRECISIONS)}")
     if p.critic_init not in CRITIC_INIT:
         errors.append(f"ppo.critic_init={p.critic_init!r}: must be one of {', '.join(CRITIC_INIT)}")
+    if p.advantage not in ADVANTAGES:
+        errors.append(f"ppo.advantage={p.advantage!r}: must be one of {', '.join(ADVANTAGES)}")
+    elif p.advantage != "gae" and p.samples_per_prompt < 2 and not p.env:
+        errors.append(
+            f"ppo.advantage={p.advantage} compares the samples of one prompt: ppo.samples_per_prompt="
+            f"{p.samples_per_prompt} must be >= 2"
+        )
     if p.env and p.env not in POMDP_ENVS:
         errors.append(f"ppo.env={p.env!r}: must be empty or one of {', '.join(POMDP_ENVS)}")
     check_file_list("ppo.prompt_files", p.prompt_files, errors)
@@ -108,7 +122,7 @@ def check(cfg, errors: list[str]) -> None:
         mod, _, fn = p.reward.partition(":")
         if not mod or not fn or any(not part.isidentifier() for part in mod.split(".") + fn.split(".")):
             errors.append(f"ppo.reward={p.reward!r}: must be 'rm' or 'package.module:function'")
-        elif p.critic_init == "rm":
+        elif p.critic_init == "rm" and p.advantage == "gae":
             errors.append(
                 f"ppo.critic_init=rm needs a reward model, but ppo.reward={p.reward!r} is a function: "
                 "use ppo.critic_init=sft"
@@ -118,8 +132,9 @@ def check(cfg, errors: list[str]) -> None:
         dp = world // cfg.parallel.tp
         if dp and p.rollout_prompts % dp:
             errors.append(f"ppo.rollout_prompts={p.rollout_prompts} is not divisible by the data-parallel size {dp}")
-        elif dp and p.rollout_prompts // dp < p.minibatches:
+        elif dp and p.rollout_prompts // dp * p.samples_per_prompt < p.minibatches:
             errors.append(
-                f"ppo.rollout_prompts={p.rollout_prompts} gives {p.rollout_prompts // dp} prompts per rank, "
-                f"fewer than ppo.minibatches={p.minibatches}"
+                f"ppo.rollout_prompts={p.rollout_prompts} x ppo.samples_per_prompt={p.samples_per_prompt} gives "
+                f"{p.rollout_prompts // dp * p.samples_per_prompt} responses per rank, fewer than "
+                f"ppo.minibatches={p.minibatches}"
             )

@@ -235,6 +235,28 @@ def accuracy_by_kind(examples, mine, verdicts, groups=None) -> dict:
 
 
 # -- files -----------------------------------------------------------------------------------------
+def tokenizer_sha256(path) -> str:
+    """sha256 of a tokenizer file (a phase's done.json records the one its weights were trained with)."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_tokenizer(done: dict, path, what: str) -> None:
+    """Refuse weights trained with another tokenizer than the one at `path` (a demo data folder
+    rebuilt since, another data.tokenizer): their token ids would mean other pieces, and the
+    model would answer garbage instead of failing. Weights recorded before tokenizers were
+    recorded pass."""
+    want = done.get("tokenizer_sha256")
+    if want and want != tokenizer_sha256(path):
+        raise ValueError(
+            f"{what} was trained with a tokenizer of sha256 {want[:12]}..., but {path} is now another one "
+            f"({tokenizer_sha256(path)[:12]}...): the data folder was rebuilt or data.tokenizer changed (the demo "
+            "sets are rebuilt for another seed). Point data.dir / data.tokenizer at the data it was trained on, "
+            "or rerun that phase"
+        )
+
+
 def phase_dir(cfg, phase: str) -> Path:
     return Path(cfg.run_dir) / phase
 

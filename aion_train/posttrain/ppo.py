@@ -6,9 +6,11 @@ reward model, with a KL penalty to the SFT model.
     critic     value head on a copy of the reward model's backbone (trainable; DeepSpeed engine)
     reward     the reward model, frozen
 
-Each iteration samples one response per prompt (KV-cached, temperature ppo.temperature),
-scores it (reward model at the last token, -beta (log pi - log pi_ref) at every token),
-computes GAE advantages (whitened over all data-parallel ranks) and returns, then runs
+Each iteration samples ppo.samples_per_prompt responses per prompt (KV-cached, temperature
+ppo.temperature), scores them (reward model at the last token, -beta (log pi - log pi_ref) at
+every token), computes advantages (whitened over all data-parallel ranks): GAE with the
+critic's values and returns, or with ppo.advantage=rloo / group_norm each response against the
+other samples of its prompt and no critic (ppo_math.group_advantages); then runs
 ppo.epochs passes of ppo.minibatches minibatches: clipped surrogate (eps ppo.clip_eps) for
 the actor, clipped value loss for the critic. Reward, KL, clip fraction, entropy and value
 loss go to MLflow every iteration; a checkpoint every ppo.save_every iterations lets a killed
@@ -89,8 +91,9 @@ def replaying(actor, routes):
 
 
 def ppo_update(actor, critic, batch: RolloutBatch, pcfg, groups, generator: torch.Generator) -> dict:
-    """ppo.epochs x ppo.minibatches optimizer steps of both engines on one rollout batch;
-    returns the means of the losses and diagnostics over all of them."""
+    """ppo.epochs x ppo.minibatches optimizer steps of both engines (the actor's alone when
+    `critic` is None) on one rollout batch; returns the means of the losses and diagnostics
+    over all of them."""
     sums: dict = {}
     n = 0
     for _ in range(pcfg.epochs):
@@ -107,20 +110,21 @@ def ppo_update(actor, critic, batch: RolloutBatch, pcfg, groups, generator: torc
             ent = ppo_math.masked_mean(entropy, mb.resp_mask)
             actor.backward(policy_loss - pcfg.entropy_coef * ent)
             actor.step()
-            values = response_values(critic, mb.input_ids, mb.resp_pos, mb.context)
-            value_loss, vinfo = ppo_math.clipped_value_loss(
-                values, mb.values, mb.returns, mb.resp_mask, pcfg.value_clip
-            )
-            critic.backward(value_loss)
-            critic.step()
-            for k, v in (
+            terms = [
                 ("policy_loss", policy_loss),
-                ("value_loss", value_loss),
                 ("entropy", ent),
                 ("clipfrac", info["clipfrac"]),
                 ("approx_kl", info["approx_kl"]),
-                ("vclipfrac", vinfo["vclipfrac"]),
-            ):
+            ]
+            if critic is not None:
+                values = response_values(critic, mb.input_ids, mb.resp_pos, mb.context)
+                value_loss, vinfo = ppo_math.clipped_value_loss(
+                    values, mb.values, mb.returns, mb.resp_mask, pcfg.value_clip
+                )
+                critic.backward(value_loss)
+                critic.step()
+                terms += [("value_loss", value_loss), ("vclipfrac", vinfo["vclipfrac"])]
+            for k, v in terms:
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             n += 1
     return {k: v / n for k, v in sums.items()}
@@ -189,6 +193,20 @@ def _engine(model, cfg, groups, lr: float, batch: int):
     return engine
 
 
+def rollout_rows(cfg, groups) -> int:
+    """Responses per rank and iteration: its share of ppo.rollout_prompts x ppo.samples_per_prompt."""
+    return cfg.ppo.rollout_prompts // groups.dp * cfg.ppo.samples_per_prompt
+
+
+def engines(cfg, groups, actor_model, build_critic_fn) -> tuple:
+    """(actor engine, critic engine or None): the critic is built only for ppo.advantage=gae."""
+    mb = max(1, rollout_rows(cfg, groups) // cfg.ppo.minibatches)
+    actor = _engine(actor_model, cfg, groups, cfg.ppo.actor_lr, mb)
+    if cfg.ppo.advantage != "gae":
+        return actor, None
+    return actor, _engine(build_critic_fn(), cfg, groups, cfg.ppo.critic_lr, mb)
+
+
 def build_models(cfg, groups):
     """(actor engine, critic engine, reference, reward model, task data)."""
     refuse_multimodal(cfg, "ppo")
@@ -203,12 +221,7 @@ def build_models(cfg, groups):
         from .rewards import FunctionReward
 
         reward_model = FunctionReward(cfg.ppo.reward)
-    critic = build_critic(cfg, groups)
-    per_rank = cfg.ppo.rollout_prompts // groups.dp
-    mb = max(1, per_rank // cfg.ppo.minibatches)
-    actor = _engine(actor_model, cfg, groups, cfg.ppo.actor_lr, mb)
-    critic_engine = _engine(critic, cfg, groups, cfg.ppo.critic_lr, mb)
-    return actor, critic_engine, reference, reward_model, task
+    return engines(cfg, groups, actor_model, lambda: build_critic(cfg, groups)) + (reference, reward_model, task)
 
 
 @dataclass(frozen=True)
@@ -251,14 +264,16 @@ def run_ppo(cfg, ops: PPOOps | None = None) -> dict:
             it = state["iteration"]
             t_it = time.time()
             rng = random.Random((cfg.seed * 1_000_003 + it) * 64 + groups.dp_rank)
-            examples = [train[rng.randrange(len(train))] for _ in range(per_rank)]
+            # ppo.samples_per_prompt consecutive rows per prompt (the groups of rloo / group_norm)
+            prompts = [train[rng.randrange(len(train))] for _ in range(per_rank)]
+            examples = [e for e in prompts for _ in range(pc.samples_per_prompt)]
             # TP ranks of one DP rank must sample the same tokens: seed from the DP rank only
             gen = torch.Generator().manual_seed((cfg.seed * 7919 + it) * 64 + groups.dp_rank)
             batch = experience_fn(
                 examples,
                 actor.module,
                 reference,
-                critic.module,
+                critic.module if critic is not None else None,
                 reward_model,
                 task,
                 pc,
@@ -288,7 +303,7 @@ def run_ppo(cfg, ops: PPOOps | None = None) -> dict:
                     stats["kl"],
                     stats["sample_accuracy"],
                     stats["clipfrac"],
-                    stats["value_loss"],
+                    stats.get("value_loss", 0.0),
                     stats["seconds"],
                 )
             if state["iteration"] % pc.save_every == 0 or state["iteration"] == pc.steps:

@@ -3,7 +3,8 @@ CheckpointManager of aion_train/checkpoint/), so that a killed PPO run resumes a
 last saved iteration and never needs SFT or the reward model to run again.
 
 Per rank: the actor's trainable tensors (its LoRA adapters, or every weight without LoRA),
-the critic's weights, both DeepSpeed optimizer states, RNG; rank 0 commits the manifest with
+the critic's weights (when there is a critic: ppo.advantage=gae), the DeepSpeed optimizer
+states, RNG; rank 0 commits the manifest with
 the model config, the layout and the loop state (iteration, history, MLflow run id)."""
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def _layout(cfg, groups) -> dict:
         "zero_stage": cfg.train.zero_stage,
         "lora": bool(cfg.lora.enabled),
         "critic_init": cfg.ppo.critic_init,
+        "advantage": cfg.ppo.advantage,
     }
 
 
@@ -50,13 +52,11 @@ def save_ppo(mgr: CheckpointManager, iteration: int, cfg, groups, actor_engine, 
 
     def write(folder):
         save_rank(folder, groups.rank, "actor", trainable_state(actor_engine.module))
-        save_rank(folder, groups.rank, "critic", critic_engine.module.state_dict())
-        save_rank(
-            folder,
-            groups.rank,
-            "optim",
-            {"actor": optimizer_state(actor_engine), "critic": optimizer_state(critic_engine)},
-        )
+        optim = {"actor": optimizer_state(actor_engine)}
+        if critic_engine is not None:
+            save_rank(folder, groups.rank, "critic", critic_engine.module.state_dict())
+            optim["critic"] = optimizer_state(critic_engine)
+        save_rank(folder, groups.rank, "optim", optim)
         save_rank(folder, groups.rank, "rng", capture_rng_state())
 
     save_checkpoint(
@@ -79,7 +79,7 @@ def load_ppo(mgr: CheckpointManager, cfg, groups, actor_engine, critic_engine) -
         mgr,
         config_to_dict(cfg)["model"],
         _layout(cfg, groups),
-        "PPO layout (ranks, TP/EP, ZeRO stage, LoRA, critic init)",
+        "PPO layout (ranks, TP/EP, ZeRO stage, LoRA, critic init, advantage)",
     )
     if found is None:
         return None
@@ -92,9 +92,10 @@ def load_ppo(mgr: CheckpointManager, cfg, groups, actor_engine, critic_engine) -
             f"(missing {sorted(expected - set(actor_sd))[:3]}, extra {sorted(set(actor_sd) - expected)[:3]})"
         )
     actor_engine.module.load_state_dict(actor_sd, strict=False)
-    critic_engine.module.load_state_dict(load_rank(path, groups.rank, "critic"))
     optim = load_rank(path, groups.rank, "optim")
     load_optimizer_state(actor_engine, optim["actor"], groups.dp_rank, groups.dp)
-    load_optimizer_state(critic_engine, optim["critic"], groups.dp_rank, groups.dp)
+    if critic_engine is not None:
+        critic_engine.module.load_state_dict(load_rank(path, groups.rank, "critic"))
+        load_optimizer_state(critic_engine, optim["critic"], groups.dp_rank, groups.dp)
     restore_rng_state(load_rank(path, groups.rank, "rng"))
     return dict(json.loads(manifest["loop_state"]), checkpoint=str(path))

@@ -11,6 +11,12 @@ per-token KL penalty of RLHF):
     L_V      = 0.5 E[max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)]
     r_t      = -beta (logp_actor - logp_ref)_t  (+ the reward model's score at the last token)
 
+Without a critic, over G samples of one prompt with returns R_i = sum_t r_t (Ahmadian et al.
+2024 for RLOO, Shao et al. 2024 for GRPO's group normalisation), at every token of response i:
+
+    A_i (rloo)       = R_i - 1/(G-1) sum_{j != i} R_j
+    A_i (group_norm) = (R_i - mean_j R_j) / (std_j R_j + eps)
+
 Every mean is a masked mean over the valid positions. Nothing here touches a model."""
 
 from __future__ import annotations
@@ -53,6 +59,12 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     return out * mask
 
 
+def unit_scale(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, group=None) -> torch.Tensor:
+    """x / sqrt(var + eps) over the valid positions, not shifted: advantages already centred on
+    their own baseline (a prompt's other samples) keep it. Masked-out positions come back as 0."""
+    return x * torch.rsqrt(masked_var(x, mask, group) + eps) * mask
+
+
 def gae(
     rewards: torch.Tensor,
     values: torch.Tensor,
@@ -87,6 +99,27 @@ def gae(
         running = (delta + gamma * lam * carry) * valid
         adv[:, t] = running
     return adv, (adv + values) * m
+
+
+def group_advantages(
+    rewards: torch.Tensor, mask: torch.Tensor, group_size: int, kind: str, eps: float = 1e-6
+) -> torch.Tensor:
+    """Critic-free advantages [B, T] of rows that come in consecutive groups of `group_size`
+    samples of one prompt: each row's return (its rewards summed over the valid steps) against
+    the other samples of its prompt (`kind` rloo or group_norm, formulas above), the same at
+    every valid step of the row, 0 where masked."""
+    B = rewards.shape[0]
+    if group_size < 2 or B % group_size:
+        raise ValueError(f"group_advantages: {B} rows do not form groups of {group_size} >= 2 samples")
+    m = mask.to(rewards.dtype)
+    ret = (rewards * m).sum(1).view(B // group_size, group_size)
+    if kind == "rloo":
+        adv = ret - (ret.sum(1, keepdim=True) - ret) / (group_size - 1)
+    elif kind == "group_norm":
+        adv = (ret - ret.mean(1, keepdim=True)) / (ret.std(1, keepdim=True) + eps)
+    else:
+        raise ValueError(f"group_advantages: unknown kind {kind!r} (rloo, group_norm)")
+    return adv.reshape(B, 1) * m
 
 
 def kl_penalty_rewards(

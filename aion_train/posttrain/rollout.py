@@ -215,20 +215,29 @@ def experience(seqs, outcome, actor, reference, critic, pcfg, groups=None, dp_gr
     actor's device) and `outcome()` -> (reward scores [B], checker verdicts [B]): log-probs of the actor
     (its routes recorded with ppo.router_replay) and the reference, values, KL-penalised
     per-token rewards, GAE advantages (whitened over every data-parallel rank's batch when
-    `dp_group` is given) and returns. `context`: what a multimodal model reads besides ids."""
+    `dp_group` is given) and returns. Without a critic (None: ppo.advantage rloo / group_norm)
+    the rows come in groups of ppo.samples_per_prompt samples of one prompt, the advantages are
+    ppo_math.group_advantages' and values / returns are 0. `context`: what a multimodal model reads besides ids."""
     input_ids, resp_pos, resp_tokens, resp_mask = seqs
     device = input_ids.device
     for m in (actor, reference, critic):
-        m.eval()  # and left so: PPO trains without dropout
+        if m is not None:
+            m.eval()  # and left so: PPO trains without dropout
     logp_old, routes = scored_logprobs(actor, input_ids, resp_pos, resp_tokens, groups, pcfg, context)
     logp_ref = response_logprobs(reference, input_ids, resp_pos, resp_tokens, groups, context=context)
-    values = response_values(critic, input_ids, resp_pos, context) * resp_mask
     scores, correct = outcome()
     scores = scores.float().to(device)
     rewards, kl = ppo_math.kl_penalty_rewards(scores, logp_old, logp_ref, resp_mask, pcfg.beta)
-    advantages, returns = ppo_math.gae(rewards, values, resp_mask, pcfg.gamma, pcfg.lam)
-    if pcfg.whiten_advantages:
-        advantages = ppo_math.whiten(advantages, resp_mask, group=dp_group)
+    if critic is None:  # ppo.advantage rloo / group_norm: the other samples of the prompt are the baseline
+        values = torch.zeros_like(rewards)
+        advantages = ppo_math.group_advantages(rewards, resp_mask, pcfg.samples_per_prompt, pcfg.advantage)
+        returns = values
+    else:
+        values = response_values(critic, input_ids, resp_pos, context) * resp_mask
+        advantages, returns = ppo_math.gae(rewards, values, resp_mask, pcfg.gamma, pcfg.lam)
+    if pcfg.whiten_advantages:  # group baselines are kept: scaled, not shifted
+        norm = ppo_math.whiten if critic is not None else ppo_math.unit_scale
+        advantages = norm(advantages, resp_mask, group=dp_group)
     return RolloutBatch(
         input_ids,
         resp_pos,

@@ -31,6 +31,7 @@ from .chat_template import render_conversation, render_example
 from .common import (
     build_parallel_model,
     build_phase_engine,
+    check_tokenizer,
     evaluate_accuracy,
     load_tensors,
     load_weights,
@@ -46,6 +47,7 @@ from .common import (
     save_weights,
     setup_distributed,
     to_model,
+    tokenizer_sha256,
     train_steps,
     write_done,
 )
@@ -249,6 +251,7 @@ def run_sft(cfg) -> dict:
             sft_examples=len(records),
             base_checkpoint=str(base_ckpt),
             tokenizer=str(task.tokenizer.path),
+            tokenizer_sha256=tokenizer_sha256(task.tokenizer.path),
         )
         if cfg.lora.enabled:
             adapters = gather_lora_state_dict(model)
@@ -278,6 +281,7 @@ def load_policy(cfg, stage: str = "sft", merge: bool = False, groups=None):
     if done is None:
         raise FileNotFoundError(f"{phase_dir(cfg, stage)}/done.json is missing: run the {stage} phase first")
     task = build_task_data(cfg)
+    check_tokenizer(done, task.tokenizer.path, f"the {stage} model of {phase_dir(cfg, stage)}")
     model = build_parallel_model(cfg, groups)
     adapters = load_tensors(done["adapters"]) if done.get("adapters") else None
     if adapters is not None and merge:

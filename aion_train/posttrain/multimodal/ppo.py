@@ -54,7 +54,7 @@ def build_mm_critic(cfg, groups) -> FusedCritic:
 
 def build_mm_models(cfg, groups):
     """(actor engine, critic engine, reference, reward model, task): run_ppo's models."""
-    from ..ppo import _engine
+    from ..ppo import engines
     from .sft import load_mm_policy
 
     actor_model, task = load_mm_policy(cfg, merge=False, groups=groups)
@@ -68,12 +68,8 @@ def build_mm_models(cfg, groups):
         from ..rewards import FunctionReward
 
         reward_model = FunctionReward(cfg.ppo.reward)
-    critic = build_mm_critic(cfg, groups)
-    per_rank = cfg.ppo.rollout_prompts // groups.dp
-    mb = max(1, per_rank // cfg.ppo.minibatches)
-    actor = _engine(FusedLM(actor_model), cfg, groups, cfg.ppo.actor_lr, mb)
-    critic_engine = _engine(critic, cfg, groups, cfg.ppo.critic_lr, mb)
-    return actor, critic_engine, reference, reward_model, task
+    actor_and_critic = engines(cfg, groups, FusedLM(actor_model), lambda: build_mm_critic(cfg, groups))
+    return actor_and_critic + (reference, reward_model, task)
 
 
 def sample_mm_sequences(model, task, examples, pcfg, generator, groups):

@@ -23,6 +23,7 @@ from aion_train.config import config_to_dict
 
 from ..common import (
     build_phase_engine,
+    check_tokenizer,
     load_tensors,
     load_weights,
     mean_over_ranks,
@@ -35,6 +36,7 @@ from ..common import (
     save_weights,
     setup_distributed,
     to_model,
+    tokenizer_sha256,
     train_steps,
     write_done,
 )
@@ -44,8 +46,9 @@ from .rollout import evaluate_accuracy, sequences
 from .task import build_mm_task, modalities_of
 
 
-def base_checkpoint(cfg) -> str:
-    """The multimodal base: sft.init_from, else the checkpoint this run's pretrain phase wrote."""
+def base_checkpoint(cfg, tokenizer_path=None) -> str:
+    """The multimodal base: sft.init_from, else the checkpoint this run's pretrain phase wrote
+    (refused when `tokenizer_path` is not the tokenizer that phase trained with)."""
     if cfg.sft.init_from:
         return cfg.sft.init_from
     done = Path(cfg.run_dir) / "pretrain" / "done.json"
@@ -54,7 +57,10 @@ def base_checkpoint(cfg) -> str:
             f"sft.init_from is empty and {done} is missing: name a multimodal pretraining checkpoint "
             "in sft.init_from, or run the pretrain phase first"
         )
-    return json.loads(done.read_text())["checkpoint"]
+    record = json.loads(done.read_text())
+    if tokenizer_path is not None:
+        check_tokenizer(record, tokenizer_path, f"the pretrained base of {done.parent}")
+    return record["checkpoint"]
 
 
 def answer_batch(task, examples):
@@ -88,7 +94,7 @@ def run_mm_sft(cfg) -> dict:
     t0 = time.time()
     groups = setup_distributed(cfg)
     task = build_mm_task(cfg)
-    base = base_checkpoint(cfg)
+    base = base_checkpoint(cfg, task.tokenizer.path)
     tracker = phase_tracker(cfg, "sft", groups)
     tracker.start(config_to_dict(cfg))
     try:
@@ -121,6 +127,7 @@ def run_mm_sft(cfg) -> dict:
             sft_examples=len(train),
             base_checkpoint=str(base),
             modalities=modalities_of(cfg.sft.mm_kinds),
+            tokenizer_sha256=tokenizer_sha256(task.tokenizer.path),
         )
         if cfg.lora.enabled:
             adapters = gather_lora_state_dict(model)
@@ -148,6 +155,8 @@ def load_mm_policy(cfg, merge: bool = False, groups=None):
     done = read_done(cfg, "sft")
     if done is None:
         raise FileNotFoundError(f"{phase_dir(cfg, 'sft')}/done.json is missing: run the sft phase first")
+    task = build_mm_task(cfg)
+    check_tokenizer(done, task.tokenizer.path, f"the SFT model of {phase_dir(cfg, 'sft')}")
     model = build_mm_model(cfg, groups)
     adapters = load_tensors(done["adapters"]) if done.get("adapters") else None
     if adapters is not None and merge:
@@ -161,4 +170,4 @@ def load_mm_policy(cfg, merge: bool = False, groups=None):
         load_weights(model, done.get("model_checkpoint") or done["base_checkpoint"], groups)
         if not cfg.lora.encoders:
             freeze_media_path(model)
-    return model, build_mm_task(cfg)
+    return model, task
