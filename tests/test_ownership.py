@@ -242,3 +242,23 @@ def test_export_and_import_hf_refuse_foreign_folders(tmp_path, capsys):
     before_run = _user_folder(run)
     _refused(capsys, ["import-hf", "--hf", str(tmp_path / "nowhere"), "--out", str(run)], run)
     assert _digest(run) == before_run
+
+
+def test_runs_of_other_seeds_share_the_demo_folder_instead_of_rebuilding_it(tmp_path):
+    """The demo set is built with data.demo_seed, not the run's seed: a second seed's run must not
+    rebuild (and so re-tokenise) the folder that the first run's checkpoints were trained on."""
+    from aion_train.commands.output_dirs import claim_training_dirs
+    from aion_train.config import load_config
+    from aion_train.posttrain.common import tokenizer_sha256
+
+    data = tmp_path / "demo"
+    shas = []
+    for seed in (1234, 99):
+        cfg = load_config(
+            "configs/tiny_cpu.yaml", [f"seed={seed}", f"run_dir={tmp_path}/run{seed}", f"data.dir={data}"]
+        )
+        claim_training_dirs(cfg, "pretrain", overwrite=False)
+        manifest = read_manifest(str(data))
+        assert manifest["demo"]["seed"] == cfg.data.demo_seed == 1234
+        shas.append((tokenizer_sha256(data / "tokenizer.model"), (data / "manifest.json").stat().st_mtime_ns))
+    assert shas[0] == shas[1]  # same tokenizer, manifest not rewritten

@@ -80,7 +80,7 @@ def _train_model(cfg):
     except ImportError:
         build_multimodal_model = None
     if build_multimodal_model is not None and cfg.model.multimodal.enabled:
-        model = build_multimodal_model(cfg, seed=cfg.seed)
+        model = build_multimodal_model(cfg, seed=cfg.data.demo_seed)
         return model, lambda b: model(b).loss, "multimodal"
     from aion_train.model.transformer import build_model
 
@@ -129,7 +129,7 @@ def run_bench(
     if data_dir:  # an already built set (e.g. a small one in tests)
         paths = multimodal_demo_paths(data_dir)
     else:
-        paths = ensure_multimodal_demo(cfg.data.dir, cfg.model.vocab_size, seed=cfg.seed)
+        paths = ensure_multimodal_demo(cfg.data.dir, cfg.model.vocab_size, seed=cfg.data.demo_seed)
     tok = Tokenizer(paths["tokenizer"])
     shards = paths["train"]
     loader_sps, per_batch = measure_loader(cfg, shards, tok, batches, num_workers)

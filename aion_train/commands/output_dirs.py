@@ -41,11 +41,11 @@ def claim_training_dirs(cfg, kind: str, overwrite: bool) -> None:
         if multimodal:
             from aion_train.data.multimodal.build import ensure_multimodal_demo
 
-            ensure_multimodal_demo(cfg.data.dir, cfg.model.vocab_size, cfg.seed, overwrite=overwrite)
+            ensure_multimodal_demo(cfg.data.dir, cfg.model.vocab_size, cfg.data.demo_seed, overwrite=overwrite)
         else:
             from aion_train.data.demo import ensure_demo_data
 
-            ensure_demo_data(cfg.data.dir, cfg.model.vocab_size, cfg.seed, overwrite=overwrite)
+            ensure_demo_data(cfg.data.dir, cfg.model.vocab_size, cfg.data.demo_seed, overwrite=overwrite)
 
 
 def report_refusal(command: str, e: ForeignFolderError) -> int:

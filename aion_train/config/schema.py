@@ -68,6 +68,9 @@ class DataConfig:
     train_shards: str = ""  # glob; empty = the demo shards in `dir`
     val_shards: str = ""
     tokenizer: str = ""  # SentencePiece model; empty = `dir`/tokenizer.model
+    # the seed the embedded demo sets (and their tokenizer) are built with: not the run's seed,
+    # so runs of several seeds share one demo folder instead of rebuilding it under each other
+    demo_seed: int = 1234
     seq_len: int = 128
     micro_batch_size: int = 8
     num_workers: int = 0

@@ -37,10 +37,10 @@ def prepare_data(cfg: Config, rank: int, build_demo: Callable[[str, int, int], d
         tok = cfg.data.tokenizer
     else:
         if rank == 0:
-            build_demo(cfg.data.dir, cfg.model.vocab_size, cfg.seed)
+            build_demo(cfg.data.dir, cfg.model.vocab_size, cfg.data.demo_seed)
         if dist.is_initialized():
             dist.barrier()
-        paths = build_demo(cfg.data.dir, cfg.model.vocab_size, cfg.seed)
+        paths = build_demo(cfg.data.dir, cfg.model.vocab_size, cfg.data.demo_seed)
         train, val, tok = paths["train"], paths["val"], cfg.data.tokenizer or paths["tokenizer"]
     tokenizer = load_tokenizer(tok)
     if tokenizer.vocab_size > cfg.model.vocab_size:
