@@ -105,3 +105,14 @@ def test_check_config_cli():
 def test_sequence_parallel_needs_seq_len_divisible_by_tp():
     msg = errors_of(["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=127"], world_size=2)
     assert "data.seq_len=127" in msg and "parallel.tp=2" in msg
+
+
+def test_run_dir_in_file_lists_follows_the_run_dir_override(tmp_path):
+    """The RAG pipeline names the files its open-book-data phase writes as {run_dir}/...: a run
+    moved with run_dir=... reads its own, not the default run's."""
+    cfg = load_config("configs/pipeline_rag_tiny.yaml", [f"run_dir={tmp_path}"])
+    assert cfg.sft.train_files == [f"{tmp_path}/open-book-data/sft_train.jsonl"]
+    assert cfg.ppo.prompt_files == [f"{tmp_path}/open-book-data/ppo_prompts.jsonl"]
+    cfg = load_config("configs/pipeline_rag_tiny.yaml", ["sft.train_files=[data/a.jsonl]"])
+    assert cfg.sft.train_files == ["data/a.jsonl"] and cfg.ppo.prompt_files[0].startswith("runs/pipeline_rag_tiny/")
+    assert config_from_dict(config_to_dict(cfg)) == cfg

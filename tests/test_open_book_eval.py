@@ -55,6 +55,11 @@ def test_command_reports_the_three_accuracies(trained):
     assert r["task"] == "open-book" and r["n"] == 6
     for key in ("closed_book_accuracy", "open_book_accuracy", "after_ingest_accuracy"):
         assert 0.0 <= r[key] <= 1.0 and r[key] * 6 == pytest.approx(round(r[key] * 6), abs=1e-3), key
+    kinds = [e.kind for e in list(ob.iter_examples(ob.split_pages(ob.read_man_pages())[1]))[:6]]
+    by_kind = r["open_book_accuracy_by_kind"]
+    assert set(by_kind) == set(kinds)
+    right = sum(by_kind[k] * kinds.count(k) for k in by_kind)
+    assert right == pytest.approx(r["open_book_accuracy"] * 6, abs=1e-3)
 
 
 def test_predictions_are_the_models_greedy_answers(trained):
@@ -139,6 +144,25 @@ def test_ppo_fraction_keeps_a_seeded_share_of_the_training_pages_out_of_sft(trai
     assert p.returncode == 1 and "--ppo-fraction 1.0: must be in [0, 1)" in p.stderr
     held_rows = [json.loads(line) for line in (tmp_path / "d" / "held_out.jsonl").read_text().splitlines()]
     assert {row["doc_id"] for row in held_rows} == {p.doc_id for p in held}
+
+
+def test_synthetic_pages_are_added_to_sft_only(trained, tmp_path):
+    idx, out = str(trained / "idx"), str(tmp_path / "d")
+    r = _cli("open-book-data", "--index", idx, "--out", out, "--noise", "1", "--synthetic-pages", "40", "--json")
+    train_pages, held = ob.split_pages(ob.read_man_pages())
+    made = ob.synthetic_pages(train_pages, 40, 0, avoid=[p.name for p in (*train_pages, *held)])
+    assert r["synthetic_documents"] == 40 and r["sft_records"] == 3 * (len(train_pages) + 40)
+    assert r["ppo_prompts"] == 3 * len(train_pages)
+    rows = [json.loads(x) for x in (tmp_path / "d" / "sft_train.jsonl").read_text().splitlines()]
+    synthetic = rows[3 * len(train_pages) :]
+    for row, e in zip(synthetic, ob.iter_examples(made)):
+        user, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+        assert user.endswith(e.question + ob.ANSWER_CUE) and answer == e.answer
+        name = e.doc_id[len("man:") :].rsplit(".", 1)[0]
+        assert f"{name}(" in user.split(" </CTX> ")[0]  # its own document is in the block
+    ppo = [json.loads(x)["prompt"] for x in (tmp_path / "d" / "ppo_prompts.jsonl").read_text().splitlines()]
+    questions = {e.question for e in ob.iter_examples(made)}
+    assert not any(p.endswith(q + ob.ANSWER_CUE) for p in ppo for q in questions)
 
 
 def test_training_files_refuse_a_foreign_folder(trained, tmp_path):

@@ -71,3 +71,27 @@ def test_answer_check():
     assert ob.is_correct("List directory contents.\nmore", "list directory contents")
     assert not ob.is_correct("list directories", "list directory contents")
     assert ob.is_correct(" coreutils ", "coreutils")
+
+
+def test_synthetic_pages_are_answerable_only_from_their_document(pages):
+    """Made-up pages: seeded, names of no real page, fields drawn from the training pages, every
+    answer written in the page's own document, and no real (name, description) pair."""
+    train, _ = ob.split_pages(pages, 0.2, seed=0)
+    every = [p.name for p in pages]
+    made = ob.synthetic_pages(train, 300, seed=3, avoid=every)
+    assert made == ob.synthetic_pages(list(train), 300, 3, every) and made != ob.synthetic_pages(train, 300, 4, every)
+    names = [p.name for p in made]
+    assert len(set(names)) == 300 and not set(names) & {p.name for p in pages}
+    words = {w for p in train for w in p.description.split()}
+    assert all(set(p.description.split()) <= words for p in made)
+    assert {p.package for p in made} <= {p.package for p in train}
+    assert {p.section for p in made} <= {p.section for p in train}
+    real = {p.description for p in train}
+    assert sum(p.description in real for p in made) < 60  # most descriptions are new word sequences
+    for p in made:
+        doc = ob.normalize_answer(p.document())
+        for e in ob.examples_of(p):
+            assert ob.normalize_answer(e.answer) in doc, (p.name, e.kind)
+    assert ob.synthetic_pages(train, 0) == []
+    with pytest.raises(ValueError, match="at least 2 training pages"):
+        ob.synthetic_pages(train[:1], 5)

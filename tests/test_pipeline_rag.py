@@ -45,8 +45,6 @@ def test_the_rag_pipeline_runs_and_reports_what_eval_reports(tmp_path):
         "ppo.rollout_prompts=4",
         "ppo.eval_prompts=4",
         "ppo.max_new_tokens=4",
-        f"sft.train_files=[{data}/sft_train.jsonl]",
-        f"ppo.prompt_files=[{data}/ppo_prompts.jsonl]",
         "pipeline.index_embedder=hash-64",
         f"pipeline.open_book_eval_limit={LIMIT}",
         "--json",
@@ -55,9 +53,12 @@ def test_the_rag_pipeline_runs_and_reports_what_eval_reports(tmp_path):
     assert last["status"] == "ok", last
     assert [x["phase"] for x in lines[:-1]] == ["build-index", "open-book-data", "sft", "ppo", "eval-open-book"]
     train_pages, held = ob.split_pages(ob.read_man_pages())
-    fraction = load_config("configs/pipeline_rag_tiny.yaml").pipeline.open_book_ppo_fraction
+    p = load_config("configs/pipeline_rag_tiny.yaml").pipeline
+    fraction = p.open_book_ppo_fraction
     sft_pages, ppo_pages = ob.split_pages(train_pages, fraction, 1) if fraction else (train_pages, train_pages)
-    assert last["open_book_sft_records"] == last["sft_examples"] == 3 * len(sft_pages)
+    sft_records = 3 * (len(sft_pages) + p.open_book_synthetic_pages)
+    assert last["open_book_sft_records"] == last["sft_examples"] == sft_records
+    assert (data / "sft_train.jsonl").read_text().count("\n") == sft_records  # {run_dir} in sft.train_files
     assert last["open_book_ppo_prompts"] == 3 * len(ppo_pages)
     assert last["n"] == LIMIT and last["open_book_models"] == "sft,ppo"
     got = _cli(

@@ -473,3 +473,31 @@ def test_weights_of_another_tokenizer_are_refused(tmp_path):
         ValueError, match=r"the SFT model was trained with a tokenizer of sha256 .*b\.model is now another"
     ):
         check_tokenizer(done, b, "the SFT model")
+
+
+def test_a_ppo_prompt_without_room_for_its_response_is_refused_before_training(tmp_path):
+    """Prompt tokens + ppo.max_new_tokens over model.max_seq_len: refused, naming the record, when
+    the task is built (the SFT phase's start), not by an index error in a rollout."""
+    import random
+
+    from aion_train.posttrain.task import build_file_task
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8))) for _ in range(3000)]
+    convs = [
+        {"messages": [{"role": "user", "content": " ".join(words[i : i + 10])}, {"role": "assistant", "content": w}]}
+        for i, w in enumerate(words)
+    ]
+    train = write_jsonl(tmp_path / "t.jsonl", convs)
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "say it"}, {"prompt": " ".join(words[:60])}])
+    over = [f"run_dir={tmp_path / 'run'}", f"sft.train_files=[{train}]", f"ppo.prompt_files=[{prompts}]"]
+    cfg = load_config("configs/rlhf_tiny.yaml", [*over, "model.max_seq_len=64", "ppo.max_new_tokens=16"])
+    with pytest.raises(UserDataError) as e:
+        build_file_task(cfg)
+    assert len(e.value.errors) == 1 and e.value.errors[0].startswith(f"{prompts}:2: the prompt is ")
+    assert "model.max_seq_len - ppo.max_new_tokens = 48" in e.value.errors[0]
+    n = int(e.value.errors[0].split("the prompt is ")[1].split()[0])
+    assert n > 48
+    cfg = load_config("configs/rlhf_tiny.yaml", [*over, f"model.max_seq_len={n + 16}", "ppo.max_new_tokens=16"])
+    task = build_file_task(cfg)
+    assert [len(e.prompt_ids) for e in task.prompts("train")][1] == n

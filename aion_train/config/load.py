@@ -141,9 +141,30 @@ def load_config(
         raise ConfigError(errors)
     if world_size is not None:
         cfg.parallel.world_size = world_size
+    resolve_run_dir(cfg)
     if validate:
         validate_config(cfg)
     return cfg
+
+
+RUN_DIR_FILE_KEYS = (
+    ("sft", "data_files"),
+    ("sft", "train_files"),
+    ("sft", "eval_files"),
+    ("rm", "train_files"),
+    ("rm", "eval_files"),
+    ("ppo", "prompt_files"),
+)
+
+
+def resolve_run_dir(cfg) -> None:
+    """`{run_dir}` in a file list (the files an earlier pipeline phase writes) is the run's
+    `run_dir`, so that `run_dir=...` on the command line moves them with the run."""
+    for section, key in RUN_DIR_FILE_KEYS:
+        owner = getattr(cfg, section)
+        files = getattr(owner, key)
+        if isinstance(files, list):
+            setattr(owner, key, [f.replace("{run_dir}", str(cfg.run_dir)) if isinstance(f, str) else f for f in files])
 
 
 def config_to_dict(cfg) -> dict:

@@ -129,6 +129,7 @@ class PipelineConfig:
     open_book_held_out_fraction: float = 0.2
     open_book_split_seed: int = 0
     open_book_ppo_fraction: float = 0.0  # training pages kept out of SFT, the PPO prompts' (0: PPO = SFT prompts)
+    open_book_synthetic_pages: int = 0  # made-up pages SFT learns besides the real ones (open_book.synthetic_pages)
     open_book_models: list = field(default_factory=lambda: ["sft", "ppo"])
     # build-policy phase (the library behind `aion-train build-policy`)
     policy_files: list = field(default_factory=lambda: ["configs/policies"])
@@ -224,6 +225,8 @@ def _check_fields(cfg, errors: list[str]) -> None:
         )
     if not 0 < p.open_book_held_out_fraction < 1:
         errors.append(f"pipeline.open_book_held_out_fraction={p.open_book_held_out_fraction}: must be in (0, 1)")
+    if not isinstance(p.open_book_synthetic_pages, int) or p.open_book_synthetic_pages < 0:
+        errors.append(f"pipeline.open_book_synthetic_pages={p.open_book_synthetic_pages!r}: an integer >= 0")
     if not 0 <= p.open_book_ppo_fraction < 1:
         errors.append(f"pipeline.open_book_ppo_fraction={p.open_book_ppo_fraction}: must be in [0, 1)")
     if (

@@ -63,8 +63,18 @@ def evaluate_open_book(
         "closed_book_accuracy": round(closed["accuracy"], 4),
         "open_book_accuracy": round(opened["accuracy"], 4),
         "after_ingest_accuracy": round(after["accuracy"], 4),
+        "open_book_accuracy_by_kind": by_kind(examples, opened["correct"]),
         "n": len(examples),
     }
+
+
+def by_kind(examples: Sequence[Example], correct: Sequence[bool]) -> dict:
+    """Accuracy per question kind (description / section / package)."""
+    totals: dict = {}
+    for e, ok in zip(examples, correct):
+        n, r = totals.get(e.kind, (0, 0))
+        totals[e.kind] = (n + 1, r + int(ok))
+    return {k: round(r / n, 4) for k, (n, r) in sorted(totals.items())}
 
 
 def index_search(index_dir: str, k: int) -> tuple[Search, object]:

@@ -41,6 +41,7 @@ def run_open_book_data(cfg) -> dict:
         seed=p.open_book_split_seed,
         overwrite=True,  # the phase's own folder: rerun when it has no done.json
         ppo_fraction=p.open_book_ppo_fraction,
+        synthetic_pages=p.open_book_synthetic_pages,
     )
     print(f"open-book-data: {m}", file=sys.stderr)
     return _write_done("open-book-data", cfg, {f"open_book_{k}": v for k, v in m.items() if k != "out"})

@@ -279,6 +279,22 @@ def _prompt_example(tok: ChatTokenizer, p) -> Example:
     )
 
 
+def _prompt_examples(tok, prompts, room: int) -> list[Example]:
+    """The prompts as examples; refused, each named, when one leaves fewer than ppo.max_new_tokens
+    of model.max_seq_len for its response (found before SFT starts, not at a rollout)."""
+    from .user_data import UserDataError
+
+    out = [_prompt_example(tok, q) for q in prompts]
+    long = [
+        f"{q.where}: the prompt is {len(e.prompt_ids)} tokens, more than model.max_seq_len - ppo.max_new_tokens = {room}"
+        for q, e in zip(prompts, out)
+        if len(e.prompt_ids) > room
+    ]
+    if long:
+        raise UserDataError(long)
+    return out
+
+
 def build_file_task(cfg) -> TaskData:
     """The user's files (`user_data`): the task tokenizer (sft.tokenizer, or trained on every
     message text of the files), the PPO prompts as splits "train" / "test" (ppo.eval_files, or
@@ -304,11 +320,10 @@ def build_file_task(cfg) -> TaskData:
         "rm_train": ud.read_preferences("rm.train_files", r.train_files) if r.train_files else [],
         "rm_eval": ud.read_preferences("rm.eval_files", r.eval_files) if r.eval_files else [],
     }
-    train = (
-        [_prompt_example(tok, q) for q in ud.read_prompts("ppo.prompt_files", p.prompt_files)] if p.prompt_files else []
-    )
+    room = cfg.model.max_seq_len - p.max_new_tokens
+    train = _prompt_examples(tok, ud.read_prompts("ppo.prompt_files", p.prompt_files), room) if p.prompt_files else []
     test = (
-        [_prompt_example(tok, q) for q in ud.read_prompts("ppo.eval_files", p.eval_files)]
+        _prompt_examples(tok, ud.read_prompts("ppo.eval_files", p.eval_files), room)
         if p.eval_files
         else train[: p.eval_prompts]
     )

@@ -167,6 +167,37 @@ def sft_records(
     return out
 
 
+def synthetic_pages(
+    pages: Sequence[OpenBookPage], n: int, seed: int = 0, avoid: Iterable[str] = ()
+) -> list[OpenBookPage]:
+    """`n` made-up pages recombined from `pages` (the training pages), whose questions can be
+    answered only from the `<CTX>` block, never from memory: a new command name (the start of one
+    page's name and the end of another's, none of `pages` or `avoid`), a section and a package drawn from the
+    pages', a description of another page's length whose words are each, with probability 1/2,
+    replaced by a word of any page's description, and a third page's body under the new name.
+    Counterfactual augmentation: on real pages alone a small model learns "this document -> this
+    answer" and does not copy an unseen page's description (docs/notes.md, 2026-12-04)."""
+    if n <= 0:
+        return []
+    if len(pages) < 2:
+        raise ValueError(f"synthetic pages need at least 2 training pages, got {len(pages)}")
+    rng = random.Random(f"synthetic:{seed}")
+    real = {p.name for p in pages} | set(avoid)
+    words = sorted({w for p in pages for w in p.description.split()})
+    out: list[OpenBookPage] = []
+    taken: set[str] = set()
+    while len(out) < n:
+        a, b, like, body_of, pkg_of, sec_of = (rng.choice(pages) for _ in range(6))
+        name = a.name[: rng.randint(1, len(a.name))] + b.name[rng.randint(0, len(b.name) - 1) :]
+        if name in real or name in taken or not re.fullmatch(r"[\w.+-]+", name):
+            continue
+        taken.add(name)
+        description = " ".join(w if rng.random() < 0.5 else rng.choice(words) for w in like.description.split())
+        body = re.sub(rf"(?<![\w-]){re.escape(body_of.name)}(?![\w-])", name, body_of.body)
+        out.append(OpenBookPage(name, sec_of.section, pkg_of.package, description, body))
+    return out
+
+
 def iter_examples(pages: Iterable[OpenBookPage]) -> Iterator[Example]:
     for p in pages:
         yield from examples_of(p)
