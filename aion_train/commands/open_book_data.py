@@ -13,6 +13,7 @@ in the block and nowhere else."""
 from __future__ import annotations
 
 import json
+import random
 import sys
 
 from .output_dirs import add_overwrite_argument
@@ -86,7 +87,11 @@ def write_open_book_files(
     own = first_chunk(index)
     real = sft_records(sft_pages, search, noise, seed, exclude=held_ids, own_text=own)
     made_up = open_book.synthetic_pages(sft_pages, synthetic_pages, seed, avoid=[p.name for p in (*trained, *held)])
-    sft = real + sft_records(made_up, search, noise, seed + 2, exclude=held_ids, own_text=own)
+    # a made-up page's distractors: random SFT pages' chunks (an index search per made-up question
+    # would cost more than their SFT steps)
+    pool = [(p.doc_id, own(p)) for p in sft_pages]
+    pick = random.Random(f"distractors:{seed}")
+    sft = real + sft_records(made_up, lambda q: pick.sample(pool, noise), noise, seed + 2, held_ids, own)
     ppo_records = real if ppo_pages is trained else sft_records(ppo_pages, search, noise, seed, held_ids, own)
     ppo = [{"prompt": r["messages"][0]["content"], "answer": r["messages"][1]["content"]} for r in ppo_records]
     held_q = [
