@@ -214,11 +214,19 @@ def test_preference_formats_standard_and_conversational_agree(tmp_path, tok):
 
 
 def test_reward_functions_get_completions_and_columns(tmp_path):
-    from aion_train.posttrain.rewards import FunctionReward, exact_match, regex_match
+    from aion_train.posttrain.rewards import FunctionReward, exact_match, regex_match, token_f1
     from aion_train.posttrain.task import Example
 
     assert exact_match(["q"] * 3, [" Red.", "blue", "red green"], answer=["red", "red", "red"]) == [1.0, 0.0, 0.0]
     assert regex_match(["q"] * 2, [" 42 ", "4 2"], pattern=[r"\d+", r"\d+"]) == [1.0, 0.0]
+    # SQuAD F1 by hand: "copy the files" vs "copy files and directories": articles dropped,
+    # 2 words in common, precision 2/2, recall 2/4 -> 2 * 1 * 0.5 / 1.5 = 2/3
+    got = token_f1(
+        ["q"] * 5,
+        ["copy the files", "The Copy, files and directories!", "list", "", "ls ls"],
+        answer=["copy files and directories"] * 3 + ["the", "ls"],
+    )
+    torch.testing.assert_close(torch.tensor(got), torch.tensor([2 / 3, 1.0, 0.0, 1.0, 2 / 3]))
     ex = [
         Example([], [1], "red", (), "file", "q1", {"answer": "red", "id": 7}),
         Example([], [1], "", (), "file", "q2", {}),

@@ -49,7 +49,7 @@ class PPOConfig:
     keep_last: int = 2
     # reward: "rm" = the reward model of this run's rm phase; "package.module:function" = a
     # function called as fn(prompts, completions, **columns) -> list of floats (TRL's form;
-    # aion_train.posttrain.rewards:exact_match / regex_match for checkable tasks)
+    # aion_train.posttrain.rewards:exact_match / regex_match / token_f1 for checkable tasks)
     reward: str = "rm"
     reward_model: str = ""  # with reward=rm: "" = this run's rm phase, else another run (or its rm/ folder)
     prompt_files: list = field(default_factory=list)  # your prompts JSONL ({"prompt", ...}); [] = built-in task

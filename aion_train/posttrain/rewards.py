@@ -13,7 +13,11 @@ number per completion. Two checkable rewards ship here:
 * `aion_train.posttrain.rewards:exact_match`: 1.0 when the completion equals the record's
   `answer` (case, surrounding space and punctuation ignored), else 0.0;
 * `aion_train.posttrain.rewards:regex_match`: 1.0 when the whole completion (stripped) matches
-  the record's `pattern` (Python `re.fullmatch`), else 0.0.
+  the record's `pattern` (Python `re.fullmatch`), else 0.0;
+* `aion_train.posttrain.rewards:token_f1`: SQuAD's token F1 of the completion against the
+  record's `answer` (lower case, punctuation and the articles a / an / the removed, bags of
+  words; Rajpurkar et al. 2016), in [0, 1]: partial credit for a long answer half right, where
+  exact match pays nothing until the whole answer is.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from __future__ import annotations
 import math
 import os
 import re
+import string
 import sys
+from collections import Counter
 
 import torch
 
@@ -40,6 +46,32 @@ def regex_match(prompts, completions, pattern=None, **_) -> list[float]:
     if pattern is None:
         raise ValueError("regex_match: the prompt records need a 'pattern' field")
     return [float(re.fullmatch(str(p), c.strip()) is not None) for c, p in zip(completions, pattern)]
+
+
+def _squad_tokens(text: str) -> list[str]:
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def token_f1(prompts, completions, answer=None, **_) -> list[float]:
+    if answer is None:
+        raise ValueError("token_f1: the prompt records need an 'answer' field")
+    scores = []
+    for c, a in zip(completions, answer):
+        pred, gold = _squad_tokens(c), _squad_tokens(str(a))
+        if not pred or not gold:  # SQuAD: two empty answers agree, one empty scores 0
+            scores.append(float(pred == gold))
+            continue
+        common = sum((Counter(pred) & Counter(gold)).values())
+        if common == 0:
+            scores.append(0.0)
+            continue
+        precision, recall = common / len(pred), common / len(gold)
+        scores.append(2 * precision * recall / (precision + recall))
+    return scores
 
 
 def resolve_reward(spec: str):
@@ -87,4 +119,4 @@ class FunctionReward:
         return torch.tensor(values, dtype=torch.float32)
 
 
-__all__ = ["FunctionReward", "exact_match", "regex_match", "resolve_reward"]
+__all__ = ["FunctionReward", "exact_match", "regex_match", "resolve_reward", "token_f1"]
