@@ -457,3 +457,21 @@ def test_greedy_generate_equals_argmax_loop_without_cache():
         tokens = torch.cat([tokens, nxt], dim=1)
     assert out.shape == (2, 11)
     assert torch.equal(out, tokens)
+
+
+@torch.no_grad()
+def test_generate_stops_at_any_of_several_eos_ids():
+    model = tiny_model(seed=5)
+    prompt = torch.randint(0, 64, (2, 4), generator=torch.Generator().manual_seed(5))
+    free = generate(model, prompt, max_new_tokens=12)[:, 4:]
+    a, b = int(free[0, 2]), int(free[1, 5])  # row 0's third token, row 1's sixth: two stop ids
+    stops = {a, b}
+    out = generate(model, prompt, max_new_tokens=12, eos_id=stops)[:, 4:]
+    for row, got in zip(free.tolist(), out.tolist()):
+        first = next(i for i, t in enumerate(row) if t in stops)
+        assert got[: first + 1] == row[: first + 1]  # the same tokens up to the first stop id
+        assert all(t == min(stops) for t in got[first + 1 :])  # then padding
+    ends = [next(i for i, t in enumerate(r) if t in stops) for r in free.tolist()]
+    assert out.shape[1] == max(ends) + 1  # stopped when both rows were finished
+    one = generate(model, prompt, max_new_tokens=12, eos_id=a)[:, 4:]
+    assert torch.equal(one, generate(model, prompt, max_new_tokens=12, eos_id=[a])[:, 4:])

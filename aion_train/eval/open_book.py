@@ -14,7 +14,7 @@ import torch
 
 from aion_train.retrieval.open_book import Example, is_correct, open_book_prompt
 
-MAX_NEW_TOKENS = 24
+MAX_NEW_TOKENS = 48  # the longest answer (a description of 80 characters) is ~35 task-tokenizer tokens
 
 Search = Callable[[str], list[str]]  # question -> retrieved chunk texts, best first
 
@@ -29,8 +29,8 @@ def prompt_ids(text: str, tokenizer, chat: bool) -> list[int]:
 
 @torch.no_grad()
 def greedy_answers(model, tokenizer, prompts: Sequence[list[int]], eos_ids, max_new: int = MAX_NEW_TOKENS) -> list[str]:
-    """Greedy continuation of every prompt (one at a time: no padding to reason about), cut at
-    its first line break."""
+    """Greedy continuation of every prompt (one at a time: no padding to reason about), up to
+    the first of `eos_ids` and cut at its first line break."""
     from aion_train.model.generate import generate
 
     out = []
@@ -38,7 +38,7 @@ def greedy_answers(model, tokenizer, prompts: Sequence[list[int]], eos_ids, max_
     for ids in prompts:
         ids = ids[-(max_len - max_new) :]
         x = torch.tensor([ids], dtype=torch.long)
-        y = generate(model, x, max_new, eos_id=None)[0, len(ids) :].tolist()
+        y = generate(model, x, max_new, eos_id=tuple(eos_ids) or None)[0, len(ids) :].tolist()
         stop = next((i for i, t in enumerate(y) if t in eos_ids), len(y))
         text = tokenizer.decode(y[:stop])
         out.append(text.strip().split("\n", 1)[0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 from .kv_cache import KVCache
@@ -13,16 +15,22 @@ def generate(
     input_ids: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 0.0,
-    eos_id: int | None = None,
+    eos_id: int | Collection[int] | None = None,
     generator: torch.Generator | None = None,
     gather_logits=None,
 ) -> torch.Tensor:
     """Returns [B, T + new]. `gather_logits` turns a vocab shard into full logits under TP.
-    `generator` may be a CPU generator for a model on the GPU (sampling then draws on the CPU)."""
+    `generator` may be a CPU generator for a model on the GPU (sampling then draws on the CPU).
+    `eos_id`: one id or several; a row is finished at the first of them and padded after it
+    with the smallest of them; generation stops when every row is finished."""
     cache = KVCache(len(model.blocks))
     tokens = input_ids
     step_input = input_ids
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    stop = None
+    if eos_id is not None:
+        ids = sorted({int(eos_id)} if isinstance(eos_id, int) else {int(i) for i in eos_id})
+        stop = torch.tensor(ids, dtype=torch.long, device=input_ids.device) if ids else None
     for _ in range(max_new_tokens):
         logits = model(step_input, kv_cache=cache).logits[:, -1]
         if gather_logits is not None:
@@ -37,11 +45,11 @@ def generate(
                 nxt = torch.multinomial(probs, 1, generator=generator)
         else:
             nxt = logits.argmax(-1, keepdim=True)
-        if eos_id is not None:
-            nxt = torch.where(done.unsqueeze(1), torch.full_like(nxt, eos_id), nxt)
-            done |= nxt.squeeze(1) == eos_id
+        if stop is not None:
+            nxt = torch.where(done.unsqueeze(1), stop[0], nxt)
+            done |= torch.isin(nxt.squeeze(1), stop)
         tokens = torch.cat([tokens, nxt], dim=1)
         step_input = nxt
-        if eos_id is not None and bool(done.all()):
+        if stop is not None and bool(done.all()):
             break
     return tokens
