@@ -58,11 +58,14 @@ def _count_call(cfg) -> None:
 
 def record_phase(cfg) -> dict:
     """Records its process, the CPUs Ray granted it, its torch thread count and its times."""
+    import logging
+
     import ray
     import torch
 
     _count_call(cfg)
     name = os.environ["AION_PIPELINE_PHASE"]
+    logging.getLogger("aion_train.train").info("PROGRESS-LINE-%s", name)  # reaches the phase log
     t0 = time.time()
     time.sleep(0.3)
     return _finish(
@@ -297,6 +300,7 @@ def test_phases_run_in_order_with_their_resources(cluster, tmp_path):
     assert len(set(pids)) == 2 and os.getpid() not in pids
     assert sorted(lr for _, lr in dist_line["allreduce_pids"]) == [0, 1]
     assert (tmp_path / "logs" / "dist.log").is_file() and (tmp_path / "logs" / "dist.rank1.log").is_file()
+    assert "aion_train.train PROGRESS-LINE-first" in (tmp_path / "logs" / "first.log").read_text()
     # a rerun skips every finished phase without running anything
     lines2: list[dict] = []
     assert run_pipeline(_cfg(tmp_path, ["first", "second", "dist"], extra), cluster.gcs_address, lines2.append) == 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import sys
@@ -86,6 +87,10 @@ def run_phase_rank(phase: dict, cfg_dict: dict, cwd: str, dist_env: dict | None 
             f"=== phase {phase['name']} rank {rank}/{world} pid {os.getpid()} "
             f"host {socket.gethostname()} cpus {phase['num_cpus']} at {time.ctime()} ===",
             flush=True,
+        )
+        # the libraries' progress (aion_train.train, aion_train.ppo, ...) goes to this log too
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr, force=True
         )
         try:
             import torch

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -20,6 +22,8 @@ from aion_train.parallel import build_groups, get_device, parallelize
 from aion_train.parallel.collectives import all_reduce_, gather_last
 from aion_train.parallel.device import module_device, to_device
 from aion_train.train.optim import lr_at
+
+progress = logging.getLogger("aion_train.train")
 
 _GROUPS: dict = {}
 
@@ -107,6 +111,7 @@ def train_steps(engine, optimizer, tcfg, steps: int, next_batch, loss_fn, log=No
     (loss, metrics) = loss_fn(engine, batch). Returns the losses; log(metrics, step) every log_every."""
     losses = []
     engine.train()
+    t0 = time.perf_counter()
     for step in range(steps):
         lr = lr_at(step, tcfg)
         for g in optimizer.param_groups:
@@ -115,8 +120,11 @@ def train_steps(engine, optimizer, tcfg, steps: int, next_batch, loss_fn, log=No
         engine.backward(loss)
         engine.step()
         losses.append(float(loss.detach().float()))
-        if log is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
-            log({**metrics, "lr": lr}, step + 1)
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            if log is not None:
+                log({**metrics, "lr": lr}, step + 1)
+            per_step = (time.perf_counter() - t0) / (step + 1)
+            progress.info("step %d/%d loss %.4f lr %.3g %.2f s/step", step + 1, steps, losses[-1], lr, per_step)
     return losses
 
 
