@@ -20,6 +20,7 @@ pytestmark = [
     pytest.mark.skipif(not Path(ob.MAN_DIR, "man1").is_dir(), reason="needs the manual pages"),
 ]
 LIMIT = 6
+SYNTHETIC = 40  # made-up pages (the config has thousands)
 
 
 def _cli(*args, timeout=900):
@@ -47,6 +48,7 @@ def test_the_rag_pipeline_runs_and_reports_what_eval_reports(tmp_path):
         "ppo.max_new_tokens=4",
         "pipeline.index_embedder=hash-64",
         f"pipeline.open_book_eval_limit={LIMIT}",
+        f"pipeline.open_book_synthetic_pages={SYNTHETIC}",
         "--json",
     )
     last = lines[-1]
@@ -56,7 +58,7 @@ def test_the_rag_pipeline_runs_and_reports_what_eval_reports(tmp_path):
     p = load_config("configs/pipeline_rag_tiny.yaml").pipeline
     fraction = p.open_book_ppo_fraction
     sft_pages, ppo_pages = ob.split_pages(train_pages, fraction, 1) if fraction else (train_pages, train_pages)
-    sft_records = 3 * (len(sft_pages) + p.open_book_synthetic_pages)
+    sft_records = 3 * (len(sft_pages) + SYNTHETIC)
     assert last["open_book_sft_records"] == last["sft_examples"] == sft_records
     assert (data / "sft_train.jsonl").read_text().count("\n") == sft_records  # {run_dir} in sft.train_files
     assert last["open_book_ppo_prompts"] == 3 * len(ppo_pages)
