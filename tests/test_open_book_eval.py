@@ -63,7 +63,7 @@ def test_command_reports_the_three_accuracies(trained):
 
 
 def test_predictions_are_the_models_greedy_answers(trained):
-    from aion_train.eval.open_book import accuracy, index_search, prompt_ids
+    from aion_train.eval.open_book import MAX_NEW_TOKENS, accuracy, index_search, prompt_ids
     from aion_train.retrieval.open_book import open_book_prompt
     from aion_train.serve.loading import load_for_serving
 
@@ -77,9 +77,10 @@ def test_predictions_are_the_models_greedy_answers(trained):
         text = open_book_prompt(e.question, chunks)
         assert text.startswith("<CTX> ") and " </CTX> " + e.question in text and text.endswith("\nAnswer:")
         ids = prompt_ids(text, loaded.tokenizer, loaded.chat)
+        ids = ids[-(loaded.model.cfg.max_seq_len - MAX_NEW_TOKENS) :]  # the prompt's tail that leaves room
         out = []
         with torch.no_grad():  # no KV cache: the whole sequence through the model every step
-            for _ in range(24):
+            for _ in range(MAX_NEW_TOKENS):
                 nxt = int(loaded.model(torch.tensor([ids + out])).logits[0, -1].argmax())
                 if nxt in loaded.eos_ids:
                     break
