@@ -163,6 +163,23 @@ def test_bad_records_are_named_by_file_line_and_field(tmp_path):
     assert "rm.train_files is empty but the run post-trains on your files" in text
 
 
+def test_base_response_steps_are_spread_evenly_over_the_base_steps():
+    from aion_train.posttrain.sft import interleaved
+
+    def picks(fraction, steps):
+        nb = interleaved(lambda s: ("all", s), lambda s: ("responses", s), fraction)
+        return [s for s in range(steps) if nb(s) == ("responses", s)]
+
+    assert picks(0.0, 50) == []
+    assert picks(1.0, 7) == list(range(7))
+    assert picks(0.5, 8) == [1, 3, 5, 7]
+    assert picks(0.25, 12) == [3, 7, 11]
+    got = picks(0.3, 2000)
+    assert len(got) == 600 and max(b - a for a, b in zip(got, got[1:])) <= 4  # 1 in 3.33, no long runs
+    with pytest.raises(ConfigError, match=r"sft.base_response_fraction=1.5: must be in \[0, 1\]"):
+        load_config("configs/rlhf_tiny.yaml", ["sft.base_response_fraction=1.5"])
+
+
 def test_config_keys_are_checked_up_front(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(

@@ -36,6 +36,11 @@ class SFTConfig:
     tokenizer: str = ""  # SentencePiece model of that base LM; "" = train the task tokenizer
     base_steps: int = 300  # full-weight LM steps on the task text when init_from is ""
     base_lr: float = 3e-3
+    # share of the base steps whose loss is on the responses only (the SFT mixture, full
+    # weights), spread evenly; the others: every token of the task text. A skill that lives in a
+    # few answer tokens (copying a name from a <CTX> block) gets a signal it lacks when every
+    # context token counts as much (docs/notes.md, 2026-12-07 (b))
+    base_response_fraction: float = 0.0
     steps: int = 150  # SFT optimizer steps (adapters, or full weights without lora)
     lr: float = 2e-3
     batch_size: int = 32
@@ -117,6 +122,8 @@ def check(cfg, errors: list[str]) -> None:
     for key, val in (("sft.lr", s.lr), ("sft.base_lr", s.base_lr), ("rm.lr", rm.lr)):
         if val <= 0:
             errors.append(f"{key}={val}: must be > 0")
+    if not 0 <= s.base_response_fraction <= 1:
+        errors.append(f"sft.base_response_fraction={s.base_response_fraction}: must be in [0, 1]")
     multimodal = cfg.model.multimodal.enabled
     if multimodal:
         bad = [k for k in s.mm_kinds if k not in MM_KINDS]

@@ -3,7 +3,8 @@
 The base LM is `sft.init_from` (a pretrained checkpoint, any TP/EP layout; the embedding
 grows rows for the role tokens) or, without one, a small LM trained here for
 `sft.base_steps` full-weight steps on the task's text: chat-templated chatterbot dialogs and
-the easy-vqa train questions as plain text ("scene: a blue circle. is there a red shape? no").
+the easy-vqa train questions as plain text ("scene: a blue circle. is there a red shape? no");
+`sft.base_response_fraction` of those steps train on the SFT mixture's responses only.
 The few base steps leave it an imperfect answerer that does not know the chat format.
 SFT then trains LoRA adapters (`lora.enabled`; QLoRA with `lora.quantize=nf4`) or full weights
 on easy-vqa instructions (`sft.max_examples` of them: good but not perfect, leaving PPO room),
@@ -20,6 +21,7 @@ or model/ (full fine-tuning), done.json (metrics + paths, last)."""
 
 from __future__ import annotations
 
+import math
 import random
 import time
 
@@ -173,21 +175,30 @@ def sampler(records, batch_size: int, seed: int, dp_rank: int, pad_id: int):
     return next_batch
 
 
-def train_base_lm(model, cfg, groups, task, tracker) -> float:
-    """sft.base_steps full-weight LM steps on the task text; returns the last loss."""
+def interleaved(every_token, responses, fraction: float):
+    """next_batch(step) from `responses` on a `fraction` of the steps, spread evenly (step s when
+    floor((s + 1) f) > floor(s f)), from `every_token` on the others."""
+    def next_batch(step):
+        on_responses = math.floor((step + 1) * fraction) > math.floor(step * fraction)
+        return (responses if on_responses else every_token)(step)
+
+    return next_batch
+
+
+def train_base_lm(model, cfg, groups, task, tracker, records) -> float:
+    """sft.base_steps full-weight LM steps on the task text, sft.base_response_fraction of them
+    on the responses of the SFT mixture `records` only; returns the mean of the last 10 losses."""
     pcfg = phase_config(cfg, lr=cfg.sft.base_lr, steps=cfg.sft.base_steps, batch_size=cfg.sft.batch_size)
     engine, opt = build_phase_engine(model, pcfg, groups)
     docs = file_base_documents(task, cfg.model.max_seq_len) if "sft_train" in task.records else base_documents(task)
+    pad, bs = task.tokenizer.pad_id, cfg.sft.batch_size
+    next_batch = sampler(docs, bs, cfg.seed + 7, groups.dp_rank, pad)
+    if cfg.sft.base_response_fraction > 0:
+        next_batch = interleaved(
+            next_batch, sampler(records, bs, cfg.seed + 11, groups.dp_rank, pad), cfg.sft.base_response_fraction
+        )
     log = lambda m, s: tracker.log_metrics({f"base/{k}": v for k, v in m.items()}, step=s)  # noqa: E731
-    losses = train_steps(
-        engine,
-        opt,
-        pcfg.train,
-        cfg.sft.base_steps,
-        sampler(docs, cfg.sft.batch_size, cfg.seed + 7, groups.dp_rank, task.tokenizer.pad_id),
-        lm_loss,
-        log,
-    )
+    losses = train_steps(engine, opt, pcfg.train, cfg.sft.base_steps, next_batch, lm_loss, log)
     return mean_over_ranks(sum(losses[-10:]) / len(losses[-10:]))
 
 
@@ -207,7 +218,7 @@ def run_sft(cfg) -> dict:
         if cfg.sft.init_from:
             load_weights(model, cfg.sft.init_from, groups, seed=cfg.seed)
         else:
-            metrics["base_loss"] = train_base_lm(model, cfg, groups, task, tracker)
+            metrics["base_loss"] = train_base_lm(model, cfg, groups, task, tracker, records)
             model = _unwrap(model)
         base_ckpt = save_weights(model, cfg, groups, out / "base")
         on_files = "sft_train" in task.records
