@@ -178,6 +178,7 @@ def sampler(records, batch_size: int, seed: int, dp_rank: int, pad_id: int):
 def interleaved(every_token, responses, fraction: float):
     """next_batch(step) from `responses` on a `fraction` of the steps, spread evenly (step s when
     floor((s + 1) f) > floor(s f)), from `every_token` on the others."""
+
     def next_batch(step):
         on_responses = math.floor((step + 1) * fraction) > math.floor(step * fraction)
         return (responses if on_responses else every_token)(step)
