@@ -30,11 +30,12 @@ def apply_runtime(rc: RuntimeConfig) -> None:
     )
 
 
-def apply_model_execution(model, device, rc: RuntimeConfig):
-    """The model's execution policy for `device` (a torch.device) with `rc.grouped_mm`, applied."""
+def apply_model_execution(model, device, rc: RuntimeConfig, compile: str = "eager"):
+    """The model's execution policy for `device` (a torch.device) with `rc.grouped_mm` and
+    `compile` (`train.compile`, pretraining only), applied."""
     from aion_train.model.execution import ExecutionPolicy, apply_execution_policy
 
-    return apply_execution_policy(model, ExecutionPolicy.for_device(device.type, rc.grouped_mm))
+    return apply_execution_policy(model, ExecutionPolicy.for_device(device.type, rc.grouped_mm, compile))
 
 
 def show_progress_bar(rc: RuntimeConfig) -> bool:

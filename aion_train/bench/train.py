@@ -221,9 +221,12 @@ def measure_throughput(
     engine: bool = False,
     profile: bool = False,
     details: bool = True,
+    compiled: bool = False,
 ) -> dict:
     """Our training step vs Mixtral's on the same tokens, at cfg.train.precision; returns
-    milliseconds and counts (`details`: also per-phase and one-thread CPU times)."""
+    milliseconds and counts (`details`: also per-phase and one-thread CPU times; `compiled`:
+    also our step with `train.compile=blocks`, as `ours_compiled`, its first step's time as
+    `compile_s`)."""
     if threads:
         torch.set_num_threads(threads)
     from aion_train.model import build_model
@@ -257,6 +260,25 @@ def measure_throughput(
         return run
 
     fns = {"ours": step(ours_loss, opt_ours), "hf": step(hf_loss, opt_hf)}
+    losses = {"ours": ours_loss, "hf": hf_loss}
+    compile_s = None
+    if compiled:
+        from aion_train.model.execution import ExecutionPolicy, apply_execution_policy
+
+        policy = ExecutionPolicy.for_device("cpu", compile="blocks")
+        ours_c = apply_execution_policy(build_model(cfg.model, seed=cfg.seed).train().to(dtype), policy)
+        opt_c = make_optimizer(ours_c, cfg.train)
+
+        def compiled_loss():
+            return ours_c(ids, labels=shifted, return_logits=False).loss
+
+        fns["ours_compiled"], losses["ours_compiled"] = step(compiled_loss, opt_c), compiled_loss
+        t0 = time.perf_counter()
+        fns["ours_compiled"]()  # compiles (or loads the cached graphs): timed apart from the steps
+        compile_s = time.perf_counter() - t0
+        ours_c.load_state_dict(ours.state_dict())  # back to the shared start (the step moved it)
+        opt_c = make_optimizer(ours_c, cfg.train)
+        fns["ours_compiled"] = step(compiled_loss, opt_c)
     if engine:
         from aion_train.parallel import build_groups, parallelize
         from aion_train.parallel.deepspeed_adapter import init_comm
@@ -274,7 +296,7 @@ def measure_throughput(
 
         fns["ours_engine"] = engine_step
     with torch.no_grad():
-        first = {"ours": float(ours_loss()), "hf": float(hf_loss())}
+        first = {k: float(fn()) for k, fn in losses.items()}
     # rounded as reported (`step_ms_rounds`), so the medians and the speedup follow from the output
     samples = {k: [round(t, 4) for t in v] for k, v in interleaved_samples(fns, rounds=rounds, warmup=warmup).items()}
     ms = {k: statistics.median(v) for k, v in samples.items()}
@@ -291,11 +313,14 @@ def measure_throughput(
         "hf_attn_implementation": hf.config._attn_implementation,
         "dtype": str(dtype).split(".")[-1],
     }
+    if compiled:
+        out["compile_s"] = round(compile_s, 2)
+        out["speedup_compiled_paired"] = paired_ratio(samples["hf"], samples["ours_compiled"])
     if details:
         out["phases_ms"] = _phase_ms({"ours": (ours_loss, opt_ours), "hf": (hf_loss, opt_hf)}, max(3, rounds // 2))
         out["cpu_ms_1thread"] = _thread_cpu_ms({k: fns[k] for k in ("ours", "hf")}, max(3, rounds))
     if profile:
-        out["top_ops"] = {"ours": _top_ops(fns["ours"]), "hf": _top_ops(fns["hf"])}
+        out["top_ops"] = {k: _top_ops(fn) for k, fn in fns.items() if k != "ours_engine"}
     return out
 
 
@@ -472,10 +497,10 @@ def measure_zero(cfg, stages=(0, 1, 2, 3), nproc: int = 2, timeout_s: float = 30
 # ------------------------------------------------------------------------------------------
 
 
-def _in_process(cfg, rounds, warmup, threads, profile=False, details=True) -> dict:
+def _in_process(cfg, rounds, warmup, threads, profile=False, details=True, compiled=False) -> dict:
     prev = torch.get_num_threads()
     try:
-        return measure_throughput(cfg, rounds, warmup, threads, False, profile, details)
+        return measure_throughput(cfg, rounds, warmup, threads, False, profile, details, compiled)
     finally:
         torch.set_num_threads(prev)
 
@@ -502,6 +527,7 @@ def run_bench(
     zero_micro_batch_size: int = 2,
     sizes=("mid",),
     size_rounds: int = 6,
+    compiled: bool = True,
 ) -> dict:
     from aion_train.train.metrics import flops_per_token, peak_flops
 
@@ -571,7 +597,7 @@ def run_bench(
     tiny[_precision_key(dtype)] = _size_entry(result, fpt, peak)
     if "fp32" in result:
         tiny["fp32"] = _size_entry(result["fp32"], fpt, peak_flops_at(torch.float32, tp["threads"]))
-    result["sizes"] = [tiny] + [measure_size(name, size_rounds, warmup, threads) for name in sizes]
+    result["sizes"] = [tiny] + [measure_size(name, size_rounds, warmup, threads, compiled) for name in sizes]
     if zero:
         zcfg = copy.deepcopy(cfg)
         zcfg.data.micro_batch_size = zero_micro_batch_size
@@ -632,15 +658,16 @@ def _size_entry(r: dict, fpt: float, peak: float) -> dict:
     }
 
 
-def measure_size(name: str, rounds: int, warmup: int, threads: int | None) -> dict:
+def measure_size(name: str, rounds: int, warmup: int, threads: int | None, compiled: bool = False) -> dict:
     """One size of the sweep: our step and Mixtral's of identical size, in bf16 and in fp32,
-    in this process (the DeepSpeed engine is timed for the tiny size only)."""
+    in this process (the DeepSpeed engine is timed for the tiny size only); `compiled`: our
+    step with `train.compile=blocks` too, in the same rounds (`compiled` of each precision)."""
     from aion_train.train.metrics import flops_per_token
 
     out: dict = {"name": name}
     for precision in ("bf16", "fp32"):
         cfg = load_bench_config(SIZE_CONFIGS[name], precision=precision)
-        tp = _in_process(cfg, rounds, warmup, threads, details=False)
+        tp = _in_process(cfg, rounds, warmup, threads, details=False, compiled=compiled)
         ours_tps, hf_tps = _tokens_per_s(tp)
         fpt = flops_per_token(cfg.model, cfg.data.seq_len)
         r = {
@@ -651,7 +678,18 @@ def measure_size(name: str, rounds: int, warmup: int, threads: int | None) -> di
             "step_ms_rounds": tp["rounds_ms"],
         }
         out.update(params=tp["params"], tokens_per_step=tp["tokens_per_step"])
-        out[precision] = _size_entry(r, fpt, peak_flops_at(precision_dtype(precision), tp["threads"]))
+        peak = peak_flops_at(precision_dtype(precision), tp["threads"])
+        out[precision] = _size_entry(r, fpt, peak)
+        if compiled:
+            tps = tp["tokens_per_step"] / tp["ms"]["ours_compiled"] * 1e3
+            out[precision]["compiled"] = {
+                "speedup_vs_hf": round(tp["speedup_compiled_paired"], 3),
+                "tokens_per_s": round(tps, 1),
+                "mfu": round(fpt * tps / peak, 4),
+                "compile_s": tp["compile_s"],
+                "initial_loss": tp["initial_loss"]["ours_compiled"],
+                "eager_initial_loss": tp["initial_loss"]["ours"],
+            }
     return out
 
 

@@ -94,6 +94,7 @@ class TrainConfig:
     precision: str = "bf16"  # fp32 | bf16 | fp16 (fp16 on GPU only)
     zero_stage: int = 1
     activation_checkpointing: bool = False
+    compile: str = "eager"  # eager | blocks: each transformer block through torch.compile (model/compile.py)
     eval_every: int = 50
     eval_batches: int = 8
     save_every: int = 100

@@ -15,6 +15,7 @@ CHOICES = {
     "model.kernels": ("auto", "torch", "triton"),
     "parallel.backend": ("auto", "gloo", "nccl"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "train.compile": ("eager", "blocks"),
     "runtime.progress_bar": ("auto", "always", "never"),
     "runtime.cpu_allocator": ("keep", "system"),
     "runtime.grouped_mm": ("auto", "grouped", "per_expert"),
@@ -124,6 +125,13 @@ def validate_config(cfg: Config) -> Config:
     if dp is not None and dp % p.ep:
         errors.append(
             f"parallel.ep={p.ep} does not divide the data-parallel size {dp} (parallel.world_size / parallel.tp)"
+        )
+    if t.compile != "eager" and (t.zero_stage == 3 or p.tp > 1 or p.ep > 1):
+        errors.append(
+            f"train.compile={t.compile!r} with train.zero_stage={t.zero_stage}, parallel.tp={p.tp}, "
+            f"parallel.ep={p.ep}: compiled blocks run with ZeRO 0-2 and without tensor/expert-parallel "
+            "layers (ZeRO-3 gathers weights in per-module hooks and the parallel layers communicate inside "
+            "the block); set train.compile=eager"
         )
     if t.zero_stage not in (0, 1, 2, 3):
         errors.append(f"train.zero_stage={t.zero_stage}: must be 0, 1, 2 or 3")

@@ -1,7 +1,9 @@
 """LM head + cross-entropy in torch without storing the logits (the CPU path of the
 `linear_cross_entropy` kernel; the Triton one chunks over the vocabulary on GPU).
 
-Rows are taken in chunks of at most 8 MB of fp32 logits. When a gradient will be needed, the
+Rows are taken in chunks of at most 32 MB of fp32 logits (docs/notes.md, issue 18: smaller
+chunks run the head's GEMMs at a few dozen rows and add the [V, H] weight gradient once per
+chunk). When a gradient will be needed, the
 forward pass also forms d(loss_row)/d(logits) = softmax - onehot for the chunk and turns it at
 once into the hidden-state and weight gradients (as Liger-Kernel's fused linear cross-entropy
 does): no [N, V] logits kept, no separate log-softmax backward, no [N, V] zero-filled gradient. Those gradients are exact for any upstream gradient
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_LOGITS = 1 << 21  # fp32 logits per chunk (8 MB)
+CHUNK_LOGITS = 1 << 23  # fp32 logits per chunk (32 MB)
 MIN_CHUNK_ROWS = 64
 
 

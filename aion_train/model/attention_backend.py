@@ -47,6 +47,7 @@ def _flash_attn_func():
     return _flash_attn()[0]
 
 
+@torch.compiler.assume_constant_result  # compiled blocks: a constant of the trace, not traced
 def flash_unavailable_reason(device: torch.device | None = None, dtype: torch.dtype | None = None) -> str | None:
     """None when flash-attn can run on tensors of `device` / `dtype` (either may be left out),
     else the reason it cannot."""

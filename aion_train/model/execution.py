@@ -3,7 +3,8 @@
 The choices change speed, never what is computed (up to float rounding in the order of
 sums): on the CPU, ragged expert groups are padded to equal ones and run as one batched
 GEMM, and bf16/fp16 attention runs in fp32; everywhere, the MoE expert matmul is torch's
-grouped GEMM or one matmul per expert (`runtime.grouped_mm`). `ExecutionPolicy.for_device`
+grouped GEMM or one matmul per expert (`runtime.grouped_mm`), and training may run the
+transformer blocks through torch.compile (`train.compile`, model/compile.py). `ExecutionPolicy.for_device`
 is the one place that decides them; `apply_execution_policy` hands a policy to every module
 of a model, and a module without one uses its tensors' device's policy. The measurements
 behind the CPU choices are in docs/notes.md (bench moe, bench train)."""
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .compile import COMPILE_MODES, compile_blocks
 
 log = logging.getLogger("aion_train.model")
 
@@ -42,13 +45,16 @@ class ExecutionPolicy:
     # left to the HTTP side (event loop, streams), whose bursts would otherwise stall every
     # parallel region of the model at its barrier
     serving_threads: int = 0
+    compile: str = "eager"  # eager | blocks: each transformer block through torch.compile (train.compile)
 
     def __post_init__(self):
         if self.grouped_mm not in GROUPED_MM_MODES:
             raise ValueError(f"runtime.grouped_mm={self.grouped_mm!r}: must be one of {', '.join(GROUPED_MM_MODES)}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"train.compile={self.compile!r}: must be one of {', '.join(COMPILE_MODES)}")
 
     @classmethod
-    def for_device(cls, device_type: str, grouped_mm: str = "auto") -> ExecutionPolicy:
+    def for_device(cls, device_type: str, grouped_mm: str = "auto", compile: str = "eager") -> ExecutionPolicy:
         """On the CPU MKL splits a batched GEMM over the threads by whole experts, which beats
         per-expert GEMMs up to a few hundred rows per expert; CUDA takes ragged groups as
         they are and runs bf16 attention natively."""
@@ -60,6 +66,7 @@ class ExecutionPolicy:
             batched_equal_groups=cpu,
             attention_fp32=cpu,
             grouped_mm=grouped_mm,
+            compile=compile,
         )
 
     def for_generation(self) -> ExecutionPolicy:
@@ -76,6 +83,7 @@ class ExecutionPolicy:
             # packed weights; CUDA keeps the grouped GEMM for prefills
             sparse_expert_rows=ALL_ROWS if cpu else 256,
             packed_weights=cpu,
+            compile="eager",  # decode steps change shape every step; serving stays eager
         )
 
 
@@ -98,4 +106,6 @@ def apply_execution_policy(model: nn.Module, policy: ExecutionPolicy) -> nn.Modu
                 obj.execution = policy
                 n += 1
     log.info("execution policy for %d modules: %s", n, policy)
+    if policy.compile == "blocks":
+        compile_blocks(model)
     return model

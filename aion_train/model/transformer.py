@@ -54,6 +54,8 @@ def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
 
 
 class Block(nn.Module):
+    compile_role = "block"  # train.compile=blocks compiles each (model/compile.py)
+
     def __init__(self, cfg: ModelConfig, layer: int, rope: RotaryEmbedding):
         super().__init__()
         self.layer = layer

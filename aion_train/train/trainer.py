@@ -76,7 +76,10 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.task = make_task(cfg, self.rank, self.groups)
         model = apply_model_execution(
-            self.task.build_model().to(self.device.torch_device), self.device.torch_device, cfg.runtime
+            self.task.build_model().to(self.device.torch_device),
+            self.device.torch_device,
+            cfg.runtime,
+            cfg.train.compile,
         )
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.train.keep_last)
         try:
@@ -212,6 +215,7 @@ class Trainer:
             bar = tqdm(total=t.steps, initial=self.state["step"], desc="pretrain", unit="step", dynamic_ncols=True)
         try:
             end = t.steps if t.stop_at_step is None else min(t.steps, t.stop_at_step)
+            first_step = True  # this process's: compiled blocks compile on it
             while self.state["step"] < end:
                 step = self.state["step"]
                 lr = lr_at(step, t)
@@ -229,6 +233,10 @@ class Trainer:
                 )
                 self.state["tokens_seen"] += tokens
                 tok_s = tokens / dt
+                if t.compile != "eager" and first_step:
+                    log.info("train.compile=%s: first step %.1f s (compilation included)", t.compile, dt)
+                    self.tracker.log_metrics({"perf/compile_first_step_s": dt}, step=step)
+                first_step = False
                 result.pop("skipped")
                 metrics = {f"train/{k}": v for k, v in result.items()}
                 metrics.update(

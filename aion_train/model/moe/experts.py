@@ -142,6 +142,8 @@ def _nonempty_expert_linear(
 class GroupedExperts(nn.Module):
     """E SwiGLU (or GeLU/ReLU) experts: w1/w3 [E, d, ff], w2 [E, ff, d]."""
 
+    compile_role = "eager"  # stays eager inside a compiled block (model/compile.py)
+
     def __init__(
         self,
         n_experts: int,
