@@ -125,8 +125,9 @@ def test_loss_without_gradients_is_per_row_cross_entropy(monkeypatch, chunk_logi
 
 
 def test_bf16_weight_gradient_summed_over_chunks_matches_fp32(monkeypatch):
-    """bf16 weights: each chunk's weight gradient comes from a bf16 GEMM and the chunks are
-    summed in fp32; against the fp32 computation on the same (bf16-representable) numbers."""
+    """bf16 weights: the weight gradient of each block of BLOCK_CHUNKS chunks comes from one
+    bf16 GEMM and the blocks are summed in fp32 (5 chunks: a full block and a partial one);
+    against the fp32 computation on the same (bf16-representable) numbers."""
     monkeypatch.setattr(lce, "MIN_CHUNK_ROWS", 1)
     monkeypatch.setattr(lce, "CHUNK_LOGITS", 517 * 70)  # 5 chunks
     hidden, weight, labels = _inputs(dtype=torch.bfloat16, seed=6)
@@ -136,3 +137,18 @@ def test_bf16_weight_gradient_summed_over_chunks_matches_fp32(monkeypatch):
     for a, b in zip(got, want):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b, atol=2e-3, rtol=2e-2)
+
+
+def test_bf16_per_row_weighted_grads_over_blocks_match_fp32(monkeypatch):
+    """The recomputing backward (a per-row weighting) in bf16 over several blocks of chunks."""
+    monkeypatch.setattr(lce, "MIN_CHUNK_ROWS", 1)
+    monkeypatch.setattr(lce, "CHUNK_LOGITS", 517 * 30)  # 10 chunks: 3 blocks
+    hidden, weight, labels = _inputs(dtype=torch.bfloat16, seed=7)
+    w_rows = torch.rand(labels.shape, generator=torch.Generator().manual_seed(8))
+    got = _grads((lce.linear_cross_entropy(hidden, weight, labels) * w_rows).sum(), hidden, weight)
+    h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    want_rows = F.cross_entropy(h32 @ w32.t(), labels, ignore_index=-100, reduction="none")
+    want = _grads((want_rows * w_rows).sum(), h32, w32)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b, atol=2e-2, rtol=2e-2)

@@ -3,7 +3,8 @@
 
 Rows are taken in chunks of at most 32 MB of fp32 logits (docs/notes.md, issue 18: smaller
 chunks run the head's GEMMs at a few dozen rows and add the [V, H] weight gradient once per
-chunk). When a gradient will be needed, the
+chunk; in bf16/fp16 the gradients of BLOCK_CHUNKS chunks are kept, 64 MB at most, see
+`_head_grads`). When a gradient will be needed, the
 forward pass also forms d(loss_row)/d(logits) = softmax - onehot for the chunk and turns it at
 once into the hidden-state and weight gradients (as Liger-Kernel's fused linear cross-entropy
 does): no [N, V] logits kept, no separate log-softmax backward, no [N, V] zero-filled gradient. Those gradients are exact for any upstream gradient
@@ -58,29 +59,55 @@ def _chunk_grad(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, val
     return loss, p
 
 
-def _add_chunk_grads(
-    p: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, dh_out: torch.Tensor, dw_acc: torch.Tensor, first: bool
-) -> None:
-    """dh_out = p @ weight (in the hidden dtype); dw_acc (+)= p^T @ h (fp32; `first` writes it).
+BLOCK_CHUNKS = 4  # low precision: chunks whose softmax gradients form the weight gradient in one GEMM
 
-    With bf16/fp16 weights both products run in the weights' dtype (fp32 accumulation inside
-    the GEMM, as F.linear's backward does; 2x the fp32 GEMM rate on AVX512-BF16), and the
-    chunks' weight gradients are summed in fp32."""
-    pw = p.to(weight.dtype)
-    if dh_out.dtype == weight.dtype:
-        torch.mm(pw, weight, out=dh_out)
-    else:
-        dh_out.copy_(pw @ weight)
-    if weight.dtype != torch.float32 and h.dtype == weight.dtype:
-        chunk = pw.t() @ h
-        if first:
-            dw_acc.copy_(chunk)
-        else:
-            dw_acc.add_(chunk)
-    elif first:
-        torch.mm(p.t(), h.float(), out=dw_acc)
-    else:
-        dw_acc.addmm_(p.t(), h.float())
+
+def _head_grads(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, row_scale=None):
+    """(per-row loss fp32, dh like h, dw fp32 like weight) over row chunks; `row_scale` [N]
+    (optional) multiplies each row's d loss / d logits.
+
+    dh = p @ weight per chunk, in the hidden dtype. fp32: dw (+)= p^T @ h per chunk, in place
+    (addmm_). bf16/fp16 weights: both products in the weights' dtype (fp32 accumulation inside
+    the GEMM, as F.linear's backward does; 2x the fp32 GEMM rate on AVX512-BF16); the chunks'
+    p are kept in one low-precision buffer of BLOCK_CHUNKS chunks and dw is formed once per
+    block (a GEMM over the block's rows, summed into fp32): adding a [V, H] product into the
+    fp32 gradient after every chunk cost ~20 ms per chunk at V 32000, H 512 (docs/notes.md)."""
+    n = h.shape[0]
+    rows = _chunk_rows(n, weight.shape[0])
+    loss = h.new_empty(n, dtype=torch.float32)
+    dh = torch.empty_like(h)
+    dw = (torch.empty_like if n else torch.zeros_like)(weight, dtype=torch.float32)
+    low = weight.dtype != torch.float32 and h.dtype == weight.dtype
+    block_rows = rows * BLOCK_CHUNKS if low else rows
+    buf = h.new_empty(min(n, block_rows), weight.shape[0], dtype=weight.dtype) if low and n else None
+    for b0 in range(0, n, block_rows):
+        b1 = min(n, b0 + block_rows)
+        for s in range(b0, b1, rows):
+            e = min(b1, s + rows)
+            loss[s:e], p = _chunk_grad(h[s:e], weight, y[s:e], valid[s:e])
+            if row_scale is not None:
+                p.mul_(row_scale[s:e].unsqueeze(1))
+            if low:
+                pw = buf[s - b0 : e - b0]
+                pw.copy_(p)
+                torch.mm(pw, weight, out=dh[s:e])
+            else:
+                pw = p.to(weight.dtype)
+                if dh.dtype == weight.dtype:
+                    torch.mm(pw, weight, out=dh[s:e])
+                else:
+                    dh[s:e].copy_(pw @ weight)
+                if s == 0:
+                    torch.mm(p.t(), h[s:e].float(), out=dw)
+                else:
+                    dw.addmm_(p.t(), h[s:e].float())
+        if low:
+            block = buf[: b1 - b0].t() @ h[b0:b1]
+            if b0 == 0:
+                dw.copy_(block)
+            else:
+                dw.add_(block)
+    return loss, dh, dw
 
 
 def _loss_only(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int):
@@ -98,15 +125,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, ignore_index: int):
         h = hidden.reshape(-1, hidden.shape[-1])
         y = labels.reshape(-1)
-        n, vocab = h.shape[0], weight.shape[0]
-        rows = _chunk_rows(n, vocab)
-        loss = h.new_empty(n, dtype=torch.float32)
-        dh = torch.empty_like(h)
-        dw = (torch.empty_like if n else torch.zeros_like)(weight, dtype=torch.float32)
-        for s in range(0, n, rows):
-            hc, yc = h[s : s + rows], y[s : s + rows]
-            loss[s : s + rows], p = _chunk_grad(hc, weight, yc, yc != ignore_index)
-            _add_chunk_grads(p, hc, weight, dh[s : s + rows], dw, first=s == 0)
+        loss, dh, dw = _head_grads(h, weight, y, y != ignore_index)
         ctx.save_for_backward(hidden, weight, labels, dh, dw)
         ctx.ignore_index = ignore_index
         return loss.reshape(labels.shape)
@@ -125,15 +144,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             return grad_h, grad_w, None, None
         # a per-row weighting: recompute the chunks and scale each row
         h = hidden.reshape(-1, hidden.shape[-1])
-        grad_h = torch.empty_like(h)
-        grad_w = (torch.empty_like if h.shape[0] else torch.zeros_like)(weight, dtype=torch.float32)
-        rows = _chunk_rows(h.shape[0], weight.shape[0])
-        for s in range(0, h.shape[0], rows):
-            hc = h[s : s + rows]
-            _, p = _chunk_grad(hc, weight, y[s : s + rows], valid[s : s + rows])
-            _add_chunk_grads(
-                p.mul_(g[s : s + rows].unsqueeze(1)), hc, weight, grad_h[s : s + rows], grad_w, first=s == 0
-            )
+        _, grad_h, grad_w = _head_grads(h, weight, y, valid, row_scale=g)
         return grad_h.reshape(hidden.shape), grad_w.to(weight.dtype), None, None
 
 
