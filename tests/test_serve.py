@@ -671,6 +671,16 @@ def test_serve_command_binds_loopback_logs_json_and_stops_cleanly(runs, bundle, 
             for line in resp.iter_lines():
                 if '"content": "' in line and '"content": ""' not in line:
                     break  # the first generated text: generation is running
+        # and so does a client of a non-streamed request that gives up waiting (it is audited too)
+        with pytest.raises(httpx.ReadTimeout):
+            http.post(
+                "/v1/chat/completions",
+                json={"model": model, "messages": CHAT, "max_tokens": room, "n": 4, "seed": 1, "temperature": 2.0},
+                timeout=httpx.Timeout(60, read=0.05),
+            )
+        deadline = time.time() + 30
+        while len(log.read_text().splitlines()) < 4 and time.time() < deadline:
+            time.sleep(0.1)
         http.close()
     finally:
         time.sleep(0.5)
@@ -687,6 +697,8 @@ def test_serve_command_binds_loopback_logs_json_and_stops_cleanly(runs, bundle, 
     )
     assert any(f"127.0.0.1:{port}" in ln.get("message", "") for ln in lines)
     recs = [json.loads(ln) for ln in log.read_text().splitlines()]
-    assert [r["status"] for r in recs] == [200, 200, 499]
-    assert recs[2]["error"] == "client_disconnected" and 0 < recs[2]["completion_tokens"] < room
+    assert [r["status"] for r in recs] == [200, 200, 499, 499]
+    # stopped early: fewer tokens than asked for (sampling at T=2 ends only at room), 1 and 4 choices
+    for r, n in zip(recs[2:], (1, 4)):
+        assert r["error"] == "client_disconnected" and 0 < r["completion_tokens"] < n * room, r
     assert cli("audit", "verify", str(log)).returncode == 0

@@ -423,7 +423,7 @@ def create_app(
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
             )
-        return await _complete(req, endpoint, plan, ctx)
+        return await _complete(req, endpoint, plan, ctx, request)
 
     def _plan(req, endpoint: str, policy) -> dict:
         ctx_len = loaded.max_seq_len
@@ -562,17 +562,44 @@ def create_app(
             out.append(PromptSpec(ids=list(b), context=list(b), text=loaded.tokenizer.decode(list(b))))
         return out
 
-    async def _complete(req, endpoint: str, plan: dict, ctx: dict):
+    async def _client_gone(request: Request) -> None:
+        """Returns when the client disconnects (the body has been read: the next ASGI message is
+        http.disconnect, sent when the connection closes)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def _complete(req, endpoint: str, plan: dict, ctx: dict, request: Request):
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        rows, choices, seed = service.build(plan["prompts"], req.n, plan["params"], plan["max_new"], plan["policy"])
-        ctx["seed"] = seed
+        cancelled = {"flag": False}
+        rows, choices, seed = service.build(
+            plan["prompts"],
+            req.n,
+            plan["params"],
+            plan["max_new"],
+            plan["policy"],
+            cancelled=lambda: cancelled["flag"],
+        )
+        ctx["seed"], ctx["rows"] = seed, rows
 
         def finished():
             loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
 
         job = service.submit(rows, on_done=finished)
-        await done
+        gone = asyncio.ensure_future(_client_gone(request))
+        try:
+            await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the handler was cancelled: stop generating, and audit it
+            cancelled["flag"] = True
+            _record(ctx, 499, [], error="client_disconnected")
+            raise
+        finally:
+            gone.cancel()
+        if not done.done():  # the client went away: stop its generation, audit it, answer no one
+            cancelled["flag"] = True
+            await done
+            _record(ctx, 499, [], error="client_disconnected")
+            return Response(status_code=499)
         if job.error is not None:
             _record(ctx, 500, [], error="generation_failed")
             raise APIError(500, f"generation failed: {type(job.error).__name__}", type="server_error")
