@@ -61,6 +61,8 @@ def test_compile_is_refused_where_it_is_not_supported():
         load_config(None, ["train.compile=fast"])
     with pytest.raises(ConfigError, match=r"train.compile='blocks' with .*parallel.tp=2.*set train.compile=eager"):
         load_config(None, ["train.compile=blocks", "parallel.tp=2"])
+    with pytest.raises(ConfigError, match=r"train.compile='blocks' with train.activation_checkpointing=true"):
+        load_config(None, ["train.compile=blocks", "train.activation_checkpointing=true"])
     assert load_config(None, ["train.compile=blocks"]).train.compile == "blocks"
 
 

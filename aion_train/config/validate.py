@@ -133,6 +133,12 @@ def validate_config(cfg: Config) -> Config:
             "layers (ZeRO-3 gathers weights in per-module hooks and the parallel layers communicate inside "
             "the block); set train.compile=eager"
         )
+    if t.compile != "eager" and t.activation_checkpointing:
+        errors.append(
+            f"train.compile={t.compile!r} with train.activation_checkpointing=true: the recomputation in "
+            "backward can pick another compiled graph than the forward did (torch.utils.checkpoint then "
+            "finds different saved tensors); set one of them off"
+        )
     if t.zero_stage not in (0, 1, 2, 3):
         errors.append(f"train.zero_stage={t.zero_stage}: must be 0, 1, 2 or 3")
     if t.init_from and not Path(t.init_from).exists():
