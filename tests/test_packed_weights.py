@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from aion_train.config import ModelConfig, MoEConfig
 from aion_train.model import build_model
 from aion_train.model import packed_weights as pw
+from aion_train.model.execution import ExecutionPolicy, apply_execution_policy
 
 
 def _cfg():
@@ -54,11 +55,17 @@ def test_packed_model_keeps_its_parameters_and_matches_the_reference(mode):
     plain = build_model(_cfg(), seed=0).eval().bfloat16()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     n = pw.pack_weights(model)
-    # q|k|v as one per layer, o_proj, 3 x 4 experts per layer, and the head (the router is fp32)
-    assert n == 2 * (1 + 1 + 12) + 1
+    # q|k|v as one per layer, o_proj, [w1; w3] and w2 of 4 experts per layer, and the head (the
+    # router is fp32)
+    assert n == 2 * (1 + 1 + 8) + 1
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
     ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(1))
+    # generation's policy: every step runs one matmul per expert with rows (the packed experts
+    # with SwiGLU's two input projections as one matmul; the plain model: three matmuls)
+    policy = ExecutionPolicy.for_device("cpu").for_generation()
+    apply_execution_policy(model, policy)
+    apply_execution_policy(plain, policy)
     with torch.no_grad():
         got = model(ids).logits.float()
         want = plain(ids).logits.float()

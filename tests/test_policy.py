@@ -597,7 +597,7 @@ def test_policies_never_touch_the_weights(tmp_path, one_torch_thread):
         write_bundle(build_bundle(EXAMPLE_FILES + [f]), tmp_path / "out")
 
     bundle_with("*")
-    service = Service(loaded, PolicySet.load(tmp_path / "out"))
+    service = Service(loaded, PolicySet.load(tmp_path / "out"), engine="thread")
     prompts = []
     for text in ("The for statement", "Names refer to objects"):
         ids = loaded.encode_prompt(text)

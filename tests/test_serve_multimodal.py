@@ -148,21 +148,20 @@ def test_openai_client_image_part_equals_the_model_loop_and_the_cache_hits(mm_ru
     want = reference_tokens(loaded, msgs, 12)
     other = reference_tokens(loaded, image_message(png(2)), 12)
     with serving(mm_run) as s:
-        eng = s.service.engine
         r = s.client.chat.completions.create(model=s.model, messages=msgs, max_tokens=12, temperature=0, seed=1)
         got = s.service.tokenizer.decode(want)
         assert r.choices[0].message.content == got
-        assert eng.media_cache.encodes == 1 and eng.media_cache.hits == 0
+        assert s.service.media_stats() == {"encodes": 1, "hits": 0}
         # turn 2 about the same image: its tokens come from the cache, not the encoder
         turn2 = msgs + [{"role": "assistant", "content": got}, {"role": "user", "content": "and its colour"}]
         s.client.chat.completions.create(model=s.model, messages=turn2, max_tokens=4, temperature=0)
-        assert eng.media_cache.encodes == 1 and eng.media_cache.hits == 1
+        assert s.service.media_stats() == {"encodes": 1, "hits": 1}
         # streamed: the same text
         chunks = s.client.chat.completions.create(
             model=s.model, messages=msgs, max_tokens=12, temperature=0, stream=True
         )
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == got
-        assert eng.media_cache.encodes == 1 and eng.media_cache.hits == 2
+        assert s.service.media_stats() == {"encodes": 1, "hits": 2}
         card = s.http.get(f"/v1/models/{s.model}").json()
         assert card["aion"]["modalities"] == ["text", "image", "audio", "video"]
         metrics = s.http.get("/metrics").text
@@ -439,7 +438,7 @@ def test_concurrent_requests_through_the_server_equal_alone(mm_run, loaded):
         with ThreadPoolExecutor(6) as ex:
             got = list(ex.map(ask, convs))
         assert got == want
-        assert s.service.engine.media_cache.encodes == 4  # png(20) twice: encoded once
+        assert s.service.media_stats()["encodes"] == 4  # png(20) twice: encoded once
 
 
 @pytest.mark.parametrize("cross", [False, True])

@@ -751,8 +751,11 @@ def test_the_engine_thread_computes_on_one_core_fewer_and_the_caller_keeps_its_t
     try:
         torch.set_num_threads(3)
         engine = Engine(model, eos_ids=())
-        assert engine.execution.serving_threads == 2
-        assert ExecutionPolicy.for_device("cuda").for_generation().serving_threads == 0
+        assert engine.execution.serving_threads(in_process=False) == 2
+        assert engine.execution.serving_threads(in_process=True) == 3  # the engine's own process
+        assert engine.execution.serving_process
+        cuda = ExecutionPolicy.for_device("cuda").for_generation()
+        assert cuda.serving_threads(in_process=False) == 0 and not cuda.serving_process
         for threads, expected in ((None, 2), (1, 1)):
             seen: list[int] = []
             sched = Scheduler(engine, max_batch=2, threads=threads).start()

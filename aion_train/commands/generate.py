@@ -176,7 +176,7 @@ def run(args) -> int:
             media = _read_media(args, loaded.media_config)
         except (OSError, ValueError) as e:
             return _err(str(e), 2)
-    service = Service(loaded, policies)
+    service = Service(loaded, policies, engine="thread")  # no server: the engine runs right here
     try:
         policy = service.policy.resolve(args.jurisdiction)
     except UnknownJurisdiction:

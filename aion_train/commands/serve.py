@@ -75,8 +75,15 @@ def add_arguments(p):
         type=int,
         default=None,
         metavar="N",
-        help="intra-op threads of the engine (default on the CPU: one fewer than the process's, "
-        "leaving a core to the HTTP side)",
+        help="intra-op threads of the engine (default on the CPU: every core in --engine process, one "
+        "fewer in --engine thread, leaving a core to the HTTP side)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("process", "thread"),
+        default=None,
+        help="run the engine in a process of its own or in a thread of the server (default: process on "
+        "the CPU, thread on CUDA)",
     )
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="B", help="request body limit")
     p.add_argument(

@@ -41,10 +41,10 @@ class ExecutionPolicy:
     routing_stats: bool = True
     sparse_expert_rows: int = 0
     packed_weights: bool = False  # bf16 CPU weights packed once for oneDNN (packed_weights.py)
-    # intra-op threads of a server's engine thread (0: the process's): the rest of the cores are
-    # left to the HTTP side (event loop, streams), whose bursts would otherwise stall every
-    # parallel region of the model at its barrier
-    serving_threads: int = 0
+    # a server's engine runs in its own process (serve/engine_process.py): the HTTP side's
+    # Python then never holds the engine's interpreter lock, whose waits stall every parallel
+    # region of the model at its barrier; else in a thread of the server (serving_threads)
+    serving_process: bool = False
     compile: str = "eager"  # eager | blocks: each transformer block through torch.compile (train.compile)
 
     def __post_init__(self):
@@ -73,11 +73,11 @@ class ExecutionPolicy:
         """The same device choices for serving / `generate`: no routing losses or stats, decode
         steps run only the experts their tokens picked, and on the CPU (where equal expert
         groups are batched) the bf16 weights are packed once (packed_weights.py) and a server's
-        engine thread computes on one core fewer than the process has (serving_threads)."""
+        engine runs in its own process (serving_process)."""
         cpu = self.batched_equal_groups
         return dataclasses.replace(
             self,
-            serving_threads=max(1, torch.get_num_threads() - 1) if cpu else 0,
+            serving_process=cpu,
             routing_stats=False,
             # on the CPU every step (prefill too) takes one matmul per expert with rows, on the
             # packed weights; CUDA keeps the grouped GEMM for prefills
@@ -85,6 +85,15 @@ class ExecutionPolicy:
             packed_weights=cpu,
             compile="eager",  # decode steps change shape every step; serving stays eager
         )
+
+    def serving_threads(self, in_process: bool) -> int:
+        """Intra-op threads of a server's engine (0: leave the count alone). On the CPU: every
+        core the process has when the engine has its own process; one fewer in a thread of the
+        server, leaving a core to the HTTP side (docs/notes.md, bench serve)."""
+        if not self.batched_equal_groups:  # CUDA
+            return 0
+        n = torch.get_num_threads()
+        return n if in_process else max(1, n - 1)
 
 
 @functools.cache

@@ -104,13 +104,16 @@ def pack_weights(model: nn.Module) -> int:
                 setattr(parent, name, PackedLinear(child))
                 n += 1
         if hasattr(parent, "packed_experts") and _packable(parent.w1):
-            # experts keep [E, in, out] stacks; the packed copy is per expert, [out, in]
-            parent.packed_experts = {
-                p: [pack(w.t()) for w in getattr(parent, p)]
-                for p in ("w1", "w2", "w3")
-                if getattr(parent, p) is not None
-            }
-            n += sum(len(v) for v in parent.packed_experts.values())
+            # experts keep [E, in, out] stacks; the packed copy is per expert, [out, in], with a
+            # SwiGLU expert's w1 and w3 as one [w1; w3] weight (one matmul, each output the
+            # same dot product): `w13`
+            packed = {"w2": [pack(w.t()) for w in parent.w2]}
+            if parent.w3 is not None:
+                packed["w13"] = [pack(torch.cat([a.t(), b.t()])) for a, b in zip(parent.w1, parent.w3)]
+            else:
+                packed["w1"] = [pack(w.t()) for w in parent.w1]
+            parent.packed_experts = packed
+            n += sum(len(v) for v in packed.values())
     how = "oneDNN's bf16 layout" if native_bf16() else "fp32 copies (no native bf16 matmul on this CPU)"
     log.info("packed %d weights for generation: %s", n, how)
     return n

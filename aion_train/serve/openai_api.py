@@ -114,10 +114,7 @@ def create_app(
     metrics = metrics or Metrics(service.policy.jurisdictions)
     metrics.set_bundle(service.policies.bundle_sha256, service.policy.jurisdictions)
     metrics.engine_jobs.set_function(lambda: service.open_jobs)
-    if service.engine.media_cache is not None:
-        service.engine.media_cache.listeners.append(
-            lambda kind, hit: metrics.media_cache.labels(kind, "hit" if hit else "miss").inc()
-        )
+    service.add_media_listener(lambda kind, hit: metrics.media_cache.labels(kind, "hit" if hit else "miss").inc())
     app.state.service, app.state.metrics, app.state.audit = service, metrics, audit
 
     def _on_reload(ev: ReloadEvent) -> None:

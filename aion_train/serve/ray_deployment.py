@@ -33,6 +33,7 @@ SERVER_FIELDS = (
     "k",
     "max_batch",
     "threads",
+    "engine",
     "max_body_bytes",
     "policy_poll",
     "allow_unauthenticated_admin",

@@ -9,7 +9,8 @@ that prefill only; an error in a decode step fails every job of the batch.
 
 The worker computes with `threads` intra-op threads (torch's thread count is per thread, so
 the rest of the process keeps its own): by default the engine's execution policy's
-`serving_threads`, which leaves a core to the HTTP side (docs/notes.md, bench serve).
+`serving_threads(in_process=False)`, which leaves a core to the HTTP side (docs/notes.md,
+bench serve). engine_process.py runs this same loop in a process of its own.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Scheduler:
             raise ValueError(f"threads must be >= 1 (got {threads})")
         self.engine = engine
         # 0: the thread count the worker inherits (the execution policy leaves it alone)
-        self.threads = threads if threads is not None else engine.execution.serving_threads
+        self.threads = threads if threads is not None else engine.execution.serving_threads(in_process=False)
         self.max_batch = max_batch
         self._q: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -67,11 +68,24 @@ class Scheduler:
             self._thread.join(timeout)
             self._thread = None
 
+    def run_here(self) -> None:
+        """Run the worker loop in the calling thread until `ask_stop` (engine_process.py: the
+        child's main thread, the one whose OpenMP pool the model's packing already made; a
+        second thread computing would make a second pool, oversubscribing the cores)."""
+        self._loop()
+
+    def ask_stop(self) -> None:
+        """End `run_here` after its current iteration (running jobs fail as when stopping)."""
+        self._q.put(None)
+
+    def _queue_job(self, job: Job) -> Job:
+        self._q.put(job)
+        return job
+
     def submit(self, job: Job) -> Job:
         if self._thread is None:
             raise RuntimeError("the scheduler is not running")
-        self._q.put(job)
-        return job
+        return self._queue_job(job)
 
     def run_now(self, rows: list[Row]) -> list[Row]:
         """Run rows in the calling thread (the `generate` command: no server, no queue)."""

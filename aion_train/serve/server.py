@@ -24,7 +24,13 @@ def build_server(args):
     policies = PolicySet.load(args.policy) if args.policy else PolicySet.default_only()
     keys = read_api_keys(args.api_key_file) if args.api_key_file else None
     loaded = load_for_serving(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype, model_id=args.model_name)
-    service = Service(loaded, policies, max_batch=args.max_batch, threads=getattr(args, "threads", None))
+    service = Service(
+        loaded,
+        policies,
+        max_batch=args.max_batch,
+        threads=getattr(args, "threads", None),
+        engine=getattr(args, "engine", None),
+    )
     poll = getattr(args, "policy_poll", 0.0) or 0.0
     if args.policy and poll > 0:
         from aion_train.serve.policy_reload import PolicyWatcher

@@ -11,10 +11,12 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from aion_train.model.execution import ExecutionPolicy
 from aion_train.policy import PolicyError, PolicySet
 
 from .choice import ChoiceResult, ChoiceState
 from .engine import Engine, Row
+from .engine_process import EngineProcess
 from .loading import LoadedModel
 from .policy_runtime import PolicyRuntime, RequestPolicy
 from .sampling import SamplingParams, choice_generator, new_seed
@@ -88,19 +90,55 @@ class ReloadEvent:
         return self.ok and self.bundle_sha256 != self.previous_sha256
 
 
+ENGINE_MODES = ("process", "thread")
+
+
 class Service:
     def __init__(
-        self, loaded: LoadedModel, policies: PolicySet | None = None, max_batch: int = 8, threads: int | None = None
+        self,
+        loaded: LoadedModel,
+        policies: PolicySet | None = None,
+        max_batch: int = 8,
+        threads: int | None = None,
+        engine: str | None = None,
     ):
+        """`engine`: where the engine runs, `process` (engine_process.py) or `thread` (a worker
+        thread of this process); default: the execution policy's choice for the model's device
+        (`serving_process`: a process on the CPU)."""
+        if engine is not None and engine not in ENGINE_MODES:
+            raise ValueError(f"engine={engine!r}: must be one of {', '.join(ENGINE_MODES)}")
         self.loaded = loaded
         self.policy = PolicyRuntime(policies if policies is not None else PolicySet.default_only())
-        self.engine = Engine(loaded.model, loaded.eos_ids, loaded.vocab_size)
-        self.scheduler = Scheduler(self.engine, max_batch, threads)
+        device = next(loaded.model.parameters()).device
+        execution = ExecutionPolicy.for_device(device.type).for_generation()
+        self.engine_mode = engine or ("process" if execution.serving_process else "thread")
+        if self.engine_mode == "process":
+            self.engine = None  # it lives in the child
+            self.scheduler = EngineProcess(
+                loaded.model, loaded.eos_ids, loaded.vocab_size, execution, max_batch, threads
+            )
+        else:
+            self.engine = Engine(loaded.model, loaded.eos_ids, loaded.vocab_size, execution)
+            self.scheduler = Scheduler(self.engine, max_batch, threads)
         self.reload_listeners: list[Callable[[ReloadEvent], None]] = []
         self.policy_watcher = None  # a policy_reload.PolicyWatcher, started with the service
         self._reload_lock = threading.Lock()
         self._jobs_lock = threading.Lock()
         self._open_jobs = 0
+
+    def add_media_listener(self, fn: Callable[[str, bool], None]) -> None:
+        """fn(kind, hit) at every lookup of the engine's media cache (a multimodal model)."""
+        if self.engine is None:
+            self.scheduler.media_listeners.append(fn)
+        elif self.engine.media_cache is not None:
+            self.engine.media_cache.listeners.append(fn)
+
+    def media_stats(self) -> dict[str, int]:
+        """The engine's media cache: items encoded (misses) and hits."""
+        if self.engine is None:
+            return dict(self.scheduler.media_stats)
+        cache = self.engine.media_cache
+        return {"encodes": cache.encodes, "hits": cache.hits} if cache is not None else {"encodes": 0, "hits": 0}
 
     @property
     def tokenizer(self):

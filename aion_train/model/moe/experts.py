@@ -124,17 +124,12 @@ def grouped_linear(
     return torch.cat([c @ weight[e] for e, c in enumerate(chunks)], dim=0)
 
 
-def _nonempty_expert_linear(
-    x: torch.Tensor, weight: torch.Tensor, counts_list: list[int], packed: dict | None = None, name: str = ""
-) -> torch.Tensor:
-    """grouped_linear's result from one matmul per expert with rows (x grouped by expert);
-    `packed`: the experts' packed weights (model/packed_weights.py), used when given."""
+def _nonempty_expert_linear(x: torch.Tensor, weight: torch.Tensor, counts_list: list[int]) -> torch.Tensor:
+    """grouped_linear's result from one matmul per expert with rows (x grouped by expert)."""
     outs, start = [], 0
-    pw = packed.get(name) if packed else None
     for e, n in enumerate(counts_list):
         if n:
-            rows = x[start : start + n]
-            outs.append(rows @ weight[e] if pw is None or rows.dtype != weight.dtype else packed_linear(rows, pw[e]))
+            outs.append(x[start : start + n] @ weight[e])
             start += n
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0) if outs else x.new_empty(0, weight.shape[-1])
 
@@ -173,9 +168,9 @@ class GroupedExperts(nn.Module):
         if x.shape[0] <= policy.sparse_expert_rows:
             # a few rows (decode): one matmul per expert that has rows, the empty ones skipped
             packed = None if torch.is_grad_enabled() else self.packed_experts
-            return self._mlp(
-                x, lambda a, name: _nonempty_expert_linear(a, getattr(self, name), counts_list, packed, name)
-            )
+            if packed is not None and x.dtype == self.w1.dtype:
+                return self._packed_mlp(x, counts_list, packed)
+            return self._mlp(x, lambda a, name: _nonempty_expert_linear(a, getattr(self, name), counts_list))
         if policy.batched_equal_groups and x.shape[0] and len(set(counts_list)) == 1:
             # equal groups (padded by the dispatcher, or all at capacity): one batched GEMM per
             # projection, which MKL splits over the threads by whole experts
@@ -184,6 +179,25 @@ class GroupedExperts(nn.Module):
         return self._mlp(
             x, lambda a, name: grouped_linear(a, getattr(self, name), counts, counts_list, policy.grouped_mm)
         )
+
+    def _packed_mlp(self, x: torch.Tensor, counts_list: list[int], packed: dict) -> torch.Tensor:
+        """The experts with rows, one after the other, on their packed weights (generation):
+        SwiGLU's two input projections as one matmul ([w1; w3])."""
+        outs, start = [], 0
+        for e, n in enumerate(counts_list):
+            if not n:
+                continue
+            rows = x[start : start + n]
+            start += n
+            if "w13" in packed:
+                h = packed_linear(rows, packed["w13"][e])
+                half = h.shape[-1] // 2
+                h = self._swiglu(h[:, :half], h[:, half:])
+            else:
+                h = packed_linear(rows, packed["w1"][e])
+                h = F.gelu(h) if self.activation == "gelu" else F.relu(h)
+            outs.append(packed_linear(h, packed["w2"][e]))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0) if outs else x.new_empty(0, self.w2.shape[-1])
 
     def _mlp(self, x: torch.Tensor, linear) -> torch.Tensor:
         """linear(rows, projection name) -> rows through that projection."""
