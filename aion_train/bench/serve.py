@@ -7,10 +7,10 @@ streamed completions (token-id prompts, greedy, `max_tokens` new tokens, no stop
 reference generates the same prompts with `MixtralForCausalLM.generate`, C sequences per
 batch, exactly `max_tokens` new tokens each, in bf16 and (as `hf_fp32_*`) with the same
 weights in fp32. Rounds interleave them at every C, and a ratio is the median of the
-per-round ratios (`timing.paired_ratio`). The server's engine thread computes on
-`engine_threads` (the serving policy: one core fewer than `threads`, which `generate` uses);
-its thread pool exists only when it has more than one thread, so `transformers` in the main
-thread is never slowed by a second pool oversubscribing the cores (docs/notes.md).
+per-round ratios (`timing.paired_ratio`). The server's engine computes on `engine_threads`
+(the serving policy: on the CPU its own process with every core, engine_process.py);
+`transformers` runs in its own process too, so neither side's thread pool can slow the other
+(docs/notes.md).
 
 The weights are random (seeded). The served tokenizer is a small SentencePiece model trained
 on the packaged demo texts; it only turns generated ids into text (prompts are ids), and

@@ -1,7 +1,6 @@
 """The `transformers` side of `bench serve`, in its own process: torch's thread pools are
 per thread and libgomp throttles its spin-wait when a process holds more pool threads than
-cores, so `generate` beside the server's engine thread would run slower than it does alone
-(docs/notes.md). Each model is read from its HF folder; jobs time `generate` on batches of
+cores, so `generate` beside another pool would run slower than it does alone (docs/notes.md). Each model is read from its HF folder; jobs time `generate` on batches of
 the clients' prompts."""
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ refused (fails closed) unless the bundle declares a fallback.
     loading.py         checkpoint (pretrain / SFT / PPO, any TP/EP layout) -> model + tokenizer
     sampling.py        greedy / temperature / top-k / top-p, one random stream per choice
     engine.py          batched KV-cached generation (ragged prompts through segment ids)
-    scheduler.py       the worker thread that owns the model; continuous batching of queued jobs
+    scheduler.py       the worker loop that owns the model; continuous batching of queued jobs
+    engine_process.py  the scheduler in a process of its own (the CPU default): rows down, tokens back
     text.py            incremental detokenizing and stop strings
     policy_runtime.py  per-request policy snapshot, fail-closed lookup, streaming hold-back
     policy_reload.py   bundle hot reload: the file watcher (Service.reload_policies does the swap)
