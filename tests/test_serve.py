@@ -504,6 +504,31 @@ def test_logprobs_are_refused_under_a_policy_that_changes_text(runs, bundle):
 
 
 # ---------------------------------------------------------------------------- metrics, health, keys
+def test_a_dead_engine_process_fails_health_and_requests_with_503(runs):
+    """On the CPU the engine runs in its own process; killed, the server says so (health 503
+    for a probe to restart it) and every request gets a clean 503 in OpenAI's error shape."""
+    import os
+    import signal
+
+    with serving(runs["pt"]) as s:
+        assert s.service.engine_mode == "process"
+        r = s.client.completions.create(model=s.model, prompt="The for statement", max_tokens=4, temperature=0)
+        assert r.choices[0].finish_reason == "length"
+        proc = s.service.scheduler._proc
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(30)
+        deadline = time.time() + 30
+        while s.service.engine_down() is None and time.time() < deadline:
+            time.sleep(0.05)
+        h = s.http.get("/health")
+        assert h.status_code == 503 and h.json()["status"] == "engine_down"
+        assert "engine process is gone" in h.json()["error"]
+        with pytest.raises(openai.InternalServerError) as e:
+            s.client.completions.create(model=s.model, prompt="The for statement", max_tokens=4)
+        assert e.value.status_code == 503
+        assert e.value.body["code"] == "engine_down" and "engine is not running" in e.value.body["message"]
+
+
 def test_health_metrics_and_api_keys(runs, bundle, tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("# one key a line\nsecret-key-1\n")

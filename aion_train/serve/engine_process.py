@@ -133,9 +133,11 @@ class EngineProcess:
         if self._conn is not None:
             self._conn.close()
 
-    @property
-    def alive(self) -> bool:
-        return self._proc is not None and self._dead is None
+    def down_reason(self) -> str | None:
+        """None while the child serves, else why it does not."""
+        if self._dead is not None:
+            return f"the engine process is gone: {self._dead}"
+        return "the engine process is not running" if self._proc is None else None
 
     # -- requests --------------------------------------------------------------------------
     def submit(self, job: Job) -> Job:

@@ -247,6 +247,9 @@ def create_app(
 
     @app.get("/health")
     async def health():
+        down = service.engine_down()
+        if down is not None:  # an orchestrator's probe sees it and restarts the server
+            return JSONResponse({"status": "engine_down", "model": loaded.model_id, "error": down}, status_code=503)
         return {"status": "ok", "model": loaded.model_id}
 
     @app.get("/metrics")
@@ -406,6 +409,9 @@ def create_app(
                     code="moderation_unavailable",
                 ) from None
             ctx["policy"] = policy
+            down = service.engine_down()
+            if down is not None:
+                raise APIError(503, f"the engine is not running: {down}", type="server_error", code="engine_down")
             if loaded.multimodal and endpoint == "chat":  # decoding media: off the event loop
                 plan = await asyncio.to_thread(_plan, req, endpoint, policy)
             else:

@@ -82,6 +82,12 @@ class Scheduler:
         self._q.put(job)
         return job
 
+    def down_reason(self) -> str | None:
+        """None while the worker thread runs, else why it does not."""
+        if self._thread is None:
+            return "the scheduler is not running"
+        return None if self._thread.is_alive() else "the engine worker thread has exited"
+
     def submit(self, job: Job) -> Job:
         if self._thread is None:
             raise RuntimeError("the scheduler is not running")

@@ -126,6 +126,11 @@ class Service:
         self._jobs_lock = threading.Lock()
         self._open_jobs = 0
 
+    def engine_down(self) -> str | None:
+        """Why the engine cannot take requests (None: it can). A started engine process that
+        has exited says how; a scheduler that was never started, or stopped, says so."""
+        return self.scheduler.down_reason()
+
     def add_media_listener(self, fn: Callable[[str, bool], None]) -> None:
         """fn(kind, hit) at every lookup of the engine's media cache (a multimodal model)."""
         if self.engine is None:
