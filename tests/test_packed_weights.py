@@ -1,13 +1,14 @@
-"""Packed bf16 weights for generation (model/packed_weights.py): with native bf16 the packed
-products are bitwise the plain ones; without it they are the fp32 products of the same bf16
-values (up to fp32 summation order), rounded once; the parameters and state dict are
-untouched either way."""
+"""Packed bf16 weights for generation (model/packed_weights.py): with oneDNN's native bf16 the
+packed products are bitwise the plain ones; with the AVX512-BF16 kernel (kernels/bf16_linear.py)
+and with fp32 copies they are the fp32 products of the same bf16 values (up to fp32 summation
+order), rounded once; the parameters and state dict are untouched either way."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from aion_train.config import ModelConfig, MoEConfig
+from aion_train.kernels import bf16_linear
 from aion_train.model import build_model
 from aion_train.model import packed_weights as pw
 from aion_train.model.execution import ExecutionPolicy, apply_execution_policy
@@ -20,13 +21,14 @@ def _cfg():
     )  # fmt: skip
 
 
-@pytest.fixture(params=["native", "fp32-copies"])
+@pytest.fixture(params=["kernel", "native", "fp32-copies"])
 def mode(request, monkeypatch):
-    if request.param == "native":
-        if not pw.native_bf16():
-            pytest.skip("oneDNN has no native bf16 matmul on this CPU")
-    else:
-        monkeypatch.setattr(pw, "native_bf16", lambda: False)
+    if request.param == "kernel" and not bf16_linear.available():
+        pytest.skip(f"the bf16 linear kernel cannot run here: {bf16_linear.status()[1]}")
+    if request.param == "native" and not pw.native_bf16():
+        pytest.skip("oneDNN has no native bf16 matmul on this CPU")
+    layout = {"kernel": "kernel", "native": "onednn", "fp32-copies": "fp32"}[request.param]
+    monkeypatch.setattr(pw, "backend", lambda: layout)
     return request.param
 
 
@@ -46,7 +48,7 @@ def test_packed_linear_is_the_reference_product(mode):
         ref = _reference_linear(x, w, mode)
         if mode == "native":
             assert torch.equal(out, ref)
-        else:  # oneDNN's fp32 sums in another order: within one bf16 rounding of the fp32 product
+        else:  # fp32 sums in another order: within one bf16 rounding of the fp32 product
             torch.testing.assert_close(out.float(), ref.float(), rtol=2**-7, atol=1e-5)
 
 

@@ -1,16 +1,23 @@
 """bf16 weights laid out once for the CPU's matmul, for generation (`ExecutionPolicy.packed_weights`).
 
-On a CPU with native bf16 matmul (oneDNN reports it: AVX512-BF16 / AMX), a bf16 linear
-reorders its weight into oneDNN's blocked layout at every call; a weight reordered once
-(`torch.ops.mkldnn._reorder_linear_weight`, what PyTorch's own inductor does when it freezes a
-model for CPU inference) runs the same kernel without that work, with bitwise the same outputs.
-On a CPU without it (AVX2 only), a bf16 GEMM is emulated and many times slower than fp32, so
-the copy is the weight in fp32, in oneDNN's layout, and the product is computed in fp32 from
-the same bf16 values and rounded to bf16 once (closer to the exact product than the bf16
-kernel, not bitwise equal to it). Measurements: docs/notes.md (bench serve). The copy is derived from the parameter when
-`pack_weights` runs and used only where no gradient is recorded; the parameter itself stays, so
-`state_dict`, training and every other path are unchanged. The copy costs the memory of the
-packed weights once more (twice in fp32)."""
+Three layouts, chosen once per process (`backend()`, logged):
+  kernel  on a CPU with AVX512-BF16 (no AMX), the platform's own bf16 linear
+          (kernels/bf16_linear.py): the weight in 16-output blocks of input pairs, streamed at
+          the memory's bandwidth at decoding's row counts, where oneDNN's kernel reads it at
+          half of that (docs/notes.md, bench serve); fp32 sums rounded to bf16 once, the same
+          numbers as the bf16 GEMM up to the order of the sums.
+  onednn  with native bf16 matmul otherwise (oneDNN reports it: AMX, or the kernel cannot be
+          built): the weight reordered once into oneDNN's blocked layout
+          (`torch.ops.mkldnn._reorder_linear_weight`, what PyTorch's inductor does when it
+          freezes a model for CPU inference), bitwise the same outputs as F.linear without the
+          reorder at every call.
+  fp32    without native bf16 (AVX2 only), where a bf16 GEMM is emulated and many times slower
+          than fp32: the weight in fp32, in oneDNN's layout; the product is computed in fp32
+          from the same bf16 values and rounded to bf16 once (closer to the exact product than
+          the bf16 kernel, not bitwise equal to it).
+The copy is derived from the parameter when `pack_weights` runs and used only where no
+gradient is recorded; the parameter itself stays, so `state_dict`, training and every other
+path are unchanged. The copy costs the memory of the packed weights once more (twice in fp32)."""
 
 from __future__ import annotations
 
@@ -20,6 +27,8 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from aion_train.kernels import bf16_linear
 
 log = logging.getLogger("aion_train.model")
 
@@ -33,11 +42,27 @@ def native_bf16() -> bool:
         return False
 
 
+BACKENDS = ("kernel", "onednn", "fp32")
+
+
+@functools.cache
+def backend() -> str:
+    """The packed layout of this process (see the module's docstring)."""
+    if bf16_linear.available():
+        return "kernel"
+    return "onednn" if native_bf16() else "fp32"
+
+
 @functools.cache
 def packing_works(dtype: torch.dtype = torch.bfloat16) -> bool:
-    """bf16 weights can be packed here: always (fp32 copies) without native bf16; with it, when
-    the build has oneDNN's packed linear and it matches F.linear bitwise on a probe."""
-    if dtype != torch.bfloat16 or getattr(torch.ops, "mkldnn", None) is None:
+    """bf16 weights can be packed here: with the platform's kernel (its own probe passed);
+    else always (fp32 copies) without native bf16, and with it when the build has oneDNN's
+    packed linear and it matches F.linear bitwise on a probe."""
+    if dtype != torch.bfloat16:
+        return False
+    if backend() == "kernel":
+        return True
+    if getattr(torch.ops, "mkldnn", None) is None:
         return False
     if not torch.backends.mkldnn.is_available():
         return False
@@ -46,21 +71,29 @@ def packing_works(dtype: torch.dtype = torch.bfloat16) -> bool:
         w = torch.randn(48, 32, generator=g).to(dtype)
         x = torch.randn(3, 32, generator=g).to(dtype)
         got = packed_linear(x, pack(w))
-        if native_bf16():
+        if backend() == "onednn":
             return bool(torch.equal(got, F.linear(x, w)))
         return bool(torch.allclose(got.float(), F.linear(x.float(), w.float()), rtol=2**-7, atol=1e-5))
     except Exception:  # an op missing from this build
         return False
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """[out, in] bf16 weight -> oneDNN's layout (native bf16), else its fp32 copy."""
-    w = weight.detach() if native_bf16() else weight.detach().float()
+def pack(weight: torch.Tensor) -> torch.Tensor | bf16_linear.PackedBf16:
+    """[out, in] bf16 weight -> the layout of `backend()` (a weight the kernel cannot take, an
+    odd number of inputs, gets oneDNN's)."""
+    which = backend()
+    if which == "kernel" and bf16_linear.packable(weight):
+        return bf16_linear.pack(weight)
+    w = weight.detach() if which != "fp32" else weight.detach().float()
     return torch.ops.mkldnn._reorder_linear_weight(w, 1)
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def packed_linear(
+    x: torch.Tensor, packed: torch.Tensor | bf16_linear.PackedBf16, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """F.linear(x, weight, bias) for the packed copy of weight."""
+    if isinstance(packed, bf16_linear.PackedBf16):
+        return bf16_linear.linear(x, packed, bias)
     if packed.dtype == x.dtype:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     b = None if bias is None else bias.to(packed.dtype)
@@ -114,7 +147,11 @@ def pack_weights(model: nn.Module) -> int:
                 packed["w1"] = [pack(w.t()) for w in parent.w1]
             parent.packed_experts = packed
             n += sum(len(v) for v in packed.values())
-    how = "oneDNN's bf16 layout" if native_bf16() else "fp32 copies (no native bf16 matmul on this CPU)"
+    how = {
+        "kernel": "the AVX512-BF16 kernel's layout (kernels/bf16_linear.py)",
+        "onednn": "oneDNN's bf16 layout",
+        "fp32": "fp32 copies (no native bf16 matmul on this CPU)",
+    }[backend()]
     log.info("packed %d weights for generation: %s", n, how)
     return n
 
