@@ -13,6 +13,7 @@ BENCHES = {
     "retrieval": "aion_train.bench.retrieval",
     "data": "aion_train.bench.data",
     "serve": "aion_train.bench.serve",
+    "linear": "aion_train.bench.linear",
     "gpu": "aion_train.bench.gpu",  # CUDA only: exits 2 without a GPU
 }
 
