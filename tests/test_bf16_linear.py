@@ -75,6 +75,8 @@ def test_bad_shapes_are_refused():
     p = bf16_linear.pack(torch.zeros(16, 8, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="input has 6 features, the weight 8"):
         bf16_linear.linear(torch.zeros(2, 6, dtype=torch.bfloat16), p)
+    with pytest.raises(ValueError, match="runs on the CPU; the input is on meta"):
+        bf16_linear.linear(torch.zeros(2, 8, dtype=torch.bfloat16, device="meta"), p)
     with pytest.raises(ValueError, match="even"):
         bf16_linear.pack(torch.zeros(16, 7, dtype=torch.bfloat16))
 

@@ -158,6 +158,8 @@ def linear(x: torch.Tensor, packed: PackedBf16, bias: torch.Tensor | None = None
     """F.linear(x, weight, bias) for the packed weight; x [..., in] on the CPU, any float dtype
     (computed in bf16, returned in x's dtype)."""
     lib = _library()[0]
+    if x.device.type != "cpu":
+        raise ValueError(f"bf16 linear: the kernel runs on the CPU; the input is on {x.device}")
     if x.shape[-1] != packed.in_features:
         raise ValueError(f"bf16 linear: input has {x.shape[-1]} features, the weight {packed.in_features}")
     dtype = x.dtype
