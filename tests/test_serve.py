@@ -611,14 +611,17 @@ def test_audit_log_of_a_run_verifies_and_an_edit_is_caught(runs, bundle, tmp_pat
 def test_concurrent_requests_are_batched_and_each_equals_its_solo_run(runs):
     prompts = ["scene: a red", "scene: a blue square. is there a", "is", "scene: a green circle"]
     with serving(runs["sft"], max_batch=4) as s:
+        steps0 = s.service.scheduler.steps
         solo = [
             s.client.completions.create(model=s.model, prompt=p, max_tokens=24, temperature=0).choices[0].text
             for p in prompts
         ]
-        before = s.service.scheduler.batches
+        solo_steps = s.service.scheduler.steps - steps0  # the decode steps of the four, one after the other
         results: dict[int, str] = {}
+        start = threading.Barrier(2 * len(prompts))
 
         def one(i):
+            start.wait(30)
             results[i] = (
                 s.client.completions.create(model=s.model, prompt=prompts[i], max_tokens=24, temperature=0)
                 .choices[0]
@@ -626,12 +629,15 @@ def test_concurrent_requests_are_batched_and_each_equals_its_solo_run(runs):
             )
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts)) for _ in range(2)]
+        steps1 = s.service.scheduler.steps
         for t in threads:
             t.start()
         for t in threads:
             t.join(120)
         assert [results[i] for i in range(len(prompts))] == solo
-        assert s.service.scheduler.batches - before < len(threads)  # some ran together
+        # each prompt twice: alone they would take 2 * solo_steps; rows that joined a running
+        # batch (continuous batching) shared its decode steps
+        assert s.service.scheduler.steps - steps1 < 2 * solo_steps
 
 
 # ---------------------------------------------------------------------------- the command itself
